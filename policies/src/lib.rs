@@ -1,0 +1,2 @@
+//! Seccomp policies as reviewed data, audit tooling and syscall decoding. Filled in by the
+//! worker issue.

@@ -1,0 +1,1 @@
+//! ACPI tables (filled by a helper).

@@ -1,0 +1,4 @@
+//! bulkhead's trusted side: KVM, guest memory, vCPUs, boot protocols, ACPI, legacy devices.
+
+pub mod acpi;
+pub mod layout;
