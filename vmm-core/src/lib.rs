@@ -1,4 +1,11 @@
 //! bulkhead's trusted side: KVM, guest memory, vCPUs, boot protocols, ACPI, legacy devices.
 
 pub mod acpi;
+pub mod boot;
+pub mod cpu;
+pub mod devices;
 pub mod layout;
+pub mod memory;
+pub mod terminal;
+pub mod vcpu;
+pub mod vm;

@@ -1,1 +1,174 @@
-fn main() {}
+//! `bulkhead`: a KVM VMM whose disks are served by sandboxed worker processes.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand};
+use nix::sys::signal::{SigSet, Signal};
+use vmm_core::boot::EntryPoint;
+use vmm_core::terminal::RawStdin;
+use vmm_core::vcpu::VcpuEvent;
+use vmm_core::vm::{Vm, VmConfig, VmOutcome, DEFAULT_CMDLINE};
+
+/// Exit status when the guest crashed (triple fault, KVM internal error).
+const EXIT_GUEST_CRASHED: u8 = 120;
+/// Exit status when `--timeout` expired (as timeout(1)).
+const EXIT_TIMEOUT: u8 = 124;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "bulkhead",
+    version,
+    about = "A KVM VMM whose disks live in sandboxed worker processes"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Boot a guest.
+    Run(RunArgs),
+}
+
+#[derive(Debug, Args)]
+#[command(
+    after_help = "Exit status: the value the guest wrote to port 0xf4 (truncated to 8 bits); \
+0 when it reset the machine (i8042); 120 when it crashed (triple fault, KVM error); \
+124 when --timeout expired; 128+N on signal N; 1 on any VMM error."
+)]
+struct RunArgs {
+    /// Kernel: an ELF with a PVH note (boots through PVH), another x86-64 ELF or a bzImage
+    /// (64-bit Linux boot protocol).
+    #[arg(long)]
+    kernel: PathBuf,
+    /// Initial ramdisk.
+    #[arg(long)]
+    initrd: Option<PathBuf>,
+    /// Kernel command line.
+    #[arg(long, default_value = DEFAULT_CMDLINE)]
+    cmdline: String,
+    /// Guest RAM in MiB.
+    #[arg(long, default_value_t = 256)]
+    mem: u64,
+    /// Number of vCPUs.
+    #[arg(long, default_value_t = 1)]
+    vcpus: u32,
+    /// Stop the VM after this many seconds (exit status 124).
+    #[arg(long)]
+    timeout: Option<f64>,
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("BULKHEAD_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_target(false)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Run(args) => match run(args) {
+            Ok(code) => code,
+            Err(e) => {
+                eprintln!("bulkhead: error: {e:#}");
+                ExitCode::FAILURE
+            }
+        },
+    }
+}
+
+fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
+    let timeout = match args.timeout {
+        Some(t) if !(t.is_finite() && t > 0.0) => {
+            anyhow::bail!("--timeout {t} must be a positive number of seconds")
+        }
+        Some(t) => Some(Duration::from_secs_f64(t)),
+        None => None,
+    };
+    // Signals that end the VMM are taken by one thread, so the terminal is restored and
+    // the exit status says which signal it was. Block them before any thread exists.
+    let mut stop_signals = SigSet::empty();
+    for s in [Signal::SIGINT, Signal::SIGTERM, Signal::SIGHUP] {
+        stop_signals.add(s);
+    }
+    stop_signals.thread_block().context("block signals")?;
+
+    let cfg = VmConfig {
+        kernel: args.kernel,
+        initrd: args.initrd,
+        cmdline: args.cmdline,
+        mem_mib: args.mem,
+        vcpus: args.vcpus,
+    };
+    let vm = Vm::build(&cfg, Box::new(std::io::stdout()))?;
+    let protocol = match vm.entry() {
+        EntryPoint::Pvh(_) => "PVH",
+        EntryPoint::Linux64(_) => "64-bit Linux boot protocol",
+    };
+    tracing::info!(
+        "booting {} via {protocol}: {} vCPU(s), {} MiB",
+        cfg.kernel.display(),
+        cfg.vcpus,
+        cfg.mem_mib
+    );
+
+    let mut terminal = RawStdin::enable();
+    vm.serial()
+        .spawn_input(std::io::stdin())
+        .context("start the serial input thread")?;
+    let stopper = vm.stopper();
+    std::thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || {
+            if let Ok(sig) = stop_signals.wait() {
+                stopper.signal(sig as i32);
+            }
+        })
+        .context("start the signal thread")?;
+    let outcome = vm.run(timeout)?;
+    terminal.restore();
+    Ok(report(outcome))
+}
+
+fn report(outcome: VmOutcome) -> ExitCode {
+    match outcome {
+        VmOutcome::Vcpu(VcpuEvent::DebugExit(code)) => {
+            tracing::info!("guest exited with status {code} (port 0xf4)");
+            ExitCode::from(code as u8)
+        }
+        VmOutcome::Vcpu(VcpuEvent::Reset) => {
+            tracing::info!("guest reset the machine");
+            ExitCode::SUCCESS
+        }
+        VmOutcome::Vcpu(VcpuEvent::Crashed { vcpu, what, report }) => {
+            tracing::error!("guest crashed on vCPU {vcpu}: {what}");
+            for line in report.lines() {
+                tracing::error!("vcpu{vcpu}: {line}");
+            }
+            ExitCode::from(EXIT_GUEST_CRASHED)
+        }
+        VmOutcome::Vcpu(VcpuEvent::RunFailed { vcpu, error }) => {
+            eprintln!("bulkhead: error: KVM_RUN failed on vCPU {vcpu}: {error}");
+            ExitCode::FAILURE
+        }
+        VmOutcome::TimedOut(after) => {
+            tracing::warn!("timeout: stopped the VM after {:.1} s", after.as_secs_f64());
+            ExitCode::from(EXIT_TIMEOUT)
+        }
+        VmOutcome::Signal(sig) => {
+            tracing::warn!("stopped the VM on signal {sig}");
+            ExitCode::from(128u8.wrapping_add(sig as u8))
+        }
+        VmOutcome::Vanished => {
+            eprintln!("bulkhead: error: every vCPU thread ended without a reason");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,308 @@
+//! Loading a kernel and describing the machine to it.
+//!
+//! ELF kernels with a PVH note (Linux vmlinux, the test guest) boot through PVH, as Cloud
+//! Hypervisor does; a bzImage, or an ELF without the note, boots through the 64-bit Linux
+//! boot protocol, as Firecracker does.
+
+mod linux;
+mod pvh;
+
+use std::fs::File;
+use std::io::{Read, Seek, SeekFrom};
+use std::path::{Path, PathBuf};
+
+use linux_loader::cmdline::Cmdline;
+use linux_loader::loader::elf::{Elf, PvhBootCapability};
+use linux_loader::loader::{self, BzImage, KernelLoader, KernelLoaderResult};
+use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend};
+
+use crate::layout::{CMDLINE_MAX_SIZE, CMDLINE_START, EBDA_START, HIMEM_START, MMIO_HOLE_END};
+use crate::memory::GuestMemory;
+
+/// How the boot vCPU enters the kernel.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum EntryPoint {
+    /// PVH: 32-bit protected mode, paging off, EBX = `hvm_start_info`.
+    Pvh(GuestAddress),
+    /// 64-bit Linux boot protocol: long mode, identity-mapped, RSI = `boot_params`.
+    Linux64(GuestAddress),
+}
+
+/// What the caller supplies to boot a kernel.
+#[derive(Debug)]
+pub struct BootConfig<'a> {
+    pub kernel: &'a Path,
+    pub initrd: Option<&'a Path>,
+    pub cmdline: &'a str,
+    /// Where the ACPI RSDP is, if the VMM wrote tables.
+    pub rsdp: Option<GuestAddress>,
+}
+
+/// Kind of an e820 / PVH memory map entry.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MemoryType {
+    Ram = 1,
+    Reserved = 2,
+}
+
+/// One memory map entry: `[start, start + size)`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MemoryMapEntry {
+    pub start: u64,
+    pub size: u64,
+    pub kind: MemoryType,
+}
+
+/// Errors while loading a kernel or writing boot structures.
+#[derive(Debug, thiserror::Error)]
+pub enum BootError {
+    #[error("cannot open kernel {path}")]
+    OpenKernel {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path} is not a kernel this VMM can boot (neither an x86-64 ELF nor a bzImage)")]
+    NotAKernel { path: PathBuf },
+    #[error("cannot load kernel {path}")]
+    LoadKernel {
+        path: PathBuf,
+        #[source]
+        source: loader::Error,
+    },
+    #[error("cannot read initrd {path}")]
+    ReadInitrd {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("initrd {path} ({size} bytes) does not fit in guest RAM between the kernel end {kernel_end:#x} and {limit:#x}")]
+    InitrdTooLarge {
+        path: PathBuf,
+        size: u64,
+        kernel_end: u64,
+        limit: u64,
+    },
+    #[error("kernel command line is invalid or longer than {CMDLINE_MAX_SIZE} bytes: {0}")]
+    Cmdline(linux_loader::cmdline::Error),
+    #[error("cannot write {what} to guest memory at {addr:#x}")]
+    GuestWrite {
+        what: &'static str,
+        addr: u64,
+        #[source]
+        source: vm_memory::GuestMemoryError,
+    },
+    #[error("cannot write the boot parameters")]
+    Configure(#[source] linux_loader::configurator::Error),
+}
+
+/// Where the kernel and initrd ended up.
+#[derive(Clone, Copy, Debug)]
+pub struct LoadedKernel {
+    pub entry: EntryPoint,
+    pub initrd: Option<(GuestAddress, u64)>,
+}
+
+/// Loads the kernel and initrd, writes the command line and the boot protocol's structures.
+pub fn load(mem: &GuestMemory, cfg: &BootConfig) -> Result<LoadedKernel, BootError> {
+    let mut kernel = File::open(cfg.kernel).map_err(|source| BootError::OpenKernel {
+        path: cfg.kernel.to_path_buf(),
+        source,
+    })?;
+    let (result, format) = load_kernel_image(mem, &mut kernel, cfg.kernel)?;
+
+    let initrd = match cfg.initrd {
+        Some(path) => Some(load_initrd(mem, path, result.kernel_end, format)?),
+        None => None,
+    };
+
+    let mut cmdline = Cmdline::new(CMDLINE_MAX_SIZE).map_err(BootError::Cmdline)?;
+    cmdline
+        .insert_str(cfg.cmdline)
+        .map_err(BootError::Cmdline)?;
+    loader::load_cmdline(mem, GuestAddress(CMDLINE_START), &cmdline).map_err(|source| {
+        BootError::LoadKernel {
+            path: cfg.kernel.to_path_buf(),
+            source,
+        }
+    })?;
+    let cmdline_len = cmdline
+        .as_cstring()
+        .map(|c| c.as_bytes().len())
+        .map_err(BootError::Cmdline)?;
+
+    let map = memory_map(mem);
+    let entry = match (format, result.pvh_boot_cap) {
+        (KernelFormat::Elf, PvhBootCapability::PvhEntryPresent(entry)) => {
+            pvh::write_start_info(mem, &map, initrd, cfg.rsdp)?;
+            EntryPoint::Pvh(entry)
+        }
+        _ => {
+            let header = result.setup_header;
+            linux::write_boot_params(mem, &map, header, initrd, cmdline_len)?;
+            let entry = match format {
+                // startup_64 sits 0x200 bytes into the protected-mode code of a bzImage.
+                KernelFormat::BzImage => result.kernel_load.unchecked_add(0x200),
+                KernelFormat::Elf => result.kernel_load,
+            };
+            linux::write_page_tables_and_gdt(mem)?;
+            EntryPoint::Linux64(entry)
+        }
+    };
+    Ok(LoadedKernel { entry, initrd })
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum KernelFormat {
+    Elf,
+    BzImage,
+}
+
+fn load_kernel_image(
+    mem: &GuestMemory,
+    kernel: &mut File,
+    path: &Path,
+) -> Result<(KernelLoaderResult, KernelFormat), BootError> {
+    let load_err = |source| BootError::LoadKernel {
+        path: path.to_path_buf(),
+        source,
+    };
+    match Elf::load(mem, None, kernel, Some(GuestAddress(HIMEM_START))) {
+        Ok(result) => return Ok((result, KernelFormat::Elf)),
+        Err(loader::Error::Elf(
+            loader::elf::Error::InvalidElfMagicNumber | loader::elf::Error::ReadElfHeader,
+        )) => {}
+        Err(e) => return Err(load_err(e)),
+    }
+    match BzImage::load(mem, None, kernel, Some(GuestAddress(HIMEM_START))) {
+        Ok(result) => Ok((result, KernelFormat::BzImage)),
+        Err(loader::Error::Bzimage(
+            loader::bzimage::Error::InvalidBzImage | loader::bzimage::Error::ReadBzImageHeader,
+        )) => Err(BootError::NotAKernel {
+            path: path.to_path_buf(),
+        }),
+        Err(e) => Err(load_err(e)),
+    }
+}
+
+/// Highest address (exclusive) the 64-bit boot protocol lets us put an initrd below when the
+/// kernel does not say (`initrd_addr_max` default).
+const DEFAULT_INITRD_ADDR_MAX: u64 = 0x3800_0000;
+
+fn load_initrd(
+    mem: &GuestMemory,
+    path: &Path,
+    kernel_end: u64,
+    _format: KernelFormat,
+) -> Result<(GuestAddress, u64), BootError> {
+    let read_err = |source| BootError::ReadInitrd {
+        path: path.to_path_buf(),
+        source,
+    };
+    let mut file = File::open(path).map_err(read_err)?;
+    let size = file.seek(SeekFrom::End(0)).map_err(read_err)?;
+    file.rewind().map_err(read_err)?;
+    let low_end = low_ram_end(mem);
+    let limit = low_end.min(DEFAULT_INITRD_ADDR_MAX);
+    let start = limit
+        .checked_sub(size)
+        .map(|a| a & !0xfff)
+        .filter(|&a| a >= kernel_end && size > 0);
+    let Some(start) = start else {
+        return Err(BootError::InitrdTooLarge {
+            path: path.to_path_buf(),
+            size,
+            kernel_end,
+            limit,
+        });
+    };
+    let mut data = Vec::with_capacity(size as usize);
+    file.read_to_end(&mut data).map_err(read_err)?;
+    mem.write_slice(&data, GuestAddress(start))
+        .map_err(|source| BootError::GuestWrite {
+            what: "initrd",
+            addr: start,
+            source,
+        })?;
+    Ok((GuestAddress(start), size))
+}
+
+/// End (exclusive) of RAM below the MMIO hole.
+fn low_ram_end(mem: &GuestMemory) -> u64 {
+    mem.iter()
+        .map(|r| {
+            use vm_memory::GuestMemoryRegion;
+            r.start_addr().raw_value() + r.len()
+        })
+        .filter(|&end| end <= crate::layout::MMIO_HOLE_START)
+        .max()
+        .unwrap_or(0)
+}
+
+/// The guest's memory map: RAM below the EBDA, the reserved legacy BIOS area (which holds
+/// the ACPI tables), RAM from 1 MiB to the hole, and RAM above 4 GiB.
+pub fn memory_map(mem: &GuestMemory) -> Vec<MemoryMapEntry> {
+    let mut map = vec![
+        MemoryMapEntry {
+            start: 0,
+            size: EBDA_START,
+            kind: MemoryType::Ram,
+        },
+        MemoryMapEntry {
+            start: EBDA_START,
+            size: HIMEM_START - EBDA_START,
+            kind: MemoryType::Reserved,
+        },
+    ];
+    let low_end = low_ram_end(mem);
+    if low_end > HIMEM_START {
+        map.push(MemoryMapEntry {
+            start: HIMEM_START,
+            size: low_end - HIMEM_START,
+            kind: MemoryType::Ram,
+        });
+    }
+    let end = mem.last_addr().raw_value() + 1;
+    if end > MMIO_HOLE_END {
+        map.push(MemoryMapEntry {
+            start: MMIO_HOLE_END,
+            size: end - MMIO_HOLE_END,
+            kind: MemoryType::Ram,
+        });
+    }
+    map
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::memory::GuestRam;
+
+    #[test]
+    fn memory_map_covers_low_ram_and_reserves_the_bios_area() {
+        let ram = GuestRam::new(64).unwrap();
+        let map = memory_map(ram.memory());
+        assert_eq!(map.len(), 3);
+        assert_eq!(map[1].kind, MemoryType::Reserved);
+        assert!(map[1].start <= crate::layout::ACPI_START);
+        assert_eq!(map[2].start + map[2].size, 64 << 20);
+    }
+
+    #[test]
+    fn a_text_file_is_not_a_kernel() {
+        let ram = GuestRam::new(16).unwrap();
+        let dir = std::env::temp_dir().join(format!("bulkhead-boot-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("not-a-kernel");
+        std::fs::write(&path, vec![b'x'; 8192]).unwrap();
+        let cfg = BootConfig {
+            kernel: &path,
+            initrd: None,
+            cmdline: "console=ttyS0",
+            rsdp: None,
+        };
+        let err = load(ram.memory(), &cfg).unwrap_err();
+        assert!(matches!(err, BootError::NotAKernel { .. }), "{err:?}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

@@ -1,0 +1,223 @@
+//! Guest RAM: one sealed memfd, mapped shared, split around the 32-bit MMIO hole.
+//!
+//! The memfd is what later gets handed to disk workers (vhost-user SET_MEM_TABLE), so it is
+//! sealed against shrinking and growing: a worker that could truncate it would SIGBUS the
+//! VMM on its next access.
+
+use std::ffi::CString;
+use std::fs::File;
+use std::os::fd::{AsRawFd, FromRawFd};
+
+use kvm_bindings::kvm_userspace_memory_region;
+use kvm_ioctls::VmFd;
+use vm_memory::{
+    Address, FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion,
+};
+
+use crate::layout::{MMIO_HOLE_END, MMIO_HOLE_START};
+
+/// Guest memory as the rest of the VMM uses it.
+pub type GuestMemory = GuestMemoryMmap<()>;
+
+/// Smallest guest RAM we accept: enough for the boot structures below 1 MiB and a kernel.
+pub const MIN_MEM_MIB: u64 = 8;
+/// Largest guest RAM we accept (bounded so a typo cannot ask for an exabyte).
+pub const MAX_MEM_MIB: u64 = 1 << 20;
+
+/// Errors while creating or registering guest memory.
+#[derive(Debug, thiserror::Error)]
+pub enum MemoryError {
+    #[error(
+        "guest memory size (--mem) {mib} MiB is out of range ({MIN_MEM_MIB}..={MAX_MEM_MIB} MiB)"
+    )]
+    SizeOutOfRange { mib: u64 },
+    #[error("cannot create the guest memory memfd")]
+    CreateMemfd(#[source] std::io::Error),
+    #[error("cannot size the guest memory memfd to {size:#x} bytes")]
+    Truncate {
+        size: u64,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot seal the guest memory memfd")]
+    Seal(#[source] std::io::Error),
+    #[error("cannot map guest memory")]
+    Map(#[source] vm_memory::mmap::FromRangesError),
+    #[error(
+        "cannot register guest memory slot {slot} at {guest_addr:#x} ({size:#x} bytes) with KVM"
+    )]
+    RegisterSlot {
+        slot: u32,
+        guest_addr: u64,
+        size: u64,
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+}
+
+/// Guest RAM and the memfd behind it.
+#[derive(Debug)]
+pub struct GuestRam {
+    memory: GuestMemory,
+    memfd: File,
+    size: u64,
+}
+
+impl GuestRam {
+    /// Creates `mib` MiB of guest RAM: `[0, min(size, hole))` and, above the hole, the rest
+    /// from 4 GiB.
+    pub fn new(mib: u64) -> Result<Self, MemoryError> {
+        if !(MIN_MEM_MIB..=MAX_MEM_MIB).contains(&mib) {
+            return Err(MemoryError::SizeOutOfRange { mib });
+        }
+        let size = mib << 20;
+        let memfd = create_sealed_memfd("bulkhead-guest-ram", size)?;
+        let ranges: Vec<_> = ram_ranges(size)
+            .into_iter()
+            .map(|(guest_addr, len, file_offset)| {
+                let fo = FileOffset::new(
+                    memfd.try_clone().map_err(MemoryError::CreateMemfd)?,
+                    file_offset,
+                );
+                Ok((guest_addr, len as usize, Some(fo)))
+            })
+            .collect::<Result<_, MemoryError>>()?;
+        let memory = GuestMemoryMmap::from_ranges_with_files(&ranges).map_err(MemoryError::Map)?;
+        Ok(GuestRam {
+            memory,
+            memfd,
+            size,
+        })
+    }
+
+    /// The mapped guest memory.
+    pub fn memory(&self) -> &GuestMemory {
+        &self.memory
+    }
+
+    /// The sealed memfd backing all of guest RAM (region offsets follow [`ram_ranges`]).
+    pub fn memfd(&self) -> &File {
+        &self.memfd
+    }
+
+    /// Total RAM in bytes.
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    /// RAM end below the MMIO hole (exclusive).
+    pub fn low_ram_end(&self) -> u64 {
+        self.size.min(MMIO_HOLE_START)
+    }
+
+    /// Registers every region as a KVM memory slot.
+    pub fn register(&self, vm: &VmFd) -> Result<(), MemoryError> {
+        for (slot, region) in self.memory.iter().enumerate() {
+            let slot = slot as u32;
+            let mem_region = kvm_userspace_memory_region {
+                slot,
+                flags: 0,
+                guest_phys_addr: region.start_addr().raw_value(),
+                memory_size: region.len(),
+                userspace_addr: region.as_ptr() as u64,
+            };
+            // SAFETY: the region's host mapping lives in `self.memory`, which outlives the VM
+            // (the Vm struct owns both and drops the VM fd first); the size matches it.
+            unsafe { vm.set_user_memory_region(mem_region) }.map_err(|source| {
+                MemoryError::RegisterSlot {
+                    slot,
+                    guest_addr: mem_region.guest_phys_addr,
+                    size: mem_region.memory_size,
+                    source,
+                }
+            })?;
+        }
+        Ok(())
+    }
+}
+
+/// RAM ranges for `size` bytes: `(guest address, length, offset in the memfd)`.
+pub fn ram_ranges(size: u64) -> Vec<(GuestAddress, u64, u64)> {
+    let low = size.min(MMIO_HOLE_START);
+    let mut ranges = vec![(GuestAddress(0), low, 0)];
+    if size > low {
+        ranges.push((GuestAddress(MMIO_HOLE_END), size - low, low));
+    }
+    ranges
+}
+
+/// A memfd of `size` bytes that can neither shrink nor grow.
+pub fn create_sealed_memfd(name: &str, size: u64) -> Result<File, MemoryError> {
+    let cname = CString::new(name).expect("memfd names are static and contain no NUL");
+    // SAFETY: `cname` is a valid NUL-terminated string for the duration of the call; the
+    // flags are constants; the returned fd is checked before use.
+    let fd =
+        unsafe { libc::memfd_create(cname.as_ptr(), libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING) };
+    if fd < 0 {
+        return Err(MemoryError::CreateMemfd(std::io::Error::last_os_error()));
+    }
+    // SAFETY: `fd` was just returned by memfd_create and is owned by nobody else.
+    let file = unsafe { File::from_raw_fd(fd) };
+    file.set_len(size)
+        .map_err(|source| MemoryError::Truncate { size, source })?;
+    let seals = libc::F_SEAL_SHRINK | libc::F_SEAL_GROW | libc::F_SEAL_SEAL;
+    // SAFETY: F_ADD_SEALS on a memfd we own; takes an int argument, no pointers.
+    let ret = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_ADD_SEALS, seals) };
+    if ret < 0 {
+        return Err(MemoryError::Seal(std::io::Error::last_os_error()));
+    }
+    Ok(file)
+}
+
+/// Last guest-physical address of RAM (inclusive), for bounds checks.
+pub fn last_ram_addr(mem: &GuestMemory) -> u64 {
+    mem.last_addr().raw_value()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use vm_memory::Bytes;
+
+    #[test]
+    fn small_ram_is_one_range() {
+        assert_eq!(ram_ranges(64 << 20), vec![(GuestAddress(0), 64 << 20, 0)]);
+    }
+
+    #[test]
+    fn big_ram_splits_around_the_hole() {
+        let size = MMIO_HOLE_START + (1 << 30);
+        assert_eq!(
+            ram_ranges(size),
+            vec![
+                (GuestAddress(0), MMIO_HOLE_START, 0),
+                (GuestAddress(MMIO_HOLE_END), 1 << 30, MMIO_HOLE_START)
+            ]
+        );
+    }
+
+    #[test]
+    fn memfd_is_sealed_and_shared() {
+        let ram = GuestRam::new(16).unwrap();
+        assert!(ram.memfd().set_len(1 << 20).is_err(), "shrink must fail");
+        assert!(ram.memfd().set_len(32 << 20).is_err(), "grow must fail");
+        ram.memory()
+            .write_obj(0xdead_beef_u32, GuestAddress(0x1000))
+            .unwrap();
+        let mut buf = [0u8; 4];
+        nix::sys::uio::pread(ram.memfd(), &mut buf, 0x1000).unwrap();
+        assert_eq!(
+            u32::from_le_bytes(buf),
+            0xdead_beef,
+            "mapping must be MAP_SHARED"
+        );
+    }
+
+    #[test]
+    fn size_limits_are_enforced() {
+        assert!(matches!(
+            GuestRam::new(0),
+            Err(MemoryError::SizeOutOfRange { mib: 0 })
+        ));
+    }
+}

@@ -1,0 +1,212 @@
+//! The vCPU thread: KVM_RUN, exits dispatched to the legacy devices, and a crash report
+//! (registers and instruction bytes) when the guest dies.
+
+use std::fmt::Write as _;
+use std::sync::mpsc::Sender;
+use std::sync::Arc;
+
+use kvm_ioctls::{VcpuExit, VcpuFd};
+use vm_memory::{Bytes, GuestAddress};
+
+use crate::devices::{LegacyPio, PioAction};
+use crate::memory::GuestMemory;
+
+/// Why a vCPU asks the VMM to stop.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum VcpuEvent {
+    /// The guest wrote this value to the debug-exit port.
+    DebugExit(u32),
+    /// The guest reset the machine (i8042) or asked KVM to shut down or reset.
+    Reset,
+    /// The guest can no longer run: triple fault, KVM internal error, failed entry, or an
+    /// exit this VMM does not handle. `report` holds the vCPU state.
+    Crashed {
+        vcpu: u8,
+        what: String,
+        report: String,
+    },
+    /// KVM_RUN failed.
+    RunFailed { vcpu: u8, error: String },
+}
+
+/// What one exit turned into, once the borrow of the run structure has ended.
+enum Step {
+    Continue,
+    Stop(VcpuEvent),
+    Crash(String),
+}
+
+/// A vCPU and what its thread needs.
+pub struct Vcpu {
+    pub id: u8,
+    pub fd: VcpuFd,
+    pub pio: Arc<LegacyPio>,
+    pub mem: GuestMemory,
+    pub events: Sender<crate::vm::VmEvent>,
+}
+
+impl std::fmt::Debug for Vcpu {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Vcpu")
+            .field("id", &self.id)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Vcpu {
+    /// Runs the guest until it stops, then reports why on the event channel.
+    pub fn run(mut self) {
+        let event = loop {
+            let step = self.step();
+            match step {
+                Step::Continue => {}
+                Step::Stop(event) => break event,
+                Step::Crash(what) => {
+                    let report = self.crash_report();
+                    break VcpuEvent::Crashed {
+                        vcpu: self.id,
+                        what,
+                        report,
+                    };
+                }
+            }
+        };
+        // The receiver is gone only when the VMM is already exiting.
+        let _ = self.events.send(crate::vm::VmEvent::Vcpu(event));
+    }
+
+    fn step(&mut self) -> Step {
+        match self.fd.run() {
+            Ok(VcpuExit::IoOut(port, data)) => match self.pio.write(port, data) {
+                PioAction::Continue => Step::Continue,
+                PioAction::Reset => Step::Stop(VcpuEvent::Reset),
+                PioAction::DebugExit(code) => Step::Stop(VcpuEvent::DebugExit(code)),
+            },
+            Ok(VcpuExit::IoIn(port, data)) => {
+                self.pio.read(port, data);
+                Step::Continue
+            }
+            Ok(VcpuExit::MmioRead(addr, data)) => {
+                // Nothing is mapped there yet: unassigned addresses read all ones.
+                tracing::trace!(vcpu = self.id, "MMIO read of unassigned {addr:#x}");
+                data.fill(0xff);
+                Step::Continue
+            }
+            Ok(VcpuExit::MmioWrite(addr, _)) => {
+                tracing::trace!(vcpu = self.id, "MMIO write to unassigned {addr:#x}");
+                Step::Continue
+            }
+            // With the in-kernel irqchip a halt waits in the kernel; tolerate one anyway.
+            Ok(VcpuExit::Hlt) | Ok(VcpuExit::Intr) | Ok(VcpuExit::IrqWindowOpen) => Step::Continue,
+            Ok(VcpuExit::Shutdown) => Step::Crash("triple fault (KVM_EXIT_SHUTDOWN)".into()),
+            Ok(VcpuExit::SystemEvent(kind, _)) => match kind {
+                kvm_bindings::KVM_SYSTEM_EVENT_SHUTDOWN | kvm_bindings::KVM_SYSTEM_EVENT_RESET => {
+                    Step::Stop(VcpuEvent::Reset)
+                }
+                other => Step::Crash(format!("system event {other}")),
+            },
+            Ok(VcpuExit::InternalError) => {
+                let run = self.fd.get_kvm_run();
+                // SAFETY: KVM filled the `internal` member of the union for this exit
+                // reason (KVM_EXIT_INTERNAL_ERROR); it is plain integers.
+                let internal = unsafe { run.__bindgen_anon_1.internal };
+                let n = (internal.ndata as usize).min(internal.data.len());
+                Step::Crash(format!(
+                    "KVM internal error, suberror {} data {:x?}",
+                    internal.suberror,
+                    &internal.data[..n]
+                ))
+            }
+            Ok(VcpuExit::FailEntry(reason, cpu)) => Step::Crash(format!(
+                "VM entry failed, hardware reason {reason:#x} on host CPU {cpu}"
+            )),
+            Ok(other) => Step::Crash(format!("unhandled exit {other:?}")),
+            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => Step::Continue,
+            Err(e) => Step::Stop(VcpuEvent::RunFailed {
+                vcpu: self.id,
+                error: e.to_string(),
+            }),
+        }
+    }
+
+    /// Registers, segment state and the bytes at RIP, for the log.
+    fn crash_report(&self) -> String {
+        let mut out = String::new();
+        let regs = match self.fd.get_regs() {
+            Ok(r) => r,
+            Err(e) => return format!("registers unavailable: {e}"),
+        };
+        let _ = write!(
+            out,
+            "rip={:#018x} rsp={:#018x} rflags={:#x}\n\
+             rax={:#018x} rbx={:#018x} rcx={:#018x} rdx={:#018x}\n\
+             rsi={:#018x} rdi={:#018x} rbp={:#018x}\n\
+             r8={:#018x} r9={:#018x} r10={:#018x} r11={:#018x}\n\
+             r12={:#018x} r13={:#018x} r14={:#018x} r15={:#018x}",
+            regs.rip,
+            regs.rsp,
+            regs.rflags,
+            regs.rax,
+            regs.rbx,
+            regs.rcx,
+            regs.rdx,
+            regs.rsi,
+            regs.rdi,
+            regs.rbp,
+            regs.r8,
+            regs.r9,
+            regs.r10,
+            regs.r11,
+            regs.r12,
+            regs.r13,
+            regs.r14,
+            regs.r15
+        );
+        let mut rip_linear = regs.rip;
+        if let Ok(s) = self.fd.get_sregs() {
+            let _ = write!(
+                out,
+                "\ncs={:#06x} (base {:#x}, l={} db={} dpl={}) ss={:#06x} cr0={:#x} cr2={:#x} cr3={:#x} cr4={:#x} efer={:#x}",
+                s.cs.selector, s.cs.base, s.cs.l, s.cs.db, s.cs.dpl, s.ss.selector, s.cr0, s.cr2,
+                s.cr3, s.cr4, s.efer
+            );
+            if s.cs.l == 0 {
+                rip_linear = s.cs.base.wrapping_add(regs.rip);
+            }
+        }
+        match self.fd.translate_gva(rip_linear) {
+            Ok(t) if t.valid != 0 => {
+                let mut bytes = [0u8; 16];
+                match self
+                    .mem
+                    .read_slice(&mut bytes, GuestAddress(t.physical_address))
+                {
+                    Ok(()) => {
+                        let _ = write!(
+                            out,
+                            "\ncode at rip (gpa {:#x}): {}",
+                            t.physical_address,
+                            bytes
+                                .iter()
+                                .map(|b| format!("{b:02x}"))
+                                .collect::<Vec<_>>()
+                                .join(" ")
+                        );
+                    }
+                    Err(e) => {
+                        let _ = write!(
+                            out,
+                            "\ncode at rip (gpa {:#x}) unreadable: {e}",
+                            t.physical_address
+                        );
+                    }
+                }
+            }
+            Ok(_) => out.push_str("\nrip does not translate to a guest-physical address"),
+            Err(e) => {
+                let _ = write!(out, "\ncannot translate rip: {e}");
+            }
+        }
+        out
+    }
+}
