@@ -80,3 +80,93 @@ pub fn scratch_dir(name: &str) -> PathBuf {
     std::fs::create_dir_all(&dir).expect("create scratch dir");
     dir
 }
+
+/// What a finished child process left behind.
+#[derive(Debug)]
+pub struct RunResult {
+    /// Exit code, `None` if a signal ended it (or we killed it at the deadline).
+    pub code: Option<i32>,
+    pub stdout: String,
+    pub stderr: String,
+    pub elapsed: std::time::Duration,
+    /// True when the hard deadline passed and the process was killed.
+    pub killed: bool,
+}
+
+impl RunResult {
+    /// Everything it printed, for assertion messages.
+    pub fn transcript(&self) -> String {
+        format!(
+            "exit code {:?} after {:.2} s{}\n--- stdout ---\n{}\n--- stderr ---\n{}",
+            self.code,
+            self.elapsed.as_secs_f64(),
+            if self.killed { " (killed at the deadline)" } else { "" },
+            self.stdout,
+            self.stderr
+        )
+    }
+}
+
+/// Runs `cmd` with stdin closed, kills it after `deadline`, and collects its output.
+pub fn run_with_deadline(mut cmd: Command, deadline: std::time::Duration) -> RunResult {
+    use std::io::Read;
+    use std::process::Stdio;
+    let started = std::time::Instant::now();
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot start {cmd:?}: {e}"));
+    let mut out = child.stdout.take().expect("piped stdout");
+    let mut err = child.stderr.take().expect("piped stderr");
+    let out_reader = std::thread::spawn(move || {
+        let mut s = Vec::new();
+        let _ = out.read_to_end(&mut s);
+        s
+    });
+    let err_reader = std::thread::spawn(move || {
+        let mut s = Vec::new();
+        let _ = err.read_to_end(&mut s);
+        s
+    });
+    let mut killed = false;
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("wait for child") {
+            break status;
+        }
+        if started.elapsed() > deadline {
+            let _ = child.kill();
+            killed = true;
+            break child.wait().expect("wait for killed child");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    };
+    let elapsed = started.elapsed();
+    let stdout = String::from_utf8_lossy(&out_reader.join().unwrap_or_default()).into_owned();
+    let stderr = String::from_utf8_lossy(&err_reader.join().unwrap_or_default()).into_owned();
+    RunResult {
+        code: status.code(),
+        stdout,
+        stderr,
+        elapsed,
+        killed,
+    }
+}
+
+/// `bulkhead <args>` with a hard deadline.
+pub fn run_bulkhead(args: &[&str], deadline: std::time::Duration) -> RunResult {
+    let mut cmd = Command::new(bulkhead_bin());
+    cmd.args(args);
+    run_with_deadline(cmd, deadline)
+}
+
+/// The test guest's result lines (`TG ...`), serial noise removed.
+pub fn tg_lines(stdout: &str) -> Vec<String> {
+    stdout
+        .lines()
+        .map(|l| l.trim_end_matches('\r'))
+        .filter(|l| l.starts_with("TG "))
+        .map(str::to_string)
+        .collect()
+}

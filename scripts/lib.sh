@@ -1,0 +1,30 @@
+# Shared by scripts/demo.sh and scripts/test.sh. Sourced, not run.
+
+repo_root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+
+# Debian packages the demo and the tests need (RECIPES.md).
+DEB_PACKAGES=(qemu-system-x86 qemu-utils busybox-static cpio lz4 gzip acpica-tools fio strace)
+
+log() { printf '==> %s\n' "$*" >&2; }
+
+# Installs whichever of DEB_PACKAGES are missing, refreshing the package lists first.
+ensure_packages() {
+    local missing=()
+    for p in "${DEB_PACKAGES[@]}"; do
+        dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+    done
+    if [ ${#missing[@]} -eq 0 ]; then
+        return 0
+    fi
+    log "installing Debian packages: ${missing[*]}"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq
+    apt-get install -y -qq "${missing[@]}" >/dev/null
+}
+
+ensure_kvm() {
+    if [ ! -r /dev/kvm ] || [ ! -w /dev/kvm ]; then
+        echo "error: /dev/kvm is missing or not accessible: bulkhead needs KVM" >&2
+        return 1
+    fi
+}
