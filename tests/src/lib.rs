@@ -100,7 +100,11 @@ impl RunResult {
             "exit code {:?} after {:.2} s{}\n--- stdout ---\n{}\n--- stderr ---\n{}",
             self.code,
             self.elapsed.as_secs_f64(),
-            if self.killed { " (killed at the deadline)" } else { "" },
+            if self.killed {
+                " (killed at the deadline)"
+            } else {
+                ""
+            },
             self.stdout,
             self.stderr
         )

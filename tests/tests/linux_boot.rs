@@ -78,7 +78,11 @@ fn linux_early_boot_parses_our_tables() {
             "Linux never printed {want:?} within {EARLY_BOOT_TIMEOUT_S} s: {context}"
         );
     }
-    assert_eq!(status.code(), Some(124), "--timeout must stop the VM: {context}");
+    assert_eq!(
+        status.code(),
+        Some(124),
+        "--timeout must stop the VM: {context}"
+    );
     assert!(
         elapsed < Duration::from_secs(EARLY_BOOT_TIMEOUT_S + 20),
         "bulkhead did not stop at its timeout: {context}"

@@ -76,5 +76,9 @@ fn debug_exit_status_is_passed_through() {
         lines.iter().any(|l| l.starts_with("TG fail")),
         "an unknown plan must fail: {t}"
     );
-    assert_eq!(r.code, Some(1), "the guest reports failure with status 1: {t}");
+    assert_eq!(
+        r.code,
+        Some(1),
+        "the guest reports failure with status 1: {t}"
+    );
 }

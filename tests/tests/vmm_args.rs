@@ -15,7 +15,10 @@ fn assert_refused(args: &[&str], expected: &str) {
     let errors: Vec<_> = r.stderr.lines().filter(|l| !l.trim().is_empty()).collect();
     assert_eq!(errors.len(), 1, "want exactly one error line: {t}");
     assert!(errors[0].starts_with("bulkhead: error: "), "{t}");
-    assert!(errors[0].contains(expected), "error should mention {expected:?}: {t}");
+    assert!(
+        errors[0].contains(expected),
+        "error should mention {expected:?}: {t}"
+    );
 }
 
 #[test]
@@ -35,7 +38,10 @@ fn not_a_kernel() {
     let dir = scratch_dir("args-notkernel");
     let path = dir.join("notes.txt");
     std::fs::write(&path, "this is not a kernel\n".repeat(500)).unwrap();
-    assert_refused(&["run", "--kernel", path.to_str().unwrap()], "is not a kernel");
+    assert_refused(
+        &["run", "--kernel", path.to_str().unwrap()],
+        "is not a kernel",
+    );
 }
 
 #[test]
@@ -63,7 +69,13 @@ fn vcpus_above_the_kvm_limit() {
     require_kvm();
     let kernel = testguest();
     assert_refused(
-        &["run", "--kernel", kernel.to_str().unwrap(), "--vcpus", "100000"],
+        &[
+            "run",
+            "--kernel",
+            kernel.to_str().unwrap(),
+            "--vcpus",
+            "100000",
+        ],
         "--vcpus 100000 is out of range",
     );
 }
@@ -91,7 +103,13 @@ fn bad_timeout() {
     require_kvm();
     let kernel = testguest();
     assert_refused(
-        &["run", "--kernel", kernel.to_str().unwrap(), "--timeout", "0"],
+        &[
+            "run",
+            "--kernel",
+            kernel.to_str().unwrap(),
+            "--timeout",
+            "0",
+        ],
         "--timeout",
     );
 }

@@ -61,6 +61,13 @@ pub const KVM_TSS_START: u64 = 0xfffb_d000;
 /// Port whose writes end the VM with the written value as bulkhead's exit status
 /// (QEMU's isa-debug-exit at the same port reports `(value << 1) | 1`).
 pub const DEBUG_EXIT_PORT: u16 = 0xf4;
+/// ACPI sleep control register (hardware-reduced ACPI: the FADT points here, the DSDT's
+/// `_S5_` gives the value that means "power off"); the status register is the next port.
+pub const ACPI_SLEEP_CONTROL_PORT: u16 = 0x3c0;
+/// ACPI sleep status register.
+pub const ACPI_SLEEP_STATUS_PORT: u16 = 0x3c1;
+/// SLP_TYP value of the `_S5_` (soft off) state we declare.
+pub const ACPI_S5_SLEEP_TYPE: u8 = 5;
 /// COM1.
 pub const SERIAL_PORT_BASE: u16 = 0x3f8;
 

@@ -37,7 +37,7 @@ enum Command {
 #[derive(Debug, Args)]
 #[command(
     after_help = "Exit status: the value the guest wrote to port 0xf4 (truncated to 8 bits); \
-0 when it reset the machine (i8042); 120 when it crashed (triple fault, KVM error); \
+0 when it reset (i8042) or powered off (ACPI S5); 120 when it crashed (triple fault, KVM error); \
 124 when --timeout expired; 128+N on signal N; 1 on any VMM error."
 )]
 struct RunArgs {
@@ -145,6 +145,10 @@ fn report(outcome: VmOutcome) -> ExitCode {
         }
         VmOutcome::Vcpu(VcpuEvent::Reset) => {
             tracing::info!("guest reset the machine");
+            ExitCode::SUCCESS
+        }
+        VmOutcome::Vcpu(VcpuEvent::PowerOff) => {
+            tracing::info!("guest powered off (ACPI S5)");
             ExitCode::SUCCESS
         }
         VmOutcome::Vcpu(VcpuEvent::Crashed { vcpu, what, report }) => {

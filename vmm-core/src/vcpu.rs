@@ -18,6 +18,8 @@ pub enum VcpuEvent {
     DebugExit(u32),
     /// The guest reset the machine (i8042) or asked KVM to shut down or reset.
     Reset,
+    /// The guest powered off through ACPI (S5).
+    PowerOff,
     /// The guest can no longer run: triple fault, KVM internal error, failed entry, or an
     /// exit this VMM does not handle. `report` holds the vCPU state.
     Crashed {
@@ -80,6 +82,7 @@ impl Vcpu {
             Ok(VcpuExit::IoOut(port, data)) => match self.pio.write(port, data) {
                 PioAction::Continue => Step::Continue,
                 PioAction::Reset => Step::Stop(VcpuEvent::Reset),
+                PioAction::PowerOff => Step::Stop(VcpuEvent::PowerOff),
                 PioAction::DebugExit(code) => Step::Stop(VcpuEvent::DebugExit(code)),
             },
             Ok(VcpuExit::IoIn(port, data)) => {

@@ -105,10 +105,16 @@ pub struct LoadedKernel {
 
 /// Loads the kernel and initrd, writes the command line and the boot protocol's structures.
 pub fn load(mem: &GuestMemory, cfg: &BootConfig) -> Result<LoadedKernel, BootError> {
-    let mut kernel = File::open(cfg.kernel).map_err(|source| BootError::OpenKernel {
+    let open_err = |source| BootError::OpenKernel {
         path: cfg.kernel.to_path_buf(),
         source,
-    })?;
+    };
+    let mut kernel = File::open(cfg.kernel).map_err(open_err)?;
+    if !kernel.metadata().map_err(open_err)?.is_file() {
+        return Err(BootError::NotAKernel {
+            path: cfg.kernel.to_path_buf(),
+        });
+    }
     let (result, format) = load_kernel_image(mem, &mut kernel, cfg.kernel)?;
 
     let initrd = match cfg.initrd {
