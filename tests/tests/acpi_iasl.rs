@@ -275,6 +275,19 @@ fn iasl_accepts_our_tables() {
         "MSI Not Supported (V4) : 1".to_string(),
         "Legacy Devices Supported (V2) : 0".to_string(),
         "[02Dh 0045 1] PM Profile : 04 [Enterprise Server]".to_string(),
+        // Poweroff path of hardware-reduced ACPI: 8-bit I/O sleep control/status ports.
+        "[0F4h 0244 1] Space ID : 01 [SystemIO]".to_string(),
+        "[0F5h 0245 1] Bit Width : 08".to_string(),
+        format!(
+            "[0F8h 0248 8] Address : {:016X}",
+            layout::ACPI_SLEEP_CONTROL_PORT
+        ),
+        "[100h 0256 1] Space ID : 01 [SystemIO]".to_string(),
+        "[101h 0257 1] Bit Width : 08".to_string(),
+        format!(
+            "[104h 0260 8] Address : {:016X}",
+            layout::ACPI_SLEEP_STATUS_PORT
+        ),
     ] {
         fadt.assert_line(&line);
     }
@@ -345,6 +358,19 @@ fn iasl_accepts_our_tables() {
             );
         }
     }
+
+    // \_S5_ with the sleep type the VMM's sleep control port acts on.
+    let lines = dsdt.lines();
+    let s5 = lines
+        .iter()
+        .position(|l| l == "Name (\\_S5, Package (0x04) // _S5_: S5 System State")
+        .unwrap_or_else(|| panic!("no \\_S5 package:\n{}", dsdt.dsl));
+    assert_eq!(
+        lines[s5 + 2],
+        format!("0x{:02X},", layout::ACPI_S5_SLEEP_TYPE),
+        "SLP_TYPa of \\_S5:\n{}",
+        dsdt.dsl
+    );
 
     // The disassembled DSDT is valid ASL: it compiles again without complaint.
     let log = run(Command::new(&iasl).arg("dsdt.dsl").current_dir(&dir));

@@ -1,5 +1,5 @@
 //! ACPI tables for the guest: RSDP, XSDT, FADT (hardware-reduced), MADT and a DSDT that
-//! describes the virtio-mmio slots.
+//! describes the virtio-mmio slots and the soft-off (S5) state.
 //!
 //! The tables are built with rust-vmm's `acpi_tables` and written into the legacy BIOS area
 //! ([`layout::ACPI_START`], [`layout::ACPI_SIZE`]). The RSDP goes first, at the start of
@@ -8,6 +8,7 @@
 
 use acpi_tables::aml;
 use acpi_tables::fadt::{FADTBuilder, Flags, PmProfile};
+use acpi_tables::gas::{AccessSize, AddressSpace, GAS};
 use acpi_tables::madt::{EnabledStatus, IoApic, ProcessorLocalApic};
 use acpi_tables::rsdp::Rsdp;
 use acpi_tables::sdt::Sdt;
@@ -376,9 +377,14 @@ fn dsdt(slots: &[VirtioMmioSlot]) -> Vec<u8> {
         let name = format!("V{index:03X}");
         aml::Device::new(name.as_str().into(), vec![&hid, &uid, &crs]).to_aml_bytes(&mut devices);
     }
-    // No _S5_: without a sleep control register in the FADT it would promise a poweroff
-    // that cannot happen; the guest ends the VM through the debug-exit port or a reset.
-    let body = aml::Scope::raw("\\_SB_".into(), devices);
+    let mut body = aml::Scope::raw("\\_SB_".into(), devices);
+
+    // \_S5_ (soft off): Linux writes SLP_TYPa from it, with SLP_EN, to the FADT's sleep
+    // control register to power off. SLP_TYPb would go to a PM1b block, which
+    // hardware-reduced ACPI does not have.
+    let s5_type = layout::ACPI_S5_SLEEP_TYPE;
+    let s5 = aml::Package::new(vec![&s5_type, &aml::ZERO, &aml::ZERO, &aml::ZERO]);
+    aml::Name::new("\\_S5_".into(), &s5).to_aml_bytes(&mut body);
 
     let mut dsdt = Sdt::new(
         *b"DSDT",
@@ -405,9 +411,23 @@ fn fadt(dsdt_addr: GuestAddress) -> Vec<u8> {
     fadt.iapc_boot_arch =
         (IAPC_BOOT_VGA_NOT_PRESENT | IAPC_BOOT_MSI_NOT_SUPPORTED | IAPC_BOOT_CMOS_RTC_NOT_PRESENT)
             .into();
+    // Hardware-reduced ACPI has no PM1 control block: poweroff goes through these.
+    fadt.sleep_control_reg = sleep_register(layout::ACPI_SLEEP_CONTROL_PORT);
+    fadt.sleep_status_reg = sleep_register(layout::ACPI_SLEEP_STATUS_PORT);
     // No FACS: allowed for hardware-reduced ACPI (there is no firmware waking vector or
     // global lock to share).
     to_bytes(&fadt.finalize())
+}
+
+/// An 8-bit I/O port register, as the sleep control and status registers must be.
+fn sleep_register(port: u16) -> GAS {
+    GAS::new(
+        AddressSpace::SystemIo,
+        8,
+        0,
+        AccessSize::ByteAccess,
+        u64::from(port),
+    )
 }
 
 /// MADT: the local APIC address, one enabled Processor Local APIC per vCPU (APIC id =
@@ -547,6 +567,14 @@ mod tests {
                 | IAPC_BOOT_CMOS_RTC_NOT_PRESENT
         );
         assert_eq!(u32_at(fadt, 36), 0, "no FACS");
+        // Sleep control / status registers: GAS {SystemIO, 8 bits, offset 0, byte access}.
+        for (off, port) in [
+            (244, layout::ACPI_SLEEP_CONTROL_PORT),
+            (256, layout::ACPI_SLEEP_STATUS_PORT),
+        ] {
+            assert_eq!(&fadt[off..off + 4], &[1, 8, 0, 1], "GAS at {off}");
+            assert_eq!(u64_at(fadt, off + 4), u64::from(port), "GAS at {off}");
+        }
     }
 
     #[test]
@@ -593,6 +621,30 @@ mod tests {
             irq.extend_from_slice(&s.gsi.to_le_bytes());
             assert_eq!(count(dsdt, &irq), 1, "slot {i} interrupt");
         }
+    }
+
+    #[test]
+    fn dsdt_declares_s5() {
+        let t = create_acpi_tables(&low_mem(), 1, &[]).unwrap();
+        let dsdt = &t.table(b"DSDT").unwrap().bytes;
+        // NameOp \_S5_ PackageOp len 4 elements: BytePrefix 5, Zero, Zero, Zero.
+        let s5 = [
+            0x08,
+            b'\\',
+            b'_',
+            b'S',
+            b'5',
+            b'_',
+            0x12,
+            0x07,
+            4,
+            0x0a,
+            layout::ACPI_S5_SLEEP_TYPE,
+            0,
+            0,
+            0,
+        ];
+        assert_eq!(count(dsdt, &s5), 1, "{dsdt:x?}");
     }
 
     #[test]
