@@ -18,9 +18,6 @@ use crate::layout::{KVM_TSS_START, SERIAL_GSI};
 use crate::memory::GuestRam;
 use crate::vcpu::{Vcpu, VcpuEvent};
 
-/// Largest vCPU count the MADT's 8-bit APIC ids allow (0xff is the broadcast id).
-pub const MAX_VCPUS_XAPIC: u32 = 254;
-
 /// Command line when the user gives none.
 pub const DEFAULT_CMDLINE: &str = "console=ttyS0 reboot=k panic=1";
 
@@ -118,7 +115,7 @@ impl Vm {
         serial_out: Box<dyn std::io::Write + Send>,
     ) -> Result<Self, VmError> {
         let kvm = Kvm::new().map_err(VmError::OpenKvm)?;
-        let max = (kvm.get_max_vcpus() as u32).min(MAX_VCPUS_XAPIC);
+        let max = (kvm.get_max_vcpus() as u32).min(u32::from(crate::acpi::MAX_VCPUS));
         if cfg.vcpus == 0 || cfg.vcpus > max {
             return Err(VmError::VcpuCount {
                 requested: cfg.vcpus,
