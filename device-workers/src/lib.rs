@@ -1,2 +1,8 @@
-//! The untrusted side: the `bulkhead-worker` executable, the virtio-blk device, I/O
-//! backends and the sandbox. Filled in by the worker issue.
+//! bulkhead's untrusted side: the `bulkhead-worker` executable (src/main.rs), the
+//! virtio-blk device, its I/O backends, the vhost-user backend and the sandbox.
+//!
+//! Layout (Firecracker's split): `blk` holds the device state, request parsing and the I/O
+//! engines apart from each other; `vhost` is the vhost-user backend request handler;
+//! `sandbox` confines the process before it reads its first descriptor.
+
+pub mod blk;

@@ -1,0 +1,1 @@
+//! virtio-blk: configuration space and features, request parsing, execution, I/O backends.
