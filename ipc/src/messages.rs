@@ -1,0 +1,510 @@
+//! The control-channel message set and its validation rules.
+//!
+//! Two enums, one per direction: [`VmmMessage`] (VMM -> worker) and [`WorkerMessage`]
+//! (worker -> VMM). New variants go at the end of an enum (the encoding numbers variants
+//! by position) together with a bump of [`PROTOCOL_VERSION`]; both sides check the
+//! version in the handshake ([`crate::handshake`]) before anything else is exchanged.
+//!
+//! Every message type implements [`Validate`]; [`crate::Channel::recv`] runs it on every
+//! decoded message before returning it, and [`crate::Channel::send`] before sending, so a
+//! malformed message is stopped at whichever end is wrong. Validation is purely local to
+//! one message; cross-message checks (e.g. the worker reporting the queue count it was
+//! configured with) belong to the caller.
+
+use serde::{Deserialize, Serialize};
+
+/// Version of the message set. Bump on any change of the messages or their meaning.
+pub const PROTOCOL_VERSION: u32 = 1;
+
+/// Longest device id, in bytes.
+pub const MAX_DEVICE_ID_LEN: usize = 32;
+/// Largest number of queues a device may have.
+pub const MAX_QUEUES: u16 = 64;
+/// Longest serial id: the virtio-blk `VIRTIO_BLK_T_GET_ID` response is 20 bytes.
+pub const MAX_SERIAL_LEN: usize = 20;
+/// Longest error message, in bytes.
+pub const MAX_ERROR_MESSAGE_LEN: usize = 1024;
+/// Largest pid Linux can hand out (`PID_MAX_LIMIT` on 64-bit).
+pub const MAX_PID: u32 = 4 * 1024 * 1024;
+/// `VIRTIO_F_VERSION_1`: every device we drive is a modern (virtio 1.x) device.
+pub const VIRTIO_F_VERSION_1: u64 = 1 << 32;
+
+/// A message that checks its own fields.
+pub trait Validate {
+    /// Checks every field (lengths, ranges, character sets).
+    fn validate(&self) -> Result<(), ValidationError>;
+}
+
+/// A message field that failed validation.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ValidationError {
+    /// A string or byte field is longer than allowed.
+    #[error("field `{field}` is {len} bytes, longer than the limit of {max}")]
+    TooLong {
+        /// Field name.
+        field: &'static str,
+        /// Actual length.
+        len: usize,
+        /// Limit.
+        max: usize,
+    },
+    /// A field that must not be empty is empty.
+    #[error("field `{field}` is empty")]
+    Empty {
+        /// Field name.
+        field: &'static str,
+    },
+    /// A character outside the allowed set.
+    #[error("field `{field}` has character {found:?} at byte {offset}; allowed: {allowed}")]
+    BadCharacter {
+        /// Field name.
+        field: &'static str,
+        /// The character.
+        found: char,
+        /// Byte offset of the character.
+        offset: usize,
+        /// Description of the allowed set.
+        allowed: &'static str,
+    },
+    /// A number outside its range.
+    #[error("field `{field}` is {value}, outside {min}..={max}")]
+    OutOfRange {
+        /// Field name.
+        field: &'static str,
+        /// Value.
+        value: u64,
+        /// Smallest allowed.
+        min: u64,
+        /// Largest allowed.
+        max: u64,
+    },
+    /// A bit that must be set is clear.
+    #[error("field `{field}` is {value:#x}, missing required bits {required:#x}")]
+    MissingBits {
+        /// Field name.
+        field: &'static str,
+        /// Value.
+        value: u64,
+        /// Required bits.
+        required: u64,
+    },
+}
+
+fn check_len(field: &'static str, s: &str, min: usize, max: usize) -> Result<(), ValidationError> {
+    if s.len() > max {
+        return Err(ValidationError::TooLong {
+            field,
+            len: s.len(),
+            max,
+        });
+    }
+    if s.len() < min {
+        return Err(ValidationError::Empty { field });
+    }
+    Ok(())
+}
+
+fn check_chars(
+    field: &'static str,
+    s: &str,
+    allowed: &'static str,
+    ok: impl Fn(char) -> bool,
+) -> Result<(), ValidationError> {
+    match s.char_indices().find(|&(_, c)| !ok(c)) {
+        Some((offset, found)) => Err(ValidationError::BadCharacter {
+            field,
+            found,
+            offset,
+            allowed,
+        }),
+        None => Ok(()),
+    }
+}
+
+fn check_range(field: &'static str, value: u64, min: u64, max: u64) -> Result<(), ValidationError> {
+    if (min..=max).contains(&value) {
+        Ok(())
+    } else {
+        Err(ValidationError::OutOfRange {
+            field,
+            value,
+            min,
+            max,
+        })
+    }
+}
+
+/// What a worker serves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum WorkerKind {
+    /// virtio-blk over vhost-user.
+    Blk,
+}
+
+/// Configuration the VMM sends to a freshly started worker.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WorkerConfig {
+    /// What to serve.
+    pub kind: WorkerKind,
+    /// Device name (`blk0`): 1..=[`MAX_DEVICE_ID_LEN`] bytes of `[A-Za-z0-9_-]`.
+    pub device_id: String,
+    /// Refuse writes (and advertise `VIRTIO_BLK_F_RO`).
+    pub readonly: bool,
+    /// Number of virtqueues, 1..=[`MAX_QUEUES`].
+    pub num_queues: u16,
+    /// Serial id returned for `VIRTIO_BLK_T_GET_ID`: at most [`MAX_SERIAL_LEN`] bytes of
+    /// printable ASCII (may be empty).
+    pub serial: String,
+    /// Open the disk for direct I/O (`O_DIRECT` semantics, bypassing the host cache).
+    pub direct_io: bool,
+    /// Whether to enter the sandbox. A worker built without its test feature must refuse
+    /// `false`; this crate only carries the field.
+    pub sandbox: bool,
+}
+
+impl Validate for WorkerConfig {
+    fn validate(&self) -> Result<(), ValidationError> {
+        let WorkerConfig {
+            kind: WorkerKind::Blk,
+            device_id,
+            readonly: _,
+            num_queues,
+            serial,
+            direct_io: _,
+            sandbox: _,
+        } = self;
+        check_len("device_id", device_id, 1, MAX_DEVICE_ID_LEN)?;
+        check_chars("device_id", device_id, "[A-Za-z0-9_-]", |c| {
+            c.is_ascii_alphanumeric() || c == '_' || c == '-'
+        })?;
+        check_range(
+            "num_queues",
+            u64::from(*num_queues),
+            1,
+            u64::from(MAX_QUEUES),
+        )?;
+        check_len("serial", serial, 0, MAX_SERIAL_LEN)?;
+        check_chars("serial", serial, "printable ASCII", |c| {
+            c.is_ascii_graphic() || c == ' '
+        })?;
+        Ok(())
+    }
+}
+
+/// Messages from the VMM to a worker.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum VmmMessage {
+    /// First message: the VMM's protocol version.
+    Hello {
+        /// [`PROTOCOL_VERSION`] of the VMM.
+        version: u32,
+    },
+    /// The worker's configuration; answered with [`WorkerMessage::Ready`] or
+    /// [`WorkerMessage::Error`].
+    Configure(WorkerConfig),
+    /// Finish in-flight requests and exit.
+    Shutdown,
+}
+
+impl Validate for VmmMessage {
+    fn validate(&self) -> Result<(), ValidationError> {
+        match self {
+            // Any version is well formed; the handshake compares it.
+            VmmMessage::Hello { version: _ } => Ok(()),
+            VmmMessage::Configure(config) => config.validate(),
+            VmmMessage::Shutdown => Ok(()),
+        }
+    }
+}
+
+/// Messages from a worker to the VMM (hostile input for the VMM).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum WorkerMessage {
+    /// Answer to [`VmmMessage::Hello`].
+    Hello {
+        /// [`PROTOCOL_VERSION`] of the worker.
+        version: u32,
+        /// The worker's pid as it sees it, 1..=[`MAX_PID`] (informational: the VMM
+        /// trusts only the pid it spawned).
+        pid: u32,
+    },
+    /// Configuration applied, backend ready to serve.
+    Ready {
+        /// Disk size in bytes, at most `i64::MAX` (an `off_t`).
+        disk_size_bytes: u64,
+        /// virtio feature bits the device offers; must include `VIRTIO_F_VERSION_1`.
+        device_features: u64,
+        /// Queues the backend serves, 1..=[`MAX_QUEUES`].
+        num_queues: u16,
+    },
+    /// Counters, on request or periodically.
+    Stats(WorkerStats),
+    /// The worker failed; `message` is for the log: at most [`MAX_ERROR_MESSAGE_LEN`]
+    /// bytes, no control characters (so it cannot forge log lines).
+    Error {
+        /// What went wrong.
+        message: String,
+    },
+}
+
+/// Worker counters. Any value is well formed (they are only printed and compared).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WorkerStats {
+    /// Requests completed successfully.
+    pub completed: u64,
+    /// Requests completed with an error status.
+    pub failed: u64,
+    /// Bytes read from the disk.
+    pub bytes_read: u64,
+    /// Bytes written to the disk.
+    pub bytes_written: u64,
+    /// Flush requests completed.
+    pub flushes: u64,
+}
+
+impl Validate for WorkerStats {
+    fn validate(&self) -> Result<(), ValidationError> {
+        // Counters have no invalid values; listed so a new field must be considered here.
+        let WorkerStats {
+            completed: _,
+            failed: _,
+            bytes_read: _,
+            bytes_written: _,
+            flushes: _,
+        } = self;
+        Ok(())
+    }
+}
+
+impl Validate for WorkerMessage {
+    fn validate(&self) -> Result<(), ValidationError> {
+        match self {
+            WorkerMessage::Hello { version: _, pid } => {
+                check_range("pid", u64::from(*pid), 1, u64::from(MAX_PID))
+            }
+            WorkerMessage::Ready {
+                disk_size_bytes,
+                device_features,
+                num_queues,
+            } => {
+                check_range("disk_size_bytes", *disk_size_bytes, 0, i64::MAX as u64)?;
+                if device_features & VIRTIO_F_VERSION_1 == 0 {
+                    return Err(ValidationError::MissingBits {
+                        field: "device_features",
+                        value: *device_features,
+                        required: VIRTIO_F_VERSION_1,
+                    });
+                }
+                check_range(
+                    "num_queues",
+                    u64::from(*num_queues),
+                    1,
+                    u64::from(MAX_QUEUES),
+                )
+            }
+            WorkerMessage::Stats(stats) => stats.validate(),
+            WorkerMessage::Error { message } => {
+                check_len("message", message, 1, MAX_ERROR_MESSAGE_LEN)?;
+                check_chars("message", message, "no control characters", |c| {
+                    !c.is_control()
+                })
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config() -> WorkerConfig {
+        WorkerConfig {
+            kind: WorkerKind::Blk,
+            device_id: "blk0".into(),
+            readonly: false,
+            num_queues: 2,
+            serial: "SERIAL-0123456789_ab".into(),
+            direct_io: true,
+            sandbox: true,
+        }
+    }
+
+    fn ready() -> WorkerMessage {
+        WorkerMessage::Ready {
+            disk_size_bytes: 1 << 30,
+            device_features: VIRTIO_F_VERSION_1 | 0x2,
+            num_queues: 2,
+        }
+    }
+
+    #[track_caller]
+    fn assert_field(result: Result<(), ValidationError>, expected: &str) {
+        let err = result.expect_err("validation should fail");
+        let field = match &err {
+            ValidationError::TooLong { field, .. }
+            | ValidationError::Empty { field }
+            | ValidationError::BadCharacter { field, .. }
+            | ValidationError::OutOfRange { field, .. }
+            | ValidationError::MissingBits { field, .. } => *field,
+        };
+        assert_eq!(field, expected, "{err}");
+        // Messages name the field.
+        assert!(err.to_string().contains(expected));
+    }
+
+    #[test]
+    fn valid_messages_pass() {
+        let vmm = [
+            VmmMessage::Hello {
+                version: PROTOCOL_VERSION,
+            },
+            VmmMessage::Configure(config()),
+            VmmMessage::Configure(WorkerConfig {
+                device_id: "a".repeat(MAX_DEVICE_ID_LEN),
+                num_queues: MAX_QUEUES,
+                serial: String::new(),
+                ..config()
+            }),
+            VmmMessage::Shutdown,
+        ];
+        for m in &vmm {
+            m.validate().unwrap();
+            let bytes = crate::codec::encode(m).unwrap();
+            assert_eq!(&crate::codec::decode::<VmmMessage>(&bytes).unwrap(), m);
+        }
+        let worker = [
+            WorkerMessage::Hello {
+                version: PROTOCOL_VERSION,
+                pid: 1,
+            },
+            WorkerMessage::Hello {
+                version: 0,
+                pid: MAX_PID,
+            },
+            ready(),
+            WorkerMessage::Ready {
+                disk_size_bytes: i64::MAX as u64,
+                device_features: u64::MAX,
+                num_queues: MAX_QUEUES,
+            },
+            WorkerMessage::Stats(WorkerStats {
+                completed: u64::MAX,
+                ..WorkerStats::default()
+            }),
+            WorkerMessage::Error {
+                message: "disk read failed: Input/output error (os error 5) ✓".into(),
+            },
+        ];
+        for m in &worker {
+            m.validate().unwrap();
+            let bytes = crate::codec::encode(m).unwrap();
+            assert_eq!(&crate::codec::decode::<WorkerMessage>(&bytes).unwrap(), m);
+        }
+    }
+
+    #[test]
+    fn device_id_rules() {
+        let with = |id: &str| {
+            VmmMessage::Configure(WorkerConfig {
+                device_id: id.into(),
+                ..config()
+            })
+            .validate()
+        };
+        assert_field(with(""), "device_id");
+        assert_field(with(&"a".repeat(MAX_DEVICE_ID_LEN + 1)), "device_id");
+        for bad in ["blk 0", "blk/0", "../x", "blk.0", "blké", "a\0b", "a\nb"] {
+            assert_field(with(bad), "device_id");
+        }
+        assert!(matches!(
+            with("ok-id_9/x"),
+            Err(ValidationError::BadCharacter {
+                found: '/',
+                offset: 7,
+                ..
+            })
+        ));
+    }
+
+    #[test]
+    fn num_queues_rules() {
+        for n in [0, MAX_QUEUES + 1, u16::MAX] {
+            assert_field(
+                WorkerConfig {
+                    num_queues: n,
+                    ..config()
+                }
+                .validate(),
+                "num_queues",
+            );
+        }
+    }
+
+    #[test]
+    fn serial_rules() {
+        let with = |s: String| {
+            WorkerConfig {
+                serial: s,
+                ..config()
+            }
+            .validate()
+        };
+        assert_field(with("x".repeat(MAX_SERIAL_LEN + 1)), "serial");
+        // 20 bytes but 10 characters: the limit is in bytes.
+        assert_field(with("é".repeat(10)), "serial");
+        for bad in ["a\0", "tab\there", "\x7f", "ü"] {
+            assert_field(with(bad.into()), "serial");
+        }
+    }
+
+    #[test]
+    fn worker_hello_rules() {
+        for pid in [0, MAX_PID + 1, u32::MAX] {
+            assert_field(
+                WorkerMessage::Hello {
+                    version: PROTOCOL_VERSION,
+                    pid,
+                }
+                .validate(),
+                "pid",
+            );
+        }
+    }
+
+    #[test]
+    fn ready_rules() {
+        let with = |disk_size_bytes, device_features, num_queues| {
+            WorkerMessage::Ready {
+                disk_size_bytes,
+                device_features,
+                num_queues,
+            }
+            .validate()
+        };
+        assert_field(
+            with(i64::MAX as u64 + 1, VIRTIO_F_VERSION_1, 1),
+            "disk_size_bytes",
+        );
+        assert_field(with(u64::MAX, VIRTIO_F_VERSION_1, 1), "disk_size_bytes");
+        assert_field(with(4096, 0x2, 1), "device_features");
+        assert_field(with(4096, VIRTIO_F_VERSION_1, 0), "num_queues");
+        assert_field(with(4096, VIRTIO_F_VERSION_1, MAX_QUEUES + 1), "num_queues");
+    }
+
+    #[test]
+    fn error_message_rules() {
+        let with = |m: String| WorkerMessage::Error { message: m }.validate();
+        assert_field(with(String::new()), "message");
+        assert_field(with("x".repeat(MAX_ERROR_MESSAGE_LEN + 1)), "message");
+        for bad in [
+            "line\nforged log line",
+            "cr\r",
+            "esc \x1b[31mred",
+            "nul\0",
+            "del\x7f",
+            "c1 \u{85}",
+        ] {
+            assert_field(with(bad.into()), "message");
+        }
+    }
+}
