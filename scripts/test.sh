@@ -25,6 +25,12 @@ cargo clippy --workspace --all-targets --locked -- -D warnings
 
 log "building"
 cargo build --workspace --bins --locked
+# The worker with test-only fault hooks, in its own target dir: feature unification
+# must never switch the hooks on in the build above (a test checks it has none).
+cargo build -p device-workers --features test-hooks --target-dir target/hooks --locked
+export BULKHEAD_BIN="$repo_root/target/debug/bulkhead"
+export BULKHEAD_WORKER_BIN="$repo_root/target/debug/bulkhead-worker"
+export BULKHEAD_WORKER_HOOKS_BIN="$repo_root/target/hooks/debug/bulkhead-worker"
 
 log "tests"
 cargo nextest run --workspace --locked --profile ci "$@"

@@ -3,6 +3,15 @@
 //!
 //! Layout (Firecracker's split): `blk` holds the device state, request parsing and the I/O
 //! engines apart from each other; `vhost` is the vhost-user backend request handler;
-//! `sandbox` confines the process before it reads its first descriptor.
+//! `serve` the event loop; `sandbox` confines the process before it reads its first
+//! descriptor.
 
 pub mod blk;
+pub mod blk_device;
+pub mod disk;
+#[cfg(feature = "test-hooks")]
+pub mod hooks;
+pub mod sandbox;
+pub mod serve;
+pub mod socket;
+pub mod vhost;

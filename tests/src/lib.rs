@@ -1,6 +1,8 @@
 //! Shared support for the integration tests: where the built artefacts are, and helpers
 //! that fail loudly (never skip) when something a test needs is missing.
 
+pub mod sandbox_facts;
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -173,4 +175,25 @@ pub fn tg_lines(stdout: &str) -> Vec<String> {
         .filter(|l| l.starts_with("TG "))
         .map(str::to_string)
         .collect()
+}
+
+/// The release-featured worker: `$BULKHEAD_WORKER_BIN`, else the workspace's debug build.
+pub fn worker_bin() -> PathBuf {
+    let path = std::env::var_os("BULKHEAD_WORKER_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace_root().join("target/debug/bulkhead-worker"));
+    require_file(path, "cargo build --bins")
+}
+
+/// The worker built with the test-only fault hooks, in its own target dir so feature
+/// unification never puts hooks into the other build: `$BULKHEAD_WORKER_HOOKS_BIN`, else
+/// `target/hooks/debug/bulkhead-worker`.
+pub fn worker_hooks_bin() -> PathBuf {
+    let path = std::env::var_os("BULKHEAD_WORKER_HOOKS_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace_root().join("target/hooks/debug/bulkhead-worker"));
+    require_file(
+        path,
+        "cargo build -p device-workers --features test-hooks --target-dir target/hooks",
+    )
 }

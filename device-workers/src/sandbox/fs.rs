@@ -1,0 +1,49 @@
+//! The worker's filesystem view: an empty, read-only tmpfs as its root.
+
+use nix::mount::{mount, umount2, MntFlags, MsFlags};
+
+use super::SandboxError;
+
+/// Where the new root's tmpfs is mounted before pivot_root (only inside the worker's own
+/// mount namespace; the host never sees it).
+const STAGING_DIR: &str = "/tmp";
+
+pub fn pivot_to_empty_root() -> Result<(), SandboxError> {
+    let step = |step| move |source| SandboxError::Root { step, source };
+    // Nothing we do below may propagate to the host's mounts.
+    mount(
+        None::<&str>,
+        "/",
+        None::<&str>,
+        MsFlags::MS_REC | MsFlags::MS_PRIVATE,
+        None::<&str>,
+    )
+    .map_err(step("make / private"))?;
+    mount(
+        Some("tmpfs"),
+        STAGING_DIR,
+        Some("tmpfs"),
+        MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC,
+        Some("size=4k,nr_inodes=2,mode=0555"),
+    )
+    .map_err(step("mount an empty tmpfs"))?;
+    nix::unistd::chdir(STAGING_DIR).map_err(step("chdir to the new root"))?;
+    // pivot_root(".", "."): the old root ends up stacked on the new one, then detached,
+    // which needs no directory for it inside the (empty) new root.
+    nix::unistd::pivot_root(".", ".").map_err(step("pivot_root"))?;
+    umount2(".", MntFlags::MNT_DETACH).map_err(step("detach the old root"))?;
+    nix::unistd::chdir("/").map_err(step("chdir to /"))?;
+    mount(
+        None::<&str>,
+        "/",
+        None::<&str>,
+        MsFlags::MS_REMOUNT
+            | MsFlags::MS_BIND
+            | MsFlags::MS_RDONLY
+            | MsFlags::MS_NOSUID
+            | MsFlags::MS_NODEV
+            | MsFlags::MS_NOEXEC,
+        None::<&str>,
+    )
+    .map_err(step("remount the root read-only"))
+}

@@ -1,0 +1,262 @@
+//! Confining a worker before it reads its first descriptor, in DESIGN.md's order:
+//! unprivileged host uid/gid -> user, mount, pid, net, ipc, uts namespaces -> fork (the
+//! child is pid 1 of the new pid namespace; the parent stays behind as a reaper) ->
+//! pivot_root into an empty read-only tmpfs -> every capability set emptied ->
+//! no_new_privs -> rlimits -> every fd not on the allow list closed -> seccomp (last).
+//!
+//! Why switch the uid first: a root process that unshares its user namespace can only map
+//! itself to host uid 0. Switching to an unprivileged uid first and then unsharing makes
+//! the worker uid 0 inside its namespace (with capabilities there, enough for
+//! pivot_root) and an unprivileged uid on the host; it then drops those capabilities too.
+
+mod fs;
+pub mod seccomp;
+
+use std::os::fd::RawFd;
+
+use nix::sched::CloneFlags;
+use nix::unistd::{ForkResult, Gid, Pid, Uid};
+
+/// Host uid/gid a worker runs as when started by root and nothing else is configured
+/// (nobody/nogroup).
+pub const DEFAULT_UID: u32 = 65534;
+pub const DEFAULT_GID: u32 = 65534;
+
+/// What to confine the worker to.
+#[derive(Clone, Debug)]
+pub struct SandboxConfig {
+    /// Host uid/gid to switch to (used only when started as root).
+    pub uid: u32,
+    pub gid: u32,
+    /// Descriptors the worker keeps (stderr is always kept); all others are closed.
+    pub keep_fds: Vec<RawFd>,
+    /// RLIMIT_NOFILE: room for what vhost-user will still send (memory regions, kick,
+    /// call and error eventfds per queue).
+    pub max_fds: u64,
+    /// RLIMIT_FSIZE: no write may extend a file beyond the disk's size.
+    pub max_file_size: u64,
+}
+
+/// Errors while entering the sandbox. Any of them ends the worker before it serves.
+#[derive(Debug, thiserror::Error)]
+pub enum SandboxError {
+    #[error("cannot switch to host uid {uid} / gid {gid}")]
+    SwitchIds {
+        uid: u32,
+        gid: u32,
+        #[source]
+        source: nix::Error,
+    },
+    #[error("cannot create the worker's namespaces (user, mount, pid, net, ipc, uts)")]
+    Unshare(#[source] nix::Error),
+    #[error("cannot write {path}")]
+    IdMap {
+        path: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot fork into the new pid namespace")]
+    Fork(#[source] nix::Error),
+    #[error("cannot set up the empty root: {step}")]
+    Root {
+        step: &'static str,
+        #[source]
+        source: nix::Error,
+    },
+    #[error("cannot drop capabilities ({set})")]
+    Caps {
+        set: &'static str,
+        #[source]
+        source: caps::errors::CapsError,
+    },
+    #[error("cannot set {what}")]
+    Prctl {
+        what: &'static str,
+        #[source]
+        source: nix::Error,
+    },
+    #[error("cannot set rlimit {what} to {value}")]
+    Rlimit {
+        what: &'static str,
+        value: u64,
+        #[source]
+        source: nix::Error,
+    },
+    #[error("cannot close descriptors {first}..={last}")]
+    CloseFds {
+        first: u32,
+        last: u32,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot install the seccomp filter")]
+    Seccomp(#[source] policies::PolicyError),
+}
+
+/// Which side of the fork the caller is on.
+#[derive(Debug)]
+pub enum Side {
+    /// The parent: waits for `worker` and reports how it ended.
+    Reaper { worker: Pid },
+    /// The confined worker (pid 1 of its pid namespace).
+    Worker,
+}
+
+/// Switches ids, unshares the namespaces and forks. The worker side then calls
+/// [`confine`]; the reaper side calls [`confine_reaper`] and waits.
+pub fn enter_namespaces(cfg: &SandboxConfig) -> Result<Side, SandboxError> {
+    let (uid, gid) = if Uid::effective().is_root() {
+        switch_ids(cfg.uid, cfg.gid)?;
+        (cfg.uid, cfg.gid)
+    } else {
+        // A non-root user keeps its own ids: already unprivileged.
+        (Uid::effective().as_raw(), Gid::effective().as_raw())
+    };
+    nix::sched::unshare(
+        CloneFlags::CLONE_NEWUSER
+            | CloneFlags::CLONE_NEWNS
+            | CloneFlags::CLONE_NEWPID
+            | CloneFlags::CLONE_NEWNET
+            | CloneFlags::CLONE_NEWIPC
+            | CloneFlags::CLONE_NEWUTS,
+    )
+    .map_err(SandboxError::Unshare)?;
+    // Switching uid made the process non-dumpable, which makes its /proc files root's:
+    // dumpable just long enough to write its own id maps, then not again (no ptrace by
+    // other processes of the same uid, no core dumps).
+    set_dumpable(true)?;
+    write_id_maps(uid, gid)?;
+    set_dumpable(false)?;
+    // SAFETY: the worker is single-threaded here (no thread has been started: the
+    // logger writes synchronously), so the child inherits a consistent address space.
+    match unsafe { nix::unistd::fork() }.map_err(SandboxError::Fork)? {
+        ForkResult::Parent { child } => Ok(Side::Reaper { worker: child }),
+        ForkResult::Child => {
+            // The reaper's death must end the worker: nobody else would wait for it.
+            nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL).map_err(
+                |source| SandboxError::Prctl {
+                    what: "PR_SET_PDEATHSIG",
+                    source,
+                },
+            )?;
+            Ok(Side::Worker)
+        }
+    }
+}
+
+/// Finishes confining the worker: empty root, no capabilities, no_new_privs, rlimits,
+/// only the allowed fds. Seccomp comes last, from [`seccomp::install`].
+pub fn confine(cfg: &SandboxConfig) -> Result<(), SandboxError> {
+    fs::pivot_to_empty_root()?;
+    drop_capabilities()?;
+    set_no_new_privs()?;
+    set_rlimits(cfg)?;
+    let mut keep = cfg.keep_fds.clone();
+    keep.push(libc::STDERR_FILENO);
+    close_all_except(&keep)
+}
+
+/// The reaper needs nothing but stderr and the status page mapping: drop the rest.
+pub fn confine_reaper() -> Result<(), SandboxError> {
+    drop_capabilities()?;
+    set_no_new_privs()?;
+    close_all_except(&[libc::STDERR_FILENO])
+}
+
+fn switch_ids(uid: u32, gid: u32) -> Result<(), SandboxError> {
+    let err = |source| SandboxError::SwitchIds { uid, gid, source };
+    nix::unistd::setgroups(&[]).map_err(err)?;
+    let gid_ = Gid::from_raw(gid);
+    nix::unistd::setresgid(gid_, gid_, gid_).map_err(err)?;
+    let uid_ = Uid::from_raw(uid);
+    nix::unistd::setresuid(uid_, uid_, uid_).map_err(err)
+}
+
+fn set_dumpable(on: bool) -> Result<(), SandboxError> {
+    nix::sys::prctl::set_dumpable(on).map_err(|source| SandboxError::Prctl {
+        what: "PR_SET_DUMPABLE",
+        source,
+    })
+}
+
+fn write_id_maps(uid: u32, gid: u32) -> Result<(), SandboxError> {
+    let write = |path: &'static str, content: String| {
+        std::fs::write(path, content).map_err(|source| SandboxError::IdMap { path, source })
+    };
+    // An unprivileged process may map only its own ids, and gid maps only once
+    // setgroups is denied.
+    write("/proc/self/setgroups", "deny".into())?;
+    write("/proc/self/uid_map", format!("0 {uid} 1"))?;
+    write("/proc/self/gid_map", format!("0 {gid} 1"))
+}
+
+fn drop_capabilities() -> Result<(), SandboxError> {
+    use caps::CapSet;
+    // Bounding first: dropping from it needs CAP_SETPCAP, which the next steps remove.
+    for (set, name) in [
+        (CapSet::Bounding, "bounding"),
+        (CapSet::Ambient, "ambient"),
+        (CapSet::Inheritable, "inheritable"),
+        (CapSet::Effective, "effective"),
+        (CapSet::Permitted, "permitted"),
+    ] {
+        caps::clear(None, set).map_err(|source| SandboxError::Caps { set: name, source })?;
+    }
+    Ok(())
+}
+
+fn set_no_new_privs() -> Result<(), SandboxError> {
+    nix::sys::prctl::set_no_new_privs().map_err(|source| SandboxError::Prctl {
+        what: "PR_SET_NO_NEW_PRIVS",
+        source,
+    })
+}
+
+fn set_rlimits(cfg: &SandboxConfig) -> Result<(), SandboxError> {
+    use nix::sys::resource::{setrlimit, Resource};
+    for (resource, what, value) in [
+        (Resource::RLIMIT_NOFILE, "NOFILE", cfg.max_fds),
+        // One process, no threads: the worker never creates either.
+        (Resource::RLIMIT_NPROC, "NPROC", 1),
+        (Resource::RLIMIT_FSIZE, "FSIZE", cfg.max_file_size),
+        (Resource::RLIMIT_CORE, "CORE", 0),
+    ] {
+        setrlimit(resource, value, value).map_err(|source| SandboxError::Rlimit {
+            what,
+            value,
+            source,
+        })?;
+    }
+    Ok(())
+}
+
+/// Closes every descriptor but `keep`, without reading /proc (ranges between the kept
+/// ones go with close_range).
+fn close_all_except(keep: &[RawFd]) -> Result<(), SandboxError> {
+    let mut keep: Vec<u32> = keep
+        .iter()
+        .filter(|&&fd| fd >= 0)
+        .map(|&fd| fd as u32)
+        .collect();
+    keep.sort_unstable();
+    keep.dedup();
+    let mut first = 0u32;
+    for &fd in keep.iter().chain(std::iter::once(&u32::MAX)) {
+        if fd > first {
+            let last = fd - 1;
+            // SAFETY: close_range takes plain integers; closing descriptors this process
+            // owns; nothing in the process refers to them after this point (the caller
+            // passed every descriptor it still uses in `keep`).
+            let ret = unsafe { libc::syscall(libc::SYS_close_range, first, last, 0u32) };
+            if ret != 0 {
+                return Err(SandboxError::CloseFds {
+                    first,
+                    last,
+                    source: std::io::Error::last_os_error(),
+                });
+            }
+        }
+        first = fd.saturating_add(1);
+    }
+    Ok(())
+}

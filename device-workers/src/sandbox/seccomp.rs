@@ -1,0 +1,70 @@
+//! The seccomp filter and what happens on a violation: the filter traps (SIGSYS), and the
+//! handler records the syscall number, its six arguments, the arch and the instruction
+//! pointer in the status page, then `_exit`s with [`ipc::status::EXIT_POLICY_VIOLATION`].
+
+use std::sync::atomic::{AtomicPtr, Ordering};
+
+use ipc::status::StatusMapping;
+
+use super::SandboxError;
+
+/// Where the handler records a violation. Set once before the filter is installed and
+/// never freed (the mapping lives as long as the process).
+static STATUS: AtomicPtr<StatusMapping> = AtomicPtr::new(std::ptr::null_mut());
+
+/// The part of `siginfo_t` the kernel fills for SIGSYS (`_sigsys` in the union), x86-64.
+#[repr(C)]
+struct SigsysInfo {
+    signo: i32,
+    errno: i32,
+    code: i32,
+    _pad: i32,
+    call_addr: u64,
+    syscall: i32,
+    arch: u32,
+}
+
+extern "C" fn on_sigsys(_sig: libc::c_int, info: *mut libc::siginfo_t, ctx: *mut libc::c_void) {
+    // SAFETY: the kernel passes valid siginfo and ucontext pointers to an SA_SIGINFO
+    // handler; for SIGSYS the siginfo union holds `_sigsys`, laid out as SigsysInfo. Only
+    // plain loads and atomic stores follow (async-signal-safe), then _exit.
+    unsafe {
+        let info = &*(info as *const SigsysInfo);
+        let uc = &*(ctx as *const libc::ucontext_t);
+        let g = &uc.uc_mcontext.gregs;
+        let args = [
+            g[libc::REG_RDI as usize] as u64,
+            g[libc::REG_RSI as usize] as u64,
+            g[libc::REG_RDX as usize] as u64,
+            g[libc::REG_R10 as usize] as u64,
+            g[libc::REG_R8 as usize] as u64,
+            g[libc::REG_R9 as usize] as u64,
+        ];
+        let status = STATUS.load(Ordering::Acquire);
+        if !status.is_null() {
+            (*status).record_violation(info.syscall as u64, args, info.arch, info.call_addr);
+        }
+        libc::_exit(ipc::status::EXIT_POLICY_VIOLATION);
+    }
+}
+
+/// Installs the SIGSYS handler (recording into `status`) and then the blk policy's filter.
+/// After this returns, any syscall outside the policy ends the process.
+pub fn install(status: &'static StatusMapping) -> Result<(), SandboxError> {
+    STATUS.store(status as *const _ as *mut _, Ordering::Release);
+    let action = nix::sys::signal::SigAction::new(
+        nix::sys::signal::SigHandler::SigAction(on_sigsys),
+        nix::sys::signal::SaFlags::SA_SIGINFO,
+        nix::sys::signal::SigSet::empty(),
+    );
+    // SAFETY: the handler only does async-signal-safe work (loads, atomic stores,
+    // _exit); no previous handler is relied on.
+    unsafe { nix::sys::signal::sigaction(nix::sys::signal::Signal::SIGSYS, &action) }.map_err(
+        |source| SandboxError::Prctl {
+            what: "the SIGSYS handler",
+            source,
+        },
+    )?;
+    policies::install(policies::WorkerKind::Blk, policies::ThreadRole::Main)
+        .map_err(SandboxError::Seccomp)
+}

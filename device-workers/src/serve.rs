@@ -1,0 +1,116 @@
+//! The worker's one event loop: the vhost-user socket and every live ring's kick eventfd
+//! in one epoll set, on one thread (so no locks are ever contended and the seccomp policy
+//! needs no thread syscalls).
+
+use std::os::fd::{AsRawFd, BorrowedFd, RawFd};
+use std::sync::{Arc, Mutex};
+
+use nix::sys::epoll::{Epoll, EpollEvent, EpollFlags, EpollTimeout};
+use vhost::vhost_user::{BackendReqHandler, Error as VhostError};
+
+use crate::vhost::{VhostBackend, VhostDevice};
+use ipc::status::StatusMapping;
+
+/// Token of the vhost-user socket; ring `i` uses token `i`.
+const SOCKET_TOKEN: u64 = u64::MAX;
+
+/// Why serving ended.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error("epoll failed")]
+    Epoll(#[source] nix::Error),
+    #[error("the frontend sent a message this worker refuses")]
+    Frontend(#[source] VhostError),
+}
+
+/// The event loop's resources, created before the sandbox (epoll_create is not in the
+/// policy).
+#[derive(Debug)]
+pub struct EventLoop {
+    epoll: Epoll,
+    watched: Vec<(usize, RawFd)>,
+}
+
+impl EventLoop {
+    pub fn new() -> Result<Self, ServeError> {
+        Ok(EventLoop {
+            epoll: Epoll::new(nix::sys::epoll::EpollCreateFlags::EPOLL_CLOEXEC)
+                .map_err(ServeError::Epoll)?,
+            watched: Vec::new(),
+        })
+    }
+
+    pub fn as_raw_fd(&self) -> RawFd {
+        self.epoll.0.as_raw_fd()
+    }
+
+    fn add(&self, fd: RawFd, token: u64) -> Result<(), ServeError> {
+        // SAFETY: `fd` is owned by the backend's vring (or the handler) and stays open at
+        // least until it is removed from the set again in `sync_kicks`.
+        let fd = unsafe { BorrowedFd::borrow_raw(fd) };
+        self.epoll
+            .add(fd, EpollEvent::new(EpollFlags::EPOLLIN, token))
+            .map_err(ServeError::Epoll)
+    }
+
+    /// Re-registers every watched kick fd. Always all of them: a replaced eventfd may
+    /// reuse the number of the one it replaced, which epoll dropped when it was closed.
+    fn sync_kicks(&mut self, wanted: Vec<(usize, RawFd)>) -> Result<(), ServeError> {
+        for &(_, fd) in &self.watched {
+            // SAFETY: only removes `fd` from the set; if the backend closed it already
+            // (or the number now belongs to a descriptor not in the set) the call fails
+            // with EBADF/ENOENT, which is ignored.
+            let _ = self.epoll.delete(unsafe { BorrowedFd::borrow_raw(fd) });
+        }
+        for &(index, fd) in &wanted {
+            self.add(fd, index as u64)?;
+        }
+        self.watched = wanted;
+        Ok(())
+    }
+
+    /// Serves the frontend until it disconnects (Ok) or sends something refused (Err).
+    pub fn run<D: VhostDevice>(
+        mut self,
+        mut handler: BackendReqHandler<Mutex<VhostBackend<D>>>,
+        backend: Arc<Mutex<VhostBackend<D>>>,
+        status: &StatusMapping,
+    ) -> Result<(), ServeError> {
+        self.add(handler.as_raw_fd(), SOCKET_TOKEN)?;
+        let lock = || backend.lock().unwrap_or_else(|e| e.into_inner());
+        let mut events = [EpollEvent::empty(); 16];
+        loop {
+            let n = match self.epoll.wait(&mut events, EpollTimeout::NONE) {
+                Ok(n) => n,
+                Err(nix::Error::EINTR) => continue,
+                Err(e) => return Err(ServeError::Epoll(e)),
+            };
+            for event in &events[..n] {
+                match event.data() {
+                    SOCKET_TOKEN => match handler.handle_request() {
+                        Ok(()) => {}
+                        Err(VhostError::Disconnected) | Err(VhostError::PartialMessage) => {
+                            tracing::info!("frontend disconnected");
+                            return Ok(());
+                        }
+                        Err(e) => return Err(ServeError::Frontend(e)),
+                    },
+                    index => {
+                        let mut b = lock();
+                        b.kick(index as usize);
+                        let totals = b.totals();
+                        status.set_completed(totals.completed, totals.failed);
+                        status.bump_progress();
+                    }
+                }
+            }
+            let mut b = lock();
+            if let Some(wanted) = b.take_kick_fds() {
+                // A ring just became live: serve anything already queued in it.
+                b.process_all();
+                drop(b);
+                self.sync_kicks(wanted)?;
+            }
+        }
+    }
+}

@@ -1,0 +1,568 @@
+//! The vhost-user backend request handler, on rust-vmm's `vhost` crate directly (not the
+//! `vhost-user-backend` framework, whose handler cannot do inflight tracking, which the
+//! restart issue needs).
+//!
+//! Every message is frontend input and is checked: order (no ring addresses before a
+//! memory table), ranges (ring index, ring size, config offsets), coverage (the rings must
+//! lie inside the memory table). A refused message ends the worker with a clear error:
+//! the caller logs it and exits; nothing is written to the disk or guest memory.
+
+use std::fs::File;
+use std::io;
+use std::os::fd::{AsRawFd, RawFd};
+
+use vhost::vhost_user::message::{
+    VhostTransferStateDirection, VhostTransferStatePhase, VhostUserConfigFlags, VhostUserInflight,
+    VhostUserLog, VhostUserMemoryRegion, VhostUserProtocolFeatures, VhostUserShMemConfig,
+    VhostUserSharedMsg, VhostUserSingleMemoryRegion, VhostUserVirtioFeatures,
+    VhostUserVringAddrFlags, VhostUserVringState,
+};
+use vhost::vhost_user::{
+    Error as VhostError, GpuBackend, Result as VhostResult, VhostUserBackendReqHandlerMut,
+};
+use vhost::VhostUserMemoryRegionBase;
+use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
+use virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
+use virtio_queue::{Queue, QueueT};
+use vm_memory::{GuestAddress, GuestMemoryMmap, GuestRegionMmap};
+use vmm_sys_util::eventfd::EventFd;
+
+/// Largest ring size we accept (the virtio maximum for split rings is 32768; QEMU and the
+/// Linux driver use 128-1024).
+pub const MAX_QUEUE_SIZE: u16 = 1024;
+
+/// What the handler needs from a device (virtio-blk today).
+pub trait VhostDevice {
+    /// Device feature bits (virtio), without the transport/ring bits the handler adds.
+    fn device_features(&self) -> u64;
+    /// The device's configuration space.
+    fn config(&self) -> &[u8];
+    /// Number of queues the device offers.
+    fn num_queues(&self) -> usize;
+    /// Drains `queue`; returns whether the driver must be notified.
+    fn process_queue(
+        &mut self,
+        index: usize,
+        queue: &mut Queue,
+        mem: &GuestMemoryMmap,
+    ) -> QueueResult;
+}
+
+/// What one pass over a queue did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct QueueResult {
+    pub notify: bool,
+    pub completed: u64,
+    pub failed: u64,
+    /// The ring itself is corrupt (not a bad request): stop serving this queue.
+    pub broken: bool,
+}
+
+/// Frontend virtual address range -> guest physical, from SET_MEM_TABLE (rings are given
+/// in the frontend's virtual addresses).
+#[derive(Clone, Copy, Debug)]
+struct AddrMapping {
+    vmm_addr: u64,
+    size: u64,
+    gpa: u64,
+}
+
+#[derive(Debug)]
+struct Vring {
+    queue: Queue,
+    kick: Option<EventFd>,
+    call: Option<EventFd>,
+    /// SET_VRING_ENABLE (or implied by SET_FEATURES without PROTOCOL_FEATURES).
+    enabled: bool,
+    /// Started by SET_VRING_KICK, stopped by GET_VRING_BASE.
+    started: bool,
+    /// The ring was corrupt; it stays off until the frontend sets it up again.
+    broken: bool,
+}
+
+impl Vring {
+    fn new() -> Self {
+        Vring {
+            queue: Queue::new(MAX_QUEUE_SIZE).expect("MAX_QUEUE_SIZE is a valid ring size"),
+            kick: None,
+            call: None,
+            enabled: false,
+            started: false,
+            broken: false,
+        }
+    }
+
+    fn live(&self) -> bool {
+        self.started && self.enabled && !self.broken && self.queue.ready()
+    }
+}
+
+/// Totals since the worker started, for the status page.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Totals {
+    pub completed: u64,
+    pub failed: u64,
+}
+
+/// The backend state machine.
+#[derive(Debug)]
+pub struct VhostBackend<D> {
+    device: D,
+    acked_features: u64,
+    acked_protocol: VhostUserProtocolFeatures,
+    mem: Option<GuestMemoryMmap>,
+    mappings: Vec<AddrMapping>,
+    vrings: Vec<Vring>,
+    /// Rings whose kick registration or state changed since the event loop last looked.
+    dirty: bool,
+    totals: Totals,
+}
+
+fn refuse(msg: String) -> VhostError {
+    VhostError::ReqHandlerError(io::Error::new(io::ErrorKind::InvalidInput, msg))
+}
+
+impl<D: VhostDevice> VhostBackend<D> {
+    pub fn new(device: D) -> Self {
+        let vrings = (0..device.num_queues()).map(|_| Vring::new()).collect();
+        VhostBackend {
+            device,
+            acked_features: 0,
+            acked_protocol: VhostUserProtocolFeatures::empty(),
+            mem: None,
+            mappings: Vec::new(),
+            vrings,
+            dirty: true,
+            totals: Totals::default(),
+        }
+    }
+
+    /// Everything we offer: the device's bits plus the ring and vhost-user ones.
+    pub fn offered_features(&self) -> u64 {
+        self.device.device_features()
+            | 1 << VIRTIO_F_VERSION_1
+            | 1 << VIRTIO_RING_F_EVENT_IDX
+            | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits()
+    }
+
+    pub fn offered_protocol_features() -> VhostUserProtocolFeatures {
+        VhostUserProtocolFeatures::MQ
+            | VhostUserProtocolFeatures::REPLY_ACK
+            | VhostUserProtocolFeatures::CONFIG
+    }
+
+    pub fn totals(&self) -> Totals {
+        self.totals
+    }
+
+    /// Kick fds of rings that should be watched: `(queue index, fd)`. Clears the dirty flag.
+    pub fn take_kick_fds(&mut self) -> Option<Vec<(usize, RawFd)>> {
+        if !self.dirty {
+            return None;
+        }
+        self.dirty = false;
+        Some(
+            self.vrings
+                .iter()
+                .enumerate()
+                .filter(|(_, v)| v.live())
+                .filter_map(|(i, v)| v.kick.as_ref().map(|k| (i, k.as_raw_fd())))
+                .collect(),
+        )
+    }
+
+    /// Handles a kick on ring `index`: clears the eventfd, drains the ring, signals.
+    pub fn kick(&mut self, index: usize) {
+        if let Some(kick) = self.vrings.get(index).and_then(|v| v.kick.as_ref()) {
+            // Reading resets the counter; a spurious wake-up reads EAGAIN, harmless.
+            let _ = kick.read();
+        }
+        self.process(index);
+    }
+
+    /// Drains ring `index` if it is live.
+    pub fn process(&mut self, index: usize) {
+        let Some(mem) = self.mem.as_ref() else { return };
+        let Some(vring) = self.vrings.get_mut(index) else {
+            return;
+        };
+        if !vring.live() {
+            return;
+        }
+        let result = self.device.process_queue(index, &mut vring.queue, mem);
+        self.totals.completed += result.completed;
+        self.totals.failed += result.failed;
+        if result.broken {
+            tracing::warn!(
+                "queue {index}: the ring is corrupt; not serving it until it is set up again"
+            );
+            vring.broken = true;
+            self.dirty = true;
+        }
+        if result.notify {
+            if let Some(call) = vring.call.as_ref() {
+                if let Err(e) = call.write(1) {
+                    tracing::warn!("queue {index}: cannot signal the call eventfd: {e}");
+                }
+            }
+        }
+    }
+
+    /// Drains every live ring (after setup changes, so nothing queued before a kick was
+    /// registered waits forever).
+    pub fn process_all(&mut self) {
+        for index in 0..self.vrings.len() {
+            self.process(index);
+        }
+    }
+
+    fn vring(&mut self, index: u32) -> VhostResult<&mut Vring> {
+        let n = self.vrings.len();
+        self.vrings.get_mut(index as usize).ok_or_else(|| {
+            refuse(format!(
+                "queue index {index} out of range (the device has {n} queues)"
+            ))
+        })
+    }
+
+    fn va_to_gpa(&self, what: &str, index: u32, va: u64) -> VhostResult<u64> {
+        self.mappings
+            .iter()
+            .find(|m| va >= m.vmm_addr && va - m.vmm_addr < m.size)
+            .map(|m| va - m.vmm_addr + m.gpa)
+            .ok_or_else(|| {
+                refuse(format!(
+                    "queue {index}: {what} address {va:#x} is outside the memory table"
+                ))
+            })
+    }
+
+    fn event_idx(&self) -> bool {
+        self.acked_features & (1 << VIRTIO_RING_F_EVENT_IDX) != 0
+    }
+
+    fn protocol_features_acked(&self) -> bool {
+        self.acked_features & VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits() != 0
+    }
+
+    fn reset(&mut self) {
+        self.acked_features = 0;
+        for v in &mut self.vrings {
+            *v = Vring::new();
+        }
+        self.dirty = true;
+    }
+}
+
+fn unsupported<T>(what: &'static str) -> VhostResult<T> {
+    Err(VhostError::InvalidOperation(what))
+}
+
+impl<D: VhostDevice> VhostUserBackendReqHandlerMut for VhostBackend<D> {
+    fn set_owner(&mut self) -> VhostResult<()> {
+        Ok(())
+    }
+
+    fn reset_owner(&mut self) -> VhostResult<()> {
+        self.reset();
+        Ok(())
+    }
+
+    fn reset_device(&mut self) -> VhostResult<()> {
+        self.reset();
+        Ok(())
+    }
+
+    fn get_features(&mut self) -> VhostResult<u64> {
+        Ok(self.offered_features())
+    }
+
+    fn set_features(&mut self, features: u64) -> VhostResult<()> {
+        let unknown = features & !self.offered_features();
+        if unknown != 0 {
+            return Err(refuse(format!(
+                "SET_FEATURES acks bits {unknown:#x} that were not offered"
+            )));
+        }
+        self.acked_features = features;
+        // Without PROTOCOL_FEATURES there is no SET_VRING_ENABLE: rings start enabled.
+        if !self.protocol_features_acked() {
+            for v in &mut self.vrings {
+                v.enabled = true;
+            }
+        }
+        let event_idx = self.event_idx();
+        for v in &mut self.vrings {
+            v.queue.set_event_idx(event_idx);
+        }
+        self.dirty = true;
+        Ok(())
+    }
+
+    fn set_mem_table(
+        &mut self,
+        ctx: &[VhostUserMemoryRegion],
+        files: Vec<File>,
+        postcopy_listening: Option<bool>,
+    ) -> VhostResult<Option<Vec<VhostUserMemoryRegionBase>>> {
+        if postcopy_listening.is_some() {
+            return unsupported("postcopy");
+        }
+        if ctx.is_empty() || ctx.len() != files.len() {
+            return Err(refuse(format!(
+                "SET_MEM_TABLE with {} regions and {} fds",
+                ctx.len(),
+                files.len()
+            )));
+        }
+        let mut regions = Vec::with_capacity(ctx.len());
+        let mut mappings = Vec::with_capacity(ctx.len());
+        for (i, (region, file)) in ctx.iter().zip(files).enumerate() {
+            // Copies: the message struct is packed.
+            let (gpa, size, va) = (region.guest_phys_addr, region.memory_size, region.user_addr);
+            if size == 0 || gpa.checked_add(size).is_none() || va.checked_add(size).is_none() {
+                return Err(refuse(format!(
+                    "memory region {i}: guest address {gpa:#x} size {size:#x} is empty or overflows"
+                )));
+            }
+            let mmap = region.mmap_region::<()>(file)?;
+            let guest_region = GuestRegionMmap::new(mmap, GuestAddress(gpa))
+                .ok_or_else(|| refuse(format!("memory region {i} at {gpa:#x} is invalid")))?;
+            regions.push(guest_region);
+            mappings.push(AddrMapping {
+                vmm_addr: va,
+                size,
+                gpa,
+            });
+        }
+        let mem = GuestMemoryMmap::from_regions(regions)
+            .map_err(|e| refuse(format!("memory regions overlap or are unordered: {e}")))?;
+        self.mem = Some(mem);
+        self.mappings = mappings;
+        Ok(None)
+    }
+
+    fn set_vring_num(&mut self, index: u32, num: u32) -> VhostResult<()> {
+        if num == 0 || num > u32::from(MAX_QUEUE_SIZE) || !num.is_power_of_two() {
+            return Err(refuse(format!(
+                "queue {index}: size {num} is not a power of two in 1..={MAX_QUEUE_SIZE}"
+            )));
+        }
+        self.vring(index)?.queue.set_size(num as u16);
+        Ok(())
+    }
+
+    fn set_vring_addr(
+        &mut self,
+        index: u32,
+        flags: VhostUserVringAddrFlags,
+        descriptor: u64,
+        used: u64,
+        available: u64,
+        _log: u64,
+    ) -> VhostResult<()> {
+        if flags.contains(VhostUserVringAddrFlags::VHOST_VRING_F_LOG) {
+            return unsupported("vring logging");
+        }
+        if self.mem.is_none() {
+            return Err(refuse(format!(
+                "queue {index}: SET_VRING_ADDR before SET_MEM_TABLE"
+            )));
+        }
+        let desc = self.va_to_gpa("descriptor table", index, descriptor)?;
+        let avail = self.va_to_gpa("available ring", index, available)?;
+        let used_gpa = self.va_to_gpa("used ring", index, used)?;
+        let mem = self.mem.clone().expect("checked above");
+        let vring = self.vring(index)?;
+        let q = &mut vring.queue;
+        q.set_desc_table_address(Some(desc as u32), Some((desc >> 32) as u32));
+        q.set_avail_ring_address(Some(avail as u32), Some((avail >> 32) as u32));
+        q.set_used_ring_address(Some(used_gpa as u32), Some((used_gpa >> 32) as u32));
+        q.set_ready(true);
+        if !q.is_valid(&mem) {
+            q.set_ready(false);
+            return Err(refuse(format!(
+                "queue {index}: rings (desc {desc:#x}, avail {avail:#x}, used {used_gpa:#x}, size {}) are misaligned or not covered by the memory table",
+                q.size()
+            )));
+        }
+        // The used index continues where the ring says (e.g. after the frontend restarts
+        // the device); SET_VRING_BASE restores the available index.
+        let used_idx = q
+            .used_idx(&mem, std::sync::atomic::Ordering::Acquire)
+            .map_err(|e| refuse(format!("queue {index}: cannot read the used index: {e}")))?;
+        q.set_next_used(used_idx.0);
+        vring.broken = false;
+        self.dirty = true;
+        Ok(())
+    }
+
+    fn set_vring_base(&mut self, index: u32, base: u32) -> VhostResult<()> {
+        let base = u16::try_from(base).map_err(|_| {
+            refuse(format!(
+                "queue {index}: base {base} does not fit a split ring index"
+            ))
+        })?;
+        self.vring(index)?.queue.set_next_avail(base);
+        Ok(())
+    }
+
+    fn get_vring_base(&mut self, index: u32) -> VhostResult<VhostUserVringState> {
+        let vring = self.vring(index)?;
+        // GET_VRING_BASE stops the ring (vhost-user "Ring states").
+        vring.started = false;
+        vring.kick = None;
+        vring.call = None;
+        let next_avail = vring.queue.next_avail();
+        self.dirty = true;
+        Ok(VhostUserVringState::new(index, u32::from(next_avail)))
+    }
+
+    fn set_vring_kick(&mut self, index: u8, fd: Option<File>) -> VhostResult<()> {
+        let Some(fd) = fd else {
+            return Err(refuse(format!(
+                "queue {index}: polling mode (no kick fd) is not supported"
+            )));
+        };
+        let vring = self.vring(u32::from(index))?;
+        // SAFETY: `fd` is an owned File the message carried; EventFd takes over its
+        // ownership and nothing else refers to it.
+        vring.kick = Some(unsafe {
+            <EventFd as std::os::fd::FromRawFd>::from_raw_fd(std::os::fd::IntoRawFd::into_raw_fd(
+                fd,
+            ))
+        });
+        vring.started = true;
+        self.dirty = true;
+        Ok(())
+    }
+
+    fn set_vring_call(&mut self, index: u8, fd: Option<File>) -> VhostResult<()> {
+        let vring = self.vring(u32::from(index))?;
+        // SAFETY: as in set_vring_kick: ownership moves from the File to the EventFd.
+        vring.call = fd.map(|f| unsafe {
+            <EventFd as std::os::fd::FromRawFd>::from_raw_fd(std::os::fd::IntoRawFd::into_raw_fd(f))
+        });
+        Ok(())
+    }
+
+    fn set_vring_err(&mut self, index: u8, _fd: Option<File>) -> VhostResult<()> {
+        // We never report ring errors through it; the fd is closed on drop.
+        self.vring(u32::from(index))?;
+        Ok(())
+    }
+
+    fn get_protocol_features(&mut self) -> VhostResult<VhostUserProtocolFeatures> {
+        Ok(Self::offered_protocol_features())
+    }
+
+    fn set_protocol_features(&mut self, features: u64) -> VhostResult<()> {
+        let offered = Self::offered_protocol_features().bits();
+        if features & !offered != 0 {
+            return Err(refuse(format!(
+                "SET_PROTOCOL_FEATURES acks bits {:#x} that were not offered",
+                features & !offered
+            )));
+        }
+        self.acked_protocol = VhostUserProtocolFeatures::from_bits_truncate(features);
+        Ok(())
+    }
+
+    fn get_queue_num(&mut self) -> VhostResult<u64> {
+        Ok(self.vrings.len() as u64)
+    }
+
+    fn set_vring_enable(&mut self, index: u32, enable: bool) -> VhostResult<()> {
+        if !self.protocol_features_acked() {
+            return Err(refuse("SET_VRING_ENABLE without PROTOCOL_FEATURES".into()));
+        }
+        self.vring(index)?.enabled = enable;
+        self.dirty = true;
+        Ok(())
+    }
+
+    fn get_config(
+        &mut self,
+        offset: u32,
+        size: u32,
+        _flags: VhostUserConfigFlags,
+    ) -> VhostResult<Vec<u8>> {
+        let config = self.device.config();
+        let end = offset.checked_add(size).map(|e| e as usize);
+        match end {
+            Some(end) if end <= config.len() => Ok(config[offset as usize..end].to_vec()),
+            _ => Err(refuse(format!(
+                "GET_CONFIG offset {offset} size {size} is outside the {}-byte config space",
+                config.len()
+            ))),
+        }
+    }
+
+    fn set_config(
+        &mut self,
+        offset: u32,
+        _buf: &[u8],
+        _flags: VhostUserConfigFlags,
+    ) -> VhostResult<()> {
+        Err(refuse(format!(
+            "SET_CONFIG at offset {offset}: the config space is read-only"
+        )))
+    }
+
+    fn set_gpu_socket(&mut self, _gpu_backend: GpuBackend) -> VhostResult<()> {
+        unsupported("GPU socket")
+    }
+
+    fn get_shared_object(&mut self, _uuid: VhostUserSharedMsg) -> VhostResult<File> {
+        unsupported("shared objects")
+    }
+
+    fn get_inflight_fd(
+        &mut self,
+        _inflight: &VhostUserInflight,
+    ) -> VhostResult<(VhostUserInflight, File)> {
+        unsupported("inflight tracking (comes with restart)")
+    }
+
+    fn set_inflight_fd(&mut self, _inflight: &VhostUserInflight, _file: File) -> VhostResult<()> {
+        unsupported("inflight tracking (comes with restart)")
+    }
+
+    fn get_max_mem_slots(&mut self) -> VhostResult<u64> {
+        unsupported("memory slots")
+    }
+
+    fn add_mem_region(
+        &mut self,
+        _region: &VhostUserSingleMemoryRegion,
+        _fd: File,
+        _postcopy_listening: Option<bool>,
+    ) -> VhostResult<Option<VhostUserMemoryRegionBase>> {
+        unsupported("memory slots")
+    }
+
+    fn remove_mem_region(&mut self, _region: &VhostUserSingleMemoryRegion) -> VhostResult<()> {
+        unsupported("memory slots")
+    }
+
+    fn set_device_state_fd(
+        &mut self,
+        _direction: VhostTransferStateDirection,
+        _phase: VhostTransferStatePhase,
+        _fd: File,
+    ) -> VhostResult<Option<File>> {
+        unsupported("device state transfer")
+    }
+
+    fn check_device_state(&mut self) -> VhostResult<()> {
+        unsupported("device state transfer")
+    }
+
+    fn get_shmem_config(&mut self) -> VhostResult<VhostUserShMemConfig> {
+        unsupported("shared memory regions")
+    }
+
+    fn set_log_base(&mut self, _log: &VhostUserLog, _file: File) -> VhostResult<()> {
+        unsupported("dirty logging")
+    }
+}

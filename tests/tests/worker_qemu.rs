@@ -1,0 +1,301 @@
+//! A real Linux virtio_blk driver (the guest kit's kernel under QEMU TCG) against our
+//! standalone `bulkhead-worker blk` through vhost-user, and the worker's sandbox read
+//! from outside while it serves.
+
+use std::io::{BufRead, BufReader};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc::{channel, Receiver};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tests::sandbox_facts::SandboxFacts;
+use tests::{
+    guest_dir, require_file, require_tool, run_with_deadline, scratch_dir, worker_bin, RunResult,
+};
+
+const KIT: &str = "tests/guest/guestkit.sh";
+const BLOCK: u64 = 4096;
+/// Blocks the guest writes with a seeded pattern (scattered, including the last 4 KiB of
+/// the first 16 MiB; none inside the 0xaa-filled range at 8..10 MiB).
+const PATTERN_BLOCKS: [u64; 5] = [3, 77, 1000, 3000, 4095];
+const DISCARD_OFFSET: u64 = 8 << 20;
+const DISCARD_LEN: u64 = 1 << 20;
+const DISK_SIZE: u64 = 32 << 20;
+/// Name QEMU gives the guest RAM memfd (memory-backend-memfd id "mem").
+const GUEST_RAM_MEMFD: &str = "mem";
+const STATUS_MEMFD: &str = "bulkhead-worker-status";
+
+/// A running standalone worker and what it printed on stderr.
+struct Worker {
+    child: Child,
+    lines: Arc<Mutex<Vec<String>>>,
+    rx: Receiver<String>,
+}
+
+impl Worker {
+    fn start(bin: &Path, socket: &Path, disk: &Path, extra: &[&str]) -> Worker {
+        let mut child = Command::new(bin)
+            .args(["blk", "--socket"])
+            .arg(socket)
+            .arg("--disk")
+            .arg(disk)
+            .args(extra)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| panic!("start {}: {e}", bin.display()));
+        let stderr = child.stderr.take().unwrap();
+        let lines = Arc::new(Mutex::new(Vec::new()));
+        let (tx, rx) = channel();
+        let sink = lines.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                sink.lock().unwrap().push(line.clone());
+                let _ = tx.send(line);
+            }
+        });
+        let mut w = Worker { child, lines, rx };
+        w.wait_for("listening on", Duration::from_secs(20));
+        w
+    }
+
+    /// Waits for a stderr line containing `needle` and returns it.
+    fn wait_for(&mut self, needle: &str, limit: Duration) -> String {
+        let deadline = Instant::now() + limit;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.rx.recv_timeout(left) {
+                Ok(line) if line.contains(needle) => return line,
+                Ok(_) => {}
+                Err(_) => panic!(
+                    "worker never printed {needle:?}; stderr so far:\n{}",
+                    self.stderr()
+                ),
+            }
+        }
+    }
+
+    /// The host pid of the confined worker (the reaper prints it), once the worker says
+    /// its sandbox is complete.
+    fn sandboxed_pid(&mut self) -> u32 {
+        self.wait_for("bulkhead-worker: confined", Duration::from_secs(30));
+        let line = self
+            .stderr()
+            .lines()
+            .find(|l| l.contains("(sandboxed)"))
+            .map(str::to_string)
+            .unwrap_or_else(|| panic!("no pid line:\n{}", self.stderr()));
+        line.split(" as pid ")
+            .nth(1)
+            .and_then(|r| r.split_whitespace().next())
+            .and_then(|p| p.parse().ok())
+            .unwrap_or_else(|| panic!("no pid in {line:?}"))
+    }
+
+    fn stderr(&self) -> String {
+        self.lines.lock().unwrap().join("\n")
+    }
+
+    /// Waits for the worker to exit; returns its exit code and stderr.
+    fn finish(mut self, limit: Duration) -> (Option<i32>, String) {
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                // Let the reader thread drain the last lines.
+                std::thread::sleep(Duration::from_millis(50));
+                return (status.code(), self.stderr());
+            }
+            if Instant::now() > deadline {
+                let _ = self.child.kill();
+                let _ = self.child.wait();
+                panic!("worker did not exit within {limit:?}:\n{}", self.stderr());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+/// QEMU TCG booting the guest kit with our vhost-user-blk disk and `guest_cmd`.
+fn qemu_with_vhost_user(socket: &Path, num_queues: u16, guest_cmd: &str) -> Command {
+    let qemu = require_tool("qemu-system-x86_64", "qemu-system-x86");
+    let dir = guest_dir();
+    let vmlinuz = require_file(dir.join("vmlinuz"), KIT);
+    let initrd = require_file(dir.join("initramfs.cpio.gz"), KIT);
+    let mut cmd = Command::new(qemu);
+    cmd.args([
+        "-accel", "tcg", "-M", "q35", "-cpu", "max", "-smp", "2", "-m", "512",
+    ])
+    .args([
+        "-object",
+        &format!("memory-backend-memfd,id={GUEST_RAM_MEMFD},size=512M,share=on"),
+    ])
+    .args(["-numa", &format!("node,memdev={GUEST_RAM_MEMFD}")])
+    .args(["-display", "none", "-serial", "stdio", "-no-reboot"])
+    .arg("-kernel")
+    .arg(vmlinuz)
+    .arg("-initrd")
+    .arg(initrd)
+    .arg("-chardev")
+    .arg(format!("socket,id=c0,path={}", socket.display()))
+    .args([
+        "-device",
+        &format!("vhost-user-blk-pci,chardev=c0,num-queues={num_queues}"),
+    ])
+    .arg("-append")
+    .arg(format!(
+        "console=ttyS0 panic=-1 guestkit.run=\"{guest_cmd}\""
+    ));
+    cmd
+}
+
+fn pattern(block: u64) -> Vec<u8> {
+    // What `yes bulkhead-N | head -c 4096` produces in the guest.
+    let line = format!("bulkhead-{block}\n");
+    line.bytes().cycle().take(BLOCK as usize).collect()
+}
+
+fn md5_hex(data: &[u8]) -> String {
+    let md5sum = require_tool("md5sum", "coreutils");
+    let mut child = Command::new(md5sum)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::io::Write::write_all(&mut child.stdin.take().unwrap(), data).unwrap();
+    let out = child.wait_with_output().unwrap();
+    String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .to_string()
+}
+
+fn make_disk(dir: &Path) -> PathBuf {
+    let path = dir.join("disk.img");
+    let f = std::fs::File::create(&path).unwrap();
+    f.set_len(DISK_SIZE).unwrap();
+    // A recognisable fill where the guest will discard, and just after it.
+    f.write_all_at(&vec![0xaa; (2 * DISCARD_LEN) as usize], DISCARD_OFFSET)
+        .unwrap();
+    path
+}
+
+fn read_at(path: &Path, offset: u64, len: u64) -> Vec<u8> {
+    let mut buf = vec![0; len as usize];
+    std::fs::File::open(path)
+        .unwrap()
+        .read_exact_at(&mut buf, offset)
+        .unwrap();
+    buf
+}
+
+fn assert_guest_ok(r: &RunResult, worker_stderr: &str) {
+    assert!(
+        r.stdout.contains("GUESTKIT done rc=0"),
+        "guest command failed: {}\n--- worker ---\n{worker_stderr}",
+        r.transcript()
+    );
+}
+
+/// Runs QEMU to completion while reading the worker's sandbox facts as it serves.
+fn run_guest_and_check_sandbox(worker: &mut Worker, qemu: Command, disk: &Path) -> RunResult {
+    let qemu_thread = std::thread::spawn(move || run_with_deadline(qemu, Duration::from_secs(120)));
+    let pid = worker.sandboxed_pid();
+    let facts = SandboxFacts::read(pid);
+    facts.assert_confined(disk, &[GUEST_RAM_MEMFD, STATUS_MEMFD]);
+    qemu_thread.join().expect("QEMU thread")
+}
+
+#[test]
+fn linux_writes_reads_discards_through_the_sandboxed_worker() {
+    let dir = scratch_dir("worker-rw");
+    let disk = make_disk(&dir);
+    let socket = dir.join("vhu.sock");
+    let mut worker = Worker::start(
+        &worker_bin(),
+        &socket,
+        &disk,
+        &["--num-queues", "2", "--serial", "bulkhead-rw"],
+    );
+    let blocks = PATTERN_BLOCKS.map(|b| b.to_string()).join(" ");
+    let guest_cmd = format!(
+        "set -e; cat /sys/block/vda/serial 2>/dev/null | sed 's/^/serial /'; echo queues $(ls /sys/block/vda/mq | wc -l); \
+         for i in {blocks}; do yes bulkhead-$i | head -c 4096 | dd of=/dev/vda bs=4096 seek=$i conv=notrunc oflag=direct 2>/dev/null; done; \
+         sync; echo 3 > /proc/sys/vm/drop_caches; \
+         for i in {blocks}; do echo sum $i $(dd if=/dev/vda bs=4096 skip=$i count=1 iflag=direct 2>/dev/null | md5sum); done; \
+         blkdiscard -o {DISCARD_OFFSET} -l {DISCARD_LEN} /dev/vda; echo discard ok; sync"
+    );
+    let qemu = qemu_with_vhost_user(&socket, 2, &guest_cmd);
+    let r = run_guest_and_check_sandbox(&mut worker, qemu, &disk);
+    let (code, worker_err) = worker.finish(Duration::from_secs(20));
+    assert_guest_ok(&r, &worker_err);
+    let t = r.transcript();
+    assert!(
+        r.stdout.contains("queues 2"),
+        "guest must see 2 queues: {t}"
+    );
+    for b in PATTERN_BLOCKS {
+        let want = format!("sum {b} {}", md5_hex(&pattern(b)));
+        assert!(
+            r.stdout.contains(&want),
+            "guest checksum of block {b}: want {want:?}: {t}"
+        );
+        assert!(
+            read_at(&disk, b * BLOCK, BLOCK) == pattern(b),
+            "host image block {b} does not hold the guest's pattern"
+        );
+    }
+    assert!(r.stdout.contains("discard ok"), "{t}");
+    assert!(
+        read_at(&disk, DISCARD_OFFSET, DISCARD_LEN)
+            .iter()
+            .all(|&b| b == 0),
+        "discarded range must read back as zeroes on the host"
+    );
+    assert!(
+        read_at(&disk, DISCARD_OFFSET + DISCARD_LEN, DISCARD_LEN)
+            .iter()
+            .all(|&b| b == 0xaa),
+        "bytes after the discarded range must be untouched"
+    );
+    assert!(
+        read_at(&disk, 0, 3 * BLOCK).iter().all(|&b| b == 0),
+        "untouched blocks stay zero"
+    );
+    assert_eq!(
+        code,
+        Some(0),
+        "worker exits cleanly when QEMU disconnects:\n{worker_err}"
+    );
+}
+
+#[test]
+fn readonly_worker_refuses_the_guests_writes() {
+    let dir = scratch_dir("worker-ro");
+    let disk = make_disk(&dir);
+    let before = std::fs::read(&disk).unwrap();
+    let socket = dir.join("vhu.sock");
+    let mut worker = Worker::start(&worker_bin(), &socket, &disk, &["--readonly"]);
+    let guest_cmd = "echo ro $(cat /sys/block/vda/ro); \
+        if yes x | head -c 4096 | dd of=/dev/vda bs=4096 seek=1 conv=notrunc oflag=direct; then echo write succeeded; else echo write failed; fi; \
+        dd if=/dev/vda bs=4096 count=1 iflag=direct 2>/dev/null | wc -c | sed 's/^/read /'";
+    let qemu = qemu_with_vhost_user(&socket, 1, guest_cmd);
+    let r = run_guest_and_check_sandbox(&mut worker, qemu, &disk);
+    let (code, worker_err) = worker.finish(Duration::from_secs(20));
+    assert_guest_ok(&r, &worker_err);
+    let t = r.transcript();
+    assert!(
+        r.stdout.contains("ro 1"),
+        "guest must see a read-only disk: {t}"
+    );
+    assert!(r.stdout.contains("write failed"), "{t}");
+    assert!(r.stdout.contains("read 4096"), "reads still work: {t}");
+    assert!(
+        std::fs::read(&disk).unwrap() == before,
+        "a readonly image must not change"
+    );
+    assert_eq!(code, Some(0), "{worker_err}");
+}
