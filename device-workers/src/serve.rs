@@ -89,7 +89,7 @@ impl EventLoop {
                 match event.data() {
                     SOCKET_TOKEN => match handler.handle_request() {
                         Ok(()) => {}
-                        Err(VhostError::Disconnected) | Err(VhostError::PartialMessage) => {
+                        Err(VhostError::Disconnected) => {
                             tracing::info!("frontend disconnected");
                             return Ok(());
                         }

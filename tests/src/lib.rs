@@ -2,6 +2,7 @@
 //! that fail loudly (never skip) when something a test needs is missing.
 
 pub mod sandbox_facts;
+pub mod worker;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;

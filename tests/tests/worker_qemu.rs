@@ -2,15 +2,13 @@
 //! standalone `bulkhead-worker blk` through vhost-user, and the worker's sandbox read
 //! from outside while it serves.
 
-use std::io::{BufRead, BufReader};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc::{channel, Receiver};
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::process::{Command, Stdio};
+use std::time::Duration;
 
 use tests::sandbox_facts::SandboxFacts;
+use tests::worker::Worker;
 use tests::{
     guest_dir, require_file, require_tool, run_with_deadline, scratch_dir, worker_bin, RunResult,
 };
@@ -26,97 +24,6 @@ const DISK_SIZE: u64 = 32 << 20;
 /// Name QEMU gives the guest RAM memfd (memory-backend-memfd id "mem").
 const GUEST_RAM_MEMFD: &str = "mem";
 const STATUS_MEMFD: &str = "bulkhead-worker-status";
-
-/// A running standalone worker and what it printed on stderr.
-struct Worker {
-    child: Child,
-    lines: Arc<Mutex<Vec<String>>>,
-    rx: Receiver<String>,
-}
-
-impl Worker {
-    fn start(bin: &Path, socket: &Path, disk: &Path, extra: &[&str]) -> Worker {
-        let mut child = Command::new(bin)
-            .args(["blk", "--socket"])
-            .arg(socket)
-            .arg("--disk")
-            .arg(disk)
-            .args(extra)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap_or_else(|e| panic!("start {}: {e}", bin.display()));
-        let stderr = child.stderr.take().unwrap();
-        let lines = Arc::new(Mutex::new(Vec::new()));
-        let (tx, rx) = channel();
-        let sink = lines.clone();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                sink.lock().unwrap().push(line.clone());
-                let _ = tx.send(line);
-            }
-        });
-        let mut w = Worker { child, lines, rx };
-        w.wait_for("listening on", Duration::from_secs(20));
-        w
-    }
-
-    /// Waits for a stderr line containing `needle` and returns it.
-    fn wait_for(&mut self, needle: &str, limit: Duration) -> String {
-        let deadline = Instant::now() + limit;
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match self.rx.recv_timeout(left) {
-                Ok(line) if line.contains(needle) => return line,
-                Ok(_) => {}
-                Err(_) => panic!(
-                    "worker never printed {needle:?}; stderr so far:\n{}",
-                    self.stderr()
-                ),
-            }
-        }
-    }
-
-    /// The host pid of the confined worker (the reaper prints it), once the worker says
-    /// its sandbox is complete.
-    fn sandboxed_pid(&mut self) -> u32 {
-        self.wait_for("bulkhead-worker: confined", Duration::from_secs(30));
-        let line = self
-            .stderr()
-            .lines()
-            .find(|l| l.contains("(sandboxed)"))
-            .map(str::to_string)
-            .unwrap_or_else(|| panic!("no pid line:\n{}", self.stderr()));
-        line.split(" as pid ")
-            .nth(1)
-            .and_then(|r| r.split_whitespace().next())
-            .and_then(|p| p.parse().ok())
-            .unwrap_or_else(|| panic!("no pid in {line:?}"))
-    }
-
-    fn stderr(&self) -> String {
-        self.lines.lock().unwrap().join("\n")
-    }
-
-    /// Waits for the worker to exit; returns its exit code and stderr.
-    fn finish(mut self, limit: Duration) -> (Option<i32>, String) {
-        let deadline = Instant::now() + limit;
-        loop {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                // Let the reader thread drain the last lines.
-                std::thread::sleep(Duration::from_millis(50));
-                return (status.code(), self.stderr());
-            }
-            if Instant::now() > deadline {
-                let _ = self.child.kill();
-                let _ = self.child.wait();
-                panic!("worker did not exit within {limit:?}:\n{}", self.stderr());
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-}
 
 /// QEMU TCG booting the guest kit with our vhost-user-blk disk and `guest_cmd`.
 fn qemu_with_vhost_user(socket: &Path, num_queues: u16, guest_cmd: &str) -> Command {
