@@ -76,10 +76,8 @@ fn guest_ram() -> OwnedFd {
     // SAFETY: `fd` was just created and nothing else owns it.
     let fd = unsafe { OwnedFd::from_raw_fd(fd) };
     // SAFETY: ftruncate on the fd we own.
-    assert_eq!(
-        unsafe { libc::ftruncate(fd.as_raw_fd(), RAM_SIZE as i64) },
-        0
-    );
+    let ret = unsafe { libc::ftruncate(fd.as_raw_fd(), RAM_SIZE as i64) };
+    assert_eq!(ret, 0);
     fd
 }
 
