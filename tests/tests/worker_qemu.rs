@@ -206,3 +206,91 @@ fn readonly_worker_refuses_the_guests_writes() {
     );
     assert_eq!(code, Some(0), "{worker_err}");
 }
+
+/// Seconds between two /proc/uptime stamps the guest printed as `NAME T0 T1`.
+fn guest_seconds(stdout: &str, name: &str) -> Option<f64> {
+    let line = stdout
+        .lines()
+        .find_map(|l| l.strip_prefix(&format!("{name} ")))?;
+    let mut t = line.split_whitespace().map(|v| v.parse::<f64>().ok());
+    let (t0, t1) = (t.next()??, t.next()??);
+    Some(t1 - t0)
+}
+
+// busybox dd prints no rate: the guest stamps /proc/uptime around each dd.
+const DD_CMD: &str = "dd if=/dev/urandom of=/tmp/src bs=1M count=32 2>/dev/null; \
+    a=$(cut -d' ' -f1 /proc/uptime); dd if=/tmp/src of=/dev/vda bs=1M count=32 oflag=direct 2>/dev/null; \
+    b=$(cut -d' ' -f1 /proc/uptime); dd if=/dev/vda of=/dev/null bs=1M count=32 iflag=direct 2>/dev/null; \
+    c=$(cut -d' ' -f1 /proc/uptime); echo write $a $b; echo read $b $c; \
+    echo src $(md5sum < /tmp/src); echo dst $(dd if=/dev/vda bs=1M count=32 iflag=direct 2>/dev/null | md5sum)";
+
+fn assert_dd_roundtrip(r: &RunResult, who: &str) -> Vec<String> {
+    let t = r.transcript();
+    assert!(r.stdout.contains("GUESTKIT done rc=0"), "{who}: {t}");
+    let src = r.stdout.lines().find_map(|l| l.strip_prefix("src "));
+    let dst = r.stdout.lines().find_map(|l| l.strip_prefix("dst "));
+    assert!(
+        src.is_some() && src == dst,
+        "{who}: written and read data differ: {t}"
+    );
+    ["write", "read"]
+        .map(|what| {
+            let secs = guest_seconds(&r.stdout, what)
+                .unwrap_or_else(|| panic!("{who}: no {what} timing: {t}"));
+            format!("{:.1} MiB/s", 32.0 / secs.max(0.01))
+        })
+        .to_vec()
+}
+
+/// The same dd write/read through our worker and through qemu-storage-daemon, in one
+/// run: both must round-trip the data; the rates are printed for comparison (TCG speed,
+/// not a performance reference; benchmarks live in `bulkhead bench`).
+#[test]
+fn dd_through_our_worker_and_qemu_storage_daemon() {
+    let dir = scratch_dir("worker-dd");
+    let ours = make_disk(&dir);
+    let socket = dir.join("ours.sock");
+    let mut worker = Worker::start(&worker_bin(), &socket, &ours, &["--num-queues", "2"]);
+    let r =
+        run_guest_and_check_sandbox(&mut worker, qemu_with_vhost_user(&socket, 2, DD_CMD), &ours);
+    let (_, worker_err) = worker.finish(Duration::from_secs(20));
+    let our_rates = assert_dd_roundtrip(&r, &format!("bulkhead-worker\n{worker_err}"));
+
+    let qsd_disk = dir.join("qsd.img");
+    std::fs::copy(&ours, &qsd_disk).unwrap();
+    let qsd_socket = dir.join("qsd.sock");
+    let qsd_bin = require_tool("qemu-storage-daemon", "qemu-system-x86");
+    let mut qsd = Command::new(qsd_bin)
+        .arg("--blockdev")
+        .arg(format!("driver=file,node-name=f0,filename={}", qsd_disk.display()))
+        .arg("--export")
+        .arg(format!(
+            "type=vhost-user-blk,id=e0,node-name=f0,addr.type=unix,addr.path={},writable=on,num-queues=2",
+            qsd_socket.display()
+        ))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while !qsd_socket.exists() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "qemu-storage-daemon never listened"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    std::thread::sleep(Duration::from_millis(200));
+    let r = run_with_deadline(
+        qemu_with_vhost_user(&qsd_socket, 2, DD_CMD),
+        Duration::from_secs(120),
+    );
+    let _ = qsd.kill();
+    let _ = qsd.wait();
+    let qsd_rates = assert_dd_roundtrip(&r, "qemu-storage-daemon");
+    eprintln!(
+        "dd 32 MiB O_DIRECT in a TCG guest: bulkhead-worker write {} read {}; qemu-storage-daemon write {} read {}",
+        our_rates[0], our_rates[1], qsd_rates[0], qsd_rates[1]
+    );
+}
