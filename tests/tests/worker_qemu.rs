@@ -130,7 +130,7 @@ fn linux_writes_reads_discards_through_the_sandboxed_worker() {
     let blocks = PATTERN_BLOCKS.map(|b| b.to_string()).join(" ");
     let guest_cmd = format!(
         "set -e; cat /sys/block/vda/serial 2>/dev/null | sed 's/^/serial /'; echo queues $(ls /sys/block/vda/mq | wc -l); \
-         for i in {blocks}; do yes bulkhead-$i | head -c 4096 | dd of=/dev/vda bs=4096 seek=$i conv=notrunc oflag=direct 2>/dev/null; done; \
+         for i in {blocks}; do yes bulkhead-$i | head -c 4096 | dd of=/dev/vda bs=4096 seek=$i conv=notrunc,fsync oflag=direct 2>/dev/null; done; \
          sync; echo 3 > /proc/sys/vm/drop_caches; \
          for i in {blocks}; do echo sum $i $(dd if=/dev/vda bs=4096 skip=$i count=1 iflag=direct 2>/dev/null | md5sum); done; \
          blkdiscard -o {DISCARD_OFFSET} -l {DISCARD_LEN} /dev/vda; echo discard ok; sync"
