@@ -116,6 +116,33 @@ pub fn open(path: &Path, readonly: bool, direct: bool) -> Result<Disk, DiskError
     })
 }
 
+/// A disk the VMM opened (and locked) and passed as a descriptor: only its size is
+/// checked here.
+pub fn from_file(file: File, readonly: bool, direct: bool) -> Result<Disk, DiskError> {
+    let path = PathBuf::from(format!("<inherited fd {}>", file.as_raw_fd()));
+    let size = {
+        use std::io::Seek;
+        (&file)
+            .seek(std::io::SeekFrom::End(0))
+            .map_err(|source| DiskError::Open {
+                path: path.clone(),
+                source,
+            })?
+    };
+    if size == 0 {
+        return Err(DiskError::Empty { path });
+    }
+    if size % SECTOR_SIZE != 0 {
+        return Err(DiskError::BadSize { path, size });
+    }
+    Ok(Disk {
+        file,
+        size,
+        readonly,
+        direct,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

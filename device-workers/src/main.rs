@@ -33,6 +33,30 @@ struct Cli {
 enum Command {
     /// Serve a virtio-blk disk to one vhost-user frontend.
     Blk(BlkArgs),
+    /// Started by bulkhead: everything comes through inherited descriptors and the
+    /// control channel (not for interactive use).
+    #[command(hide = true)]
+    Spawned(SpawnedArgs),
+}
+
+#[derive(Debug, Args)]
+struct SpawnedArgs {
+    /// The connected vhost-user socket.
+    #[arg(long)]
+    vhost_fd: i32,
+    /// The control channel (SOCK_SEQPACKET).
+    #[arg(long)]
+    control_fd: i32,
+    /// The disk image the VMM opened and locked.
+    #[arg(long)]
+    disk_fd: i32,
+    /// The status page memfd the VMM created and sealed.
+    #[arg(long)]
+    status_fd: i32,
+    /// Test builds only: misbehave on purpose once sandboxed.
+    #[cfg(feature = "test-hooks")]
+    #[arg(long)]
+    fault_hook: Option<String>,
 }
 
 #[derive(Debug, Args)]
@@ -87,6 +111,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Blk(args) => run_blk(args),
+        Command::Spawned(args) => run_spawned(args),
     };
     match result {
         Ok(code) => code,
@@ -118,44 +143,142 @@ fn run_blk(args: BlkArgs) -> anyhow::Result<ExitCode> {
     say(format_args!("listening on {}", args.socket.display()));
     let stream = socket::accept_one(&listener, &args.socket)?;
     drop(listener);
-
-    let disk_size = disk.size;
-    let disk_fd = disk.file.as_raw_fd();
-    let device = BlkDevice::new(disk, args.num_queues, args.serial.as_bytes())?;
-    let backend = Arc::new(Mutex::new(VhostBackend::new(device)));
-    let handler = BackendReqHandler::from_stream(stream, backend.clone());
-    let events = EventLoop::new()?;
-
-    let sandboxed = {
+    serve(Serve {
+        label: args.socket.display().to_string(),
+        stream,
+        control: None,
+        disk,
+        num_queues: args.num_queues,
+        serial: args.serial,
+        uid: args.uid,
+        gid: args.gid,
+        status,
+        print_status: args.print_status,
         #[cfg(feature = "test-hooks")]
-        {
-            !args.no_sandbox
-        }
-        #[cfg(not(feature = "test-hooks"))]
-        {
-            true
-        }
+        sandboxed: !args.no_sandbox,
+        #[cfg(feature = "test-hooks")]
+        fault_hook: args.fault_hook,
+    })
+}
+
+/// Takes ownership of an inherited descriptor, refusing the standard streams.
+fn inherited(fd: i32, what: &str) -> anyhow::Result<std::os::fd::OwnedFd> {
+    use std::os::fd::FromRawFd;
+    anyhow::ensure!(fd > 2, "--{what}-fd {fd} is not an inherited descriptor");
+    // SAFETY: F_GETFD only reads the descriptor flags; failure means it is not open.
+    let open = unsafe { libc::fcntl(fd, libc::F_GETFD) } >= 0;
+    anyhow::ensure!(open, "--{what}-fd {fd} is not open");
+    // SAFETY: the VMM passed this descriptor to us for our exclusive use; it is open
+    // (checked above) and nothing else in this process owns it.
+    Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) })
+}
+
+fn run_spawned(args: SpawnedArgs) -> anyhow::Result<ExitCode> {
+    use ipc::messages::{VmmMessage, WorkerMessage};
+    let control = ipc::channel::Channel::from_fd(inherited(args.control_fd, "control")?)
+        .context("the control channel")?;
+    ipc::handshake_worker_side(&control).context("handshake with the VMM")?;
+    let (config, _) = control
+        .recv::<VmmMessage>()
+        .context("receive the configuration")?;
+    let VmmMessage::Configure(config) = config else {
+        anyhow::bail!("the VMM sent {config:?} where the configuration was expected");
     };
+    let status_file = std::fs::File::from(inherited(args.status_fd, "status")?);
+    let status = ipc::status::StatusMapping::map(&status_file).context("map the status page")?;
+    drop(status_file);
+    let status: &'static ipc::status::StatusMapping = Box::leak(Box::new(status));
+    let disk_file = std::fs::File::from(inherited(args.disk_fd, "disk")?);
+    let disk = disk::from_file(disk_file, config.readonly, config.direct_io)?;
+    let stream = std::os::unix::net::UnixStream::from(inherited(args.vhost_fd, "vhost")?);
+    let features = device_workers::blk::config::device_features(
+        config.readonly,
+        usize::from(config.num_queues),
+    );
+    control
+        .send(
+            &WorkerMessage::Ready {
+                disk_size_bytes: disk.size,
+                device_features: features,
+                num_queues: config.num_queues,
+            },
+            &[],
+        )
+        .context("report readiness")?;
+    serve(Serve {
+        label: config.device_id.clone(),
+        stream,
+        control: Some(control),
+        disk,
+        num_queues: config.num_queues,
+        serial: config.serial,
+        uid: sandbox::DEFAULT_UID,
+        gid: sandbox::DEFAULT_GID,
+        status,
+        print_status: false,
+        // Only a test build may honour a VMM's request to run unconfined.
+        #[cfg(feature = "test-hooks")]
+        sandboxed: config.sandbox,
+        #[cfg(feature = "test-hooks")]
+        fault_hook: args.fault_hook,
+    })
+}
+
+/// Everything one worker serves with, however it was started.
+struct Serve {
+    label: String,
+    stream: std::os::unix::net::UnixStream,
+    /// The control channel in spawned mode (kept open: the VMM sees EOF when we end).
+    control: Option<ipc::channel::Channel>,
+    disk: disk::Disk,
+    num_queues: u16,
+    serial: String,
+    uid: u32,
+    gid: u32,
+    status: &'static ipc::status::StatusMapping,
+    print_status: bool,
+    #[cfg(feature = "test-hooks")]
+    sandboxed: bool,
+    #[cfg(feature = "test-hooks")]
+    fault_hook: Option<String>,
+}
+
+fn serve(s: Serve) -> anyhow::Result<ExitCode> {
+    let disk_size = s.disk.size;
+    let disk_fd = s.disk.file.as_raw_fd();
+    let device = BlkDevice::new(s.disk, s.num_queues, s.serial.as_bytes())?;
+    let backend = Arc::new(Mutex::new(VhostBackend::new(device)));
+    let handler = BackendReqHandler::from_stream(s.stream, backend.clone());
+    let events = EventLoop::new()?;
+    #[cfg(feature = "test-hooks")]
+    let sandboxed = s.sandboxed;
+    #[cfg(not(feature = "test-hooks"))]
+    let sandboxed = true;
+    let status = s.status;
     if sandboxed {
+        let mut keep_fds = vec![handler.as_raw_fd(), disk_fd, events.as_raw_fd()];
+        keep_fds.extend(s.control.as_ref().map(|c| c.as_raw_fd()));
         let cfg = SandboxConfig {
-            uid: args.uid,
-            gid: args.gid,
-            keep_fds: vec![handler.as_raw_fd(), disk_fd, events.as_raw_fd()],
+            uid: s.uid,
+            gid: s.gid,
+            keep_fds,
             // Memory regions, and per queue a kick, a call and an error fd, with margin.
-            max_fds: 32 + 4 * u64::from(args.num_queues),
+            max_fds: 32 + 4 * u64::from(s.num_queues),
             max_file_size: disk_size,
         };
         match sandbox::enter_namespaces(&cfg)? {
             Side::Reaper { worker } => {
                 // The reaper holds none of the worker's resources: forget them without
                 // dropping (confine_reaper closes their descriptors).
-                std::mem::forget((handler, backend, events));
+                std::mem::forget((handler, backend, events, s.control));
+                // The VMM learns the confined pid from the status page.
+                status.set_pid(worker.as_raw() as u32);
                 say(format_args!(
                     "serving {} as pid {worker} (sandboxed)",
-                    args.socket.display()
+                    s.label
                 ));
                 sandbox::confine_reaper()?;
-                return Ok(reap(worker, status, args.print_status));
+                return Ok(reap(worker, status, s.print_status));
             }
             Side::Worker => {
                 sandbox::confine(&cfg)?;
@@ -168,16 +291,17 @@ fn run_blk(args: BlkArgs) -> anyhow::Result<ExitCode> {
     } else {
         say(format_args!(
             "serving {} as pid {} WITHOUT SANDBOX (test build)",
-            args.socket.display(),
+            s.label,
             std::process::id()
         ));
     }
     #[cfg(feature = "test-hooks")]
-    if let Some(hook) = &args.fault_hook {
+    if let Some(hook) = &s.fault_hook {
         device_workers::hooks::run_after_sandbox(hook).map_err(anyhow::Error::msg)?;
     }
+    let _control = s.control;
     events.run(handler, backend, status)?;
-    if !sandboxed && args.print_status {
+    if !sandboxed && s.print_status {
         print_status(status);
     }
     Ok(ExitCode::SUCCESS)

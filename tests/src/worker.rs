@@ -61,20 +61,25 @@ impl Worker {
     }
 
     /// The host pid of the confined worker (the reaper prints it), once the worker says
-    /// its sandbox is complete.
+    /// its sandbox is complete (the two lines come from two processes, in either order).
     pub fn sandboxed_pid(&mut self) -> u32 {
-        self.wait_for("bulkhead-worker: confined", Duration::from_secs(30));
-        let line = self
-            .stderr()
-            .lines()
-            .find(|l| l.contains("(sandboxed)"))
-            .map(str::to_string)
-            .unwrap_or_else(|| panic!("no pid line:\n{}", self.stderr()));
-        line.split(" as pid ")
-            .nth(1)
-            .and_then(|r| r.split_whitespace().next())
-            .and_then(|p| p.parse().ok())
-            .unwrap_or_else(|| panic!("no pid in {line:?}"))
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let text = self.stderr();
+            let pid = text
+                .lines()
+                .find_map(|l| l.split(" as pid ").nth(1))
+                .and_then(|r| r.split_whitespace().next())
+                .and_then(|p| p.parse().ok());
+            if let (Some(pid), true) = (pid, text.contains("bulkhead-worker: confined")) {
+                return pid;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "worker never reported a confined pid; stderr so far:\n{text}"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
     }
 
     /// Everything it printed so far.
