@@ -57,6 +57,15 @@ struct RunArgs {
     /// Number of vCPUs.
     #[arg(long, default_value_t = 1)]
     vcpus: u32,
+    /// A virtio-blk disk served by its own sandboxed worker:
+    /// `path=IMG[,id=NAME][,readonly=on][,serial=ID][,direct=on][,num_queues=N]`, or by an
+    /// external vhost-user backend: `vhost_user=SOCKET[,id=NAME][,num_queues=N]`.
+    /// Repeatable; ids default to blk0, blk1, ...
+    #[arg(long = "disk")]
+    disks: Vec<String>,
+    /// The worker executable (default: bulkhead-worker beside bulkhead).
+    #[arg(long)]
+    worker_bin: Option<PathBuf>,
     /// Stop the VM after this many seconds (exit status 124).
     #[arg(long)]
     timeout: Option<f64>,
@@ -100,7 +109,15 @@ fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     }
     stop_signals.thread_block().context("block signals")?;
 
+    let disks = args
+        .disks
+        .iter()
+        .enumerate()
+        .map(|(i, spec)| vmm_core::disk::DiskConfig::parse(spec, i))
+        .collect::<Result<Vec<_>, _>>()?;
     let cfg = VmConfig {
+        disks,
+        worker_bin: args.worker_bin,
         kernel: args.kernel,
         initrd: args.initrd,
         cmdline: args.cmdline,

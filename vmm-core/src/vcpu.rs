@@ -43,6 +43,7 @@ pub struct Vcpu {
     pub id: u8,
     pub fd: VcpuFd,
     pub pio: Arc<LegacyPio>,
+    pub mmio: Arc<crate::devices::virtio_mmio::MmioBus>,
     pub mem: GuestMemory,
     pub events: Sender<crate::vm::VmEvent>,
 }
@@ -90,13 +91,17 @@ impl Vcpu {
                 Step::Continue
             }
             Ok(VcpuExit::MmioRead(addr, data)) => {
-                // Nothing is mapped there yet: unassigned addresses read all ones.
-                tracing::trace!(vcpu = self.id, "MMIO read of unassigned {addr:#x}");
-                data.fill(0xff);
+                if !self.mmio.read(addr, data) {
+                    // Unassigned addresses read all ones.
+                    tracing::trace!(vcpu = self.id, "MMIO read of unassigned {addr:#x}");
+                    data.fill(0xff);
+                }
                 Step::Continue
             }
-            Ok(VcpuExit::MmioWrite(addr, _)) => {
-                tracing::trace!(vcpu = self.id, "MMIO write to unassigned {addr:#x}");
+            Ok(VcpuExit::MmioWrite(addr, data)) => {
+                if !self.mmio.write(addr, data) {
+                    tracing::trace!(vcpu = self.id, "MMIO write to unassigned {addr:#x}");
+                }
                 Step::Continue
             }
             // With the in-kernel irqchip a halt waits in the kernel; tolerate one anyway.

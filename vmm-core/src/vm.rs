@@ -13,10 +13,15 @@ use kvm_ioctls::{Kvm, VmFd};
 use crate::boot::{self, BootConfig, EntryPoint};
 use crate::cpu;
 use crate::devices::serial::SerialPort;
+use crate::devices::virtio_mmio::{DeviceInfo, MmioBus, VirtioMmioDevice, QUEUE_NOTIFY_OFFSET};
 use crate::devices::LegacyPio;
-use crate::layout::{KVM_TSS_START, SERIAL_GSI};
+use crate::disk::{DiskBackend, DiskConfig};
+use crate::layout::{self, KVM_TSS_START, SERIAL_GSI};
 use crate::memory::GuestRam;
 use crate::vcpu::{Vcpu, VcpuEvent};
+use crate::vhost_frontend::ControlThread;
+use kvm_ioctls::IoEventAddress;
+use vmm_sys_util::eventfd::EventFd;
 
 /// Command line when the user gives none.
 pub const DEFAULT_CMDLINE: &str = "console=ttyS0 reboot=k panic=1";
@@ -29,6 +34,9 @@ pub struct VmConfig {
     pub cmdline: String,
     pub mem_mib: u64,
     pub vcpus: u32,
+    pub disks: Vec<crate::disk::DiskConfig>,
+    /// The worker executable; default: `bulkhead-worker` beside this executable.
+    pub worker_bin: Option<PathBuf>,
 }
 
 /// Errors while building or running a VM.
@@ -54,6 +62,22 @@ pub enum VmError {
     Cpu(#[from] cpu::CpuError),
     #[error("cannot create the serial port")]
     Serial(#[source] std::io::Error),
+    #[error(transparent)]
+    Worker(#[from] crate::worker::WorkerError),
+    #[error(transparent)]
+    Frontend(#[from] crate::vhost_frontend::FrontendError),
+    #[error("cannot connect to vhost-user backend {path}")]
+    VhostUserConnect {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(
+        "no worker executable: bulkhead-worker is not beside this executable; pass --worker-bin"
+    )]
+    NoWorkerBin,
+    #[error("too many disks: {count} (at most {max})")]
+    TooManyDisks { count: usize, max: u32 },
     #[error("cannot start the thread for vCPU {vcpu}")]
     SpawnVcpu {
         vcpu: u8,
@@ -102,8 +126,9 @@ pub struct Vm {
     stopper: Stopper,
     _vm: VmFd,
     _kvm: Kvm,
-    ram: GuestRam,
+    ram: Arc<GuestRam>,
     serial: SerialPort,
+    disks: Vec<Disk>,
     entry: EntryPoint,
 }
 
@@ -142,9 +167,27 @@ impl Vm {
             .map_err(kvm_err("create the in-kernel PIT"))?;
         ram.register(&vm)?;
 
-        // Devices with a virtio-mmio slot come with the worker issues; the builder
-        // already takes the slot list.
-        let slots: Vec<crate::acpi::VirtioMmioSlot> = Vec::new();
+        let ram = Arc::new(ram);
+        if cfg.disks.len() > layout::VIRTIO_MMIO_MAX_SLOTS as usize {
+            return Err(VmError::TooManyDisks {
+                count: cfg.disks.len(),
+                max: layout::VIRTIO_MMIO_MAX_SLOTS,
+            });
+        }
+        let mut disks = Vec::with_capacity(cfg.disks.len());
+        for (index, disk) in cfg.disks.iter().enumerate() {
+            disks.push(Disk::create(
+                &vm,
+                &ram,
+                disk,
+                index as u32,
+                cfg.worker_bin.as_deref(),
+            )?);
+        }
+        let slots: Vec<crate::acpi::VirtioMmioSlot> = disks.iter().map(|d| d.device.slot).collect();
+        let bus = Arc::new(MmioBus {
+            devices: disks.iter().map(|d| d.device.clone()).collect(),
+        });
         let tables = crate::acpi::create_acpi_tables(ram.memory(), num_vcpus, &slots)?;
         let cmdline = guest_cmdline(&cfg.cmdline, &slots);
         let loaded = boot::load(
@@ -177,6 +220,7 @@ impl Vm {
                 id,
                 fd,
                 pio: pio.clone(),
+                mmio: bus.clone(),
                 mem: ram.memory().clone(),
                 events: tx.clone(),
             });
@@ -189,6 +233,7 @@ impl Vm {
             _kvm: kvm,
             ram,
             serial,
+            disks,
             entry: loaded.entry,
         })
     }
@@ -201,6 +246,11 @@ impl Vm {
     /// Guest RAM.
     pub fn ram(&self) -> &GuestRam {
         &self.ram
+    }
+
+    /// The disks, in `--disk` order.
+    pub fn disks(&self) -> &[Disk] {
+        &self.disks
     }
 
     /// A handle that stops the VM from another thread.
@@ -246,6 +296,173 @@ impl Vm {
     }
 }
 
+/// Largest queue the transport offers (QueueNumMax).
+pub const QUEUE_MAX: u16 = 256;
+
+/// One disk: its transport device, and the worker serving it (none for an external
+/// vhost-user backend).
+#[derive(Debug)]
+pub struct Disk {
+    pub device: Arc<VirtioMmioDevice>,
+    pub worker: Option<WorkerInfo>,
+}
+
+/// What the VMM keeps about a worker it started.
+#[derive(Debug)]
+pub struct WorkerInfo {
+    /// The process bulkhead started (the sandbox's reaper).
+    pub pid: u32,
+    pub status: Arc<ipc::status::StatusMapping>,
+}
+
+impl Disk {
+    fn create(
+        vm: &VmFd,
+        ram: &Arc<GuestRam>,
+        cfg: &DiskConfig,
+        index: u32,
+        worker_bin: Option<&std::path::Path>,
+    ) -> Result<Disk, VmError> {
+        let slot = crate::acpi::VirtioMmioSlot::from_layout(index);
+        let (stream, worker) = match &cfg.backend {
+            DiskBackend::Image(path) => {
+                let bin = match worker_bin {
+                    Some(b) => b.to_path_buf(),
+                    None => crate::worker::default_worker_bin().ok_or(VmError::NoWorkerBin)?,
+                };
+                let w = crate::worker::spawn(cfg, path, &bin)?;
+                tracing::info!(
+                    "disk {}: {} served by worker pid {} ({} bytes)",
+                    cfg.id,
+                    path.display(),
+                    w.child.id(),
+                    w.disk_size
+                );
+                let vhost = w
+                    .vhost
+                    .try_clone()
+                    .map_err(|source| VmError::VhostUserConnect {
+                        path: path.clone(),
+                        source,
+                    })?;
+                (vhost, Some(w))
+            }
+            DiskBackend::VhostUser(path) => {
+                let s = std::os::unix::net::UnixStream::connect(path).map_err(|source| {
+                    VmError::VhostUserConnect {
+                        path: path.clone(),
+                        source,
+                    }
+                })?;
+                tracing::info!(
+                    "disk {}: served by the vhost-user backend at {}",
+                    cfg.id,
+                    path.display()
+                );
+                (s, None)
+            }
+        };
+        let backend = crate::vhost_frontend::setup(&cfg.id, stream, cfg.num_queues)?;
+        let kvm_err = |what| move |source| VmError::Kvm { what, source };
+        let eventfd = || EventFd::new(libc::EFD_NONBLOCK).map_err(VmError::Serial);
+        let queues = usize::from(cfg.num_queues);
+        let mut kicks = Vec::with_capacity(queues);
+        let mut calls = Vec::with_capacity(queues);
+        for q in 0..queues {
+            let kick = eventfd()?;
+            // The kick never leaves the kernel: a QueueNotify write of this queue's index
+            // signals the worker's eventfd directly.
+            vm.register_ioevent(
+                &kick,
+                &IoEventAddress::Mmio(slot.base + QUEUE_NOTIFY_OFFSET),
+                q as u32,
+            )
+            .map_err(kvm_err("register a QueueNotify ioeventfd"))?;
+            let call = eventfd()?;
+            // Nor does a completion: the worker's call eventfd raises the GSI.
+            vm.register_irqfd(&call, slot.gsi)
+                .map_err(kvm_err("register a completion irqfd"))?;
+            kicks.push(kick);
+            calls.push(call);
+        }
+        let config_irq = eventfd()?;
+        vm.register_irqfd(&config_irq, slot.gsi)
+            .map_err(kvm_err("register the config irqfd"))?;
+        let (tx, rx) = mpsc::channel();
+        let info = DeviceInfo {
+            id: cfg.id.clone(),
+            slot,
+            device_features: backend.features,
+            config: backend.config.clone(),
+            num_queues: queues,
+            queue_max: QUEUE_MAX,
+        };
+        let device = Arc::new(VirtioMmioDevice::new(info, config_irq, tx));
+        let control = ControlThread {
+            device: device.clone(),
+            backend,
+            ram: ram.clone(),
+            kicks,
+            calls,
+            queue_max: QUEUE_MAX,
+        };
+        std::thread::Builder::new()
+            .name(format!("{}-ctl", cfg.id))
+            .spawn(move || control.run(rx))
+            .map_err(VmError::Serial)?;
+        let worker = worker.map(|w| supervise(w, device.clone()));
+        Ok(Disk { device, worker })
+    }
+}
+
+/// Watches a worker: when it exits, says how (exit code, signal, or the policy violation
+/// from its status page, decoded by name) and marks its device DEVICE_NEEDS_RESET. The VM
+/// and the other disks keep running. (Restart comes with the restart issue.)
+fn supervise(worker: crate::worker::Worker, device: Arc<VirtioMmioDevice>) -> WorkerInfo {
+    let pid = worker.child.id();
+    let status = Arc::new(worker.status);
+    let info = WorkerInfo {
+        pid,
+        status: status.clone(),
+    };
+    let mut child = worker.child;
+    let id = worker.id;
+    let control = worker.control;
+    let vhost = worker.vhost;
+    let spawned = std::thread::Builder::new()
+        .name(format!("{id}-sup"))
+        .spawn(move || {
+            let _keep = (control, vhost);
+            let how = match child.wait() {
+                Ok(s) => describe_exit(s),
+                Err(e) => format!("cannot be waited for: {e}"),
+            };
+            let confined = status.worker_pid();
+            match status.violation() {
+                Some(v) => tracing::error!(
+                    "worker {id} (pid {confined}) violated policy blk: {} ({how})",
+                    policies::decode::format_call(v.nr, v.args)
+                ),
+                None => tracing::error!("worker {id} (pid {confined}) {how}"),
+            }
+            device.needs_reset();
+        });
+    if let Err(e) = spawned {
+        tracing::error!("cannot supervise worker {pid}: {e}");
+    }
+    info
+}
+
+fn describe_exit(status: std::process::ExitStatus) -> String {
+    use std::os::unix::process::ExitStatusExt;
+    match (status.code(), status.signal()) {
+        (Some(ipc::status::EXIT_POLICY_VIOLATION), _) => "exited on a seccomp violation".into(),
+        (Some(code), _) => format!("exited with status {code}"),
+        (_, Some(sig)) => format!("was killed by signal {sig}"),
+        _ => "ended".into(),
+    }
+}
+
 /// The user's command line plus one `virtio_mmio.device=` entry per slot (the convention
 /// of Firecracker and QEMU microvm; stock Debian kernels use the ACPI DSDT instead).
 pub fn guest_cmdline(user: &str, slots: &[crate::acpi::VirtioMmioSlot]) -> String {
@@ -268,7 +485,6 @@ pub fn guest_cmdline(user: &str, slots: &[crate::acpi::VirtioMmioSlot]) -> Strin
 mod tests {
     use super::*;
     use crate::acpi::VirtioMmioSlot;
-    use crate::layout;
 
     #[test]
     fn cmdline_gets_one_entry_per_slot() {

@@ -3,6 +3,7 @@
 //! worker issues.
 
 pub mod serial;
+pub mod virtio_mmio;
 
 use crate::layout::{
     ACPI_S5_SLEEP_TYPE, ACPI_SLEEP_CONTROL_PORT, ACPI_SLEEP_STATUS_PORT, DEBUG_EXIT_PORT,

@@ -1,0 +1,468 @@
+//! The virtio-mmio transport (version 2) in front of a vhost-user backend.
+//!
+//! The vCPU thread answers every register access from this device's own state. Two paths
+//! never reach here at all: QueueNotify is an ioeventfd (KVM signals the worker's kick
+//! eventfd directly) and completions are an irqfd (the worker's call eventfd raises the
+//! GSI). InterruptStatus and InterruptACK, which the guest touches per interrupt, are
+//! served from atomics without a lock. Bringing rings up or down is not done here: it is
+//! handed to the device's control thread ([`crate::vhost_frontend`]).
+
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::mpsc::Sender;
+use std::sync::Mutex;
+
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::acpi::VirtioMmioSlot;
+
+pub const MAGIC_VALUE: u32 = 0x7472_6976;
+pub const VERSION: u32 = 2;
+pub const VENDOR_ID: u32 = 0x4b48_4c42; // "BLHK"
+pub const VIRTIO_ID_BLOCK: u32 = 2;
+pub const QUEUE_NOTIFY_OFFSET: u64 = 0x50;
+const CONFIG_OFFSET: u64 = 0x100;
+
+/// InterruptStatus bits.
+pub const INT_VRING: u32 = 1;
+pub const INT_CONFIG: u32 = 2;
+
+/// Device status bits.
+pub const STATUS_ACKNOWLEDGE: u32 = 1;
+pub const STATUS_DRIVER: u32 = 2;
+pub const STATUS_DRIVER_OK: u32 = 4;
+pub const STATUS_FEATURES_OK: u32 = 8;
+pub const STATUS_NEEDS_RESET: u32 = 0x40;
+pub const STATUS_FAILED: u32 = 0x80;
+
+/// Feature bits this transport can carry: device-specific bits, INDIRECT_DESC, EVENT_IDX
+/// and VERSION_1. Packed rings, IOMMU, notification data and the like are not offered
+/// even if a backend has them.
+pub const TRANSPORT_FEATURES: u64 = 0x00ff_ffff | 1 << 28 | 1 << 29 | 1 << 32;
+pub const VIRTIO_F_VERSION_1: u64 = 1 << 32;
+
+/// A queue as the driver programmed it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct QueueRegs {
+    pub size: u16,
+    pub ready: bool,
+    pub desc: u64,
+    pub driver: u64,
+    pub device: u64,
+}
+
+/// What the vCPU thread asks the control thread to do.
+#[derive(Debug)]
+pub enum Command {
+    /// DRIVER_OK: negotiate these features and bring these rings up.
+    Activate {
+        driver_features: u64,
+        queues: Vec<QueueRegs>,
+    },
+    /// The driver wrote 0 to Status: stop the rings.
+    Reset,
+}
+
+/// Exits this device caused, by register, for stats and tests.
+#[derive(Debug, Default)]
+pub struct ExitCounters {
+    pub queue_notify: AtomicU64,
+    pub interrupt_status: AtomicU64,
+    pub interrupt_ack: AtomicU64,
+    pub config: AtomicU64,
+    pub other: AtomicU64,
+}
+
+#[derive(Debug, Default)]
+struct Regs {
+    status: u32,
+    device_features_sel: u32,
+    driver_features_sel: u32,
+    driver_features: u64,
+    queue_sel: u32,
+    queues: Vec<QueueRegs>,
+}
+
+/// What the transport presents for one device (from the backend's setup).
+#[derive(Clone, Debug)]
+pub struct DeviceInfo {
+    pub id: String,
+    pub slot: VirtioMmioSlot,
+    /// Features the backend offers (masked to [`TRANSPORT_FEATURES`] here).
+    pub device_features: u64,
+    /// The device's config space, fetched once from the backend.
+    pub config: Vec<u8>,
+    pub num_queues: usize,
+    pub queue_max: u16,
+}
+
+/// One virtio-mmio device.
+#[derive(Debug)]
+pub struct VirtioMmioDevice {
+    pub id: String,
+    pub slot: VirtioMmioSlot,
+    device_features: u64,
+    config: Vec<u8>,
+    queue_max: u16,
+    regs: Mutex<Regs>,
+    interrupt_status: AtomicU32,
+    /// Rings are up in the backend: InterruptStatus reports the used-ring bit.
+    live: AtomicBool,
+    /// Raises the device's GSI for config interrupts (an irqfd, like the worker's call).
+    config_irq: EventFd,
+    control: Mutex<Sender<Command>>,
+    pub exits: ExitCounters,
+}
+
+impl VirtioMmioDevice {
+    pub fn new(info: DeviceInfo, config_irq: EventFd, control: Sender<Command>) -> Self {
+        VirtioMmioDevice {
+            id: info.id,
+            slot: info.slot,
+            device_features: info.device_features & TRANSPORT_FEATURES,
+            config: info.config,
+            queue_max: info.queue_max,
+            regs: Mutex::new(Regs {
+                queues: vec![QueueRegs::default(); info.num_queues],
+                ..Regs::default()
+            }),
+            interrupt_status: AtomicU32::new(0),
+            live: AtomicBool::new(false),
+            config_irq,
+            control: Mutex::new(control),
+            exits: ExitCounters::default(),
+        }
+    }
+
+    /// Whether `addr` falls in this device's window.
+    pub fn contains(&self, addr: u64) -> bool {
+        addr >= self.slot.base && addr - self.slot.base < self.slot.size
+    }
+
+    fn regs(&self) -> std::sync::MutexGuard<'_, Regs> {
+        self.regs.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Called by the control thread when the rings are up (or down).
+    pub fn set_live(&self, live: bool) {
+        self.live.store(live, Ordering::Release);
+    }
+
+    /// The backend failed: DEVICE_NEEDS_RESET and a config interrupt (virtio 1.2, 2.1.2).
+    pub fn needs_reset(&self) {
+        self.set_live(false);
+        self.regs().status |= STATUS_NEEDS_RESET;
+        self.interrupt_status.fetch_or(INT_CONFIG, Ordering::AcqRel);
+        if let Err(e) = self.config_irq.write(1) {
+            tracing::warn!("{}: cannot raise the config interrupt: {e}", self.id);
+        }
+    }
+
+    /// Current device status (for tests and logs).
+    pub fn status(&self) -> u32 {
+        self.regs().status
+    }
+
+    /// A guest read at `offset` into the window.
+    pub fn read(&self, offset: u64, data: &mut [u8]) {
+        if offset >= CONFIG_OFFSET {
+            self.exits.config.fetch_add(1, Ordering::Relaxed);
+            let start = (offset - CONFIG_OFFSET) as usize;
+            for (i, b) in data.iter_mut().enumerate() {
+                *b = self.config.get(start + i).copied().unwrap_or(0);
+            }
+            return;
+        }
+        let value = if offset == 0x60 {
+            self.exits.interrupt_status.fetch_add(1, Ordering::Relaxed);
+            let used = if self.live.load(Ordering::Acquire) {
+                INT_VRING
+            } else {
+                0
+            };
+            used | self.interrupt_status.load(Ordering::Acquire)
+        } else {
+            self.exits.other.fetch_add(1, Ordering::Relaxed);
+            let regs = self.regs();
+            let q = regs.queues.get(regs.queue_sel as usize);
+            match offset {
+                0x00 => MAGIC_VALUE,
+                0x04 => VERSION,
+                0x08 => VIRTIO_ID_BLOCK,
+                0x0c => VENDOR_ID,
+                0x10 => match regs.device_features_sel {
+                    0 => self.device_features as u32,
+                    1 => (self.device_features >> 32) as u32,
+                    _ => 0,
+                },
+                0x34 => q.map_or(0, |_| u32::from(self.queue_max)),
+                0x44 => q.map_or(0, |q| u32::from(q.ready)),
+                0x70 => regs.status,
+                0xfc => 0, // config generation: the config space never changes
+                _ => 0,
+            }
+        };
+        let bytes = value.to_le_bytes();
+        let n = data.len().min(4);
+        data[..n].copy_from_slice(&bytes[..n]);
+    }
+
+    /// A guest write at `offset` into the window.
+    pub fn write(&self, offset: u64, data: &[u8]) {
+        let mut bytes = [0u8; 4];
+        let n = data.len().min(4);
+        bytes[..n].copy_from_slice(&data[..n]);
+        let value = u32::from_le_bytes(bytes);
+        match offset {
+            0x64 => {
+                self.exits.interrupt_ack.fetch_add(1, Ordering::Relaxed);
+                // The used-ring bit is level-like (reported while live); only the config
+                // bit is ours to clear.
+                self.interrupt_status
+                    .fetch_and(!(value & INT_CONFIG), Ordering::AcqRel);
+                return;
+            }
+            QUEUE_NOTIFY_OFFSET => {
+                // Only a notify the ioeventfd did not match gets here (e.g. a queue index
+                // the device does not have): count it, nothing else.
+                self.exits.queue_notify.fetch_add(1, Ordering::Relaxed);
+                return;
+            }
+            o if o >= CONFIG_OFFSET => {
+                // virtio-blk's config space is read-only here (no writeback cache toggle).
+                self.exits.config.fetch_add(1, Ordering::Relaxed);
+                return;
+            }
+            _ => {}
+        }
+        self.exits.other.fetch_add(1, Ordering::Relaxed);
+        let mut command = None;
+        {
+            let mut regs = self.regs();
+            let sel = regs.queue_sel as usize;
+            let setup_allowed = regs.status & STATUS_DRIVER_OK == 0;
+            match offset {
+                0x14 => regs.device_features_sel = value,
+                0x20 if setup_allowed && regs.status & STATUS_FEATURES_OK == 0 => {
+                    match regs.driver_features_sel {
+                        0 => {
+                            regs.driver_features =
+                                (regs.driver_features & !0xffff_ffff) | u64::from(value)
+                        }
+                        1 => {
+                            regs.driver_features =
+                                (regs.driver_features & 0xffff_ffff) | u64::from(value) << 32
+                        }
+                        _ => {}
+                    }
+                }
+                0x24 => regs.driver_features_sel = value,
+                0x30 => regs.queue_sel = value,
+                0x38 | 0x44 | 0x80 | 0x84 | 0x90 | 0x94 | 0xa0 | 0xa4 if setup_allowed => {
+                    let queue_max = self.queue_max;
+                    if let Some(q) = regs.queues.get_mut(sel) {
+                        let lo = |old: u64| (old & !0xffff_ffff) | u64::from(value);
+                        let hi = |old: u64| (old & 0xffff_ffff) | u64::from(value) << 32;
+                        match offset {
+                            0x38 if value <= u32::from(queue_max) => q.size = value as u16,
+                            0x44 => q.ready = value == 1,
+                            0x80 => q.desc = lo(q.desc),
+                            0x84 => q.desc = hi(q.desc),
+                            0x90 => q.driver = lo(q.driver),
+                            0x94 => q.driver = hi(q.driver),
+                            0xa0 => q.device = lo(q.device),
+                            0xa4 => q.device = hi(q.device),
+                            _ => {}
+                        }
+                    }
+                }
+                0x70 => command = self.write_status(&mut regs, value),
+                _ => {}
+            }
+        }
+        if let Some(command) = command {
+            let control = self.control.lock().unwrap_or_else(|e| e.into_inner());
+            if control.send(command).is_err() {
+                tracing::warn!("{}: the device's control thread is gone", self.id);
+            }
+        }
+    }
+
+    fn write_status(&self, regs: &mut Regs, value: u32) -> Option<Command> {
+        if value == 0 {
+            let was_active = regs.status & STATUS_DRIVER_OK != 0;
+            let queues = regs.queues.len();
+            *regs = Regs {
+                queues: vec![QueueRegs::default(); queues],
+                ..Regs::default()
+            };
+            self.interrupt_status.store(0, Ordering::Release);
+            self.set_live(false);
+            return was_active.then_some(Command::Reset);
+        }
+        let old = regs.status;
+        let mut new = value & !STATUS_NEEDS_RESET | (old & STATUS_NEEDS_RESET);
+        if new & STATUS_FEATURES_OK != 0 && old & STATUS_FEATURES_OK == 0 {
+            let unknown = regs.driver_features & !self.device_features;
+            if unknown != 0 || regs.driver_features & VIRTIO_F_VERSION_1 == 0 {
+                // Leave FEATURES_OK clear: the driver reads it back and gives up.
+                tracing::debug!(
+                    "{}: refusing driver features {:#x}",
+                    self.id,
+                    regs.driver_features
+                );
+                new &= !STATUS_FEATURES_OK;
+            }
+        }
+        let activate = new & STATUS_DRIVER_OK != 0
+            && old & STATUS_DRIVER_OK == 0
+            && new & STATUS_FEATURES_OK != 0;
+        regs.status = new;
+        activate.then(|| Command::Activate {
+            driver_features: regs.driver_features,
+            queues: regs.queues.clone(),
+        })
+    }
+}
+
+/// Every virtio-mmio device of the VM, found by address on the vCPU's MMIO exits.
+#[derive(Debug, Default)]
+pub struct MmioBus {
+    pub devices: Vec<std::sync::Arc<VirtioMmioDevice>>,
+}
+
+impl MmioBus {
+    /// Dispatches a read; false if no device claims `addr`.
+    pub fn read(&self, addr: u64, data: &mut [u8]) -> bool {
+        match self.devices.iter().find(|d| d.contains(addr)) {
+            Some(d) => {
+                d.read(addr - d.slot.base, data);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Dispatches a write; false if no device claims `addr`.
+    pub fn write(&self, addr: u64, data: &[u8]) -> bool {
+        match self.devices.iter().find(|d| d.contains(addr)) {
+            Some(d) => {
+                d.write(addr - d.slot.base, data);
+                true
+            }
+            None => false,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn device() -> (VirtioMmioDevice, std::sync::mpsc::Receiver<Command>) {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let info = DeviceInfo {
+            id: "blk0".into(),
+            slot: VirtioMmioSlot::from_layout(0),
+            device_features: VIRTIO_F_VERSION_1 | 1 << 9 | 1 << 40,
+            config: vec![1, 2, 3, 4],
+            num_queues: 1,
+            queue_max: 256,
+        };
+        let d = VirtioMmioDevice::new(info, EventFd::new(libc::EFD_NONBLOCK).unwrap(), tx);
+        (d, rx)
+    }
+
+    fn r32(d: &VirtioMmioDevice, off: u64) -> u32 {
+        let mut b = [0u8; 4];
+        d.read(off, &mut b);
+        u32::from_le_bytes(b)
+    }
+
+    fn w32(d: &VirtioMmioDevice, off: u64, v: u32) {
+        d.write(off, &v.to_le_bytes());
+    }
+
+    #[test]
+    fn identity_registers() {
+        let (d, _) = device();
+        assert_eq!(r32(&d, 0), MAGIC_VALUE);
+        assert_eq!(r32(&d, 4), 2);
+        assert_eq!(r32(&d, 8), 2);
+        w32(&d, 0x14, 1);
+        assert_eq!(r32(&d, 0x10), 1, "bit 40 is not a transport feature");
+        assert_eq!(r32(&d, 0x100), 0x0403_0201);
+        assert_eq!(r32(&d, 0x104), 0, "past the config space reads zero");
+    }
+
+    #[test]
+    fn driver_ok_activates_with_the_programmed_queue() {
+        let (d, rx) = device();
+        w32(&d, 0x70, STATUS_ACKNOWLEDGE | STATUS_DRIVER);
+        w32(&d, 0x24, 1);
+        w32(&d, 0x20, 1);
+        w32(
+            &d,
+            0x70,
+            STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK,
+        );
+        assert_ne!(r32(&d, 0x70) & STATUS_FEATURES_OK, 0);
+        w32(&d, 0x30, 0);
+        w32(&d, 0x38, 128);
+        w32(&d, 0x80, 0x1000);
+        w32(&d, 0x90, 0x2000);
+        w32(&d, 0xa0, 0x3000);
+        w32(&d, 0x44, 1);
+        w32(
+            &d,
+            0x70,
+            STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK | STATUS_DRIVER_OK,
+        );
+        match rx.try_recv().unwrap() {
+            Command::Activate {
+                driver_features,
+                queues,
+            } => {
+                assert_eq!(driver_features, VIRTIO_F_VERSION_1);
+                assert_eq!(
+                    queues[0],
+                    QueueRegs {
+                        size: 128,
+                        ready: true,
+                        desc: 0x1000,
+                        driver: 0x2000,
+                        device: 0x3000
+                    }
+                );
+            }
+            other => panic!("{other:?}"),
+        }
+        w32(&d, 0x70, 0);
+        assert!(matches!(rx.try_recv().unwrap(), Command::Reset));
+        assert_eq!(r32(&d, 0x70), 0);
+    }
+
+    #[test]
+    fn features_without_version_1_or_unknown_are_refused() {
+        let (d, rx) = device();
+        w32(&d, 0x24, 0);
+        w32(&d, 0x20, 1 << 9);
+        w32(&d, 0x70, STATUS_FEATURES_OK);
+        assert_eq!(r32(&d, 0x70) & STATUS_FEATURES_OK, 0);
+        w32(&d, 0x70, STATUS_FEATURES_OK | STATUS_DRIVER_OK);
+        assert!(rx.try_recv().is_err(), "no activation without FEATURES_OK");
+    }
+
+    #[test]
+    fn interrupt_status_and_needs_reset() {
+        let (d, _) = device();
+        assert_eq!(r32(&d, 0x60), 0);
+        d.set_live(true);
+        assert_eq!(r32(&d, 0x60), INT_VRING);
+        d.needs_reset();
+        assert_eq!(r32(&d, 0x60), INT_CONFIG);
+        assert_ne!(r32(&d, 0x70) & STATUS_NEEDS_RESET, 0);
+        w32(&d, 0x64, INT_CONFIG);
+        assert_eq!(r32(&d, 0x60), 0);
+        assert_eq!(d.exits.interrupt_ack.load(Ordering::Relaxed), 1);
+    }
+}

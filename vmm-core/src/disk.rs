@@ -1,0 +1,205 @@
+//! `--disk` options, and opening an image for a worker: the VMM opens and locks the image
+//! and hands the worker the descriptor; the worker never opens a path.
+
+use std::fs::{File, OpenOptions};
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::PathBuf;
+
+/// One `--disk` as the user wrote it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DiskConfig {
+    pub id: String,
+    pub backend: DiskBackend,
+    pub readonly: bool,
+    pub serial: String,
+    pub direct: bool,
+    pub num_queues: u16,
+}
+
+/// Who serves the disk.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum DiskBackend {
+    /// An image served by a `bulkhead-worker` this VMM spawns.
+    Image(PathBuf),
+    /// An already running vhost-user-blk backend (e.g. qemu-storage-daemon) at this socket.
+    VhostUser(PathBuf),
+}
+
+/// Errors in `--disk` options or while opening an image.
+#[derive(Debug, thiserror::Error)]
+pub enum DiskError {
+    #[error("--disk {spec:?}: {reason}")]
+    Option { spec: String, reason: String },
+    #[error("cannot open disk image {path}")]
+    Open {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("disk image {path} is {size} bytes, not a non-zero multiple of 512")]
+    BadSize { path: PathBuf, size: u64 },
+    #[error("disk image {path} is locked by another process (another writer is using it)")]
+    Locked { path: PathBuf },
+}
+
+const MAX_QUEUES: u16 = 64;
+
+impl DiskConfig {
+    /// Parses `path=IMG[,id=NAME][,readonly=on][,serial=ID][,direct=on][,num_queues=N]` or
+    /// `vhost_user=SOCKET[,id=NAME][,num_queues=N]`; `index` gives the default id `blkN`.
+    pub fn parse(spec: &str, index: usize) -> Result<Self, DiskError> {
+        let bad = |reason: String| DiskError::Option {
+            spec: spec.to_string(),
+            reason,
+        };
+        let on_off = |key: &str, v: &str| match v {
+            "on" | "true" | "1" => Ok(true),
+            "off" | "false" | "0" => Ok(false),
+            _ => Err(bad(format!("{key}={v} must be on or off"))),
+        };
+        let mut cfg = DiskConfig {
+            id: format!("blk{index}"),
+            backend: DiskBackend::Image(PathBuf::new()),
+            readonly: false,
+            serial: String::new(),
+            direct: false,
+            num_queues: 1,
+        };
+        let mut backend = None;
+        for part in spec.split(',') {
+            let (key, value) = part
+                .split_once('=')
+                .ok_or_else(|| bad(format!("{part:?} is not key=value")))?;
+            match key {
+                "path" => backend = Some(DiskBackend::Image(PathBuf::from(value))),
+                "vhost_user" => backend = Some(DiskBackend::VhostUser(PathBuf::from(value))),
+                "id" => {
+                    let ok = !value.is_empty()
+                        && value.len() <= 32
+                        && value
+                            .bytes()
+                            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
+                    if !ok {
+                        return Err(bad(format!("id={value:?} must be 1-32 of [A-Za-z0-9_-]")));
+                    }
+                    cfg.id = value.to_string();
+                }
+                "readonly" => cfg.readonly = on_off(key, value)?,
+                "direct" => cfg.direct = on_off(key, value)?,
+                "serial" => {
+                    if value.len() > 20 || !value.bytes().all(|b| b.is_ascii_graphic()) {
+                        return Err(bad(format!(
+                            "serial={value:?} must be at most 20 printable bytes"
+                        )));
+                    }
+                    cfg.serial = value.to_string();
+                }
+                "num_queues" => {
+                    cfg.num_queues = value
+                        .parse()
+                        .ok()
+                        .filter(|n| (1..=MAX_QUEUES).contains(n))
+                        .ok_or_else(|| {
+                            bad(format!("num_queues={value} must be 1..={MAX_QUEUES}"))
+                        })?;
+                }
+                other => return Err(bad(format!("unknown option {other:?}"))),
+            }
+        }
+        cfg.backend = backend.ok_or_else(|| bad("needs path=IMAGE or vhost_user=SOCKET".into()))?;
+        Ok(cfg)
+    }
+}
+
+/// An image opened and locked for a worker.
+#[derive(Debug)]
+pub struct OpenedImage {
+    pub file: File,
+    pub size: u64,
+}
+
+/// Opens `path` read-write (or read-only), O_DIRECT on request, and locks it: exclusive for
+/// a writer, shared for a reader, so a second writer anywhere is refused.
+pub fn open_image(path: &PathBuf, readonly: bool, direct: bool) -> Result<OpenedImage, DiskError> {
+    let open_err = |source| DiskError::Open {
+        path: path.clone(),
+        source,
+    };
+    let mut flags = libc::O_CLOEXEC;
+    if direct {
+        flags |= libc::O_DIRECT;
+    }
+    let file = OpenOptions::new()
+        .read(true)
+        .write(!readonly)
+        .custom_flags(flags)
+        .open(path)
+        .map_err(open_err)?;
+    let size = {
+        use std::io::Seek;
+        (&file).seek(std::io::SeekFrom::End(0)).map_err(open_err)?
+    };
+    if size == 0 || size % 512 != 0 {
+        return Err(DiskError::BadSize {
+            path: path.clone(),
+            size,
+        });
+    }
+    let op = if readonly {
+        libc::LOCK_SH
+    } else {
+        libc::LOCK_EX
+    };
+    // SAFETY: flock on a descriptor we own; integer arguments only.
+    if unsafe { libc::flock(file.as_raw_fd(), op | libc::LOCK_NB) } != 0 {
+        let err = std::io::Error::last_os_error();
+        return Err(if err.raw_os_error() == Some(libc::EWOULDBLOCK) {
+            DiskError::Locked { path: path.clone() }
+        } else {
+            DiskError::Open {
+                path: path.clone(),
+                source: err,
+            }
+        });
+    }
+    Ok(OpenedImage { file, size })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_every_option() {
+        let c = DiskConfig::parse(
+            "path=/x.img,id=root,readonly=on,serial=S1,direct=on,num_queues=2",
+            0,
+        )
+        .unwrap();
+        assert_eq!(c.id, "root");
+        assert_eq!(c.backend, DiskBackend::Image("/x.img".into()));
+        assert!(c.readonly && c.direct);
+        assert_eq!((c.serial.as_str(), c.num_queues), ("S1", 2));
+        let c = DiskConfig::parse("vhost_user=/s.sock", 3).unwrap();
+        assert_eq!(c.id, "blk3");
+        assert_eq!(c.backend, DiskBackend::VhostUser("/s.sock".into()));
+    }
+
+    #[test]
+    fn rejects_bad_options_with_the_spec() {
+        for bad in [
+            "id=x",
+            "path=/x,num_queues=0",
+            "path=/x,num_queues=65",
+            "path=/x,readonly=maybe",
+            "path=/x,id=bad id",
+            "path=/x,serial=123456789012345678901",
+            "path=/x,colour=blue",
+            "path=/x,nokey",
+        ] {
+            let err = DiskConfig::parse(bad, 0).unwrap_err().to_string();
+            assert!(err.contains(bad), "{err}");
+        }
+    }
+}

@@ -1,0 +1,281 @@
+//! bulkhead as a vhost-user frontend: the setup a device needs before the guest sees it
+//! (features, protocol features, queue count, config space), and a control thread per
+//! device that brings the rings up on DRIVER_OK and down on reset. No vCPU thread ever
+//! waits on a backend: they only send commands here.
+
+use std::os::fd::AsRawFd;
+use std::os::unix::net::UnixStream;
+use std::sync::mpsc::Receiver;
+use std::sync::Arc;
+use std::time::Duration;
+
+use vhost::vhost_user::message::{
+    VhostUserConfigFlags, VhostUserProtocolFeatures, VhostUserVirtioFeatures,
+};
+use vhost::vhost_user::{Frontend, VhostUserFrontend};
+use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
+use vm_memory::{Address, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::devices::virtio_mmio::{Command, QueueRegs, VirtioMmioDevice};
+use crate::memory::GuestRam;
+
+/// Size of the virtio-blk config space we fetch (through write_zeroes_may_unmap).
+pub const BLK_CONFIG_SIZE: u32 = 60;
+/// No backend reply may take longer (a hung backend must not hang its control thread).
+pub const REPLY_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Errors talking to a backend.
+#[derive(Debug, thiserror::Error)]
+pub enum FrontendError {
+    #[error("{id}: vhost-user {what} failed")]
+    Vhost {
+        id: String,
+        what: &'static str,
+        #[source]
+        source: vhost::Error,
+    },
+    #[error("{id}: the backend offers {offered} queues, {wanted} were asked for")]
+    Queues {
+        id: String,
+        offered: u64,
+        wanted: u16,
+    },
+    #[error("{id}: the backend does not offer VIRTIO_F_VERSION_1 (features {features:#x})")]
+    NotModern { id: String, features: u64 },
+    #[error("{id}: queue {queue} address {gpa:#x} is not in guest RAM")]
+    RingOutsideRam { id: String, queue: usize, gpa: u64 },
+    #[error("{id}: cannot configure the socket")]
+    Socket {
+        id: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// A backend connection after setup, before any ring is up.
+pub struct Backend {
+    pub frontend: Frontend,
+    pub features: u64,
+    pub protocol: VhostUserProtocolFeatures,
+    pub config: Vec<u8>,
+}
+
+impl std::fmt::Debug for Backend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Backend")
+            .field("features", &format_args!("{:#x}", self.features))
+            .field("protocol", &self.protocol)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Takes a backend through SET_OWNER, feature and protocol-feature discovery, the queue
+/// count and GET_CONFIG.
+pub fn setup(id: &str, stream: UnixStream, num_queues: u16) -> Result<Backend, FrontendError> {
+    let err = |what| {
+        let id = id.to_string();
+        move |source| FrontendError::Vhost { id, what, source }
+    };
+    stream
+        .set_read_timeout(Some(REPLY_TIMEOUT))
+        .map_err(|source| FrontendError::Socket {
+            id: id.to_string(),
+            source,
+        })?;
+    let mut frontend = Frontend::from_stream(stream, u64::from(num_queues));
+    frontend.set_owner().map_err(err("SET_OWNER"))?;
+    let features = frontend.get_features().map_err(err("GET_FEATURES"))?;
+    if features & crate::devices::virtio_mmio::VIRTIO_F_VERSION_1 == 0 {
+        return Err(FrontendError::NotModern {
+            id: id.to_string(),
+            features,
+        });
+    }
+    let mut protocol = VhostUserProtocolFeatures::empty();
+    if features & VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits() != 0 {
+        let offered = frontend
+            .get_protocol_features()
+            .map_err(err("GET_PROTOCOL_FEATURES"))?;
+        protocol = offered
+            & (VhostUserProtocolFeatures::MQ
+                | VhostUserProtocolFeatures::REPLY_ACK
+                | VhostUserProtocolFeatures::CONFIG);
+        frontend
+            .set_protocol_features(protocol)
+            .map_err(err("SET_PROTOCOL_FEATURES"))?;
+    }
+    if protocol.contains(VhostUserProtocolFeatures::MQ) {
+        let offered = frontend.get_queue_num().map_err(err("GET_QUEUE_NUM"))?;
+        if offered < u64::from(num_queues) {
+            return Err(FrontendError::Queues {
+                id: id.to_string(),
+                offered,
+                wanted: num_queues,
+            });
+        }
+    } else if num_queues > 1 {
+        return Err(FrontendError::Queues {
+            id: id.to_string(),
+            offered: 1,
+            wanted: num_queues,
+        });
+    }
+    let config = if protocol.contains(VhostUserProtocolFeatures::CONFIG) {
+        let buf = vec![0u8; BLK_CONFIG_SIZE as usize];
+        let (_, payload) = frontend
+            .get_config(0, BLK_CONFIG_SIZE, VhostUserConfigFlags::WRITABLE, &buf)
+            .map_err(err("GET_CONFIG"))?;
+        payload
+    } else {
+        Vec::new()
+    };
+    Ok(Backend {
+        frontend,
+        features,
+        protocol,
+        config,
+    })
+}
+
+/// What the control thread of one device owns.
+#[derive(Debug)]
+pub struct ControlThread {
+    pub device: Arc<VirtioMmioDevice>,
+    pub backend: Backend,
+    pub ram: Arc<GuestRam>,
+    pub kicks: Vec<EventFd>,
+    pub calls: Vec<EventFd>,
+    pub queue_max: u16,
+}
+
+impl ControlThread {
+    /// Serves commands until the device goes away.
+    pub fn run(mut self, commands: Receiver<Command>) {
+        let mut active: Vec<usize> = Vec::new();
+        for command in commands {
+            let result = match command {
+                Command::Activate {
+                    driver_features,
+                    queues,
+                } => self.activate(driver_features, &queues).map(|up| {
+                    active = up;
+                    self.device.set_live(true);
+                    tracing::debug!("{}: rings {active:?} up", self.device.id);
+                }),
+                Command::Reset => {
+                    self.device.set_live(false);
+                    self.stop(&std::mem::take(&mut active))
+                }
+            };
+            if let Err(e) = result {
+                tracing::error!("{:#}", anyhow_chain(&e));
+                self.device.needs_reset();
+            }
+        }
+    }
+
+    fn err(&self, what: &'static str) -> impl Fn(vhost::Error) -> FrontendError + '_ {
+        move |source| FrontendError::Vhost {
+            id: self.device.id.clone(),
+            what,
+            source,
+        }
+    }
+
+    fn hva(&self, queue: usize, gpa: u64) -> Result<u64, FrontendError> {
+        self.ram
+            .memory()
+            .get_host_address(GuestAddress(gpa))
+            .map(|p| p as u64)
+            .map_err(|_| FrontendError::RingOutsideRam {
+                id: self.device.id.clone(),
+                queue,
+                gpa,
+            })
+    }
+
+    fn activate(
+        &mut self,
+        driver_features: u64,
+        queues: &[QueueRegs],
+    ) -> Result<Vec<usize>, FrontendError> {
+        let protocol_bit =
+            self.backend.features & VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
+        self.backend
+            .frontend
+            .set_features(driver_features | protocol_bit)
+            .map_err(self.err("SET_FEATURES"))?;
+        let regions: Vec<VhostUserMemoryRegionInfo> = self
+            .ram
+            .memory()
+            .iter()
+            .map(|r| VhostUserMemoryRegionInfo {
+                guest_phys_addr: r.start_addr().raw_value(),
+                memory_size: r.len(),
+                userspace_addr: r.as_ptr() as u64,
+                mmap_offset: r.file_offset().map_or(0, |f| f.start()),
+                mmap_handle: self.ram.memfd().as_raw_fd(),
+            })
+            .collect();
+        self.backend
+            .frontend
+            .set_mem_table(&regions)
+            .map_err(self.err("SET_MEM_TABLE"))?;
+        let mut up = Vec::new();
+        for (i, q) in queues.iter().enumerate() {
+            if !q.ready || q.size == 0 {
+                continue;
+            }
+            let ring = VringConfigData {
+                queue_max_size: self.queue_max,
+                queue_size: q.size,
+                flags: 0,
+                desc_table_addr: self.hva(i, q.desc)?,
+                used_ring_addr: self.hva(i, q.device)?,
+                avail_ring_addr: self.hva(i, q.driver)?,
+                log_addr: None,
+            };
+            let f = &self.backend.frontend;
+            f.set_vring_num(i, q.size)
+                .map_err(self.err("SET_VRING_NUM"))?;
+            f.set_vring_addr(i, &ring)
+                .map_err(self.err("SET_VRING_ADDR"))?;
+            f.set_vring_base(i, 0).map_err(self.err("SET_VRING_BASE"))?;
+            f.set_vring_call(i, &self.calls[i])
+                .map_err(self.err("SET_VRING_CALL"))?;
+            f.set_vring_kick(i, &self.kicks[i])
+                .map_err(self.err("SET_VRING_KICK"))?;
+            if protocol_bit != 0 {
+                self.backend
+                    .frontend
+                    .set_vring_enable(i, true)
+                    .map_err(self.err("SET_VRING_ENABLE"))?;
+            }
+            up.push(i);
+        }
+        Ok(up)
+    }
+
+    fn stop(&mut self, active: &[usize]) -> Result<(), FrontendError> {
+        for &i in active {
+            self.backend
+                .frontend
+                .get_vring_base(i)
+                .map_err(self.err("GET_VRING_BASE"))?;
+        }
+        Ok(())
+    }
+}
+
+/// The error and its sources on one line.
+fn anyhow_chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut src = e.source();
+    while let Some(s) = src {
+        out.push_str(": ");
+        out.push_str(&s.to_string());
+        src = s.source();
+    }
+    out
+}

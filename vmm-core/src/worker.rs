@@ -1,0 +1,240 @@
+//! Starting a disk worker: a fresh `bulkhead-worker` executable (exec, never a bare fork of
+//! this multithreaded process) handed exactly four descriptors: the connected vhost-user
+//! socket, the control channel, the disk image this VMM opened and locked, and the status
+//! page this VMM created and sealed. Everything the worker says is checked.
+
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::net::UnixStream;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use ipc::channel::Channel;
+use ipc::messages::{VmmMessage, WorkerConfig, WorkerKind, WorkerMessage};
+use ipc::status::{StatusMapping, StatusPage};
+
+use crate::disk::{open_image, DiskConfig, DiskError};
+
+/// Where the inherited descriptors land in the worker.
+const VHOST_FD: RawFd = 3;
+const CONTROL_FD: RawFd = 4;
+const DISK_FD: RawFd = 5;
+const STATUS_FD: RawFd = 6;
+
+/// How long a worker may take to answer during setup before it is given up on.
+pub const SETUP_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Errors while starting a worker. The worker, if started, is killed.
+#[derive(Debug, thiserror::Error)]
+pub enum WorkerError {
+    #[error(transparent)]
+    Disk(#[from] DiskError),
+    #[error("disk {id}: cannot {what}")]
+    Setup {
+        id: String,
+        what: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("disk {id}: cannot start worker {bin}")]
+    Spawn {
+        id: String,
+        bin: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("disk {id}: worker (pid {pid}) failed the handshake")]
+    Handshake {
+        id: String,
+        pid: u32,
+        #[source]
+        source: ipc::handshake::HandshakeError,
+    },
+    #[error("disk {id}: worker (pid {pid}) sent a bad control message")]
+    Control {
+        id: String,
+        pid: u32,
+        #[source]
+        source: ipc::channel::ChannelError,
+    },
+    #[error("disk {id}: worker (pid {pid}) answered the configuration with {answer}")]
+    Unexpected {
+        id: String,
+        pid: u32,
+        answer: String,
+    },
+    #[error("disk {id}: cannot create the status page")]
+    Status {
+        id: String,
+        #[source]
+        source: ipc::status::StatusError,
+    },
+}
+
+/// A started worker, past its handshake, ready for vhost-user.
+#[derive(Debug)]
+pub struct Worker {
+    pub id: String,
+    pub child: Child,
+    pub control: Channel,
+    pub status: StatusMapping,
+    /// Our end of the vhost-user socket.
+    pub vhost: UnixStream,
+    pub disk_size: u64,
+    pub device_features: u64,
+}
+
+/// Finds `bulkhead-worker` beside the running executable.
+pub fn default_worker_bin() -> Option<PathBuf> {
+    let exe = std::env::current_exe().ok()?;
+    let bin = exe.parent()?.join("bulkhead-worker");
+    bin.is_file().then_some(bin)
+}
+
+fn dup_high(fd: RawFd) -> std::io::Result<OwnedFd> {
+    // Copies land above every target number, so the dup2s in the child never clobber a
+    // source that is still needed.
+    // SAFETY: F_DUPFD_CLOEXEC on a descriptor we own returns a new descriptor we own.
+    let new = unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 64) };
+    if new < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: `new` was just returned by fcntl and nothing else owns it.
+    Ok(unsafe { OwnedFd::from_raw_fd(new) })
+}
+
+/// Opens the image, creates the channels and the status page, execs the worker and takes
+/// it through the handshake and its configuration.
+pub fn spawn(cfg: &DiskConfig, image: &PathBuf, bin: &Path) -> Result<Worker, WorkerError> {
+    let id = cfg.id.clone();
+    let setup = |what: &'static str| {
+        let id = id.clone();
+        move |source| WorkerError::Setup { id, what, source }
+    };
+    let disk = open_image(image, cfg.readonly, cfg.direct)?;
+    let (vmm_vhost, worker_vhost) =
+        UnixStream::pair().map_err(setup("create the vhost-user socket pair"))?;
+    let (vmm_control, worker_control) = Channel::pair().map_err(|e| WorkerError::Setup {
+        id: id.clone(),
+        what: "create the control channel",
+        source: std::io::Error::other(e),
+    })?;
+    let (status_fd, status) =
+        StatusPage::create(&format!("bulkhead-status-{id}")).map_err(|source| {
+            WorkerError::Status {
+                id: id.clone(),
+                source,
+            }
+        })?;
+    let sources = [
+        dup_high(worker_vhost.as_raw_fd()).map_err(setup("pass the vhost-user socket"))?,
+        dup_high(worker_control.as_raw_fd()).map_err(setup("pass the control channel"))?,
+        dup_high(disk.file.as_raw_fd()).map_err(setup("pass the disk"))?,
+        dup_high(status_fd.as_raw_fd()).map_err(setup("pass the status page"))?,
+    ];
+    let pairs: Vec<(RawFd, RawFd)> = sources
+        .iter()
+        .map(|s| s.as_raw_fd())
+        .zip([VHOST_FD, CONTROL_FD, DISK_FD, STATUS_FD])
+        .collect();
+    let mut cmd = Command::new(bin);
+    cmd.args([
+        "spawned",
+        "--vhost-fd",
+        &VHOST_FD.to_string(),
+        "--control-fd",
+        &CONTROL_FD.to_string(),
+        "--disk-fd",
+        &DISK_FD.to_string(),
+        "--status-fd",
+        &STATUS_FD.to_string(),
+    ])
+    .stdin(Stdio::null())
+    .stdout(Stdio::null());
+    // SAFETY: runs between fork and exec in the child; dup2 is async-signal-safe and
+    // touches only descriptors; nothing allocates or takes a lock.
+    unsafe {
+        cmd.pre_exec(move || {
+            for &(src, dst) in &pairs {
+                if libc::dup2(src, dst) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
+            Ok(())
+        });
+    }
+    let child = cmd.spawn().map_err(|source| WorkerError::Spawn {
+        id: id.clone(),
+        bin: bin.to_path_buf(),
+        source,
+    })?;
+    drop(sources);
+    drop((worker_vhost, worker_control, status_fd, disk));
+    let pid = child.id();
+    let mut worker = Worker {
+        id: id.clone(),
+        child,
+        control: vmm_control,
+        status,
+        vhost: vmm_vhost,
+        disk_size: 0,
+        device_features: 0,
+    };
+    if let Err(e) = configure(&mut worker, cfg, pid) {
+        let _ = worker.child.kill();
+        let _ = worker.child.wait();
+        return Err(e);
+    }
+    Ok(worker)
+}
+
+fn configure(worker: &mut Worker, cfg: &DiskConfig, pid: u32) -> Result<(), WorkerError> {
+    let id = worker.id.clone();
+    ipc::handshake::handshake_vmm_side_timeout(&worker.control, SETUP_TIMEOUT).map_err(
+        |source| WorkerError::Handshake {
+            id: id.clone(),
+            pid,
+            source,
+        },
+    )?;
+    let control_err = |source| WorkerError::Control {
+        id: id.clone(),
+        pid,
+        source,
+    };
+    let config = WorkerConfig {
+        kind: WorkerKind::Blk,
+        device_id: cfg.id.clone(),
+        readonly: cfg.readonly,
+        num_queues: cfg.num_queues,
+        serial: cfg.serial.clone(),
+        direct_io: cfg.direct,
+        sandbox: true,
+    };
+    worker
+        .control
+        .send(&VmmMessage::Configure(config), &[])
+        .map_err(control_err)?;
+    let (answer, fds) = worker
+        .control
+        .recv_timeout::<WorkerMessage>(SETUP_TIMEOUT)
+        .map_err(control_err)?;
+    drop(fds); // Ready carries none; any that came are closed unused.
+    match answer {
+        WorkerMessage::Ready {
+            disk_size_bytes,
+            device_features,
+            num_queues,
+        } if num_queues == cfg.num_queues => {
+            worker.disk_size = disk_size_bytes;
+            worker.device_features = device_features;
+            Ok(())
+        }
+        other => Err(WorkerError::Unexpected {
+            id,
+            pid,
+            answer: format!("{other:?}"),
+        }),
+    }
+}
