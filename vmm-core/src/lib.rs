@@ -7,6 +7,7 @@ pub mod devices;
 pub mod disk;
 pub mod layout;
 pub mod memory;
+pub mod sandbox_report;
 pub mod terminal;
 pub mod vcpu;
 pub mod vhost_frontend;

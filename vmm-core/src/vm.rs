@@ -433,6 +433,7 @@ fn supervise(worker: crate::worker::Worker, device: Arc<VirtioMmioDevice>) -> Wo
         .name(format!("{id}-sup"))
         .spawn(move || {
             let _keep = (control, vhost);
+            report_confinement(&id, pid, &status);
             let how = match child.wait() {
                 Ok(s) => describe_exit(s),
                 Err(e) => format!("cannot be waited for: {e}"),
@@ -451,6 +452,30 @@ fn supervise(worker: crate::worker::Worker, device: Arc<VirtioMmioDevice>) -> Wo
         tracing::error!("cannot supervise worker {pid}: {e}");
     }
     info
+}
+
+/// Logs the confined worker's sandbox facts once its reaper has published its pid and
+/// the worker has installed its filter (or says it could not see them).
+fn report_confinement(id: &str, reaper: u32, status: &ipc::status::StatusMapping) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while std::time::Instant::now() < deadline {
+        let pid = status.worker_pid();
+        if pid != 0 && pid != reaper {
+            if let Some(facts) = crate::sandbox_report::SandboxFacts::read(pid) {
+                if facts.seccomp == "2" {
+                    let verdict = if facts.confined() {
+                        "confined"
+                    } else {
+                        "NOT fully confined"
+                    };
+                    tracing::info!("worker {id} {verdict}: {facts}");
+                    return;
+                }
+            }
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    tracing::warn!("worker {id}: could not confirm its confinement within 5 s");
 }
 
 fn describe_exit(status: std::process::ExitStatus) -> String {
