@@ -33,7 +33,7 @@ impl SandboxFacts {
             status
                 .lines()
                 .find_map(|l| l.strip_prefix(key))
-                .map(|v| v.trim().split_whitespace().next().unwrap_or("").to_string())
+                .map(|v| v.split_whitespace().next().unwrap_or("").to_string())
                 .unwrap_or_default()
         };
         let ns = |p: String| std::fs::read_link(p).ok();
