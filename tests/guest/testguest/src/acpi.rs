@@ -13,6 +13,9 @@ const HEADER_LEN: u64 = 36;
 const TABLE_MAX: u64 = 1 << 20;
 
 const MADT_LAPIC: u8 = 0;
+const MADT_IOAPIC: u8 = 1;
+/// Most I/O APICs remembered from the MADT.
+pub const MAX_IOAPICS: usize = 4;
 const MADT_X2APIC: u8 = 9;
 const MADT_ENABLED: u32 = 1;
 
@@ -50,6 +53,9 @@ pub struct CpuList {
     pub total: usize,
     /// The MADT's local APIC address.
     pub lapic_addr: u64,
+    /// I/O APICs from the MADT: (register base, first GSI).
+    ioapics: [(u64, u32); MAX_IOAPICS],
+    ioapic_len: usize,
 }
 
 impl CpuList {
@@ -59,7 +65,14 @@ impl CpuList {
             len: 0,
             total: 0,
             lapic_addr: 0,
+            ioapics: [(0, 0); MAX_IOAPICS],
+            ioapic_len: 0,
         }
+    }
+
+    /// The MADT's I/O APICs as (register base, first GSI), in MADT order.
+    pub fn ioapics(&self) -> &[(u64, u32)] {
+        &self.ioapics[..self.ioapic_len]
     }
 
     fn push(&mut self, apic_id: u32) {
@@ -195,7 +208,15 @@ pub fn cpus(rsdp_hint: u64) -> Result<Option<CpuList>, AcpiError> {
                     cpus.push(id);
                 }
             }
-            MADT_LAPIC | MADT_X2APIC => return Err(AcpiError::BadMadtEntry(e)),
+            MADT_IOAPIC if elen >= 12 => {
+                // SAFETY: inside this entry (length checked).
+                let (addr, gsi) = unsafe { (phys::read::<u32>(e + 4), phys::read::<u32>(e + 8)) };
+                if cpus.ioapic_len < MAX_IOAPICS {
+                    cpus.ioapics[cpus.ioapic_len] = (u64::from(addr), gsi);
+                    cpus.ioapic_len += 1;
+                }
+            }
+            MADT_LAPIC | MADT_X2APIC | MADT_IOAPIC => return Err(AcpiError::BadMadtEntry(e)),
             _ => {}
         }
         e += elen;

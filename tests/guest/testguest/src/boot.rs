@@ -2,6 +2,7 @@
 //! bootstrap `iretq`s to, and the layout constants shared with the assembly.
 
 use core::arch::global_asm;
+use core::sync::atomic::{AtomicU64, Ordering};
 
 /// Most CPUs the guest brings up; per-CPU stacks and TSSs are allocated statically.
 pub const MAX_CPUS: usize = 32;
@@ -26,6 +27,23 @@ const TSS_SEL0: u16 = 0x30;
 /// Physical page the AP real-mode start code is copied to; SIPI vector = page number.
 pub const TRAMPOLINE: u64 = 0x10000;
 
+/// Interrupt vectors the ring-0 path counts and acknowledges (see `isr_common`):
+/// `IRQ_FIRST..IRQ_FIRST + IRQ_COUNT`. Any other vector from 32 up (but 0xff, the
+/// spurious vector) is fatal.
+pub const IRQ_FIRST: u8 = 0x20;
+pub const IRQ_COUNT: usize = 8;
+
+/// Interrupts taken per vector from [`IRQ_FIRST`] on; ring 0 bumps them.
+#[no_mangle]
+#[allow(non_upper_case_globals, reason = "named as boot.s uses it")]
+static tg_irq_counts: [AtomicU64; IRQ_COUNT] = [const { AtomicU64::new(0) }; IRQ_COUNT];
+
+/// Address of the local APIC's EOI register, for the ring-0 interrupt path. Zero until
+/// [`set_lapic_eoi`]: no vector is routed before then.
+#[no_mangle]
+#[allow(non_upper_case_globals, reason = "named as boot.s uses it")]
+static tg_lapic_eoi: AtomicU64 = AtomicU64::new(0);
+
 global_asm!(
     include_str!("boot.s"),
     MAX_CPUS = const MAX_CPUS,
@@ -44,6 +62,8 @@ global_asm!(
     UCODE3 = const UCODE3,
     TSS_SEL0 = const TSS_SEL0,
     TRAMPOLINE = const TRAMPOLINE,
+    IRQ_FIRST = const IRQ_FIRST,
+    IRQ_COUNT = const IRQ_COUNT,
     options(att_syntax)
 );
 
@@ -55,6 +75,34 @@ extern "C" {
     static mut ap_boot_cpu: u32;
     /// Ring-0 service: halt this CPU with interrupts off (see boot.s).
     fn tg_sys_halt() -> !;
+    /// Ring-0 service: unless `*counter != seen`, wait for the next interrupt.
+    fn tg_sys_wait(seen: u64, counter: *const AtomicU64);
+}
+
+/// Interrupts taken so far on `vector` (0 for vectors the ring-0 path does not count).
+pub fn irq_count(vector: u8) -> u64 {
+    match tg_irq_counts.get(usize::from(vector.wrapping_sub(IRQ_FIRST))) {
+        Some(c) if vector >= IRQ_FIRST => c.load(Ordering::Acquire),
+        _ => 0,
+    }
+}
+
+/// Tells the ring-0 interrupt path where the local APIC's EOI register is.
+pub fn set_lapic_eoi(addr: u64) {
+    tg_lapic_eoi.store(addr, Ordering::Release);
+}
+
+/// Halts with interrupts enabled until an interrupt arrives, unless one on `vector`
+/// already did since its count read `seen` (see [`irq_count`]). Any interrupt ends the
+/// wait; callers re-check their condition and their deadline.
+pub fn wait_for_irq(vector: u8, seen: u64) {
+    let Some(counter) = tg_irq_counts.get(usize::from(vector.wrapping_sub(IRQ_FIRST))) else {
+        return;
+    };
+    // SAFETY: the trap at `tg_sys_wait` is recognised by the interrupt path, which
+    // compares `*counter` with `seen`, maybe halts with interrupts on, and returns to
+    // the `ret` after the trap; the counter is a static the ring-0 path only increments.
+    unsafe { tg_sys_wait(seen, counter) }
 }
 
 /// Asks ring 0 to halt this CPU with interrupts off; never returns.

@@ -24,6 +24,12 @@
 pvh_start32:
     cli
     cld
+    /* Mask both legacy 8259 PICs, as an OS does: device interrupts arrive through the
+       IOAPIC only. Otherwise a VMM's in-kernel PIC (unprogrammed, vector base 0) turns a
+       device's ISA-range GSI into a bogus "exception" vector via LINT0/ExtINT. */
+    mov $0xff, %al
+    out %al, $0x21
+    out %al, $0xa1
     mov %ebx, %esi                  /* start_info, the 2nd argument of rust_entry */
     xor %edi, %edi                  /* CPU index 0 */
     lgdt gdt_ptr
@@ -98,14 +104,35 @@ long_entry:
 /* ---- Interrupts and exceptions ---- */
 /* Stack on entry: vector, error code, RIP, CS, RFLAGS, RSP, SS. */
 isr_common:
-    /* A service request from ring 3 (see tg_sys_halt)? */
+    /* Device and timer interrupts first: the hot path, a handful of emulated
+     * instructions. Vectors IRQ_FIRST.. IRQ_FIRST+IRQ_COUNT-1 are counted (ring 3 reads
+     * tg_irq_counts) and acknowledged at the local APIC; the spurious vector 0xff needs
+     * no EOI. Ring 3 does everything else (InterruptStatus / InterruptACK included). */
+    cmpq ${IRQ_FIRST}, (%rsp)
+    jb 1f
+    cmpq $0xff, (%rsp)
+    je 3f
+    cmpq ${IRQ_FIRST} + {IRQ_COUNT}, (%rsp)
+    jae fatal
+    push %rax
+    mov 8(%rsp), %rax
+    lock incq tg_irq_counts - {IRQ_FIRST} * 8(,%rax,8)
+    mov tg_lapic_eoi, %rax
+    movl $0, (%rax)
+    pop %rax
+3:  add $16, %rsp
+    iretq
+1:
+    /* A service request from ring 3 (see tg_sys_halt, tg_sys_wait)? */
     cmpq $6, (%rsp)
-    jne 1f
+    jne fatal
+    cmpq $tg_sys_wait_ud2, 16(%rsp)
+    je wait
     cmpq $tg_sys_halt, 16(%rsp)
     je halt
-1:
-    /* Everything else is fatal for now: report it from ring 3, natively, on this CPU's
-     * fault stack. A later IRQ handler would branch off here by vector. */
+fatal:
+    /* Everything else is fatal: report it from ring 3, natively, on this CPU's fault
+     * stack. */
     pop %rdi                        /* vector */
     pop %rdx                        /* error code */
     mov (%rsp), %rsi                /* RIP */
@@ -131,6 +158,25 @@ isr_common:
  * SYSCALL the handler's first `cli` raised #GP (measured); exceptions, though, are
  * delivered through the IDT to ring 0. So a service is a `ud2` at a known address,
  * recognised in isr_common. */
+/* tg_sys_wait(seen, counter): unless *counter != seen already, wait with interrupts
+ * enabled until the next interrupt (whose handler runs first), then return to ring 3.
+ * Ring 3 reads the counter before its last look at the device, so an interrupt that
+ * came in between is never slept through. */
+    .globl tg_sys_wait
+tg_sys_wait:
+tg_sys_wait_ud2:
+    ud2
+    ret                             /* ring 3 resumes here */
+wait:
+    addq $2, 16(%rsp)               /* past the ud2 */
+    cmp (%rsi), %rdi
+    jne 4f
+    sti
+    hlt
+    cli
+4:  add $16, %rsp
+    iretq
+
     .globl tg_sys_halt
 tg_sys_halt:                        /* halt this CPU, interrupts off, for good */
     ud2

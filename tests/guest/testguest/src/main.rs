@@ -11,15 +11,19 @@
 )]
 
 mod acpi;
+mod blk_verify;
 mod boot;
 mod cmdline;
 mod cpu;
+mod hostile;
+mod irq;
 mod mem;
 mod phys;
 mod plans;
 mod serial;
 mod smp;
 mod start_info;
+mod virtio_blk;
 mod virtio_mmio;
 
 use cmdline::Cmdline;
@@ -45,12 +49,15 @@ fn bsp_main(start_info_paddr: u64, apic_base_msr: u64) -> ! {
     };
     let cpu_list = acpi::cpus(si.rsdp_paddr).unwrap_or_else(|e| fail!("{e}"));
     let cpus = smp::bring_up(&si, cpu_list.as_ref(), apic_base_msr, tsc_hz, timeout_ms);
+    let ioapics = irq::IoApics::new(cpu_list.as_ref().map(|c| c.ioapics()));
     let ctx = plans::Ctx {
         start_info: si,
         cmdline,
         devices,
         cpus,
         tsc_hz,
+        apic_base_msr,
+        ioapics,
     };
     (plan.run)(&ctx);
     tg!("done");

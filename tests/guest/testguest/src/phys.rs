@@ -59,6 +59,24 @@ impl Mmio {
         unsafe { core::ptr::read_volatile((self.base + offset) as *const u32) }
     }
 
+    /// One 8-bit register read; out-of-window offsets read as all ones.
+    pub fn read8(&self, offset: u64) -> u8 {
+        if offset >= self.size {
+            return u8::MAX;
+        }
+        // SAFETY: in the mapped window (checked by `new` and above).
+        unsafe { core::ptr::read_volatile((self.base + offset) as *const u8) }
+    }
+
+    /// One 16-bit register read; out-of-window or misaligned offsets read as all ones.
+    pub fn read16(&self, offset: u64) -> u16 {
+        if offset & 1 != 0 || offset + 2 > self.size {
+            return u16::MAX;
+        }
+        // SAFETY: in the mapped window (checked by `new` and above), aligned.
+        unsafe { core::ptr::read_volatile((self.base + offset) as *const u16) }
+    }
+
     /// One 32-bit register write; out-of-window offsets are ignored.
     pub fn write32(&self, offset: u64, value: u32) {
         if offset & 3 != 0 || offset + 4 > self.size {

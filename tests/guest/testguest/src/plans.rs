@@ -15,6 +15,9 @@ pub struct Ctx {
     pub devices: Slots,
     pub cpus: usize,
     pub tsc_hz: u64,
+    /// IA32_APIC_BASE of the BSP (local APIC address and mode).
+    pub apic_base_msr: u64,
+    pub ioapics: crate::irq::IoApics,
 }
 
 #[derive(Debug)]
@@ -35,6 +38,14 @@ pub const PLANS: &[Plan] = &[
     Plan {
         name: "fault",
         run: fault,
+    },
+    Plan {
+        name: "blk-verify",
+        run: crate::blk_verify::run,
+    },
+    Plan {
+        name: "hostile",
+        run: crate::hostile::run,
     },
 ];
 
