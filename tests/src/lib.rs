@@ -198,3 +198,68 @@ pub fn worker_hooks_bin() -> PathBuf {
         "cargo build -p device-workers --features test-hooks --target-dir target/hooks",
     )
 }
+
+/// The test guest's `blk-verify` pattern for 4 KiB block `block` (see
+/// tests/guest/testguest/src/blk_verify.rs): 512 little-endian u64s, `block`, `seed`, then
+/// xorshift64 from `(seed ^ block * 0x9e3779b97f4a7c15) | 1`.
+pub fn blk_pattern(seed: u64, block: u64) -> Vec<u8> {
+    let mut x = (seed ^ block.wrapping_mul(0x9e37_79b9_7f4a_7c15)) | 1;
+    let mut out = Vec::with_capacity(4096);
+    for i in 0..512 {
+        let v = match i {
+            0 => block,
+            1 => seed,
+            _ => {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x
+            }
+        };
+        out.extend_from_slice(&v.to_le_bytes());
+    }
+    out
+}
+
+/// Checks a disk image after `blk-verify` on device `dev`: every covered block holds the
+/// pattern, except the write-zeroes range (zeros) and the discard range (undefined), both
+/// read from the guest's `TG blk dev=N wz=F+C discard=F+C` line. Returns a description of
+/// the first mismatch.
+pub fn check_blk_verify_image(
+    image: &Path,
+    stdout: &str,
+    dev: usize,
+    seed: u64,
+    blocks: u64,
+) -> Result<(), String> {
+    let prefix = format!("TG blk dev={dev} wz=");
+    let line = stdout
+        .lines()
+        .find(|l| l.starts_with(&prefix))
+        .ok_or_else(|| format!("no {prefix:?} line"))?;
+    let range = |key: &str| -> Option<(u64, u64)> {
+        let v = line.split_whitespace().find_map(|w| w.strip_prefix(key))?;
+        let (f, c) = v.split_once('+')?;
+        Some((f.parse().ok()?, c.parse().ok()?))
+    };
+    let wz = range("wz=");
+    let discard = range("discard=");
+    let inside = |r: Option<(u64, u64)>, b: u64| r.is_some_and(|(f, c)| b >= f && b < f + c);
+    let data = std::fs::read(image).map_err(|e| format!("read {}: {e}", image.display()))?;
+    for b in 0..blocks {
+        if inside(discard, b) {
+            continue;
+        }
+        let got = data
+            .get((b * 4096) as usize..((b + 1) * 4096) as usize)
+            .ok_or_else(|| format!("image shorter than block {b}"))?;
+        if inside(wz, b) {
+            if got.iter().any(|&x| x != 0) {
+                return Err(format!("block {b} should be zeroed (write-zeroes range)"));
+            }
+        } else if got != blk_pattern(seed, b).as_slice() {
+            return Err(format!("block {b} does not hold the pattern"));
+        }
+    }
+    Ok(())
+}
