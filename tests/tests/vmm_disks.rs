@@ -195,3 +195,57 @@ fn hostile_readonly_out_under_bulkhead() {
         "a readonly image must not change"
     );
 }
+
+/// bulkhead's frontend against a backend nobody here wrote: qemu-storage-daemon's
+/// vhost-user-blk export, next to one of our workers.
+#[test]
+fn blk_verify_with_qemu_storage_daemon_as_backend() {
+    require_kvm();
+    let dir = scratch_dir("vmm-qsd");
+    let ours = disk(&dir, "ours.img");
+    let theirs = disk(&dir, "qsd.img");
+    let socket = dir.join("qsd.sock");
+    let qsd_bin = tests::require_tool("qemu-storage-daemon", "qemu-system-x86");
+    let mut qsd = std::process::Command::new(qsd_bin)
+        .arg("--blockdev")
+        .arg(format!(
+            "driver=file,node-name=f0,filename={}",
+            theirs.display()
+        ))
+        .arg("--export")
+        .arg(format!(
+            "type=vhost-user-blk,id=e0,node-name=f0,addr.type=unix,addr.path={},writable=on",
+            socket.display()
+        ))
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while std::os::unix::net::UnixStream::connect(&socket).is_err() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "qemu-storage-daemon never listened"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let plan =
+        format!("testguest.plan=blk-verify qd=32 completion=irq seed={SEED} blocks={BLOCKS}");
+    let r = run(
+        &plan,
+        &[&ours],
+        &["--disk", &format!("vhost_user={},id=qsd", socket.display())],
+    );
+    let _ = qsd.kill();
+    let _ = qsd.wait();
+    let t = r.transcript();
+    let lines = tg_lines(&r.stdout);
+    assert_eq!(lines.last().map(String::as_str), Some("TG done"), "{t}");
+    for (dev, image) in [(0, &ours), (1, &theirs)] {
+        if let Err(e) = check_blk_verify_image(image, &r.stdout, dev, SEED, BLOCKS) {
+            panic!("disk {dev} on the host: {e}: {t}");
+        }
+    }
+    assert_workers_were_confined(&r, 1);
+}
