@@ -22,6 +22,7 @@ tests/guest/guestkit.sh
 log "formatting and lints"
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --locked -- -D warnings
+cargo clippy -p device-workers --features test-hooks --all-targets --target-dir target/hooks --locked -- -D warnings
 
 log "building"
 cargo build --workspace --bins --locked

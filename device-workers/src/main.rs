@@ -53,6 +53,9 @@ struct SpawnedArgs {
     /// The status page memfd the VMM created and sealed.
     #[arg(long)]
     status_fd: i32,
+    /// The disk id, for logs.
+    #[arg(long)]
+    id: Option<String>,
     /// Test builds only: misbehave on purpose once sandboxed.
     #[cfg(feature = "test-hooks")]
     #[arg(long)]
@@ -177,6 +180,15 @@ fn run_spawned(args: SpawnedArgs) -> anyhow::Result<ExitCode> {
     use ipc::messages::{VmmMessage, WorkerMessage};
     let control = ipc::channel::Channel::from_fd(inherited(args.control_fd, "control")?)
         .context("the control channel")?;
+    #[cfg(feature = "test-hooks")]
+    let hook = device_workers::hooks::spawned_hook(args.id.as_deref());
+    #[cfg(feature = "test-hooks")]
+    if hook.as_deref() == Some("die-in-handshake") {
+        say(format_args!(
+            "fault hook: dying before answering the handshake"
+        ));
+        std::process::exit(3);
+    }
     ipc::handshake_worker_side(&control).context("handshake with the VMM")?;
     let (config, _) = control
         .recv::<VmmMessage>()
@@ -195,6 +207,15 @@ fn run_spawned(args: SpawnedArgs) -> anyhow::Result<ExitCode> {
         config.readonly,
         usize::from(config.num_queues),
     );
+    #[cfg(feature = "test-hooks")]
+    if hook.as_deref() == Some("garbage-control") {
+        say(format_args!(
+            "fault hook: answering the configuration with garbage"
+        ));
+        device_workers::hooks::send_garbage(control.as_raw_fd());
+        std::thread::sleep(std::time::Duration::from_secs(30));
+        std::process::exit(3);
+    }
     control
         .send(
             &WorkerMessage::Ready {
@@ -220,7 +241,7 @@ fn run_spawned(args: SpawnedArgs) -> anyhow::Result<ExitCode> {
         #[cfg(feature = "test-hooks")]
         sandboxed: config.sandbox,
         #[cfg(feature = "test-hooks")]
-        fault_hook: args.fault_hook,
+        fault_hook: args.fault_hook.or(hook),
     })
 }
 
@@ -247,7 +268,14 @@ fn serve(s: Serve) -> anyhow::Result<ExitCode> {
     let disk_size = s.disk.size;
     let disk_fd = s.disk.file.as_raw_fd();
     let device = BlkDevice::new(s.disk, s.num_queues, s.serial.as_bytes())?;
-    let backend = Arc::new(Mutex::new(VhostBackend::new(device)));
+    #[allow(unused_mut)]
+    let mut vhost_backend = VhostBackend::new(device);
+    #[cfg(feature = "test-hooks")]
+    {
+        vhost_backend.bad_config_reply =
+            device_workers::hooks::serving_hook(s.fault_hook.as_deref(), "bad-vhost-config");
+    }
+    let backend = Arc::new(Mutex::new(vhost_backend));
     let handler = BackendReqHandler::from_stream(s.stream, backend.clone());
     let events = EventLoop::new()?;
     #[cfg(feature = "test-hooks")]

@@ -116,6 +116,9 @@ pub struct VhostBackend<D> {
     /// Rings whose kick registration or state changed since the event loop last looked.
     dirty: bool,
     totals: Totals,
+    /// Test builds: answer GET_CONFIG with a short payload (a malformed reply).
+    #[cfg(feature = "test-hooks")]
+    pub bad_config_reply: bool,
 }
 
 fn refuse(msg: String) -> VhostError {
@@ -134,6 +137,8 @@ impl<D: VhostDevice> VhostBackend<D> {
             vrings,
             dirty: true,
             totals: Totals::default(),
+            #[cfg(feature = "test-hooks")]
+            bad_config_reply: false,
         }
     }
 
@@ -487,6 +492,10 @@ impl<D: VhostDevice> VhostUserBackendReqHandlerMut for VhostBackend<D> {
         size: u32,
         _flags: VhostUserConfigFlags,
     ) -> VhostResult<Vec<u8>> {
+        #[cfg(feature = "test-hooks")]
+        if self.bad_config_reply {
+            return Ok(vec![0xee]);
+        }
         let config = self.device.config();
         let end = offset.checked_add(size).map(|e| e as usize);
         match end {

@@ -249,3 +249,64 @@ fn blk_verify_with_qemu_storage_daemon_as_backend() {
     }
     assert_workers_were_confined(&r, 1);
 }
+
+/// A worker that misbehaves during setup (test-only fault hooks, selected per disk through
+/// the environment): the VMM logs it, the guest's other disk keeps working and the VM runs.
+fn misbehaving_second_worker(hook: &str, expected: &str) {
+    require_kvm();
+    let dir = scratch_dir(&format!("vmm-hook-{hook}"));
+    let d0 = disk(&dir, "d0.img");
+    let d1 = disk(&dir, "d1.img");
+    let kernel = testguest();
+    let mut cmd = std::process::Command::new(tests::bulkhead_bin());
+    cmd.env("BULKHEAD_WORKER_FAULT_HOOK", format!("blk1:{hook}"))
+        .arg("run")
+        .arg("--kernel")
+        .arg(&kernel)
+        .args([
+            "--cmdline",
+            &format!(
+                "testguest.plan=blk-verify dev=0 qd=32 completion=irq seed={SEED} blocks={BLOCKS}"
+            ),
+        ])
+        .args(["--mem", "64", "--timeout", "60", "--worker-bin"])
+        .arg(tests::worker_hooks_bin())
+        .arg("--disk")
+        .arg(format!("path={}", d0.display()))
+        .arg("--disk")
+        .arg(format!("path={}", d1.display()));
+    let r = tests::run_with_deadline(cmd, Duration::from_secs(90));
+    let t = r.transcript();
+    let failed: Vec<&str> = r
+        .stderr
+        .lines()
+        .filter(|l| l.contains("ERROR disk blk1 failed:"))
+        .collect();
+    assert_eq!(failed.len(), 1, "the VMM must log the bad worker once: {t}");
+    assert!(failed[0].contains(expected), "expected {expected:?}: {t}");
+    let lines = tg_lines(&r.stdout);
+    assert_eq!(
+        lines.last().map(String::as_str),
+        Some("TG done"),
+        "the other disk works: {t}"
+    );
+    assert_eq!(r.code, Some(0), "the VM runs to the guest's own exit: {t}");
+    if let Err(e) = check_blk_verify_image(&d0, &r.stdout, 0, SEED, BLOCKS) {
+        panic!("disk 0 on the host: {e}: {t}");
+    }
+}
+
+#[test]
+fn worker_dying_mid_handshake() {
+    misbehaving_second_worker("die-in-handshake", "failed the handshake");
+}
+
+#[test]
+fn worker_sending_a_malformed_control_message() {
+    misbehaving_second_worker("garbage-control", "sent a bad control message");
+}
+
+#[test]
+fn worker_sending_a_malformed_vhost_user_reply() {
+    misbehaving_second_worker("bad-vhost-config", "GET_CONFIG failed");
+}

@@ -108,6 +108,24 @@ fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         stop_signals.add(s);
     }
     stop_signals.thread_block().context("block signals")?;
+    // Until the VM runs, a stop signal ends bulkhead at once (nothing to restore yet);
+    // afterwards it stops the VM through its Stopper.
+    let stopper: std::sync::Arc<std::sync::OnceLock<vmm_core::vm::Stopper>> = Default::default();
+    let stopper_for_signals = stopper.clone();
+    std::thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || {
+            if let Ok(sig) = stop_signals.wait() {
+                match stopper_for_signals.get() {
+                    Some(s) => s.signal(sig as i32),
+                    None => {
+                        eprintln!("bulkhead: stopped by {sig} during setup");
+                        std::process::exit(128 + sig as i32);
+                    }
+                }
+            }
+        })
+        .context("start the signal thread")?;
 
     let disks = args
         .disks
@@ -140,15 +158,7 @@ fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     vm.serial()
         .spawn_input(std::io::stdin())
         .context("start the serial input thread")?;
-    let stopper = vm.stopper();
-    std::thread::Builder::new()
-        .name("signals".into())
-        .spawn(move || {
-            if let Ok(sig) = stop_signals.wait() {
-                stopper.signal(sig as i32);
-            }
-        })
-        .context("start the signal thread")?;
+    let _ = stopper.set(vm.stopper());
     let outcome = vm.run(timeout)?;
     terminal.restore();
     Ok(report(outcome))

@@ -23,7 +23,7 @@ use crate::memory::GuestRam;
 /// Size of the virtio-blk config space we fetch (through write_zeroes_may_unmap).
 pub const BLK_CONFIG_SIZE: u32 = 60;
 /// No backend reply may take longer (a hung backend must not hang its control thread).
-pub const REPLY_TIMEOUT: Duration = Duration::from_secs(10);
+pub const REPLY_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Errors talking to a backend.
 #[derive(Debug, thiserror::Error)]
@@ -56,6 +56,8 @@ pub enum FrontendError {
 /// A backend connection after setup, before any ring is up.
 pub struct Backend {
     pub frontend: Frontend,
+    /// A second handle on the socket, for deadlines (see [`with_deadline`]).
+    pub socket: UnixStream,
     pub features: u64,
     pub protocol: VhostUserProtocolFeatures,
     pub config: Vec<u8>,
@@ -70,19 +72,55 @@ impl std::fmt::Debug for Backend {
     }
 }
 
+/// Runs `f` (a conversation with a backend over `socket`) with a deadline: if it has not
+/// returned after `timeout`, the socket is shut down, so whatever read is blocked returns
+/// end-of-file and `f` fails instead of hanging. (A read timeout is not enough: the vhost
+/// crate retries reads that time out.)
+pub fn with_deadline<T>(socket: &UnixStream, timeout: Duration, f: impl FnOnce() -> T) -> T {
+    let (done, wait) = std::sync::mpsc::channel::<()>();
+    let watchdog = socket.try_clone().ok().and_then(|s| {
+        std::thread::Builder::new()
+            .name("vhost-deadline".into())
+            .spawn(move || {
+                if let Err(std::sync::mpsc::RecvTimeoutError::Timeout) = wait.recv_timeout(timeout)
+                {
+                    tracing::warn!(
+                        "vhost-user backend did not answer within {timeout:?}: disconnecting it"
+                    );
+                    let _ = s.shutdown(std::net::Shutdown::Both);
+                }
+            })
+            .ok()
+    });
+    let result = f();
+    drop(done);
+    if let Some(w) = watchdog {
+        let _ = w.join();
+    }
+    result
+}
+
 /// Takes a backend through SET_OWNER, feature and protocol-feature discovery, the queue
 /// count and GET_CONFIG.
 pub fn setup(id: &str, stream: UnixStream, num_queues: u16) -> Result<Backend, FrontendError> {
+    let guard = stream.try_clone().map_err(|source| FrontendError::Socket {
+        id: id.to_string(),
+        source,
+    })?;
+    with_deadline(&guard, REPLY_TIMEOUT, || {
+        setup_inner(id, stream, num_queues)
+    })
+}
+
+fn setup_inner(id: &str, stream: UnixStream, num_queues: u16) -> Result<Backend, FrontendError> {
     let err = |what| {
         let id = id.to_string();
         move |source| FrontendError::Vhost { id, what, source }
     };
-    stream
-        .set_read_timeout(Some(REPLY_TIMEOUT))
-        .map_err(|source| FrontendError::Socket {
-            id: id.to_string(),
-            source,
-        })?;
+    let socket = stream.try_clone().map_err(|source| FrontendError::Socket {
+        id: id.to_string(),
+        source,
+    })?;
     let mut frontend = Frontend::from_stream(stream, u64::from(num_queues));
     frontend.set_owner().map_err(err("SET_OWNER"))?;
     let features = frontend.get_features().map_err(err("GET_FEATURES"))?;
@@ -132,6 +170,7 @@ pub fn setup(id: &str, stream: UnixStream, num_queues: u16) -> Result<Backend, F
     };
     Ok(Backend {
         frontend,
+        socket,
         features,
         protocol,
         config,
@@ -154,18 +193,30 @@ impl ControlThread {
     pub fn run(mut self, commands: Receiver<Command>) {
         let mut active: Vec<usize> = Vec::new();
         for command in commands {
+            let socket = match self.backend.socket.try_clone() {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::error!("{}: cannot watch the backend socket: {e}", self.device.id);
+                    self.device.needs_reset();
+                    continue;
+                }
+            };
             let result = match command {
                 Command::Activate {
                     driver_features,
                     queues,
-                } => self.activate(driver_features, &queues).map(|up| {
+                } => with_deadline(&socket, REPLY_TIMEOUT, || {
+                    self.activate(driver_features, &queues)
+                })
+                .map(|up| {
                     active = up;
                     self.device.set_live(true);
                     tracing::debug!("{}: rings {active:?} up", self.device.id);
                 }),
                 Command::Reset => {
                     self.device.set_live(false);
-                    self.stop(&std::mem::take(&mut active))
+                    let stopping = std::mem::take(&mut active);
+                    with_deadline(&socket, REPLY_TIMEOUT, || self.stop(&stopping))
                 }
             };
             if let Err(e) = result {

@@ -305,6 +305,9 @@ pub const QUEUE_MAX: u16 = 256;
 pub struct Disk {
     pub device: Arc<VirtioMmioDevice>,
     pub worker: Option<WorkerInfo>,
+    /// Its backend misbehaved during setup: the slot holds a device in
+    /// DEVICE_NEEDS_RESET and the VM runs without it.
+    pub failed: bool,
 }
 
 /// What the VMM keeps about a worker it started.
@@ -324,6 +327,60 @@ impl Disk {
         worker_bin: Option<&std::path::Path>,
     ) -> Result<Disk, VmError> {
         let slot = crate::acpi::VirtioMmioSlot::from_layout(index);
+        match Self::connect(vm, ram, cfg, slot, worker_bin) {
+            Ok(disk) => Ok(disk),
+            Err(VmError::Worker(e)) if e.is_worker_fault() => Self::failed(vm, cfg, slot, &e),
+            Err(VmError::Frontend(e)) => Self::failed(vm, cfg, slot, &e),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// A slot whose backend misbehaved: logged, and a device that says
+    /// DEVICE_NEEDS_RESET, so the guest's other disks and the VM carry on.
+    fn failed(
+        vm: &VmFd,
+        cfg: &DiskConfig,
+        slot: crate::acpi::VirtioMmioSlot,
+        error: &dyn std::error::Error,
+    ) -> Result<Disk, VmError> {
+        let mut message = error.to_string();
+        let mut source = error.source();
+        while let Some(s) = source {
+            message.push_str(&format!(": {s}"));
+            source = s.source();
+        }
+        tracing::error!("disk {} failed: {message}", cfg.id);
+        let config_irq = EventFd::new(libc::EFD_NONBLOCK).map_err(VmError::Serial)?;
+        vm.register_irqfd(&config_irq, slot.gsi)
+            .map_err(|source| VmError::Kvm {
+                what: "register the config irqfd",
+                source,
+            })?;
+        let (tx, _rx) = mpsc::channel();
+        let info = DeviceInfo {
+            id: cfg.id.clone(),
+            slot,
+            device_features: 0,
+            config: Vec::new(),
+            num_queues: usize::from(cfg.num_queues),
+            queue_max: QUEUE_MAX,
+        };
+        let device = Arc::new(VirtioMmioDevice::new(info, config_irq, tx));
+        device.needs_reset();
+        Ok(Disk {
+            device,
+            worker: None,
+            failed: true,
+        })
+    }
+
+    fn connect(
+        vm: &VmFd,
+        ram: &Arc<GuestRam>,
+        cfg: &DiskConfig,
+        slot: crate::acpi::VirtioMmioSlot,
+        worker_bin: Option<&std::path::Path>,
+    ) -> Result<Disk, VmError> {
         let (stream, worker) = match &cfg.backend {
             DiskBackend::Image(path) => {
                 let bin = match worker_bin {
@@ -362,7 +419,16 @@ impl Disk {
                 (s, None)
             }
         };
-        let backend = crate::vhost_frontend::setup(&cfg.id, stream, cfg.num_queues)?;
+        let backend = match crate::vhost_frontend::setup(&cfg.id, stream, cfg.num_queues) {
+            Ok(b) => b,
+            Err(e) => {
+                if let Some(mut w) = worker {
+                    let _ = w.child.kill();
+                    let _ = w.child.wait();
+                }
+                return Err(e.into());
+            }
+        };
         let kvm_err = |what| move |source| VmError::Kvm { what, source };
         let eventfd = || EventFd::new(libc::EFD_NONBLOCK).map_err(VmError::Serial);
         let queues = usize::from(cfg.num_queues);
@@ -411,7 +477,11 @@ impl Disk {
             .spawn(move || control.run(rx))
             .map_err(VmError::Serial)?;
         let worker = worker.map(|w| supervise(w, device.clone()));
-        Ok(Disk { device, worker })
+        Ok(Disk {
+            device,
+            worker,
+            failed: false,
+        })
     }
 }
 

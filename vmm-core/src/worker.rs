@@ -72,6 +72,19 @@ pub enum WorkerError {
     },
 }
 
+impl WorkerError {
+    /// A worker that misbehaved (as opposed to a configuration the user must fix): the VM
+    /// can run without that disk.
+    pub fn is_worker_fault(&self) -> bool {
+        matches!(
+            self,
+            WorkerError::Handshake { .. }
+                | WorkerError::Control { .. }
+                | WorkerError::Unexpected { .. }
+        )
+    }
+}
+
 /// A started worker, past its handshake, ready for vhost-user.
 #[derive(Debug)]
 pub struct Worker {
@@ -149,6 +162,8 @@ pub fn spawn(cfg: &DiskConfig, image: &PathBuf, bin: &Path) -> Result<Worker, Wo
         &DISK_FD.to_string(),
         "--status-fd",
         &STATUS_FD.to_string(),
+        "--id",
+        &id,
     ])
     .stdin(Stdio::null())
     .stdout(Stdio::null());
