@@ -5,6 +5,7 @@ pub mod boot;
 pub mod cpu;
 pub mod devices;
 pub mod disk;
+pub mod kvm_stats;
 pub mod layout;
 pub mod memory;
 pub mod sandbox_report;

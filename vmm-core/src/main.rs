@@ -159,8 +159,12 @@ fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         .spawn_input(std::io::stdin())
         .context("start the serial input thread")?;
     let _ = stopper.set(vm.stopper());
+    let stats = vm.stats();
     let outcome = vm.run(timeout)?;
     terminal.restore();
+    for line in stats.lines() {
+        tracing::info!("{line}");
+    }
     Ok(report(outcome))
 }
 

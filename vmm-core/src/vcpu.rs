@@ -2,6 +2,7 @@
 //! (registers and instruction bytes) when the guest dies.
 
 use std::fmt::Write as _;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::Sender;
 use std::sync::Arc;
 
@@ -31,6 +32,29 @@ pub enum VcpuEvent {
     RunFailed { vcpu: u8, error: String },
 }
 
+/// Userspace exits of one vCPU, by kind (KVM's own `io_exits` / `mmio_exits` count the
+/// same events, which tests compare).
+#[derive(Debug, Default)]
+pub struct VcpuStats {
+    /// KVM's own statistics of this vCPU, when the kernel offers them.
+    pub kvm: Option<crate::kvm_stats::KvmStats>,
+    pub io_in: AtomicU64,
+    pub io_out: AtomicU64,
+    pub mmio_read: AtomicU64,
+    pub mmio_write: AtomicU64,
+    pub other: AtomicU64,
+}
+
+impl VcpuStats {
+    pub fn io_exits(&self) -> u64 {
+        self.io_in.load(Ordering::Relaxed) + self.io_out.load(Ordering::Relaxed)
+    }
+
+    pub fn mmio_exits(&self) -> u64 {
+        self.mmio_read.load(Ordering::Relaxed) + self.mmio_write.load(Ordering::Relaxed)
+    }
+}
+
 /// What one exit turned into, once the borrow of the run structure has ended.
 enum Step {
     Continue,
@@ -44,6 +68,7 @@ pub struct Vcpu {
     pub fd: VcpuFd,
     pub pio: Arc<LegacyPio>,
     pub mmio: Arc<crate::devices::virtio_mmio::MmioBus>,
+    pub stats: Arc<VcpuStats>,
     pub mem: GuestMemory,
     pub events: Sender<crate::vm::VmEvent>,
 }
@@ -80,17 +105,22 @@ impl Vcpu {
 
     fn step(&mut self) -> Step {
         match self.fd.run() {
-            Ok(VcpuExit::IoOut(port, data)) => match self.pio.write(port, data) {
-                PioAction::Continue => Step::Continue,
-                PioAction::Reset => Step::Stop(VcpuEvent::Reset),
-                PioAction::PowerOff => Step::Stop(VcpuEvent::PowerOff),
-                PioAction::DebugExit(code) => Step::Stop(VcpuEvent::DebugExit(code)),
-            },
+            Ok(VcpuExit::IoOut(port, data)) => {
+                self.stats.io_out.fetch_add(1, Ordering::Relaxed);
+                match self.pio.write(port, data) {
+                    PioAction::Continue => Step::Continue,
+                    PioAction::Reset => Step::Stop(VcpuEvent::Reset),
+                    PioAction::PowerOff => Step::Stop(VcpuEvent::PowerOff),
+                    PioAction::DebugExit(code) => Step::Stop(VcpuEvent::DebugExit(code)),
+                }
+            }
             Ok(VcpuExit::IoIn(port, data)) => {
+                self.stats.io_in.fetch_add(1, Ordering::Relaxed);
                 self.pio.read(port, data);
                 Step::Continue
             }
             Ok(VcpuExit::MmioRead(addr, data)) => {
+                self.stats.mmio_read.fetch_add(1, Ordering::Relaxed);
                 if !self.mmio.read(addr, data) {
                     // Unassigned addresses read all ones.
                     tracing::trace!(vcpu = self.id, "MMIO read of unassigned {addr:#x}");
@@ -99,6 +129,7 @@ impl Vcpu {
                 Step::Continue
             }
             Ok(VcpuExit::MmioWrite(addr, data)) => {
+                self.stats.mmio_write.fetch_add(1, Ordering::Relaxed);
                 if !self.mmio.write(addr, data) {
                     tracing::trace!(vcpu = self.id, "MMIO write to unassigned {addr:#x}");
                 }

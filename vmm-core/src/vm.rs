@@ -216,11 +216,18 @@ impl Vm {
             if id == 0 {
                 cpu::configure_boot_vcpu(&fd, loaded.entry)?;
             }
+            let stats = Arc::new(crate::vcpu::VcpuStats {
+                kvm: crate::kvm_stats::KvmStats::open(&fd)
+                    .map_err(|e| tracing::debug!("vCPU {id}: no KVM statistics: {e}"))
+                    .ok(),
+                ..Default::default()
+            });
             vcpus.push(Vcpu {
                 id,
                 fd,
                 pio: pio.clone(),
                 mmio: bus.clone(),
+                stats,
                 mem: ram.memory().clone(),
                 events: tx.clone(),
             });
@@ -251,6 +258,14 @@ impl Vm {
     /// The disks, in `--disk` order.
     pub fn disks(&self) -> &[Disk] {
         &self.disks
+    }
+
+    /// Exit counters of every vCPU and device, readable while the VM runs.
+    pub fn stats(&self) -> VmStats {
+        VmStats {
+            vcpus: self.vcpus.iter().map(|v| v.stats.clone()).collect(),
+            devices: self.disks.iter().map(|d| d.device.clone()).collect(),
+        }
     }
 
     /// A handle that stops the VM from another thread.
@@ -293,6 +308,59 @@ impl Vm {
         // The memory must outlive the still-running vCPU threads: leak it deliberately.
         std::mem::forget(self);
         Ok(outcome)
+    }
+}
+
+/// Exit counters of a VM.
+#[derive(Debug, Clone)]
+pub struct VmStats {
+    pub vcpus: Vec<Arc<crate::vcpu::VcpuStats>>,
+    pub devices: Vec<Arc<VirtioMmioDevice>>,
+}
+
+impl VmStats {
+    /// One line per vCPU and per device, `key=value` (tests parse them).
+    pub fn lines(&self) -> Vec<String> {
+        use std::sync::atomic::Ordering::Relaxed;
+        let mut out = Vec::new();
+        for (i, v) in self.vcpus.iter().enumerate() {
+            let kvm = v
+                .kvm
+                .as_ref()
+                .and_then(|k| k.read(&["io_exits", "mmio_exits"]).ok())
+                .map(|vals| {
+                    let show = |x: Option<u64>| x.map_or("-".to_string(), |x| x.to_string());
+                    format!(
+                        " kvm_io_exits={} kvm_mmio_exits={}",
+                        show(vals[0]),
+                        show(vals[1])
+                    )
+                })
+                .unwrap_or_default();
+            out.push(format!(
+                "stats vcpu{i} io_exits={} mmio_exits={} io_in={} io_out={} mmio_read={} mmio_write={} other={}{kvm}",
+                v.io_exits(),
+                v.mmio_exits(),
+                v.io_in.load(Relaxed),
+                v.io_out.load(Relaxed),
+                v.mmio_read.load(Relaxed),
+                v.mmio_write.load(Relaxed),
+                v.other.load(Relaxed)
+            ));
+        }
+        for d in &self.devices {
+            let e = &d.exits;
+            out.push(format!(
+                "stats {} queue_notify={} interrupt_status={} interrupt_ack={} config={} other={}",
+                d.id,
+                e.queue_notify.load(Relaxed),
+                e.interrupt_status.load(Relaxed),
+                e.interrupt_ack.load(Relaxed),
+                e.config.load(Relaxed),
+                e.other.load(Relaxed)
+            ));
+        }
+        out
     }
 }
 

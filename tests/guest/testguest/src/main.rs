@@ -60,6 +60,16 @@ fn bsp_main(start_info_paddr: u64, apic_base_msr: u64) -> ! {
         ioapics,
     };
     (plan.run)(&ctx);
+    // `hold_ms=N`: stay alive (spinning in ring 3, no exits) before the final line, so a
+    // test can look at the VMM and its workers from outside after the plan's I/O.
+    match ctx.cmdline.number("hold_ms") {
+        Ok(Some(ms)) => {
+            tg!("hold {ms}");
+            cpu::delay_us(ctx.tsc_hz, ms.saturating_mul(1000));
+        }
+        Ok(None) => {}
+        Err(e) => fail!("hold_ms: {e}"),
+    }
     tg!("done");
     cpu::exit(cpu::EXIT_OK)
 }
