@@ -81,6 +81,17 @@ impl SandboxFacts {
     /// list. `disk` is the image it serves; `shared_memfds` the names of memfds it may map
     /// shared (guest RAM, status page).
     pub fn assert_confined(&self, disk: &Path, shared_memfds: &[&str]) {
+        self.assert_confined_with_sockets(disk, shared_memfds, 1);
+    }
+
+    /// As [`Self::assert_confined`], for a worker that holds `sockets` sockets (a spawned
+    /// worker also keeps its control channel).
+    pub fn assert_confined_with_sockets(
+        &self,
+        disk: &Path,
+        shared_memfds: &[&str],
+        sockets_kept: usize,
+    ) {
         let ctx = format!("worker pid {}: {self:#?}", self.pid);
         assert_eq!(self.field("Seccomp"), "2", "seccomp filter mode: {ctx}");
         assert_eq!(self.field("NoNewPrivs"), "1", "{ctx}");
@@ -127,8 +138,8 @@ impl SandboxFacts {
         }
         assert_eq!(
             (sockets, disks, epolls),
-            (1, 1, 1),
-            "one vhost-user socket, one disk, one epoll: {ctx}"
+            (sockets_kept, 1, 1),
+            "{sockets_kept} socket(s), one disk, one epoll: {ctx}"
         );
 
         for line in &self.maps {

@@ -310,3 +310,46 @@ fn worker_sending_a_malformed_control_message() {
 fn worker_sending_a_malformed_vhost_user_reply() {
     misbehaving_second_worker("bad-vhost-config", "GET_CONFIG failed");
 }
+
+/// A worker killed by its seccomp filter while the VM runs: the supervisor names the
+/// syscall, the device goes DEVICE_NEEDS_RESET, the other disk and the VM carry on.
+#[test]
+fn worker_killed_by_its_policy_is_reported_by_name() {
+    require_kvm();
+    let dir = scratch_dir("vmm-violation");
+    let d0 = disk(&dir, "d0.img");
+    let d1 = disk(&dir, "d1.img");
+    let mut cmd = std::process::Command::new(tests::bulkhead_bin());
+    cmd.env("BULKHEAD_WORKER_FAULT_HOOK", "blk1:openat")
+        .arg("run")
+        .arg("--kernel")
+        .arg(testguest())
+        .args(["--cmdline", &format!("testguest.plan=blk-verify dev=0 qd=32 completion=irq seed={SEED} blocks={BLOCKS} hold_ms=500")])
+        .args(["--mem", "64", "--timeout", "60", "--worker-bin"])
+        .arg(tests::worker_hooks_bin())
+        .arg("--disk")
+        .arg(format!("path={}", d0.display()))
+        .arg("--disk")
+        .arg(format!("path={}", d1.display()));
+    let r = tests::run_with_deadline(cmd, Duration::from_secs(90));
+    let t = r.transcript();
+    let report = r
+        .stderr
+        .lines()
+        .find(|l| {
+            l.contains("worker blk1 (pid") && l.contains("violated policy blk: openat(AT_FDCWD, 0x")
+        })
+        .unwrap_or_else(|| panic!("the violation must be logged by name: {t}"));
+    assert!(report.contains("O_RDONLY|O_CLOEXEC"), "{report}");
+    assert!(report.contains("seccomp violation"), "{report}");
+    let lines = tg_lines(&r.stdout);
+    assert_eq!(
+        lines.last().map(String::as_str),
+        Some("TG done"),
+        "the other disk works: {t}"
+    );
+    assert_eq!(r.code, Some(0), "{t}");
+    if let Err(e) = check_blk_verify_image(&d0, &r.stdout, 0, SEED, BLOCKS) {
+        panic!("disk 0 on the host: {e}: {t}");
+    }
+}

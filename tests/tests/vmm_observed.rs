@@ -66,10 +66,14 @@ fn kvm_stats_agree_kicks_stay_in_the_kernel_and_only_workers_touch_the_disks() {
         .unwrap();
     let strace_pid = child.id();
     let stderr_pipe = child.stderr.take().unwrap();
+    let stderr_so_far = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+    let sink = stderr_so_far.clone();
     let stderr_reader = std::thread::spawn(move || {
-        let mut s = String::new();
-        let _ = std::io::Read::read_to_string(&mut BufReader::new(stderr_pipe), &mut s);
-        s
+        for line in BufReader::new(stderr_pipe).lines().map_while(Result::ok) {
+            let mut s = sink.lock().unwrap();
+            s.push_str(&line);
+            s.push('\n');
+        }
     });
     let mut stdout = String::new();
     let mut at_hold = None;
@@ -101,6 +105,21 @@ fn kvm_stats_agree_kicks_stay_in_the_kernel_and_only_workers_touch_the_disks() {
                     );
                 }
             }
+            // Each worker that served, read from outside while it still serves.
+            let log = stderr_so_far.lock().unwrap().clone();
+            for (i, image) in images.iter().enumerate() {
+                let pid: u32 = log
+                    .lines()
+                    .find_map(|l| l.split(&format!("serving blk{i} as pid ")).nth(1))
+                    .and_then(|r| r.split_whitespace().next())
+                    .and_then(|p| p.parse().ok())
+                    .unwrap_or_else(|| panic!("no pid for blk{i} in:\n{log}"));
+                tests::sandbox_facts::SandboxFacts::read(pid).assert_confined_with_sockets(
+                    image,
+                    &["bulkhead-guest-ram", &format!("bulkhead-status-blk{i}")],
+                    2,
+                );
+            }
             at_hold = Some(vmm);
         }
         assert!(
@@ -109,7 +128,8 @@ fn kvm_stats_agree_kicks_stay_in_the_kernel_and_only_workers_touch_the_disks() {
         );
     }
     let status = child.wait().unwrap();
-    let stderr = stderr_reader.join().unwrap();
+    stderr_reader.join().unwrap();
+    let stderr = stderr_so_far.lock().unwrap().clone();
     let t = format!("exit {status:?}\n--- stdout ---\n{stdout}\n--- stderr ---\n{stderr}");
     assert!(status.success(), "{t}");
     let lines = tg_lines(&stdout);

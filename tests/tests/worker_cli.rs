@@ -87,7 +87,7 @@ fn image_locked_by_another_writer() {
     let img = image(&dir, "d.img", 1 << 20);
     // flock(1) holds an exclusive lock, as another writer would.
     let mut holder = Command::new(tests::require_tool("flock", "util-linux"))
-        .args([&img, "sleep", "30"])
+        .args(["--no-fork", &img, "sleep", "30"])
         .stdout(Stdio::null())
         .spawn()
         .unwrap();

@@ -491,8 +491,23 @@ impl Disk {
             Ok(b) => b,
             Err(e) => {
                 if let Some(mut w) = worker {
-                    let _ = w.child.kill();
-                    let _ = w.child.wait();
+                    // It may have died by itself (that may be why setup failed): give it a
+                    // moment, then make sure, and say how it ended.
+                    let deadline = std::time::Instant::now() + Duration::from_millis(500);
+                    let mut exited = None;
+                    while std::time::Instant::now() < deadline {
+                        if let Ok(Some(s)) = w.child.try_wait() {
+                            exited = Some(s);
+                            break;
+                        }
+                        std::thread::sleep(Duration::from_millis(10));
+                    }
+                    if exited.is_none() {
+                        let _ = w.child.kill();
+                        exited = w.child.wait().ok();
+                    }
+                    let how = exited.map_or_else(|| "ended".to_string(), describe_exit);
+                    report_worker_end(&cfg.id, &w.status, &how);
                 }
                 return Err(e.into());
             }
@@ -576,14 +591,7 @@ fn supervise(worker: crate::worker::Worker, device: Arc<VirtioMmioDevice>) -> Wo
                 Ok(s) => describe_exit(s),
                 Err(e) => format!("cannot be waited for: {e}"),
             };
-            let confined = status.worker_pid();
-            match status.violation() {
-                Some(v) => tracing::error!(
-                    "worker {id} (pid {confined}) violated policy blk: {} ({how})",
-                    policies::decode::format_call(v.nr, v.args)
-                ),
-                None => tracing::error!("worker {id} (pid {confined}) {how}"),
-            }
+            report_worker_end(&id, &status, &how);
             device.needs_reset();
         });
     if let Err(e) = spawned {
@@ -614,6 +622,19 @@ fn report_confinement(id: &str, reaper: u32, status: &ipc::status::StatusMapping
         std::thread::sleep(Duration::from_millis(5));
     }
     tracing::warn!("worker {id}: could not confirm its confinement within 5 s");
+}
+
+/// One log line for a worker that ended: its confined pid, and the policy violation from
+/// its status page decoded by name when that is how it ended.
+fn report_worker_end(id: &str, status: &ipc::status::StatusMapping, how: &str) {
+    let confined = status.worker_pid();
+    match status.violation() {
+        Some(v) => tracing::error!(
+            "worker {id} (pid {confined}) violated policy blk: {} ({how})",
+            policies::decode::format_call(v.nr, v.args)
+        ),
+        None => tracing::error!("worker {id} (pid {confined}) {how}"),
+    }
 }
 
 fn describe_exit(status: std::process::ExitStatus) -> String {
