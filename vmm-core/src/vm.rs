@@ -383,6 +383,8 @@ pub struct Disk {
 pub struct WorkerInfo {
     /// The process bulkhead started (the sandbox's reaper).
     pub pid: u32,
+    /// A pidfd on it: signals and exit notification without pid-reuse races.
+    pub pidfd: Option<Arc<std::os::fd::OwnedFd>>,
     pub status: Arc<ipc::status::StatusMapping>,
 }
 
@@ -574,8 +576,16 @@ impl Disk {
 fn supervise(worker: crate::worker::Worker, device: Arc<VirtioMmioDevice>) -> WorkerInfo {
     let pid = worker.child.id();
     let status = Arc::new(worker.status);
+    let pidfd = match pidfd_open(pid) {
+        Ok(fd) => Some(Arc::new(fd)),
+        Err(e) => {
+            tracing::warn!("worker {} (pid {pid}): no pidfd: {e}", worker.id);
+            None
+        }
+    };
     let info = WorkerInfo {
         pid,
+        pidfd: pidfd.clone(),
         status: status.clone(),
     };
     let mut child = worker.child;
@@ -587,6 +597,23 @@ fn supervise(worker: crate::worker::Worker, device: Arc<VirtioMmioDevice>) -> Wo
         .spawn(move || {
             let _keep = (control, vhost);
             report_confinement(&id, pid, &status);
+            if let Some(fd) = &pidfd {
+                // The pidfd turns readable when the worker exits; then reap it.
+                let mut pfd = libc::pollfd {
+                    fd: std::os::fd::AsRawFd::as_raw_fd(fd.as_ref()),
+                    events: libc::POLLIN,
+                    revents: 0,
+                };
+                loop {
+                    // SAFETY: polls one valid pollfd that lives on this stack frame.
+                    let ret = unsafe { libc::poll(&mut pfd, 1, -1) };
+                    if ret >= 0
+                        || std::io::Error::last_os_error().kind() != std::io::ErrorKind::Interrupted
+                    {
+                        break;
+                    }
+                }
+            }
             let how = match child.wait() {
                 Ok(s) => describe_exit(s),
                 Err(e) => format!("cannot be waited for: {e}"),
@@ -622,6 +649,16 @@ fn report_confinement(id: &str, reaper: u32, status: &ipc::status::StatusMapping
         std::thread::sleep(Duration::from_millis(5));
     }
     tracing::warn!("worker {id}: could not confirm its confinement within 5 s");
+}
+
+fn pidfd_open(pid: u32) -> std::io::Result<std::os::fd::OwnedFd> {
+    // SAFETY: pidfd_open takes a pid and flags and returns a new descriptor or -1.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: `fd` was just returned by pidfd_open and nothing else owns it.
+    Ok(unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd as i32) })
 }
 
 /// One log line for a worker that ended: its confined pid, and the policy violation from
