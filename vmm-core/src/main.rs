@@ -101,27 +101,44 @@ fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         Some(t) => Some(Duration::from_secs_f64(t)),
         None => None,
     };
-    // Signals that end the VMM are taken by one thread, so the terminal is restored and
-    // the exit status says which signal it was. Block them before any thread exists.
-    let mut stop_signals = SigSet::empty();
-    for s in [Signal::SIGINT, Signal::SIGTERM, Signal::SIGHUP] {
-        stop_signals.add(s);
+    // Signals are taken by one thread: the ones that end the VMM (so the terminal is
+    // restored and the exit status says which signal it was) and SIGUSR1, which logs the
+    // exit counters (the VMM's and KVM's) of the running VM. Block them before any thread
+    // exists.
+    let mut signals = SigSet::empty();
+    for s in [
+        Signal::SIGINT,
+        Signal::SIGTERM,
+        Signal::SIGHUP,
+        Signal::SIGUSR1,
+    ] {
+        signals.add(s);
     }
-    stop_signals.thread_block().context("block signals")?;
+    signals.thread_block().context("block signals")?;
     // Until the VM runs, a stop signal ends bulkhead at once (nothing to restore yet);
     // afterwards it stops the VM through its Stopper.
-    let stopper: std::sync::Arc<std::sync::OnceLock<vmm_core::vm::Stopper>> = Default::default();
-    let stopper_for_signals = stopper.clone();
+    let running: std::sync::Arc<
+        std::sync::OnceLock<(vmm_core::vm::Stopper, vmm_core::vm::VmStats)>,
+    > = Default::default();
+    let running_for_signals = running.clone();
     std::thread::Builder::new()
         .name("signals".into())
-        .spawn(move || {
-            if let Ok(sig) = stop_signals.wait() {
-                match stopper_for_signals.get() {
-                    Some(s) => s.signal(sig as i32),
-                    None => {
-                        eprintln!("bulkhead: stopped by {sig} during setup");
-                        std::process::exit(128 + sig as i32);
+        .spawn(move || loop {
+            let Ok(sig) = signals.wait() else { return };
+            match (sig, running_for_signals.get()) {
+                (Signal::SIGUSR1, Some((_, stats))) => {
+                    for line in stats.lines() {
+                        tracing::info!("{line}");
                     }
+                }
+                (Signal::SIGUSR1, None) => {}
+                (_, Some((stopper, _))) => {
+                    stopper.signal(sig as i32);
+                    return;
+                }
+                (_, None) => {
+                    eprintln!("bulkhead: stopped by {sig} during setup");
+                    std::process::exit(128 + sig as i32);
                 }
             }
         })
@@ -158,8 +175,8 @@ fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     vm.serial()
         .spawn_input(std::io::stdin())
         .context("start the serial input thread")?;
-    let _ = stopper.set(vm.stopper());
     let stats = vm.stats();
+    let _ = running.set((vm.stopper(), stats.clone()));
     let outcome = vm.run(timeout)?;
     terminal.restore();
     for line in stats.lines() {
