@@ -6,7 +6,7 @@
 /// worker serves (rather than trap) return Ok and act through [`serving_hook`].
 pub fn run_after_sandbox(name: &str) -> Result<(), String> {
     match name {
-        "bad-vhost-config" => Ok(()),
+        "bad-vhost-config" | "refuse-mem-table" => Ok(()),
         "openat" => {
             let path = c"/etc/passwd";
             // SAFETY: a raw openat with a valid NUL-terminated path; the policy traps it,

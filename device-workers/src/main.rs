@@ -274,6 +274,8 @@ fn serve(s: Serve) -> anyhow::Result<ExitCode> {
     {
         vhost_backend.bad_config_reply =
             device_workers::hooks::serving_hook(s.fault_hook.as_deref(), "bad-vhost-config");
+        vhost_backend.refuse_mem_table =
+            device_workers::hooks::serving_hook(s.fault_hook.as_deref(), "refuse-mem-table");
     }
     let backend = Arc::new(Mutex::new(vhost_backend));
     let handler = BackendReqHandler::from_stream(s.stream, backend.clone());

@@ -119,6 +119,9 @@ pub struct VhostBackend<D> {
     /// Test builds: answer GET_CONFIG with a short payload (a malformed reply).
     #[cfg(feature = "test-hooks")]
     pub bad_config_reply: bool,
+    /// Test builds: refuse SET_MEM_TABLE (a backend failing when the guest starts it).
+    #[cfg(feature = "test-hooks")]
+    pub refuse_mem_table: bool,
 }
 
 fn refuse(msg: String) -> VhostError {
@@ -139,6 +142,8 @@ impl<D: VhostDevice> VhostBackend<D> {
             totals: Totals::default(),
             #[cfg(feature = "test-hooks")]
             bad_config_reply: false,
+            #[cfg(feature = "test-hooks")]
+            refuse_mem_table: false,
         }
     }
 
@@ -312,6 +317,10 @@ impl<D: VhostDevice> VhostUserBackendReqHandlerMut for VhostBackend<D> {
     ) -> VhostResult<Option<Vec<VhostUserMemoryRegionBase>>> {
         if postcopy_listening.is_some() {
             return unsupported("postcopy");
+        }
+        #[cfg(feature = "test-hooks")]
+        if self.refuse_mem_table {
+            return Err(refuse("fault hook: refusing SET_MEM_TABLE".into()));
         }
         if ctx.is_empty() || ctx.len() != files.len() {
             return Err(refuse(format!(

@@ -335,3 +335,60 @@ fn worker_killed_by_its_policy_is_reported_by_name() {
     assert!(report.contains("O_RDONLY|O_CLOEXEC"), "{report}");
     assert!(report.contains("seccomp violation"), "{report}");
 }
+
+/// A backend that fails when the guest starts the device (it refuses SET_MEM_TABLE): the
+/// VMM reports the worker's end, the device goes DEVICE_NEEDS_RESET, the guest's driver
+/// sees that and fails that disk's requests (errors, not a hang), the other disk works
+/// and the VM runs to the guest's own exit.
+#[test]
+fn backend_failing_at_driver_ok_gives_needs_reset() {
+    require_kvm();
+    let dir = scratch_dir("vmm-needs-reset");
+    let d0 = disk(&dir, "d0.img");
+    let d1 = disk(&dir, "d1.img");
+    let mut cmd = std::process::Command::new(tests::bulkhead_bin());
+    cmd.env("BULKHEAD_WORKER_FAULT_HOOK", "blk1:refuse-mem-table")
+        .arg("run")
+        .arg("--kernel")
+        .arg(testguest())
+        .args([
+            "--cmdline",
+            &format!("testguest.plan=blk-verify qd=32 completion=irq seed={SEED} blocks={BLOCKS}"),
+        ])
+        .args(["--mem", "64", "--timeout", "60", "--worker-bin"])
+        .arg(tests::worker_hooks_bin())
+        .arg("--disk")
+        .arg(format!("path={}", d0.display()))
+        .arg("--disk")
+        .arg(format!("path={}", d1.display()));
+    let r = tests::run_with_deadline(cmd, Duration::from_secs(90));
+    let t = r.transcript();
+    let lines = tg_lines(&r.stdout);
+    let dev0 = format!("TG blk dev=0 wrote={BLOCKS} read={BLOCKS} verified={BLOCKS}");
+    assert!(
+        lines.iter().any(|l| l.starts_with(&dev0)),
+        "disk 0 works: {t}"
+    );
+    assert!(
+        lines.iter().any(|l| l == "TG note device needs reset"),
+        "{t}"
+    );
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.starts_with("TG fail blk dev=1 device needs reset")),
+        "{t}"
+    );
+    assert!(
+        r.stderr
+            .lines()
+            .any(|l| l.contains("worker blk1 (pid") && l.contains("exited with status")),
+        "the worker's end must be reported: {t}"
+    );
+    assert_eq!(
+        r.code,
+        Some(1),
+        "the guest itself ends the VM with its failure status: {t}"
+    );
+    assert!(!r.killed, "{t}");
+}

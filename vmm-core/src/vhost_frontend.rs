@@ -186,6 +186,9 @@ pub struct ControlThread {
     pub kicks: Vec<EventFd>,
     pub calls: Vec<EventFd>,
     pub queue_max: u16,
+    /// The worker behind the backend, if we started it: a bad reply gets it killed (its
+    /// supervisor then reports how it ended).
+    pub worker_pidfd: Option<Arc<std::os::fd::OwnedFd>>,
 }
 
 impl ControlThread {
@@ -220,8 +223,31 @@ impl ControlThread {
                 }
             };
             if let Err(e) = result {
-                tracing::error!("{:#}", anyhow_chain(&e));
+                tracing::error!("{}", anyhow_chain(&e));
                 self.device.needs_reset();
+                self.kill_worker();
+            }
+        }
+    }
+
+    fn kill_worker(&self) {
+        if let Some(fd) = &self.worker_pidfd {
+            // SAFETY: pidfd_send_signal on a pidfd we hold; no memory is passed.
+            let ret = unsafe {
+                libc::syscall(
+                    libc::SYS_pidfd_send_signal,
+                    fd.as_raw_fd(),
+                    libc::SIGKILL,
+                    std::ptr::null::<libc::siginfo_t>(),
+                    0,
+                )
+            };
+            if ret != 0 {
+                tracing::warn!(
+                    "{}: cannot kill the worker: {}",
+                    self.device.id,
+                    std::io::Error::last_os_error()
+                );
             }
         }
     }

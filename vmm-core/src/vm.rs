@@ -549,6 +549,7 @@ impl Disk {
             queue_max: QUEUE_MAX,
         };
         let device = Arc::new(VirtioMmioDevice::new(info, config_irq, tx));
+        let worker = worker.map(|w| supervise(w, device.clone()));
         let control = ControlThread {
             device: device.clone(),
             backend,
@@ -556,12 +557,12 @@ impl Disk {
             kicks,
             calls,
             queue_max: QUEUE_MAX,
+            worker_pidfd: worker.as_ref().and_then(|w| w.pidfd.clone()),
         };
         std::thread::Builder::new()
             .name(format!("{}-ctl", cfg.id))
             .spawn(move || control.run(rx))
             .map_err(VmError::Serial)?;
-        let worker = worker.map(|w| supervise(w, device.clone()));
         Ok(Disk {
             device,
             worker,
