@@ -250,11 +250,10 @@ fn blk_verify_with_qemu_storage_daemon_as_backend() {
     assert_workers_were_confined(&r, 1);
 }
 
-/// Runs blk-verify on disk 0 of two while the hook-enabled worker of disk 1 misbehaves as
-/// `hook` says (test-only fault hooks, selected per disk id through the environment).
-/// Checks that the guest's other disk works and the VM runs to its own exit; returns the
-/// run for the hook-specific checks.
-fn blk_verify_beside_a_faulty_worker(hook: &str, name: &str) -> RunResult {
+/// Runs `plan` on two disks while the hook-enabled worker of disk 1 misbehaves as `hook`
+/// says (test-only fault hooks, selected per disk id through the environment); returns
+/// the run and disk 0's image.
+fn run_with_faulty_blk1(hook: &str, plan: &str, name: &str) -> (RunResult, PathBuf) {
     require_kvm();
     let dir = scratch_dir(name);
     let d0 = disk(&dir, "d0.img");
@@ -264,19 +263,22 @@ fn blk_verify_beside_a_faulty_worker(hook: &str, name: &str) -> RunResult {
         .arg("run")
         .arg("--kernel")
         .arg(testguest())
-        .args([
-            "--cmdline",
-            &format!(
-                "testguest.plan=blk-verify dev=0 qd=32 completion=irq seed={SEED} blocks={BLOCKS}"
-            ),
-        ])
+        .args(["--cmdline", plan])
         .args(["--mem", "64", "--timeout", "60", "--worker-bin"])
         .arg(tests::worker_hooks_bin())
         .arg("--disk")
         .arg(format!("path={}", d0.display()))
         .arg("--disk")
         .arg(format!("path={}", d1.display()));
-    let r = tests::run_with_deadline(cmd, Duration::from_secs(90));
+    (tests::run_with_deadline(cmd, Duration::from_secs(90)), d0)
+}
+
+/// blk-verify on disk 0 beside a faulty disk 1: the guest's other disk works and the VM
+/// runs to its own exit; returns the run for the hook-specific checks.
+fn blk_verify_beside_a_faulty_worker(hook: &str, name: &str) -> RunResult {
+    let plan =
+        format!("testguest.plan=blk-verify dev=0 qd=32 completion=irq seed={SEED} blocks={BLOCKS}");
+    let (r, d0) = run_with_faulty_blk1(hook, &plan, name);
     let t = r.transcript();
     let lines = tg_lines(&r.stdout);
     assert_eq!(
@@ -342,26 +344,9 @@ fn worker_killed_by_its_policy_is_reported_by_name() {
 /// and the VM runs to the guest's own exit.
 #[test]
 fn backend_failing_at_driver_ok_gives_needs_reset() {
-    require_kvm();
-    let dir = scratch_dir("vmm-needs-reset");
-    let d0 = disk(&dir, "d0.img");
-    let d1 = disk(&dir, "d1.img");
-    let mut cmd = std::process::Command::new(tests::bulkhead_bin());
-    cmd.env("BULKHEAD_WORKER_FAULT_HOOK", "blk1:refuse-mem-table")
-        .arg("run")
-        .arg("--kernel")
-        .arg(testguest())
-        .args([
-            "--cmdline",
-            &format!("testguest.plan=blk-verify qd=32 completion=irq seed={SEED} blocks={BLOCKS}"),
-        ])
-        .args(["--mem", "64", "--timeout", "60", "--worker-bin"])
-        .arg(tests::worker_hooks_bin())
-        .arg("--disk")
-        .arg(format!("path={}", d0.display()))
-        .arg("--disk")
-        .arg(format!("path={}", d1.display()));
-    let r = tests::run_with_deadline(cmd, Duration::from_secs(90));
+    let plan =
+        format!("testguest.plan=blk-verify qd=32 completion=irq seed={SEED} blocks={BLOCKS}");
+    let (r, _) = run_with_faulty_blk1("refuse-mem-table", &plan, "vmm-needs-reset");
     let t = r.transcript();
     let lines = tg_lines(&r.stdout);
     let dev0 = format!("TG blk dev=0 wrote={BLOCKS} read={BLOCKS} verified={BLOCKS}");
