@@ -213,6 +213,18 @@ impl Rule {
         })
     }
 
+    /// What identifies a rule across two versions of a policy: its syscall and its
+    /// conditions in canonical order (`openat arg2 & O_CREAT == 0`).
+    pub fn identity(&self) -> String {
+        let mut conds: Vec<String> = self.conditions.iter().map(ToString::to_string).collect();
+        conds.sort();
+        if conds.is_empty() {
+            self.syscall.clone()
+        } else {
+            format!("{} {}", self.syscall, conds.join(" && "))
+        }
+    }
+
     fn key(&self) -> RuleKey {
         let mut conds: Vec<_> = self.conditions.iter().map(Condition::key).collect();
         conds.sort_by_key(|&(arg, width, op, value)| (arg, width as u8, format!("{op:?}"), value));

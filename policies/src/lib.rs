@@ -8,6 +8,7 @@
 //! - [`syscalls`] and [`decode`] turn a violation record into
 //!   `openat(AT_FDCWD, 0x7f0012345678, O_RDONLY|O_CLOEXEC, 0)`.
 
+pub mod audit;
 pub mod compile;
 pub mod constants;
 pub mod decode;

@@ -32,6 +32,30 @@ struct Cli {
 enum Command {
     /// Boot a guest.
     Run(RunArgs),
+    /// Audit the seccomp policies of the workers.
+    #[command(subcommand)]
+    Policy(PolicyCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum PolicyCommand {
+    /// Worker kinds, thread roles and rule counts.
+    List,
+    /// One policy as a table (default), JSON, or its compiled BPF's size and hash.
+    Show {
+        /// Worker kind (e.g. blk) or a policy file.
+        policy: String,
+        #[arg(long)]
+        json: bool,
+        #[arg(long)]
+        bpf: bool,
+    },
+    /// Rules added, removed and changed from OLD to NEW (each a worker kind or a file);
+    /// exit status 1 when they differ.
+    Diff { old: String, new: String },
+    /// Flag dangerous rules that carry no accepted-risk reason; exit status 1 on findings.
+    /// Without files, lints every embedded policy.
+    Lint { files: Vec<PathBuf> },
 }
 
 #[derive(Debug, Args)]
@@ -82,7 +106,17 @@ fn main() -> ExitCode {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let cli = Cli::parse();
+    if let Command::Policy(cmd) = cli.command {
+        return match policy_command(cmd) {
+            Ok(code) => code,
+            Err(e) => {
+                eprintln!("bulkhead: error: {e:#}");
+                ExitCode::from(2)
+            }
+        };
+    }
     match cli.command {
+        Command::Policy(_) => unreachable!("handled above"),
         Command::Run(args) => match run(args) {
             Ok(code) => code,
             Err(e) => {
@@ -91,6 +125,100 @@ fn main() -> ExitCode {
             }
         },
     }
+}
+
+/// An embedded policy by worker kind name, or a policy file parsed here.
+fn load_policy(spec: &str) -> anyhow::Result<policies::Policy> {
+    if let Some(kind) = policies::WorkerKind::ALL
+        .into_iter()
+        .find(|k| k.name() == spec)
+    {
+        return Ok(policies::policy(kind, policies::ThreadRole::Main).clone());
+    }
+    let text =
+        std::fs::read_to_string(spec).with_context(|| format!("cannot read policy {spec}"))?;
+    Ok(policies::format::parse(spec, &text)?)
+}
+
+fn policy_command(cmd: PolicyCommand) -> anyhow::Result<ExitCode> {
+    use policies::{ThreadRole, WorkerKind};
+    match cmd {
+        PolicyCommand::List => {
+            println!(
+                "{:8}  {:8}  {:>5}  {:>12}  bpf hash",
+                "worker", "thread", "rules", "bpf insns"
+            );
+            for kind in WorkerKind::ALL {
+                let role = ThreadRole::Main;
+                println!(
+                    "{:8}  {:8}  {:>5}  {:>12}  {}",
+                    kind.name(),
+                    role.name(),
+                    policies::policy(kind, role).rules.len(),
+                    policies::bpf(kind, role).len(),
+                    policies::bpf_hash(kind, role)
+                );
+            }
+        }
+        PolicyCommand::Show { policy, json, bpf } => {
+            let p = load_policy(&policy)?;
+            if bpf {
+                let kind = WorkerKind::ALL
+                    .into_iter()
+                    .find(|k| k.name() == policy)
+                    .context("--bpf shows the embedded program of a worker kind (e.g. blk)")?;
+                let role = ThreadRole::Main;
+                println!(
+                    "policy {kind} / thread {role}: {} BPF instructions ({} bytes), hash {}",
+                    policies::bpf(kind, role).len(),
+                    policies::bpf_bytes(kind, role).len(),
+                    policies::bpf_hash(kind, role)
+                );
+            } else if json {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&policies::audit::to_json(&p))?
+                );
+            } else {
+                print!("{}", policies::audit::table(&p));
+            }
+        }
+        PolicyCommand::Diff { old, new } => {
+            let d = policies::audit::diff(&load_policy(&old)?, &load_policy(&new)?);
+            if d.is_empty() {
+                println!("no differences");
+            } else {
+                print!("{}", d.render());
+                return Ok(ExitCode::from(1));
+            }
+        }
+        PolicyCommand::Lint { files } => {
+            let policies_to_lint: Vec<policies::Policy> = if files.is_empty() {
+                WorkerKind::ALL
+                    .into_iter()
+                    .map(|k| policies::policy(k, ThreadRole::Main).clone())
+                    .collect()
+            } else {
+                files
+                    .iter()
+                    .map(|f| load_policy(&f.display().to_string()))
+                    .collect::<anyhow::Result<_>>()?
+            };
+            let mut findings = 0;
+            for p in &policies_to_lint {
+                for f in policies::audit::lint(p) {
+                    println!("{}:{}: {}: {}", p.file, f.line, f.syscall, f.reason);
+                    findings += 1;
+                }
+            }
+            if findings > 0 {
+                println!("{findings} finding(s): accept each with `accepted-risk: REASON` or narrow the rule");
+                return Ok(ExitCode::from(1));
+            }
+            println!("{} policies, no findings", policies_to_lint.len());
+        }
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 fn run(args: RunArgs) -> anyhow::Result<ExitCode> {

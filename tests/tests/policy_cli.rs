@@ -1,0 +1,135 @@
+//! `bulkhead policy ...`: the audit tools over the shipped policy and over files.
+
+use std::time::Duration;
+
+use tests::{run_bulkhead, scratch_dir};
+
+fn policy(args: &[&str]) -> tests::RunResult {
+    let mut all = vec!["policy"];
+    all.extend_from_slice(args);
+    run_bulkhead(&all, Duration::from_secs(30))
+}
+
+#[test]
+fn list_and_show() {
+    let r = policy(&["list"]);
+    let t = r.transcript();
+    assert_eq!(r.code, Some(0), "{t}");
+    let shipped = policies::policy(policies::WorkerKind::Blk, policies::ThreadRole::Main);
+    let hash = policies::bpf_hash(policies::WorkerKind::Blk, policies::ThreadRole::Main);
+    let row = r
+        .stdout
+        .lines()
+        .find(|l| l.starts_with("blk "))
+        .unwrap_or_else(|| panic!("{t}"));
+    assert!(
+        row.contains(&shipped.rules.len().to_string()) && row.contains(&hash),
+        "{row}"
+    );
+
+    let r = policy(&["show", "blk"]);
+    assert_eq!(r.code, Some(0), "{}", r.transcript());
+    let fallocate: Vec<&str> = r
+        .stdout
+        .lines()
+        .filter(|l| l.starts_with("fallocate "))
+        .collect();
+    assert_eq!(fallocate.len(), 3, "{}", r.stdout);
+    assert!(
+        fallocate[0].contains("arg1 == FALLOC_FL_PUNCH_HOLE|FALLOC_FL_KEEP_SIZE")
+            && fallocate[0].contains("DISCARD")
+    );
+    assert!(r.stdout.contains("accepted-risk"), "{}", r.stdout);
+
+    let r = policy(&["show", "blk", "--json"]);
+    let json: serde_json::Value = serde_json::from_str(&r.stdout).expect("valid JSON");
+    assert_eq!(json["rules"].as_array().unwrap().len(), shipped.rules.len());
+    assert_eq!(json["default"], "trap");
+
+    let r = policy(&["show", "blk", "--bpf"]);
+    assert!(r.stdout.contains(&hash), "{}", r.transcript());
+    let n = policies::bpf(policies::WorkerKind::Blk, policies::ThreadRole::Main).len();
+    assert!(
+        r.stdout.contains(&format!("{n} BPF instructions")),
+        "{}",
+        r.stdout
+    );
+}
+
+#[test]
+fn diff_exits_1_on_changes_and_names_them() {
+    let dir = scratch_dir("policy-diff");
+    let shipped =
+        std::fs::read_to_string(tests::workspace_root().join("policies/blk.policy")).unwrap();
+    let same = dir.join("same.policy");
+    std::fs::write(&same, &shipped).unwrap();
+    let r = policy(&["diff", "blk", same.to_str().unwrap()]);
+    assert_eq!(r.code, Some(0), "{}", r.transcript());
+
+    let changed = shipped
+        .lines()
+        .filter(|l| !l.starts_with("brk "))
+        .map(|l| {
+            if l.starts_with("sched_yield ") {
+                l.replace("=> allow", "=> errno EPERM")
+            } else {
+                l.to_string()
+            }
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+        + "\nuname => allow : test addition\n";
+    let other = dir.join("changed.policy");
+    std::fs::write(&other, changed).unwrap();
+    let r = policy(&["diff", "blk", other.to_str().unwrap()]);
+    let t = r.transcript();
+    assert_eq!(r.code, Some(1), "{t}");
+    assert!(r.stdout.lines().any(|l| l.starts_with("- brk ")), "{t}");
+    assert!(r.stdout.lines().any(|l| l.starts_with("+ uname ")), "{t}");
+    assert!(
+        r.stdout.lines().any(|l| l.starts_with("~ sched_yield ")),
+        "{t}"
+    );
+}
+
+#[test]
+fn lint_passes_the_shipped_policy_and_flags_dangerous_rules() {
+    let r = policy(&["lint"]);
+    assert_eq!(
+        r.code,
+        Some(0),
+        "the shipped policies must lint clean: {}",
+        r.transcript()
+    );
+
+    let dir = scratch_dir("policy-lint");
+    let head = "worker: blk\nthread: main\ndefault: trap\narch: x86_64\n";
+    let bad = dir.join("bad.policy");
+    std::fs::write(
+        &bad,
+        format!("{head}openat => allow : wants files\nmmap => allow : any mapping\nkill => allow : signals\n"),
+    )
+    .unwrap();
+    let r = policy(&["lint", bad.to_str().unwrap()]);
+    let t = r.transcript();
+    assert_eq!(r.code, Some(1), "{t}");
+    for (line, call) in [(5, "openat"), (6, "mmap"), (7, "kill")] {
+        assert!(
+            r.stdout.contains(&format!("bad.policy:{line}: {call}:")),
+            "{t}"
+        );
+    }
+    let accepted = dir.join("accepted.policy");
+    std::fs::write(
+        &accepted,
+        format!("{head}openat => allow : wants files\n    accepted-risk: the root is empty and read-only\n"),
+    )
+    .unwrap();
+    let r = policy(&["lint", accepted.to_str().unwrap()]);
+    assert_eq!(
+        r.code,
+        Some(0),
+        "an accepted risk is not a finding: {}",
+        r.transcript()
+    );
+}
