@@ -7,23 +7,67 @@
 pub fn run_after_sandbox(name: &str) -> Result<(), String> {
     match name {
         "bad-vhost-config" | "refuse-mem-table" => Ok(()),
-        "openat" => {
-            let path = c"/etc/passwd";
-            // SAFETY: a raw openat with a valid NUL-terminated path; the policy traps it,
-            // which is the point.
-            let fd = unsafe {
-                libc::syscall(
-                    libc::SYS_openat,
-                    libc::AT_FDCWD,
-                    path.as_ptr(),
-                    libc::O_RDONLY | libc::O_CLOEXEC,
-                    0,
-                )
-            };
-            Err(format!("openat was not trapped (returned {fd})"))
-        }
-        other => Err(format!("unknown fault hook {other:?}")),
+        name => match forbidden_call(name) {
+            Some(ret) => Err(format!("{name} was not trapped (returned {ret})")),
+            None => Err(format!("unknown fault hook {name:?}")),
+        },
     }
+}
+
+/// Issues the raw syscall of one forbidden class; returns what it returned if the filter
+/// let it through (it must not), None for an unknown name.
+fn forbidden_call(name: &str) -> Option<i64> {
+    let path = c"/etc/passwd";
+    let null = std::ptr::null::<libc::c_void>();
+    // SAFETY: each arm is one raw syscall with valid pointers (a static C string, a null
+    // pointer where the kernel accepts one, or a page this function maps); the policy is
+    // expected to trap every one of them before it runs, which is the point.
+    let ret = unsafe {
+        match name {
+            "open" => libc::syscall(libc::SYS_open, path.as_ptr(), libc::O_RDONLY),
+            "openat" => libc::syscall(
+                libc::SYS_openat,
+                libc::AT_FDCWD,
+                path.as_ptr(),
+                libc::O_RDONLY | libc::O_CLOEXEC,
+                0,
+            ),
+            "socket" => libc::syscall(libc::SYS_socket, libc::AF_INET, libc::SOCK_STREAM, 0),
+            "execve" => libc::syscall(libc::SYS_execve, c"/bin/true".as_ptr(), null, null),
+            "ptrace" => libc::syscall(libc::SYS_ptrace, libc::PTRACE_TRACEME, 0, 0, 0),
+            "mprotect-exec" => {
+                let page = libc::mmap(
+                    std::ptr::null_mut(),
+                    4096,
+                    libc::PROT_READ | libc::PROT_WRITE,
+                    libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                    -1,
+                    0,
+                );
+                libc::syscall(
+                    libc::SYS_mprotect,
+                    page,
+                    4096,
+                    libc::PROT_READ | libc::PROT_EXEC,
+                )
+            }
+            "kill" => libc::syscall(libc::SYS_kill, 1234, libc::SIGKILL),
+            "unshare" => libc::syscall(libc::SYS_unshare, libc::CLONE_NEWNET),
+            "mount" => libc::syscall(
+                libc::SYS_mount,
+                c"none".as_ptr(),
+                c"/".as_ptr(),
+                c"tmpfs".as_ptr(),
+                0,
+                null,
+            ),
+            "bpf" => libc::syscall(libc::SYS_bpf, 5, null, 0),
+            "io_uring_setup" => libc::syscall(libc::SYS_io_uring_setup, 8, null),
+            "clone" => libc::syscall(libc::SYS_clone, libc::SIGCHLD, 0, 0, 0, 0),
+            _ => return None,
+        }
+    };
+    Some(ret)
 }
 
 /// Environment variable that selects a fault hook for one spawned worker: `ID:HOOK`, where

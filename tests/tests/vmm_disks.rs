@@ -377,3 +377,44 @@ fn backend_failing_at_driver_ok_gives_needs_reset() {
     );
     assert!(!r.killed, "{t}");
 }
+
+/// Every forbidden class, issued as a real raw syscall by a confined worker (test-only
+/// hook): the dedicated exit, the status-page record (number and arguments from siginfo),
+/// the call decoded by name in the VMM's log, and the VM and the other disk carry on.
+#[test]
+fn each_forbidden_syscall_class_kills_only_its_worker() {
+    for (hook, nr, decoded) in [
+        ("open", 2, "open(0x"),
+        ("openat", 257, "openat(AT_FDCWD, 0x"),
+        ("socket", 41, "socket(AF_INET, SOCK_STREAM, 0)"),
+        ("execve", 59, "execve(0x"),
+        ("ptrace", 101, "ptrace(PTRACE_TRACEME, 0, NULL, NULL)"),
+        ("mprotect-exec", 10, "PROT_READ|PROT_EXEC)"),
+        ("kill", 62, "kill(1234, SIGKILL)"),
+        ("unshare", 272, "unshare(CLONE_NEWNET)"),
+        ("mount", 165, "mount(0x"),
+        ("bpf", 321, "bpf(BPF_PROG_LOAD, NULL, 0)"),
+        ("io_uring_setup", 425, "io_uring_setup(8, NULL)"),
+        ("clone", 56, "clone(0|SIGCHLD"),
+    ] {
+        let r = blk_verify_beside_a_faulty_worker(hook, &format!("vmm-class-{hook}"));
+        let t = r.transcript();
+        let report = r
+            .stderr
+            .lines()
+            .find(|l| l.contains("worker blk1 (pid") && l.contains("violated policy blk: "))
+            .unwrap_or_else(|| panic!("{hook}: no violation report: {t}"));
+        assert!(
+            report.contains(decoded),
+            "{hook}: want {decoded:?} in {report:?}"
+        );
+        assert!(
+            report.contains("exited on a seccomp violation"),
+            "{hook}: {report}"
+        );
+        assert!(
+            r.stderr.contains(&format!("violation nr={nr} args=[")),
+            "{hook}: the status page must hold syscall {nr}: {t}"
+        );
+    }
+}
