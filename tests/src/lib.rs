@@ -161,6 +161,28 @@ pub fn run_with_deadline(mut cmd: Command, deadline: std::time::Duration) -> Run
     }
 }
 
+impl RunResult {
+    /// Asserts a refusal: the program ended by itself with a non-zero status and said why
+    /// in exactly one stderr line that starts with `prefix` and mentions `expected`.
+    pub fn assert_one_error_line(&self, prefix: &str, expected: &str) {
+        let t = self.transcript();
+        assert!(!self.killed, "hung instead of refusing: {t}");
+        assert!(self.code.is_some(), "died of a signal: {t}");
+        assert_ne!(self.code, Some(0), "must fail: {t}");
+        let errors: Vec<_> = self
+            .stderr
+            .lines()
+            .filter(|l| !l.trim().is_empty())
+            .collect();
+        assert_eq!(errors.len(), 1, "want exactly one error line: {t}");
+        assert!(errors[0].starts_with(prefix), "{t}");
+        assert!(
+            errors[0].contains(expected),
+            "error should mention {expected:?}: {t}"
+        );
+    }
+}
+
 /// `bulkhead <args>` with a hard deadline.
 pub fn run_bulkhead(args: &[&str], deadline: std::time::Duration) -> RunResult {
     let mut cmd = Command::new(bulkhead_bin());

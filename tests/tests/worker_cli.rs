@@ -19,17 +19,7 @@ fn worker(bin: &Path, args: &[&str]) -> RunResult {
 }
 
 fn assert_refused(args: &[&str], expected: &str) {
-    let r = worker(&worker_bin(), args);
-    let t = r.transcript();
-    assert!(!r.killed, "worker hung on bad input: {t}");
-    assert_ne!(r.code, Some(0), "{t}");
-    let errors: Vec<_> = r.stderr.lines().filter(|l| !l.trim().is_empty()).collect();
-    assert_eq!(errors.len(), 1, "want exactly one error line: {t}");
-    assert!(errors[0].starts_with("bulkhead-worker: error: "), "{t}");
-    assert!(
-        errors[0].contains(expected),
-        "error should mention {expected:?}: {t}"
-    );
+    worker(&worker_bin(), args).assert_one_error_line("bulkhead-worker: error: ", expected);
 }
 
 fn image(dir: &Path, name: &str, len: u64) -> String {

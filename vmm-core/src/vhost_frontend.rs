@@ -223,7 +223,7 @@ impl ControlThread {
                 }
             };
             if let Err(e) = result {
-                tracing::error!("{}", anyhow_chain(&e));
+                tracing::error!("{}", crate::error_chain(&e));
                 self.device.needs_reset();
                 self.kill_worker();
             }
@@ -343,16 +343,4 @@ impl ControlThread {
         }
         Ok(())
     }
-}
-
-/// The error and its sources on one line.
-fn anyhow_chain(e: &dyn std::error::Error) -> String {
-    let mut out = e.to_string();
-    let mut src = e.source();
-    while let Some(s) = src {
-        out.push_str(": ");
-        out.push_str(&s.to_string());
-        src = s.source();
-    }
-    out
 }

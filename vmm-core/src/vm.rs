@@ -413,13 +413,7 @@ impl Disk {
         slot: crate::acpi::VirtioMmioSlot,
         error: &dyn std::error::Error,
     ) -> Result<Disk, VmError> {
-        let mut message = error.to_string();
-        let mut source = error.source();
-        while let Some(s) = source {
-            message.push_str(&format!(": {s}"));
-            source = s.source();
-        }
-        tracing::error!("disk {} failed: {message}", cfg.id);
+        tracing::error!("disk {} failed: {}", cfg.id, crate::error_chain(error));
         let config_irq = EventFd::new(libc::EFD_NONBLOCK).map_err(VmError::Serial)?;
         vm.register_irqfd(&config_irq, slot.gsi)
             .map_err(|source| VmError::Kvm {
