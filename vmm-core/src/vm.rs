@@ -62,6 +62,13 @@ pub enum VmError {
     Cpu(#[from] cpu::CpuError),
     #[error("cannot create the serial port")]
     Serial(#[source] std::io::Error),
+    #[error("disk {id}: cannot {what}")]
+    DiskSetup {
+        id: String,
+        what: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
     #[error(transparent)]
     Worker(#[from] crate::worker::WorkerError),
     #[error(transparent)]
@@ -414,7 +421,11 @@ impl Disk {
         error: &dyn std::error::Error,
     ) -> Result<Disk, VmError> {
         tracing::error!("disk {} failed: {}", cfg.id, crate::error_chain(error));
-        let config_irq = EventFd::new(libc::EFD_NONBLOCK).map_err(VmError::Serial)?;
+        let config_irq = EventFd::new(libc::EFD_NONBLOCK).map_err(|source| VmError::DiskSetup {
+            id: cfg.id.clone(),
+            what: "create the config interrupt eventfd",
+            source,
+        })?;
         vm.register_irqfd(&config_irq, slot.gsi)
             .map_err(|source| VmError::Kvm {
                 what: "register the config irqfd",
@@ -509,7 +520,13 @@ impl Disk {
             }
         };
         let kvm_err = |what| move |source| VmError::Kvm { what, source };
-        let eventfd = || EventFd::new(libc::EFD_NONBLOCK).map_err(VmError::Serial);
+        let eventfd = || {
+            EventFd::new(libc::EFD_NONBLOCK).map_err(|source| VmError::DiskSetup {
+                id: cfg.id.clone(),
+                what: "create an eventfd",
+                source,
+            })
+        };
         let queues = usize::from(cfg.num_queues);
         let mut kicks = Vec::with_capacity(queues);
         let mut calls = Vec::with_capacity(queues);
@@ -556,7 +573,11 @@ impl Disk {
         std::thread::Builder::new()
             .name(format!("{}-ctl", cfg.id))
             .spawn(move || control.run(rx))
-            .map_err(VmError::Serial)?;
+            .map_err(|source| VmError::DiskSetup {
+                id: cfg.id.clone(),
+                what: "start its control thread",
+                source,
+            })?;
         Ok(Disk {
             device,
             worker,
