@@ -81,6 +81,21 @@ fn guest_ram() -> OwnedFd {
     fd
 }
 
+/// Hands the worker RAM_SIZE bytes of "guest RAM" at FRONTEND_VA / guest address 0; the
+/// memfd must stay open while the worker may still map it.
+fn share_guest_ram(frontend: &mut Frontend) -> OwnedFd {
+    let ram = guest_ram();
+    let region = VhostUserMemoryRegionInfo {
+        guest_phys_addr: 0,
+        memory_size: RAM_SIZE,
+        userspace_addr: FRONTEND_VA,
+        mmap_offset: 0,
+        mmap_handle: ram.as_raw_fd(),
+    };
+    frontend.set_mem_table(&[region]).unwrap();
+    ram
+}
+
 fn negotiate(frontend: &mut Frontend) {
     frontend.set_owner().unwrap();
     let features = frontend.get_features().unwrap();
@@ -118,15 +133,7 @@ fn rings_outside_the_memory_table() {
     let setup = start(&worker_bin(), "wfe-outside");
     let mut frontend = setup.frontend();
     negotiate(&mut frontend);
-    let ram = guest_ram();
-    let region = VhostUserMemoryRegionInfo {
-        guest_phys_addr: 0,
-        memory_size: RAM_SIZE,
-        userspace_addr: FRONTEND_VA,
-        mmap_offset: 0,
-        mmap_handle: ram.as_raw_fd(),
-    };
-    frontend.set_mem_table(&[region]).unwrap();
+    let _ram = share_guest_ram(&mut frontend);
     frontend.set_vring_num(0, 256).unwrap();
     // The descriptor table starts inside, the used ring lies past the end of RAM.
     let _ = frontend.set_vring_addr(
@@ -145,15 +152,7 @@ fn ring_that_runs_past_the_end_of_the_memory_table() {
     let setup = start(&worker_bin(), "wfe-past");
     let mut frontend = setup.frontend();
     negotiate(&mut frontend);
-    let ram = guest_ram();
-    let region = VhostUserMemoryRegionInfo {
-        guest_phys_addr: 0,
-        memory_size: RAM_SIZE,
-        userspace_addr: FRONTEND_VA,
-        mmap_offset: 0,
-        mmap_handle: ram.as_raw_fd(),
-    };
-    frontend.set_mem_table(&[region]).unwrap();
+    let _ram = share_guest_ram(&mut frontend);
     frontend.set_vring_num(0, 256).unwrap();
     // Starts inside RAM, but a 256-entry descriptor table (4 KiB) does not fit.
     let desc = FRONTEND_VA + RAM_SIZE - 0x100;
