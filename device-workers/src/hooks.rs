@@ -7,6 +7,19 @@
 pub fn run_after_sandbox(name: &str) -> Result<(), String> {
     match name {
         "bad-vhost-config" | "refuse-mem-table" => Ok(()),
+        // One harmless call outside the policy, then serve on: under the enforcing filter
+        // it kills the worker; in learn mode it must show up in the learned set.
+        "extra-syscall" => {
+            // SAFETY: utsname is plain data; uname fills the buffer it is given.
+            let mut uts: libc::utsname = unsafe { std::mem::zeroed() };
+            // SAFETY: a raw uname(2) into a live, writable buffer.
+            let ret = unsafe { libc::syscall(libc::SYS_uname, &mut uts) };
+            if ret == 0 {
+                Ok(())
+            } else {
+                Err(format!("uname failed: {}", std::io::Error::last_os_error()))
+            }
+        }
         name => match forbidden_call(name) {
             Some(ret) => Err(format!("{name} was not trapped (returned {ret})")),
             None => Err(format!("unknown fault hook {name:?}")),

@@ -56,6 +56,10 @@ struct SpawnedArgs {
     /// The disk id, for logs.
     #[arg(long)]
     id: Option<String>,
+    /// Learn mode: hand a seccomp listener to the VMM over this socket (see `bulkhead
+    /// policy learn`).
+    #[arg(long)]
+    learn_fd: Option<i32>,
     /// Test builds only: misbehave on purpose once sandboxed.
     #[cfg(feature = "test-hooks")]
     #[arg(long)]
@@ -91,6 +95,11 @@ struct BlkArgs {
     /// Print the status page when the worker ends.
     #[arg(long)]
     print_status: bool,
+    /// Learn mode, for `bulkhead policy learn --worker`: record and allow every syscall,
+    /// handing a seccomp listener to the supervisor over this inherited socket. The rest
+    /// of the sandbox stays.
+    #[arg(long, hide = true)]
+    learn_fd: Option<i32>,
     /// Test builds only: serve without the sandbox.
     #[cfg(feature = "test-hooks")]
     #[arg(long)]
@@ -142,6 +151,7 @@ fn run_blk(args: BlkArgs) -> anyhow::Result<ExitCode> {
     let status: &'static ipc::status::StatusMapping = Box::leak(Box::new(status));
     status.set_pid(std::process::id());
 
+    let learn = args.learn_fd.map(|fd| inherited(fd, "learn")).transpose()?;
     let listener = socket::listen(&args.socket)?;
     say(format_args!("listening on {}", args.socket.display()));
     let stream = socket::accept_one(&listener, &args.socket)?;
@@ -157,6 +167,7 @@ fn run_blk(args: BlkArgs) -> anyhow::Result<ExitCode> {
         gid: args.gid,
         status,
         print_status: args.print_status,
+        learn,
         #[cfg(feature = "test-hooks")]
         sandboxed: !args.no_sandbox,
         #[cfg(feature = "test-hooks")]
@@ -180,6 +191,7 @@ fn run_spawned(args: SpawnedArgs) -> anyhow::Result<ExitCode> {
     use ipc::messages::{VmmMessage, WorkerMessage};
     let control = ipc::channel::Channel::from_fd(inherited(args.control_fd, "control")?)
         .context("the control channel")?;
+    let learn = args.learn_fd.map(|fd| inherited(fd, "learn")).transpose()?;
     #[cfg(feature = "test-hooks")]
     let hook = device_workers::hooks::spawned_hook(args.id.as_deref());
     #[cfg(feature = "test-hooks")]
@@ -237,6 +249,7 @@ fn run_spawned(args: SpawnedArgs) -> anyhow::Result<ExitCode> {
         gid: sandbox::DEFAULT_GID,
         status,
         print_status: false,
+        learn,
         // Only a test build may honour a VMM's request to run unconfined.
         #[cfg(feature = "test-hooks")]
         sandboxed: config.sandbox,
@@ -258,6 +271,8 @@ struct Serve {
     gid: u32,
     status: &'static ipc::status::StatusMapping,
     print_status: bool,
+    /// Learn mode: the socket the seccomp listener goes out on.
+    learn: Option<std::os::fd::OwnedFd>,
     #[cfg(feature = "test-hooks")]
     sandboxed: bool,
     #[cfg(feature = "test-hooks")]
@@ -285,9 +300,14 @@ fn serve(s: Serve) -> anyhow::Result<ExitCode> {
     #[cfg(not(feature = "test-hooks"))]
     let sandboxed = true;
     let status = s.status;
+    anyhow::ensure!(
+        sandboxed || s.learn.is_none(),
+        "learn mode records the syscalls of a sandboxed worker; it needs the sandbox"
+    );
     if sandboxed {
         let mut keep_fds = vec![handler.as_raw_fd(), disk_fd, events.as_raw_fd()];
         keep_fds.extend(s.control.as_ref().map(|c| c.as_raw_fd()));
+        keep_fds.extend(s.learn.as_ref().map(|l| l.as_raw_fd()));
         let cfg = SandboxConfig {
             uid: s.uid,
             gid: s.gid,
@@ -300,7 +320,7 @@ fn serve(s: Serve) -> anyhow::Result<ExitCode> {
             Side::Reaper { worker } => {
                 // The reaper holds none of the worker's resources: forget them without
                 // dropping (confine_reaper closes their descriptors).
-                std::mem::forget((handler, backend, events, s.control));
+                std::mem::forget((handler, backend, events, s.control, s.learn));
                 // The VMM learns the confined pid from the status page.
                 status.set_pid(worker.as_raw() as u32);
                 say(format_args!(
@@ -312,10 +332,19 @@ fn serve(s: Serve) -> anyhow::Result<ExitCode> {
             }
             Side::Worker => {
                 sandbox::confine(&cfg)?;
-                sandbox::seccomp::install(status)?;
-                say(format_args!(
-                    "confined (namespaces, no capabilities, seccomp)"
-                ));
+                match s.learn {
+                    Some(handoff) => {
+                        // Said before the filter, so the line is not a recorded call.
+                        say(format_args!("{}", policies::learn::BANNER));
+                        sandbox::seccomp::install_learning(handoff)?;
+                    }
+                    None => {
+                        sandbox::seccomp::install(status)?;
+                        say(format_args!(
+                            "confined (namespaces, no capabilities, seccomp)"
+                        ));
+                    }
+                }
             }
         }
     } else {

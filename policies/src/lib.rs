@@ -13,6 +13,7 @@ pub mod compile;
 pub mod constants;
 pub mod decode;
 pub mod format;
+pub mod learn;
 pub mod syscalls;
 
 use std::fmt;
@@ -186,11 +187,16 @@ mod tests {
     fn blk_policy_shape() {
         let p = policy(WorkerKind::Blk, ThreadRole::Main);
         assert_eq!(p.default, Action::Trap);
-        let clone3: Vec<_> = p.rules_for("clone3").collect();
-        assert_eq!(clone3.len(), 1);
-        assert_eq!(clone3[0].action, Action::Errno(libc::ENOSYS as u32));
         for forbidden in [
-            "openat", "open", "execve", "socket", "connect", "clone", "ptrace",
+            "openat",
+            "open",
+            "execve",
+            "socket",
+            "connect",
+            "clone",
+            "clone3",
+            "ptrace",
+            "io_uring_setup",
         ] {
             assert_eq!(p.rules_for(forbidden).count(), 0, "{forbidden} must trap");
         }

@@ -68,7 +68,7 @@ impl SandboxFacts {
         }
     }
 
-    fn field(&self, key: &str) -> &str {
+    pub fn field(&self, key: &str) -> &str {
         self.status
             .get(key)
             .map(String::as_str)

@@ -7,7 +7,7 @@ use std::sync::mpsc::{channel, Receiver};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-/// A running standalone worker and what it printed on stderr.
+/// A running standalone worker and what it printed.
 #[derive(Debug)]
 pub struct Worker {
     pub child: Child,
@@ -18,27 +18,43 @@ pub struct Worker {
 impl Worker {
     /// Starts `bin blk --socket SOCKET --disk DISK EXTRA..` and waits until it listens.
     pub fn start(bin: &Path, socket: &Path, disk: &Path, extra: &[&str]) -> Worker {
-        let mut child = Command::new(bin)
-            .args(["blk", "--socket"])
+        let mut cmd = Command::new(bin);
+        cmd.args(["blk", "--socket"])
             .arg(socket)
             .arg("--disk")
             .arg(disk)
-            .args(extra)
+            .args(extra);
+        Worker::start_command(cmd)
+    }
+
+    /// Starts `cmd`, which runs a standalone worker (e.g. under `bulkhead policy learn
+    /// --worker`), and waits until the worker listens.
+    pub fn start_command(mut cmd: Command) -> Worker {
+        let what = format!("{cmd:?}");
+        let mut child = cmd
             .stdin(Stdio::null())
-            .stdout(Stdio::null())
+            .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
-            .unwrap_or_else(|e| panic!("start {}: {e}", bin.display()));
-        let stderr = child.stderr.take().unwrap();
+            .unwrap_or_else(|e| panic!("start {what}: {e}"));
         let lines = Arc::new(Mutex::new(Vec::new()));
         let (tx, rx) = channel();
-        let sink = lines.clone();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                sink.lock().unwrap().push(line.clone());
-                let _ = tx.send(line);
-            }
-        });
+        // A worker prints nothing on stdout; a tool running one may (both are collected).
+        let stdout = child.stdout.take().unwrap();
+        let stderr = child.stderr.take().unwrap();
+        for stream in [
+            Box::new(stdout) as Box<dyn std::io::Read + Send>,
+            Box::new(stderr),
+        ] {
+            let sink = lines.clone();
+            let tx = tx.clone();
+            std::thread::spawn(move || {
+                for line in BufReader::new(stream).lines().map_while(Result::ok) {
+                    sink.lock().unwrap().push(line.clone());
+                    let _ = tx.send(line);
+                }
+            });
+        }
         let mut w = Worker { child, lines, rx };
         w.wait_for("listening on", Duration::from_secs(20));
         w
@@ -71,7 +87,10 @@ impl Worker {
                 .find_map(|l| l.split(" as pid ").nth(1))
                 .and_then(|r| r.split_whitespace().next())
                 .and_then(|p| p.parse().ok());
-            if let (Some(pid), true) = (pid, text.contains("bulkhead-worker: confined")) {
+            // Learn mode says so instead, just before its (learning) filter goes on.
+            let confined = text.contains("bulkhead-worker: confined")
+                || text.contains("bulkhead-worker: LEARN MODE");
+            if let (Some(pid), true) = (pid, confined) {
                 return pid;
             }
             assert!(

@@ -7,13 +7,11 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
+use tests::qemu::{qemu_with_vhost_user, GUEST_RAM_MEMFD};
 use tests::sandbox_facts::SandboxFacts;
 use tests::worker::Worker;
-use tests::{
-    guest_dir, require_file, require_tool, run_with_deadline, scratch_dir, worker_bin, RunResult,
-};
+use tests::{require_tool, run_with_deadline, scratch_dir, worker_bin, RunResult};
 
-const KIT: &str = "tests/guest/guestkit.sh";
 const BLOCK: u64 = 4096;
 /// Blocks the guest writes with a seeded pattern (scattered, including the last 4 KiB of
 /// the first 16 MiB; none inside the 0xaa-filled range at 8..10 MiB).
@@ -21,42 +19,7 @@ const PATTERN_BLOCKS: [u64; 5] = [3, 77, 1000, 3000, 4095];
 const DISCARD_OFFSET: u64 = 8 << 20;
 const DISCARD_LEN: u64 = 1 << 20;
 const DISK_SIZE: u64 = 32 << 20;
-/// Name QEMU gives the guest RAM memfd (memory-backend-memfd id "mem").
-const GUEST_RAM_MEMFD: &str = "mem";
 const STATUS_MEMFD: &str = "bulkhead-worker-status";
-
-/// QEMU TCG booting the guest kit with our vhost-user-blk disk and `guest_cmd`.
-fn qemu_with_vhost_user(socket: &Path, num_queues: u16, guest_cmd: &str) -> Command {
-    let qemu = require_tool("qemu-system-x86_64", "qemu-system-x86");
-    let dir = guest_dir();
-    let vmlinuz = require_file(dir.join("vmlinuz"), KIT);
-    let initrd = require_file(dir.join("initramfs.cpio.gz"), KIT);
-    let mut cmd = Command::new(qemu);
-    cmd.args([
-        "-accel", "tcg", "-M", "q35", "-cpu", "max", "-smp", "2", "-m", "512",
-    ])
-    .args([
-        "-object",
-        &format!("memory-backend-memfd,id={GUEST_RAM_MEMFD},size=512M,share=on"),
-    ])
-    .args(["-numa", &format!("node,memdev={GUEST_RAM_MEMFD}")])
-    .args(["-display", "none", "-serial", "stdio", "-no-reboot"])
-    .arg("-kernel")
-    .arg(vmlinuz)
-    .arg("-initrd")
-    .arg(initrd)
-    .arg("-chardev")
-    .arg(format!("socket,id=c0,path={}", socket.display()))
-    .args([
-        "-device",
-        &format!("vhost-user-blk-pci,chardev=c0,num-queues={num_queues}"),
-    ])
-    .arg("-append")
-    .arg(format!(
-        "console=ttyS0 panic=-1 guestkit.run=\"{guest_cmd}\""
-    ));
-    cmd
-}
 
 fn pattern(block: u64) -> Vec<u8> {
     // What `yes bulkhead-N | head -c 4096` produces in the guest.

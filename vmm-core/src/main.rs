@@ -12,6 +12,8 @@ use vmm_core::terminal::RawStdin;
 use vmm_core::vcpu::VcpuEvent;
 use vmm_core::vm::{Vm, VmConfig, VmOutcome, DEFAULT_CMDLINE};
 
+mod policy_cmd;
+
 /// Exit status when the guest crashed (triple fault, KVM internal error).
 const EXIT_GUEST_CRASHED: u8 = 120;
 /// Exit status when `--timeout` expired (as timeout(1)).
@@ -34,28 +36,7 @@ enum Command {
     Run(RunArgs),
     /// Audit the seccomp policies of the workers.
     #[command(subcommand)]
-    Policy(PolicyCommand),
-}
-
-#[derive(Debug, Subcommand)]
-enum PolicyCommand {
-    /// Worker kinds, thread roles and rule counts.
-    List,
-    /// One policy as a table (default), JSON, or its compiled BPF's size and hash.
-    Show {
-        /// Worker kind (e.g. blk) or a policy file.
-        policy: String,
-        #[arg(long)]
-        json: bool,
-        #[arg(long)]
-        bpf: bool,
-    },
-    /// Rules added, removed and changed from OLD to NEW (each a worker kind or a file);
-    /// exit status 1 when they differ.
-    Diff { old: String, new: String },
-    /// Flag dangerous rules that carry no accepted-risk reason; exit status 1 on findings.
-    /// Without files, lints every embedded policy.
-    Lint { files: Vec<PathBuf> },
+    Policy(policy_cmd::PolicyCommand),
 }
 
 #[derive(Debug, Args)]
@@ -64,7 +45,7 @@ enum PolicyCommand {
 0 when it reset (i8042) or powered off (ACPI S5); 120 when it crashed (triple fault, KVM error); \
 124 when --timeout expired; 128+N on signal N; 1 on any VMM error."
 )]
-struct RunArgs {
+pub struct RunArgs {
     /// Kernel: an ELF with a PVH note (boots through PVH), another x86-64 ELF or a bzImage
     /// (64-bit Linux boot protocol).
     #[arg(long)]
@@ -107,7 +88,7 @@ fn main() -> ExitCode {
         .init();
     let cli = Cli::parse();
     if let Command::Policy(cmd) = cli.command {
-        return match policy_command(cmd) {
+        return match policy_cmd::policy_command(cmd) {
             Ok(code) => code,
             Err(e) => {
                 eprintln!("bulkhead: error: {e:#}");
@@ -117,8 +98,8 @@ fn main() -> ExitCode {
     }
     match cli.command {
         Command::Policy(_) => unreachable!("handled above"),
-        Command::Run(args) => match run(args) {
-            Ok(code) => code,
+        Command::Run(args) => match run(args, None) {
+            Ok(code) => ExitCode::from(code),
             Err(e) => {
                 eprintln!("bulkhead: error: {e:#}");
                 ExitCode::FAILURE
@@ -127,101 +108,12 @@ fn main() -> ExitCode {
     }
 }
 
-/// An embedded policy by worker kind name, or a policy file parsed here.
-fn load_policy(spec: &str) -> anyhow::Result<policies::Policy> {
-    if let Some(kind) = policies::WorkerKind::ALL
-        .into_iter()
-        .find(|k| k.name() == spec)
-    {
-        return Ok(policies::policy(kind, policies::ThreadRole::Main).clone());
-    }
-    let text =
-        std::fs::read_to_string(spec).with_context(|| format!("cannot read policy {spec}"))?;
-    Ok(policies::format::parse(spec, &text)?)
-}
-
-fn policy_command(cmd: PolicyCommand) -> anyhow::Result<ExitCode> {
-    use policies::{ThreadRole, WorkerKind};
-    match cmd {
-        PolicyCommand::List => {
-            println!(
-                "{:8}  {:8}  {:>5}  {:>12}  bpf hash",
-                "worker", "thread", "rules", "bpf insns"
-            );
-            for kind in WorkerKind::ALL {
-                let role = ThreadRole::Main;
-                println!(
-                    "{:8}  {:8}  {:>5}  {:>12}  {}",
-                    kind.name(),
-                    role.name(),
-                    policies::policy(kind, role).rules.len(),
-                    policies::bpf(kind, role).len(),
-                    policies::bpf_hash(kind, role)
-                );
-            }
-        }
-        PolicyCommand::Show { policy, json, bpf } => {
-            let p = load_policy(&policy)?;
-            if bpf {
-                let kind = WorkerKind::ALL
-                    .into_iter()
-                    .find(|k| k.name() == policy)
-                    .context("--bpf shows the embedded program of a worker kind (e.g. blk)")?;
-                let role = ThreadRole::Main;
-                println!(
-                    "policy {kind} / thread {role}: {} BPF instructions ({} bytes), hash {}",
-                    policies::bpf(kind, role).len(),
-                    policies::bpf_bytes(kind, role).len(),
-                    policies::bpf_hash(kind, role)
-                );
-            } else if json {
-                println!(
-                    "{}",
-                    serde_json::to_string_pretty(&policies::audit::to_json(&p))?
-                );
-            } else {
-                print!("{}", policies::audit::table(&p));
-            }
-        }
-        PolicyCommand::Diff { old, new } => {
-            let d = policies::audit::diff(&load_policy(&old)?, &load_policy(&new)?);
-            if d.is_empty() {
-                println!("no differences");
-            } else {
-                print!("{}", d.render());
-                return Ok(ExitCode::from(1));
-            }
-        }
-        PolicyCommand::Lint { files } => {
-            let policies_to_lint: Vec<policies::Policy> = if files.is_empty() {
-                WorkerKind::ALL
-                    .into_iter()
-                    .map(|k| policies::policy(k, ThreadRole::Main).clone())
-                    .collect()
-            } else {
-                files
-                    .iter()
-                    .map(|f| load_policy(&f.display().to_string()))
-                    .collect::<anyhow::Result<_>>()?
-            };
-            let mut findings = 0;
-            for p in &policies_to_lint {
-                for f in policies::audit::lint(p) {
-                    println!("{}:{}: {}: {}", p.file, f.line, f.syscall, f.reason);
-                    findings += 1;
-                }
-            }
-            if findings > 0 {
-                println!("{findings} finding(s): accept each with `accepted-risk: REASON` or narrow the rule");
-                return Ok(ExitCode::from(1));
-            }
-            println!("{} policies, no findings", policies_to_lint.len());
-        }
-    }
-    Ok(ExitCode::SUCCESS)
-}
-
-fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
+/// Boots and runs a VM; returns the exit status (see RunArgs' help). With `learn`, its
+/// workers run in learn mode, recorded there.
+fn run(
+    args: RunArgs,
+    learn: Option<std::sync::Arc<policies::learn::Recorder>>,
+) -> anyhow::Result<u8> {
     let timeout = match args.timeout {
         Some(t) if !(t.is_finite() && t > 0.0) => {
             anyhow::bail!("--timeout {t} must be a positive number of seconds")
@@ -278,6 +170,7 @@ fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         .enumerate()
         .map(|(i, spec)| vmm_core::disk::DiskConfig::parse(spec, i))
         .collect::<Result<Vec<_>, _>>()?;
+    let learning = learn.is_some();
     let cfg = VmConfig {
         disks,
         worker_bin: args.worker_bin,
@@ -286,6 +179,7 @@ fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         cmdline: args.cmdline,
         mem_mib: args.mem,
         vcpus: args.vcpus,
+        learn,
     };
     let vm = Vm::build(&cfg, Box::new(std::io::stdout()))?;
     let protocol = match vm.entry() {
@@ -305,50 +199,55 @@ fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         .context("start the serial input thread")?;
     let stats = vm.stats();
     let _ = running.set((vm.stopper(), stats.clone()));
+    let links = learning.then(|| vm.worker_links());
     let outcome = vm.run(timeout)?;
     terminal.restore();
+    if let Some(links) = links {
+        // Learn mode records the workers to their normal end.
+        links.disconnect();
+    }
     for line in stats.lines() {
         tracing::info!("{line}");
     }
     Ok(report(outcome))
 }
 
-fn report(outcome: VmOutcome) -> ExitCode {
+fn report(outcome: VmOutcome) -> u8 {
     match outcome {
         VmOutcome::Vcpu(VcpuEvent::DebugExit(code)) => {
             tracing::info!("guest exited with status {code} (port 0xf4)");
-            ExitCode::from(code as u8)
+            code as u8
         }
         VmOutcome::Vcpu(VcpuEvent::Reset) => {
             tracing::info!("guest reset the machine");
-            ExitCode::SUCCESS
+            0
         }
         VmOutcome::Vcpu(VcpuEvent::PowerOff) => {
             tracing::info!("guest powered off (ACPI S5)");
-            ExitCode::SUCCESS
+            0
         }
         VmOutcome::Vcpu(VcpuEvent::Crashed { vcpu, what, report }) => {
             tracing::error!("guest crashed on vCPU {vcpu}: {what}");
             for line in report.lines() {
                 tracing::error!("vcpu{vcpu}: {line}");
             }
-            ExitCode::from(EXIT_GUEST_CRASHED)
+            EXIT_GUEST_CRASHED
         }
         VmOutcome::Vcpu(VcpuEvent::RunFailed { vcpu, error }) => {
             eprintln!("bulkhead: error: KVM_RUN failed on vCPU {vcpu}: {error}");
-            ExitCode::FAILURE
+            1
         }
         VmOutcome::TimedOut(after) => {
             tracing::warn!("timeout: stopped the VM after {:.1} s", after.as_secs_f64());
-            ExitCode::from(EXIT_TIMEOUT)
+            EXIT_TIMEOUT
         }
         VmOutcome::Signal(sig) => {
             tracing::warn!("stopped the VM on signal {sig}");
-            ExitCode::from(128u8.wrapping_add(sig as u8))
+            128u8.wrapping_add(sig as u8)
         }
         VmOutcome::Vanished => {
             eprintln!("bulkhead: error: every vCPU thread ended without a reason");
-            ExitCode::FAILURE
+            1
         }
     }
 }

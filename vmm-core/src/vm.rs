@@ -3,6 +3,7 @@
 //! Everything that can be wrong with the configuration (the kernel, the initrd, sizes,
 //! counts) is found in [`Vm::build`], before any vCPU runs.
 
+use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
 use std::sync::Arc;
@@ -37,6 +38,8 @@ pub struct VmConfig {
     pub disks: Vec<crate::disk::DiskConfig>,
     /// The worker executable; default: `bulkhead-worker` beside this executable.
     pub worker_bin: Option<PathBuf>,
+    /// `bulkhead policy learn`: workers run in learn mode, their syscalls recorded here.
+    pub learn: Option<Arc<policies::learn::Recorder>>,
 }
 
 /// Errors while building or running a VM.
@@ -189,6 +192,7 @@ impl Vm {
                 disk,
                 index as u32,
                 cfg.worker_bin.as_deref(),
+                cfg.learn.as_ref(),
             )?);
         }
         let slots: Vec<crate::acpi::VirtioMmioSlot> = disks.iter().map(|d| d.device.slot).collect();
@@ -275,6 +279,18 @@ impl Vm {
         }
     }
 
+    /// Our ends of the workers' vhost-user sockets: shutting them down makes every worker
+    /// end the way it does when a frontend goes away (`bulkhead policy learn` needs them
+    /// to exit normally before it reports).
+    pub fn worker_links(&self) -> WorkerLinks {
+        WorkerLinks(
+            self.disks
+                .iter()
+                .filter_map(|d| d.worker.as_ref()?.vhost.clone())
+                .collect(),
+        )
+    }
+
     /// A handle that stops the VM from another thread.
     pub fn stopper(&self) -> Stopper {
         self.stopper.clone()
@@ -315,6 +331,19 @@ impl Vm {
         // The memory must outlive the still-running vCPU threads: leak it deliberately.
         std::mem::forget(self);
         Ok(outcome)
+    }
+}
+
+/// See [`Vm::worker_links`].
+#[derive(Debug, Clone)]
+pub struct WorkerLinks(Vec<Arc<UnixStream>>);
+
+impl WorkerLinks {
+    /// Disconnects every worker (their vhost-user sockets see end of file).
+    pub fn disconnect(&self) {
+        for s in &self.0 {
+            let _ = s.shutdown(std::net::Shutdown::Both);
+        }
     }
 }
 
@@ -393,6 +422,8 @@ pub struct WorkerInfo {
     /// A pidfd on it: signals and exit notification without pid-reuse races.
     pub pidfd: Option<Arc<std::os::fd::OwnedFd>>,
     pub status: Arc<ipc::status::StatusMapping>,
+    /// A clone of our end of its vhost-user socket, to disconnect it on purpose.
+    pub vhost: Option<Arc<UnixStream>>,
 }
 
 impl Disk {
@@ -402,9 +433,10 @@ impl Disk {
         cfg: &DiskConfig,
         index: u32,
         worker_bin: Option<&std::path::Path>,
+        learn: Option<&Arc<policies::learn::Recorder>>,
     ) -> Result<Disk, VmError> {
         let slot = crate::acpi::VirtioMmioSlot::from_layout(index);
-        match Self::connect(vm, ram, cfg, slot, worker_bin) {
+        match Self::connect(vm, ram, cfg, slot, worker_bin, learn) {
             Ok(disk) => Ok(disk),
             Err(VmError::Worker(e)) if e.is_worker_fault() => Self::failed(vm, cfg, slot, &e),
             Err(VmError::Frontend(e)) => Self::failed(vm, cfg, slot, &e),
@@ -455,6 +487,7 @@ impl Disk {
         cfg: &DiskConfig,
         slot: crate::acpi::VirtioMmioSlot,
         worker_bin: Option<&std::path::Path>,
+        learn: Option<&Arc<policies::learn::Recorder>>,
     ) -> Result<Disk, VmError> {
         let (stream, worker) = match &cfg.backend {
             DiskBackend::Image(path) => {
@@ -462,7 +495,7 @@ impl Disk {
                     Some(b) => b.to_path_buf(),
                     None => crate::worker::default_worker_bin().ok_or(VmError::NoWorkerBin)?,
                 };
-                let w = crate::worker::spawn(cfg, path, &bin)?;
+                let w = crate::worker::spawn(cfg, path, &bin, learn)?;
                 tracing::info!(
                     "disk {}: {} served by worker pid {} ({} bytes)",
                     cfg.id,
@@ -603,6 +636,7 @@ fn supervise(worker: crate::worker::Worker, device: Arc<VirtioMmioDevice>) -> Wo
         pid,
         pidfd: pidfd.clone(),
         status: status.clone(),
+        vhost: worker.vhost.try_clone().ok().map(Arc::new),
     };
     let mut child = worker.child;
     let id = worker.id;

@@ -8,11 +8,13 @@ use std::os::unix::net::UnixStream;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
 use std::time::Duration;
 
 use ipc::channel::Channel;
 use ipc::messages::{VmmMessage, WorkerConfig, WorkerKind, WorkerMessage};
 use ipc::status::{StatusMapping, StatusPage};
+use policies::learn::Recorder;
 
 use crate::disk::{open_image, DiskConfig, DiskError};
 
@@ -21,6 +23,8 @@ const VHOST_FD: RawFd = 3;
 const CONTROL_FD: RawFd = 4;
 const DISK_FD: RawFd = 5;
 const STATUS_FD: RawFd = 6;
+/// Learn mode only: the socket the worker hands its seccomp listener over.
+const LEARN_FD: RawFd = 7;
 
 /// How long a worker may take to answer during setup before it is given up on.
 pub const SETUP_TIMEOUT: Duration = Duration::from_secs(10);
@@ -118,8 +122,14 @@ fn dup_high(fd: RawFd) -> std::io::Result<OwnedFd> {
 }
 
 /// Opens the image, creates the channels and the status page, execs the worker and takes
-/// it through the handshake and its configuration.
-pub fn spawn(cfg: &DiskConfig, image: &PathBuf, bin: &Path) -> Result<Worker, WorkerError> {
+/// it through the handshake and its configuration. With `learn`, the worker runs in learn
+/// mode and a thread records its syscalls into the recorder (`bulkhead policy learn`).
+pub fn spawn(
+    cfg: &DiskConfig,
+    image: &PathBuf,
+    bin: &Path,
+    learn: Option<&Arc<Recorder>>,
+) -> Result<Worker, WorkerError> {
     let id = cfg.id.clone();
     let setup = |what: &'static str| {
         let id = id.clone();
@@ -140,16 +150,23 @@ pub fn spawn(cfg: &DiskConfig, image: &PathBuf, bin: &Path) -> Result<Worker, Wo
                 source,
             }
         })?;
-    let sources = [
+    let learn_pair = match learn {
+        Some(_) => Some(UnixStream::pair().map_err(setup("create the learn socket pair"))?),
+        None => None,
+    };
+    let mut sources = vec![
         dup_high(worker_vhost.as_raw_fd()).map_err(setup("pass the vhost-user socket"))?,
         dup_high(worker_control.as_raw_fd()).map_err(setup("pass the control channel"))?,
         dup_high(disk.file.as_raw_fd()).map_err(setup("pass the disk"))?,
         dup_high(status_fd.as_raw_fd()).map_err(setup("pass the status page"))?,
     ];
+    if let Some((_, worker_learn)) = &learn_pair {
+        sources.push(dup_high(worker_learn.as_raw_fd()).map_err(setup("pass the learn socket"))?);
+    }
     let pairs: Vec<(RawFd, RawFd)> = sources
         .iter()
         .map(|s| s.as_raw_fd())
-        .zip([VHOST_FD, CONTROL_FD, DISK_FD, STATUS_FD])
+        .zip([VHOST_FD, CONTROL_FD, DISK_FD, STATUS_FD, LEARN_FD])
         .collect();
     let mut cmd = Command::new(bin);
     cmd.args([
@@ -167,6 +184,9 @@ pub fn spawn(cfg: &DiskConfig, image: &PathBuf, bin: &Path) -> Result<Worker, Wo
     ])
     .stdin(Stdio::null())
     .stdout(Stdio::null());
+    if learn_pair.is_some() {
+        cmd.args(["--learn-fd", &LEARN_FD.to_string()]);
+    }
     // SAFETY: runs between fork and exec in the child; dup2 is async-signal-safe and
     // touches only descriptors; nothing allocates or takes a lock.
     unsafe {
@@ -187,6 +207,22 @@ pub fn spawn(cfg: &DiskConfig, image: &PathBuf, bin: &Path) -> Result<Worker, Wo
     drop(sources);
     drop((worker_vhost, worker_control, status_fd, disk));
     let pid = child.id();
+    if let (Some(recorder), Some((vmm_learn, worker_learn))) = (learn, learn_pair) {
+        drop(worker_learn);
+        // A learner that cannot start leaves the worker waiting on its first syscall, and
+        // the VM's disk with it: give the worker up rather than hang.
+        if let Err(source) = policies::learn::spawn_learner(vmm_learn, recorder.clone(), id.clone())
+        {
+            let mut child = child;
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(WorkerError::Setup {
+                id,
+                what: "start the learn thread",
+                source,
+            });
+        }
+    }
     let mut worker = Worker {
         id: id.clone(),
         child,

@@ -91,6 +91,8 @@ pub enum SandboxError {
     },
     #[error("cannot install the seccomp filter")]
     Seccomp(#[source] policies::PolicyError),
+    #[error("cannot enter learn mode")]
+    Learn(#[source] policies::learn::LearnError),
 }
 
 /// Which side of the fork the caller is on.

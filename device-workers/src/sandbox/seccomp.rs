@@ -68,3 +68,11 @@ pub fn install(status: &'static StatusMapping) -> Result<(), SandboxError> {
     policies::install(policies::WorkerKind::Blk, policies::ThreadRole::Main)
         .map_err(SandboxError::Seccomp)
 }
+
+/// Learn mode in place of [`install`]: every syscall is reported to the supervisor that
+/// receives the listener over `handoff` and runs only once it answers. The socket and the
+/// listener stay open for the life of the process (closing them would be recorded).
+pub fn install_learning(handoff: std::os::fd::OwnedFd) -> Result<(), SandboxError> {
+    use std::os::fd::IntoRawFd;
+    policies::learn::enter_learn_mode(handoff.into_raw_fd()).map_err(SandboxError::Learn)
+}

@@ -1,0 +1,290 @@
+//! `bulkhead policy ...`: auditing the worker policies (list, show, diff, lint) and
+//! learning what a workload needs (learn).
+
+use std::os::fd::{AsRawFd, RawFd};
+use std::os::unix::net::UnixStream;
+use std::os::unix::process::{CommandExt, ExitStatusExt};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand};
+use policies::learn::{Recorder, BANNER};
+
+use crate::RunArgs;
+
+#[derive(Debug, Subcommand)]
+pub enum PolicyCommand {
+    /// Worker kinds, thread roles and rule counts.
+    List,
+    /// One policy as a table (default), JSON, or its compiled BPF's size and hash.
+    Show {
+        /// Worker kind (e.g. blk) or a policy file.
+        policy: String,
+        #[arg(long)]
+        json: bool,
+        #[arg(long)]
+        bpf: bool,
+    },
+    /// Rules added, removed and changed from OLD to NEW (each a worker kind or a file);
+    /// exit status 1 when they differ.
+    Diff { old: String, new: String },
+    /// Flag dangerous rules that carry no accepted-risk reason; exit status 1 on findings.
+    /// Without files, lints every embedded policy.
+    Lint { files: Vec<PathBuf> },
+    /// Run a workload with its workers in learn mode (every syscall recorded and allowed;
+    /// the rest of the sandbox stays) and write the minimal policy it needed.
+    Learn(LearnArgs),
+}
+
+/// `bulkhead policy learn`.
+#[derive(Debug, Args)]
+#[command(
+    after_help = "Examples:\n  bulkhead policy learn --out blk.learned -- --kernel K --disk path=IMG\n  \
+bulkhead policy learn --worker --out blk.learned -- blk --socket S --disk IMG\n\n\
+Exit status: 0 when the workload ran and made no call outside the policy; 1 when it made \
+calls the policy would have killed the worker for (listed as missing); 2 when the workload \
+or learn mode failed (the learned set may be incomplete)."
+)]
+pub struct LearnArgs {
+    /// The policy to judge calls against: a worker kind (blk) or a policy file.
+    #[arg(long, default_value = "blk")]
+    against: String,
+    /// Write the learned policy (policy file format) here.
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Write the report as JSON here.
+    #[arg(long)]
+    json: Option<PathBuf>,
+    /// Learn a standalone worker: the arguments after `--` are bulkhead-worker's
+    /// (e.g. `blk --socket S --disk IMG`), not `bulkhead run`'s.
+    #[arg(long)]
+    worker: bool,
+    /// With --worker: the worker executable (default: bulkhead-worker beside bulkhead).
+    #[arg(long)]
+    worker_bin: Option<PathBuf>,
+    /// `bulkhead run` arguments (or, with --worker, the worker's).
+    #[arg(last = true, required = true)]
+    command: Vec<String>,
+}
+
+/// `bulkhead run` arguments on their own.
+#[derive(Debug, Parser)]
+#[command(name = "bulkhead policy learn --")]
+struct RunOnly {
+    #[command(flatten)]
+    run: RunArgs,
+}
+
+/// An embedded policy by worker kind name, or a policy file parsed here.
+fn load_policy(spec: &str) -> anyhow::Result<policies::Policy> {
+    if let Some(kind) = policies::WorkerKind::ALL
+        .into_iter()
+        .find(|k| k.name() == spec)
+    {
+        return Ok(policies::policy(kind, policies::ThreadRole::Main).clone());
+    }
+    let text =
+        std::fs::read_to_string(spec).with_context(|| format!("cannot read policy {spec}"))?;
+    Ok(policies::format::parse(spec, &text)?)
+}
+
+pub fn policy_command(cmd: PolicyCommand) -> anyhow::Result<ExitCode> {
+    use policies::{ThreadRole, WorkerKind};
+    match cmd {
+        PolicyCommand::List => {
+            println!(
+                "{:8}  {:8}  {:>5}  {:>12}  bpf hash",
+                "worker", "thread", "rules", "bpf insns"
+            );
+            for kind in WorkerKind::ALL {
+                let role = ThreadRole::Main;
+                println!(
+                    "{:8}  {:8}  {:>5}  {:>12}  {}",
+                    kind.name(),
+                    role.name(),
+                    policies::policy(kind, role).rules.len(),
+                    policies::bpf(kind, role).len(),
+                    policies::bpf_hash(kind, role)
+                );
+            }
+        }
+        PolicyCommand::Show { policy, json, bpf } => {
+            let p = load_policy(&policy)?;
+            if bpf {
+                let kind = WorkerKind::ALL
+                    .into_iter()
+                    .find(|k| k.name() == policy)
+                    .context("--bpf shows the embedded program of a worker kind (e.g. blk)")?;
+                let role = ThreadRole::Main;
+                println!(
+                    "policy {kind} / thread {role}: {} BPF instructions ({} bytes), hash {}",
+                    policies::bpf(kind, role).len(),
+                    policies::bpf_bytes(kind, role).len(),
+                    policies::bpf_hash(kind, role)
+                );
+            } else if json {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&policies::audit::to_json(&p))?
+                );
+            } else {
+                print!("{}", policies::audit::table(&p));
+            }
+        }
+        PolicyCommand::Diff { old, new } => {
+            let d = policies::audit::diff(&load_policy(&old)?, &load_policy(&new)?);
+            if d.is_empty() {
+                println!("no differences");
+            } else {
+                print!("{}", d.render());
+                return Ok(ExitCode::from(1));
+            }
+        }
+        PolicyCommand::Learn(args) => return learn(args),
+        PolicyCommand::Lint { files } => {
+            let policies_to_lint: Vec<policies::Policy> = if files.is_empty() {
+                WorkerKind::ALL
+                    .into_iter()
+                    .map(|k| policies::policy(k, ThreadRole::Main).clone())
+                    .collect()
+            } else {
+                files
+                    .iter()
+                    .map(|f| load_policy(&f.display().to_string()))
+                    .collect::<anyhow::Result<_>>()?
+            };
+            let mut findings = 0;
+            for p in &policies_to_lint {
+                for f in policies::audit::lint(p) {
+                    println!("{}:{}: {}: {}", p.file, f.line, f.syscall, f.reason);
+                    findings += 1;
+                }
+            }
+            if findings > 0 {
+                println!("{findings} finding(s): accept each with `accepted-risk: REASON` or narrow the rule");
+                return Ok(ExitCode::from(1));
+            }
+            println!("{} policies, no findings", policies_to_lint.len());
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Where the learn socket lands in a standalone worker.
+const WORKER_LEARN_FD: RawFd = 3;
+
+fn learn(args: LearnArgs) -> anyhow::Result<ExitCode> {
+    let against = load_policy(&args.against)?;
+    let recorder = Arc::new(Recorder::new(against));
+    eprintln!("bulkhead: {BANNER}");
+    let provenance = if args.worker {
+        format!("bulkhead-worker {}", args.command.join(" "))
+    } else {
+        format!("bulkhead run {}", args.command.join(" "))
+    };
+    let status = if args.worker {
+        learn_standalone(&args, &recorder)?
+    } else {
+        let mut command = args.command.clone();
+        if command.first().map(String::as_str) == Some("run") {
+            command.remove(0);
+        }
+        let run = RunOnly::try_parse_from(std::iter::once("run".to_string()).chain(command))
+            .map_err(|e| anyhow::anyhow!("bad `bulkhead run` arguments after `--`:\n{e}"))?
+            .run;
+        if !run.disks.iter().any(|d| !d.starts_with("vhost_user=")) {
+            anyhow::bail!("no --disk is served by a worker: nothing to learn");
+        }
+        crate::run(run, Some(recorder.clone()))?
+    };
+    let idle = recorder.wait_learners(Duration::from_secs(10));
+    let report = recorder.report();
+    print!("{}", report.summary());
+    if let Some(path) = &args.out {
+        std::fs::write(path, report.policy_text(&provenance))
+            .with_context(|| format!("cannot write {}", path.display()))?;
+        println!("wrote the learned policy to {}", path.display());
+    }
+    if let Some(path) = &args.json {
+        std::fs::write(path, serde_json::to_string_pretty(&report.to_json())?)
+            .with_context(|| format!("cannot write {}", path.display()))?;
+    }
+    let diff = report.diff();
+    if diff.is_empty() {
+        println!("learned policy = {}", report.against.file);
+    } else {
+        println!("diff {} -> learned:", report.against.file);
+        print!("{}", diff.render());
+    }
+    let mut failed = false;
+    if status != 0 {
+        eprintln!("bulkhead: learn: the workload ended with status {status}; the learned set may be incomplete");
+        failed = true;
+    }
+    if !idle || recorder.failures() > 0 {
+        eprintln!("bulkhead: learn: not every worker was recorded to its end");
+        failed = true;
+    }
+    Ok(if failed {
+        ExitCode::from(2)
+    } else if report.missing.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
+}
+
+/// Runs a standalone worker in learn mode until it exits; returns its exit status.
+fn learn_standalone(args: &LearnArgs, recorder: &Arc<Recorder>) -> anyhow::Result<u8> {
+    let bin = match &args.worker_bin {
+        Some(b) => b.clone(),
+        None => vmm_core::worker::default_worker_bin()
+            .context("bulkhead-worker is not beside bulkhead; pass --worker-bin")?,
+    };
+    let (ours, theirs) = UnixStream::pair().context("create the learn socket pair")?;
+    let src = theirs.as_raw_fd();
+    let mut cmd = std::process::Command::new(&bin);
+    cmd.args(&args.command)
+        .args(["--learn-fd", &WORKER_LEARN_FD.to_string()]);
+    // SAFETY: runs between fork and exec in the child; dup2 is async-signal-safe and
+    // touches only descriptors (dup2 clears FD_CLOEXEC on the copy; when the numbers are
+    // equal the flag is cleared with fcntl instead).
+    unsafe {
+        cmd.pre_exec(move || {
+            let ok = if src == WORKER_LEARN_FD {
+                libc::fcntl(src, libc::F_SETFD, 0) >= 0
+            } else {
+                libc::dup2(src, WORKER_LEARN_FD) >= 0
+            };
+            if ok {
+                Ok(())
+            } else {
+                Err(std::io::Error::last_os_error())
+            }
+        });
+    }
+    let mut child = cmd
+        .spawn()
+        .with_context(|| format!("cannot start {}", bin.display()))?;
+    drop(theirs);
+    // Ctrl-C reaches the worker (same process group) and ends the workload; this process
+    // outlives it to write what was learned.
+    for sig in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
+        // SAFETY: setting a signal to SIG_IGN installs no handler code.
+        unsafe { libc::signal(sig, libc::SIG_IGN) };
+    }
+    if let Err(e) = policies::learn::spawn_learner(ours, recorder.clone(), "worker".into()) {
+        let _ = child.kill();
+        let _ = child.wait();
+        return Err(e).context("start the learn thread");
+    }
+    let status = child.wait().context("wait for the worker")?;
+    Ok(match (status.code(), status.signal()) {
+        (Some(code), _) => code as u8,
+        (None, Some(sig)) => 128u8.wrapping_add(sig as u8),
+        (None, None) => 1,
+    })
+}
