@@ -102,8 +102,12 @@ fn main() -> ExitCode {
         Outcome::Exit(0),
     );
 
-    // (b) clone3 answers ENOSYS instead of trapping.
-    check("clone3_is_enosys", run(probe_clone3), Outcome::Exit(0));
+    // (b) clone3 traps like clone: the worker never creates a thread.
+    check(
+        "clone3_traps",
+        run(probe_clone3),
+        Outcome::Signal(libc::SIGSYS),
+    );
     // (c) openat traps.
     check(
         "openat_traps",
@@ -119,9 +123,14 @@ fn main() -> ExitCode {
     check("mmap_rw_allowed", run(probe_mmap_rw), Outcome::Exit(0));
     // Argument filters.
     check(
-        "fcntl_getfl_allowed",
-        run(probe_fcntl_getfl),
+        "fcntl_getfd_allowed",
+        run(probe_fcntl_getfd),
         Outcome::Exit(0),
+    );
+    check(
+        "fcntl_getfl_traps",
+        run(probe_fcntl_getfl),
+        Outcome::Signal(libc::SIGSYS),
     );
     check(
         "fcntl_setown_traps",
@@ -129,9 +138,9 @@ fn main() -> ExitCode {
         Outcome::Signal(libc::SIGSYS),
     );
     check(
-        "ioctl_fionbio_allowed",
+        "ioctl_fionbio_traps",
         run(probe_ioctl_fionbio),
-        Outcome::Exit(0),
+        Outcome::Signal(libc::SIGSYS),
     );
     check(
         "ioctl_tiocsti_traps",
@@ -164,6 +173,13 @@ fn main() -> ExitCode {
         Outcome::Signal(libc::SIGSYS),
     );
 
+    // Learn mode: every call reaches the supervisor, runs, and is sorted against the policy.
+    let (got, summary) = learn_probe();
+    if got != Outcome::Exit(0) {
+        println!("learn probe summary:\n{summary}");
+    }
+    check("learn_mode_records_and_continues", got, Outcome::Exit(0));
+
     if failures == 0 {
         println!("test result: ok");
         ExitCode::SUCCESS
@@ -187,13 +203,9 @@ fn probe_write() -> i32 {
 }
 
 fn probe_clone3() -> i32 {
-    // SAFETY: raw clone3 with a NULL args pointer; the filter answers before the kernel looks.
-    let rc = unsafe { libc::syscall(libc::SYS_clone3, std::ptr::null::<u8>(), 0usize) };
-    if rc == -1 && errno() == libc::ENOSYS {
-        0
-    } else {
-        11
-    }
+    // SAFETY: raw clone3 with a NULL args pointer; the filter traps first.
+    unsafe { libc::syscall(libc::SYS_clone3, std::ptr::null::<u8>(), 0usize) };
+    11
 }
 
 fn probe_openat() -> i32 {
@@ -243,14 +255,20 @@ fn probe_mmap_rw() -> i32 {
     }
 }
 
-fn probe_fcntl_getfl() -> i32 {
-    // SAFETY: F_GETFL on stdin only reads flags.
-    let rc = unsafe { libc::fcntl(0, libc::F_GETFL) };
+fn probe_fcntl_getfd() -> i32 {
+    // SAFETY: F_GETFD on stdin only reads flags.
+    let rc = unsafe { libc::fcntl(0, libc::F_GETFD) };
     if rc >= 0 || errno() == libc::EBADF {
         0
     } else {
         15
     }
+}
+
+fn probe_fcntl_getfl() -> i32 {
+    // SAFETY: F_GETFL on stdin; the filter traps first.
+    unsafe { libc::fcntl(0, libc::F_GETFL) };
+    15
 }
 
 fn probe_fcntl_setown() -> i32 {
@@ -261,13 +279,9 @@ fn probe_fcntl_setown() -> i32 {
 
 fn probe_ioctl_fionbio() -> i32 {
     let off: libc::c_int = 0;
-    // SAFETY: FIONBIO reads an int from `off`, which outlives the call.
-    let rc = unsafe { libc::ioctl(0, libc::FIONBIO, &off) };
-    if rc == 0 || errno() == libc::EBADF || errno() == libc::ENOTTY {
-        0
-    } else {
-        17
-    }
+    // SAFETY: FIONBIO reads an int from `off`; the filter traps first.
+    unsafe { libc::ioctl(0, libc::FIONBIO, &off) };
+    17
 }
 
 fn probe_ioctl_tiocsti() -> i32 {
@@ -324,5 +338,70 @@ fn probe_futex_wake() -> i32 {
         0
     } else {
         22
+    }
+}
+
+/// Forks a child that enters learn mode and makes calls the policy allows and calls it
+/// forbids; this process is its supervisor. Every call must run (the child reports their
+/// results through its exit code) and be recorded.
+fn learn_probe() -> (Outcome, String) {
+    use policies::learn::{enter_learn_mode, receive_listener, serve_listener, Recorder};
+    use std::os::unix::net::UnixStream;
+    let (ours, theirs) = UnixStream::pair().expect("socketpair");
+    let theirs_fd = std::os::fd::AsRawFd::as_raw_fd(&theirs);
+    let recorder = Recorder::new(policies::policy(WorkerKind::Blk, ThreadRole::Main).clone());
+    // SAFETY: this binary has a single thread (no test harness), so the child is a complete
+    // copy; it only makes raw syscalls after entering learn mode and leaves with `_exit`.
+    let pid = unsafe { libc::fork() };
+    assert!(pid >= 0, "fork: {}", std::io::Error::last_os_error());
+    if pid == 0 {
+        // SAFETY: plain syscalls on the child's own state, then raw probes with valid
+        // pointers; `_exit` ends the child without the parent's atexit handlers.
+        unsafe {
+            libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0);
+            if enter_learn_mode(theirs_fd).is_err() {
+                libc::_exit(30);
+            }
+            let mut uts: libc::utsname = std::mem::zeroed();
+            let uname = libc::syscall(libc::SYS_uname, &mut uts);
+            let open = libc::syscall(
+                libc::SYS_openat,
+                libc::AT_FDCWD,
+                c"/proc/self/status".as_ptr(),
+                libc::O_RDONLY | libc::O_CLOEXEC,
+            );
+            let code = if uname != 0 {
+                31
+            } else if open < 0 {
+                32
+            } else if libc::close(open as i32) != 0 {
+                33
+            } else {
+                0
+            };
+            libc::_exit(code);
+        }
+    }
+    drop(theirs);
+    let served = receive_listener(&ours, "probe", std::time::Duration::from_secs(10))
+        .and_then(|listener| serve_listener(&listener, &recorder, "probe"));
+    let mut status = 0;
+    // SAFETY: `pid` is our child; `status` is a valid out pointer.
+    let rc = unsafe { libc::waitpid(pid, &mut status, 0) };
+    assert_eq!(rc, pid, "waitpid: {}", std::io::Error::last_os_error());
+    let report = recorder.report();
+    let summary = format!("served: {served:?}\n{}", report.summary());
+    let outcome = if libc::WIFSIGNALED(status) {
+        Outcome::Signal(libc::WTERMSIG(status))
+    } else {
+        Outcome::Exit(libc::WEXITSTATUS(status))
+    };
+    let missing: Vec<String> = report.missing.iter().map(|m| m.rule.identity()).collect();
+    let used: Vec<String> = report.used.iter().map(|u| u.rule.identity()).collect();
+    let recorded_right =
+        served.is_ok() && missing == ["openat", "uname"] && used == ["close", "exit_group"];
+    match (outcome, recorded_right) {
+        (Outcome::Exit(0), false) => (Outcome::Exit(40), summary),
+        (other, _) => (other, summary),
     }
 }
