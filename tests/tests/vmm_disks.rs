@@ -336,6 +336,17 @@ fn worker_killed_by_its_policy_is_reported_by_name() {
         .unwrap_or_else(|| panic!("the violation must be logged by name: {t}"));
     assert!(report.contains("O_RDONLY|O_CLOEXEC"), "{report}");
     assert!(report.contains("seccomp violation"), "{report}");
+    // Kept for metrics: the VM's closing statistics list it with its raw record.
+    assert!(r.stderr.contains("stats violations total=1"), "{t}");
+    let kept = r
+        .stderr
+        .lines()
+        .find(|l| l.contains("violation blk1 pid="))
+        .unwrap_or_else(|| panic!("the violation must be kept: {t}"));
+    assert!(
+        kept.contains("policy=blk/main nr=257 ") && kept.contains("call=openat(AT_FDCWD, 0x"),
+        "{kept}"
+    );
 }
 
 /// A backend that fails when the guest starts the device (it refuses SET_MEM_TABLE): the

@@ -12,6 +12,7 @@ pub mod sandbox_report;
 pub mod terminal;
 pub mod vcpu;
 pub mod vhost_frontend;
+pub mod violations;
 pub mod vm;
 pub mod worker;
 

@@ -4,6 +4,8 @@
 //! counts) is found in [`Vm::build`], before any vCPU runs.
 
 use std::os::unix::net::UnixStream;
+
+use crate::violations::{Violation, ViolationLog};
 use std::path::PathBuf;
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
 use std::sync::Arc;
@@ -139,6 +141,7 @@ pub struct Vm {
     ram: Arc<GuestRam>,
     serial: SerialPort,
     disks: Vec<Disk>,
+    violations: Arc<ViolationLog>,
     entry: EntryPoint,
 }
 
@@ -184,16 +187,15 @@ impl Vm {
                 max: layout::VIRTIO_MMIO_MAX_SLOTS,
             });
         }
+        let violations = Arc::new(ViolationLog::default());
+        let workers = WorkerEnv {
+            bin: cfg.worker_bin.as_deref(),
+            learn: cfg.learn.as_ref(),
+            violations: &violations,
+        };
         let mut disks = Vec::with_capacity(cfg.disks.len());
         for (index, disk) in cfg.disks.iter().enumerate() {
-            disks.push(Disk::create(
-                &vm,
-                &ram,
-                disk,
-                index as u32,
-                cfg.worker_bin.as_deref(),
-                cfg.learn.as_ref(),
-            )?);
+            disks.push(Disk::create(&vm, &ram, disk, index as u32, &workers)?);
         }
         let slots: Vec<crate::acpi::VirtioMmioSlot> = disks.iter().map(|d| d.device.slot).collect();
         let bus = Arc::new(MmioBus {
@@ -252,6 +254,7 @@ impl Vm {
             ram,
             serial,
             disks,
+            violations,
             entry: loaded.entry,
         })
     }
@@ -276,6 +279,7 @@ impl Vm {
         VmStats {
             vcpus: self.vcpus.iter().map(|v| v.stats.clone()).collect(),
             devices: self.disks.iter().map(|d| d.device.clone()).collect(),
+            violations: self.violations.clone(),
         }
     }
 
@@ -334,6 +338,13 @@ impl Vm {
     }
 }
 
+/// What starting and supervising a worker needs besides its disk's configuration.
+struct WorkerEnv<'a> {
+    bin: Option<&'a std::path::Path>,
+    learn: Option<&'a Arc<policies::learn::Recorder>>,
+    violations: &'a Arc<ViolationLog>,
+}
+
 /// See [`Vm::worker_links`].
 #[derive(Debug, Clone)]
 pub struct WorkerLinks(Vec<Arc<UnixStream>>);
@@ -352,6 +363,8 @@ impl WorkerLinks {
 pub struct VmStats {
     pub vcpus: Vec<Arc<crate::vcpu::VcpuStats>>,
     pub devices: Vec<Arc<VirtioMmioDevice>>,
+    /// The workers' last policy violations.
+    pub violations: Arc<ViolationLog>,
 }
 
 impl VmStats {
@@ -396,6 +409,7 @@ impl VmStats {
                 e.other.load(Relaxed)
             ));
         }
+        out.extend(self.violations.lines());
         out
     }
 }
@@ -432,11 +446,10 @@ impl Disk {
         ram: &Arc<GuestRam>,
         cfg: &DiskConfig,
         index: u32,
-        worker_bin: Option<&std::path::Path>,
-        learn: Option<&Arc<policies::learn::Recorder>>,
+        workers: &WorkerEnv,
     ) -> Result<Disk, VmError> {
         let slot = crate::acpi::VirtioMmioSlot::from_layout(index);
-        match Self::connect(vm, ram, cfg, slot, worker_bin, learn) {
+        match Self::connect(vm, ram, cfg, slot, workers) {
             Ok(disk) => Ok(disk),
             Err(VmError::Worker(e)) if e.is_worker_fault() => Self::failed(vm, cfg, slot, &e),
             Err(VmError::Frontend(e)) => Self::failed(vm, cfg, slot, &e),
@@ -486,16 +499,15 @@ impl Disk {
         ram: &Arc<GuestRam>,
         cfg: &DiskConfig,
         slot: crate::acpi::VirtioMmioSlot,
-        worker_bin: Option<&std::path::Path>,
-        learn: Option<&Arc<policies::learn::Recorder>>,
+        workers: &WorkerEnv,
     ) -> Result<Disk, VmError> {
         let (stream, worker) = match &cfg.backend {
             DiskBackend::Image(path) => {
-                let bin = match worker_bin {
+                let bin = match workers.bin {
                     Some(b) => b.to_path_buf(),
                     None => crate::worker::default_worker_bin().ok_or(VmError::NoWorkerBin)?,
                 };
-                let w = crate::worker::spawn(cfg, path, &bin, learn)?;
+                let w = crate::worker::spawn(cfg, path, &bin, workers.learn)?;
                 tracing::info!(
                     "disk {}: {} served by worker pid {} ({} bytes)",
                     cfg.id,
@@ -547,7 +559,7 @@ impl Disk {
                         exited = w.child.wait().ok();
                     }
                     let how = exited.map_or_else(|| "ended".to_string(), describe_exit);
-                    report_worker_end(&cfg.id, &w.status, &how);
+                    report_worker_end(&cfg.id, &w.status, &how, workers.violations);
                 }
                 return Err(e.into());
             }
@@ -593,7 +605,7 @@ impl Disk {
             queue_max: QUEUE_MAX,
         };
         let device = Arc::new(VirtioMmioDevice::new(info, config_irq, tx));
-        let worker = worker.map(|w| supervise(w, device.clone()));
+        let worker = worker.map(|w| supervise(w, device.clone(), workers.violations.clone()));
         let control = ControlThread {
             device: device.clone(),
             backend,
@@ -622,7 +634,11 @@ impl Disk {
 /// Watches a worker: when it exits, says how (exit code, signal, or the policy violation
 /// from its status page, decoded by name) and marks its device DEVICE_NEEDS_RESET. The VM
 /// and the other disks keep running. (Restart comes with the restart issue.)
-fn supervise(worker: crate::worker::Worker, device: Arc<VirtioMmioDevice>) -> WorkerInfo {
+fn supervise(
+    worker: crate::worker::Worker,
+    device: Arc<VirtioMmioDevice>,
+    violations: Arc<ViolationLog>,
+) -> WorkerInfo {
     let pid = worker.child.id();
     let status = Arc::new(worker.status);
     let pidfd = match pidfd_open(pid) {
@@ -668,7 +684,7 @@ fn supervise(worker: crate::worker::Worker, device: Arc<VirtioMmioDevice>) -> Wo
                 Ok(s) => describe_exit(s),
                 Err(e) => format!("cannot be waited for: {e}"),
             };
-            report_worker_end(&id, &status, &how);
+            report_worker_end(&id, &status, &how, &violations);
             device.needs_reset();
         });
     if let Err(e) = spawned {
@@ -712,14 +728,28 @@ fn pidfd_open(pid: u32) -> std::io::Result<std::os::fd::OwnedFd> {
 }
 
 /// One log line for a worker that ended: its confined pid, and the policy violation from
-/// its status page decoded by name when that is how it ended.
-fn report_worker_end(id: &str, status: &ipc::status::StatusMapping, how: &str) {
+/// its status page decoded by name when that is how it ended (also kept in `violations`).
+fn report_worker_end(
+    id: &str,
+    status: &ipc::status::StatusMapping,
+    how: &str,
+    violations: &ViolationLog,
+) {
     let confined = status.worker_pid();
     match status.violation() {
-        Some(v) => tracing::error!(
-            "worker {id} (pid {confined}) violated policy blk: {} ({how})",
-            policies::decode::format_call(v.nr, v.args)
-        ),
+        Some(v) => {
+            let call = policies::decode::format_call(v.nr, v.args);
+            tracing::error!("worker {id} (pid {confined}) violated policy blk: {call} ({how})");
+            violations.push(Violation {
+                disk: id.to_string(),
+                pid: confined,
+                policy: "blk/main".to_string(),
+                nr: v.nr,
+                args: v.args,
+                call,
+                when: std::time::SystemTime::now(),
+            });
+        }
         None => tracing::error!("worker {id} (pid {confined}) {how}"),
     }
 }
