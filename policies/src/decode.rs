@@ -91,8 +91,22 @@ fn signature(name: &str) -> Option<&'static [Arg]> {
         "ioctl" => &[Fd, Ioctl, Hex],
         "fcntl" => &[Fd, Fcntl, Hex],
         "prctl" => &[Prctl, Hex, Hex, Hex, Hex],
-        "close" => &[Fd],
+        "close" | "fsync" | "fdatasync" => &[Fd],
+        "close_range" => &[Fd, Fd, Hex],
         "read" | "write" => &[Fd, Ptr, Dec],
+        // The calls a worker makes while serving, so learned examples read well too.
+        "recvmsg" | "sendmsg" => &[Fd, Ptr, Hex],
+        "epoll_wait" => &[Fd, Ptr, Int, Int],
+        "epoll_ctl" => &[Fd, Int, Fd, Ptr],
+        "preadv" | "pwritev" => &[Fd, Ptr, Dec, Dec],
+        "pread64" | "pwrite64" => &[Fd, Ptr, Dec, Dec],
+        "fallocate" => &[Fd, Hex, Dec, Dec],
+        "munmap" => &[Ptr, Dec],
+        "mremap" => &[Ptr, Dec, Dec, Hex, Ptr],
+        "brk" | "uname" => &[Ptr],
+        "sigaltstack" => &[Ptr, Ptr],
+        "futex" => &[Ptr, Hex, Int, Ptr, Ptr, Hex],
+        "exit" | "exit_group" => &[Int],
         _ => return None,
     })
 }

@@ -857,6 +857,7 @@ mod tests {
         assert_eq!(used, ["read", "fcntl arg1 == F_GETFD"]);
         assert_eq!(rep.used[0].calls, 2);
         assert_eq!(rep.used[0].example, "read(5, 0x7f00, 8)");
+        assert_eq!(rep.missing[2].example, "uname(0x7ffd0000)");
         let missing: Vec<(String, u64)> = rep
             .missing
             .iter()

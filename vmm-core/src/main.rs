@@ -199,12 +199,13 @@ fn run(
         .context("start the serial input thread")?;
     let stats = vm.stats();
     let _ = running.set((vm.stopper(), stats.clone()));
-    let links = learning.then(|| vm.worker_links());
     let outcome = vm.run(timeout)?;
     terminal.restore();
-    if let Some(links) = links {
+    if learning {
         // Learn mode records the workers to their normal end.
-        links.disconnect();
+        for device in &stats.devices {
+            device.disconnect_backend();
+        }
     }
     for line in stats.lines() {
         tracing::info!("{line}");

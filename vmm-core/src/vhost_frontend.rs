@@ -221,6 +221,11 @@ impl ControlThread {
                     let stopping = std::mem::take(&mut active);
                     with_deadline(&socket, REPLY_TIMEOUT, || self.stop(&stopping))
                 }
+                Command::Disconnect => {
+                    self.device.set_live(false);
+                    let _ = socket.shutdown(std::net::Shutdown::Both);
+                    return;
+                }
             };
             if let Err(e) = result {
                 tracing::error!("{}", crate::error_chain(&e));

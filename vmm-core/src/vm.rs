@@ -3,8 +3,6 @@
 //! Everything that can be wrong with the configuration (the kernel, the initrd, sizes,
 //! counts) is found in [`Vm::build`], before any vCPU runs.
 
-use std::os::unix::net::UnixStream;
-
 use crate::violations::{Violation, ViolationLog};
 use std::path::PathBuf;
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
@@ -283,18 +281,6 @@ impl Vm {
         }
     }
 
-    /// Our ends of the workers' vhost-user sockets: shutting them down makes every worker
-    /// end the way it does when a frontend goes away (`bulkhead policy learn` needs them
-    /// to exit normally before it reports).
-    pub fn worker_links(&self) -> WorkerLinks {
-        WorkerLinks(
-            self.disks
-                .iter()
-                .filter_map(|d| d.worker.as_ref()?.vhost.clone())
-                .collect(),
-        )
-    }
-
     /// A handle that stops the VM from another thread.
     pub fn stopper(&self) -> Stopper {
         self.stopper.clone()
@@ -343,19 +329,6 @@ struct WorkerEnv<'a> {
     bin: Option<&'a std::path::Path>,
     learn: Option<&'a Arc<policies::learn::Recorder>>,
     violations: &'a Arc<ViolationLog>,
-}
-
-/// See [`Vm::worker_links`].
-#[derive(Debug, Clone)]
-pub struct WorkerLinks(Vec<Arc<UnixStream>>);
-
-impl WorkerLinks {
-    /// Disconnects every worker (their vhost-user sockets see end of file).
-    pub fn disconnect(&self) {
-        for s in &self.0 {
-            let _ = s.shutdown(std::net::Shutdown::Both);
-        }
-    }
 }
 
 /// Exit counters of a VM.
@@ -436,8 +409,6 @@ pub struct WorkerInfo {
     /// A pidfd on it: signals and exit notification without pid-reuse races.
     pub pidfd: Option<Arc<std::os::fd::OwnedFd>>,
     pub status: Arc<ipc::status::StatusMapping>,
-    /// A clone of our end of its vhost-user socket, to disconnect it on purpose.
-    pub vhost: Option<Arc<UnixStream>>,
 }
 
 impl Disk {
@@ -652,7 +623,6 @@ fn supervise(
         pid,
         pidfd: pidfd.clone(),
         status: status.clone(),
-        vhost: worker.vhost.try_clone().ok().map(Arc::new),
     };
     let mut child = worker.child;
     let id = worker.id;

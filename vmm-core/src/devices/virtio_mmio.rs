@@ -60,6 +60,9 @@ pub enum Command {
     },
     /// The driver wrote 0 to Status: stop the rings.
     Reset,
+    /// The VM is over: close the backend connection once the commands before this one
+    /// are done (the backend then ends as it does when any frontend goes away).
+    Disconnect,
 }
 
 /// Exits this device caused, by register, for stats and tests.
@@ -285,6 +288,13 @@ impl VirtioMmioDevice {
                 tracing::warn!("{}: the device's control thread is gone", self.id);
             }
         }
+    }
+
+    /// Asks the control thread to close the backend connection after its pending work
+    /// (`bulkhead policy learn` records workers to their normal exit this way).
+    pub fn disconnect_backend(&self) {
+        let control = self.control.lock().unwrap_or_else(|e| e.into_inner());
+        let _ = control.send(Command::Disconnect);
     }
 
     fn write_status(&self, regs: &mut Regs, value: u32) -> Option<Command> {
