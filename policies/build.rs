@@ -2,7 +2,7 @@
 //!
 //! The parser and compiler are the crate's own modules (`#[path]`), so the build and the
 //! audit API can never disagree about what a policy means. Any error fails the build with
-//! `file:line: message`.
+//! `file:line:column: message`.
 
 #[allow(dead_code)]
 #[path = "src/syscalls.rs"]

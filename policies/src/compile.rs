@@ -295,13 +295,13 @@ mod tests {
         let err = parse_and_compile("policies/bad.policy", &text).unwrap_err();
         assert_eq!(
             err.to_string(),
-            "policies/bad.policy:6: unknown syscall `opne` on x86_64"
+            "policies/bad.policy:6:1: unknown syscall `opne` on x86_64"
         );
         let text = format!("{HEADER}read => allow\n");
         let err = parse_and_compile("bad.policy", &text).unwrap_err();
         assert_eq!(
             err.to_string(),
-            "bad.policy:5: rule for `read` has no justification (`=> action: why the worker needs it`)"
+            "bad.policy:5:6: rule for `read` has no justification (`=> action: why the worker needs it`)"
         );
     }
 

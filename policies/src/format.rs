@@ -390,16 +390,46 @@ pub enum ParseErrorKind {
     NoRules,
 }
 
-/// A policy file error, displayed as `file:line: message`.
+/// A policy file error, displayed as `file:line:column: message`.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{file}:{line}: {kind}")]
+#[error("{file}:{line}:{column}: {kind}")]
 pub struct ParseError {
     /// File name as given to [`parse`].
     pub file: String,
     /// 1-based line.
     pub line: usize,
+    /// 1-based column (in characters) of the offending text, or of the line's first
+    /// non-blank character when the whole line is at fault.
+    pub column: usize,
     /// What is wrong.
     pub kind: ParseErrorKind,
+}
+
+impl ParseErrorKind {
+    /// The text of the line this error is about, when one token is at fault.
+    fn offending(&self) -> Option<&str> {
+        use ParseErrorKind::*;
+        let text = match self {
+            UnknownHeader(t) | HeaderAfterRules(t) | BadName(t) | BadDefault(t)
+            | UnsupportedArch(t) | UnknownSyscall(t) | UnknownConstant(t) | BadNumber(t)
+            | BadArgument(t) | MaskNeedsEq(t) | BadAction(t) | BadErrno(t) | UnknownFlag(t)
+            | FlagMissingReason(t) | DuplicateFlag(t) | FlagWithoutRule(t) => t,
+            DuplicateHeader { key, .. } => key,
+            UnexpectedToken { found, .. } => found,
+            MissingJustification(_) => "=>",
+            _ => return None,
+        };
+        (!text.is_empty()).then_some(text)
+    }
+}
+
+/// Where on `raw` (one line of the file) error `kind` points: 1-based, in characters.
+fn column_of(raw: &str, kind: &ParseErrorKind) -> usize {
+    let byte = kind
+        .offending()
+        .and_then(|t| raw.find(t))
+        .unwrap_or_else(|| raw.len() - raw.trim_start().len());
+    raw[..byte].chars().count() + 1
 }
 
 const HEADERS: [&str; 4] = ["worker", "thread", "default", "arch"];
@@ -410,6 +440,10 @@ pub fn parse(file: &str, text: &str) -> Result<Policy, ParseError> {
     let err = |line: usize, kind: ParseErrorKind| ParseError {
         file: file.to_string(),
         line,
+        column: text
+            .lines()
+            .nth(line - 1)
+            .map_or(1, |raw| column_of(raw, &kind)),
         kind,
     };
     let mut headers: HashMap<&'static str, (usize, String)> = HashMap::new();
@@ -842,7 +876,88 @@ mod tests {
     fn fails(body: &str, line: usize, kind: ParseErrorKind) {
         let e = parse("t.policy", &with_header(body)).unwrap_err();
         assert_eq!((e.line, &e.kind), (line, &kind), "{e}");
-        assert!(e.to_string().starts_with(&format!("t.policy:{line}: ")));
+        let column = e.column;
+        assert!(e
+            .to_string()
+            .starts_with(&format!("t.policy:{line}:{column}: ")));
+    }
+
+    /// Error at `line`:`column` (counting the 4 header lines).
+    fn fails_at(body: &str, line: usize, column: usize) -> ParseError {
+        let e = parse("t.policy", &with_header(body)).unwrap_err();
+        assert_eq!((e.line, e.column), (line, column), "{e}");
+        e
+    }
+
+    #[test]
+    fn errors_point_at_the_offending_column() {
+        fails_at(
+            "read => allow: ok
+opne => allow: typo
+",
+            6,
+            1,
+        );
+        fails_at(
+            "fcntl arg1 == F_GETFLL => allow: x
+",
+            5,
+            15,
+        );
+        fails_at(
+            "fcntl  arg7 == 1 => allow: x
+",
+            5,
+            8,
+        );
+        fails_at(
+            "fcntl arg1 == 0xzz => allow: x
+",
+            5,
+            15,
+        );
+        fails_at(
+            "read => alow: x
+",
+            5,
+            9,
+        );
+        fails_at(
+            "read => allow
+",
+            5,
+            6,
+        );
+        fails_at(
+            "read => allow: x
+    rare-paths: y
+",
+            6,
+            5,
+        );
+        fails_at(
+            "read => allow: x
+read => allow: y
+",
+            6,
+            1,
+        );
+        let e = fails_at(
+            "mmap arg2 & PROT_EXEC $ 0 => allow: x
+",
+            5,
+            23,
+        );
+        assert!(e.to_string().starts_with("t.policy:5:23: expected"), "{e}");
+        // Non-ASCII before the fault counts as one column per character.
+        fails_at(
+            "read => allow: ok
+# ä
+wrïte => allow: x
+",
+            7,
+            1,
+        );
     }
 
     #[test]

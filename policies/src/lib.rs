@@ -2,7 +2,7 @@
 //!
 //! Each `*.policy` file in this crate (format: `README.md`) is parsed and compiled to a BPF
 //! program by `build.rs` with the same parser and compiler this crate exports (`format`,
-//! `compile`); a policy error fails the build with `file:line: message`. At run time:
+//! `compile`); a policy error fails the build with `file:line:column: message`. At run time:
 //! - [`install`] applies a worker's filter to the calling thread;
 //! - [`policy`], [`bpf`], [`bpf_hash`] serve audit tools (show, diff, lint);
 //! - [`syscalls`] and [`decode`] turn a violation record into

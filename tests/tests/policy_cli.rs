@@ -136,3 +136,53 @@ fn lint_passes_the_shipped_policy_and_flags_dangerous_rules() {
         r.transcript()
     );
 }
+
+/// A policy file that does not parse is an error (exit status 2, not a finding or a
+/// difference), named by file, line and column; unknown syscall names included.
+#[test]
+fn malformed_files_fail_with_line_and_column() {
+    let dir = scratch_dir("policy-malformed");
+    let head = "worker: blk\nthread: main\ndefault: trap\narch: x86_64\n";
+    let cases = [
+        (
+            "typo.policy",
+            "read => allow : ok\nwirte => allow : typo\n",
+            "typo.policy:6:1: unknown syscall `wirte` on x86_64",
+        ),
+        (
+            "cond.policy",
+            "fcntl arg1 == F_GETFLL => allow : x\n",
+            "cond.policy:5:15: unknown constant `F_GETFLL`",
+        ),
+        (
+            "op.policy",
+            "mmap arg2 & PROT_EXEC $ 0 => allow : x\n",
+            "op.policy:5:23: expected",
+        ),
+        (
+            "noreason.policy",
+            "read => allow\n",
+            "noreason.policy:5:6: rule for `read` has no justification",
+        ),
+    ];
+    for (name, body, want) in cases {
+        let path = dir.join(name);
+        std::fs::write(&path, format!("{head}{body}")).unwrap();
+        for args in [
+            vec!["diff", "blk", path.to_str().unwrap()],
+            vec!["lint", path.to_str().unwrap()],
+            vec!["show", path.to_str().unwrap()],
+        ] {
+            let r = policy(&args);
+            let t = r.transcript();
+            assert_eq!(r.code, Some(2), "{args:?}: {t}");
+            assert!(r.stdout.is_empty(), "{args:?}: {t}");
+            let line = r.stderr.trim();
+            assert_eq!(line.lines().count(), 1, "{args:?}: one error line: {t}");
+            assert!(
+                line.starts_with("bulkhead: error: ") && line.contains(want),
+                "{args:?}: want {want:?}: {t}"
+            );
+        }
+    }
+}
