@@ -6,10 +6,11 @@ use vm_memory::GuestMemoryMmap;
 
 use crate::blk::backend::DiskBackend;
 use crate::blk::config::{device_features, BlkConfig, BlkLimits, ConfigError};
-use crate::blk::queue::process_queue;
+use crate::blk::queue::{process_queue, process_resubmitted, QueueError, QueueOutcome};
 use crate::blk::request::BlkContext;
 use crate::blk::sync_backend::SyncBackend;
 use crate::disk::Disk;
+use crate::inflight::InflightLog;
 use crate::vhost::{QueueResult, VhostDevice};
 
 /// Errors while building the device.
@@ -74,20 +75,51 @@ impl VhostDevice for BlkDevice {
         index: usize,
         queue: &mut Queue,
         mem: &GuestMemoryMmap,
+        log: &mut dyn InflightLog,
     ) -> QueueResult {
-        match process_queue(queue, index as u16, mem, self.disk.as_mut(), &self.ctx) {
-            Ok(outcome) => QueueResult {
-                notify: outcome.signal,
-                completed: u64::from(outcome.completed),
-                failed: u64::from(outcome.failed),
-                broken: false,
-            },
-            Err(e) => {
-                tracing::warn!("{e}");
-                QueueResult {
-                    broken: true,
-                    ..QueueResult::default()
-                }
+        queue_result(process_queue(
+            queue,
+            index as u16,
+            mem,
+            self.disk.as_mut(),
+            &self.ctx,
+            log,
+        ))
+    }
+
+    fn resubmit(
+        &mut self,
+        index: usize,
+        queue: &mut Queue,
+        mem: &GuestMemoryMmap,
+        heads: &[u16],
+        log: &mut dyn InflightLog,
+    ) -> QueueResult {
+        queue_result(process_resubmitted(
+            queue,
+            index as u16,
+            mem,
+            self.disk.as_mut(),
+            &self.ctx,
+            heads,
+            log,
+        ))
+    }
+}
+
+fn queue_result(result: Result<QueueOutcome, QueueError>) -> QueueResult {
+    match result {
+        Ok(outcome) => QueueResult {
+            notify: outcome.signal,
+            completed: u64::from(outcome.completed),
+            failed: u64::from(outcome.failed),
+            broken: false,
+        },
+        Err(e) => {
+            tracing::warn!("{e}");
+            QueueResult {
+                broken: true,
+                ..QueueResult::default()
             }
         }
     }

@@ -11,6 +11,7 @@ pub mod blk_device;
 pub mod disk;
 #[cfg(feature = "test-hooks")]
 pub mod hooks;
+pub mod inflight;
 pub mod sandbox;
 pub mod serve;
 pub mod socket;

@@ -283,8 +283,14 @@ fn serve(s: Serve) -> anyhow::Result<ExitCode> {
     let disk_size = s.disk.size;
     let disk_fd = s.disk.file.as_raw_fd();
     let device = BlkDevice::new(s.disk, s.num_queues, s.serial.as_bytes())?;
+    // Created now: after the sandbox, a new memfd could not be made or mapped.
+    let inflight = device_workers::inflight::InflightRegion::create(
+        s.num_queues,
+        device_workers::vhost::MAX_QUEUE_SIZE,
+    )?;
+    let inflight_fds = inflight.fds();
     #[allow(unused_mut)]
-    let mut vhost_backend = VhostBackend::new(device);
+    let mut vhost_backend = VhostBackend::new(device).with_inflight(inflight);
     #[cfg(feature = "test-hooks")]
     {
         vhost_backend.bad_config_reply =
@@ -306,6 +312,7 @@ fn serve(s: Serve) -> anyhow::Result<ExitCode> {
     );
     if sandboxed {
         let mut keep_fds = vec![handler.as_raw_fd(), disk_fd, events.as_raw_fd()];
+        keep_fds.extend(&inflight_fds);
         keep_fds.extend(s.control.as_ref().map(|c| c.as_raw_fd()));
         keep_fds.extend(s.learn.as_ref().map(|l| l.as_raw_fd()));
         let cfg = SandboxConfig {

@@ -27,6 +27,8 @@ use virtio_queue::{Queue, QueueT};
 use vm_memory::{GuestAddress, GuestMemoryMmap, GuestRegionMmap};
 use vmm_sys_util::eventfd::EventFd;
 
+use crate::inflight::{InflightLog, InflightRegion, NoInflight};
+
 /// Largest ring size we accept (the virtio maximum for split rings is 32768; QEMU and the
 /// Linux driver use 128-1024).
 pub const MAX_QUEUE_SIZE: u16 = 1024;
@@ -39,12 +41,22 @@ pub trait VhostDevice {
     fn config(&self) -> &[u8];
     /// Number of queues the device offers.
     fn num_queues(&self) -> usize;
-    /// Drains `queue`; returns whether the driver must be notified.
+    /// Drains `queue`, reporting pops and completions to `log`.
     fn process_queue(
         &mut self,
         index: usize,
         queue: &mut Queue,
         mem: &GuestMemoryMmap,
+        log: &mut dyn InflightLog,
+    ) -> QueueResult;
+    /// Serves again `heads`, which a dead predecessor popped and never completed.
+    fn resubmit(
+        &mut self,
+        index: usize,
+        queue: &mut Queue,
+        mem: &GuestMemoryMmap,
+        heads: &[u16],
+        log: &mut dyn InflightLog,
     ) -> QueueResult;
 }
 
@@ -78,6 +90,9 @@ struct Vring {
     started: bool,
     /// The ring was corrupt; it stays off until the frontend sets it up again.
     broken: bool,
+    /// Just started: take the used idx from guest memory and resubmit what a predecessor
+    /// left in flight before serving new requests.
+    recover: bool,
 }
 
 impl Vring {
@@ -89,6 +104,7 @@ impl Vring {
             enabled: false,
             started: false,
             broken: false,
+            recover: false,
         }
     }
 
@@ -116,6 +132,10 @@ pub struct VhostBackend<D> {
     /// Rings whose kick registration or state changed since the event loop last looked.
     dirty: bool,
     totals: Totals,
+    /// Inflight tracking: created before the sandbox, or adopted from the frontend.
+    inflight: Option<InflightRegion>,
+    /// Requests resubmitted for predecessors, since start.
+    resubmitted: u64,
     /// Test builds: answer GET_CONFIG with a short payload (a malformed reply).
     #[cfg(feature = "test-hooks")]
     pub bad_config_reply: bool,
@@ -140,11 +160,25 @@ impl<D: VhostDevice> VhostBackend<D> {
             vrings,
             dirty: true,
             totals: Totals::default(),
+            inflight: None,
+            resubmitted: 0,
             #[cfg(feature = "test-hooks")]
             bad_config_reply: false,
             #[cfg(feature = "test-hooks")]
             refuse_mem_table: false,
         }
+    }
+
+    /// Offers inflight tracking with `region` (created before the sandbox: mapping a new
+    /// memfd afterwards would need calls the policy does not allow).
+    pub fn with_inflight(mut self, region: InflightRegion) -> Self {
+        self.inflight = Some(region);
+        self
+    }
+
+    /// Requests resubmitted on behalf of a dead predecessor.
+    pub fn resubmitted(&self) -> u64 {
+        self.resubmitted
     }
 
     /// Everything we offer: the device's bits plus the ring and vhost-user ones.
@@ -159,6 +193,7 @@ impl<D: VhostDevice> VhostBackend<D> {
         VhostUserProtocolFeatures::MQ
             | VhostUserProtocolFeatures::REPLY_ACK
             | VhostUserProtocolFeatures::CONFIG
+            | VhostUserProtocolFeatures::INFLIGHT_SHMFD
     }
 
     pub fn totals(&self) -> Totals {
@@ -199,7 +234,58 @@ impl<D: VhostDevice> VhostBackend<D> {
         if !vring.live() {
             return;
         }
-        let result = self.device.process_queue(index, &mut vring.queue, mem);
+        let size = vring.queue.size();
+        let mut tracker = self.inflight.as_mut().and_then(|r| r.queue(index, size));
+        let mut untracked = NoInflight;
+        let mut result = QueueResult::default();
+        if vring.recover {
+            vring.recover = false;
+            let used = match vring
+                .queue
+                .used_idx(mem, std::sync::atomic::Ordering::Acquire)
+            {
+                Ok(u) => u.0,
+                Err(e) => {
+                    tracing::warn!("queue {index}: cannot read the used idx: {e}");
+                    vring.broken = true;
+                    self.dirty = true;
+                    return;
+                }
+            };
+            vring.queue.set_next_used(used);
+            if let Some(t) = tracker.as_mut() {
+                let recovery = t.recover(used);
+                let n = recovery.resubmit.len() as u16;
+                vring.queue.set_next_avail(used.wrapping_add(n));
+                if n > 0 || recovery.repaired {
+                    tracing::info!(
+                        "queue {index}: resuming at used idx {used}: {n} request(s) resubmitted{}",
+                        if recovery.repaired {
+                            ", last completion repaired"
+                        } else {
+                            ""
+                        }
+                    );
+                }
+                result = self
+                    .device
+                    .resubmit(index, &mut vring.queue, mem, &recovery.resubmit, t);
+                self.resubmitted += result.completed;
+            }
+        }
+        let log: &mut dyn InflightLog = match tracker.as_mut() {
+            Some(t) => t,
+            None => &mut untracked,
+        };
+        if !result.broken {
+            let drained = self.device.process_queue(index, &mut vring.queue, mem, log);
+            result = QueueResult {
+                notify: result.notify || drained.notify,
+                completed: result.completed + drained.completed,
+                failed: result.failed + drained.failed,
+                broken: drained.broken,
+            };
+        }
         self.totals.completed += result.completed;
         self.totals.failed += result.failed;
         if result.broken {
@@ -262,6 +348,18 @@ impl<D: VhostDevice> VhostBackend<D> {
         }
         self.dirty = true;
     }
+}
+
+/// `error: cause: cause`, for refusals that end up in one log line.
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        out.push_str(": ");
+        out.push_str(&s.to_string());
+        source = s.source();
+    }
+    out
 }
 
 fn unsupported<T>(what: &'static str) -> VhostResult<T> {
@@ -425,10 +523,21 @@ impl<D: VhostDevice> VhostUserBackendReqHandlerMut for VhostBackend<D> {
         let vring = self.vring(index)?;
         // GET_VRING_BASE stops the ring (vhost-user "Ring states").
         vring.started = false;
+        vring.recover = false;
         vring.kick = None;
         vring.call = None;
         let next_avail = vring.queue.next_avail();
+        let size = vring.queue.size();
         self.dirty = true;
+        // Requests are served to completion between messages, so nothing is in flight
+        // now: a stopped ring starts afresh.
+        if let Some(mut q) = self
+            .inflight
+            .as_mut()
+            .and_then(|r| r.queue(index as usize, size))
+        {
+            q.clear();
+        }
         Ok(VhostUserVringState::new(index, u32::from(next_avail)))
     }
 
@@ -446,6 +555,9 @@ impl<D: VhostDevice> VhostUserBackendReqHandlerMut for VhostBackend<D> {
                 fd,
             ))
         });
+        if !vring.started {
+            vring.recover = true;
+        }
         vring.started = true;
         self.dirty = true;
         Ok(())
@@ -537,13 +649,29 @@ impl<D: VhostDevice> VhostUserBackendReqHandlerMut for VhostBackend<D> {
 
     fn get_inflight_fd(
         &mut self,
-        _inflight: &VhostUserInflight,
+        inflight: &VhostUserInflight,
     ) -> VhostResult<(VhostUserInflight, File)> {
-        unsupported("inflight tracking (comes with restart)")
+        let Some(region) = self.inflight.as_mut() else {
+            return unsupported("inflight tracking (no region was prepared)");
+        };
+        region
+            .hand_out(inflight)
+            .map_err(|e| refuse(format!("GET_INFLIGHT_FD: {}", error_chain(&e))))
     }
 
-    fn set_inflight_fd(&mut self, _inflight: &VhostUserInflight, _file: File) -> VhostResult<()> {
-        unsupported("inflight tracking (comes with restart)")
+    fn set_inflight_fd(&mut self, inflight: &VhostUserInflight, file: File) -> VhostResult<()> {
+        if self.vrings.iter().any(|v| v.started) {
+            return Err(refuse(
+                "SET_INFLIGHT_FD while rings are running (it must come before SET_VRING_KICK)"
+                    .into(),
+            ));
+        }
+        let Some(region) = self.inflight.as_mut() else {
+            return unsupported("inflight tracking (no region was prepared)");
+        };
+        region
+            .adopt(file, inflight)
+            .map_err(|e| refuse(format!("SET_INFLIGHT_FD: {}", error_chain(&e))))
     }
 
     fn get_max_mem_slots(&mut self) -> VhostResult<u64> {

@@ -18,6 +18,9 @@ pub struct SandboxFacts {
 
 const NAMESPACES: [&str; 6] = ["user", "mnt", "pid", "net", "ipc", "uts"];
 
+/// The memfd a worker creates for inflight tracking before it confines itself.
+pub const INFLIGHT_MEMFD: &str = "bulkhead-inflight";
+
 impl SandboxFacts {
     /// Reads the facts of process `pid`; panics if it is gone.
     pub fn read(pid: u32) -> Self {
@@ -116,6 +119,12 @@ impl SandboxFacts {
 
         let disk = disk.canonicalize().expect("canonical disk path");
         let disk = disk.display().to_string();
+        // The worker's own inflight region (vhost-user inflight tracking) is always there.
+        let shared_memfds: Vec<&str> = shared_memfds
+            .iter()
+            .copied()
+            .chain(std::iter::once(INFLIGHT_MEMFD))
+            .collect();
         let mut sockets = 0;
         let mut disks = 0;
         let mut epolls = 0;

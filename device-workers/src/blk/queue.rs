@@ -12,12 +12,18 @@
 use std::num::Wrapping;
 use std::sync::atomic::Ordering;
 
+use std::sync::Arc;
+
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
-use vm_memory::GuestMemory;
+use vm_memory::mmap::MmapRegion;
+use vm_memory::{
+    Address, Bytes, GuestAddress, GuestMemory, GuestMemoryBackend, GuestMemoryMmap, GuestRegionMmap,
+};
 
 use super::backend::DiskBackend;
 use super::execute::{complete_rejected, execute, Completion};
 use super::request::{BlkContext, Request};
+use crate::inflight::InflightLog;
 
 /// Queue-level corruption or misuse. The caller must stop serving this queue and mark the
 /// device broken (`DEVICE_NEEDS_RESET`): the rings themselves cannot be trusted any more.
@@ -42,6 +48,14 @@ pub enum QueueError {
         next_avail: u16,
         /// The queue size.
         size: u16,
+    },
+    /// The private ring that replays in-flight heads could not be set up.
+    #[error("queue {queue_index}: cannot set up the resubmission ring")]
+    Resubmit {
+        /// Queue index.
+        queue_index: u16,
+        /// What failed.
+        why: String,
     },
     /// Reading or writing the rings in guest memory failed.
     #[error("queue {queue_index}: ring access failed")]
@@ -68,7 +82,8 @@ pub struct QueueOutcome {
     pub dropped: u32,
 }
 
-/// Drains `queue`, executing each request against `disk`.
+/// Drains `queue`, executing each request against `disk`, and tells `log` (the inflight
+/// region) about each head as it is popped and completed.
 ///
 /// `queue_index` only labels errors and logs. Returns [`QueueError`] only for ring-level
 /// corruption; see there.
@@ -78,6 +93,7 @@ pub fn process_queue<M: GuestMemory>(
     mem: &M,
     disk: &mut dyn DiskBackend,
     ctx: &BlkContext,
+    log: &mut dyn InflightLog,
 ) -> Result<QueueOutcome, QueueError> {
     if !queue.ready() {
         return Err(QueueError::NotReady { queue_index });
@@ -103,10 +119,9 @@ pub fn process_queue<M: GuestMemory>(
                 outcome.dropped += 1;
                 continue;
             }
+            log.popped(head_index);
             let completion = handle_chain(chain, mem, disk, ctx, usize::from(queue.size()));
-            queue
-                .add_used(mem, head_index, completion.used_len)
-                .map_err(ring)?;
+            complete(queue, mem, head_index, &completion, log).map_err(ring)?;
             added = true;
             outcome.completed += 1;
             if !completion.is_ok() {
@@ -120,6 +135,102 @@ pub fn process_queue<M: GuestMemory>(
             break;
         }
     }
+    Ok(outcome)
+}
+
+/// Publishes one used entry, bracketed by the inflight log (see [`crate::inflight`]).
+fn complete<M: GuestMemory>(
+    queue: &mut Queue,
+    mem: &M,
+    head_index: u16,
+    completion: &Completion,
+    log: &mut dyn InflightLog,
+) -> Result<(), virtio_queue::Error> {
+    log.completing(head_index);
+    queue.add_used(mem, head_index, completion.used_len)?;
+    log.completed(head_index, queue.next_used());
+    Ok(())
+}
+
+/// Executes again the heads a dead worker popped and never completed (oldest first), and
+/// completes them on `queue`, then tells whether the guest must be signalled.
+///
+/// virtio-queue builds descriptor chains only from an avail ring, and the guest's avail
+/// ring may already hold other heads in those slots. So the heads go into a private avail
+/// ring, in a scratch region mapped just above guest RAM, and a private queue on the real
+/// descriptor table pops them. Only parsing sees the scratch region (a descriptor pointing
+/// there reads back our own ring); data moves through `mem`, the guest's RAM alone, where
+/// such an address is refused like any other outside guest RAM.
+pub fn process_resubmitted(
+    queue: &mut Queue,
+    queue_index: u16,
+    mem: &GuestMemoryMmap,
+    disk: &mut dyn DiskBackend,
+    ctx: &BlkContext,
+    heads: &[u16],
+    log: &mut dyn InflightLog,
+) -> Result<QueueOutcome, QueueError> {
+    let mut outcome = QueueOutcome::default();
+    let size = queue.size();
+    let heads: Vec<u16> = heads.iter().copied().filter(|&h| h < size).collect();
+    if heads.is_empty() {
+        return Ok(outcome);
+    }
+    let fail = |why: String| QueueError::Resubmit { queue_index, why };
+    let ring = |source| QueueError::Ring {
+        queue_index,
+        source,
+    };
+    let avail_len = 4 + 2 * u64::from(size) + 2;
+    let used_offset = avail_len.next_multiple_of(4);
+    let scratch_len = (used_offset + 4 + 8 * u64::from(size) + 2).next_multiple_of(4096);
+    let base = mem
+        .last_addr()
+        .checked_add(1)
+        .map(|a| GuestAddress(a.0.next_multiple_of(4096)))
+        .ok_or_else(|| fail("guest RAM ends at the top of the address space".into()))?;
+    let scratch = MmapRegion::new(scratch_len as usize)
+        .map_err(|e| fail(format!("map {scratch_len} bytes: {e}")))?;
+    let region = GuestRegionMmap::new(scratch, base)
+        .ok_or_else(|| fail(format!("scratch region at {:#x}", base.0)))?;
+    let replay_mem = mem
+        .insert_region(Arc::new(region))
+        .map_err(|e| fail(format!("scratch region at {:#x}: {e}", base.0)))?;
+    let write = |offset: u64, value: u16| {
+        replay_mem
+            .write_obj(value, base.unchecked_add(offset))
+            .map_err(|e| fail(format!("write the private ring: {e}")))
+    };
+    write(0, 0)?;
+    write(2, heads.len() as u16)?;
+    for (i, &head) in heads.iter().enumerate() {
+        write(4 + 2 * i as u64, head)?;
+    }
+    let mut replay = Queue::new(size).map_err(ring)?;
+    replay
+        .try_set_desc_table_address(GuestAddress(queue.desc_table()))
+        .map_err(ring)?;
+    replay.try_set_avail_ring_address(base).map_err(ring)?;
+    replay
+        .try_set_used_ring_address(base.unchecked_add(used_offset))
+        .map_err(ring)?;
+    replay.set_ready(true);
+    for _ in 0..heads.len() {
+        let Some(chain) = replay.pop_descriptor_chain(&replay_mem) else {
+            break;
+        };
+        let head_index = chain.head_index();
+        let completion = match Request::parse(chain, ctx, usize::from(size)) {
+            Ok(req) => execute(&req, mem, disk, ctx),
+            Err(rejected) => complete_rejected(&rejected, mem),
+        };
+        complete(queue, mem, head_index, &completion, log).map_err(ring)?;
+        outcome.completed += 1;
+        if !completion.is_ok() {
+            outcome.failed += 1;
+        }
+    }
+    outcome.signal = queue.needs_notification(mem).map_err(ring)?;
     Ok(outcome)
 }
 

@@ -20,6 +20,7 @@ use super::queue::{process_queue, QueueError, QueueOutcome};
 use super::request::BlkContext;
 use super::sync_backend::tests::{contents, pattern, temp_disk};
 use super::sync_backend::SyncBackend;
+use crate::inflight::NoInflight;
 
 const QSIZE: u16 = 16;
 const MEM_SIZE: usize = 0x10_0000;
@@ -127,7 +128,7 @@ impl<'a> Harness<'a> {
     }
 
     fn run(&mut self, disk: &mut dyn DiskBackend) -> QueueOutcome {
-        process_queue(&mut self.q, 0, self.mem, disk, &self.ctx).unwrap()
+        process_queue(&mut self.q, 0, self.mem, disk, &self.ctx, &mut NoInflight).unwrap()
     }
 
     /// (id, len) of the most recent used entry.
@@ -791,7 +792,7 @@ fn avail_index_jump_is_a_queue_error() {
     let mut h = Harness::new(&mem, false);
     let mut disk = mem_disk();
     h.vq.avail().idx().store(QSIZE + 1);
-    let err = process_queue(&mut h.q, 3, &mem, &mut disk, &h.ctx).unwrap_err();
+    let err = process_queue(&mut h.q, 3, &mem, &mut disk, &h.ctx, &mut NoInflight).unwrap_err();
     assert!(matches!(
         err,
         QueueError::AvailIndex {
@@ -804,7 +805,7 @@ fn avail_index_jump_is_a_queue_error() {
     assert!(err.to_string().contains("queue 3"));
     let mut q = Queue::new(QSIZE).unwrap();
     assert!(matches!(
-        process_queue(&mut q, 1, &mem, &mut disk, &h.ctx),
+        process_queue(&mut q, 1, &mem, &mut disk, &h.ctx, &mut NoInflight),
         Err(QueueError::NotReady { queue_index: 1 })
     ));
 }
@@ -951,8 +952,72 @@ fn random_descriptor_tables_never_panic() {
         for _ in 0..n {
             h.push_avail((rng.next() % (u64::from(QSIZE) + 4)) as u16);
         }
-        let out = process_queue(&mut h.q, 0, &mem, &mut disk, &h.ctx).unwrap();
+        let out = process_queue(&mut h.q, 0, &mem, &mut disk, &h.ctx, &mut NoInflight).unwrap();
         assert_eq!(u64::from(out.completed + out.dropped), n);
         assert_eq!(disk.data.len(), DISK_SIZE);
     }
+}
+
+/// A worker died after popping two writes: its successor, handed the same inflight
+/// region, resubmits them in the order they were popped, then serves the next request;
+/// every write lands once and the used ring lists all three heads.
+#[test]
+fn a_successor_resubmits_what_a_dead_worker_popped() {
+    use crate::inflight::{InflightLog, InflightRegion};
+    use vhost::vhost_user::message::VhostUserInflight;
+
+    let mem = guest();
+    let mut h = Harness::new(&mem, false);
+    let heads = [0u16, 3, 6];
+    for (i, &head) in heads.iter().enumerate() {
+        let i = i as u64;
+        let (hdr, data, status) = (HDR + 0x100 * i, DATA + 0x1000 * i, STATUS + 0x10 * i);
+        h.header(hdr, VIRTIO_BLK_T_OUT, 8 * i);
+        mem.write_slice(&[0x10 + i as u8; 512], GuestAddress(data))
+            .unwrap();
+        h.status_slot(status);
+        h.chain_at(head, &[(hdr, 16, R), (data, 512, R), (status, 1, W)]);
+    }
+    let mut region = InflightRegion::create(1, 1024).unwrap();
+    region
+        .hand_out(&VhostUserInflight::new(0, 0, 1, QSIZE))
+        .unwrap();
+    {
+        // The dead worker: popped heads 0 and 3, completed nothing.
+        let mut dead = region.queue(0, QSIZE).unwrap();
+        assert!(dead.recover(0).resubmit.is_empty());
+        dead.popped(0);
+        dead.popped(3);
+    }
+    let mut disk = MemBackend::new(DISK_SIZE);
+    let mut successor = region.queue(0, QSIZE).unwrap();
+    let recovery = successor.recover(h.used_idx());
+    assert_eq!(recovery.resubmit, vec![0, 3]);
+    h.q.set_next_avail(h.used_idx() + recovery.resubmit.len() as u16);
+    let out = super::queue::process_resubmitted(
+        &mut h.q,
+        0,
+        &mem,
+        &mut disk,
+        &h.ctx,
+        &recovery.resubmit,
+        &mut successor,
+    )
+    .unwrap();
+    assert_eq!((out.completed, out.failed), (2, 0));
+    let out = process_queue(&mut h.q, 0, &mem, &mut disk, &h.ctx, &mut successor).unwrap();
+    assert_eq!((out.completed, out.failed), (1, 0), "only head 6 was new");
+    assert_eq!(h.used_idx(), 3);
+    let used_ids: Vec<u32> = (0..3)
+        .map(|i| mem.read_obj(GuestAddress(USED + 4 + 8 * i)).unwrap())
+        .collect();
+    assert_eq!(used_ids, [0, 3, 6]);
+    for i in 0..3u64 {
+        let status: u8 = mem.read_obj(GuestAddress(STATUS + 0x10 * i)).unwrap();
+        assert_eq!(status, OK, "request {i}");
+        let at = (8 * i * 512) as usize;
+        assert!(disk.data[at..at + 512].iter().all(|&b| b == 0x10 + i as u8));
+    }
+    // Everything is accounted for: a third worker would resubmit nothing.
+    assert!(successor.recover(3).resubmit.is_empty());
 }
