@@ -12,6 +12,18 @@ pub const GUEST_RAM_MEMFD: &str = "mem";
 
 /// QEMU TCG booting the guest kit with our vhost-user-blk disk and `guest_cmd`.
 pub fn qemu_with_vhost_user(socket: &Path, num_queues: u16, guest_cmd: &str) -> Command {
+    qemu_with_vhost_user_opts(socket, num_queues, guest_cmd, false)
+}
+
+/// As [`qemu_with_vhost_user`]; with `reconnect`, QEMU reconnects to the socket every
+/// second after the backend goes away (`-chardev socket,...,reconnect=1`). A command with
+/// double quotes travels base64-encoded (`guestkit.run64`).
+pub fn qemu_with_vhost_user_opts(
+    socket: &Path,
+    num_queues: u16,
+    guest_cmd: &str,
+    reconnect: bool,
+) -> Command {
     let qemu = require_tool("qemu-system-x86_64", "qemu-system-x86");
     let dir = guest_dir();
     let vmlinuz = require_file(dir.join("vmlinuz"), KIT);
@@ -31,14 +43,34 @@ pub fn qemu_with_vhost_user(socket: &Path, num_queues: u16, guest_cmd: &str) -> 
     .arg("-initrd")
     .arg(initrd)
     .arg("-chardev")
-    .arg(format!("socket,id=c0,path={}", socket.display()))
+    .arg(format!(
+        "socket,id=c0,path={}{}",
+        socket.display(),
+        if reconnect { ",reconnect=1" } else { "" }
+    ))
     .args([
         "-device",
         &format!("vhost-user-blk-pci,chardev=c0,num-queues={num_queues}"),
     ])
     .arg("-append")
-    .arg(format!(
-        "console=ttyS0 panic=-1 guestkit.run=\"{guest_cmd}\""
-    ));
+    .arg(format!("console=ttyS0 panic=-1 {}", guestkit_run(guest_cmd)));
     cmd
+}
+
+/// The kernel command-line entry that makes the guest kit run `cmd`.
+fn guestkit_run(cmd: &str) -> String {
+    if !cmd.contains('"') {
+        return format!("guestkit.run=\"{cmd}\"");
+    }
+    let tool = require_tool("base64", "coreutils");
+    let mut child = Command::new(tool)
+        .arg("-w0")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("run base64");
+    std::io::Write::write_all(&mut child.stdin.take().expect("stdin"), cmd.as_bytes())
+        .expect("feed base64");
+    let out = child.wait_with_output().expect("base64 output");
+    format!("guestkit.run64={}", String::from_utf8_lossy(&out.stdout).trim())
 }
