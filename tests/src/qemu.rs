@@ -53,7 +53,10 @@ pub fn qemu_with_vhost_user_opts(
         &format!("vhost-user-blk-pci,chardev=c0,num-queues={num_queues}"),
     ])
     .arg("-append")
-    .arg(format!("console=ttyS0 panic=-1 {}", guestkit_run(guest_cmd)));
+    .arg(format!(
+        "console=ttyS0 panic=-1 {}",
+        guestkit_run(guest_cmd)
+    ));
     cmd
 }
 
@@ -72,5 +75,8 @@ fn guestkit_run(cmd: &str) -> String {
     std::io::Write::write_all(&mut child.stdin.take().expect("stdin"), cmd.as_bytes())
         .expect("feed base64");
     let out = child.wait_with_output().expect("base64 output");
-    format!("guestkit.run64={}", String::from_utf8_lossy(&out.stdout).trim())
+    format!(
+        "guestkit.run64={}",
+        String::from_utf8_lossy(&out.stdout).trim()
+    )
 }

@@ -61,8 +61,7 @@ fn linux_survives_sigkills_of_the_worker_with_no_io_error() {
     );
     let mut worker = Worker::start(&worker_bin(), &socket, &disk, &["--num-queues", "2"]);
     let qemu = qemu_with_vhost_user_opts(&socket, 2, &guest_cmd, true);
-    let qemu_thread =
-        std::thread::spawn(move || run_with_deadline(qemu, Duration::from_secs(240)));
+    let qemu_thread = std::thread::spawn(move || run_with_deadline(qemu, Duration::from_secs(240)));
     let mut pid = worker.sandboxed_pid();
 
     let seed = std::time::SystemTime::now()
@@ -84,7 +83,12 @@ fn linux_survives_sigkills_of_the_worker_with_no_io_error() {
         }
         // SAFETY: kill(2) with a pid we read from the worker's own report.
         let rc = unsafe { libc::kill(pid as i32, libc::SIGKILL) };
-        assert_eq!(rc, 0, "kill worker {pid}: {}", std::io::Error::last_os_error());
+        assert_eq!(
+            rc,
+            0,
+            "kill worker {pid}: {}",
+            std::io::Error::last_os_error()
+        );
         kills += 1;
         let (code, text) = worker.finish(Duration::from_secs(10));
         assert_eq!(code, Some(137), "the reaper reports the SIGKILL:\n{text}");
@@ -105,8 +109,16 @@ fn linux_survives_sigkills_of_the_worker_with_no_io_error() {
         .find(|l| l.starts_with("CHAOS "))
         .unwrap_or_else(|| panic!("no summary: {t}"));
     assert!(summary.ends_with(" bad=0"), "{summary}: {t}");
-    for sign in ["I/O error", "blk_update_request", "critical medium error", "timeout"] {
-        assert!(!r.stdout.contains(sign), "guest kernel reported {sign:?}: {t}");
+    for sign in [
+        "I/O error",
+        "blk_update_request",
+        "critical medium error",
+        "timeout",
+    ] {
+        assert!(
+            !r.stdout.contains(sign),
+            "guest kernel reported {sign:?}: {t}"
+        );
     }
     assert!(
         kills >= MIN_KILLS,
@@ -119,5 +131,7 @@ fn linux_survives_sigkills_of_the_worker_with_no_io_error() {
         .unwrap_or(0);
     assert!(rounds >= 3, "the guest kept doing I/O: {summary}");
     let resubmits = log.matches("request(s) resubmitted").count();
-    eprintln!("{summary}; {kills} kills, {resubmits} restarts resubmitted requests (seed {seed:#x})");
+    eprintln!(
+        "{summary}; {kills} kills, {resubmits} restarts resubmitted requests (seed {seed:#x})"
+    );
 }

@@ -9,6 +9,7 @@ pub mod kvm_stats;
 pub mod layout;
 pub mod memory;
 pub mod sandbox_report;
+pub mod supervisor;
 pub mod terminal;
 pub mod vcpu;
 pub mod vhost_frontend;

@@ -10,11 +10,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use vhost::vhost_user::message::{
-    VhostUserConfigFlags, VhostUserProtocolFeatures, VhostUserVirtioFeatures,
+    VhostUserConfigFlags, VhostUserInflight, VhostUserProtocolFeatures, VhostUserVirtioFeatures,
 };
 use vhost::vhost_user::{Frontend, VhostUserFrontend};
 use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
-use vm_memory::{Address, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
+use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::devices::virtio_mmio::{Command, QueueRegs, VirtioMmioDevice};
@@ -45,6 +45,8 @@ pub enum FrontendError {
     NotModern { id: String, features: u64 },
     #[error("{id}: queue {queue} address {gpa:#x} is not in guest RAM")]
     RingOutsideRam { id: String, queue: usize, gpa: u64 },
+    #[error("{id}: the backend's inflight region is unusable: {why}")]
+    Inflight { id: String, why: String },
     #[error("{id}: cannot configure the socket")]
     Socket {
         id: String,
@@ -138,7 +140,8 @@ fn setup_inner(id: &str, stream: UnixStream, num_queues: u16) -> Result<Backend,
         protocol = offered
             & (VhostUserProtocolFeatures::MQ
                 | VhostUserProtocolFeatures::REPLY_ACK
-                | VhostUserProtocolFeatures::CONFIG);
+                | VhostUserProtocolFeatures::CONFIG
+                | VhostUserProtocolFeatures::INFLIGHT_SHMFD);
         frontend
             .set_protocol_features(protocol)
             .map_err(err("SET_PROTOCOL_FEATURES"))?;
@@ -187,8 +190,76 @@ pub struct ControlThread {
     pub calls: Vec<EventFd>,
     pub queue_max: u16,
     /// The worker behind the backend, if we started it: a bad reply gets it killed (its
-    /// supervisor then reports how it ended).
+    /// supervisor then reports how it ended and starts a successor).
     pub worker_pidfd: Option<Arc<std::os::fd::OwnedFd>>,
+    /// What the driver last asked for with DRIVER_OK (acked features, queue registers),
+    /// until it resets the device: replayed to every new backend.
+    pub wanted: Option<(u64, Vec<QueueRegs>)>,
+    /// The inflight region from the first backend of this activation, handed to every
+    /// later one (vhost-user GET/SET_INFLIGHT_FD).
+    pub inflight: Option<KeptInflight>,
+}
+
+/// A backend's inflight region, checked, kept for its successors.
+pub struct KeptInflight {
+    pub file: std::fs::File,
+    pub info: VhostUserInflight,
+}
+
+impl std::fmt::Debug for KeptInflight {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KeptInflight")
+            .field("fd", &self.file.as_raw_fd())
+            .field("mmap_size", &self.info.mmap_size)
+            .field("num_queues", &self.info.num_queues)
+            .field("queue_size", &self.info.queue_size)
+            .finish()
+    }
+}
+
+/// The largest inflight region we keep for a backend (1024 queues of 1024 entries fit).
+const MAX_INFLIGHT_BYTES: u64 = 64 << 20;
+
+/// Checks a backend's inflight region before it is kept and handed to the backend's
+/// successors: a sealed memfd (no truncation can SIGBUS whoever maps it later) at least as
+/// large as the range it claims, for the queues we asked.
+fn check_inflight(
+    file: &std::fs::File,
+    info: &VhostUserInflight,
+    want: &VhostUserInflight,
+) -> Result<(), String> {
+    if (info.num_queues, info.queue_size) != (want.num_queues, want.queue_size) {
+        return Err(format!(
+            "it is for {} queues of {}, {} of {} were asked for",
+            info.num_queues, info.queue_size, want.num_queues, want.queue_size
+        ));
+    }
+    if info.mmap_size == 0 || info.mmap_size > MAX_INFLIGHT_BYTES {
+        return Err(format!(
+            "size {} is not in 1..={MAX_INFLIGHT_BYTES}",
+            info.mmap_size
+        ));
+    }
+    let link = std::fs::read_link(format!("/proc/self/fd/{}", file.as_raw_fd()))
+        .map(|p| p.display().to_string())
+        .unwrap_or_default();
+    if !link.starts_with("/memfd:") {
+        return Err(format!("it is {link:?}, not a memfd"));
+    }
+    // SAFETY: F_GET_SEALS only reads the seals of a descriptor we own.
+    let seals = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_GET_SEALS) };
+    if seals < 0 || seals & libc::F_SEAL_SHRINK == 0 {
+        return Err("it is not sealed against shrinking".into());
+    }
+    let len = file.metadata().map(|m| m.len()).unwrap_or(0);
+    let end = info.mmap_offset.checked_add(info.mmap_size);
+    if end.is_none_or(|end| end > len) {
+        return Err(format!(
+            "{} bytes at offset {} run past its end ({len} bytes)",
+            info.mmap_size, info.mmap_offset
+        ));
+    }
+    Ok(())
 }
 
 impl ControlThread {
@@ -196,43 +267,79 @@ impl ControlThread {
     pub fn run(mut self, commands: Receiver<Command>) {
         let mut active: Vec<usize> = Vec::new();
         for command in commands {
-            let socket = match self.backend.socket.try_clone() {
-                Ok(s) => s,
-                Err(e) => {
-                    tracing::error!("{}: cannot watch the backend socket: {e}", self.device.id);
-                    self.device.needs_reset();
-                    continue;
-                }
-            };
             let result = match command {
                 Command::Activate {
                     driver_features,
                     queues,
-                } => with_deadline(&socket, REPLY_TIMEOUT, || {
-                    self.activate(driver_features, &queues)
-                })
-                .map(|up| {
-                    active = up;
-                    self.device.set_live(true);
-                    tracing::debug!("{}: rings {active:?} up", self.device.id);
-                }),
+                } => {
+                    self.wanted = Some((driver_features, queues));
+                    self.bring_up(&mut active)
+                }
                 Command::Reset => {
                     self.device.set_live(false);
+                    self.wanted = None;
+                    // The next activation starts from a fresh region.
+                    self.inflight = None;
                     let stopping = std::mem::take(&mut active);
-                    with_deadline(&socket, REPLY_TIMEOUT, || self.stop(&stopping))
+                    self.with_backend(|this| this.stop(&stopping))
                 }
                 Command::Disconnect => {
                     self.device.set_live(false);
-                    let _ = socket.shutdown(std::net::Shutdown::Both);
+                    let _ = self.backend.socket.shutdown(std::net::Shutdown::Both);
                     return;
+                }
+                Command::Reconnect {
+                    backend,
+                    worker_pidfd,
+                } => {
+                    self.backend = *backend;
+                    self.worker_pidfd = worker_pidfd;
+                    active.clear();
+                    if self.wanted.is_some() {
+                        self.bring_up(&mut active)
+                    } else {
+                        Ok(())
+                    }
                 }
             };
             if let Err(e) = result {
                 tracing::error!("{}", crate::error_chain(&e));
-                self.device.needs_reset();
-                self.kill_worker();
+                if self.worker_pidfd.is_some() {
+                    // Its supervisor starts a successor, which gets what the driver wanted.
+                    self.kill_worker();
+                } else {
+                    self.device.needs_reset();
+                }
             }
         }
+    }
+
+    /// Runs `f` against the backend with [`REPLY_TIMEOUT`].
+    fn with_backend<T>(
+        &mut self,
+        f: impl FnOnce(&mut Self) -> Result<T, FrontendError>,
+    ) -> Result<T, FrontendError> {
+        let socket = self
+            .backend
+            .socket
+            .try_clone()
+            .map_err(|source| FrontendError::Socket {
+                id: self.device.id.clone(),
+                source,
+            })?;
+        with_deadline(&socket, REPLY_TIMEOUT, || f(self))
+    }
+
+    /// Brings up the rings the driver wants (after DRIVER_OK, or on a new backend).
+    fn bring_up(&mut self, active: &mut Vec<usize>) -> Result<(), FrontendError> {
+        let Some((features, queues)) = self.wanted.clone() else {
+            return Ok(());
+        };
+        let up = self.with_backend(|this| this.activate(features, &queues))?;
+        *active = up;
+        self.device.set_live(true);
+        tracing::debug!("{}: rings {active:?} up", self.device.id);
+        Ok(())
     }
 
     fn kill_worker(&self) {
@@ -304,6 +411,13 @@ impl ControlThread {
             .frontend
             .set_mem_table(&regions)
             .map_err(self.err("SET_MEM_TABLE"))?;
+        if self
+            .backend
+            .protocol
+            .contains(VhostUserProtocolFeatures::INFLIGHT_SHMFD)
+        {
+            self.share_inflight(queues)?;
+        }
         let mut up = Vec::new();
         for (i, q) in queues.iter().enumerate() {
             if !q.ready || q.size == 0 {
@@ -323,7 +437,20 @@ impl ControlThread {
                 .map_err(self.err("SET_VRING_NUM"))?;
             f.set_vring_addr(i, &ring)
                 .map_err(self.err("SET_VRING_ADDR"))?;
-            f.set_vring_base(i, 0).map_err(self.err("SET_VRING_BASE"))?;
+            // A fresh ring's used idx is 0; a backend replacing a dead one continues where
+            // the guest saw the last completion (and, with inflight tracking, resubmits
+            // what was in flight before popping past it).
+            let used_idx: u16 = self
+                .ram
+                .memory()
+                .read_obj(GuestAddress(q.device).unchecked_add(2))
+                .map_err(|_| FrontendError::RingOutsideRam {
+                    id: self.device.id.clone(),
+                    queue: i,
+                    gpa: q.device,
+                })?;
+            f.set_vring_base(i, used_idx)
+                .map_err(self.err("SET_VRING_BASE"))?;
             f.set_vring_call(i, &self.calls[i])
                 .map_err(self.err("SET_VRING_CALL"))?;
             f.set_vring_kick(i, &self.kicks[i])
@@ -337,6 +464,37 @@ impl ControlThread {
             up.push(i);
         }
         Ok(up)
+    }
+
+    /// GET_INFLIGHT_FD from the first backend of an activation (checked, then kept), and
+    /// SET_INFLIGHT_FD to every backend, before its rings start.
+    fn share_inflight(&mut self, queues: &[QueueRegs]) -> Result<(), FrontendError> {
+        if self.inflight.is_none() {
+            let queue_size = queues
+                .iter()
+                .filter(|q| q.ready)
+                .map(|q| q.size)
+                .max()
+                .unwrap_or(self.queue_max);
+            let want = VhostUserInflight::new(0, 0, queues.len() as u16, queue_size);
+            let (info, file) = self
+                .backend
+                .frontend
+                .get_inflight_fd(&want)
+                .map_err(self.err("GET_INFLIGHT_FD"))?;
+            check_inflight(&file, &info, &want).map_err(|why| FrontendError::Inflight {
+                id: self.device.id.clone(),
+                why,
+            })?;
+            self.inflight = Some(KeptInflight { file, info });
+        }
+        if let Some(kept) = &self.inflight {
+            self.backend
+                .frontend
+                .set_inflight_fd(&kept.info, kept.file.as_raw_fd())
+                .map_err(self.err("SET_INFLIGHT_FD"))?;
+        }
+        Ok(())
     }
 
     fn stop(&mut self, active: &[usize]) -> Result<(), FrontendError> {

@@ -395,20 +395,9 @@ pub const QUEUE_MAX: u16 = 256;
 #[derive(Debug)]
 pub struct Disk {
     pub device: Arc<VirtioMmioDevice>,
-    pub worker: Option<WorkerInfo>,
     /// Its backend misbehaved during setup: the slot holds a device in
     /// DEVICE_NEEDS_RESET and the VM runs without it.
     pub failed: bool,
-}
-
-/// What the VMM keeps about a worker it started.
-#[derive(Debug)]
-pub struct WorkerInfo {
-    /// The process bulkhead started (the sandbox's reaper).
-    pub pid: u32,
-    /// A pidfd on it: signals and exit notification without pid-reuse races.
-    pub pidfd: Option<Arc<std::os::fd::OwnedFd>>,
-    pub status: Arc<ipc::status::StatusMapping>,
 }
 
 impl Disk {
@@ -460,7 +449,6 @@ impl Disk {
         device.needs_reset();
         Ok(Disk {
             device,
-            worker: None,
             failed: true,
         })
     }
@@ -478,7 +466,10 @@ impl Disk {
                     Some(b) => b.to_path_buf(),
                     None => crate::worker::default_worker_bin().ok_or(VmError::NoWorkerBin)?,
                 };
-                let w = crate::worker::spawn(cfg, path, &bin, workers.learn)?;
+                let image = crate::disk::open_image(path, cfg.readonly, cfg.direct)
+                    .map_err(crate::worker::WorkerError::from)?;
+                let image = Arc::new(image);
+                let w = crate::worker::spawn(cfg, &image, &bin, workers.learn)?;
                 tracing::info!(
                     "disk {}: {} served by worker pid {} ({} bytes)",
                     cfg.id,
@@ -493,7 +484,7 @@ impl Disk {
                         path: path.clone(),
                         source,
                     })?;
-                (vhost, Some(w))
+                (vhost, Some((w, image, bin)))
             }
             DiskBackend::VhostUser(path) => {
                 let s = std::os::unix::net::UnixStream::connect(path).map_err(|source| {
@@ -513,7 +504,7 @@ impl Disk {
         let backend = match crate::vhost_frontend::setup(&cfg.id, stream, cfg.num_queues) {
             Ok(b) => b,
             Err(e) => {
-                if let Some(mut w) = worker {
+                if let Some((mut w, _, _)) = worker {
                     // It may have died by itself (that may be why setup failed): give it a
                     // moment, then make sure, and say how it ended.
                     let deadline = std::time::Instant::now() + Duration::from_millis(500);
@@ -576,7 +567,31 @@ impl Disk {
             queue_max: QUEUE_MAX,
         };
         let device = Arc::new(VirtioMmioDevice::new(info, config_irq, tx));
-        let worker = worker.map(|w| supervise(w, device.clone(), workers.violations.clone()));
+        let features = backend.features;
+        let config = backend.config.clone();
+        let mut worker_pidfd = None;
+        let mut supervised = None;
+        if let Some((w, image, bin)) = worker {
+            worker_pidfd = crate::supervisor::pidfd_open(w.child.id())
+                .map_err(|e| {
+                    tracing::warn!("worker {} (pid {}): no pidfd: {e}", cfg.id, w.child.id())
+                })
+                .ok()
+                .map(Arc::new);
+            supervised = Some((
+                crate::supervisor::Supervisor {
+                    cfg: cfg.clone(),
+                    image,
+                    bin,
+                    learn: workers.learn.cloned(),
+                    violations: workers.violations.clone(),
+                    device: device.clone(),
+                    features,
+                    config,
+                },
+                w,
+            ));
+        }
         let control = ControlThread {
             device: device.clone(),
             backend,
@@ -584,7 +599,9 @@ impl Disk {
             kicks,
             calls,
             queue_max: QUEUE_MAX,
-            worker_pidfd: worker.as_ref().and_then(|w| w.pidfd.clone()),
+            worker_pidfd: worker_pidfd.clone(),
+            wanted: None,
+            inflight: None,
         };
         std::thread::Builder::new()
             .name(format!("{}-ctl", cfg.id))
@@ -594,78 +611,25 @@ impl Disk {
                 what: "start its control thread",
                 source,
             })?;
+        if let Some((supervisor, w)) = supervised {
+            supervisor
+                .start(w, worker_pidfd)
+                .map_err(|source| VmError::DiskSetup {
+                    id: cfg.id.clone(),
+                    what: "start its worker's supervisor",
+                    source,
+                })?;
+        }
         Ok(Disk {
             device,
-            worker,
             failed: false,
         })
     }
 }
 
-/// Watches a worker: when it exits, says how (exit code, signal, or the policy violation
-/// from its status page, decoded by name) and marks its device DEVICE_NEEDS_RESET. The VM
-/// and the other disks keep running. (Restart comes with the restart issue.)
-fn supervise(
-    worker: crate::worker::Worker,
-    device: Arc<VirtioMmioDevice>,
-    violations: Arc<ViolationLog>,
-) -> WorkerInfo {
-    let pid = worker.child.id();
-    let status = Arc::new(worker.status);
-    let pidfd = match pidfd_open(pid) {
-        Ok(fd) => Some(Arc::new(fd)),
-        Err(e) => {
-            tracing::warn!("worker {} (pid {pid}): no pidfd: {e}", worker.id);
-            None
-        }
-    };
-    let info = WorkerInfo {
-        pid,
-        pidfd: pidfd.clone(),
-        status: status.clone(),
-    };
-    let mut child = worker.child;
-    let id = worker.id;
-    let control = worker.control;
-    let vhost = worker.vhost;
-    let spawned = std::thread::Builder::new()
-        .name(format!("{id}-sup"))
-        .spawn(move || {
-            let _keep = (control, vhost);
-            report_confinement(&id, pid, &status);
-            if let Some(fd) = &pidfd {
-                // The pidfd turns readable when the worker exits; then reap it.
-                let mut pfd = libc::pollfd {
-                    fd: std::os::fd::AsRawFd::as_raw_fd(fd.as_ref()),
-                    events: libc::POLLIN,
-                    revents: 0,
-                };
-                loop {
-                    // SAFETY: polls one valid pollfd that lives on this stack frame.
-                    let ret = unsafe { libc::poll(&mut pfd, 1, -1) };
-                    if ret >= 0
-                        || std::io::Error::last_os_error().kind() != std::io::ErrorKind::Interrupted
-                    {
-                        break;
-                    }
-                }
-            }
-            let how = match child.wait() {
-                Ok(s) => describe_exit(s),
-                Err(e) => format!("cannot be waited for: {e}"),
-            };
-            report_worker_end(&id, &status, &how, &violations);
-            device.needs_reset();
-        });
-    if let Err(e) = spawned {
-        tracing::error!("cannot supervise worker {pid}: {e}");
-    }
-    info
-}
-
 /// Logs the confined worker's sandbox facts once its reaper has published its pid and
 /// the worker has installed its filter (or says it could not see them).
-fn report_confinement(id: &str, reaper: u32, status: &ipc::status::StatusMapping) {
+pub(crate) fn report_confinement(id: &str, reaper: u32, status: &ipc::status::StatusMapping) {
     let deadline = std::time::Instant::now() + Duration::from_secs(5);
     while std::time::Instant::now() < deadline {
         let pid = status.worker_pid();
@@ -687,19 +651,9 @@ fn report_confinement(id: &str, reaper: u32, status: &ipc::status::StatusMapping
     tracing::warn!("worker {id}: could not confirm its confinement within 5 s");
 }
 
-fn pidfd_open(pid: u32) -> std::io::Result<std::os::fd::OwnedFd> {
-    // SAFETY: pidfd_open takes a pid and flags and returns a new descriptor or -1.
-    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) };
-    if fd < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    // SAFETY: `fd` was just returned by pidfd_open and nothing else owns it.
-    Ok(unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd as i32) })
-}
-
 /// One log line for a worker that ended: its confined pid, and the policy violation from
 /// its status page decoded by name when that is how it ended (also kept in `violations`).
-fn report_worker_end(
+pub(crate) fn report_worker_end(
     id: &str,
     status: &ipc::status::StatusMapping,
     how: &str,
@@ -724,7 +678,7 @@ fn report_worker_end(
     }
 }
 
-fn describe_exit(status: std::process::ExitStatus) -> String {
+pub(crate) fn describe_exit(status: std::process::ExitStatus) -> String {
     use std::os::unix::process::ExitStatusExt;
     match (status.code(), status.signal()) {
         (Some(ipc::status::EXIT_POLICY_VIOLATION), _) => "exited on a seccomp violation".into(),

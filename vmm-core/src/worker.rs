@@ -16,7 +16,7 @@ use ipc::messages::{VmmMessage, WorkerConfig, WorkerKind, WorkerMessage};
 use ipc::status::{StatusMapping, StatusPage};
 use policies::learn::Recorder;
 
-use crate::disk::{open_image, DiskConfig, DiskError};
+use crate::disk::{DiskConfig, DiskError, OpenedImage};
 
 /// Where the inherited descriptors land in the worker.
 const VHOST_FD: RawFd = 3;
@@ -121,12 +121,13 @@ fn dup_high(fd: RawFd) -> std::io::Result<OwnedFd> {
     Ok(unsafe { OwnedFd::from_raw_fd(new) })
 }
 
-/// Opens the image, creates the channels and the status page, execs the worker and takes
-/// it through the handshake and its configuration. With `learn`, the worker runs in learn
+/// Creates the channels and the status page, execs the worker with a duplicate of `disk`
+/// (opened and locked by the VMM, which keeps it for the worker's successors) and takes it
+/// through the handshake and its configuration. With `learn`, the worker runs in learn
 /// mode and a thread records its syscalls into the recorder (`bulkhead policy learn`).
 pub fn spawn(
     cfg: &DiskConfig,
-    image: &PathBuf,
+    disk: &OpenedImage,
     bin: &Path,
     learn: Option<&Arc<Recorder>>,
 ) -> Result<Worker, WorkerError> {
@@ -135,7 +136,6 @@ pub fn spawn(
         let id = id.clone();
         move |source| WorkerError::Setup { id, what, source }
     };
-    let disk = open_image(image, cfg.readonly, cfg.direct)?;
     let (vmm_vhost, worker_vhost) =
         UnixStream::pair().map_err(setup("create the vhost-user socket pair"))?;
     let (vmm_control, worker_control) = Channel::pair().map_err(|e| WorkerError::Setup {
@@ -205,7 +205,7 @@ pub fn spawn(
         source,
     })?;
     drop(sources);
-    drop((worker_vhost, worker_control, status_fd, disk));
+    drop((worker_vhost, worker_control, status_fd));
     let pid = child.id();
     if let (Some(recorder), Some((vmm_learn, worker_learn))) = (learn, learn_pair) {
         drop(worker_learn);

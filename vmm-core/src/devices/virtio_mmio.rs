@@ -63,6 +63,12 @@ pub enum Command {
     /// The VM is over: close the backend connection once the commands before this one
     /// are done (the backend then ends as it does when any frontend goes away).
     Disconnect,
+    /// The worker's supervisor replaced a dead worker: talk to this backend from now on,
+    /// bringing the rings back up if the driver had them up.
+    Reconnect {
+        backend: Box<crate::vhost_frontend::Backend>,
+        worker_pidfd: Option<std::sync::Arc<std::os::fd::OwnedFd>>,
+    },
 }
 
 /// Exits this device caused, by register, for stats and tests.
@@ -113,6 +119,8 @@ pub struct VirtioMmioDevice {
     /// Raises the device's GSI for config interrupts (an irqfd, like the worker's call).
     config_irq: EventFd,
     control: Mutex<Sender<Command>>,
+    /// Set by [`Self::disconnect_backend`].
+    closing: AtomicBool,
     pub exits: ExitCounters,
 }
 
@@ -132,6 +140,7 @@ impl VirtioMmioDevice {
             live: AtomicBool::new(false),
             config_irq,
             control: Mutex::new(control),
+            closing: AtomicBool::new(false),
             exits: ExitCounters::default(),
         }
     }
@@ -291,10 +300,33 @@ impl VirtioMmioDevice {
     }
 
     /// Asks the control thread to close the backend connection after its pending work
-    /// (`bulkhead policy learn` records workers to their normal exit this way).
+    /// (`bulkhead policy learn` records workers to their normal exit this way). The
+    /// worker's supervisor does not replace a worker that ends after this.
     pub fn disconnect_backend(&self) {
+        self.closing.store(true, Ordering::SeqCst);
         let control = self.control.lock().unwrap_or_else(|e| e.into_inner());
         let _ = control.send(Command::Disconnect);
+    }
+
+    /// The VMM is done with the backend ([`Self::disconnect_backend`]).
+    pub fn closing(&self) -> bool {
+        self.closing.load(Ordering::SeqCst)
+    }
+
+    /// Hands the control thread a new backend (a restarted worker); false when the
+    /// control thread is gone.
+    pub fn reconnect_backend(
+        &self,
+        backend: crate::vhost_frontend::Backend,
+        worker_pidfd: Option<std::sync::Arc<std::os::fd::OwnedFd>>,
+    ) -> bool {
+        let control = self.control.lock().unwrap_or_else(|e| e.into_inner());
+        control
+            .send(Command::Reconnect {
+                backend: Box::new(backend),
+                worker_pidfd,
+            })
+            .is_ok()
     }
 
     fn write_status(&self, regs: &mut Regs, value: u32) -> Option<Command> {

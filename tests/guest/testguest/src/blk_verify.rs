@@ -29,9 +29,9 @@ use crate::{fail, tg};
 
 const DEFAULT_BLOCKS: u64 = 256;
 /// Sectors per 4 KiB block.
-const BLOCK_SECTORS: u64 = BLOCK as u64 / SECTOR;
+pub(crate) const BLOCK_SECTORS: u64 = BLOCK as u64 / SECTOR;
 /// No request may take longer than this.
-const REQ_TIMEOUT_US: u64 = 10_000_000;
+pub(crate) const REQ_TIMEOUT_US: u64 = 10_000_000;
 
 /// Word `i` (0..512) of block `block` for `seed`; a block is 512 little-endian u64s:
 ///
@@ -59,7 +59,7 @@ pub fn fill_pattern(buf: &mut [u8; BLOCK], seed: u64, block: u64) {
 }
 
 /// First word where `buf` differs from the pattern, if any.
-fn check_pattern(buf: &[u8; BLOCK], seed: u64, block: u64) -> Option<(usize, u64, u64)> {
+pub(crate) fn check_pattern(buf: &[u8; BLOCK], seed: u64, block: u64) -> Option<(usize, u64, u64)> {
     let mut want = [0u8; BLOCK];
     fill_pattern(&mut want, seed, block);
     (0..BLOCK / 8).find_map(|i| {
@@ -128,7 +128,7 @@ pub fn run(ctx: &Ctx) {
 
 /// Runs `total` requests with up to `qd` in flight: `start(blk, slot, i)` submits
 /// request `i` in `slot`, `finish(blk, done, i)` checks it.
-fn pipeline(
+pub(crate) fn pipeline(
     blk: &mut Blk,
     n: usize,
     qd: usize,
@@ -185,7 +185,7 @@ fn pipeline(
     }
 }
 
-fn expect_ok(n: usize, what: &str, block: u64, d: Done, len: u32) {
+pub(crate) fn expect_ok(n: usize, what: &str, block: u64, d: Done, len: u32) {
     if d.status != ST_OK || d.len != len {
         fail!(
             "blk dev={n} block={block} {what} status={} used_len={} want 0/{len}",

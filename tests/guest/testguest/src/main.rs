@@ -13,6 +13,7 @@
 mod acpi;
 mod blk_verify;
 mod boot;
+mod chaos;
 mod cmdline;
 mod cpu;
 mod hostile;

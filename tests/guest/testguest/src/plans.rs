@@ -47,6 +47,10 @@ pub const PLANS: &[Plan] = &[
         name: "hostile",
         run: crate::hostile::run,
     },
+    Plan {
+        name: "blk-chaos",
+        run: crate::chaos::run,
+    },
 ];
 
 pub fn find(name: &str) -> Option<&'static Plan> {
