@@ -106,8 +106,12 @@ impl EventLoop {
             }
             let mut b = lock();
             if let Some(wanted) = b.take_kick_fds() {
-                // A ring just became live: serve anything already queued in it.
+                // A ring just became live: serve anything already queued in it (and what a
+                // predecessor left in flight).
                 b.process_all();
+                let totals = b.totals();
+                status.set_completed(totals.completed, totals.failed);
+                status.bump_progress();
                 drop(b);
                 self.sync_kicks(wanted)?;
             }

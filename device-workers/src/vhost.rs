@@ -272,6 +272,10 @@ impl<D: VhostDevice> VhostBackend<D> {
                     .resubmit(index, &mut vring.queue, mem, &recovery.resubmit, t);
                 self.resubmitted += result.completed;
             }
+            // Signal once whatever happened: a predecessor may have died between publishing
+            // a used entry and writing the call fd, and a driver without a timeout (Linux)
+            // would wait for that interrupt forever. A spurious one costs nothing.
+            result.notify = true;
         }
         let log: &mut dyn InflightLog = match tracker.as_mut() {
             Some(t) => t,

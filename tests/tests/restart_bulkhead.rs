@@ -44,19 +44,30 @@ fn image(dir: &Path, name: &str) -> std::path::PathBuf {
     p
 }
 
-#[test]
-fn guest_sees_nothing_while_its_worker_is_killed_every_50_to_200_ms() {
+/// What a chaos run left behind.
+struct Chaos {
+    /// Everything bulkhead and the guest printed, with the seed and action count.
+    text: String,
+    transcript: String,
+    summary: String,
+    actions: u32,
+}
+
+/// Runs `blk-chaos` for `secs` on disk 0 (disk 1 idle beside it) and, every `interval()`
+/// while the guest's rounds run, signals the newest blk0 worker with `signal`. Checks the
+/// guest's verdict, the exit status and the host image.
+fn chaos(name: &str, secs: u64, signal: i32, mut interval: impl FnMut() -> Duration) -> Chaos {
     require_kvm();
-    let dir = scratch_dir("restart-bulkhead");
+    let dir = scratch_dir(name);
     let d0 = image(&dir, "d0.img");
     let d1 = image(&dir, "d1.img");
     let mut child = Command::new(bulkhead_bin())
         .arg("run")
         .arg("--kernel")
         .arg(testguest())
-        .args(["--mem", "64", "--timeout", &(SECS + 60).to_string(), "--cmdline"])
+        .args(["--mem", "64", "--timeout", &(secs + 60).to_string(), "--cmdline"])
         .arg(format!(
-            "testguest.plan=blk-chaos dev=0 secs={SECS} qd=32 completion=irq seed={SEED} blocks={BLOCKS}"
+            "testguest.plan=blk-chaos dev=0 secs={secs} qd=32 completion=irq seed={SEED} blocks={BLOCKS}"
         ))
         .arg("--disk")
         .arg(format!("path={}", d0.display()))
@@ -80,34 +91,28 @@ fn guest_sees_nothing_while_its_worker_is_killed_every_50_to_200_ms() {
             }
         }));
     }
-    let seed = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_nanos() as u64
-        | 1;
-    let mut rng = Rng(seed);
-    let mut kills = 0u32;
-    let mut last_killed = 0;
+    let mut actions = 0u32;
+    let mut last_signalled = 0;
     let started = Instant::now();
     let status = loop {
         if let Some(status) = child.try_wait().unwrap() {
             break status;
         }
         assert!(
-            started.elapsed() < Duration::from_secs(SECS + 90),
+            started.elapsed() < Duration::from_secs(secs + 90),
             "bulkhead did not finish"
         );
-        std::thread::sleep(Duration::from_millis(50 + rng.next() % 151));
+        std::thread::sleep(interval());
         let text = lines.lock().unwrap().clone();
         let running = text.iter().any(|l| l.starts_with("TG chaos dev=0 num="))
             && !text.iter().any(|l| l.contains(" rounds="));
         if let (true, Some(pid)) = (running, newest_worker_pid(&text)) {
-            if pid != last_killed {
+            if pid != last_signalled {
                 // SAFETY: kill(2) on the pid the worker's reaper reported; ESRCH if it is
                 // already gone, which is fine.
-                if unsafe { libc::kill(pid, libc::SIGKILL) } == 0 {
-                    kills += 1;
-                    last_killed = pid;
+                if unsafe { libc::kill(pid, signal) } == 0 {
+                    actions += 1;
+                    last_signalled = pid;
                 }
             }
         }
@@ -116,7 +121,7 @@ fn guest_sees_nothing_while_its_worker_is_killed_every_50_to_200_ms() {
         let _ = r.join();
     }
     let text = lines.lock().unwrap().join("\n");
-    let t = format!("seed {seed:#x}, {kills} kills, {status:?}\n{text}");
+    let t = format!("signal {signal}, {actions} times, {status:?}\n{text}");
     let summary = text
         .lines()
         .find(|l| l.starts_with("TG chaos dev=0 rounds="))
@@ -137,9 +142,37 @@ fn guest_sees_nothing_while_its_worker_is_killed_every_50_to_200_ms() {
             "host image block {block} does not hold round {last_seed}'s pattern: {summary}"
         );
     }
+    assert!(!text.contains("giving up"), "{t}");
+    assert!(
+        !text.contains("disk blk1: worker restarted"),
+        "the other disk's worker was not touched: {t}"
+    );
+    Chaos {
+        transcript: t,
+        summary: summary.to_string(),
+        text,
+        actions,
+    }
+}
+
+#[test]
+fn guest_sees_nothing_while_its_worker_is_killed_every_50_to_200_ms() {
+    let seed = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos() as u64
+        | 1;
+    let mut rng = Rng(seed);
+    let c = chaos("restart-bulkhead", SECS, libc::SIGKILL, || {
+        Duration::from_millis(50 + rng.next() % 151)
+    });
+    let (text, t, kills) = (&c.text, &c.transcript, c.actions);
     let restarts = text.matches("disk blk0: worker restarted in").count();
     let resubmitted = text.matches("request(s) resubmitted").count();
-    assert!(kills >= 100, "only {kills} kills in {SECS} s: {t}");
+    assert!(
+        kills >= 100,
+        "only {kills} kills in {SECS} s (seed {seed:#x}): {t}"
+    );
     assert!(
         restarts as u32 + 1 >= kills,
         "{restarts} restarts for {kills} kills: {t}"
@@ -148,12 +181,36 @@ fn guest_sees_nothing_while_its_worker_is_killed_every_50_to_200_ms() {
         resubmitted > 0,
         "no restart found a request in flight to resubmit ({restarts} restarts): {t}"
     );
-    assert!(!text.contains("giving up"), "{t}");
-    assert!(
-        !text.contains("disk blk1: worker restarted"),
-        "the other disk's worker was not touched: {t}"
-    );
     eprintln!(
-        "{summary}; {kills} kills, {restarts} restarts, {resubmitted} resubmitting (seed {seed:#x})"
+        "{}; {kills} kills, {restarts} restarts, {resubmitted} resubmitting (seed {seed:#x})",
+        c.summary
     );
+}
+
+/// A stopped worker (SIGSTOP) still exists, so only its stalled progress with requests
+/// pending gives it away: the supervisor kills and replaces it within the hang timeout,
+/// long before the guest's own request timeout (10 s).
+#[test]
+fn a_hung_worker_is_detected_killed_and_replaced() {
+    let c = chaos("restart-hung", 12, libc::SIGSTOP, || {
+        Duration::from_millis(2500)
+    });
+    let hung = c
+        .text
+        .matches("disk blk0: worker (pid ")
+        .count()
+        .min(c.text.matches("with requests pending: killing it").count());
+    assert!(c.actions >= 3, "{}", c.transcript);
+    assert!(
+        hung as u32 >= c.actions.saturating_sub(1),
+        "{hung} hangs detected for {} stops: {}",
+        c.actions,
+        c.transcript
+    );
+    assert!(
+        c.text.contains("hung (no progress for "),
+        "{}",
+        c.transcript
+    );
+    eprintln!("{}; {} stops, {hung} hangs detected", c.summary, c.actions);
 }

@@ -22,6 +22,12 @@ use crate::worker::Worker;
 
 /// Consecutive deaths before any completed request that the supervisor tolerates.
 pub const CRASH_LOOP_BUDGET: u32 = 5;
+/// A worker whose progress counter stands still this long while the guest has requests
+/// pending is hung: killed and replaced. Well below the guest drivers' request timeouts
+/// (Linux: 30 s; the test guest: 10 s).
+pub const HANG_TIMEOUT: Duration = Duration::from_secs(1);
+/// How often the supervisor looks at a live worker's progress.
+const HANG_CHECK: Duration = Duration::from_millis(100);
 /// Backoff before the second restart of a crash loop; doubles each time.
 const FIRST_BACKOFF: Duration = Duration::from_millis(20);
 
@@ -34,6 +40,8 @@ pub struct Supervisor {
     pub learn: Option<Arc<policies::learn::Recorder>>,
     pub violations: Arc<ViolationLog>,
     pub device: Arc<VirtioMmioDevice>,
+    /// Guest RAM, to see whether requests are pending (ring indices only).
+    pub ram: Arc<crate::memory::GuestRam>,
     /// What the first worker offered; a successor must offer the same.
     pub features: u64,
     pub config: Vec<u8>,
@@ -51,20 +59,63 @@ pub fn pidfd_open(pid: u32) -> std::io::Result<OwnedFd> {
     Ok(unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd as i32) })
 }
 
-/// Blocks until the process behind `pidfd` has exited.
-fn wait_exit(pidfd: &OwnedFd) {
+/// Waits up to `timeout` for the process behind `pidfd` to exit; true when it has.
+fn wait_exit(pidfd: &OwnedFd, timeout: Duration) -> bool {
     let mut pfd = libc::pollfd {
         fd: pidfd.as_raw_fd(),
         events: libc::POLLIN,
         revents: 0,
     };
+    let ms = timeout.as_millis().min(i32::MAX as u128) as i32;
     loop {
         // SAFETY: polls one valid pollfd that lives on this stack frame.
-        let ret = unsafe { libc::poll(&mut pfd, 1, -1) };
-        if ret >= 0 || std::io::Error::last_os_error().kind() != std::io::ErrorKind::Interrupted {
-            return;
+        let ret = unsafe { libc::poll(&mut pfd, 1, ms) };
+        if ret >= 0 {
+            return ret > 0;
+        }
+        if std::io::Error::last_os_error().kind() != std::io::ErrorKind::Interrupted {
+            return true;
         }
     }
+}
+
+/// SIGKILL through a pidfd (no pid-reuse race); false if the process is already gone.
+fn kill(pidfd: &OwnedFd) -> bool {
+    // SAFETY: pidfd_send_signal on a pidfd we hold; no memory is passed.
+    let ret = unsafe {
+        libc::syscall(
+            libc::SYS_pidfd_send_signal,
+            pidfd.as_raw_fd(),
+            libc::SIGKILL,
+            std::ptr::null::<libc::siginfo_t>(),
+            0,
+        )
+    };
+    ret == 0
+}
+
+/// A pidfd on the confined worker (the reaper's child), once the reaper has published
+/// its pid in the status page.
+fn confined_pidfd(worker: &Worker, timeout: Duration) -> Option<OwnedFd> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let pid = worker.status.worker_pid();
+        if pid != 0 && pid != worker.child.id() {
+            return pidfd_open(pid).ok();
+        }
+        if Instant::now() >= deadline {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+}
+
+/// What ended a supervised worker.
+enum End {
+    /// It exited or was killed from outside.
+    Died,
+    /// Its progress stopped with requests pending: we killed it.
+    Hung { stalled: Duration },
 }
 
 impl Supervisor {
@@ -81,22 +132,37 @@ impl Supervisor {
     fn run(self, mut worker: Worker, mut pidfd: Option<Arc<OwnedFd>>) {
         let id = self.cfg.id.clone();
         crate::vm::report_confinement(&id, worker.child.id(), &worker.status);
+        let mut confined = confined_pidfd(&worker, Duration::from_secs(5));
         let mut crash_loop = 0u32;
         loop {
-            // Without a pidfd, child.wait() below blocks just the same.
-            if let Some(fd) = &pidfd {
-                wait_exit(fd);
+            let end = match &pidfd {
+                Some(fd) => self.watch(fd, confined.as_ref(), &worker),
+                // Without a pidfd, child.wait() below blocks just the same.
+                None => End::Died,
+            };
+            // The reaper is gone; its child (killed by the reaper's death signal if not
+            // before) must be too before a successor touches the rings.
+            if let Some(c) = &confined {
+                kill(c);
+                wait_exit(c, Duration::from_secs(5));
             }
             let how = match worker.child.wait() {
                 Ok(s) => crate::vm::describe_exit(s),
                 Err(e) => format!("cannot be waited for: {e}"),
+            };
+            let how = match end {
+                End::Died => how,
+                End::Hung { stalled } => format!(
+                    "hung (no progress for {:.1} s with requests pending; killed)",
+                    stalled.as_secs_f64()
+                ),
             };
             crate::vm::report_worker_end(&id, &worker.status, &how, &self.violations);
             let died_at = Instant::now();
             if self.device.closing() {
                 return;
             }
-            if worker.status.completed() > 0 || worker.status.progress() > 0 {
+            if worker.status.completed() > 0 {
                 crash_loop = 0;
             } else {
                 crash_loop += 1;
@@ -126,6 +192,7 @@ impl Supervisor {
                             died_at.elapsed().as_secs_f64() * 1e3,
                             next.child.id(),
                         );
+                        confined = confined_pidfd(&next, Duration::from_secs(1));
                         worker = next;
                         pidfd = fd;
                         break;
@@ -135,6 +202,40 @@ impl Supervisor {
                         crash_loop += 1;
                     }
                 }
+            }
+        }
+    }
+
+    /// Waits for the worker (its reaper, `pidfd`) to end, or kills it when it hangs: its
+    /// progress counter stands still for [`HANG_TIMEOUT`] while requests are pending.
+    fn watch(&self, pidfd: &OwnedFd, confined: Option<&OwnedFd>, worker: &Worker) -> End {
+        let mut progress = worker.status.progress();
+        let mut since = Instant::now();
+        loop {
+            if wait_exit(pidfd, HANG_CHECK) {
+                return End::Died;
+            }
+            let now = worker.status.progress();
+            if now != progress || !self.device.requests_pending(self.ram.memory()) {
+                progress = now;
+                since = Instant::now();
+                continue;
+            }
+            let stalled = since.elapsed();
+            if stalled >= HANG_TIMEOUT {
+                tracing::warn!(
+                    "disk {}: worker (pid {}) made no progress for {:.1} s with requests \
+                     pending: killing it",
+                    self.cfg.id,
+                    worker.status.worker_pid(),
+                    stalled.as_secs_f64()
+                );
+                if let Some(c) = confined {
+                    kill(c);
+                }
+                kill(pidfd);
+                wait_exit(pidfd, Duration::from_secs(5));
+                return End::Hung { stalled };
             }
         }
     }

@@ -586,6 +586,7 @@ impl Disk {
                     learn: workers.learn.cloned(),
                     violations: workers.violations.clone(),
                     device: device.clone(),
+                    ram: ram.clone(),
                     features,
                     config,
                 },

@@ -169,6 +169,25 @@ impl VirtioMmioDevice {
         }
     }
 
+    /// Whether the driver has requests the backend has not completed: on some ring it set
+    /// up, the avail idx differs from the used idx. Reads the two indices from guest RAM,
+    /// nothing else (the VMM never parses descriptors). The hang detector asks this.
+    pub fn requests_pending<M: vm_memory::GuestMemory>(&self, mem: &M) -> bool {
+        use vm_memory::{Address, Bytes, GuestAddress};
+        let regs = self.regs();
+        if regs.status & STATUS_DRIVER_OK == 0 || regs.status & STATUS_NEEDS_RESET != 0 {
+            return false;
+        }
+        regs.queues.iter().filter(|q| q.ready).any(|q| {
+            let idx = |ring: u64| {
+                GuestAddress(ring)
+                    .checked_add(2)
+                    .and_then(|a| mem.read_obj::<u16>(a).ok())
+            };
+            matches!((idx(q.driver), idx(q.device)), (Some(a), Some(u)) if a != u)
+        })
+    }
+
     /// Current device status (for tests and logs).
     pub fn status(&self) -> u32 {
         self.regs().status
