@@ -286,3 +286,32 @@ pub fn check_blk_verify_image(
     }
     Ok(())
 }
+
+/// A small xorshift generator for randomised test timing, seeded from the clock; the seed
+/// goes into failure messages so a run can be replayed with [`XorShift::new`].
+#[derive(Debug)]
+pub struct XorShift(u64);
+
+impl XorShift {
+    /// A generator from `seed` (0 is replaced: xorshift would stay at 0).
+    pub fn new(seed: u64) -> Self {
+        XorShift(seed | 1)
+    }
+
+    /// A generator seeded from the clock, and its seed.
+    pub fn from_clock() -> (Self, u64) {
+        let seed = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(1, |d| d.as_nanos() as u64)
+            | 1;
+        (XorShift(seed), seed)
+    }
+
+    /// The next value.
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+}

@@ -256,11 +256,7 @@ fn a_rule_deleted_from_the_policy_is_reported_missing() {
     );
     let t = r.transcript();
     assert_eq!(r.code, Some(1), "a missing rule is exit status 1: {t}");
-    let missing: Vec<&str> = r
-        .stdout
-        .lines()
-        .filter(|l| l.trim_start().starts_with("missing:"))
-        .collect();
+    let missing = missing_lines(&r.stdout);
     assert_eq!(missing.len(), 1, "{t}");
     assert!(missing[0].contains("missing: pwritev "), "{t}");
     assert!(
@@ -279,16 +275,20 @@ fn an_extra_syscall_from_a_fault_hook_is_learned() {
     let r = learn_blk_verify_with_bin(&dir, &out, &hooks);
     let t = r.transcript();
     assert_eq!(r.code, Some(1), "{t}");
-    let missing: Vec<&str> = r
-        .stdout
-        .lines()
-        .filter(|l| l.trim_start().starts_with("missing:"))
-        .collect();
+    let missing = missing_lines(&r.stdout);
     assert_eq!(missing.len(), 1, "only the hook's call is new: {t}");
     assert!(missing[0].contains("missing: uname "), "{t}");
     assert!(missing[0].contains(" 1 calls, e.g. uname("), "{t}");
     let learned = parse_learned(&out, &t);
     assert!(learned.rules.iter().any(|r| r.syscall == "uname"), "{t}");
+}
+
+/// The summary's `missing:` lines.
+fn missing_lines(stdout: &str) -> Vec<&str> {
+    stdout
+        .lines()
+        .filter(|l| l.trim_start().starts_with("missing:"))
+        .collect()
 }
 
 fn learn_blk_verify_with_bin(dir: &Path, out: &Path, bin: &Path) -> RunResult {

@@ -16,17 +16,6 @@ const SECS: u64 = 60;
 const BLOCKS: u64 = 64;
 const SEED: u64 = 5;
 
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-}
-
 /// The confined pid of the newest `blk0` worker, from the reapers' "serving blk0 as pid N"
 /// lines.
 fn newest_worker_pid(lines: &[String]) -> Option<i32> {
@@ -157,14 +146,9 @@ fn chaos(name: &str, secs: u64, signal: i32, mut interval: impl FnMut() -> Durat
 
 #[test]
 fn guest_sees_nothing_while_its_worker_is_killed_every_50_to_200_ms() {
-    let seed = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_nanos() as u64
-        | 1;
-    let mut rng = Rng(seed);
+    let (mut rng, seed) = tests::XorShift::from_clock();
     let c = chaos("restart-bulkhead", SECS, libc::SIGKILL, || {
-        Duration::from_millis(50 + rng.next() % 151)
+        Duration::from_millis(50 + rng.next_u64() % 151)
     });
     let (text, t, kills) = (&c.text, &c.transcript, c.actions);
     let restarts = text.matches("disk blk0: worker restarted in").count();

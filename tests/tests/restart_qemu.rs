@@ -17,19 +17,6 @@ const GUEST_SECONDS: u32 = 75;
 const MIN_KILLS: u32 = 20;
 const BLOCKS: [u32; 6] = [1, 50, 300, 2000, 4000, 7000];
 
-/// A small xorshift, seeded from the clock: the kill intervals differ per run (and the
-/// seed is printed so a failure can be replayed).
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-}
-
 /// A new worker on the socket; returns once QEMU has reconnected and it is confined.
 fn start_worker(socket: &Path, disk: &Path) -> (Worker, u32) {
     let mut w = Worker::start(&worker_bin(), socket, disk, &["--num-queues", "2"]);
@@ -64,12 +51,7 @@ fn linux_survives_sigkills_of_the_worker_with_no_io_error() {
     let qemu_thread = std::thread::spawn(move || run_with_deadline(qemu, Duration::from_secs(240)));
     let mut pid = worker.sandboxed_pid();
 
-    let seed = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_nanos() as u64
-        | 1;
-    let mut rng = Rng(seed);
+    let (mut rng, seed) = tests::XorShift::from_clock();
     let mut kills = 0u32;
     let mut log = String::new();
     // Give the guest time to boot and start its loop, then kill at random moments; QEMU
@@ -77,7 +59,7 @@ fn linux_survives_sigkills_of_the_worker_with_no_io_error() {
     std::thread::sleep(Duration::from_secs(8));
     let started = Instant::now();
     while !qemu_thread.is_finished() && started.elapsed() < Duration::from_secs(180) {
-        std::thread::sleep(Duration::from_millis(1200 + rng.next() % 1000));
+        std::thread::sleep(Duration::from_millis(1200 + rng.next_u64() % 1000));
         if qemu_thread.is_finished() {
             break;
         }

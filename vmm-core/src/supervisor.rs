@@ -80,7 +80,7 @@ fn wait_exit(pidfd: &OwnedFd, timeout: Duration) -> bool {
 }
 
 /// SIGKILL through a pidfd (no pid-reuse race); false if the process is already gone.
-fn kill(pidfd: &OwnedFd) -> bool {
+pub fn kill(pidfd: &OwnedFd) -> bool {
     // SAFETY: pidfd_send_signal on a pidfd we hold; no memory is passed.
     let ret = unsafe {
         libc::syscall(

@@ -344,17 +344,7 @@ impl ControlThread {
 
     fn kill_worker(&self) {
         if let Some(fd) = &self.worker_pidfd {
-            // SAFETY: pidfd_send_signal on a pidfd we hold; no memory is passed.
-            let ret = unsafe {
-                libc::syscall(
-                    libc::SYS_pidfd_send_signal,
-                    fd.as_raw_fd(),
-                    libc::SIGKILL,
-                    std::ptr::null::<libc::siginfo_t>(),
-                    0,
-                )
-            };
-            if ret != 0 {
+            if !crate::supervisor::kill(fd) {
                 tracing::warn!(
                     "{}: cannot kill the worker: {}",
                     self.device.id,

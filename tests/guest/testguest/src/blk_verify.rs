@@ -59,7 +59,7 @@ pub fn fill_pattern(buf: &mut [u8; BLOCK], seed: u64, block: u64) {
 }
 
 /// First word where `buf` differs from the pattern, if any.
-pub(crate) fn check_pattern(buf: &[u8; BLOCK], seed: u64, block: u64) -> Option<(usize, u64, u64)> {
+fn check_pattern(buf: &[u8; BLOCK], seed: u64, block: u64) -> Option<(usize, u64, u64)> {
     let mut want = [0u8; BLOCK];
     fill_pattern(&mut want, seed, block);
     (0..BLOCK / 8).find_map(|i| {
@@ -128,7 +128,7 @@ pub fn run(ctx: &Ctx) {
 
 /// Runs `total` requests with up to `qd` in flight: `start(blk, slot, i)` submits
 /// request `i` in `slot`, `finish(blk, done, i)` checks it.
-pub(crate) fn pipeline(
+fn pipeline(
     blk: &mut Blk,
     n: usize,
     qd: usize,
@@ -185,7 +185,64 @@ pub(crate) fn pipeline(
     }
 }
 
-pub(crate) fn expect_ok(n: usize, what: &str, block: u64, d: Done, len: u32) {
+/// Writes the pattern of `seed` to blocks `0..blocks` with up to `qd` in flight; returns
+/// the number of blocks written (all of them: any failure ends the run).
+pub(crate) fn write_pattern(blk: &mut Blk, n: usize, qd: usize, blocks: u64, seed: u64) -> u64 {
+    let mut wrote = 0u64;
+    pipeline(
+        blk,
+        n,
+        qd,
+        blocks,
+        |b, s, i| {
+            fill_pattern(virtio_blk::data(s), seed, i);
+            b.submit(
+                s,
+                Op::Out {
+                    sector: i * BLOCK_SECTORS,
+                    len: BLOCK as u32,
+                },
+            );
+        },
+        |_, d, i| {
+            expect_ok(n, "write", i, d, 1);
+            wrote += 1;
+        },
+    );
+    wrote
+}
+
+/// Reads blocks `0..blocks` back with up to `qd` in flight and checks each holds the
+/// pattern of `seed`; returns the number verified (all: a mismatch ends the run).
+pub(crate) fn read_and_verify(blk: &mut Blk, n: usize, qd: usize, blocks: u64, seed: u64) -> u64 {
+    let mut verified = 0u64;
+    pipeline(
+        blk,
+        n,
+        qd,
+        blocks,
+        |b, s, i| {
+            virtio_blk::data(s).fill(0xa5);
+            b.submit(
+                s,
+                Op::In {
+                    sector: i * BLOCK_SECTORS,
+                    len: BLOCK as u32,
+                },
+            );
+        },
+        |_, d, i| {
+            expect_ok(n, "read", i, d, BLOCK as u32 + 1);
+            if let Some((w, got, exp)) = check_pattern(virtio_blk::data(d.slot), seed, i) {
+                fail!("blk dev={n} seed={seed} block={i} word={w} got={got:#x} want={exp:#x}");
+            }
+            verified += 1;
+        },
+    );
+    verified
+}
+
+fn expect_ok(n: usize, what: &str, block: u64, d: Done, len: u32) {
     if d.status != ST_OK || d.len != len {
         fail!(
             "blk dev={n} block={block} {what} status={} used_len={} want 0/{len}",
@@ -214,9 +271,11 @@ fn range(first: u64, count: u64, max_sectors: u32, align: u32, end: u64) -> Opti
     (count > 0 && first + count <= end).then_some((first, count))
 }
 
-fn device(ctx: &Ctx, n: usize, slot: &Slot, o: &Opts) {
+/// Initialises device `n` with a queue three times `o.qd` deep (the driver needs three
+/// descriptors per request); returns it and the depth to use.
+pub(crate) fn init(ctx: &Ctx, n: usize, slot: &Slot, o: &Opts) -> (Blk, usize) {
     let want_num = (3 * o.qd).next_power_of_two().max(4) as u16;
-    let mut blk = match Blk::init(
+    let blk = match Blk::init(
         slot,
         want_num,
         o.mode,
@@ -230,6 +289,11 @@ fn device(ctx: &Ctx, n: usize, slot: &Slot, o: &Opts) {
     if qd != o.qd {
         fail!("blk dev={n} queue of {} too small for qd={}", blk.num, o.qd);
     }
+    (blk, qd)
+}
+
+fn device(ctx: &Ctx, n: usize, slot: &Slot, o: &Opts) {
+    let (mut blk, qd) = init(ctx, n, slot, o);
     let cfg = blk.config;
     tg!(
         "blk dev={n} cap={} blk_size={} seg_max={} feat={:#x} num={} qd={qd} mode={}",
@@ -254,57 +318,12 @@ fn device(ctx: &Ctx, n: usize, slot: &Slot, o: &Opts) {
     }
     let seed = o.seed;
 
-    // Write the pattern.
+    // Write the pattern, read it back and verify.
     let t0 = cpu::rdtsc();
-    let mut wrote = 0u64;
-    pipeline(
-        &mut blk,
-        n,
-        qd,
-        blocks,
-        |b, s, i| {
-            fill_pattern(virtio_blk::data(s), seed, i);
-            b.submit(
-                s,
-                Op::Out {
-                    sector: i * BLOCK_SECTORS,
-                    len: BLOCK as u32,
-                },
-            );
-        },
-        |_, d, i| {
-            expect_ok(n, "write", i, d, 1);
-            wrote += 1;
-        },
-    );
+    let wrote = write_pattern(&mut blk, n, qd, blocks, seed);
     let t1 = cpu::rdtsc();
-
-    // Read back and verify.
-    let (mut read, mut verified) = (0u64, 0u64);
-    pipeline(
-        &mut blk,
-        n,
-        qd,
-        blocks,
-        |b, s, i| {
-            virtio_blk::data(s).fill(0xa5);
-            b.submit(
-                s,
-                Op::In {
-                    sector: i * BLOCK_SECTORS,
-                    len: BLOCK as u32,
-                },
-            );
-        },
-        |_, d, i| {
-            expect_ok(n, "read", i, d, BLOCK as u32 + 1);
-            read += 1;
-            if let Some((w, got, exp)) = check_pattern(virtio_blk::data(d.slot), seed, i) {
-                fail!("blk dev={n} block={i} word={w} got={got:#x} want={exp:#x}");
-            }
-            verified += 1;
-        },
-    );
+    let verified = read_and_verify(&mut blk, n, qd, blocks, seed);
+    let read = verified;
     let t2 = cpu::rdtsc();
     let mut reqs = 2 * blocks;
 

@@ -10,10 +10,10 @@
 //! `TG chaos dev=N rounds=R writes=W reads=V errors=0 last_seed=S` (the disk then holds
 //! the pattern of `last_seed` in every block).
 
-use crate::blk_verify::{self, check_pattern, expect_ok, fill_pattern, pipeline, BLOCK_SECTORS};
+use crate::blk_verify::{self, BLOCK_SECTORS};
 use crate::cpu;
 use crate::plans::Ctx;
-use crate::virtio_blk::{self, Blk, Op, BLOCK};
+use crate::virtio_blk::Blk;
 use crate::{fail, tg};
 
 pub fn run(ctx: &Ctx) {
@@ -27,18 +27,7 @@ pub fn run(ctx: &Ctx) {
     let Some((_, slot)) = blk_verify::chosen(ctx, Some(n)).next() else {
         fail!("blk-chaos: no device {n}");
     };
-    let want_num = (3 * o.qd).next_power_of_two().max(4) as u16;
-    let mut blk = match Blk::init(
-        slot,
-        want_num,
-        o.mode,
-        (ctx.apic_base_msr, &ctx.ioapics),
-        ctx.tsc_hz,
-    ) {
-        Ok(b) => b,
-        Err(e) => fail!("blk dev={n} {e}"),
-    };
-    let qd = o.qd.min(usize::from(blk.num) / 3);
+    let (mut blk, qd) = blk_verify::init(ctx, n, slot, &o);
     let disk_blocks = blk.config.capacity / BLOCK_SECTORS;
     let blocks = o.blocks.unwrap_or(256).min(disk_blocks);
     if blocks == 0 {
@@ -65,47 +54,6 @@ fn round(
     writes: &mut u64,
     reads: &mut u64,
 ) {
-    pipeline(
-        blk,
-        n,
-        qd,
-        blocks,
-        |b, s, i| {
-            fill_pattern(virtio_blk::data(s), seed, i);
-            b.submit(
-                s,
-                Op::Out {
-                    sector: i * BLOCK_SECTORS,
-                    len: BLOCK as u32,
-                },
-            );
-        },
-        |_, d, i| {
-            expect_ok(n, "write", i, d, 1);
-            *writes += 1;
-        },
-    );
-    pipeline(
-        blk,
-        n,
-        qd,
-        blocks,
-        |b, s, i| {
-            virtio_blk::data(s).fill(0xa5);
-            b.submit(
-                s,
-                Op::In {
-                    sector: i * BLOCK_SECTORS,
-                    len: BLOCK as u32,
-                },
-            );
-        },
-        |_, d, i| {
-            expect_ok(n, "read", i, d, BLOCK as u32 + 1);
-            if let Some((w, got, exp)) = check_pattern(virtio_blk::data(d.slot), seed, i) {
-                fail!("blk dev={n} seed={seed} block={i} word={w} got={got:#x} want={exp:#x}");
-            }
-            *reads += 1;
-        },
-    );
+    *writes += blk_verify::write_pattern(blk, n, qd, blocks, seed);
+    *reads += blk_verify::read_and_verify(blk, n, qd, blocks, seed);
 }
