@@ -42,16 +42,29 @@ struct Chaos {
     actions: u32,
 }
 
+/// What the test does to disk 0's worker while the guest runs.
+#[derive(Clone, Copy, Debug)]
+enum Action {
+    /// kill(2) the newest worker with this signal.
+    Signal(i32),
+    /// `bulkhead ctl --api-socket .. restart blk0` (a planned restart).
+    CtlRestart,
+}
+
 /// Runs `blk-chaos` for `secs` on disk 0 (disk 1 idle beside it) and, every `interval()`
-/// while the guest's rounds run, signals the newest blk0 worker with `signal`. Checks the
-/// guest's verdict, the exit status and the host image.
-fn chaos(name: &str, secs: u64, signal: i32, mut interval: impl FnMut() -> Duration) -> Chaos {
+/// while the guest's rounds run, applies `action` to disk 0's worker. Checks the guest's
+/// verdict, the exit status and the host image.
+fn chaos(name: &str, secs: u64, action: Action, mut interval: impl FnMut() -> Duration) -> Chaos {
     require_kvm();
     let dir = scratch_dir(name);
+    let api = dir.join("api.sock");
+    let mut ctl_output = String::new();
     let d0 = image(&dir, "d0.img");
     let d1 = image(&dir, "d1.img");
     let mut child = Command::new(bulkhead_bin())
         .arg("run")
+        .arg("--api-socket")
+        .arg(&api)
         .arg("--kernel")
         .arg(testguest())
         .args(["--mem", "64", "--timeout", &(secs + 60).to_string(), "--cmdline"])
@@ -95,22 +108,39 @@ fn chaos(name: &str, secs: u64, signal: i32, mut interval: impl FnMut() -> Durat
         let text = lines.lock().unwrap().clone();
         let running = text.iter().any(|l| l.starts_with("TG chaos dev=0 num="))
             && !text.iter().any(|l| l.contains(" rounds="));
-        if let (true, Some(pid)) = (running, newest_worker_pid(&text)) {
-            if pid != last_signalled {
+        match (action, running, newest_worker_pid(&text)) {
+            (Action::Signal(signal), true, Some(pid)) if pid != last_signalled => {
                 // SAFETY: kill(2) on the pid the worker's reaper reported; ESRCH if it is
-                // already gone, which is fine.
-                if unsafe { libc::kill(pid, signal) } == 0 {
-                    actions += 1;
-                    last_signalled = pid;
-                }
+                // already gone, which is fine (it is not signalled again either way).
+                let rc = unsafe { libc::kill(pid, signal) };
+                actions += u32::from(rc == 0);
+                last_signalled = pid;
             }
+            (Action::CtlRestart, true, _) => {
+                let out = Command::new(bulkhead_bin())
+                    .args(["ctl", "--api-socket"])
+                    .arg(&api)
+                    .args(["restart", "blk0"])
+                    .output()
+                    .expect("run bulkhead ctl");
+                let body = String::from_utf8_lossy(&out.stdout).into_owned();
+                assert!(
+                    out.status.success() && body.contains("\"worker_pid\":"),
+                    "ctl restart: {:?} {body} {}",
+                    out.status,
+                    String::from_utf8_lossy(&out.stderr)
+                );
+                ctl_output.push_str(&body);
+                actions += 1;
+            }
+            _ => {}
         }
     };
     for r in readers {
         let _ = r.join();
     }
     let text = lines.lock().unwrap().join("\n");
-    let t = format!("signal {signal}, {actions} times, {status:?}\n{text}");
+    let t = format!("{action:?}, {actions} times, {status:?}\n{ctl_output}\n{text}");
     let summary = text
         .lines()
         .find(|l| l.starts_with("TG chaos dev=0 rounds="))
@@ -147,9 +177,12 @@ fn chaos(name: &str, secs: u64, signal: i32, mut interval: impl FnMut() -> Durat
 #[test]
 fn guest_sees_nothing_while_its_worker_is_killed_every_50_to_200_ms() {
     let (mut rng, seed) = tests::XorShift::from_clock();
-    let c = chaos("restart-bulkhead", SECS, libc::SIGKILL, || {
-        Duration::from_millis(50 + rng.next_u64() % 151)
-    });
+    let c = chaos(
+        "restart-bulkhead",
+        SECS,
+        Action::Signal(libc::SIGKILL),
+        || Duration::from_millis(50 + rng.next_u64() % 151),
+    );
     let (text, t, kills) = (&c.text, &c.transcript, c.actions);
     let restarts = text.matches("disk blk0: worker restarted in").count();
     let resubmitted = text.matches("request(s) resubmitted").count();
@@ -176,7 +209,7 @@ fn guest_sees_nothing_while_its_worker_is_killed_every_50_to_200_ms() {
 /// long before the guest's own request timeout (10 s).
 #[test]
 fn a_hung_worker_is_detected_killed_and_replaced() {
-    let c = chaos("restart-hung", 12, libc::SIGSTOP, || {
+    let c = chaos("restart-hung", 12, Action::Signal(libc::SIGSTOP), || {
         Duration::from_millis(2500)
     });
     let hung = c
@@ -197,4 +230,19 @@ fn a_hung_worker_is_detected_killed_and_replaced() {
         c.transcript
     );
     eprintln!("{}; {} stops, {hung} hangs detected", c.summary, c.actions);
+}
+
+/// `bulkhead ctl restart blk0` during guest I/O: each call answers with the successor's
+/// pid once it serves, the end is logged as planned (not as a failure), and the guest
+/// sees nothing.
+#[test]
+fn planned_restarts_through_the_api_are_invisible_to_the_guest() {
+    let c = chaos("restart-planned", 8, Action::CtlRestart, || {
+        Duration::from_millis(700)
+    });
+    assert!(c.actions >= 4, "{}", c.transcript);
+    let planned = c.text.matches("stopped for a planned restart").count() as u32;
+    assert_eq!(planned, c.actions, "{}", c.transcript);
+    assert!(!c.text.contains("was killed by signal"), "{}", c.transcript);
+    eprintln!("{}; {} planned restarts", c.summary, c.actions);
 }

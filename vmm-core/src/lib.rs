@@ -1,6 +1,7 @@
 //! bulkhead's trusted side: KVM, guest memory, vCPUs, boot protocols, ACPI, legacy devices.
 
 pub mod acpi;
+pub mod api;
 pub mod boot;
 pub mod cpu;
 pub mod devices;

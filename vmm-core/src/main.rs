@@ -37,6 +37,27 @@ enum Command {
     /// Audit the seccomp policies of the workers.
     #[command(subcommand)]
     Policy(policy_cmd::PolicyCommand),
+    /// Talk to a running bulkhead through its --api-socket.
+    Ctl(CtlArgs),
+}
+
+#[derive(Debug, Args)]
+struct CtlArgs {
+    /// The socket given to `bulkhead run --api-socket`.
+    #[arg(long)]
+    api_socket: PathBuf,
+    #[command(subcommand)]
+    command: CtlCommand,
+}
+
+#[derive(Debug, Subcommand)]
+enum CtlCommand {
+    /// Planned restart of a disk's worker (e.g. after replacing the worker binary); the
+    /// guest sees no error. Prints the new worker's pid and the time it took.
+    Restart {
+        /// Disk id, e.g. blk0.
+        disk: String,
+    },
 }
 
 #[derive(Debug, Args)]
@@ -74,6 +95,9 @@ pub struct RunArgs {
     /// Stop the VM after this many seconds (exit status 124).
     #[arg(long)]
     timeout: Option<f64>,
+    /// Serve the control API (HTTP on this Unix socket; `bulkhead ctl` is its client).
+    #[arg(long)]
+    api_socket: Option<PathBuf>,
 }
 
 fn main() -> ExitCode {
@@ -98,6 +122,7 @@ fn main() -> ExitCode {
     }
     match cli.command {
         Command::Policy(_) => unreachable!("handled above"),
+        Command::Ctl(args) => ctl(args),
         Command::Run(args) => match run(args, None) {
             Ok(code) => ExitCode::from(code),
             Err(e) => {
@@ -105,6 +130,29 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
+    }
+}
+
+fn ctl(args: CtlArgs) -> ExitCode {
+    let (method, target) = match &args.command {
+        CtlCommand::Restart { disk } => ("POST", format!("/v1/disks/{disk}/restart")),
+    };
+    match vmm_core::api::request(&args.api_socket, method, &target) {
+        Ok((code, body)) => {
+            println!("{body}");
+            if (200..300).contains(&code) {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            }
+        }
+        Err(e) => {
+            eprintln!(
+                "bulkhead: error: cannot reach the API at {}: {e}",
+                args.api_socket.display()
+            );
+            ExitCode::FAILURE
+        }
     }
 }
 
@@ -197,6 +245,9 @@ fn run(
     vm.serial()
         .spawn_input(std::io::stdin())
         .context("start the serial input thread")?;
+    if let Some(path) = &args.api_socket {
+        vmm_core::api::serve(path, vm.disk_controls())?;
+    }
     let stats = vm.stats();
     let _ = running.set((vm.stopper(), stats.clone()));
     let outcome = vm.run(timeout)?;

@@ -12,7 +12,7 @@
 
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use crate::devices::virtio_mmio::VirtioMmioDevice;
@@ -31,6 +31,96 @@ const HANG_CHECK: Duration = Duration::from_millis(100);
 /// Backoff before the second restart of a crash loop; doubles each time.
 const FIRST_BACKOFF: Duration = Duration::from_millis(20);
 
+/// What the control API can ask of a disk's supervisor: a planned restart (e.g. after the
+/// worker binary was replaced on disk).
+#[derive(Debug, Default)]
+pub struct DiskControl {
+    state: Mutex<ControlState>,
+    changed: Condvar,
+}
+
+#[derive(Debug, Default)]
+struct ControlState {
+    /// The current worker: its reaper and its confined process.
+    reaper: Option<Arc<OwnedFd>>,
+    confined: Option<Arc<OwnedFd>>,
+    worker_pid: u32,
+    /// Bumped for every new worker.
+    generation: u64,
+    /// A planned restart is under way: the next death is not a failure.
+    planned: bool,
+    /// The supervisor gave up (or the VM is closing): no successor will come.
+    ended: bool,
+}
+
+/// Errors of a planned restart.
+#[derive(Debug, thiserror::Error)]
+pub enum RestartError {
+    #[error("the disk has no worker to restart (it failed, or the VM is closing)")]
+    NoWorker,
+    #[error("no successor was up within {0:?}")]
+    Timeout(Duration),
+}
+
+impl DiskControl {
+    fn lock(&self) -> std::sync::MutexGuard<'_, ControlState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn publish(&self, reaper: Option<Arc<OwnedFd>>, confined: Option<Arc<OwnedFd>>, pid: u32) {
+        let mut st = self.lock();
+        st.reaper = reaper;
+        st.confined = confined;
+        st.worker_pid = pid;
+        st.generation += 1;
+        self.changed.notify_all();
+    }
+
+    fn take_planned(&self) -> bool {
+        std::mem::take(&mut self.lock().planned)
+    }
+
+    fn end(&self) {
+        let mut st = self.lock();
+        st.ended = true;
+        st.reaper = None;
+        st.confined = None;
+        self.changed.notify_all();
+    }
+
+    /// Stops the current worker and waits for its successor, which gets everything the
+    /// guest's device needs (as after a crash, without counting as one). Returns the new
+    /// worker's pid and how long the switch took.
+    pub fn restart(&self, timeout: Duration) -> Result<(u32, Duration), RestartError> {
+        let started = Instant::now();
+        let mut st = self.lock();
+        let (Some(reaper), false) = (st.reaper.clone(), st.ended) else {
+            return Err(RestartError::NoWorker);
+        };
+        let generation = st.generation;
+        st.planned = true;
+        if let Some(c) = &st.confined {
+            kill(c);
+        }
+        kill(&reaper);
+        while st.generation == generation && !st.ended {
+            let left = timeout.saturating_sub(started.elapsed());
+            if left.is_zero() {
+                return Err(RestartError::Timeout(timeout));
+            }
+            st = self
+                .changed
+                .wait_timeout(st, left)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+        if st.ended {
+            return Err(RestartError::NoWorker);
+        }
+        Ok((st.worker_pid, started.elapsed()))
+    }
+}
+
 /// Everything needed to start a disk's worker again.
 #[derive(Debug)]
 pub struct Supervisor {
@@ -45,6 +135,8 @@ pub struct Supervisor {
     /// What the first worker offered; a successor must offer the same.
     pub features: u64,
     pub config: Vec<u8>,
+    /// Shared with the control API.
+    pub control: Arc<DiskControl>,
 }
 
 /// The supervised worker's pidfd, for the control thread (it kills a worker that sends a
@@ -110,6 +202,14 @@ fn confined_pidfd(worker: &Worker, timeout: Duration) -> Option<OwnedFd> {
     }
 }
 
+/// The pid to show for a worker: the confined process once its reaper has published it.
+fn shown_pid(worker: &Worker) -> u32 {
+    match worker.status.worker_pid() {
+        0 => worker.child.id(),
+        pid => pid,
+    }
+}
+
 /// What ended a supervised worker.
 enum End {
     /// It exited or was killed from outside.
@@ -132,11 +232,13 @@ impl Supervisor {
     fn run(self, mut worker: Worker, mut pidfd: Option<Arc<OwnedFd>>) {
         let id = self.cfg.id.clone();
         crate::vm::report_confinement(&id, worker.child.id(), &worker.status);
-        let mut confined = confined_pidfd(&worker, Duration::from_secs(5));
+        let mut confined = confined_pidfd(&worker, Duration::from_secs(5)).map(Arc::new);
+        self.control
+            .publish(pidfd.clone(), confined.clone(), shown_pid(&worker));
         let mut crash_loop = 0u32;
         loop {
             let end = match &pidfd {
-                Some(fd) => self.watch(fd, confined.as_ref(), &worker),
+                Some(fd) => self.watch(fd, confined.as_deref(), &worker),
                 // Without a pidfd, child.wait() below blocks just the same.
                 None => End::Died,
             };
@@ -150,19 +252,28 @@ impl Supervisor {
                 Ok(s) => crate::vm::describe_exit(s),
                 Err(e) => format!("cannot be waited for: {e}"),
             };
-            let how = match end {
+            let planned = self.control.take_planned();
+            let how = match &end {
                 End::Died => how,
                 End::Hung { stalled } => format!(
                     "hung (no progress for {:.1} s with requests pending; killed)",
                     stalled.as_secs_f64()
                 ),
             };
-            crate::vm::report_worker_end(&id, &worker.status, &how, &self.violations);
+            if planned && matches!(end, End::Died) {
+                tracing::info!(
+                    "worker {id} (pid {}) stopped for a planned restart",
+                    shown_pid(&worker)
+                );
+            } else {
+                crate::vm::report_worker_end(&id, &worker.status, &how, &self.violations);
+            }
             let died_at = Instant::now();
             if self.device.closing() {
+                self.control.end();
                 return;
             }
-            if worker.status.completed() > 0 {
+            if planned || worker.status.completed() > 0 {
                 crash_loop = 0;
             } else {
                 crash_loop += 1;
@@ -175,6 +286,7 @@ impl Supervisor {
                          request: giving up; the device needs a reset"
                     );
                     self.device.needs_reset();
+                    self.control.end();
                     return;
                 }
                 if crash_loop >= 2 {
@@ -182,6 +294,7 @@ impl Supervisor {
                 }
                 match self.replace() {
                     Ok((next, fd)) => {
+                        confined = confined_pidfd(&next, Duration::from_secs(1)).map(Arc::new);
                         let looping = if crash_loop > 0 {
                             format!("; {crash_loop} in a row died before serving")
                         } else {
@@ -190,9 +303,10 @@ impl Supervisor {
                         tracing::warn!(
                             "disk {id}: worker restarted in {:.1} ms (pid {}{looping})",
                             died_at.elapsed().as_secs_f64() * 1e3,
-                            next.child.id(),
+                            shown_pid(&next),
                         );
-                        confined = confined_pidfd(&next, Duration::from_secs(1));
+                        self.control
+                            .publish(fd.clone(), confined.clone(), shown_pid(&next));
                         worker = next;
                         pidfd = fd;
                         break;

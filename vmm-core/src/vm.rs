@@ -281,6 +281,14 @@ impl Vm {
         }
     }
 
+    /// The disks whose workers bulkhead supervises, by id (for the control API).
+    pub fn disk_controls(&self) -> Vec<(String, Arc<crate::supervisor::DiskControl>)> {
+        self.disks
+            .iter()
+            .filter_map(|d| Some((d.device.id.clone(), d.control.clone()?)))
+            .collect()
+    }
+
     /// A handle that stops the VM from another thread.
     pub fn stopper(&self) -> Stopper {
         self.stopper.clone()
@@ -395,6 +403,8 @@ pub const QUEUE_MAX: u16 = 256;
 #[derive(Debug)]
 pub struct Disk {
     pub device: Arc<VirtioMmioDevice>,
+    /// Its worker's supervisor, for planned restarts (None for external backends).
+    pub control: Option<Arc<crate::supervisor::DiskControl>>,
     /// Its backend misbehaved during setup: the slot holds a device in
     /// DEVICE_NEEDS_RESET and the VM runs without it.
     pub failed: bool,
@@ -449,6 +459,7 @@ impl Disk {
         device.needs_reset();
         Ok(Disk {
             device,
+            control: None,
             failed: true,
         })
     }
@@ -571,6 +582,7 @@ impl Disk {
         let config = backend.config.clone();
         let mut worker_pidfd = None;
         let mut supervised = None;
+        let disk_control = Arc::new(crate::supervisor::DiskControl::default());
         if let Some((w, image, bin)) = worker {
             worker_pidfd = crate::supervisor::pidfd_open(w.child.id())
                 .map_err(|e| {
@@ -589,6 +601,7 @@ impl Disk {
                     ram: ram.clone(),
                     features,
                     config,
+                    control: disk_control.clone(),
                 },
                 w,
             ));
@@ -612,6 +625,7 @@ impl Disk {
                 what: "start its control thread",
                 source,
             })?;
+        let supervised_any = supervised.is_some();
         if let Some((supervisor, w)) = supervised {
             supervisor
                 .start(w, worker_pidfd)
@@ -622,6 +636,7 @@ impl Disk {
                 })?;
         }
         Ok(Disk {
+            control: supervised_any.then_some(disk_control),
             device,
             failed: false,
         })

@@ -1,0 +1,187 @@
+//! The control API: HTTP/1.1 on a Unix socket (`bulkhead run --api-socket PATH`), one
+//! request per connection, JSON answers. Shaped as the REST API it will grow into:
+//!
+//! - `POST /v1/disks/{id}/restart`: planned restart of a disk's worker (e.g. after the
+//!   worker binary was replaced on disk); answers once the successor serves:
+//!   `{"disk":"blk0","worker_pid":1234,"restart_ms":9.1}`.
+//!
+//! Requests are untrusted: size-limited, parsed strictly, answered with 4xx on anything
+//! else. `bulkhead ctl` is the client.
+
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::supervisor::DiskControl;
+
+/// Largest request head (request line and headers) accepted.
+const MAX_HEAD: usize = 8 * 1024;
+/// How long a planned restart may take before the API answers with an error.
+const RESTART_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Errors setting up the API socket.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    #[error("cannot listen on the API socket {path}")]
+    Listen {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("the API socket {0} exists and something answers on it")]
+    InUse(PathBuf),
+}
+
+/// Listens on `path` (a stale socket file is replaced) and serves requests on a thread.
+pub fn serve(path: &Path, disks: Vec<(String, Arc<DiskControl>)>) -> Result<(), ApiError> {
+    if path.exists() {
+        if UnixStream::connect(path).is_ok() {
+            return Err(ApiError::InUse(path.to_path_buf()));
+        }
+        let _ = std::fs::remove_file(path);
+    }
+    let listen_err = |source| ApiError::Listen {
+        path: path.to_path_buf(),
+        source,
+    };
+    let listener = UnixListener::bind(path).map_err(listen_err)?;
+    let disks: HashMap<String, Arc<DiskControl>> = disks.into_iter().collect();
+    std::thread::Builder::new()
+        .name("api".into())
+        .spawn(move || {
+            for conn in listener.incoming() {
+                match conn {
+                    Ok(stream) => {
+                        let disks = disks.clone();
+                        // One thread per request: a restart waits for its successor.
+                        let _ = std::thread::Builder::new()
+                            .name("api-req".into())
+                            .spawn(move || handle(stream, &disks));
+                    }
+                    Err(e) => tracing::warn!("api: accept failed: {e}"),
+                }
+            }
+        })
+        .map_err(listen_err)?;
+    tracing::info!("api: listening on {}", path.display());
+    Ok(())
+}
+
+/// A response: status code, reason and JSON body.
+struct Response(u16, &'static str, serde_json::Value);
+
+fn error(code: u16, reason: &'static str, msg: String) -> Response {
+    Response(code, reason, serde_json::json!({ "error": msg }))
+}
+
+fn handle(stream: UnixStream, disks: &HashMap<String, Arc<DiskControl>>) {
+    let _ = stream.set_read_timeout(Some(Duration::from_secs(5)));
+    let response = match read_head(&stream) {
+        Ok((method, target)) => route(&method, &target, disks),
+        Err(msg) => error(400, "Bad Request", msg),
+    };
+    let Response(code, reason, body) = response;
+    let body = body.to_string();
+    let mut out = &stream;
+    let _ = write!(
+        out,
+        "HTTP/1.1 {code} {reason}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+}
+
+/// The request line's method and target; headers are read and ignored, a body refused.
+fn read_head(stream: &UnixStream) -> Result<(String, String), String> {
+    let mut reader = BufReader::new(stream.take(MAX_HEAD as u64));
+    let mut line = String::new();
+    reader
+        .read_line(&mut line)
+        .map_err(|e| format!("cannot read the request: {e}"))?;
+    let mut parts = line.trim_end().split(' ');
+    let (Some(method), Some(target), Some(version), None) =
+        (parts.next(), parts.next(), parts.next(), parts.next())
+    else {
+        return Err(format!("bad request line {:?}", line.trim_end()));
+    };
+    if !version.starts_with("HTTP/1.") {
+        return Err(format!("unsupported protocol {version:?}"));
+    }
+    loop {
+        let mut header = String::new();
+        let n = reader
+            .read_line(&mut header)
+            .map_err(|e| format!("cannot read the headers: {e}"))?;
+        if n == 0 {
+            return Err("the request head is too long or ends early".into());
+        }
+        if header == "\r\n" || header == "\n" {
+            break;
+        }
+        if let Some((name, value)) = header.split_once(':') {
+            if name.eq_ignore_ascii_case("content-length") && value.trim() != "0" {
+                return Err("requests take no body".into());
+            }
+        }
+    }
+    Ok((method.to_string(), target.to_string()))
+}
+
+fn route(method: &str, target: &str, disks: &HashMap<String, Arc<DiskControl>>) -> Response {
+    let segments: Vec<&str> = target.trim_start_matches('/').split('/').collect();
+    match segments.as_slice() {
+        ["v1", "disks", id, "restart"] => {
+            if method != "POST" {
+                return error(
+                    405,
+                    "Method Not Allowed",
+                    format!("{method} {target}: use POST"),
+                );
+            }
+            let Some(control) = disks.get(*id) else {
+                let mut known: Vec<&String> = disks.keys().collect();
+                known.sort();
+                return error(
+                    404,
+                    "Not Found",
+                    format!("no disk {id:?} with a worker (disks: {known:?})"),
+                );
+            };
+            tracing::info!("api: planned restart of disk {id}");
+            match control.restart(RESTART_TIMEOUT) {
+                Ok((pid, took)) => Response(
+                    200,
+                    "OK",
+                    serde_json::json!({
+                        "disk": id,
+                        "worker_pid": pid,
+                        "restart_ms": (took.as_secs_f64() * 1e4).round() / 10.0,
+                    }),
+                ),
+                Err(e) => error(409, "Conflict", format!("disk {id}: {e}")),
+            }
+        }
+        _ => error(404, "Not Found", format!("no endpoint {method} {target}")),
+    }
+}
+
+/// `bulkhead ctl`: sends `method target` to the API at `socket`; returns the status code
+/// and the body.
+pub fn request(socket: &Path, method: &str, target: &str) -> std::io::Result<(u16, String)> {
+    let mut stream = UnixStream::connect(socket)?;
+    write!(
+        stream,
+        "{method} {target} HTTP/1.1\r\nHost: bulkhead\r\nContent-Length: 0\r\n\r\n"
+    )?;
+    let mut text = String::new();
+    stream.read_to_string(&mut text)?;
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let code = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .ok_or_else(|| std::io::Error::other(format!("bad response {head:?}")))?;
+    Ok((code, body.to_string()))
+}
