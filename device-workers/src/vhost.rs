@@ -354,18 +354,6 @@ impl<D: VhostDevice> VhostBackend<D> {
     }
 }
 
-/// `error: cause: cause`, for refusals that end up in one log line.
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut out = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        out.push_str(": ");
-        out.push_str(&s.to_string());
-        source = s.source();
-    }
-    out
-}
-
 fn unsupported<T>(what: &'static str) -> VhostResult<T> {
     Err(VhostError::InvalidOperation(what))
 }
@@ -660,7 +648,7 @@ impl<D: VhostDevice> VhostUserBackendReqHandlerMut for VhostBackend<D> {
         };
         region
             .hand_out(inflight)
-            .map_err(|e| refuse(format!("GET_INFLIGHT_FD: {}", error_chain(&e))))
+            .map_err(|e| refuse(format!("GET_INFLIGHT_FD: {}", ipc::error_chain(&e))))
     }
 
     fn set_inflight_fd(&mut self, inflight: &VhostUserInflight, file: File) -> VhostResult<()> {
@@ -675,7 +663,7 @@ impl<D: VhostDevice> VhostUserBackendReqHandlerMut for VhostBackend<D> {
         };
         region
             .adopt(file, inflight)
-            .map_err(|e| refuse(format!("SET_INFLIGHT_FD: {}", error_chain(&e))))
+            .map_err(|e| refuse(format!("SET_INFLIGHT_FD: {}", ipc::error_chain(&e))))
     }
 
     fn get_max_mem_slots(&mut self) -> VhostResult<u64> {

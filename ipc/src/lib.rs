@@ -26,3 +26,16 @@ pub use codec::CodecError;
 pub use handshake::{handshake_vmm_side, handshake_worker_side, HandshakeError};
 pub use messages::{Validate, ValidationError, PROTOCOL_VERSION};
 pub use status::{StatusError, StatusMapping, StatusPage, StatusSnapshot};
+
+/// An error and all its sources on one line (`outer: inner: innermost`), for logs. Both
+/// sides report errors this way (the worker links no VMM code, so it lives here).
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        out.push_str(": ");
+        out.push_str(&s.to_string());
+        source = s.source();
+    }
+    out
+}

@@ -112,7 +112,8 @@ pub fn compile(policy: &Policy) -> Result<BpfProgram, CompileError> {
     compile_with_default(policy, policy.default)
 }
 
-/// Compile `policy` with another default action (e.g. `log` for the learn mode). Rules whose
+/// Compile `policy` with another default action (e.g. `log`, to audit a policy through the
+/// kernel's audit log without enforcing it). Rules whose
 /// action equals `default` are dropped, as they change nothing.
 pub fn compile_with_default(policy: &Policy, default: Action) -> Result<BpfProgram, CompileError> {
     if default == Action::Allow {

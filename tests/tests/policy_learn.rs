@@ -6,6 +6,7 @@
 //! from a fixture shows up as missing, and a fault hook's extra syscall shows up learned.
 
 use std::collections::BTreeSet;
+use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -43,25 +44,40 @@ fn parse_learned(path: &Path, t: &str) -> Policy {
         .unwrap_or_else(|e| panic!("the learned policy must parse: {e}\n{text}"))
 }
 
-/// `bulkhead policy learn [learn_args] -- <run args>` over blk-verify on two disks.
-fn learn_blk_verify(dir: &Path, learn_args: &[&str]) -> RunResult {
-    require_kvm();
-    let d0 = image(dir, "d0.img", 8 << 20);
-    let d1 = image(dir, "d1.img", 8 << 20);
+/// `bulkhead policy learn LEARN_ARGS -- RUN_ARGS --kernel testguest ...` running blk-verify
+/// on `disks` (`--disk` specs).
+fn learn_command(learn_args: &[&OsStr], run_args: &[&OsStr], disks: &[String]) -> Command {
     let mut cmd = Command::new(bulkhead_bin());
     cmd.args(["policy", "learn"])
         .args(learn_args)
         .arg("--")
+        .args(run_args)
         .arg("--kernel")
         .arg(testguest())
         .args(["--mem", "64", "--timeout", "60", "--cmdline"])
         .arg(format!(
             "testguest.plan=blk-verify qd=32 completion=irq seed={SEED} blocks={BLOCKS}"
-        ))
-        .arg("--disk")
-        .arg(format!("path={}", d0.display()))
-        .arg("--disk")
-        .arg(format!("path={},direct=on", d1.display()));
+        ));
+    for disk in disks {
+        cmd.arg("--disk").arg(disk);
+    }
+    cmd
+}
+
+/// `bulkhead policy learn [learn_args] -- <run args>` over blk-verify on two disks.
+fn learn_blk_verify(dir: &Path, learn_args: &[&str]) -> RunResult {
+    require_kvm();
+    let d0 = image(dir, "d0.img", 8 << 20);
+    let d1 = image(dir, "d1.img", 8 << 20);
+    let learn_args: Vec<&OsStr> = learn_args.iter().map(OsStr::new).collect();
+    let cmd = learn_command(
+        &learn_args,
+        &[],
+        &[
+            format!("path={}", d0.display()),
+            format!("path={},direct=on", d1.display()),
+        ],
+    );
     let r = run_with_deadline(cmd, Duration::from_secs(120));
     let t = r.transcript();
     assert!(!r.killed, "{t}");
@@ -295,20 +311,12 @@ fn learn_blk_verify_with_bin(dir: &Path, out: &Path, bin: &Path) -> RunResult {
     // The run arguments take --worker-bin; the hook goes to disk blk0 only.
     require_kvm();
     let d0 = image(dir, "d0.img", 8 << 20);
-    let mut cmd = Command::new(bulkhead_bin());
-    cmd.args(["policy", "learn", "--out"])
-        .arg(out)
-        .args(["--", "--worker-bin"])
-        .arg(bin)
-        .arg("--kernel")
-        .arg(testguest())
-        .args(["--mem", "64", "--timeout", "60", "--cmdline"])
-        .arg(format!(
-            "testguest.plan=blk-verify qd=32 completion=irq seed={SEED} blocks={BLOCKS}"
-        ))
-        .arg("--disk")
-        .arg(format!("path={}", d0.display()))
-        .env("BULKHEAD_WORKER_FAULT_HOOK", "blk0:extra-syscall");
+    let mut cmd = learn_command(
+        &[OsStr::new("--out"), out.as_os_str()],
+        &[OsStr::new("--worker-bin"), bin.as_os_str()],
+        &[format!("path={}", d0.display())],
+    );
+    cmd.env("BULKHEAD_WORKER_FAULT_HOOK", "blk0:extra-syscall");
     let r = run_with_deadline(cmd, Duration::from_secs(120));
     let t = r.transcript();
     assert!(tg_lines(&r.stdout).iter().any(|l| l == "TG done"), "{t}");

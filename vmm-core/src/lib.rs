@@ -18,14 +18,4 @@ pub mod violations;
 pub mod vm;
 pub mod worker;
 
-/// An error and all its sources on one line (`outer: inner: innermost`), for logs.
-pub fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut out = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        out.push_str(": ");
-        out.push_str(&s.to_string());
-        source = s.source();
-    }
-    out
-}
+pub use ipc::error_chain;
