@@ -6,6 +6,7 @@ use vm_memory::GuestMemoryMmap;
 
 use crate::blk::backend::DiskBackend;
 use crate::blk::config::{device_features, BlkConfig, BlkLimits, ConfigError};
+use crate::blk::fail_backend::FailBackend;
 use crate::blk::queue::{process_queue, process_resubmitted, QueueError, QueueOutcome};
 use crate::blk::request::BlkContext;
 use crate::blk::sync_backend::SyncBackend;
@@ -32,12 +33,27 @@ pub struct BlkDevice {
     num_queues: usize,
 }
 
+/// How a worker serves its disk.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ServeMode {
+    /// Requests go to the image.
+    Normal,
+    /// Every request completes with `IOERR`, and the image's descriptor is closed before
+    /// the sandbox (see [`crate::blk::fail_backend`]).
+    Fail,
+}
+
 impl BlkDevice {
-    pub fn new(disk: Disk, num_queues: u16, serial: &[u8]) -> Result<Self, BlkDeviceError> {
+    pub fn new(
+        disk: Disk,
+        num_queues: u16,
+        serial: &[u8],
+        mode: ServeMode,
+    ) -> Result<Self, BlkDeviceError> {
         let num_queues = usize::from(num_queues);
         let limits = BlkLimits::default();
         // O_DIRECT needs I/O aligned to the host's block size: ask the guest for 4 KiB
-        // blocks when the image allows it.
+        // blocks when the image allows it. Fail mode must describe the same device.
         let blk_size = if disk.direct && disk.size % 4096 == 0 {
             4096
         } else {
@@ -46,9 +62,14 @@ impl BlkDevice {
         let config = BlkConfig::new(disk.size, blk_size, num_queues, &limits)?;
         let ctx = BlkContext::new(&config, limits, disk.readonly, serial);
         let features = device_features(disk.readonly, num_queues);
-        let backend = SyncBackend::new(disk.file).map_err(BlkDeviceError::Backend)?;
+        let backend: Box<dyn DiskBackend + Send> = match mode {
+            ServeMode::Normal => {
+                Box::new(SyncBackend::new(disk.file).map_err(BlkDeviceError::Backend)?)
+            }
+            ServeMode::Fail => Box::new(FailBackend::new(disk.size)),
+        };
         Ok(BlkDevice {
-            disk: Box::new(backend),
+            disk: backend,
             config,
             ctx,
             features,

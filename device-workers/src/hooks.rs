@@ -6,7 +6,8 @@
 /// worker serves (rather than trap) return Ok and act through [`serving_hook`].
 pub fn run_after_sandbox(name: &str) -> Result<(), String> {
     match name {
-        "bad-vhost-config" | "refuse-mem-table" => Ok(()),
+        "bad-vhost-config" => Ok(()),
+        name if name.starts_with(CRASH_LOOP) => Ok(()),
         // One harmless call outside the policy, then serve on: under the enforcing filter
         // it kills the worker; in learn mode it must show up in the learned set.
         "extra-syscall" => {
@@ -104,4 +105,28 @@ pub fn send_garbage(fd: std::os::fd::RawFd) {
 /// Whether the vhost-user handler should misbehave as `name` asks.
 pub fn serving_hook(name: Option<&str>, hook: &str) -> bool {
     name == Some(hook)
+}
+
+/// `crash-loop=PATH`: PATH holds a count N; a worker that finds N > 0 stores N - 1 and
+/// exits as soon as its first ring starts, before it can complete a request. N workers in
+/// a row thus die before serving: a crash loop with a known end, so a test can also see
+/// the first healthy worker after it.
+const CRASH_LOOP: &str = "crash-loop=";
+
+/// Whether this worker takes a turn in the crash loop (read before the sandbox, which
+/// hides the file).
+pub fn take_crash_loop_turn(name: Option<&str>) -> Result<bool, String> {
+    let Some(path) = name.and_then(|n| n.strip_prefix(CRASH_LOOP)) else {
+        return Ok(false);
+    };
+    let text = std::fs::read_to_string(path).map_err(|e| format!("read {path}: {e}"))?;
+    let left: u32 = text
+        .trim()
+        .parse()
+        .map_err(|e| format!("{path} holds {text:?}, not a count: {e}"))?;
+    if left == 0 {
+        return Ok(false);
+    }
+    std::fs::write(path, format!("{}\n", left - 1)).map_err(|e| format!("write {path}: {e}"))?;
+    Ok(true)
 }

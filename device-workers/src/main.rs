@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex};
 
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
-use device_workers::blk_device::BlkDevice;
+use device_workers::blk_device::{BlkDevice, ServeMode};
 use device_workers::sandbox::{self, SandboxConfig, Side};
 use device_workers::serve::EventLoop;
 use device_workers::vhost::VhostBackend;
@@ -168,6 +168,7 @@ fn run_blk(args: BlkArgs) -> anyhow::Result<ExitCode> {
         status,
         print_status: args.print_status,
         learn,
+        mode: ServeMode::Normal,
         #[cfg(feature = "test-hooks")]
         sandboxed: !args.no_sandbox,
         #[cfg(feature = "test-hooks")]
@@ -192,8 +193,9 @@ fn run_spawned(args: SpawnedArgs) -> anyhow::Result<ExitCode> {
     let control = ipc::channel::Channel::from_fd(inherited(args.control_fd, "control")?)
         .context("the control channel")?;
     let learn = args.learn_fd.map(|fd| inherited(fd, "learn")).transpose()?;
+    // A fail-mode worker replaces misbehaving ones; test hooks never apply to it.
     #[cfg(feature = "test-hooks")]
-    let hook = device_workers::hooks::spawned_hook(args.id.as_deref());
+    let mut hook = device_workers::hooks::spawned_hook(args.id.as_deref());
     #[cfg(feature = "test-hooks")]
     if hook.as_deref() == Some("die-in-handshake") {
         say(format_args!(
@@ -208,6 +210,15 @@ fn run_spawned(args: SpawnedArgs) -> anyhow::Result<ExitCode> {
     let VmmMessage::Configure(config) = config else {
         anyhow::bail!("the VMM sent {config:?} where the configuration was expected");
     };
+    let mode = if config.fail_mode {
+        ServeMode::Fail
+    } else {
+        ServeMode::Normal
+    };
+    #[cfg(feature = "test-hooks")]
+    if mode == ServeMode::Fail {
+        hook = None;
+    }
     let status_file = std::fs::File::from(inherited(args.status_fd, "status")?);
     let status = ipc::status::StatusMapping::map(&status_file).context("map the status page")?;
     drop(status_file);
@@ -250,11 +261,16 @@ fn run_spawned(args: SpawnedArgs) -> anyhow::Result<ExitCode> {
         status,
         print_status: false,
         learn,
+        mode,
         // Only a test build may honour a VMM's request to run unconfined.
         #[cfg(feature = "test-hooks")]
         sandboxed: config.sandbox,
         #[cfg(feature = "test-hooks")]
-        fault_hook: args.fault_hook.or(hook),
+        fault_hook: if mode == ServeMode::Fail {
+            None
+        } else {
+            args.fault_hook.or(hook)
+        },
     })
 }
 
@@ -273,6 +289,7 @@ struct Serve {
     print_status: bool,
     /// Learn mode: the socket the seccomp listener goes out on.
     learn: Option<std::os::fd::OwnedFd>,
+    mode: ServeMode,
     #[cfg(feature = "test-hooks")]
     sandboxed: bool,
     #[cfg(feature = "test-hooks")]
@@ -281,8 +298,9 @@ struct Serve {
 
 fn serve(s: Serve) -> anyhow::Result<ExitCode> {
     let disk_size = s.disk.size;
-    let disk_fd = s.disk.file.as_raw_fd();
-    let device = BlkDevice::new(s.disk, s.num_queues, s.serial.as_bytes())?;
+    // In fail mode the device closes the image before the sandbox: nothing to keep.
+    let disk_fd = (s.mode == ServeMode::Normal).then(|| s.disk.file.as_raw_fd());
+    let device = BlkDevice::new(s.disk, s.num_queues, s.serial.as_bytes(), s.mode)?;
     // Created now: after the sandbox, a new memfd could not be made or mapped.
     let inflight = device_workers::inflight::InflightRegion::create(
         s.num_queues,
@@ -295,8 +313,9 @@ fn serve(s: Serve) -> anyhow::Result<ExitCode> {
     {
         vhost_backend.bad_config_reply =
             device_workers::hooks::serving_hook(s.fault_hook.as_deref(), "bad-vhost-config");
-        vhost_backend.refuse_mem_table =
-            device_workers::hooks::serving_hook(s.fault_hook.as_deref(), "refuse-mem-table");
+        vhost_backend.exit_at_ring_start =
+            device_workers::hooks::take_crash_loop_turn(s.fault_hook.as_deref())
+                .map_err(anyhow::Error::msg)?;
     }
     let backend = Arc::new(Mutex::new(vhost_backend));
     let handler = BackendReqHandler::from_stream(s.stream, backend.clone());
@@ -311,7 +330,8 @@ fn serve(s: Serve) -> anyhow::Result<ExitCode> {
         "learn mode records the syscalls of a sandboxed worker; it needs the sandbox"
     );
     if sandboxed {
-        let mut keep_fds = vec![handler.as_raw_fd(), disk_fd, events.as_raw_fd()];
+        let mut keep_fds = vec![handler.as_raw_fd(), events.as_raw_fd()];
+        keep_fds.extend(disk_fd);
         keep_fds.extend(&inflight_fds);
         keep_fds.extend(s.control.as_ref().map(|c| c.as_raw_fd()));
         keep_fds.extend(s.learn.as_ref().map(|l| l.as_raw_fd()));
@@ -330,8 +350,15 @@ fn serve(s: Serve) -> anyhow::Result<ExitCode> {
                 std::mem::forget((handler, backend, events, s.control, s.learn));
                 // The VMM learns the confined pid from the status page.
                 status.set_pid(worker.as_raw() as u32);
+                let fail = match s.mode {
+                    ServeMode::Normal => "",
+                    ServeMode::Fail => {
+                        " in FAIL MODE: every request completes with IOERR until the guest \
+                         resets the device"
+                    }
+                };
                 say(format_args!(
-                    "serving {} as pid {worker} (sandboxed)",
+                    "serving {} as pid {worker} (sandboxed){fail}",
                     s.label
                 ));
                 sandbox::confine_reaper()?;

@@ -111,6 +111,7 @@ impl EventLoop {
                 b.process_all();
                 let totals = b.totals();
                 status.set_completed(totals.completed, totals.failed);
+                status.set_recovery(b.rings_started(), b.resubmitted());
                 status.bump_progress();
                 drop(b);
                 self.sync_kicks(wanted)?;

@@ -136,12 +136,14 @@ pub struct VhostBackend<D> {
     inflight: Option<InflightRegion>,
     /// Requests resubmitted for predecessors, since start.
     resubmitted: u64,
+    /// Rings started (each ran inflight recovery first), since start.
+    rings_started: u64,
     /// Test builds: answer GET_CONFIG with a short payload (a malformed reply).
     #[cfg(feature = "test-hooks")]
     pub bad_config_reply: bool,
-    /// Test builds: refuse SET_MEM_TABLE (a backend failing when the guest starts it).
+    /// Test builds: exit when the first ring starts (one turn of a crash loop).
     #[cfg(feature = "test-hooks")]
-    pub refuse_mem_table: bool,
+    pub exit_at_ring_start: bool,
 }
 
 fn refuse(msg: String) -> VhostError {
@@ -162,10 +164,11 @@ impl<D: VhostDevice> VhostBackend<D> {
             totals: Totals::default(),
             inflight: None,
             resubmitted: 0,
+            rings_started: 0,
             #[cfg(feature = "test-hooks")]
             bad_config_reply: false,
             #[cfg(feature = "test-hooks")]
-            refuse_mem_table: false,
+            exit_at_ring_start: false,
         }
     }
 
@@ -179,6 +182,11 @@ impl<D: VhostDevice> VhostBackend<D> {
     /// Requests resubmitted on behalf of a dead predecessor.
     pub fn resubmitted(&self) -> u64 {
         self.resubmitted
+    }
+
+    /// Rings started since this backend began (the frontend's restarts included).
+    pub fn rings_started(&self) -> u64 {
+        self.rings_started
     }
 
     /// Everything we offer: the device's bits plus the ring and vhost-user ones.
@@ -270,8 +278,9 @@ impl<D: VhostDevice> VhostBackend<D> {
                 result = self
                     .device
                     .resubmit(index, &mut vring.queue, mem, &recovery.resubmit, t);
-                self.resubmitted += result.completed;
+                self.resubmitted += u64::from(n);
             }
+            self.rings_started += 1;
             // Signal once whatever happened: a predecessor may have died between publishing
             // a used entry and writing the call fd, and a driver without a timeout (Linux)
             // would wait for that interrupt forever. A spurious one costs nothing.
@@ -408,10 +417,6 @@ impl<D: VhostDevice> VhostUserBackendReqHandlerMut for VhostBackend<D> {
         if postcopy_listening.is_some() {
             return unsupported("postcopy");
         }
-        #[cfg(feature = "test-hooks")]
-        if self.refuse_mem_table {
-            return Err(refuse("fault hook: refusing SET_MEM_TABLE".into()));
-        }
         if ctx.is_empty() || ctx.len() != files.len() {
             return Err(refuse(format!(
                 "SET_MEM_TABLE with {} regions and {} fds",
@@ -534,6 +539,13 @@ impl<D: VhostDevice> VhostUserBackendReqHandlerMut for VhostBackend<D> {
     }
 
     fn set_vring_kick(&mut self, index: u8, fd: Option<File>) -> VhostResult<()> {
+        #[cfg(feature = "test-hooks")]
+        if self.exit_at_ring_start {
+            use std::io::Write;
+            let _ = std::io::stderr()
+                .write_all(b"bulkhead-worker: fault hook: exiting as the first ring starts\n");
+            std::process::exit(70);
+        }
         let Some(fd) = fd else {
             return Err(refuse(format!(
                 "queue {index}: polling mode (no kick fd) is not supported"

@@ -14,7 +14,7 @@
 use serde::{Deserialize, Serialize};
 
 /// Version of the message set. Bump on any change of the messages or their meaning.
-pub const PROTOCOL_VERSION: u32 = 1;
+pub const PROTOCOL_VERSION: u32 = 2;
 
 /// Longest device id, in bytes.
 pub const MAX_DEVICE_ID_LEN: usize = 32;
@@ -160,6 +160,10 @@ pub struct WorkerConfig {
     /// Whether to enter the sandbox. A worker built without its test feature must refuse
     /// `false`; this crate only carries the field.
     pub sandbox: bool,
+    /// Fail mode: the disk's workers kept crashing, so this one completes every request
+    /// (pending or new) with an I/O error and never touches the disk; it serves until the
+    /// guest resets the device.
+    pub fail_mode: bool,
 }
 
 impl Validate for WorkerConfig {
@@ -172,6 +176,7 @@ impl Validate for WorkerConfig {
             serial,
             direct_io: _,
             sandbox: _,
+            fail_mode: _,
         } = self;
         check_len("device_id", device_id, 1, MAX_DEVICE_ID_LEN)?;
         check_chars("device_id", device_id, "[A-Za-z0-9_-]", |c| {
@@ -326,6 +331,7 @@ mod tests {
             serial: "SERIAL-0123456789_ab".into(),
             direct_io: true,
             sandbox: true,
+            fail_mode: false,
         }
     }
 

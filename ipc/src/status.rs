@@ -25,7 +25,9 @@
 //! | 56 | 8 | violation syscall number |
 //! | 64 | 48 | violation arguments 0..6 |
 //! | 112 | 8 | violation instruction pointer |
-//! | 120 | 136 | reserved (zero) |
+//! | 120 | 8 | rings started (each ran inflight recovery) |
+//! | 128 | 8 | requests resubmitted for a predecessor |
+//! | 136 | 120 | reserved (zero) |
 
 use std::ffi::CString;
 use std::fmt;
@@ -44,7 +46,7 @@ use serde::{Deserialize, Serialize};
 /// `b"BHSTATUS"` read as a little-endian u64.
 pub const STATUS_MAGIC: u64 = u64::from_le_bytes(*b"BHSTATUS");
 /// Version of the layout below; bump on any change of offsets or meaning.
-pub const LAYOUT_VERSION: u32 = 1;
+pub const LAYOUT_VERSION: u32 = 2;
 /// Size of the memfd (one page).
 pub const STATUS_PAGE_SIZE: usize = 4096;
 /// Size of [`StatusPage`].
@@ -87,7 +89,9 @@ pub struct StatusPage {
     violation_nr: AtomicU64,
     violation_args: [AtomicU64; 6],
     violation_ip: AtomicU64,
-    reserved: [AtomicU64; 17],
+    rings_started: AtomicU64,
+    resubmitted: AtomicU64,
+    reserved: [AtomicU64; 15],
 }
 
 const _: () = {
@@ -107,7 +111,9 @@ const _: () = {
     assert!(offset_of!(StatusPage, violation_nr) == 56);
     assert!(offset_of!(StatusPage, violation_args) == 64);
     assert!(offset_of!(StatusPage, violation_ip) == 112);
-    assert!(offset_of!(StatusPage, reserved) == 120);
+    assert!(offset_of!(StatusPage, rings_started) == 120);
+    assert!(offset_of!(StatusPage, resubmitted) == 128);
+    assert!(offset_of!(StatusPage, reserved) == 136);
 };
 
 /// Errors of creating, validating and mapping a status page.
@@ -293,6 +299,23 @@ impl StatusPage {
         self.failed.fetch_add(n, Ordering::Relaxed);
     }
 
+    /// Worker side: publishes how many rings it started (each after inflight recovery)
+    /// and how many requests it resubmitted for a predecessor, in total.
+    pub fn set_recovery(&self, rings_started: u64, resubmitted: u64) {
+        self.resubmitted.store(resubmitted, Ordering::Relaxed);
+        self.rings_started.store(rings_started, Ordering::Release);
+    }
+
+    /// Rings the worker started.
+    pub fn rings_started(&self) -> u64 {
+        self.rings_started.load(Ordering::Acquire)
+    }
+
+    /// Requests the worker resubmitted for a predecessor.
+    pub fn resubmitted(&self) -> u64 {
+        self.resubmitted.load(Ordering::Relaxed)
+    }
+
     /// Requests completed successfully.
     pub fn completed(&self) -> u64 {
         self.completed.load(Ordering::Relaxed)
@@ -372,6 +395,8 @@ impl StatusPage {
             slot.store(0, Ordering::Relaxed);
         }
         self.violation_ip.store(0, Ordering::Relaxed);
+        self.rings_started.store(0, Ordering::Relaxed);
+        self.resubmitted.store(0, Ordering::Relaxed);
         for slot in &self.reserved {
             slot.store(0, Ordering::Relaxed);
         }
@@ -391,6 +416,8 @@ impl StatusPage {
             failed: self.failed(),
             violation_count: self.violation_count.load(Ordering::Relaxed),
             violation: self.violation(),
+            rings_started: self.rings_started(),
+            resubmitted: self.resubmitted(),
         }
     }
 }
@@ -430,6 +457,10 @@ pub struct StatusSnapshot {
     pub violation_count: u64,
     /// The first violation, if any.
     pub violation: Option<ViolationRecord>,
+    /// Rings started (each after inflight recovery).
+    pub rings_started: u64,
+    /// Requests resubmitted for a predecessor.
+    pub resubmitted: u64,
 }
 
 /// A `MAP_SHARED` mapping of a status page; unmapped on drop. Dereferences to
@@ -784,6 +815,8 @@ mod tests {
                     arch: 0xc000_003e,
                     ip: 0x7f00_dead_beef,
                 }),
+                rings_started: 0,
+                resubmitted: 0,
             }
         );
         // Snapshots serialize (through the crate codec) and print.

@@ -94,6 +94,7 @@ fn vmm_and_worker_processes() {
         serial: "bulkhead-test".into(),
         direct_io: false,
         sandbox: true,
+        fail_mode: false,
     };
     vmm.send(&VmmMessage::Configure(config), &[file.as_fd()])
         .unwrap();

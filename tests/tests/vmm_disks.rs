@@ -357,60 +357,96 @@ fn worker_killed_by_its_policy_is_reported_by_name() {
     );
 }
 
-/// A backend that fails when the guest starts the device (it refuses SET_MEM_TABLE): the
-/// VMM reports the worker's end, the device goes DEVICE_NEEDS_RESET, the guest's driver
-/// sees that and fails that disk's requests (errors, not a hang), the other disk works
-/// and the VM runs to the guest's own exit.
+/// A crash loop: every worker of disk 1 exits as soon as its first ring starts, before it
+/// can complete a request (test hook `crash-loop`, for budget + 1 workers). The supervisor
+/// restarts with backoff until the budget is spent, then the device goes
+/// DEVICE_NEEDS_RESET and a worker in fail mode answers the guest's pending and new
+/// requests with IOERR (errors, not a hang). The guest resets the device, which brings a
+/// normal worker back: its writes verify. Disk 0 is untouched and the VM runs to the
+/// guest's own exit.
 #[test]
-fn backend_failing_at_driver_ok_gives_needs_reset() {
-    let plan =
-        format!("testguest.plan=blk-verify qd=32 completion=irq seed={SEED} blocks={BLOCKS}");
-    let (r, _) = run_with_faulty_blk1("refuse-mem-table", &plan, "vmm-needs-reset");
+fn crash_loop_fails_requests_then_a_reset_recovers() {
+    let budget = vmm_core::supervisor::CRASH_LOOP_BUDGET;
+    let dir = scratch_dir("vmm-crash-loop-turns");
+    let turns = dir.join("crash-loop-turns");
+    std::fs::write(&turns, format!("{}\n", budget + 1)).expect("write the turn count");
+    let plan = format!(
+        "testguest.plan=blk-recover dev=1 qd=16 completion=irq seed={SEED} blocks={BLOCKS}"
+    );
+    let hook = format!("crash-loop={}", turns.display());
+    let (r, d0) = run_with_faulty_blk1(&hook, &plan, "vmm-crash-loop");
     let t = r.transcript();
     let lines = tg_lines(&r.stdout);
-    let dev0 = format!("TG blk dev=0 wrote={BLOCKS} read={BLOCKS} verified={BLOCKS}");
+    // Every pending write failed (no worker ever served one) and so did a new one.
     assert!(
-        lines.iter().any(|l| l.starts_with(&dev0)),
-        "disk 0 works: {t}"
-    );
-    assert!(
-        lines.iter().any(|l| l == "TG note device needs reset"),
+        lines
+            .iter()
+            .any(|l| l == "TG recover dev=1 pending=16 ok=0 ioerr=16 needs_reset=1 new=ioerr"),
         "{t}"
     );
     assert!(
         lines
             .iter()
-            .any(|l| l.starts_with("TG fail blk dev=1 device needs reset")),
+            .any(|l| l == &format!("TG recover dev=1 reset wrote={BLOCKS} verified={BLOCKS}")),
+        "a reset brings the disk back: {t}"
+    );
+    assert_eq!(
+        lines.last().map(String::as_str),
+        Some("TG done"),
+        "disk 0 works and the guest ends by itself: {t}"
+    );
+    assert_eq!(r.code, Some(0), "{t}");
+    if let Err(e) = check_blk_verify_image(&d0, &r.stdout, 0, SEED, BLOCKS) {
+        panic!("disk 0 on the host: {e}: {t}");
+    }
+    let log = |needle: &str| r.stderr.lines().filter(|l| l.contains(needle)).count();
+    assert_eq!(
+        log("fault hook: exiting as the first ring starts"),
+        budget as usize + 1,
         "{t}"
     );
-    assert!(
-        r.stderr.lines().any(|l| l.contains("worker blk1 (pid")
-            && (l.contains("exited with status") || l.contains("killed by signal 9"))),
-        "the worker's end must be reported: {t}"
-    );
-    // Every successor fails the same way before serving: a crash loop, restarted with
-    // backoff until the budget is spent, then the device needs a reset.
-    let budget = vmm_core::supervisor::CRASH_LOOP_BUDGET;
-    assert!(
-        r.stderr.contains("disk blk1: worker restarted in")
-            && r.stderr
-                .contains(&format!("{budget} in a row died before serving")),
+    // The crash loop's restarts, and the normal worker after the guest's reset.
+    assert_eq!(
+        log("disk blk1: worker restarted in "),
+        budget as usize + 1,
         "{t}"
     );
-    assert!(
-        r.stderr.contains(&format!(
+    // Backoff doubles from the second restart of the loop.
+    for n in 2..=budget {
+        assert_eq!(
+            log(&format!("; {n} in a row died before serving")),
+            1,
+            "restart {n}: {t}"
+        );
+    }
+    assert_eq!(
+        log(&format!(
             "disk blk1: {} workers in a row ended before serving a request: giving up",
             budget + 1
         )),
+        1,
         "{t}"
     );
+    assert_eq!(log("disk blk1: fail-mode worker started in "), 1, "{t}");
+    assert_eq!(
+        log("in FAIL MODE: every request completes with IOERR"),
+        1,
+        "{t}"
+    );
+    assert_eq!(
+        log("disk blk1: the guest reset the device: starting a normal worker"),
+        1,
+        "{t}"
+    );
+    assert_eq!(log("stopped after the guest reset its device"), 1, "{t}");
     assert!(!r.stderr.contains("disk blk0: worker restarted"), "{t}");
     assert_eq!(
-        r.code,
-        Some(1),
-        "the guest itself ends the VM with its failure status: {t}"
+        std::fs::read_to_string(&turns)
+            .expect("read the turn count")
+            .trim(),
+        "0",
+        "{t}"
     );
-    assert!(!r.killed, "{t}");
 }
 
 /// Every forbidden class, issued as a real raw syscall by a confined worker (test-only

@@ -8,7 +8,10 @@
 //! Budget (DESIGN.md): the first restart is immediate; only a worker that died before
 //! completing a single request counts toward the crash-loop budget, with exponential
 //! backoff between such restarts; a worker that served requests resets both. Past the
-//! budget the device reports DEVICE_NEEDS_RESET.
+//! budget the device reports DEVICE_NEEDS_RESET and gets a worker in fail mode (same
+//! sandbox, same inflight region, no disk), which completes every pending and new request
+//! with IOERR, so the guest sees errors, never a hang. The guest's reset of the device
+//! brings a normal worker back.
 
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::PathBuf;
@@ -18,7 +21,7 @@ use std::time::{Duration, Instant};
 use crate::devices::virtio_mmio::VirtioMmioDevice;
 use crate::disk::{DiskConfig, OpenedImage};
 use crate::violations::ViolationLog;
-use crate::worker::Worker;
+use crate::worker::{Mode, Worker};
 
 /// Consecutive deaths before any completed request that the supervisor tolerates.
 pub const CRASH_LOOP_BUDGET: u32 = 5;
@@ -28,6 +31,8 @@ pub const CRASH_LOOP_BUDGET: u32 = 5;
 pub const HANG_TIMEOUT: Duration = Duration::from_secs(1);
 /// How often the supervisor looks at a live worker's progress.
 const HANG_CHECK: Duration = Duration::from_millis(100);
+/// How long a restart's log line waits for the successor's rings to be up.
+const RESUME_WAIT: Duration = Duration::from_millis(200);
 /// Backoff before the second restart of a crash loop; doubles each time.
 const FIRST_BACKOFF: Duration = Duration::from_millis(20);
 
@@ -51,6 +56,11 @@ struct ControlState {
     planned: bool,
     /// The supervisor gave up (or the VM is closing): no successor will come.
     ended: bool,
+    /// Past the crash-loop budget: the device needs a reset, and its worker (if any) is
+    /// in fail mode.
+    failing: bool,
+    /// The guest reset the device while it was failing: start a normal worker.
+    recover: bool,
 }
 
 /// Errors of a planned restart.
@@ -80,12 +90,61 @@ impl DiskControl {
         std::mem::take(&mut self.lock().planned)
     }
 
+    fn set_failing(&self) {
+        self.lock().failing = true;
+    }
+
+    /// Whether the guest asked for recovery; the supervisor then serves normally again.
+    fn take_recover(&self) -> bool {
+        let mut st = self.lock();
+        let recover = std::mem::take(&mut st.recover);
+        if recover {
+            st.failing = false;
+        }
+        recover
+    }
+
+    fn recover_requested(&self) -> bool {
+        self.lock().recover
+    }
+
+    /// Waits up to `timeout` for the guest to reset a failing device; true once it has.
+    fn wait_recover(&self, timeout: Duration) -> bool {
+        let st = self.lock();
+        let (st, _) = self
+            .changed
+            .wait_timeout_while(st, timeout, |st| !st.recover)
+            .unwrap_or_else(|p| p.into_inner());
+        st.recover
+    }
+
+    /// The control thread saw the guest reset the device. If the device was failing, the
+    /// supervisor is asked for a normal worker, and true is returned: the control thread
+    /// then lets the fail-mode worker go and waits for that worker before it brings rings
+    /// up again.
+    pub fn guest_reset(&self) -> bool {
+        let mut st = self.lock();
+        if st.failing {
+            st.recover = true;
+            self.changed.notify_all();
+        }
+        st.failing
+    }
+
     fn end(&self) {
         let mut st = self.lock();
         st.ended = true;
         st.reaper = None;
         st.confined = None;
         self.changed.notify_all();
+    }
+
+    /// The current worker's confined process (or its reaper until that is known) and its
+    /// pid; None while the disk has no worker.
+    pub fn current_worker(&self) -> Option<(u32, Arc<OwnedFd>)> {
+        let st = self.lock();
+        let fd = st.confined.clone().or_else(|| st.reaper.clone())?;
+        Some((st.worker_pid, fd))
     }
 
     /// Stops the current worker and waits for its successor, which gets everything the
@@ -152,7 +211,7 @@ pub fn pidfd_open(pid: u32) -> std::io::Result<OwnedFd> {
 }
 
 /// Waits up to `timeout` for the process behind `pidfd` to exit; true when it has.
-fn wait_exit(pidfd: &OwnedFd, timeout: Duration) -> bool {
+pub fn wait_exit(pidfd: &OwnedFd, timeout: Duration) -> bool {
     let mut pfd = libc::pollfd {
         fd: pidfd.as_raw_fd(),
         events: libc::POLLIN,
@@ -216,6 +275,18 @@ enum End {
     Died,
     /// Its progress stopped with requests pending: we killed it.
     Hung { stalled: Duration },
+    /// It was in fail mode and the guest reset the device: we stopped it.
+    Recovering,
+}
+
+/// The worker being watched.
+struct Current {
+    worker: Worker,
+    /// Its reaper's pidfd (None if pidfd_open failed: then only wait() tells its end).
+    pidfd: Option<Arc<OwnedFd>>,
+    /// The confined process under the reaper.
+    confined: Option<Arc<OwnedFd>>,
+    mode: Mode,
 }
 
 impl Supervisor {
@@ -229,95 +300,198 @@ impl Supervisor {
             .map(|_| ())
     }
 
-    fn run(self, mut worker: Worker, mut pidfd: Option<Arc<OwnedFd>>) {
+    fn run(self, worker: Worker, pidfd: Option<Arc<OwnedFd>>) {
         let id = self.cfg.id.clone();
         crate::vm::report_confinement(&id, worker.child.id(), &worker.status);
-        let mut confined = confined_pidfd(&worker, Duration::from_secs(5)).map(Arc::new);
+        let confined = confined_pidfd(&worker, Duration::from_secs(5)).map(Arc::new);
         self.control
             .publish(pidfd.clone(), confined.clone(), shown_pid(&worker));
+        let mut current = Current {
+            worker,
+            pidfd,
+            confined,
+            mode: Mode::Normal,
+        };
+        // Workers in a row (of the current mode) that ended before serving a request.
         let mut crash_loop = 0u32;
         loop {
-            let end = match &pidfd {
-                Some(fd) => self.watch(fd, confined.as_deref(), &worker),
-                // Without a pidfd, child.wait() below blocks just the same.
-                None => End::Died,
-            };
-            // The reaper is gone; its child (killed by the reaper's death signal if not
-            // before) must be too before a successor touches the rings.
-            if let Some(c) = &confined {
-                kill(c);
-                wait_exit(c, Duration::from_secs(5));
-            }
-            let how = match worker.child.wait() {
-                Ok(s) => crate::vm::describe_exit(s),
-                Err(e) => format!("cannot be waited for: {e}"),
-            };
-            let planned = self.control.take_planned();
-            let how = match &end {
-                End::Died => how,
-                End::Hung { stalled } => format!(
-                    "hung (no progress for {:.1} s with requests pending; killed)",
-                    stalled.as_secs_f64()
-                ),
-            };
-            if planned && matches!(end, End::Died) {
-                tracing::info!(
-                    "worker {id} (pid {}) stopped for a planned restart",
-                    shown_pid(&worker)
-                );
-            } else {
-                crate::vm::report_worker_end(&id, &worker.status, &how, &self.violations);
-            }
+            let served = self.end_of(&mut current);
             let died_at = Instant::now();
             if self.device.closing() {
                 self.control.end();
                 return;
             }
-            if planned || worker.status.completed() > 0 {
+            let mut mode = current.mode;
+            if self.control.take_recover() {
+                tracing::info!("disk {id}: the guest reset the device: starting a normal worker");
+                mode = Mode::Normal;
+                crash_loop = 0;
+            } else if served {
                 crash_loop = 0;
             } else {
                 crash_loop += 1;
             }
             // Start a successor; a failed start counts as a death before service.
-            loop {
+            current = loop {
                 if crash_loop > CRASH_LOOP_BUDGET {
-                    tracing::error!(
-                        "disk {id}: {crash_loop} workers in a row ended before serving a \
-                         request: giving up; the device needs a reset"
-                    );
-                    self.device.needs_reset();
-                    self.control.end();
-                    return;
+                    match mode {
+                        Mode::Normal => {
+                            tracing::error!(
+                                "disk {id}: {crash_loop} workers in a row ended before serving \
+                                 a request: giving up; the device needs a reset, and a worker in \
+                                 fail mode answers its requests with errors until then"
+                            );
+                            self.control.set_failing();
+                            self.device.needs_reset();
+                            mode = Mode::Fail;
+                            crash_loop = 0;
+                        }
+                        Mode::Fail => {
+                            tracing::error!(
+                                "disk {id}: fail-mode workers end too: the disk has no worker \
+                                 until the guest resets the device"
+                            );
+                            self.control.publish(None, None, 0);
+                            if !self.idle_until_recovery() {
+                                self.control.end();
+                                return;
+                            }
+                            tracing::info!(
+                                "disk {id}: the guest reset the device: starting a normal worker"
+                            );
+                            mode = Mode::Normal;
+                            crash_loop = 0;
+                        }
+                    }
                 }
                 if crash_loop >= 2 {
                     std::thread::sleep(FIRST_BACKOFF * (1 << (crash_loop - 2).min(8)));
                 }
-                match self.replace() {
-                    Ok((next, fd)) => {
-                        confined = confined_pidfd(&next, Duration::from_secs(1)).map(Arc::new);
+                match self.replace(mode) {
+                    Ok(next) => {
                         let looping = if crash_loop > 0 {
                             format!("; {crash_loop} in a row died before serving")
                         } else {
                             String::new()
                         };
+                        let started = died_at.elapsed();
+                        let rings = self.rings_resumed(&next, died_at);
                         tracing::warn!(
-                            "disk {id}: worker restarted in {:.1} ms (pid {}{looping})",
-                            died_at.elapsed().as_secs_f64() * 1e3,
-                            shown_pid(&next),
+                            "disk {id}: {} in {:.1} ms (pid {}{looping}){rings}",
+                            match mode {
+                                Mode::Normal => "worker restarted",
+                                Mode::Fail => "fail-mode worker started",
+                            },
+                            started.as_secs_f64() * 1e3,
+                            shown_pid(&next.worker),
                         );
-                        self.control
-                            .publish(fd.clone(), confined.clone(), shown_pid(&next));
-                        worker = next;
-                        pidfd = fd;
-                        break;
+                        self.control.publish(
+                            next.pidfd.clone(),
+                            next.confined.clone(),
+                            shown_pid(&next.worker),
+                        );
+                        break next;
                     }
                     Err(e) => {
                         tracing::error!("disk {id}: cannot start a successor: {e}");
                         crash_loop += 1;
                     }
                 }
+            };
+        }
+    }
+
+    /// Waits for `current` to end (or ends it: hung, or replaced after a guest reset),
+    /// reaps it and says how it ended. Returns whether it served: completed a request, or
+    /// was stopped on purpose.
+    fn end_of(&self, current: &mut Current) -> bool {
+        let id = &self.cfg.id;
+        let worker = &mut current.worker;
+        let end = match &current.pidfd {
+            Some(fd) => self.watch(fd, current.confined.as_deref(), worker),
+            // Without a pidfd, child.wait() below blocks just the same.
+            None => End::Died,
+        };
+        // The reaper is gone; its child (killed by the reaper's death signal if not
+        // before) must be too before a successor touches the rings.
+        if let Some(c) = &current.confined {
+            kill(c);
+            wait_exit(c, Duration::from_secs(5));
+        }
+        let how = match worker.child.wait() {
+            Ok(s) => crate::vm::describe_exit(s),
+            Err(e) => format!("cannot be waited for: {e}"),
+        };
+        let planned = self.control.take_planned();
+        let on_purpose = match &end {
+            End::Recovering => true,
+            End::Died => planned || self.control.recover_requested(),
+            End::Hung { .. } => false,
+        };
+        if on_purpose {
+            tracing::info!(
+                "worker {id} (pid {}) stopped {}",
+                shown_pid(worker),
+                if planned {
+                    "for a planned restart"
+                } else {
+                    "after the guest reset its device"
+                }
+            );
+        } else {
+            let how = match &end {
+                End::Hung { stalled } => format!(
+                    "hung (no progress for {:.1} s with requests pending; killed)",
+                    stalled.as_secs_f64()
+                ),
+                _ => how,
+            };
+            crate::vm::report_worker_end(id, &worker.status, &how, &self.violations);
+        }
+        // Requests answered with an error count as served: the worker ran its loop.
+        on_purpose || worker.status.completed() + worker.status.failed() > 0
+    }
+
+    /// With no worker left to start: waits for the guest to reset the device (true) or the
+    /// VM to close (false).
+    fn idle_until_recovery(&self) -> bool {
+        loop {
+            if self.control.wait_recover(HANG_CHECK) {
+                return self.control.take_recover();
+            }
+            if self.device.closing() {
+                return false;
             }
         }
+    }
+
+    /// After a successor was handed its rings: waits briefly for it to start them, and
+    /// says when it did and how many requests it resubmitted (for the restart's log line).
+    fn rings_resumed(&self, next: &Current, died_at: Instant) -> String {
+        let rings = self.device.driver_rings() as u64;
+        if rings == 0 {
+            return String::new();
+        }
+        let deadline = Instant::now() + RESUME_WAIT;
+        let status = &next.worker.status;
+        while status.rings_started() < rings {
+            if next
+                .pidfd
+                .as_deref()
+                .is_some_and(|fd| wait_exit(fd, Duration::ZERO))
+            {
+                return "; it ended before its rings were up".into();
+            }
+            if Instant::now() >= deadline {
+                return format!("; its rings were not up after {RESUME_WAIT:?}");
+            }
+            std::thread::sleep(Duration::from_micros(200));
+        }
+        format!(
+            ", rings resumed at {:.1} ms: {} request(s) resubmitted",
+            died_at.elapsed().as_secs_f64() * 1e3,
+            status.resubmitted()
+        )
     }
 
     /// Waits for the worker (its reaper, `pidfd`) to end, or kills it when it hangs: its
@@ -328,6 +502,14 @@ impl Supervisor {
         loop {
             if wait_exit(pidfd, HANG_CHECK) {
                 return End::Died;
+            }
+            if self.control.recover_requested() {
+                if let Some(c) = confined {
+                    kill(c);
+                }
+                kill(pidfd);
+                wait_exit(pidfd, Duration::from_secs(5));
+                return End::Recovering;
             }
             let now = worker.status.progress();
             if now != progress || !self.device.requests_pending(self.ram.memory()) {
@@ -355,9 +537,9 @@ impl Supervisor {
     }
 
     /// Starts a successor and hands it, set up, to the control thread.
-    fn replace(&self) -> Result<(Worker, Option<Arc<OwnedFd>>), String> {
+    fn replace(&self, mode: Mode) -> Result<Current, String> {
         let id = &self.cfg.id;
-        let w = crate::worker::spawn(&self.cfg, &self.image, &self.bin, self.learn.as_ref())
+        let w = crate::worker::spawn(&self.cfg, &self.image, &self.bin, self.learn.as_ref(), mode)
             .map_err(|e| crate::error_chain(&e))?;
         let pidfd = pidfd_open(w.child.id()).ok().map(Arc::new);
         let stream = w
@@ -382,9 +564,18 @@ impl Supervisor {
                 backend.features, self.features
             ));
         }
-        if !self.device.reconnect_backend(backend, pidfd.clone()) {
+        if !self
+            .device
+            .reconnect_backend(backend, pidfd.clone(), mode == Mode::Fail)
+        {
             return Err("the device's control thread is gone".into());
         }
-        Ok((w, pidfd))
+        let confined = confined_pidfd(&w, Duration::from_secs(1)).map(Arc::new);
+        Ok(Current {
+            worker: w,
+            pidfd,
+            confined,
+            mode,
+        })
     }
 }

@@ -198,6 +198,12 @@ pub struct ControlThread {
     /// The inflight region from the first backend of this activation, handed to every
     /// later one (vhost-user GET/SET_INFLIGHT_FD).
     pub inflight: Option<KeptInflight>,
+    /// The supervisor's side of the disk (None for an external backend): told when the
+    /// guest resets a failing device.
+    pub disk: Option<Arc<crate::supervisor::DiskControl>>,
+    /// The guest reset a failing device: rings wait for the normal worker the supervisor
+    /// is starting (the fail-mode one must not answer the driver's new requests).
+    pub awaiting_normal: bool,
 }
 
 /// A backend's inflight region, checked, kept for its successors.
@@ -273,7 +279,11 @@ impl ControlThread {
                     queues,
                 } => {
                     self.wanted = Some((driver_features, queues));
-                    self.bring_up(&mut active)
+                    if self.awaiting_normal {
+                        Ok(())
+                    } else {
+                        self.bring_up(&mut active)
+                    }
                 }
                 Command::Reset => {
                     self.device.set_live(false);
@@ -281,7 +291,14 @@ impl ControlThread {
                     // The next activation starts from a fresh region.
                     self.inflight = None;
                     let stopping = std::mem::take(&mut active);
-                    self.with_backend(|this| this.stop(&stopping))
+                    if self.disk.as_ref().is_some_and(|d| d.guest_reset()) {
+                        // A fail-mode worker (or none) goes; nothing to ask it.
+                        self.awaiting_normal = true;
+                        self.kill_worker();
+                        Ok(())
+                    } else {
+                        self.with_backend(|this| this.stop(&stopping))
+                    }
                 }
                 Command::Disconnect => {
                     self.device.set_live(false);
@@ -291,11 +308,15 @@ impl ControlThread {
                 Command::Reconnect {
                     backend,
                     worker_pidfd,
+                    fail_mode,
                 } => {
                     self.backend = *backend;
                     self.worker_pidfd = worker_pidfd;
                     active.clear();
-                    if self.wanted.is_some() {
+                    if !fail_mode {
+                        self.awaiting_normal = false;
+                    }
+                    if self.wanted.is_some() && !self.awaiting_normal {
                         self.bring_up(&mut active)
                     } else {
                         Ok(())

@@ -267,6 +267,11 @@ impl Vm {
         &self.ram
     }
 
+    /// Guest RAM, shared (e.g. for a thread that watches rings while the VM runs).
+    pub fn shared_ram(&self) -> Arc<GuestRam> {
+        self.ram.clone()
+    }
+
     /// The disks, in `--disk` order.
     pub fn disks(&self) -> &[Disk] {
         &self.disks
@@ -480,7 +485,13 @@ impl Disk {
                 let image = crate::disk::open_image(path, cfg.readonly, cfg.direct)
                     .map_err(crate::worker::WorkerError::from)?;
                 let image = Arc::new(image);
-                let w = crate::worker::spawn(cfg, &image, &bin, workers.learn)?;
+                let w = crate::worker::spawn(
+                    cfg,
+                    &image,
+                    &bin,
+                    workers.learn,
+                    crate::worker::Mode::Normal,
+                )?;
                 tracing::info!(
                     "disk {}: {} served by worker pid {} ({} bytes)",
                     cfg.id,
@@ -616,6 +627,8 @@ impl Disk {
             worker_pidfd: worker_pidfd.clone(),
             wanted: None,
             inflight: None,
+            disk: supervised.is_some().then(|| disk_control.clone()),
+            awaiting_normal: false,
         };
         std::thread::Builder::new()
             .name(format!("{}-ctl", cfg.id))

@@ -121,6 +121,15 @@ fn dup_high(fd: RawFd) -> std::io::Result<OwnedFd> {
     Ok(unsafe { OwnedFd::from_raw_fd(new) })
 }
 
+/// How a worker is to serve its disk.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mode {
+    Normal,
+    /// Past the crash-loop budget: complete every request with IOERR until the guest
+    /// resets the device (the worker closes the image before its sandbox).
+    Fail,
+}
+
 /// Creates the channels and the status page, execs the worker with a duplicate of `disk`
 /// (opened and locked by the VMM, which keeps it for the worker's successors) and takes it
 /// through the handshake and its configuration. With `learn`, the worker runs in learn
@@ -130,6 +139,7 @@ pub fn spawn(
     disk: &OpenedImage,
     bin: &Path,
     learn: Option<&Arc<Recorder>>,
+    mode: Mode,
 ) -> Result<Worker, WorkerError> {
     let id = cfg.id.clone();
     let setup = |what: &'static str| {
@@ -232,7 +242,7 @@ pub fn spawn(
         disk_size: 0,
         device_features: 0,
     };
-    if let Err(e) = configure(&mut worker, cfg, pid) {
+    if let Err(e) = configure(&mut worker, cfg, pid, mode) {
         let _ = worker.child.kill();
         let _ = worker.child.wait();
         return Err(e);
@@ -240,7 +250,12 @@ pub fn spawn(
     Ok(worker)
 }
 
-fn configure(worker: &mut Worker, cfg: &DiskConfig, pid: u32) -> Result<(), WorkerError> {
+fn configure(
+    worker: &mut Worker,
+    cfg: &DiskConfig,
+    pid: u32,
+    mode: Mode,
+) -> Result<(), WorkerError> {
     let id = worker.id.clone();
     ipc::handshake::handshake_vmm_side_timeout(&worker.control, SETUP_TIMEOUT).map_err(
         |source| WorkerError::Handshake {
@@ -262,6 +277,7 @@ fn configure(worker: &mut Worker, cfg: &DiskConfig, pid: u32) -> Result<(), Work
         serial: cfg.serial.clone(),
         direct_io: cfg.direct,
         sandbox: true,
+        fail_mode: mode == Mode::Fail,
     };
     worker
         .control

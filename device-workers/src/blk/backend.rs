@@ -84,6 +84,9 @@ pub enum BackendError {
         #[source]
         source: std::io::Error,
     },
+    /// The worker is in fail mode (see [`super::fail_backend`]).
+    #[error("the device is in fail mode after repeated worker crashes; reset it to recover")]
+    FailMode,
 }
 
 /// Checks that `[offset, offset + len)` lies inside a disk of `size` bytes.

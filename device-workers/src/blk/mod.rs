@@ -4,13 +4,14 @@
 //! - [`config`]: the config space and the feature bits;
 //! - [`request`]: [`Request::parse`] turns a hostile descriptor chain into a validated request;
 //! - [`backend`]: the [`DiskBackend`] trait; [`sync_backend`]: preadv/pwritev/fallocate on a
-//!   file the worker was handed;
+//!   file the worker was handed; [`fail_backend`]: fails everything (fail mode);
 //! - [`execute`]: runs a request against a backend and guest memory, writes the status;
 //! - [`queue`]: [`process_queue`] drains a virtqueue with notifications suppressed.
 
 pub mod backend;
 pub mod config;
 pub mod execute;
+pub mod fail_backend;
 pub mod queue;
 pub mod request;
 pub mod sync_backend;
@@ -21,6 +22,7 @@ mod tests;
 pub use backend::{BackendError, DiskBackend};
 pub use config::{device_features, BlkConfig, BlkLimits, ConfigError, VirtioBlkConfig};
 pub use execute::{complete_rejected, execute, Completion, ExecuteError};
+pub use fail_backend::FailBackend;
 pub use queue::{process_queue, QueueError, QueueOutcome};
 pub use request::{BlkContext, ParseError, Rejected, Request, RequestKind};
 pub use sync_backend::SyncBackend;

@@ -68,6 +68,8 @@ pub enum Command {
     Reconnect {
         backend: Box<crate::vhost_frontend::Backend>,
         worker_pidfd: Option<std::sync::Arc<std::os::fd::OwnedFd>>,
+        /// The worker is in fail mode (it answers every request with IOERR).
+        fail_mode: bool,
     },
 }
 
@@ -186,6 +188,16 @@ impl VirtioMmioDevice {
             };
             matches!((idx(q.driver), idx(q.device)), (Some(a), Some(u)) if a != u)
         })
+    }
+
+    /// The used idx of queue `queue` in guest RAM, once the driver set the ring up: how
+    /// many requests the device completed there (mod 2^16). For benchmarks and tests.
+    pub fn used_idx<M: vm_memory::GuestMemory>(&self, mem: &M, queue: usize) -> Option<u16> {
+        use vm_memory::{Address, Bytes, GuestAddress};
+        let ring = self.regs().queues.get(queue).filter(|q| q.ready)?.device;
+        GuestAddress(ring)
+            .checked_add(2)
+            .and_then(|a| mem.read_obj::<u16>(a).ok())
     }
 
     /// Current device status (for tests and logs).
@@ -338,14 +350,25 @@ impl VirtioMmioDevice {
         &self,
         backend: crate::vhost_frontend::Backend,
         worker_pidfd: Option<std::sync::Arc<std::os::fd::OwnedFd>>,
+        fail_mode: bool,
     ) -> bool {
         let control = self.control.lock().unwrap_or_else(|e| e.into_inner());
         control
             .send(Command::Reconnect {
                 backend: Box::new(backend),
                 worker_pidfd,
+                fail_mode,
             })
             .is_ok()
+    }
+
+    /// How many rings the driver has set up and started (0 before DRIVER_OK).
+    pub fn driver_rings(&self) -> usize {
+        let regs = self.regs();
+        if regs.status & STATUS_DRIVER_OK == 0 {
+            return 0;
+        }
+        regs.queues.iter().filter(|q| q.ready && q.size > 0).count()
     }
 
     fn write_status(&self, regs: &mut Regs, value: u32) -> Option<Command> {

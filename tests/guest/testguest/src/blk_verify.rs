@@ -292,7 +292,7 @@ pub(crate) fn init(ctx: &Ctx, n: usize, slot: &Slot, o: &Opts) -> (Blk, usize) {
     (blk, qd)
 }
 
-fn device(ctx: &Ctx, n: usize, slot: &Slot, o: &Opts) {
+pub(crate) fn device(ctx: &Ctx, n: usize, slot: &Slot, o: &Opts) {
     let (mut blk, qd) = init(ctx, n, slot, o);
     let cfg = blk.config;
     tg!(

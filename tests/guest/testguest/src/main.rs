@@ -21,6 +21,7 @@ mod irq;
 mod mem;
 mod phys;
 mod plans;
+mod recover;
 mod serial;
 mod smp;
 mod start_info;

@@ -51,6 +51,10 @@ pub const PLANS: &[Plan] = &[
         name: "blk-chaos",
         run: crate::chaos::run,
     },
+    Plan {
+        name: "blk-recover",
+        run: crate::recover::run,
+    },
 ];
 
 pub fn find(name: &str) -> Option<&'static Plan> {

@@ -501,6 +501,11 @@ impl Blk {
         Ok(())
     }
 
+    /// Whether the device set DEVICE_NEEDS_RESET (quietly, for drivers that poll it).
+    pub fn needs_reset(&self) -> bool {
+        self.regs.read32(REG_STATUS) & S_NEEDS_RESET != 0
+    }
+
     /// Resets the device: it stops using the rings. Also done on drop.
     pub fn reset(&mut self) {
         self.routing = None;

@@ -1,0 +1,340 @@
+//! `bulkhead bench`: benchmarks, driven through the test guest (its driver runs in ring 3,
+//! so an emulated guest kernel mode does not distort them). Results are printed as a
+//! markdown report, with ratios to a baseline measured in the same invocation.
+//!
+//! `bulkhead bench restart`: SIGKILLs a disk's worker N times while the guest runs
+//! write-then-verify rounds with 32 requests in flight (polling for completions), and
+//! measures the time from each kill to the next request the guest sees completed (its used
+//! idx moving). The baseline is the same measurement without a kill: the time from a random
+//! instant to the next completion, the floor of the method.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use clap::{Args, Subcommand};
+use vmm_core::devices::virtio_mmio::VirtioMmioDevice;
+use vmm_core::memory::GuestRam;
+use vmm_core::supervisor::DiskControl;
+use vmm_core::vm::{Vm, VmConfig};
+
+#[derive(Debug, Args)]
+pub struct BenchArgs {
+    #[command(subcommand)]
+    what: BenchCommand,
+}
+
+#[derive(Debug, Subcommand)]
+enum BenchCommand {
+    /// Time from a worker's SIGKILL to the guest's next completed request.
+    Restart(RestartArgs),
+}
+
+#[derive(Debug, Args)]
+struct RestartArgs {
+    /// Kills to measure.
+    #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u32).range(1..=100_000))]
+    kills: u32,
+    /// The test guest (built by tests/guest/build-testguest.sh).
+    #[arg(long)]
+    kernel: Option<PathBuf>,
+    /// The worker executable (default: bulkhead-worker beside bulkhead).
+    #[arg(long)]
+    worker_bin: Option<PathBuf>,
+    /// Directory for the disk image and the report (`restart.md`, `restart.json`).
+    #[arg(long, default_value = "target/bench")]
+    out: PathBuf,
+}
+
+pub fn bench_command(args: BenchArgs) -> anyhow::Result<()> {
+    match args.what {
+        BenchCommand::Restart(a) => restart(a),
+    }
+}
+
+/// The test guest beside the build: target/{debug,release}/bulkhead -> target/guest/testguest.
+fn default_testguest() -> Option<PathBuf> {
+    let exe = std::env::current_exe().ok()?;
+    let guest = exe.parent()?.parent()?.join("guest/testguest");
+    guest.is_file().then_some(guest)
+}
+
+/// Serial output kept for the report (and to see whether the guest failed).
+#[derive(Clone, Default)]
+struct Captured(Arc<Mutex<Vec<u8>>>);
+
+impl Write for Captured {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Captured {
+    fn text(&self) -> String {
+        String::from_utf8_lossy(&self.0.lock().unwrap_or_else(|p| p.into_inner())).into_owned()
+    }
+}
+
+/// What the restart bench's watcher thread sees.
+struct Watch {
+    device: Arc<VirtioMmioDevice>,
+    ram: Arc<GuestRam>,
+    control: Arc<DiskControl>,
+}
+
+impl Watch {
+    fn used(&self) -> Option<u16> {
+        self.device.used_idx(self.ram.memory(), 0)
+    }
+
+    /// Waits until the used idx moves past `from`; the instant it did.
+    fn next_completion(&self, from: u16, limit: Duration) -> Option<Instant> {
+        let deadline = Instant::now() + limit;
+        loop {
+            if self.used().is_some_and(|u| u != from) {
+                return Some(Instant::now());
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            std::thread::yield_now();
+        }
+    }
+
+    /// Waits until the guest's rings run and a worker serves them.
+    fn ready(&self, limit: Duration) -> anyhow::Result<()> {
+        let deadline = Instant::now() + limit;
+        while self.used().is_none_or(|u| u < 64) || self.control.current_worker().is_none() {
+            anyhow::ensure!(
+                Instant::now() < deadline,
+                "the guest did not start its I/O within {limit:?}"
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        Ok(())
+    }
+}
+
+/// One series of samples, in milliseconds.
+#[derive(Debug, Default, serde::Serialize)]
+struct Series {
+    samples_ms: Vec<f64>,
+    lost: u32,
+}
+
+impl Series {
+    fn sorted(&self) -> Vec<f64> {
+        let mut s = self.samples_ms.clone();
+        s.sort_by(f64::total_cmp);
+        s
+    }
+
+    fn pct(&self, p: f64) -> f64 {
+        let s = self.sorted();
+        if s.is_empty() {
+            return f64::NAN;
+        }
+        let rank = ((p / 100.0) * s.len() as f64).ceil() as usize;
+        s[rank.clamp(1, s.len()) - 1]
+    }
+
+    fn mean(&self) -> f64 {
+        self.samples_ms.iter().sum::<f64>() / self.samples_ms.len().max(1) as f64
+    }
+}
+
+fn restart(a: RestartArgs) -> anyhow::Result<()> {
+    let kernel = match a.kernel {
+        Some(k) => k,
+        None => default_testguest().context(
+            "no test guest beside bulkhead (build it with tests/guest/build-testguest.sh, \
+             or pass --kernel)",
+        )?,
+    };
+    std::fs::create_dir_all(&a.out)
+        .with_context(|| format!("create the output directory {}", a.out.display()))?;
+    let image = a.out.join("restart-disk.img");
+    let file = std::fs::File::create(&image)
+        .with_context(|| format!("create the disk image {}", image.display()))?;
+    file.set_len(64 << 20)
+        .with_context(|| format!("size the disk image {}", image.display()))?;
+    drop(file);
+
+    let cmdline = "testguest.plan=blk-chaos secs=100000 qd=32 completion=poll blocks=1024";
+    let cfg = VmConfig {
+        disks: vec![vmm_core::disk::DiskConfig::parse(
+            &format!("path={}", image.display()),
+            0,
+        )?],
+        worker_bin: a.worker_bin,
+        kernel: kernel.clone(),
+        initrd: None,
+        cmdline: cmdline.into(),
+        mem_mib: 64,
+        vcpus: 1,
+        learn: None,
+    };
+    let serial = Captured::default();
+    let vm = Vm::build(&cfg, Box::new(serial.clone()))?;
+    let (_, control) = vm
+        .disk_controls()
+        .into_iter()
+        .next()
+        .context("the disk has no supervised worker")?;
+    let watch = Watch {
+        device: vm.disks()[0].device.clone(),
+        ram: vm.shared_ram(),
+        control,
+    };
+    let stopper = vm.stopper();
+    let kills = a.kills;
+    let bench = std::thread::Builder::new()
+        .name("bench-restart".into())
+        .spawn(move || {
+            let result = measure(&watch, kills);
+            stopper.signal(libc::SIGTERM);
+            result
+        })
+        .context("start the bench thread")?;
+    let outcome = vm.run(Some(Duration::from_secs(600)))?;
+    let (baseline, restarts) = bench
+        .join()
+        .map_err(|_| anyhow::anyhow!("the bench thread panicked"))??;
+    let guest = serial.text();
+    if let Some(fail) = guest.lines().find(|l| l.starts_with("TG fail")) {
+        anyhow::bail!("the guest failed during the bench: {fail}");
+    }
+    anyhow::ensure!(
+        matches!(outcome, vmm_core::vm::VmOutcome::Signal(_)),
+        "the VM ended before the bench did: {outcome:?}"
+    );
+    report(&a.out, &kernel, cmdline, &baseline, &restarts)
+}
+
+/// Alternates no-kill baseline samples and kills, a random 20-60 ms of guest I/O apart.
+fn measure(watch: &Watch, kills: u32) -> anyhow::Result<(Series, Series)> {
+    const LIMIT: Duration = Duration::from_secs(5);
+    watch.ready(Duration::from_secs(30))?;
+    let mut rng = Rng::from_clock();
+    let (mut baseline, mut restarts) = (Series::default(), Series::default());
+    for i in 0..kills {
+        std::thread::sleep(Duration::from_millis(20 + rng.below(41)));
+        let t0 = Instant::now();
+        let from = watch.used().context("the ring went away")?;
+        match watch.next_completion(from, LIMIT) {
+            Some(t) => baseline.samples_ms.push(ms(t - t0)),
+            None => baseline.lost += 1,
+        }
+
+        std::thread::sleep(Duration::from_millis(20 + rng.below(41)));
+        let (_, worker) = watch
+            .control
+            .current_worker()
+            .with_context(|| format!("kill {i}: the disk has no worker"))?;
+        let t0 = Instant::now();
+        vmm_core::supervisor::kill(&worker);
+        // Completions the dying worker published before the signal landed do not count.
+        vmm_core::supervisor::wait_exit(&worker, LIMIT);
+        let from = watch.used().context("the ring went away")?;
+        match watch.next_completion(from, LIMIT) {
+            Some(t) => restarts.samples_ms.push(ms(t - t0)),
+            None => restarts.lost += 1,
+        }
+    }
+    Ok((baseline, restarts))
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
+
+/// xorshift64 for the pauses between kills.
+struct Rng(u64);
+
+impl Rng {
+    fn from_clock() -> Self {
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(1, |d| d.as_nanos() as u64);
+        Rng(nanos | 1)
+    }
+
+    fn below(&mut self, n: u64) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0 % n
+    }
+}
+
+fn report(
+    out: &Path,
+    kernel: &Path,
+    cmdline: &str,
+    baseline: &Series,
+    restarts: &Series,
+) -> anyhow::Result<()> {
+    let row = |name: &str, s: &Series| {
+        format!(
+            "| {name} | {} | {} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} |",
+            s.samples_ms.len(),
+            s.lost,
+            s.pct(50.0),
+            s.pct(90.0),
+            s.pct(99.0),
+            s.pct(100.0),
+            s.mean()
+        )
+    };
+    let goal = if restarts.lost == 0 && restarts.pct(99.0) < 20.0 {
+        "met"
+    } else {
+        "MISSED"
+    };
+    let md = format!(
+        "# bulkhead bench restart\n\n\
+         Guest: `{}` with `{cmdline}` (1 vCPU, 64 MiB, one 64 MiB raw disk in the host page \
+         cache). Each kill is a SIGKILL of the confined worker; the time runs from the kill \
+         to the guest's next completed request (its used idx moving), and includes the \
+         supervisor noticing the death, a new worker's exec, sandbox and vhost-user setup, \
+         inflight recovery and the first completion. The baseline is the same wait from a \
+         random instant with no kill.\n\n\
+         | series | samples | lost | p50 ms | p90 ms | p99 ms | max ms | mean ms |\n\
+         |---|---:|---:|---:|---:|---:|---:|---:|\n{}\n{}\n\n\
+         p99 of kill to next completion: {:.2} ms, {:.0}x the baseline p99; goal p99 < 20 ms: \
+         {goal}.\n",
+        kernel.display(),
+        row("kill -> next completion", restarts),
+        row("baseline (no kill)", baseline),
+        restarts.pct(99.0),
+        restarts.pct(99.0) / baseline.pct(99.0),
+    );
+    print!("{md}");
+    std::fs::write(out.join("restart.md"), &md)
+        .with_context(|| format!("write {}", out.join("restart.md").display()))?;
+    let json = serde_json::json!({
+        "restarts": restarts,
+        "baseline": baseline,
+        "p50_ms": restarts.pct(50.0),
+        "p99_ms": restarts.pct(99.0),
+        "baseline_p99_ms": baseline.pct(99.0),
+        "goal_p99_ms": 20.0,
+        "goal_met": goal == "met",
+    });
+    std::fs::write(
+        out.join("restart.json"),
+        serde_json::to_string_pretty(&json)?,
+    )
+    .with_context(|| format!("write {}", out.join("restart.json").display()))?;
+    eprintln!("bench: report in {}", out.join("restart.md").display());
+    Ok(())
+}
