@@ -55,8 +55,10 @@ fn kvm_stats_agree_kicks_stay_in_the_kernel_and_only_workers_touch_the_disks() {
             "--timeout",
             "90",
         ]);
+    // No spare workers: the pid accounting below expects one worker per disk.
     for image in &images {
-        cmd.arg("--disk").arg(format!("path={}", image.display()));
+        cmd.arg("--disk")
+            .arg(format!("path={},spare=off", image.display()));
     }
     let mut child = cmd
         .stdin(Stdio::null())

@@ -4,6 +4,8 @@
 //! - `POST /v1/disks/{id}/restart`: planned restart of a disk's worker (e.g. after the
 //!   worker binary was replaced on disk); answers once the successor serves:
 //!   `{"disk":"blk0","worker_pid":1234,"restart_ms":9.1}`.
+//! - `GET /v1/disks/{id}`: the serving worker's pid and mode (`normal`, `fail` past the
+//!   crash-loop budget, `none`): `{"disk":"blk0","worker_pid":1234,"mode":"normal"}`.
 //!
 //! Requests are untrusted: size-limited, parsed strictly, answered with 4xx on anything
 //! else. `bulkhead ctl` is the client.
@@ -131,7 +133,41 @@ fn read_head(stream: &UnixStream) -> Result<(String, String), String> {
 
 fn route(method: &str, target: &str, disks: &HashMap<String, Arc<DiskControl>>) -> Response {
     let segments: Vec<&str> = target.trim_start_matches('/').split('/').collect();
+    let find = |id: &str| {
+        disks.get(id).ok_or_else(|| {
+            let mut known: Vec<&String> = disks.keys().collect();
+            known.sort();
+            error(
+                404,
+                "Not Found",
+                format!("no disk {id:?} with a worker (disks: {known:?})"),
+            )
+        })
+    };
     match segments.as_slice() {
+        ["v1", "disks", id] => {
+            if method != "GET" {
+                return error(
+                    405,
+                    "Method Not Allowed",
+                    format!("{method} {target}: use GET"),
+                );
+            }
+            let control = match find(id) {
+                Ok(c) => c,
+                Err(response) => return response,
+            };
+            let state = control.state();
+            Response(
+                200,
+                "OK",
+                serde_json::json!({
+                    "disk": id,
+                    "worker_pid": state.worker_pid,
+                    "mode": state.mode,
+                }),
+            )
+        }
         ["v1", "disks", id, "restart"] => {
             if method != "POST" {
                 return error(
@@ -140,14 +176,9 @@ fn route(method: &str, target: &str, disks: &HashMap<String, Arc<DiskControl>>) 
                     format!("{method} {target}: use POST"),
                 );
             }
-            let Some(control) = disks.get(*id) else {
-                let mut known: Vec<&String> = disks.keys().collect();
-                known.sort();
-                return error(
-                    404,
-                    "Not Found",
-                    format!("no disk {id:?} with a worker (disks: {known:?})"),
-                );
+            let control = match find(id) {
+                Ok(c) => c,
+                Err(response) => return response,
             };
             tracing::info!("api: planned restart of disk {id}");
             match control.restart(RESTART_TIMEOUT) {
@@ -184,4 +215,46 @@ pub fn request(socket: &Path, method: &str, target: &str) -> std::io::Result<(u1
         .and_then(|c| c.parse().ok())
         .ok_or_else(|| std::io::Error::other(format!("bad response {head:?}")))?;
     Ok((code, body.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn disks() -> HashMap<String, Arc<DiskControl>> {
+        HashMap::from([("blk0".to_string(), Arc::new(DiskControl::default()))])
+    }
+
+    fn call(method: &str, target: &str) -> (u16, serde_json::Value) {
+        let Response(code, _, body) = route(method, target, &disks());
+        (code, body)
+    }
+
+    #[test]
+    fn disk_state_without_a_worker() {
+        let (code, body) = call("GET", "/v1/disks/blk0");
+        assert_eq!(code, 200);
+        assert_eq!(body["mode"], "none");
+        assert!(body["worker_pid"].is_null());
+    }
+
+    #[test]
+    fn wrong_methods_and_unknown_disks_are_refused() {
+        assert_eq!(call("POST", "/v1/disks/blk0").0, 405);
+        assert_eq!(call("GET", "/v1/disks/blk0/restart").0, 405);
+        let (code, body) = call("GET", "/v1/disks/blk9");
+        assert_eq!(code, 404);
+        assert!(
+            body["error"].as_str().unwrap().contains("\"blk0\""),
+            "{body}"
+        );
+        assert_eq!(call("POST", "/v1/disks/blk9/restart").0, 404);
+        assert_eq!(call("GET", "/v2/anything").0, 404);
+    }
+
+    #[test]
+    fn restarting_a_disk_without_a_worker_conflicts() {
+        let (code, body) = call("POST", "/v1/disks/blk0/restart");
+        assert_eq!(code, 409, "{body}");
+    }
 }

@@ -15,6 +15,8 @@ pub struct DiskConfig {
     pub serial: String,
     pub direct: bool,
     pub num_queues: u16,
+    /// Keep a started, sandboxed spare worker, so a restart skips exec and sandbox setup.
+    pub spare: bool,
 }
 
 /// Who serves the disk.
@@ -46,7 +48,7 @@ pub enum DiskError {
 const MAX_QUEUES: u16 = 64;
 
 impl DiskConfig {
-    /// Parses `path=IMG[,id=NAME][,readonly=on][,serial=ID][,direct=on][,num_queues=N]` or
+    /// Parses `path=IMG[,id=NAME][,readonly=on][,serial=ID][,direct=on][,num_queues=N][,spare=off]` or
     /// `vhost_user=SOCKET[,id=NAME][,num_queues=N]`; `index` gives the default id `blkN`.
     pub fn parse(spec: &str, index: usize) -> Result<Self, DiskError> {
         let bad = |reason: String| DiskError::Option {
@@ -65,6 +67,7 @@ impl DiskConfig {
             serial: String::new(),
             direct: false,
             num_queues: 1,
+            spare: true,
         };
         let mut backend = None;
         for part in spec.split(',') {
@@ -87,6 +90,7 @@ impl DiskConfig {
                 }
                 "readonly" => cfg.readonly = on_off(key, value)?,
                 "direct" => cfg.direct = on_off(key, value)?,
+                "spare" => cfg.spare = on_off(key, value)?,
                 "serial" => {
                     if value.len() > 20 || !value.bytes().all(|b| b.is_ascii_graphic()) {
                         return Err(bad(format!(
@@ -173,16 +177,18 @@ mod tests {
     #[test]
     fn parses_every_option() {
         let c = DiskConfig::parse(
-            "path=/x.img,id=root,readonly=on,serial=S1,direct=on,num_queues=2",
+            "path=/x.img,id=root,readonly=on,serial=S1,direct=on,num_queues=2,spare=off",
             0,
         )
         .unwrap();
         assert_eq!(c.id, "root");
+        assert!(!c.spare);
         assert_eq!(c.backend, DiskBackend::Image("/x.img".into()));
         assert!(c.readonly && c.direct);
         assert_eq!((c.serial.as_str(), c.num_queues), ("S1", 2));
         let c = DiskConfig::parse("vhost_user=/s.sock", 3).unwrap();
         assert_eq!(c.id, "blk3");
+        assert!(c.spare, "spares are on by default");
         assert_eq!(c.backend, DiskBackend::VhostUser("/s.sock".into()));
     }
 
@@ -193,6 +199,7 @@ mod tests {
             "path=/x,num_queues=0",
             "path=/x,num_queues=65",
             "path=/x,readonly=maybe",
+            "path=/x,spare=sometimes",
             "path=/x,id=bad id",
             "path=/x,serial=123456789012345678901",
             "path=/x,colour=blue",

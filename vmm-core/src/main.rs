@@ -61,6 +61,11 @@ enum CtlCommand {
         /// Disk id, e.g. blk0.
         disk: String,
     },
+    /// A disk's worker: its pid and mode (normal, fail, none).
+    Status {
+        /// Disk id, e.g. blk0.
+        disk: String,
+    },
 }
 
 #[derive(Debug, Args)]
@@ -87,8 +92,9 @@ pub struct RunArgs {
     #[arg(long, default_value_t = 1)]
     vcpus: u32,
     /// A virtio-blk disk served by its own sandboxed worker:
-    /// `path=IMG[,id=NAME][,readonly=on][,serial=ID][,direct=on][,num_queues=N]`, or by an
-    /// external vhost-user backend: `vhost_user=SOCKET[,id=NAME][,num_queues=N]`.
+    /// `path=IMG[,id=NAME][,readonly=on][,serial=ID][,direct=on][,num_queues=N][,spare=off]`,
+    /// or by an external vhost-user backend: `vhost_user=SOCKET[,id=NAME][,num_queues=N]`.
+    /// A spare worker (on by default) waits sandboxed, so a restart skips its start-up.
     /// Repeatable; ids default to blk0, blk1, ...
     #[arg(long = "disk")]
     disks: Vec<String>,
@@ -146,6 +152,7 @@ fn main() -> ExitCode {
 fn ctl(args: CtlArgs) -> ExitCode {
     let (method, target) = match &args.command {
         CtlCommand::Restart { disk } => ("POST", format!("/v1/disks/{disk}/restart")),
+        CtlCommand::Status { disk } => ("GET", format!("/v1/disks/{disk}")),
     };
     match vmm_core::api::request(&args.api_socket, method, &target) {
         Ok((code, body)) => {

@@ -63,6 +63,16 @@ struct ControlState {
     recover: bool,
 }
 
+/// A disk's worker as the control API shows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DiskState {
+    /// The serving worker's confined pid (None while the disk has no worker).
+    pub worker_pid: Option<u32>,
+    /// `normal`, `fail` (past the crash-loop budget, answering with errors until the
+    /// guest resets the device) or `none`.
+    pub mode: &'static str,
+}
+
 /// Errors of a planned restart.
 #[derive(Debug, thiserror::Error)]
 pub enum RestartError {
@@ -139,6 +149,20 @@ impl DiskControl {
         self.changed.notify_all();
     }
 
+    /// What the control API reports about the disk.
+    pub fn state(&self) -> DiskState {
+        let st = self.lock();
+        let serving = st.reaper.is_some() && !st.ended;
+        DiskState {
+            worker_pid: serving.then_some(st.worker_pid),
+            mode: match (serving, st.failing) {
+                (false, _) => "none",
+                (true, false) => "normal",
+                (true, true) => "fail",
+            },
+        }
+    }
+
     /// The current worker's confined process (or its reaper until that is known) and its
     /// pid; None while the disk has no worker.
     pub fn current_worker(&self) -> Option<(u32, Arc<OwnedFd>)> {
@@ -212,15 +236,23 @@ pub fn pidfd_open(pid: u32) -> std::io::Result<OwnedFd> {
 
 /// Waits up to `timeout` for the process behind `pidfd` to exit; true when it has.
 pub fn wait_exit(pidfd: &OwnedFd, timeout: Duration) -> bool {
-    let mut pfd = libc::pollfd {
-        fd: pidfd.as_raw_fd(),
-        events: libc::POLLIN,
-        revents: 0,
-    };
+    wait_any_exit(&[pidfd], timeout)
+}
+
+/// Waits up to `timeout` for any of the processes behind `pidfds` to exit.
+fn wait_any_exit(pidfds: &[&OwnedFd], timeout: Duration) -> bool {
+    let mut pfds: Vec<libc::pollfd> = pidfds
+        .iter()
+        .map(|fd| libc::pollfd {
+            fd: fd.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        })
+        .collect();
     let ms = timeout.as_millis().min(i32::MAX as u128) as i32;
     loop {
-        // SAFETY: polls one valid pollfd that lives on this stack frame.
-        let ret = unsafe { libc::poll(&mut pfd, 1, ms) };
+        // SAFETY: polls valid pollfds in a vector that outlives the call, with its length.
+        let ret = unsafe { libc::poll(pfds.as_mut_ptr(), pfds.len() as libc::nfds_t, ms) };
         if ret >= 0 {
             return ret > 0;
         }
@@ -269,6 +301,23 @@ fn shown_pid(worker: &Worker) -> u32 {
     }
 }
 
+/// Kills and reaps a worker that will not serve (a spare no longer wanted, or one that
+/// failed its setup).
+fn discard(worker: Option<Worker>) {
+    if let Some(mut w) = worker {
+        let _ = w.child.kill();
+        let _ = w.child.wait();
+    }
+}
+
+/// How a supervised worker's life ended, for the budget.
+struct Ended {
+    /// It completed a request (or was stopped on purpose).
+    served: bool,
+    /// A planned restart stopped it.
+    planned: bool,
+}
+
 /// What ended a supervised worker.
 enum End {
     /// It exited or was killed from outside.
@@ -314,13 +363,20 @@ impl Supervisor {
         };
         // Workers in a row (of the current mode) that ended before serving a request.
         let mut crash_loop = 0u32;
+        // Started and sandboxed ahead of need: a restart then skips exec and sandbox setup.
+        let mut spare = self.start_spare();
         loop {
-            let served = self.end_of(&mut current);
+            let ended = self.end_of(&mut current);
             let died_at = Instant::now();
             if self.device.closing() {
                 self.control.end();
                 return;
             }
+            if ended.planned {
+                // A planned restart picks up a replaced binary: the spare runs the old one.
+                discard(spare.take());
+            }
+            let served = ended.served;
             let mut mode = current.mode;
             if self.control.take_recover() {
                 tracing::info!("disk {id}: the guest reset the device: starting a normal worker");
@@ -345,6 +401,7 @@ impl Supervisor {
                             self.device.needs_reset();
                             mode = Mode::Fail;
                             crash_loop = 0;
+                            discard(spare.take());
                         }
                         Mode::Fail => {
                             tracing::error!(
@@ -367,7 +424,11 @@ impl Supervisor {
                 if crash_loop >= 2 {
                     std::thread::sleep(FIRST_BACKOFF * (1 << (crash_loop - 2).min(8)));
                 }
-                match self.replace(mode) {
+                let ready = match mode {
+                    Mode::Normal => spare.take(),
+                    Mode::Fail => None,
+                };
+                match self.replace(mode, ready) {
                     Ok(next) => {
                         let looping = if crash_loop > 0 {
                             format!("; {crash_loop} in a row died before serving")
@@ -390,6 +451,9 @@ impl Supervisor {
                             next.confined.clone(),
                             shown_pid(&next.worker),
                         );
+                        if mode == Mode::Normal && spare.is_none() {
+                            spare = self.start_spare();
+                        }
                         break next;
                     }
                     Err(e) => {
@@ -401,10 +465,31 @@ impl Supervisor {
         }
     }
 
+    /// A spare worker, if the disk wants one (never in learn mode, which records every
+    /// worker to its normal end).
+    fn start_spare(&self) -> Option<Worker> {
+        if !self.cfg.spare || self.learn.is_some() {
+            return None;
+        }
+        match crate::worker::spawn(&self.cfg, &self.image, &self.bin, None, Mode::Normal) {
+            Ok(w) => {
+                tracing::debug!("disk {}: spare worker pid {}", self.cfg.id, w.child.id());
+                Some(w)
+            }
+            Err(e) => {
+                tracing::warn!(
+                    "disk {}: cannot start a spare worker: {}",
+                    self.cfg.id,
+                    crate::error_chain(&e)
+                );
+                None
+            }
+        }
+    }
+
     /// Waits for `current` to end (or ends it: hung, or replaced after a guest reset),
-    /// reaps it and says how it ended. Returns whether it served: completed a request, or
-    /// was stopped on purpose.
-    fn end_of(&self, current: &mut Current) -> bool {
+    /// reaps it and says how it ended.
+    fn end_of(&self, current: &mut Current) -> Ended {
         let id = &self.cfg.id;
         let worker = &mut current.worker;
         let end = match &current.pidfd {
@@ -449,7 +534,10 @@ impl Supervisor {
             crate::vm::report_worker_end(id, &worker.status, &how, &self.violations);
         }
         // Requests answered with an error count as served: the worker ran its loop.
-        on_purpose || worker.status.completed() + worker.status.failed() > 0
+        Ended {
+            served: on_purpose || worker.status.completed() + worker.status.failed() > 0,
+            planned,
+        }
     }
 
     /// With no worker left to start: waits for the guest to reset the device (true) or the
@@ -499,8 +587,10 @@ impl Supervisor {
     fn watch(&self, pidfd: &OwnedFd, confined: Option<&OwnedFd>, worker: &Worker) -> End {
         let mut progress = worker.status.progress();
         let mut since = Instant::now();
+        // The confined worker's own end is seen at once, not after its reaper reacts.
+        let watched: Vec<&OwnedFd> = std::iter::once(pidfd).chain(confined).collect();
         loop {
-            if wait_exit(pidfd, HANG_CHECK) {
+            if wait_any_exit(&watched, HANG_CHECK) {
                 return End::Died;
             }
             if self.control.recover_requested() {
@@ -536,11 +626,18 @@ impl Supervisor {
         }
     }
 
-    /// Starts a successor and hands it, set up, to the control thread.
-    fn replace(&self, mode: Mode) -> Result<Current, String> {
+    /// Starts a successor (or takes `spare`, started earlier in `mode`) and hands it, set
+    /// up, to the control thread.
+    fn replace(&self, mode: Mode, spare: Option<Worker>) -> Result<Current, String> {
         let id = &self.cfg.id;
-        let w = crate::worker::spawn(&self.cfg, &self.image, &self.bin, self.learn.as_ref(), mode)
-            .map_err(|e| crate::error_chain(&e))?;
+        let from_spare = spare.is_some();
+        let w = match spare {
+            Some(w) => w,
+            None => {
+                crate::worker::spawn(&self.cfg, &self.image, &self.bin, self.learn.as_ref(), mode)
+                    .map_err(|e| crate::error_chain(&e))?
+            }
+        };
         let pidfd = pidfd_open(w.child.id()).ok().map(Arc::new);
         let stream = w
             .vhost
@@ -548,17 +645,24 @@ impl Supervisor {
             .map_err(|e| format!("clone the vhost-user socket: {e}"))?;
         let backend = match crate::vhost_frontend::setup(id, stream, self.cfg.num_queues) {
             Ok(b) => b,
+            Err(e) if from_spare => {
+                // It waited unwatched; whatever became of it, a fresh worker will do.
+                tracing::warn!(
+                    "disk {id}: the spare worker (pid {}) failed its setup: {}; starting a \
+                     fresh one",
+                    shown_pid(&w),
+                    crate::error_chain(&e)
+                );
+                discard(Some(w));
+                return self.replace(mode, None);
+            }
             Err(e) => {
-                let mut w = w;
-                let _ = w.child.kill();
-                let _ = w.child.wait();
+                discard(Some(w));
                 return Err(crate::error_chain(&e));
             }
         };
         if backend.features != self.features || backend.config != self.config {
-            let mut w = w;
-            let _ = w.child.kill();
-            let _ = w.child.wait();
+            discard(Some(w));
             return Err(format!(
                 "the successor offers another device (features {:#x}, was {:#x})",
                 backend.features, self.features

@@ -310,6 +310,7 @@ impl ControlThread {
                     worker_pidfd,
                     fail_mode,
                 } => {
+                    tracing::debug!("{}: replacement backend connected", self.device.id);
                     self.backend = *backend;
                     self.worker_pidfd = worker_pidfd;
                     active.clear();
