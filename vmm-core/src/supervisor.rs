@@ -646,7 +646,13 @@ impl Supervisor {
         let backend = match crate::vhost_frontend::setup(id, stream, self.cfg.num_queues) {
             Ok(b) => b,
             Err(e) if from_spare => {
-                // It waited unwatched; whatever became of it, a fresh worker will do.
+                // It waited unwatched; whatever became of it, a fresh worker will do. If it
+                // ended by itself, say how (a policy violation is kept like any other).
+                let mut w = w;
+                if let Ok(Some(exit)) = w.child.try_wait() {
+                    let how = format!("(spare) {}", crate::vm::describe_exit(exit));
+                    crate::vm::report_worker_end(id, &w.status, &how, &self.violations);
+                }
                 tracing::warn!(
                     "disk {id}: the spare worker (pid {}) failed its setup: {}; starting a \
                      fresh one",
