@@ -10,9 +10,11 @@ use crate::blk::fail_backend::FailBackend;
 use crate::blk::queue::{process_queue, process_resubmitted, QueueError, QueueOutcome};
 use crate::blk::request::BlkContext;
 use crate::blk::sync_backend::SyncBackend;
+use crate::blk::uring_backend::UringBackend;
 use crate::disk::Disk;
 use crate::inflight::InflightLog;
 use crate::vhost::{QueueResult, VhostDevice};
+use ipc::messages::IoEngine;
 
 /// Errors while building the device.
 #[derive(Debug, thiserror::Error)]
@@ -21,6 +23,8 @@ pub enum BlkDeviceError {
     Config(#[from] ConfigError),
     #[error("cannot set up the I/O backend")]
     Backend(#[source] std::io::Error),
+    #[error("engine io_uring was asked for")]
+    Uring(#[source] crate::blk::uring_backend::UringError),
 }
 
 /// A virtio-blk device on one disk.
@@ -31,6 +35,8 @@ pub struct BlkDevice {
     ctx: BlkContext,
     features: u64,
     num_queues: usize,
+    ring_fd: Option<std::os::fd::RawFd>,
+    engine: &'static str,
 }
 
 /// How a worker serves its disk.
@@ -44,11 +50,14 @@ pub enum ServeMode {
 }
 
 impl BlkDevice {
+    /// The device on `disk`. Its I/O backend (`engine`, or none in fail mode) is set up
+    /// here, before the sandbox.
     pub fn new(
         disk: Disk,
         num_queues: u16,
         serial: &[u8],
         mode: ServeMode,
+        engine: IoEngine,
     ) -> Result<Self, BlkDeviceError> {
         let num_queues = usize::from(num_queues);
         let limits = BlkLimits::default();
@@ -62,11 +71,31 @@ impl BlkDevice {
         let config = BlkConfig::new(disk.size, blk_size, num_queues, &limits)?;
         let ctx = BlkContext::new(&config, limits, disk.readonly, serial);
         let features = device_features(disk.readonly, num_queues);
-        let backend: Box<dyn DiskBackend + Send> = match mode {
+        let (backend, ring_fd, engine): (Box<dyn DiskBackend + Send>, _, _) = match mode {
+            ServeMode::Fail => (Box::new(FailBackend::new(disk.size)), None, "none"),
             ServeMode::Normal => {
-                Box::new(SyncBackend::new(disk.file).map_err(BlkDeviceError::Backend)?)
+                let sync = SyncBackend::new(disk.file).map_err(BlkDeviceError::Backend)?;
+                match engine {
+                    IoEngine::Sync => (Box::new(sync), None, "sync"),
+                    IoEngine::IoUring | IoEngine::Auto => match UringBackend::new(sync) {
+                        Ok(uring) => {
+                            let fd = uring.ring_fd();
+                            (Box::new(uring), Some(fd), "io_uring")
+                        }
+                        Err((e, _)) if engine == IoEngine::IoUring => {
+                            return Err(BlkDeviceError::Uring(e));
+                        }
+                        Err((e, sync)) => {
+                            tracing::info!(
+                                "io_uring unavailable ({}): using the sync engine",
+                                std::error::Error::source(&e)
+                                    .map_or(e.to_string(), |s| format!("{e}: {s}"))
+                            );
+                            (Box::new(sync), None, "sync")
+                        }
+                    },
+                }
             }
-            ServeMode::Fail => Box::new(FailBackend::new(disk.size)),
         };
         Ok(BlkDevice {
             disk: backend,
@@ -74,7 +103,19 @@ impl BlkDevice {
             ctx,
             features,
             num_queues,
+            ring_fd,
+            engine,
         })
+    }
+
+    /// The io_uring's descriptor, if the engine has one (it must survive the sandbox).
+    pub fn ring_fd(&self) -> Option<std::os::fd::RawFd> {
+        self.ring_fd
+    }
+
+    /// The engine in use: `io_uring`, `sync`, or `none` (fail mode).
+    pub fn engine(&self) -> &'static str {
+        self.engine
     }
 }
 

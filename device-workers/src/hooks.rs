@@ -77,6 +77,8 @@ fn forbidden_call(name: &str) -> Option<i64> {
             ),
             "bpf" => libc::syscall(libc::SYS_bpf, 5, null, 0),
             "io_uring_setup" => libc::syscall(libc::SYS_io_uring_setup, 8, null),
+            // Any ring the worker holds: lifting its restrictions is the attack.
+            "io_uring_register" => libc::syscall(libc::SYS_io_uring_register, 3, 11, null, 0),
             "clone" => libc::syscall(libc::SYS_clone, libc::SIGCHLD, 0, 0, 0, 0),
             _ => return None,
         }

@@ -86,6 +86,10 @@ struct BlkArgs {
     /// Open the image with O_DIRECT (bypass the host page cache).
     #[arg(long)]
     direct: bool,
+    /// I/O engine: auto (io_uring if the kernel allows the restricted ring, else sync),
+    /// sync, or io_uring.
+    #[arg(long, default_value = "auto", value_parser = parse_engine)]
+    engine: ipc::messages::IoEngine,
     /// Host uid the worker runs as when started by root.
     #[arg(long, default_value_t = sandbox::DEFAULT_UID)]
     uid: u32,
@@ -108,6 +112,10 @@ struct BlkArgs {
     #[cfg(feature = "test-hooks")]
     #[arg(long)]
     fault_hook: Option<String>,
+}
+
+fn parse_engine(s: &str) -> Result<ipc::messages::IoEngine, String> {
+    ipc::messages::IoEngine::parse(s).ok_or_else(|| format!("{s:?} is not auto, sync or io_uring"))
 }
 
 fn main() -> ExitCode {
@@ -169,6 +177,7 @@ fn run_blk(args: BlkArgs) -> anyhow::Result<ExitCode> {
         print_status: args.print_status,
         learn,
         mode: ServeMode::Normal,
+        engine: args.engine,
         #[cfg(feature = "test-hooks")]
         sandboxed: !args.no_sandbox,
         #[cfg(feature = "test-hooks")]
@@ -262,6 +271,7 @@ fn run_spawned(args: SpawnedArgs) -> anyhow::Result<ExitCode> {
         print_status: false,
         learn,
         mode,
+        engine: config.engine,
         // Only a test build may honour a VMM's request to run unconfined.
         #[cfg(feature = "test-hooks")]
         sandboxed: config.sandbox,
@@ -290,6 +300,7 @@ struct Serve {
     /// Learn mode: the socket the seccomp listener goes out on.
     learn: Option<std::os::fd::OwnedFd>,
     mode: ServeMode,
+    engine: ipc::messages::IoEngine,
     #[cfg(feature = "test-hooks")]
     sandboxed: bool,
     #[cfg(feature = "test-hooks")]
@@ -300,7 +311,9 @@ fn serve(s: Serve) -> anyhow::Result<ExitCode> {
     let disk_size = s.disk.size;
     // In fail mode the device closes the image before the sandbox: nothing to keep.
     let disk_fd = (s.mode == ServeMode::Normal).then(|| s.disk.file.as_raw_fd());
-    let device = BlkDevice::new(s.disk, s.num_queues, s.serial.as_bytes(), s.mode)?;
+    let device = BlkDevice::new(s.disk, s.num_queues, s.serial.as_bytes(), s.mode, s.engine)?;
+    let ring_fd = device.ring_fd();
+    let engine = device.engine();
     // Created now: after the sandbox, a new memfd could not be made or mapped.
     let inflight = device_workers::inflight::InflightRegion::create(
         s.num_queues,
@@ -332,6 +345,7 @@ fn serve(s: Serve) -> anyhow::Result<ExitCode> {
     if sandboxed {
         let mut keep_fds = vec![handler.as_raw_fd(), events.as_raw_fd()];
         keep_fds.extend(disk_fd);
+        keep_fds.extend(ring_fd);
         keep_fds.extend(&inflight_fds);
         keep_fds.extend(s.control.as_ref().map(|c| c.as_raw_fd()));
         keep_fds.extend(s.learn.as_ref().map(|l| l.as_raw_fd()));
@@ -342,6 +356,11 @@ fn serve(s: Serve) -> anyhow::Result<ExitCode> {
             // Memory regions, and per queue a kick, a call and an error fd, with margin.
             max_fds: 32 + 4 * u64::from(s.num_queues),
             max_file_size: disk_size,
+            // The io_uring's io-wq threads count as processes of the worker's user.
+            max_procs: match ring_fd {
+                Some(_) => sandbox::NPROC_WITH_IO_URING,
+                None => 1,
+            },
         };
         match sandbox::enter_namespaces(&cfg)? {
             Side::Reaper { worker } => {
@@ -358,7 +377,7 @@ fn serve(s: Serve) -> anyhow::Result<ExitCode> {
                     }
                 };
                 say(format_args!(
-                    "serving {} as pid {worker} (sandboxed){fail}",
+                    "serving {} as pid {worker} (sandboxed, engine {engine}){fail}",
                     s.label
                 ));
                 sandbox::confine_reaper()?;

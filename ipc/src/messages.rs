@@ -14,7 +14,7 @@
 use serde::{Deserialize, Serialize};
 
 /// Version of the message set. Bump on any change of the messages or their meaning.
-pub const PROTOCOL_VERSION: u32 = 2;
+pub const PROTOCOL_VERSION: u32 = 3;
 
 /// Longest device id, in bytes.
 pub const MAX_DEVICE_ID_LEN: usize = 32;
@@ -164,6 +164,39 @@ pub struct WorkerConfig {
     /// (pending or new) with an I/O error and never touches the disk; it serves until the
     /// guest resets the device.
     pub fail_mode: bool,
+    /// How the worker does its disk I/O.
+    pub engine: IoEngine,
+}
+
+/// A worker's I/O engine.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum IoEngine {
+    /// io_uring when the kernel allows the restricted ring, else synchronous calls.
+    #[default]
+    Auto,
+    /// preadv/pwritev/fdatasync, one request at a time.
+    Sync,
+    /// A restricted io_uring, one io_uring_enter per batch; the worker fails to start
+    /// without it.
+    IoUring,
+}
+
+impl IoEngine {
+    /// The name used in options and logs.
+    pub fn name(self) -> &'static str {
+        match self {
+            IoEngine::Auto => "auto",
+            IoEngine::Sync => "sync",
+            IoEngine::IoUring => "io_uring",
+        }
+    }
+
+    /// Parses `auto`, `sync` or `io_uring`.
+    pub fn parse(s: &str) -> Option<Self> {
+        [IoEngine::Auto, IoEngine::Sync, IoEngine::IoUring]
+            .into_iter()
+            .find(|e| e.name() == s)
+    }
 }
 
 impl Validate for WorkerConfig {
@@ -177,6 +210,7 @@ impl Validate for WorkerConfig {
             direct_io: _,
             sandbox: _,
             fail_mode: _,
+            engine: _,
         } = self;
         check_len("device_id", device_id, 1, MAX_DEVICE_ID_LEN)?;
         check_chars("device_id", device_id, "[A-Za-z0-9_-]", |c| {
@@ -332,6 +366,7 @@ mod tests {
             direct_io: true,
             sandbox: true,
             fail_mode: false,
+            engine: IoEngine::Auto,
         }
     }
 

@@ -95,6 +95,7 @@ fn vmm_and_worker_processes() {
         direct_io: false,
         sandbox: true,
         fail_mode: false,
+        engine: ipc::messages::IoEngine::Auto,
     };
     vmm.send(&VmmMessage::Configure(config), &[file.as_fd()])
         .unwrap();

@@ -197,6 +197,7 @@ mod tests {
             "clone3",
             "ptrace",
             "io_uring_setup",
+            "io_uring_register",
         ] {
             assert_eq!(p.rules_for(forbidden).count(), 0, "{forbidden} must trap");
         }

@@ -128,6 +128,7 @@ impl SandboxFacts {
         let mut sockets = 0;
         let mut disks = 0;
         let mut epolls = 0;
+        let mut rings = 0;
         for (fd, target) in &self.fds {
             if target.starts_with("socket:") {
                 sockets += 1;
@@ -135,6 +136,8 @@ impl SandboxFacts {
                 disks += 1;
             } else if target == "anon_inode:[eventpoll]" {
                 epolls += 1;
+            } else if target == "anon_inode:[io_uring]" {
+                rings += 1;
             } else if target == "anon_inode:[eventfd]"
                 || (*fd == 2 && (target.starts_with("pipe:") || target.starts_with("/dev/")))
                 || shared_memfds
@@ -150,14 +153,17 @@ impl SandboxFacts {
             (sockets_kept, 1, 1),
             "{sockets_kept} socket(s), one disk, one epoll: {ctx}"
         );
+        assert!(rings <= 1, "at most the io_uring engine's ring: {ctx}");
 
         for line in &self.maps {
             let fields: Vec<&str> = line.split_whitespace().collect();
             let perms = fields.get(1).copied().unwrap_or("");
             let path = fields.get(5..).map(|p| p.join(" ")).unwrap_or_default();
             if perms.ends_with('s') {
+                // The io_uring engine's submission and completion rings.
+                let ring = rings == 1 && path == "anon_inode:[io_uring]";
                 assert!(
-                    shared_memfds
+                    ring || shared_memfds
                         .iter()
                         .any(|name| path.starts_with(&format!("/memfd:{name}"))),
                     "shared mapping not on the list: {line}: {ctx}"

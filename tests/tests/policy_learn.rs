@@ -64,7 +64,8 @@ fn learn_command(learn_args: &[&OsStr], run_args: &[&OsStr], disks: &[String]) -
     cmd
 }
 
-/// `bulkhead policy learn [learn_args] -- <run args>` over blk-verify on two disks.
+/// `bulkhead policy learn [learn_args] -- <run args>` over blk-verify on two disks, one
+/// per I/O engine.
 fn learn_blk_verify(dir: &Path, learn_args: &[&str]) -> RunResult {
     require_kvm();
     let d0 = image(dir, "d0.img", 8 << 20);
@@ -74,8 +75,9 @@ fn learn_blk_verify(dir: &Path, learn_args: &[&str]) -> RunResult {
         &learn_args,
         &[],
         &[
-            format!("path={}", d0.display()),
-            format!("path={},direct=on", d1.display()),
+            // Both engines: the sync one's syscalls and the io_uring one's.
+            format!("path={},engine=sync", d0.display()),
+            format!("path={},direct=on,engine=io_uring", d1.display()),
         ],
     );
     let r = run_with_deadline(cmd, Duration::from_secs(120));
@@ -228,19 +230,20 @@ fn the_policy_is_exactly_what_the_workloads_need() {
     // Both workloads move data: the I/O calls must be among what was learned.
     // Both are recorded to a normal exit (bulkhead disconnects its workers when the guest
     // is done, QEMU when it powers off).
-    for io in [
-        "preadv",
-        "pwritev",
-        "fdatasync",
-        "epoll_wait",
-        "recvmsg",
-        "exit_group",
-    ] {
+    // The io_uring engine (both workloads) submits with io_uring_enter; the sync engine
+    // (one blk-verify disk) calls preadv, pwritev and fdatasync.
+    for io in ["io_uring_enter", "epoll_wait", "recvmsg", "exit_group"] {
         assert!(
             verify.rules.iter().any(|r| r.syscall == io),
             "blk-verify: {io}"
         );
         assert!(linux.rules.iter().any(|r| r.syscall == io), "Linux: {io}");
+    }
+    for io in ["preadv", "pwritev", "fdatasync"] {
+        assert!(
+            verify.rules.iter().any(|r| r.syscall == io),
+            "blk-verify: {io}"
+        );
     }
 }
 

@@ -22,6 +22,15 @@ fn disk(dir: &Path, name: &str) -> PathBuf {
 }
 
 fn run(plan: &str, disks: &[&Path], extra: &[&str]) -> RunResult {
+    let specs: Vec<String> = disks
+        .iter()
+        .map(|d| format!("path={}", d.display()))
+        .collect();
+    run_specs(plan, &specs, extra)
+}
+
+/// Runs the test guest with `--disk` specs as given.
+fn run_specs(plan: &str, disks: &[String], extra: &[&str]) -> RunResult {
     require_kvm();
     let kernel = testguest();
     let mut args: Vec<String> = vec![
@@ -39,7 +48,7 @@ fn run(plan: &str, disks: &[&Path], extra: &[&str]) -> RunResult {
     ];
     for d in disks {
         args.push("--disk".into());
-        args.push(format!("path={}", d.display()));
+        args.push(d.clone());
     }
     args.extend(extra.iter().map(|s| s.to_string()));
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
@@ -74,14 +83,38 @@ fn assert_workers_were_confined(r: &RunResult, count: usize) {
     }
 }
 
-fn blk_verify(qd: u32, completion: &str) {
-    let dir = scratch_dir(&format!("vmm-disks-qd{qd}-{completion}"));
+/// Each worker says which engine it serves with; `engine` is what `engine=` asked for
+/// (`auto` is io_uring on this kernel, which these tests need).
+fn assert_engine(r: &RunResult, engine: &str, workers: usize) {
+    let want = if engine == "auto" { "io_uring" } else { engine };
+    let serving: Vec<&str> = r
+        .stderr
+        .lines()
+        .filter(|l| l.contains("(sandboxed, engine "))
+        .collect();
+    assert!(serving.len() >= workers, "{}", r.transcript());
+    for line in serving {
+        assert!(
+            line.contains(&format!("(sandboxed, engine {want})")),
+            "engine={engine}: {line}"
+        );
+    }
+}
+
+fn blk_verify(qd: u32, completion: &str, engine: &str) {
+    let dir = scratch_dir(&format!("vmm-disks-qd{qd}-{completion}-{engine}"));
     let d0 = disk(&dir, "d0.img");
     let d1 = disk(&dir, "d1.img");
     let plan = format!(
         "testguest.plan=blk-verify qd={qd} completion={completion} seed={SEED} blocks={BLOCKS}"
     );
-    let r = run(&plan, &[&d0, &d1], &[]);
+    // One disk through the page cache, one with O_DIRECT.
+    let specs = [
+        format!("path={},engine={engine}", d0.display()),
+        format!("path={},engine={engine},direct=on", d1.display()),
+    ];
+    let r = run_specs(&plan, &specs, &[]);
+    assert_engine(&r, engine, 2);
     let t = r.transcript();
     let lines = tg_lines(&r.stdout);
     assert_eq!(lines.last().map(String::as_str), Some("TG done"), "{t}");
@@ -103,31 +136,42 @@ fn blk_verify(qd: u32, completion: &str) {
 
 #[test]
 fn blk_verify_two_disks_qd1_poll() {
-    blk_verify(1, "poll");
+    blk_verify(1, "poll", "auto");
 }
 
 #[test]
-fn blk_verify_two_disks_qd32_poll() {
-    blk_verify(32, "poll");
+fn blk_verify_two_disks_qd32_poll_sync_engine() {
+    blk_verify(32, "poll", "sync");
 }
 
 #[test]
-fn blk_verify_two_disks_qd1_irq() {
-    blk_verify(1, "irq");
+fn blk_verify_two_disks_qd1_irq_sync_engine() {
+    blk_verify(1, "irq", "sync");
 }
 
 #[test]
-fn blk_verify_two_disks_qd32_irq() {
-    blk_verify(32, "irq");
+fn blk_verify_two_disks_qd32_irq_io_uring_engine() {
+    blk_verify(32, "irq", "io_uring");
 }
 
 /// Each bad chain the guest can build gets the status the virtio spec asks for, and the
 /// worker keeps serving (the plan reads after every case, and ends with TG done).
 #[test]
-fn hostile_chains_under_bulkhead() {
-    let dir = scratch_dir("vmm-hostile");
+fn hostile_chains_under_bulkhead_io_uring_engine() {
+    hostile_chains("io_uring");
+}
+
+#[test]
+fn hostile_chains_under_bulkhead_sync_engine() {
+    hostile_chains("sync");
+}
+
+fn hostile_chains(engine: &str) {
+    let dir = scratch_dir(&format!("vmm-hostile-{engine}"));
     let d0 = disk(&dir, "d0.img");
-    let r = run("testguest.plan=hostile", &[&d0], &[]);
+    let spec = format!("path={},engine={engine}", d0.display());
+    let r = run_specs("testguest.plan=hostile", &[spec], &[]);
+    assert_engine(&r, engine, 1);
     let t = r.transcript();
     let lines = tg_lines(&r.stdout);
     for case in [
@@ -466,6 +510,11 @@ fn each_forbidden_syscall_class_kills_only_its_worker() {
         ("mount", 165, "mount(0x"),
         ("bpf", 321, "bpf(BPF_PROG_LOAD, NULL, 0)"),
         ("io_uring_setup", 425, "io_uring_setup(8, NULL)"),
+        (
+            "io_uring_register",
+            427,
+            "io_uring_register(3, 11, NULL, 0)",
+        ),
         ("clone", 56, "clone(0|SIGCHLD"),
     ] {
         let r = blk_verify_beside_a_faulty_worker(hook, &format!("vmm-class-{hook}"));

@@ -80,15 +80,31 @@ fn run_guest_and_check_sandbox(worker: &mut Worker, qemu: Command, disk: &Path) 
 }
 
 #[test]
-fn linux_writes_reads_discards_through_the_sandboxed_worker() {
-    let dir = scratch_dir("worker-rw");
+fn linux_writes_reads_discards_through_the_sandboxed_worker_io_uring() {
+    linux_writes_reads_discards("io_uring");
+}
+
+#[test]
+fn linux_writes_reads_discards_through_the_sandboxed_worker_sync() {
+    linux_writes_reads_discards("sync");
+}
+
+fn linux_writes_reads_discards(engine: &str) {
+    let dir = scratch_dir(&format!("worker-rw-{engine}"));
     let disk = make_disk(&dir);
     let socket = dir.join("vhu.sock");
     let mut worker = Worker::start(
         &worker_bin(),
         &socket,
         &disk,
-        &["--num-queues", "2", "--serial", "bulkhead-rw"],
+        &[
+            "--num-queues",
+            "2",
+            "--serial",
+            "bulkhead-rw",
+            "--engine",
+            engine,
+        ],
     );
     let blocks = PATTERN_BLOCKS.map(|b| b.to_string()).join(" ");
     let guest_cmd = format!(
@@ -103,6 +119,10 @@ fn linux_writes_reads_discards_through_the_sandboxed_worker() {
     let (code, worker_err) = worker.finish(Duration::from_secs(20));
     assert_guest_ok(&r, &worker_err);
     let t = r.transcript();
+    assert!(
+        worker_err.contains(&format!("(sandboxed, engine {engine})")),
+        "{worker_err}"
+    );
     assert!(
         r.stdout.contains("queues 2"),
         "guest must see 2 queues: {t}"

@@ -17,6 +17,8 @@ pub struct DiskConfig {
     pub num_queues: u16,
     /// Keep a started, sandboxed spare worker, so a restart skips exec and sandbox setup.
     pub spare: bool,
+    /// The worker's I/O engine.
+    pub engine: ipc::messages::IoEngine,
 }
 
 /// Who serves the disk.
@@ -48,7 +50,8 @@ pub enum DiskError {
 const MAX_QUEUES: u16 = 64;
 
 impl DiskConfig {
-    /// Parses `path=IMG[,id=NAME][,readonly=on][,serial=ID][,direct=on][,num_queues=N][,spare=off]` or
+    /// Parses `path=IMG[,id=NAME][,readonly=on][,serial=ID][,direct=on][,num_queues=N][,spare=off]
+    /// [,engine=auto|sync|io_uring]` or
     /// `vhost_user=SOCKET[,id=NAME][,num_queues=N]`; `index` gives the default id `blkN`.
     pub fn parse(spec: &str, index: usize) -> Result<Self, DiskError> {
         let bad = |reason: String| DiskError::Option {
@@ -68,6 +71,7 @@ impl DiskConfig {
             direct: false,
             num_queues: 1,
             spare: true,
+            engine: ipc::messages::IoEngine::Auto,
         };
         let mut backend = None;
         for part in spec.split(',') {
@@ -91,6 +95,11 @@ impl DiskConfig {
                 "readonly" => cfg.readonly = on_off(key, value)?,
                 "direct" => cfg.direct = on_off(key, value)?,
                 "spare" => cfg.spare = on_off(key, value)?,
+                "engine" => {
+                    cfg.engine = ipc::messages::IoEngine::parse(value).ok_or_else(|| {
+                        bad(format!("engine={value} must be auto, sync or io_uring"))
+                    })?;
+                }
                 "serial" => {
                     if value.len() > 20 || !value.bytes().all(|b| b.is_ascii_graphic()) {
                         return Err(bad(format!(
@@ -177,12 +186,13 @@ mod tests {
     #[test]
     fn parses_every_option() {
         let c = DiskConfig::parse(
-            "path=/x.img,id=root,readonly=on,serial=S1,direct=on,num_queues=2,spare=off",
+            "path=/x.img,id=root,readonly=on,serial=S1,direct=on,num_queues=2,spare=off,engine=sync",
             0,
         )
         .unwrap();
         assert_eq!(c.id, "root");
         assert!(!c.spare);
+        assert_eq!(c.engine, ipc::messages::IoEngine::Sync);
         assert_eq!(c.backend, DiskBackend::Image("/x.img".into()));
         assert!(c.readonly && c.direct);
         assert_eq!((c.serial.as_str(), c.num_queues), ("S1", 2));
@@ -200,6 +210,7 @@ mod tests {
             "path=/x,num_queues=65",
             "path=/x,readonly=maybe",
             "path=/x,spare=sometimes",
+            "path=/x,engine=aio",
             "path=/x,id=bad id",
             "path=/x,serial=123456789012345678901",
             "path=/x,colour=blue",

@@ -92,7 +92,8 @@ pub struct RunArgs {
     #[arg(long, default_value_t = 1)]
     vcpus: u32,
     /// A virtio-blk disk served by its own sandboxed worker:
-    /// `path=IMG[,id=NAME][,readonly=on][,serial=ID][,direct=on][,num_queues=N][,spare=off]`,
+    /// `path=IMG[,id=NAME][,readonly=on][,serial=ID][,direct=on][,num_queues=N][,spare=off]
+    /// [,engine=auto|sync|io_uring]`,
     /// or by an external vhost-user backend: `vhost_user=SOCKET[,id=NAME][,num_queues=N]`.
     /// A spare worker (on by default) waits sandboxed, so a restart skips its start-up.
     /// Repeatable; ids default to blk0, blk1, ...

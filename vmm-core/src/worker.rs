@@ -278,6 +278,7 @@ fn configure(
         direct_io: cfg.direct,
         sandbox: true,
         fail_mode: mode == Mode::Fail,
+        engine: cfg.engine,
     };
     worker
         .control

@@ -102,8 +102,35 @@ pub fn total_len(bufs: &[VolatileSlice<'_>]) -> u64 {
     bufs.iter().map(|b| b.len() as u64).sum()
 }
 
+/// One disk operation of a batch (see [`DiskBackend::run_batch`]).
+#[derive(Debug)]
+pub enum DiskOp<'a> {
+    /// Fill `bufs`, in order, from `offset`.
+    Read {
+        bufs: Vec<VolatileSlice<'a>>,
+        offset: u64,
+    },
+    /// Write `bufs`, in order, at `offset`.
+    Write {
+        bufs: Vec<VolatileSlice<'a>>,
+        offset: u64,
+    },
+    /// Make every write completed before it durable.
+    Flush,
+    Discard {
+        offset: u64,
+        len: u64,
+    },
+    WriteZeroes {
+        offset: u64,
+        len: u64,
+        unmap: bool,
+    },
+}
+
 /// A disk: fixed size, vectored positional I/O into guest memory, flush, discard and
-/// write-zeroes. Synchronous: a call returns when the operation is complete.
+/// write-zeroes. Each call returns when its operation is complete; a batch
+/// ([`DiskBackend::run_batch`]) lets a backend run operations together.
 pub trait DiskBackend: std::fmt::Debug {
     /// Size of the disk in bytes (fixed for the backend's lifetime).
     fn size(&self) -> u64;
@@ -134,6 +161,24 @@ pub trait DiskBackend: std::fmt::Debug {
     /// Makes `[offset, offset + len)` read back as zeroes; with `unmap` the backend may
     /// deallocate the range.
     fn write_zeroes(&mut self, offset: u64, len: u64, unmap: bool) -> Result<(), BackendError>;
+
+    /// Runs `ops` and returns one result per op, in order, once all are complete. A flush
+    /// covers every write before it in the batch. The default runs them one by one; an
+    /// asynchronous backend submits them together.
+    fn run_batch(&mut self, ops: &[DiskOp<'_>]) -> Vec<Result<(), BackendError>> {
+        ops.iter().map(|op| run_one(self, op)).collect()
+    }
+}
+
+/// Runs one operation through the backend's single-operation methods.
+pub fn run_one<B: DiskBackend + ?Sized>(disk: &mut B, op: &DiskOp<'_>) -> Result<(), BackendError> {
+    match op {
+        DiskOp::Read { bufs, offset } => disk.read_vectored_at(bufs, *offset),
+        DiskOp::Write { bufs, offset } => disk.write_vectored_at(bufs, *offset),
+        DiskOp::Flush => disk.flush(),
+        DiskOp::Discard { offset, len } => disk.discard(*offset, *len),
+        DiskOp::WriteZeroes { offset, len, unmap } => disk.write_zeroes(*offset, *len, *unmap),
+    }
 }
 
 /// An in-memory disk, for logic tests (and fault injection: `fail` makes every call fail).

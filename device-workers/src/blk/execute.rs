@@ -10,7 +10,7 @@ use virtio_bindings::virtio_blk::{VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK};
 use vm_memory::bitmap::{Bitmap, BS};
 use vm_memory::{Bytes, GuestAddress, GuestMemory, Permissions, VolatileSlice};
 
-use super::backend::{BackendError, DiskBackend};
+use super::backend::{BackendError, DiskBackend, DiskOp};
 use super::request::{BlkContext, GuestBuf, Rejected, Request, RequestKind, Segment};
 
 /// Errors while executing a valid request. Both complete the request with `IOERR`.
@@ -63,17 +63,155 @@ pub fn execute<G: GuestMemory + ?Sized>(
     disk: &mut dyn DiskBackend,
     ctx: &BlkContext,
 ) -> Completion {
-    let (status, data_len) = match run(req, mem, disk, ctx) {
-        Ok(written) => (VIRTIO_BLK_S_OK as u8, written),
-        Err(e) => {
-            // Host I/O errors can be provoked at will by a guest (repeat a read of a bad
-            // block), so they are logged as quietly as the guest's own mistakes; the counters
-            // returned by `process_queue` make them visible.
-            tracing::debug!(error = %e, source = ?std::error::Error::source(&e), "request failed");
-            (VIRTIO_BLK_S_IOERR as u8, 0)
-        }
+    execute_batch(std::slice::from_ref(req), mem, disk, ctx)
+        .pop()
+        .unwrap_or(Completion {
+            head_index: req.head_index,
+            status: None,
+            used_len: 0,
+        })
+}
+
+/// What one request of a batch needs from the disk.
+enum Planned<'a, B> {
+    /// Done without the disk (GET_ID, or guest memory that is not there): data bytes
+    /// written, or the error.
+    Done(Result<u32, ExecuteError>),
+    /// Ops `first..end` of the batch; `dirty` are the guest slices a read fills (their
+    /// dirty bits are set once it succeeded); `data_len` bytes go to the guest on success.
+    Io {
+        first: usize,
+        end: usize,
+        dirty: Vec<VolatileSlice<'a, B>>,
+        data_len: u32,
+    },
+}
+
+/// Executes `reqs` as one batch (the backend may submit their disk operations together,
+/// e.g. with one io_uring_enter), then writes each status byte. Completions come back in
+/// the order of `reqs`.
+pub fn execute_batch<G: GuestMemory + ?Sized>(
+    reqs: &[Request],
+    mem: &G,
+    disk: &mut dyn DiskBackend,
+    ctx: &BlkContext,
+) -> Vec<Completion> {
+    let mut ops: Vec<DiskOp<'_>> = Vec::with_capacity(reqs.len());
+    let plans: Vec<Planned<'_, BS<'_, G::Bitmap>>> = reqs
+        .iter()
+        .map(|req| match plan(req, mem, ctx, &mut ops) {
+            Ok(p) => p,
+            Err(e) => Planned::Done(Err(e)),
+        })
+        .collect();
+    let mut results = if ops.is_empty() {
+        Vec::new()
+    } else {
+        disk.run_batch(&ops)
     };
-    finish(req.head_index, Some(req.status_addr), status, data_len, mem)
+    reqs.iter()
+        .zip(plans)
+        .map(|(req, planned)| {
+            let outcome = match planned {
+                Planned::Done(r) => r,
+                Planned::Io {
+                    first,
+                    end,
+                    dirty,
+                    data_len,
+                } => {
+                    let failed = results[first..end]
+                        .iter_mut()
+                        .find(|r| r.is_err())
+                        .map(|r| std::mem::replace(r, Ok(())));
+                    match failed {
+                        Some(Err(source)) => Err(ExecuteError::Backend {
+                            head_index: req.head_index,
+                            source,
+                        }),
+                        _ => {
+                            // The backend wrote through plain pointers: record the dirty
+                            // pages.
+                            for s in &dirty {
+                                s.bitmap().mark_dirty(0, s.len());
+                            }
+                            Ok(data_len)
+                        }
+                    }
+                }
+            };
+            let (status, data_len) = match outcome {
+                Ok(written) => (VIRTIO_BLK_S_OK as u8, written),
+                Err(e) => {
+                    // Host I/O errors can be provoked at will by a guest (repeat a read of a
+                    // bad block), so they are logged as quietly as the guest's own mistakes;
+                    // the counters returned by `process_queue` make them visible.
+                    tracing::debug!(error = %e, source = ?std::error::Error::source(&e), "request failed");
+                    (VIRTIO_BLK_S_IOERR as u8, 0)
+                }
+            };
+            finish(req.head_index, Some(req.status_addr), status, data_len, mem)
+        })
+        .collect()
+}
+
+/// Appends the disk operations of `req` to `ops`.
+fn plan<'a, G: GuestMemory + ?Sized>(
+    req: &Request,
+    mem: &'a G,
+    ctx: &BlkContext,
+    ops: &mut Vec<DiskOp<'a>>,
+) -> Result<Planned<'a, BS<'a, G::Bitmap>>, ExecuteError> {
+    let head_index = req.head_index;
+    let first = ops.len();
+    let mut dirty = Vec::new();
+    let mut data_len = 0;
+    match &req.kind {
+        RequestKind::In { sector, bufs, len } => {
+            let slices = guest_slices(mem, bufs, Permissions::Write, head_index)?;
+            ops.push(DiskOp::Read {
+                bufs: plain_slices(&slices),
+                offset: sector << super::config::SECTOR_SHIFT,
+            });
+            dirty = slices;
+            data_len = *len;
+        }
+        RequestKind::Out { sector, bufs, .. } => {
+            let slices = guest_slices(mem, bufs, Permissions::Read, head_index)?;
+            ops.push(DiskOp::Write {
+                bufs: plain_slices(&slices),
+                offset: sector << super::config::SECTOR_SHIFT,
+            });
+        }
+        RequestKind::Flush => ops.push(DiskOp::Flush),
+        RequestKind::GetId { bufs, .. } => {
+            return Ok(Planned::Done(write_id(mem, bufs, &ctx.id, head_index)))
+        }
+        RequestKind::Discard(segments) => {
+            ops.extend(nonempty(segments).map(|s| DiskOp::Discard {
+                offset: s.offset(),
+                len: s.len(),
+            }));
+        }
+        RequestKind::WriteZeroes(segments) => {
+            let may_unmap = ctx.limits.write_zeroes_may_unmap;
+            ops.extend(nonempty(segments).map(|s| DiskOp::WriteZeroes {
+                offset: s.offset(),
+                len: s.len(),
+                unmap: s.unmap && may_unmap,
+            }));
+        }
+    }
+    Ok(Planned::Io {
+        first,
+        end: ops.len(),
+        dirty,
+        data_len,
+    })
+}
+
+fn nonempty(segments: &[Segment]) -> impl Iterator<Item = &Segment> {
+    segments.iter().filter(|s| !s.is_empty())
 }
 
 /// Completes a chain that [`Request::parse`] rejected: writes `IOERR` / `UNSUPP` if it has a
@@ -123,61 +261,6 @@ fn finish<G: GuestMemory + ?Sized>(
             }
         }
     }
-}
-
-/// Runs the request; returns the number of data bytes written into guest memory.
-fn run<G: GuestMemory + ?Sized>(
-    req: &Request,
-    mem: &G,
-    disk: &mut dyn DiskBackend,
-    ctx: &BlkContext,
-) -> Result<u32, ExecuteError> {
-    let head_index = req.head_index;
-    let backend = |source| ExecuteError::Backend { head_index, source };
-    match &req.kind {
-        RequestKind::In { sector, bufs, len } => {
-            let slices = guest_slices(mem, bufs, Permissions::Write, head_index)?;
-            let plain = plain_slices(&slices);
-            disk.read_vectored_at(&plain, sector << super::config::SECTOR_SHIFT)
-                .map_err(backend)?;
-            // The backend wrote through plain pointers: record the dirty pages ourselves.
-            for s in &slices {
-                s.bitmap().mark_dirty(0, s.len());
-            }
-            Ok(*len)
-        }
-        RequestKind::Out { sector, bufs, .. } => {
-            let slices = guest_slices(mem, bufs, Permissions::Read, head_index)?;
-            let plain = plain_slices(&slices);
-            disk.write_vectored_at(&plain, sector << super::config::SECTOR_SHIFT)
-                .map_err(backend)?;
-            Ok(0)
-        }
-        RequestKind::Flush => {
-            disk.flush().map_err(backend)?;
-            Ok(0)
-        }
-        RequestKind::GetId { bufs, .. } => write_id(mem, bufs, &ctx.id, head_index),
-        RequestKind::Discard(segments) => {
-            for_each_segment(segments, |s| disk.discard(s.offset(), s.len())).map_err(backend)?;
-            Ok(0)
-        }
-        RequestKind::WriteZeroes(segments) => {
-            let may_unmap = ctx.limits.write_zeroes_may_unmap;
-            for_each_segment(segments, |s| {
-                disk.write_zeroes(s.offset(), s.len(), s.unmap && may_unmap)
-            })
-            .map_err(backend)?;
-            Ok(0)
-        }
-    }
-}
-
-fn for_each_segment(
-    segments: &[Segment],
-    f: impl FnMut(&Segment) -> Result<(), BackendError>,
-) -> Result<(), BackendError> {
-    segments.iter().filter(|s| !s.is_empty()).try_for_each(f)
 }
 
 /// Writes up to 20 bytes of the id into `bufs` (a shorter buffer gets a truncated id, as

@@ -4,7 +4,8 @@
 //! - [`config`]: the config space and the feature bits;
 //! - [`request`]: [`Request::parse`] turns a hostile descriptor chain into a validated request;
 //! - [`backend`]: the [`DiskBackend`] trait; [`sync_backend`]: preadv/pwritev/fallocate on a
-//!   file the worker was handed; [`fail_backend`]: fails everything (fail mode);
+//!   file the worker was handed; [`uring_backend`]: the same through a restricted io_uring,
+//!   a batch per `io_uring_enter`; [`fail_backend`]: fails everything (fail mode);
 //! - [`execute`]: runs a request against a backend and guest memory, writes the status;
 //! - [`queue`]: [`process_queue`] drains a virtqueue with notifications suppressed.
 
@@ -15,6 +16,7 @@ pub mod fail_backend;
 pub mod queue;
 pub mod request;
 pub mod sync_backend;
+pub mod uring_backend;
 
 #[cfg(test)]
 mod tests;
@@ -26,3 +28,4 @@ pub use fail_backend::FailBackend;
 pub use queue::{process_queue, QueueError, QueueOutcome};
 pub use request::{BlkContext, ParseError, Rejected, Request, RequestKind};
 pub use sync_backend::SyncBackend;
+pub use uring_backend::UringBackend;

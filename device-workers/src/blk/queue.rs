@@ -21,7 +21,7 @@ use vm_memory::{
 };
 
 use super::backend::DiskBackend;
-use super::execute::{complete_rejected, execute, Completion};
+use super::execute::{complete_rejected, execute, execute_batch, Completion};
 use super::request::{BlkContext, Request};
 use crate::inflight::InflightLog;
 
@@ -103,9 +103,13 @@ pub fn process_queue<M: GuestMemory>(
         source,
     };
     let mut outcome = QueueOutcome::default();
+    let queue_size = usize::from(queue.size());
     loop {
         queue.disable_notification(mem).map_err(ring)?;
-        let mut added = false;
+        // Drain the avail ring into one batch: the backend may run its disk operations
+        // together (one io_uring_enter), then every used entry is published.
+        let mut popped: Vec<(u16, Option<Completion>)> = Vec::new();
+        let mut reqs: Vec<Request> = Vec::new();
         while let Some(chain) = next_chain(queue, queue_index, mem)? {
             let head_index = chain.head_index();
             if head_index >= queue.size() {
@@ -120,9 +124,21 @@ pub fn process_queue<M: GuestMemory>(
                 continue;
             }
             log.popped(head_index);
-            let completion = handle_chain(chain, mem, disk, ctx, usize::from(queue.size()));
+            match Request::parse(chain, ctx, queue_size) {
+                Ok(req) => {
+                    reqs.push(req);
+                    popped.push((head_index, None));
+                }
+                Err(rejected) => popped.push((head_index, Some(complete_rejected(&rejected, mem)))),
+            }
+        }
+        let mut executed = execute_batch(&reqs, mem, disk, ctx).into_iter();
+        let added = !popped.is_empty();
+        for (head_index, rejected) in popped {
+            let Some(completion) = rejected.or_else(|| executed.next()) else {
+                break;
+            };
             complete(queue, mem, head_index, &completion, log).map_err(ring)?;
-            added = true;
             outcome.completed += 1;
             if !completion.is_ok() {
                 outcome.failed += 1;
@@ -232,20 +248,6 @@ pub fn process_resubmitted(
     }
     outcome.signal = queue.needs_notification(mem).map_err(ring)?;
     Ok(outcome)
-}
-
-/// Parses and executes one chain.
-fn handle_chain<M: GuestMemory>(
-    chain: virtio_queue::DescriptorChain<&M>,
-    mem: &M,
-    disk: &mut dyn DiskBackend,
-    ctx: &BlkContext,
-    queue_size: usize,
-) -> Completion {
-    match Request::parse(chain, ctx, queue_size) {
-        Ok(req) => execute(&req, mem, disk, ctx),
-        Err(rejected) => complete_rejected(&rejected, mem),
-    }
 }
 
 /// Pops the next available chain, turning an avail index jump into a [`QueueError`] (virtio

@@ -57,73 +57,15 @@ impl SyncBackend {
         }
     }
 
-    /// Writes `len` zero bytes at `offset` with plain writes.
-    fn write_zero_bytes(&self, offset: u64, len: u64) -> io::Result<()> {
-        let zeroes = vec![0u8; ZERO_CHUNK];
-        let mut done = 0u64;
-        while done < len {
-            let n = (len - done).min(ZERO_CHUNK as u64) as usize;
-            std::os::unix::fs::FileExt::write_all_at(&self.file, &zeroes[..n], offset + done)?;
-            done += n as u64;
-        }
-        Ok(())
-    }
-}
-
-/// Size of a regular file or a block device.
-fn file_size(file: &File) -> io::Result<u64> {
-    let meta = file.metadata()?;
-    if std::os::unix::fs::FileTypeExt::is_block_device(&meta.file_type()) {
-        use std::io::Seek;
-        let mut f = file;
-        let size = f.seek(io::SeekFrom::End(0))?;
-        f.seek(io::SeekFrom::Start(0))?;
-        Ok(size)
-    } else {
-        Ok(meta.len())
-    }
-}
-
-/// Builds the iovecs for `bufs` skipping the first `skip` bytes, at most [`IOV_MAX`] of them.
-fn iovecs(bufs: &[VolatileSlice<'_>], mut skip: u64) -> Vec<libc::iovec> {
-    let mut iov = Vec::with_capacity(bufs.len().min(IOV_MAX));
-    for b in bufs {
-        let len = b.len() as u64;
-        if skip >= len {
-            skip -= len;
-            continue;
-        }
-        // The guard of a plain mmap'd slice only carries the pointer (vm-memory's `xen`
-        // feature, which would unmap on drop, is off), so the pointer stays valid as long as
-        // the slice's borrow of guest memory, which outlives the system call.
-        let base = b.ptr_guard_mut().as_ptr();
-        iov.push(libc::iovec {
-            // `skip < len <= usize::MAX`, so the cast is lossless; `wrapping_add` keeps the
-            // pointer arithmetic safe and stays inside the slice.
-            iov_base: base.wrapping_add(skip as usize).cast(),
-            iov_len: (len - skip) as usize,
-        });
-        skip = 0;
-        if iov.len() == IOV_MAX {
-            break;
-        }
-    }
-    iov
-}
-
-impl DiskBackend for SyncBackend {
-    fn size(&self) -> u64 {
-        self.size
-    }
-
-    fn read_vectored_at(
-        &mut self,
+    /// Reads what is left of `bufs` after the first `done` bytes (a short transfer's
+    /// remainder), from `offset + done`. The range was checked by the caller.
+    pub(crate) fn read_rest(
+        &self,
         bufs: &[VolatileSlice<'_>],
         offset: u64,
+        mut done: u64,
     ) -> Result<(), BackendError> {
         let total = total_len(bufs);
-        check_range(offset, total, self.size)?;
-        let mut done = 0u64;
         while done < total {
             let iov = iovecs(bufs, done);
             let pos = offset + done;
@@ -162,14 +104,15 @@ impl DiskBackend for SyncBackend {
         Ok(())
     }
 
-    fn write_vectored_at(
-        &mut self,
+    /// Writes what is left of `bufs` after the first `done` bytes, at `offset + done`. The
+    /// range was checked by the caller.
+    pub(crate) fn write_rest(
+        &self,
         bufs: &[VolatileSlice<'_>],
         offset: u64,
+        mut done: u64,
     ) -> Result<(), BackendError> {
         let total = total_len(bufs);
-        check_range(offset, total, self.size)?;
-        let mut done = 0u64;
         while done < total {
             let iov = iovecs(bufs, done);
             let pos = offset + done;
@@ -207,10 +150,86 @@ impl DiskBackend for SyncBackend {
         Ok(())
     }
 
+    /// Writes `len` zero bytes at `offset` with plain writes.
+    fn write_zero_bytes(&self, offset: u64, len: u64) -> io::Result<()> {
+        let zeroes = vec![0u8; ZERO_CHUNK];
+        let mut done = 0u64;
+        while done < len {
+            let n = (len - done).min(ZERO_CHUNK as u64) as usize;
+            std::os::unix::fs::FileExt::write_all_at(&self.file, &zeroes[..n], offset + done)?;
+            done += n as u64;
+        }
+        Ok(())
+    }
+}
+
+/// Size of a regular file or a block device.
+fn file_size(file: &File) -> io::Result<u64> {
+    let meta = file.metadata()?;
+    if std::os::unix::fs::FileTypeExt::is_block_device(&meta.file_type()) {
+        use std::io::Seek;
+        let mut f = file;
+        let size = f.seek(io::SeekFrom::End(0))?;
+        f.seek(io::SeekFrom::Start(0))?;
+        Ok(size)
+    } else {
+        Ok(meta.len())
+    }
+}
+
+/// Builds the iovecs for `bufs` skipping the first `skip` bytes, at most [`IOV_MAX`] of them.
+pub(crate) fn iovecs(bufs: &[VolatileSlice<'_>], mut skip: u64) -> Vec<libc::iovec> {
+    let mut iov = Vec::with_capacity(bufs.len().min(IOV_MAX));
+    for b in bufs {
+        let len = b.len() as u64;
+        if skip >= len {
+            skip -= len;
+            continue;
+        }
+        // The guard of a plain mmap'd slice only carries the pointer (vm-memory's `xen`
+        // feature, which would unmap on drop, is off), so the pointer stays valid as long as
+        // the slice's borrow of guest memory, which outlives the system call.
+        let base = b.ptr_guard_mut().as_ptr();
+        iov.push(libc::iovec {
+            // `skip < len <= usize::MAX`, so the cast is lossless; `wrapping_add` keeps the
+            // pointer arithmetic safe and stays inside the slice.
+            iov_base: base.wrapping_add(skip as usize).cast(),
+            iov_len: (len - skip) as usize,
+        });
+        skip = 0;
+        if iov.len() == IOV_MAX {
+            break;
+        }
+    }
+    iov
+}
+
+impl DiskBackend for SyncBackend {
+    fn size(&self) -> u64 {
+        self.size
+    }
+
+    fn read_vectored_at(
+        &mut self,
+        bufs: &[VolatileSlice<'_>],
+        offset: u64,
+    ) -> Result<(), BackendError> {
+        check_range(offset, total_len(bufs), self.size)?;
+        self.read_rest(bufs, offset, 0)
+    }
+
+    fn write_vectored_at(
+        &mut self,
+        bufs: &[VolatileSlice<'_>],
+        offset: u64,
+    ) -> Result<(), BackendError> {
+        check_range(offset, total_len(bufs), self.size)?;
+        self.write_rest(bufs, offset, 0)
+    }
+
     fn flush(&mut self) -> Result<(), BackendError> {
         self.file.sync_data().map_err(BackendError::Flush)
     }
-
     fn discard(&mut self, offset: u64, len: u64) -> Result<(), BackendError> {
         check_range(offset, len, self.size)?;
         if len == 0 {

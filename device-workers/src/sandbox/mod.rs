@@ -35,7 +35,15 @@ pub struct SandboxConfig {
     pub max_fds: u64,
     /// RLIMIT_FSIZE: no write may extend a file beyond the disk's size.
     pub max_file_size: u64,
+    /// RLIMIT_NPROC: 1 (the worker never forks, and seccomp traps clone), or room for
+    /// the io-wq threads of an io_uring.
+    pub max_procs: u64,
 }
+
+/// RLIMIT_NPROC of a worker with an io_uring: the reaper, the worker and its ring's
+/// bounded io-wq threads (bound and unbound), with room to spare. The kernel creates those
+/// threads; the worker itself still cannot (clone and clone3 trap).
+pub const NPROC_WITH_IO_URING: u64 = 2 + 2 * crate::blk::uring_backend::MAX_IOWQ_WORKERS as u64 + 4;
 
 /// Errors while entering the sandbox. Any of them ends the worker before it serves.
 #[derive(Debug, thiserror::Error)]
@@ -218,8 +226,8 @@ fn set_rlimits(cfg: &SandboxConfig) -> Result<(), SandboxError> {
     use nix::sys::resource::{setrlimit, Resource};
     for (resource, what, value) in [
         (Resource::RLIMIT_NOFILE, "NOFILE", cfg.max_fds),
-        // One process, no threads: the worker never creates either.
-        (Resource::RLIMIT_NPROC, "NPROC", 1),
+        // One process, no threads of its own: the worker never creates either.
+        (Resource::RLIMIT_NPROC, "NPROC", cfg.max_procs),
         (Resource::RLIMIT_FSIZE, "FSIZE", cfg.max_file_size),
         (Resource::RLIMIT_CORE, "CORE", 0),
     ] {
