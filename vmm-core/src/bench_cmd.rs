@@ -2,6 +2,8 @@
 //! so an emulated guest kernel mode does not distort them). Results are printed as a
 //! markdown report, with ratios to a baseline measured in the same invocation.
 //!
+//! `bulkhead bench`: see [`crate::bench_io`].
+//!
 //! `bulkhead bench restart`: SIGKILLs a disk's worker N times while the guest runs
 //! write-then-verify rounds with 32 requests in flight (polling for completions), and
 //! measures the time from each kill to the next request the guest sees completed (its used
@@ -22,8 +24,25 @@ use vmm_core::vm::{Vm, VmConfig};
 
 #[derive(Debug, Args)]
 pub struct BenchArgs {
+    /// A benchmark other than the I/O profiles.
     #[command(subcommand)]
-    what: BenchCommand,
+    what: Option<BenchCommand>,
+    /// Seconds per system and profile instead of the full runs (keeps the bench working
+    /// in CI; the numbers mean little).
+    #[arg(long)]
+    quick: bool,
+    /// Seconds per system and profile (default 10, 1 with --quick).
+    #[arg(long)]
+    secs: Option<u32>,
+    /// Directory for the image, the report (`report.md`) and the results (`results.json`).
+    #[arg(long, default_value = "target/bench")]
+    out: PathBuf,
+    /// The test guest (built by tests/guest/build-testguest.sh).
+    #[arg(long)]
+    kernel: Option<PathBuf>,
+    /// The worker executable (default: bulkhead-worker beside bulkhead).
+    #[arg(long)]
+    worker_bin: Option<PathBuf>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -50,7 +69,25 @@ struct RestartArgs {
 
 pub fn bench_command(args: BenchArgs) -> anyhow::Result<()> {
     match args.what {
-        BenchCommand::Restart(a) => restart(a),
+        Some(BenchCommand::Restart(a)) => restart(a),
+        None => {
+            let kernel = match args.kernel {
+                Some(k) => k,
+                None => default_testguest().context(
+                    "no test guest beside bulkhead (build it with \
+                     tests/guest/build-testguest.sh, or pass --kernel)",
+                )?,
+            };
+            crate::bench_io::IoBench {
+                bulkhead: std::env::current_exe().context("find bulkhead's own executable")?,
+                worker_bin: args.worker_bin,
+                kernel,
+                out: args.out,
+                secs: args.secs.unwrap_or(if args.quick { 1 } else { 10 }),
+                image_mib: if args.quick { 256 } else { 1024 },
+            }
+            .run()
+        }
     }
 }
 

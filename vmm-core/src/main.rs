@@ -13,6 +13,7 @@ use vmm_core::vcpu::VcpuEvent;
 use vmm_core::vm::{Vm, VmConfig, VmOutcome, DEFAULT_CMDLINE};
 
 mod bench_cmd;
+mod bench_io;
 mod policy_cmd;
 
 /// Exit status when the guest crashed (triple fault, KVM internal error).

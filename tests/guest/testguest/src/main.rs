@@ -11,6 +11,7 @@
 )]
 
 mod acpi;
+mod bench;
 mod blk_verify;
 mod boot;
 mod chaos;

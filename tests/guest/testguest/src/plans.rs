@@ -55,6 +55,10 @@ pub const PLANS: &[Plan] = &[
         name: "blk-recover",
         run: crate::recover::run,
     },
+    Plan {
+        name: "blk-bench",
+        run: crate::bench::run,
+    },
 ];
 
 pub fn find(name: &str) -> Option<&'static Plan> {

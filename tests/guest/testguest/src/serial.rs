@@ -9,7 +9,7 @@ use crate::boot::{self, MAX_CPUS};
 use crate::cpu;
 
 const COM1_THR: u16 = 0x3f8;
-const LINE_MAX: usize = 128;
+const LINE_MAX: usize = 256;
 
 /// 0 when free, else the owning CPU index + 1.
 static LOCK: AtomicUsize = AtomicUsize::new(0);

@@ -1,0 +1,418 @@
+//! `bulkhead bench`: the I/O profiles of DESIGN.md "Performance design", run by the test
+//! guest's `blk-bench` plan (its driver runs in ring 3) under each system, on one raw
+//! image opened with O_DIRECT on the host, with host fio on the same file as the limit.
+//! One invocation, same guest binary, same image; results as ratios to fio.
+//!
+//! Systems: bulkhead with the sync and the io_uring engine; QEMU microvm with KVM and its
+//! own virtio-blk-device (`cache=none,aio=io_uring`) without and with an IOThread; QEMU
+//! microvm with our worker as its vhost-user-blk backend; host fio. (The vCPU jitter
+//! experiment is still to come.)
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use anyhow::Context;
+use serde::Serialize;
+
+/// One load, as fio would name it.
+#[derive(Clone, Copy, Debug, Serialize)]
+pub struct Profile {
+    pub name: &'static str,
+    /// fio's and the plan's rw= value.
+    pub rw: &'static str,
+    pub bs: u32,
+    pub qd: u32,
+    /// Completions: `poll` for throughput, `irq` for latency (the same for every system).
+    pub mode: &'static str,
+}
+
+pub const PROFILES: [Profile; 4] = [
+    Profile {
+        name: "4k randread QD1",
+        rw: "randread",
+        bs: 4096,
+        qd: 1,
+        mode: "irq",
+    },
+    Profile {
+        name: "4k randread QD32",
+        rw: "randread",
+        bs: 4096,
+        qd: 32,
+        mode: "poll",
+    },
+    Profile {
+        name: "4k randwrite QD32",
+        rw: "randwrite",
+        bs: 4096,
+        qd: 32,
+        mode: "poll",
+    },
+    Profile {
+        name: "128k read QD8",
+        rw: "read",
+        bs: 131072,
+        qd: 8,
+        mode: "poll",
+    },
+];
+
+/// What one system did on one profile.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct Sample {
+    pub iops: f64,
+    pub mibps: f64,
+    pub p50_us: f64,
+    pub p99_us: f64,
+}
+
+/// Settings of one bench invocation.
+#[derive(Debug)]
+pub struct IoBench {
+    pub bulkhead: PathBuf,
+    pub worker_bin: Option<PathBuf>,
+    pub kernel: PathBuf,
+    pub out: PathBuf,
+    pub secs: u32,
+    pub image_mib: u64,
+}
+
+/// The systems measured, in report order; fio last (the limit).
+const SYSTEMS: [&str; 6] = [
+    "bulkhead sync",
+    "bulkhead io_uring",
+    "QEMU",
+    "QEMU + IOThread",
+    "QEMU + bulkhead-worker",
+    "host fio io_uring",
+];
+/// The reference the issue's goals name.
+const QEMU_IOTHREAD: usize = 3;
+
+impl IoBench {
+    pub fn run(&self) -> anyhow::Result<()> {
+        std::fs::create_dir_all(&self.out)
+            .with_context(|| format!("create the output directory {}", self.out.display()))?;
+        let fio = which("fio").context(
+            "fio is missing: install it (apt-get install fio); it measures the host's limit",
+        )?;
+        let qemu = which("qemu-system-x86_64").context(
+            "qemu-system-x86_64 is missing: install it (apt-get install qemu-system-x86); \
+             QEMU is the comparison",
+        )?;
+        let image = self.out.join("bench.img");
+        prepare_image(&image, self.image_mib)?;
+        let mut results: BTreeMap<(usize, usize), Sample> = BTreeMap::new();
+        for (p, profile) in PROFILES.iter().enumerate() {
+            for (s, system) in SYSTEMS.iter().enumerate() {
+                eprintln!("bench: {} on {system} ({} s)", profile.name, self.secs);
+                let sample = match *system {
+                    "bulkhead sync" => self.bulkhead(profile, &image, "sync"),
+                    "bulkhead io_uring" => self.bulkhead(profile, &image, "io_uring"),
+                    "QEMU" => self.qemu(&qemu, profile, &image, Qemu::Plain),
+                    "QEMU + IOThread" => self.qemu(&qemu, profile, &image, Qemu::IoThread),
+                    "QEMU + bulkhead-worker" => self.qemu(&qemu, profile, &image, Qemu::OurWorker),
+                    _ => self.fio(&fio, profile, &image),
+                }
+                .with_context(|| format!("{} on {system}", profile.name))?;
+                results.insert((p, s), sample);
+            }
+        }
+        let report = report(&results, self);
+        print!("{report}");
+        let md = self.out.join("report.md");
+        std::fs::write(&md, &report).with_context(|| format!("write {}", md.display()))?;
+        let json: Vec<serde_json::Value> = results
+            .iter()
+            .map(|(&(p, s), sample)| {
+                serde_json::json!({
+                    "profile": PROFILES[p],
+                    "system": SYSTEMS[s],
+                    "result": sample,
+                })
+            })
+            .collect();
+        let path = self.out.join("results.json");
+        std::fs::write(&path, serde_json::to_string_pretty(&json)?)
+            .with_context(|| format!("write {}", path.display()))?;
+        eprintln!("bench: report in {}", md.display());
+        Ok(())
+    }
+
+    /// One profile under bulkhead: the test guest's `blk-bench` line.
+    fn bulkhead(&self, profile: &Profile, image: &Path, engine: &str) -> anyhow::Result<Sample> {
+        let mut cmd = Command::new(&self.bulkhead);
+        cmd.arg("run")
+            .arg("--kernel")
+            .arg(&self.kernel)
+            .args(["--mem", "64", "--timeout"])
+            .arg((self.secs + 60).to_string())
+            .arg("--cmdline")
+            .arg(format!(
+                "testguest.plan=blk-bench rw={} bs={} qd={} completion={} secs={}",
+                profile.rw, profile.bs, profile.qd, profile.mode, self.secs
+            ))
+            .arg("--disk")
+            .arg(format!(
+                "path={},direct=on,engine={engine},spare=off",
+                image.display()
+            ));
+        if let Some(w) = &self.worker_bin {
+            cmd.arg("--worker-bin").arg(w);
+        }
+        let out = cmd.output().context("run bulkhead")?;
+        guest_sample(&out)
+    }
+
+    /// One profile under QEMU microvm with KVM, the same guest and image.
+    fn qemu(
+        &self,
+        qemu: &Path,
+        profile: &Profile,
+        image: &Path,
+        how: Qemu,
+    ) -> anyhow::Result<Sample> {
+        let dir = self.out.join("vhu");
+        let socket = dir.join("vhu.sock");
+        let mut worker = None;
+        let mut cmd = Command::new("timeout");
+        cmd.arg((self.secs + 60).to_string())
+            .arg(qemu)
+            .args(["-M", "microvm,acpi=off", "-accel", "kvm"])
+            .args(["-cpu", "host,-arch-capabilities", "-m", "64", "-smp", "1"])
+            .args(["-display", "none", "-monitor", "none", "-serial", "stdio"])
+            .args(["-no-reboot", "-global", "virtio-mmio.force-legacy=false"])
+            .args(["-device", "isa-debug-exit,iobase=0xf4,iosize=4"])
+            .arg("-kernel")
+            .arg(&self.kernel)
+            .arg("-append")
+            .arg(plan(profile, self.secs));
+        let drive = format!(
+            "id=d0,if=none,file={},format=raw,cache=none,aio=io_uring",
+            image.display()
+        );
+        match how {
+            Qemu::Plain => {
+                cmd.args(["-drive", &drive, "-device", "virtio-blk-device,drive=d0"]);
+            }
+            Qemu::IoThread => {
+                cmd.args(["-object", "iothread,id=io0", "-drive", &drive])
+                    .args(["-device", "virtio-blk-device,drive=d0,iothread=io0"]);
+            }
+            Qemu::OurWorker => {
+                std::fs::create_dir_all(&dir)
+                    .with_context(|| format!("create {}", dir.display()))?;
+                let bin = match &self.worker_bin {
+                    Some(b) => b.clone(),
+                    None => vmm_core::worker::default_worker_bin()
+                        .context("no bulkhead-worker beside bulkhead")?,
+                };
+                let child = Command::new(bin)
+                    .args(["blk", "--direct", "--engine", "io_uring", "--socket"])
+                    .arg(&socket)
+                    .arg("--disk")
+                    .arg(image)
+                    .stderr(std::process::Stdio::piped())
+                    .spawn()
+                    .context("start bulkhead-worker")?;
+                let w = WorkerGuard(child);
+                wait_for_socket(&socket)?;
+                worker = Some(w);
+                cmd.args(["-object", "memory-backend-memfd,id=mem,size=64M,share=on"])
+                    .args(["-machine", "memory-backend=mem"])
+                    .arg("-chardev")
+                    .arg(format!("socket,id=c0,path={}", socket.display()))
+                    .args(["-device", "vhost-user-blk,chardev=c0"]);
+            }
+        }
+        let out = cmd.output().context("run QEMU")?;
+        drop(worker);
+        guest_sample(&out)
+    }
+
+    /// One profile with fio on the host, on the same file (the limit).
+    fn fio(&self, fio: &Path, profile: &Profile, image: &Path) -> anyhow::Result<Sample> {
+        let out = Command::new(fio)
+            .args([
+                "--name=bench",
+                "--direct=1",
+                "--ioengine=io_uring",
+                "--time_based",
+            ])
+            .arg(format!("--filename={}", image.display()))
+            .arg(format!("--rw={}", profile.rw))
+            .arg(format!("--bs={}", profile.bs))
+            .arg(format!("--iodepth={}", profile.qd))
+            .arg(format!("--runtime={}", self.secs))
+            .arg("--output-format=json")
+            .output()
+            .context("run fio")?;
+        anyhow::ensure!(
+            out.status.success(),
+            "fio failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let v: serde_json::Value =
+            serde_json::from_slice(&out.stdout).context("parse fio's JSON")?;
+        let job = &v["jobs"][0];
+        let dir = if profile.rw.contains("write") {
+            &job["write"]
+        } else {
+            &job["read"]
+        };
+        let pct = |p: &str| dir["clat_ns"]["percentile"][p].as_f64().unwrap_or(f64::NAN) / 1e3;
+        Ok(Sample {
+            iops: dir["iops"].as_f64().context("fio reported no iops")?,
+            mibps: dir["bw_bytes"].as_f64().unwrap_or(0.0) / (1 << 20) as f64,
+            p50_us: pct("50.000000"),
+            p99_us: pct("99.000000"),
+        })
+    }
+}
+
+/// How QEMU serves the disk.
+#[derive(Clone, Copy, Debug)]
+enum Qemu {
+    Plain,
+    IoThread,
+    OurWorker,
+}
+
+/// A standalone worker, killed when the run is over.
+struct WorkerGuard(std::process::Child);
+
+impl Drop for WorkerGuard {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn wait_for_socket(socket: &Path) -> anyhow::Result<()> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !socket.exists() {
+        anyhow::ensure!(
+            std::time::Instant::now() < deadline,
+            "bulkhead-worker did not listen on {} within 10 s",
+            socket.display()
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    Ok(())
+}
+
+/// The guest command line of a profile.
+fn plan(profile: &Profile, secs: u32) -> String {
+    format!(
+        "testguest.plan=blk-bench rw={} bs={} qd={} completion={} secs={secs}",
+        profile.rw, profile.bs, profile.qd, profile.mode
+    )
+}
+
+/// The test guest's `TG bench` line from a finished run.
+fn guest_sample(out: &std::process::Output) -> anyhow::Result<Sample> {
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    {
+        let line = stdout
+            .lines()
+            .find(|l| l.starts_with("TG bench "))
+            .with_context(|| {
+                format!(
+                    "no result from the guest (exit {:?}):\n{stdout}\n{}",
+                    out.status.code(),
+                    String::from_utf8_lossy(&out.stderr)
+                )
+            })?;
+        let field = |k: &str| -> anyhow::Result<f64> {
+            line.split_whitespace()
+                .find_map(|w| w.strip_prefix(&format!("{k}=")))
+                .and_then(|v| v.parse().ok())
+                .with_context(|| format!("no {k}= in {line:?}"))
+        };
+        Ok(Sample {
+            iops: field("iops")?,
+            mibps: field("mibps")?,
+            p50_us: field("p50_us")?,
+            p99_us: field("p99_us")?,
+        })
+    }
+}
+
+fn which(tool: &str) -> Option<PathBuf> {
+    std::env::var_os("PATH")?
+        .to_str()?
+        .split(':')
+        .map(|d| Path::new(d).join(tool))
+        .find(|p| p.is_file())
+}
+
+/// Creates `image` (`mib` MiB of random data, so no read hits a hole) unless it already is.
+fn prepare_image(image: &Path, mib: u64) -> anyhow::Result<()> {
+    if std::fs::metadata(image).is_ok_and(|m| m.len() == mib << 20) {
+        return Ok(());
+    }
+    eprintln!("bench: writing a {mib} MiB image at {}", image.display());
+    let mut file = std::fs::File::create(image)
+        .with_context(|| format!("create the image {}", image.display()))?;
+    let mut chunk = vec![0u8; 1 << 20];
+    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+    for _ in 0..mib {
+        for word in chunk.chunks_exact_mut(8) {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            word.copy_from_slice(&x.to_le_bytes());
+        }
+        file.write_all(&chunk)
+            .with_context(|| format!("write the image {}", image.display()))?;
+    }
+    file.sync_all().context("sync the image")?;
+    // Let the page cache go: the first reads must not be cache hits for anyone (the
+    // systems use O_DIRECT, but the host cache still holds what was just written).
+    let _ = std::fs::write("/proc/sys/vm/drop_caches", "1");
+    std::thread::sleep(Duration::from_millis(100));
+    Ok(())
+}
+
+fn report(results: &BTreeMap<(usize, usize), Sample>, b: &IoBench) -> String {
+    let fio = SYSTEMS.len() - 1;
+    let mut md = format!(
+        "# bulkhead bench\n\n\
+         Test guest `blk-bench` plan, {} s per run, on a {} MiB raw image opened with \
+         O_DIRECT on the host (bulkhead: `--disk ...,direct=on`; fio: `--direct=1 \
+         --ioengine=io_uring`). Throughput profiles poll for completions, the QD1 latency \
+         profile takes interrupts. Latencies are measured in the guest with the TSC (fio: \
+         completion latency). Ratios are to QEMU with an IOThread and to host fio on the same file.\n\n",
+        b.secs, b.image_mib
+    );
+    for (p, profile) in PROFILES.iter().enumerate() {
+        md.push_str(&format!(
+            "## {} ({}, bs {}, QD {}, {})\n\n\
+             | system | IOPS | MiB/s | p50 us | p99 us | IOPS / QEMU+IOThread | IOPS / fio |\n\
+             |---|---:|---:|---:|---:|---:|---:|\n",
+            profile.name, profile.rw, profile.bs, profile.qd, profile.mode
+        ));
+        let limit = results.get(&(p, fio)).map_or(f64::NAN, |s| s.iops);
+        let reference = results
+            .get(&(p, QEMU_IOTHREAD))
+            .map_or(f64::NAN, |s| s.iops);
+        for (s, system) in SYSTEMS.iter().enumerate() {
+            if let Some(r) = results.get(&(p, s)) {
+                md.push_str(&format!(
+                    "| {system} | {:.0} | {:.1} | {:.0} | {:.0} | {:.2} | {:.2} |\n",
+                    r.iops,
+                    r.mibps,
+                    r.p50_us,
+                    r.p99_us,
+                    r.iops / reference,
+                    r.iops / limit
+                ));
+            }
+        }
+        md.push('\n');
+    }
+    md
+}
