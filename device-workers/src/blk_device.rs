@@ -7,13 +7,15 @@ use vm_memory::GuestMemoryMmap;
 use crate::blk::backend::DiskBackend;
 use crate::blk::config::{device_features, BlkConfig, BlkLimits, ConfigError};
 use crate::blk::fail_backend::FailBackend;
-use crate::blk::queue::{process_queue, process_resubmitted, QueueError, QueueOutcome};
+use crate::blk::queue::{
+    process_queue, process_queue_async, process_resubmitted, QueueError, QueueOutcome,
+};
 use crate::blk::request::BlkContext;
 use crate::blk::sync_backend::SyncBackend;
-use crate::blk::uring_backend::UringBackend;
+use crate::blk::uring_backend::UringEngine;
 use crate::disk::Disk;
 use crate::inflight::InflightLog;
-use crate::vhost::{QueueResult, VhostDevice};
+use crate::vhost::{QueueResult, Reaped, VhostDevice};
 use ipc::messages::IoEngine;
 
 /// Errors while building the device.
@@ -30,13 +32,20 @@ pub enum BlkDeviceError {
 /// A virtio-blk device on one disk.
 #[derive(Debug)]
 pub struct BlkDevice {
-    disk: Box<dyn DiskBackend + Send>,
+    disk: Engine,
     config: BlkConfig,
     ctx: BlkContext,
     features: u64,
     num_queues: usize,
-    ring_fd: Option<std::os::fd::RawFd>,
-    engine: &'static str,
+}
+
+/// Where requests go.
+#[derive(Debug)]
+enum Engine {
+    /// Each drained batch runs to completion before the queue is published.
+    Sync(Box<dyn DiskBackend + Send>),
+    /// Requests complete when the ring says so.
+    Uring(Box<UringEngine>),
 }
 
 /// How a worker serves its disk.
@@ -71,17 +80,14 @@ impl BlkDevice {
         let config = BlkConfig::new(disk.size, blk_size, num_queues, &limits)?;
         let ctx = BlkContext::new(&config, limits, disk.readonly, serial);
         let features = device_features(disk.readonly, num_queues);
-        let (backend, ring_fd, engine): (Box<dyn DiskBackend + Send>, _, _) = match mode {
-            ServeMode::Fail => (Box::new(FailBackend::new(disk.size)), None, "none"),
+        let backend = match mode {
+            ServeMode::Fail => Engine::Sync(Box::new(FailBackend::new(disk.size))),
             ServeMode::Normal => {
                 let sync = SyncBackend::new(disk.file).map_err(BlkDeviceError::Backend)?;
                 match engine {
-                    IoEngine::Sync => (Box::new(sync), None, "sync"),
-                    IoEngine::IoUring | IoEngine::Auto => match UringBackend::new(sync) {
-                        Ok(uring) => {
-                            let fd = uring.ring_fd();
-                            (Box::new(uring), Some(fd), "io_uring")
-                        }
+                    IoEngine::Sync => Engine::Sync(Box::new(sync)),
+                    IoEngine::IoUring | IoEngine::Auto => match UringEngine::new(sync) {
+                        Ok(uring) => Engine::Uring(Box::new(uring)),
                         Err((e, _)) if engine == IoEngine::IoUring => {
                             return Err(BlkDeviceError::Uring(e));
                         }
@@ -91,7 +97,7 @@ impl BlkDevice {
                                 std::error::Error::source(&e)
                                     .map_or(e.to_string(), |s| format!("{e}: {s}"))
                             );
-                            (Box::new(sync), None, "sync")
+                            Engine::Sync(Box::new(sync))
                         }
                     },
                 }
@@ -103,19 +109,31 @@ impl BlkDevice {
             ctx,
             features,
             num_queues,
-            ring_fd,
-            engine,
         })
     }
 
-    /// The io_uring's descriptor, if the engine has one (it must survive the sandbox).
-    pub fn ring_fd(&self) -> Option<std::os::fd::RawFd> {
-        self.ring_fd
+    /// Descriptors of the engine that must survive the sandbox (the io_uring and its
+    /// completion eventfd).
+    pub fn engine_fds(&self) -> Vec<std::os::fd::RawFd> {
+        match &self.disk {
+            Engine::Uring(u) => u.fds().to_vec(),
+            Engine::Sync(_) => Vec::new(),
+        }
     }
 
-    /// The engine in use: `io_uring`, `sync`, or `none` (fail mode).
+    /// The engine in use: `io_uring` or `sync`.
     pub fn engine(&self) -> &'static str {
-        self.engine
+        match &self.disk {
+            Engine::Uring(_) => "io_uring",
+            Engine::Sync(_) => "sync",
+        }
+    }
+
+    fn backend(&mut self) -> &mut dyn DiskBackend {
+        match &mut self.disk {
+            Engine::Sync(b) => b.as_mut(),
+            Engine::Uring(u) => u.as_mut(),
+        }
     }
 }
 
@@ -139,14 +157,43 @@ impl VhostDevice for BlkDevice {
         mem: &GuestMemoryMmap,
         log: &mut dyn InflightLog,
     ) -> QueueResult {
-        queue_result(process_queue(
-            queue,
-            index as u16,
-            mem,
-            self.disk.as_mut(),
-            &self.ctx,
-            log,
-        ))
+        match &mut self.disk {
+            Engine::Sync(disk) => queue_result(process_queue(
+                queue,
+                index as u16,
+                mem,
+                disk.as_mut(),
+                &self.ctx,
+                log,
+            )),
+            Engine::Uring(engine) => queue_result(process_queue_async(
+                queue,
+                index as u16,
+                mem,
+                engine,
+                &self.ctx,
+                log,
+            )),
+        }
+    }
+
+    fn completion_fd(&self) -> Option<std::os::fd::RawFd> {
+        match &self.disk {
+            Engine::Uring(u) => Some(u.completion_fd()),
+            Engine::Sync(_) => None,
+        }
+    }
+
+    fn reap(&mut self, mem: &GuestMemoryMmap, out: &mut Vec<Reaped>) {
+        if let Engine::Uring(u) = &mut self.disk {
+            u.reap(mem, out);
+        }
+    }
+
+    fn drain(&mut self, mem: &GuestMemoryMmap, out: &mut Vec<Reaped>) {
+        if let Engine::Uring(u) = &mut self.disk {
+            u.drain(mem, out);
+        }
     }
 
     fn resubmit(
@@ -157,12 +204,13 @@ impl VhostDevice for BlkDevice {
         heads: &[u16],
         log: &mut dyn InflightLog,
     ) -> QueueResult {
+        let ctx = self.ctx.clone();
         queue_result(process_resubmitted(
             queue,
             index as u16,
             mem,
-            self.disk.as_mut(),
-            &self.ctx,
+            self.backend(),
+            &ctx,
             heads,
             log,
         ))
@@ -176,6 +224,7 @@ fn queue_result(result: Result<QueueOutcome, QueueError>) -> QueueResult {
             completed: u64::from(outcome.completed),
             failed: u64::from(outcome.failed),
             broken: false,
+            throttled: outcome.throttled,
         },
         Err(e) => {
             tracing::warn!("{e}");

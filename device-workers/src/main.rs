@@ -312,8 +312,11 @@ fn serve(s: Serve) -> anyhow::Result<ExitCode> {
     // In fail mode the device closes the image before the sandbox: nothing to keep.
     let disk_fd = (s.mode == ServeMode::Normal).then(|| s.disk.file.as_raw_fd());
     let device = BlkDevice::new(s.disk, s.num_queues, s.serial.as_bytes(), s.mode, s.engine)?;
-    let ring_fd = device.ring_fd();
-    let engine = device.engine();
+    let engine_fds = device.engine_fds();
+    let engine = match s.mode {
+        ServeMode::Normal => device.engine(),
+        ServeMode::Fail => "none",
+    };
     // Created now: after the sandbox, a new memfd could not be made or mapped.
     let inflight = device_workers::inflight::InflightRegion::create(
         s.num_queues,
@@ -345,7 +348,7 @@ fn serve(s: Serve) -> anyhow::Result<ExitCode> {
     if sandboxed {
         let mut keep_fds = vec![handler.as_raw_fd(), events.as_raw_fd()];
         keep_fds.extend(disk_fd);
-        keep_fds.extend(ring_fd);
+        keep_fds.extend(&engine_fds);
         keep_fds.extend(&inflight_fds);
         keep_fds.extend(s.control.as_ref().map(|c| c.as_raw_fd()));
         keep_fds.extend(s.learn.as_ref().map(|l| l.as_raw_fd()));
@@ -357,9 +360,10 @@ fn serve(s: Serve) -> anyhow::Result<ExitCode> {
             max_fds: 32 + 4 * u64::from(s.num_queues),
             max_file_size: disk_size,
             // The io_uring's io-wq threads count as processes of the worker's user.
-            max_procs: match ring_fd {
-                Some(_) => sandbox::NPROC_WITH_IO_URING,
-                None => 1,
+            max_procs: if engine_fds.is_empty() {
+                1
+            } else {
+                sandbox::NPROC_WITH_IO_URING
             },
         };
         match sandbox::enter_namespaces(&cfg)? {

@@ -13,6 +13,8 @@ use ipc::status::StatusMapping;
 
 /// Token of the vhost-user socket; ring `i` uses token `i`.
 const SOCKET_TOKEN: u64 = u64::MAX;
+/// Token of the device's completion eventfd (asynchronous engines).
+const COMPLETION_TOKEN: u64 = u64::MAX - 1;
 
 /// Why serving ended.
 #[derive(Debug, thiserror::Error)]
@@ -78,6 +80,9 @@ impl EventLoop {
     ) -> Result<(), ServeError> {
         self.add(handler.as_raw_fd(), SOCKET_TOKEN)?;
         let lock = || backend.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(fd) = lock().completion_fd() {
+            self.add(fd, COMPLETION_TOKEN)?;
+        }
         let mut events = [EpollEvent::empty(); 16];
         loop {
             let n = match self.epoll.wait(&mut events, EpollTimeout::NONE) {
@@ -95,6 +100,13 @@ impl EventLoop {
                         }
                         Err(e) => return Err(ServeError::Frontend(e)),
                     },
+                    COMPLETION_TOKEN => {
+                        let mut b = lock();
+                        b.reap();
+                        let totals = b.totals();
+                        status.set_completed(totals.completed, totals.failed);
+                        status.bump_progress();
+                    }
                     index => {
                         let mut b = lock();
                         b.kick(index as usize);

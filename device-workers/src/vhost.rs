@@ -49,6 +49,16 @@ pub trait VhostDevice {
         mem: &GuestMemoryMmap,
         log: &mut dyn InflightLog,
     ) -> QueueResult;
+    /// A descriptor that becomes readable when requests submitted asynchronously have
+    /// completed (None: every request completes within `process_queue`).
+    fn completion_fd(&self) -> Option<RawFd> {
+        None
+    }
+    /// Collects asynchronously completed requests (their status bytes written).
+    fn reap(&mut self, _mem: &GuestMemoryMmap, _out: &mut Vec<Reaped>) {}
+    /// Waits for every asynchronous request in flight and collects it (before the memory
+    /// table changes or a ring stops).
+    fn drain(&mut self, _mem: &GuestMemoryMmap, _out: &mut Vec<Reaped>) {}
     /// Serves again `heads`, which a dead predecessor popped and never completed.
     fn resubmit(
         &mut self,
@@ -68,6 +78,18 @@ pub struct QueueResult {
     pub failed: u64,
     /// The ring itself is corrupt (not a bad request): stop serving this queue.
     pub broken: bool,
+    /// The device was full: requests are left in the avail ring (notifications off), to be
+    /// taken once completions made room.
+    pub throttled: bool,
+}
+
+/// A request that completed asynchronously: what goes into queue `queue`'s used ring.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Reaped {
+    pub queue: u16,
+    pub head: u16,
+    pub used_len: u32,
+    pub ok: bool,
 }
 
 /// Frontend virtual address range -> guest physical, from SET_MEM_TABLE (rings are given
@@ -93,6 +115,9 @@ struct Vring {
     /// Just started: take the used idx from guest memory and resubmit what a predecessor
     /// left in flight before serving new requests.
     recover: bool,
+    /// The device was full: requests wait in the avail ring; drain it again after the
+    /// next completions.
+    throttled: bool,
 }
 
 impl Vring {
@@ -105,6 +130,7 @@ impl Vring {
             started: false,
             broken: false,
             recover: false,
+            throttled: false,
         }
     }
 
@@ -297,10 +323,12 @@ impl<D: VhostDevice> VhostBackend<D> {
                 completed: result.completed + drained.completed,
                 failed: result.failed + drained.failed,
                 broken: drained.broken,
+                throttled: drained.throttled,
             };
         }
         self.totals.completed += result.completed;
         self.totals.failed += result.failed;
+        vring.throttled = result.throttled;
         if result.broken {
             tracing::warn!(
                 "queue {index}: the ring is corrupt; not serving it until it is set up again"
@@ -322,6 +350,83 @@ impl<D: VhostDevice> VhostBackend<D> {
     pub fn process_all(&mut self) {
         for index in 0..self.vrings.len() {
             self.process(index);
+        }
+    }
+
+    /// The device's completion descriptor, if it completes requests asynchronously.
+    pub fn completion_fd(&self) -> Option<RawFd> {
+        self.device.completion_fd()
+    }
+
+    /// Publishes what the device completed since the last look, then serves the rings
+    /// that had to wait for room.
+    pub fn reap(&mut self) {
+        let Some(mem) = self.mem.as_ref() else { return };
+        let mut reaped = Vec::new();
+        self.device.reap(mem, &mut reaped);
+        self.publish(&reaped);
+        for index in 0..self.vrings.len() {
+            if self.vrings[index].throttled {
+                self.process(index);
+            }
+        }
+    }
+
+    /// Waits for every request the device has in flight and publishes it: nothing may
+    /// touch guest memory or a ring once the memory table changes or the ring stops.
+    fn drain(&mut self) {
+        let Some(mem) = self.mem.as_ref() else { return };
+        let mut reaped = Vec::new();
+        self.device.drain(mem, &mut reaped);
+        self.publish(&reaped);
+    }
+
+    /// Puts asynchronously completed requests in their used rings (bracketed by the
+    /// inflight log, like synchronous ones) and signals each ring once.
+    fn publish(&mut self, reaped: &[Reaped]) {
+        let Some(mem) = self.mem.as_ref() else { return };
+        let mut touched = vec![false; self.vrings.len()];
+        for r in reaped {
+            let index = usize::from(r.queue);
+            let Some(vring) = self.vrings.get_mut(index) else {
+                continue;
+            };
+            if !vring.started || vring.broken {
+                // The ring stopped under the request: the frontend no longer expects it.
+                continue;
+            }
+            let size = vring.queue.size();
+            let mut tracker = self.inflight.as_mut().and_then(|t| t.queue(index, size));
+            if let Some(t) = tracker.as_mut() {
+                t.completing(r.head);
+            }
+            if let Err(e) = vring.queue.add_used(mem, r.head, r.used_len) {
+                tracing::warn!("queue {index}: cannot publish a completion: {e}");
+                vring.broken = true;
+                self.dirty = true;
+                continue;
+            }
+            if let Some(t) = tracker.as_mut() {
+                t.completed(r.head, vring.queue.next_used());
+            }
+            self.totals.completed += u64::from(r.ok);
+            self.totals.failed += u64::from(!r.ok);
+            touched[index] = true;
+        }
+        for (index, vring) in self.vrings.iter_mut().enumerate() {
+            if !touched[index] {
+                continue;
+            }
+            match vring.queue.needs_notification(mem) {
+                Ok(false) => {}
+                Ok(true) | Err(_) => {
+                    if let Some(call) = vring.call.as_ref() {
+                        if let Err(e) = call.write(1) {
+                            tracing::warn!("queue {index}: cannot signal the call eventfd: {e}");
+                        }
+                    }
+                }
+            }
         }
     }
 
@@ -355,6 +460,7 @@ impl<D: VhostDevice> VhostBackend<D> {
     }
 
     fn reset(&mut self) {
+        self.drain();
         self.acked_features = 0;
         for v in &mut self.vrings {
             *v = Vring::new();
@@ -417,6 +523,8 @@ impl<D: VhostDevice> VhostUserBackendReqHandlerMut for VhostBackend<D> {
         if postcopy_listening.is_some() {
             return unsupported("postcopy");
         }
+        // In-flight requests point into the current table's mappings.
+        self.drain();
         if ctx.is_empty() || ctx.len() != files.len() {
             return Err(refuse(format!(
                 "SET_MEM_TABLE with {} regions and {} fds",
@@ -517,6 +625,10 @@ impl<D: VhostDevice> VhostUserBackendReqHandlerMut for VhostBackend<D> {
     }
 
     fn get_vring_base(&mut self, index: u32) -> VhostResult<VhostUserVringState> {
+        // What the ring has in flight completes first, so the base we report and the
+        // inflight region agree: nothing is in flight once it is stopped.
+        self.vring(index)?;
+        self.drain();
         let vring = self.vring(index)?;
         // GET_VRING_BASE stops the ring (vhost-user "Ring states").
         vring.started = false;
@@ -526,8 +638,8 @@ impl<D: VhostDevice> VhostUserBackendReqHandlerMut for VhostBackend<D> {
         let next_avail = vring.queue.next_avail();
         let size = vring.queue.size();
         self.dirty = true;
-        // Requests are served to completion between messages, so nothing is in flight
-        // now: a stopped ring starts afresh.
+        // Drained above (and synchronous requests complete between messages), so nothing
+        // is in flight now: a stopped ring starts afresh.
         if let Some(mut q) = self
             .inflight
             .as_mut()

@@ -232,6 +232,30 @@ pub fn complete_rejected<G: GuestMemory + ?Sized>(rejected: &Rejected, mem: &G) 
     )
 }
 
+/// Writes `status` to a request's status byte and says what goes into the used ring (for
+/// requests completed outside [`execute_batch`], e.g. by the io_uring engine).
+pub fn finish_status<G: GuestMemory + ?Sized>(
+    head_index: u16,
+    status_addr: GuestAddress,
+    status: u8,
+    data_len: u32,
+    mem: &G,
+) -> Completion {
+    finish(head_index, Some(status_addr), status, data_len, mem)
+}
+
+/// The host memory behind `bufs` as plain slices (no dirty tracking), or None if some of it
+/// is not accessible.
+pub fn guest_slices_plain<'a, G: GuestMemory + ?Sized>(
+    mem: &'a G,
+    bufs: &[GuestBuf],
+    access: Permissions,
+) -> Option<Vec<VolatileSlice<'a>>> {
+    guest_slices(mem, bufs, access, 0)
+        .ok()
+        .map(|s| plain_slices(&s))
+}
+
 fn finish<G: GuestMemory + ?Sized>(
     head_index: u16,
     status_addr: Option<GuestAddress>,

@@ -28,4 +28,4 @@ pub use fail_backend::FailBackend;
 pub use queue::{process_queue, QueueError, QueueOutcome};
 pub use request::{BlkContext, ParseError, Rejected, Request, RequestKind};
 pub use sync_backend::SyncBackend;
-pub use uring_backend::UringBackend;
+pub use uring_backend::UringEngine;

@@ -23,6 +23,7 @@ use vm_memory::{
 use super::backend::DiskBackend;
 use super::execute::{complete_rejected, execute, execute_batch, Completion};
 use super::request::{BlkContext, Request};
+use super::uring_backend::UringEngine;
 use crate::inflight::InflightLog;
 
 /// Queue-level corruption or misuse. The caller must stop serving this queue and mark the
@@ -80,6 +81,10 @@ pub struct QueueOutcome {
     /// Avail entries with a head index outside the descriptor table: consumed but not put in
     /// the used ring (a used entry with such an id would be meaningless to the driver).
     pub dropped: u32,
+    /// Requests handed to an asynchronous engine (they complete later).
+    pub submitted: u32,
+    /// The engine was full: requests wait in the avail ring, notifications still off.
+    pub throttled: bool,
 }
 
 /// Drains `queue`, executing each request against `disk`, and tells `log` (the inflight
@@ -144,6 +149,82 @@ pub fn process_queue<M: GuestMemory>(
                 outcome.failed += 1;
             }
         }
+        if added && queue.needs_notification(mem).map_err(ring)? {
+            outcome.signal = true;
+        }
+        if !queue.enable_notification(mem).map_err(ring)? {
+            break;
+        }
+    }
+    Ok(outcome)
+}
+
+/// Drains `queue` into the io_uring engine: reads, writes and flushes are submitted (one
+/// `io_uring_enter` for the batch) and complete later ([`UringEngine::reap`]); anything
+/// else (rejected chains, GET_ID, discard, write-zeroes) completes now, synchronously.
+/// When the engine is full, stops with requests left in the avail ring and notifications
+/// off (`throttled`): the caller drains the queue again once completions made room.
+pub fn process_queue_async<M: GuestMemory>(
+    queue: &mut Queue,
+    queue_index: u16,
+    mem: &M,
+    engine: &mut UringEngine,
+    ctx: &BlkContext,
+    log: &mut dyn InflightLog,
+) -> Result<QueueOutcome, QueueError> {
+    if !queue.ready() {
+        return Err(QueueError::NotReady { queue_index });
+    }
+    let ring = |source| QueueError::Ring {
+        queue_index,
+        source,
+    };
+    let mut outcome = QueueOutcome::default();
+    let queue_size = usize::from(queue.size());
+    loop {
+        queue.disable_notification(mem).map_err(ring)?;
+        let mut added = false;
+        loop {
+            if !engine.has_room() {
+                engine.submit_pending();
+                outcome.throttled = true;
+                if added && queue.needs_notification(mem).map_err(ring)? {
+                    outcome.signal = true;
+                }
+                return Ok(outcome);
+            }
+            let Some(chain) = next_chain(queue, queue_index, mem)? else {
+                break;
+            };
+            let head_index = chain.head_index();
+            if head_index >= queue.size() {
+                tracing::debug!(
+                    queue_index,
+                    head_index,
+                    "avail entry with an out-of-range head index dropped"
+                );
+                outcome.dropped += 1;
+                continue;
+            }
+            log.popped(head_index);
+            let completion = match Request::parse(chain, ctx, queue_size) {
+                Err(rejected) => complete_rejected(&rejected, mem),
+                Ok(req) => match engine.submit(queue_index, req, mem) {
+                    Ok(()) => {
+                        outcome.submitted += 1;
+                        continue;
+                    }
+                    Err(req) => execute(&req, mem, engine, ctx),
+                },
+            };
+            complete(queue, mem, head_index, &completion, log).map_err(ring)?;
+            added = true;
+            outcome.completed += 1;
+            if !completion.is_ok() {
+                outcome.failed += 1;
+            }
+        }
+        engine.submit_pending();
         if added && queue.needs_notification(mem).map_err(ring)? {
             outcome.signal = true;
         }

@@ -234,7 +234,8 @@ fn in_reads_the_file() {
             signal: true,
             completed: 1,
             failed: 0,
-            dropped: 0
+            dropped: 0,
+            ..QueueOutcome::default()
         }
     );
     h.expect(OK, 1025);

@@ -1,35 +1,47 @@
-//! An io_uring backend: a batch of reads, writes and flushes goes to the kernel with one
-//! `io_uring_enter`, which also waits for all of them.
+//! The io_uring engine: requests are submitted as the queue is drained and complete when
+//! the kernel says so, in any order, while the worker goes on serving kicks and vhost-user
+//! messages. A kick costs one `io_uring_enter` for the whole drained batch; completions
+//! wake the event loop through an eventfd registered with the ring.
 //!
-//! Everything about the ring is fixed before the sandbox ([`UringBackend::new`]): it is
-//! created disabled, the disk is its only registered file, its io-wq workers are bounded,
-//! and `IORING_REGISTER_RESTRICTIONS` allows only the opcodes used here (READV, WRITEV,
-//! FSYNC) on that registered file (`IOSQE_FIXED_FILE` required, `IOSQE_IO_DRAIN` allowed for
-//! flushes); then the ring is enabled. Once sandboxed the worker may call `io_uring_enter`
-//! but neither `io_uring_setup` nor `io_uring_register` (its seccomp policy), so the ring
-//! can never reach another file or do anything else.
+//! Everything about the ring is fixed before the sandbox ([`UringEngine::new`]): it is
+//! created disabled, the disk is its only registered file, the completion eventfd is
+//! registered, its io-wq workers are bounded, and `IORING_REGISTER_RESTRICTIONS` allows only
+//! the opcodes used here (READV, WRITEV, FSYNC) on that registered file (`IOSQE_FIXED_FILE`
+//! required, `IOSQE_IO_DRAIN` allowed for flushes); then the ring is enabled. Once
+//! sandboxed the worker may call `io_uring_enter` but neither `io_uring_setup` nor
+//! `io_uring_register` (its seccomp policy), so the ring can never reach another file or
+//! do anything else.
 //!
-//! Discard and write-zeroes are rare and go through [`SyncBackend`]'s fallocate, as do the
-//! remainders of short reads and writes.
+//! Requests the ring does not take (GET_ID, discard, write-zeroes, resubmissions for a dead
+//! predecessor) run synchronously through [`SyncBackend`], which also finishes short
+//! transfers.
 
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};
 
 use io_uring::{opcode, register::Restriction, squeue, types, IoUring};
-use vm_memory::VolatileSlice;
+use vm_memory::{GuestAddress, GuestMemory, VolatileSlice};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use super::backend::{check_range, run_one, total_len, BackendError, DiskBackend, DiskOp};
+use super::backend::{check_range, total_len, BackendError, DiskBackend};
+use super::execute::{finish_status, guest_slices_plain};
+use super::request::{Request, RequestKind};
 use super::sync_backend::{iovecs, SyncBackend};
+use crate::vhost::Reaped;
+use virtio_bindings::virtio_blk::{VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK};
 
-/// Submission queue entries; a larger batch is submitted in several rounds.
+/// Submission queue entries; the completion queue is twice as large.
 const RING_ENTRIES: u32 = 256;
+/// Requests in flight in the ring at most; a queue holding more waits in its avail ring
+/// until completions make room (the completion queue never overflows).
+pub const MAX_IN_FLIGHT: usize = 2 * RING_ENTRIES as usize;
 /// The most io-wq workers the ring may start, bound and unbound (flushes and buffered
 /// writes run there): it keeps the worker's process count, and so its RLIMIT_NPROC, small.
 pub const MAX_IOWQ_WORKERS: u32 = 4;
 /// The registered file index of the disk.
 const DISK: types::Fixed = types::Fixed(0);
 
-/// Why an io_uring backend could not be set up (the worker then falls back to the sync
+/// Why an io_uring engine could not be set up (the worker then falls back to the sync
 /// backend when the engine was not asked for explicitly).
 #[derive(Debug, thiserror::Error)]
 pub enum UringError {
@@ -41,33 +53,81 @@ pub enum UringError {
     },
 }
 
-/// The io_uring backend.
-pub struct UringBackend {
-    ring: IoUring,
-    /// The same file, for the size, fallocate, and finishing short transfers.
-    sync: SyncBackend,
+/// A request the ring is working on.
+struct InFlight {
+    queue: u16,
+    head: u16,
+    status_addr: GuestAddress,
+    op: Op,
+    /// The guest buffers as the kernel sees them; kept here until the request completes.
+    iov: IoVecs,
 }
 
-impl std::fmt::Debug for UringBackend {
+/// iovecs into guest memory.
+struct IoVecs(Vec<libc::iovec>);
+
+// SAFETY: the pointers address guest memory, which is mapped for the whole process (not
+// for a thread); whichever thread holds the engine may hand them to the kernel.
+unsafe impl Send for IoVecs {}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Op {
+    Read { offset: u64, len: u64 },
+    Write { offset: u64, len: u64 },
+    Flush,
+}
+
+/// The io_uring engine.
+pub struct UringEngine {
+    ring: IoUring,
+    /// Signalled by the kernel when a completion is posted.
+    completions: EventFd,
+    /// The same file: the size, synchronous requests, short transfers' remainders.
+    sync: SyncBackend,
+    /// In-flight requests by slot (the entries' user_data).
+    slots: Vec<Option<InFlight>>,
+    free: Vec<usize>,
+    /// Entries pushed since the last `io_uring_enter`.
+    unsubmitted: usize,
+}
+
+impl std::fmt::Debug for UringEngine {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("UringBackend")
+        f.debug_struct("UringEngine")
             .field("ring_fd", &self.ring.as_raw_fd())
-            .field("sync", &self.sync)
-            .finish()
+            .field("in_flight", &self.in_flight())
+            .finish_non_exhaustive()
     }
 }
 
-impl UringBackend {
+impl UringEngine {
     /// Sets up and restricts the ring for `sync`'s file. Must run before the sandbox. On
     /// failure `sync` comes back with the error.
     pub fn new(sync: SyncBackend) -> Result<Self, (UringError, SyncBackend)> {
-        match Self::ring(&sync) {
-            Ok(ring) => Ok(UringBackend { ring, sync }),
+        let completions = match EventFd::new(EFD_NONBLOCK) {
+            Ok(e) => e,
+            Err(source) => {
+                let e = UringError::Setup {
+                    what: "create the completion eventfd",
+                    source,
+                };
+                return Err((e, sync));
+            }
+        };
+        match Self::ring(&sync, &completions) {
+            Ok(ring) => Ok(UringEngine {
+                ring,
+                completions,
+                sync,
+                slots: Vec::new(),
+                free: Vec::new(),
+                unsubmitted: 0,
+            }),
             Err(e) => Err((e, sync)),
         }
     }
 
-    fn ring(sync: &SyncBackend) -> Result<IoUring, UringError> {
+    fn ring(sync: &SyncBackend, completions: &EventFd) -> Result<IoUring, UringError> {
         let setup = |what| move |source| UringError::Setup { what, source };
         let ring = IoUring::builder()
             .setup_r_disabled()
@@ -77,6 +137,9 @@ impl UringBackend {
         submitter
             .register_files(&[sync.file().as_raw_fd()])
             .map_err(setup("register the disk with the io_uring"))?;
+        submitter
+            .register_eventfd(completions.as_raw_fd())
+            .map_err(setup("register the completion eventfd"))?;
         let mut max_workers = [MAX_IOWQ_WORKERS, MAX_IOWQ_WORKERS];
         submitter
             .register_iowq_max_workers(&mut max_workers)
@@ -97,139 +160,232 @@ impl UringBackend {
         Ok(ring)
     }
 
-    /// The ring's descriptor (kept open through the sandbox).
-    pub fn ring_fd(&self) -> RawFd {
-        self.ring.as_raw_fd()
+    /// The descriptors that must survive the sandbox: the ring and its completion eventfd.
+    pub fn fds(&self) -> [RawFd; 2] {
+        [self.ring.as_raw_fd(), self.completions.as_raw_fd()]
     }
 
-    /// Submits the ops in `indices` (reads, writes, flushes) and waits for all of them;
-    /// stores each result in `results`.
-    fn submit(
+    /// Readable when completions are waiting (for the event loop).
+    pub fn completion_fd(&self) -> RawFd {
+        self.completions.as_raw_fd()
+    }
+
+    /// Requests the ring is working on.
+    pub fn in_flight(&self) -> usize {
+        self.slots.len() - self.free.len()
+    }
+
+    /// Whether the ring can take another request now.
+    pub fn has_room(&self) -> bool {
+        self.in_flight() < MAX_IN_FLIGHT
+    }
+
+    /// Hands `req` (from queue `queue`) to the ring if it is a read, a write or a flush
+    /// whose buffers are in guest memory, and returns None; the caller runs anything else
+    /// synchronously (the request comes back).
+    pub fn submit<G: GuestMemory>(
         &mut self,
-        ops: &[DiskOp<'_>],
-        indices: &[usize],
-        results: &mut [Result<(), BackendError>],
-    ) {
-        // The iovec arrays must stay put until the kernel is done with them.
-        let iovs: Vec<Vec<libc::iovec>> = indices
+        queue: u16,
+        req: Request,
+        mem: &G,
+    ) -> Result<(), Request> {
+        let (op, iov) = match &req.kind {
+            RequestKind::In { sector, bufs, len } => {
+                match guest_slices_plain(mem, bufs, vm_memory::Permissions::Write) {
+                    Some(s) => (
+                        Op::Read {
+                            offset: sector << super::config::SECTOR_SHIFT,
+                            len: u64::from(*len),
+                        },
+                        IoVecs(iovecs(&s, 0)),
+                    ),
+                    None => return Err(req),
+                }
+            }
+            RequestKind::Out { sector, bufs, len } => {
+                match guest_slices_plain(mem, bufs, vm_memory::Permissions::Read) {
+                    Some(s) => (
+                        Op::Write {
+                            offset: sector << super::config::SECTOR_SHIFT,
+                            len: u64::from(*len),
+                        },
+                        IoVecs(iovecs(&s, 0)),
+                    ),
+                    None => return Err(req),
+                }
+            }
+            RequestKind::Flush => (Op::Flush, IoVecs(Vec::new())),
+            _ => return Err(req),
+        };
+        if let Op::Read { offset, len } | Op::Write { offset, len } = op {
+            // Parsing checked the range against the capacity; check it against the file
+            // again, and leave the error (and its IOERR) to the sync path.
+            if check_range(offset, len, self.sync.size()).is_err() {
+                return Err(req);
+            }
+        }
+        let slot = match self.free.pop() {
+            Some(s) => s,
+            None => {
+                self.slots.push(None);
+                self.slots.len() - 1
+            }
+        };
+        let flight = InFlight {
+            queue,
+            head: req.head_index,
+            status_addr: req.status_addr,
+            op,
+            iov,
+        };
+        let entry = match op {
+            Op::Read { offset, .. } => {
+                opcode::Readv::new(DISK, flight.iov.0.as_ptr(), flight.iov.0.len() as u32)
+                    .offset(offset)
+                    .build()
+            }
+            Op::Write { offset, .. } => {
+                opcode::Writev::new(DISK, flight.iov.0.as_ptr(), flight.iov.0.len() as u32)
+                    .offset(offset)
+                    .build()
+            }
+            // Drained: starts after every earlier request completed, and later ones wait
+            // for it, so it covers every write the guest saw complete before it.
+            Op::Flush => opcode::Fsync::new(DISK)
+                .flags(types::FsyncFlags::DATASYNC)
+                .build()
+                .flags(squeue::Flags::IO_DRAIN),
+        }
+        .user_data(slot as u64);
+        self.slots[slot] = Some(flight);
+        loop {
+            // SAFETY: the entry points at the iovec array now owned by `self.slots[slot]`
+            // (a Vec's heap buffer does not move when the Vec does) and, through it, at guest
+            // memory, which stays mapped until the request completes: the vhost handler
+            // drains the ring before it replaces or drops the memory table.
+            let pushed = unsafe { self.ring.submission().push(&entry) };
+            if pushed.is_ok() {
+                break;
+            }
+            // The submission queue is full: hand what is there to the kernel first.
+            self.submit_pending();
+        }
+        self.unsubmitted += 1;
+        Ok(())
+    }
+
+    /// One `io_uring_enter` for everything pushed since the last one.
+    pub fn submit_pending(&mut self) {
+        if self.unsubmitted == 0 && self.ring.submission().is_empty() {
+            return;
+        }
+        loop {
+            match self.ring.submit() {
+                Ok(_) => break,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                // Completion queue busy: reaping makes room; the caller reaps on the
+                // eventfd, and the entries stay queued for the next enter.
+                Err(e) if e.raw_os_error() == Some(libc::EBUSY) => break,
+                Err(e) => {
+                    tracing::warn!("io_uring_enter failed: {e}");
+                    break;
+                }
+            }
+        }
+        self.unsubmitted = 0;
+    }
+
+    /// Completes what the ring finished: writes each status byte into guest memory and
+    /// appends the used entries to `out`.
+    pub fn reap<G: GuestMemory>(&mut self, mem: &G, out: &mut Vec<Reaped>) {
+        let _ = self.completions.read();
+        let cqes: Vec<(u64, i32)> = self
+            .ring
+            .completion()
+            .map(|c| (c.user_data(), c.result()))
+            .collect();
+        for (slot, res) in cqes {
+            let Some(flight) = self.slots.get_mut(slot as usize).and_then(Option::take) else {
+                continue;
+            };
+            self.free.push(slot as usize);
+            let ok = self.finish(&flight, res);
+            let (status, data_len) = match (ok, flight.op) {
+                (true, Op::Read { len, .. }) => (VIRTIO_BLK_S_OK as u8, len as u32),
+                (true, _) => (VIRTIO_BLK_S_OK as u8, 0),
+                (false, _) => (VIRTIO_BLK_S_IOERR as u8, 0),
+            };
+            let c = finish_status(flight.head, flight.status_addr, status, data_len, mem);
+            out.push(Reaped {
+                queue: flight.queue,
+                head: c.head_index,
+                used_len: c.used_len,
+                ok: c.is_ok(),
+            });
+        }
+    }
+
+    /// Waits until every in-flight request completed, and reaps them (before the memory
+    /// table changes or a ring stops).
+    pub fn drain<G: GuestMemory>(&mut self, mem: &G, out: &mut Vec<Reaped>) {
+        self.submit_pending();
+        while self.in_flight() > 0 {
+            match self.ring.submit_and_wait(1) {
+                Ok(_) => {}
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    tracing::warn!("io_uring_enter failed while draining: {e}");
+                    break;
+                }
+            }
+            self.reap(mem, out);
+        }
+    }
+
+    /// Whether the request went through whole; a short transfer is finished with the sync
+    /// backend.
+    fn finish(&mut self, flight: &InFlight, res: i32) -> bool {
+        if res < 0 {
+            tracing::debug!(
+                head = flight.head,
+                error = %io::Error::from_raw_os_error(-res),
+                "request failed"
+            );
+            return false;
+        }
+        let done = res as u64;
+        let (offset, len, write) = match flight.op {
+            Op::Flush => return true,
+            Op::Read { offset, len } => (offset, len, false),
+            Op::Write { offset, len } => (offset, len, true),
+        };
+        if done >= len {
+            return true;
+        }
+        let bufs: Vec<VolatileSlice<'_>> = flight
+            .iov
+            .0
             .iter()
-            .map(|&i| match &ops[i] {
-                DiskOp::Read { bufs, .. } | DiskOp::Write { bufs, .. } => iovecs(bufs, 0),
-                _ => Vec::new(),
+            .map(|v| {
+                // SAFETY: each iovec was built from a slice of guest memory that is still
+                // mapped (the memory table is only replaced after draining), `iov_len` bytes
+                // long; the slice lives only for this call.
+                unsafe { VolatileSlice::new(v.iov_base.cast(), v.iov_len) }
             })
             .collect();
-        // Transferred bytes per op; a short one is finished synchronously below.
-        let mut done: Vec<Option<io::Result<u64>>> = indices.iter().map(|_| None).collect();
-        let mut next = 0;
-        while next < indices.len() {
-            let mut queued = 0;
-            {
-                let mut sq = self.ring.submission();
-                while next + queued < indices.len() {
-                    let k = next + queued;
-                    let entry = match &ops[indices[k]] {
-                        DiskOp::Read { offset, .. } => {
-                            opcode::Readv::new(DISK, iovs[k].as_ptr(), iovs[k].len() as u32)
-                                .offset(*offset)
-                                .build()
-                        }
-                        DiskOp::Write { offset, .. } => {
-                            opcode::Writev::new(DISK, iovs[k].as_ptr(), iovs[k].len() as u32)
-                                .offset(*offset)
-                                .build()
-                        }
-                        // Drained: starts after every earlier op of the batch completed, and
-                        // later ones wait for it, as if run one by one.
-                        _ => opcode::Fsync::new(DISK)
-                            .flags(types::FsyncFlags::DATASYNC)
-                            .build()
-                            .flags(squeue::Flags::IO_DRAIN),
-                    }
-                    .user_data(k as u64);
-                    // SAFETY: the entry points at `iovs[k]` and, through it, at guest memory
-                    // slices borrowed for the whole call; both outlive the submission, since
-                    // this function waits below until the kernel completed every entry.
-                    if unsafe { sq.push(&entry) }.is_err() {
-                        break;
-                    }
-                    queued += 1;
-                }
-            }
-            let mut waiting = queued;
-            while waiting > 0 {
-                match self.ring.submit_and_wait(waiting) {
-                    Ok(_) => {}
-                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                    Err(e) => {
-                        // The ring itself failed: nothing more will complete; fail what is
-                        // left of this round.
-                        for d in done.iter_mut().skip(next).take(queued) {
-                            if d.is_none() {
-                                *d = Some(Err(io::Error::new(e.kind(), e.to_string())));
-                            }
-                        }
-                        break;
-                    }
-                }
-                for cqe in self.ring.completion() {
-                    let k = cqe.user_data() as usize;
-                    if let Some(slot) = done.get_mut(k) {
-                        let res = cqe.result();
-                        *slot = Some(if res < 0 {
-                            Err(io::Error::from_raw_os_error(-res))
-                        } else {
-                            Ok(res as u64)
-                        });
-                        waiting = waiting.saturating_sub(1);
-                    }
-                }
-            }
-            next += queued.max(1);
-        }
-        for (k, &i) in indices.iter().enumerate() {
-            results[i] = self.finish(&ops[i], done[k].take());
-        }
-    }
-
-    /// Turns one op's completion into its result, finishing a short transfer with the sync
-    /// backend.
-    fn finish(
-        &mut self,
-        op: &DiskOp<'_>,
-        done: Option<io::Result<u64>>,
-    ) -> Result<(), BackendError> {
-        let done = done.unwrap_or_else(|| Err(io::Error::other("not submitted")));
-        match op {
-            DiskOp::Read { bufs, offset } => {
-                let total = total_len(bufs);
-                match done {
-                    Ok(n) if n >= total => Ok(()),
-                    Ok(n) => self.sync.read_rest(bufs, *offset, n),
-                    Err(source) => Err(BackendError::Read {
-                        offset: *offset,
-                        len: total,
-                        source,
-                    }),
-                }
-            }
-            DiskOp::Write { bufs, offset } => {
-                let total = total_len(bufs);
-                match done {
-                    Ok(n) if n >= total => Ok(()),
-                    Ok(n) => self.sync.write_rest(bufs, *offset, n),
-                    Err(source) => Err(BackendError::Write {
-                        offset: *offset,
-                        len: total,
-                        source,
-                    }),
-                }
-            }
-            _ => done.map(drop).map_err(BackendError::Flush),
-        }
+        debug_assert_eq!(total_len(&bufs), len);
+        let rest = if write {
+            self.sync.write_rest(&bufs, offset, done)
+        } else {
+            self.sync.read_rest(&bufs, offset, done)
+        };
+        rest.is_ok()
     }
 }
 
-impl DiskBackend for UringBackend {
+/// Synchronous requests (GET_ID, discard, write-zeroes, resubmissions) go to the file
+/// directly.
+impl DiskBackend for UringEngine {
     fn size(&self) -> u64 {
         self.sync.size()
     }
@@ -239,11 +395,7 @@ impl DiskBackend for UringBackend {
         bufs: &[VolatileSlice<'_>],
         offset: u64,
     ) -> Result<(), BackendError> {
-        let op = DiskOp::Read {
-            bufs: bufs.to_vec(),
-            offset,
-        };
-        self.run_batch(std::slice::from_ref(&op)).remove(0)
+        self.sync.read_vectored_at(bufs, offset)
     }
 
     fn write_vectored_at(
@@ -251,15 +403,11 @@ impl DiskBackend for UringBackend {
         bufs: &[VolatileSlice<'_>],
         offset: u64,
     ) -> Result<(), BackendError> {
-        let op = DiskOp::Write {
-            bufs: bufs.to_vec(),
-            offset,
-        };
-        self.run_batch(std::slice::from_ref(&op)).remove(0)
+        self.sync.write_vectored_at(bufs, offset)
     }
 
     fn flush(&mut self) -> Result<(), BackendError> {
-        self.run_batch(&[DiskOp::Flush]).remove(0)
+        self.sync.flush()
     }
 
     fn discard(&mut self, offset: u64, len: u64) -> Result<(), BackendError> {
@@ -269,157 +417,170 @@ impl DiskBackend for UringBackend {
     fn write_zeroes(&mut self, offset: u64, len: u64, unmap: bool) -> Result<(), BackendError> {
         self.sync.write_zeroes(offset, len, unmap)
     }
-
-    fn run_batch(&mut self, ops: &[DiskOp<'_>]) -> Vec<Result<(), BackendError>> {
-        let mut results: Vec<Result<(), BackendError>> = ops.iter().map(|_| Ok(())).collect();
-        let size = self.size();
-        let mut ring_ops = Vec::with_capacity(ops.len());
-        for (i, op) in ops.iter().enumerate() {
-            match op {
-                DiskOp::Read { bufs, offset } | DiskOp::Write { bufs, offset } => {
-                    match check_range(*offset, total_len(bufs), size) {
-                        Ok(()) => ring_ops.push(i),
-                        Err(e) => results[i] = Err(e),
-                    }
-                }
-                DiskOp::Flush => ring_ops.push(i),
-                // Rare; fallocate through the sync backend, in batch order before the
-                // ring's ops (virtio-blk orders nothing between requests in flight).
-                DiskOp::Discard { .. } | DiskOp::WriteZeroes { .. } => {
-                    results[i] = run_one(&mut self.sync, op);
-                }
-            }
-        }
-        if !ring_ops.is_empty() {
-            self.submit(ops, &ring_ops, &mut results);
-        }
-        results
-    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::blk::request::GuestBuf;
     use crate::blk::sync_backend::tests::{contents, pattern, temp_disk};
+    use vm_memory::{Bytes, GuestMemoryMmap};
 
-    fn backend(size: usize) -> UringBackend {
+    const MEM: u64 = 1 << 20;
+    const STATUS: u64 = 0x1000;
+
+    fn engine(size: usize) -> UringEngine {
         let sync = SyncBackend::new(temp_disk(size)).unwrap();
-        UringBackend::new(sync)
+        UringEngine::new(sync)
             .map_err(|(e, _)| e)
             .expect("an io_uring on this kernel")
     }
 
-    /// One raw entry through the ring; its CQE result.
-    fn raw(disk: &mut UringBackend, entry: squeue::Entry) -> i32 {
-        // SAFETY: the entries used below reference no memory (NOP, fsync).
-        unsafe { disk.ring.submission().push(&entry) }.unwrap();
-        disk.ring.submit_and_wait(1).unwrap();
-        disk.ring.completion().next().unwrap().result()
+    fn mem() -> GuestMemoryMmap {
+        GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM as usize)]).unwrap()
     }
 
-    #[test]
-    fn a_batch_of_reads_writes_and_a_flush_in_one_go() {
-        let mut disk = backend(16384);
-        let p = pattern(16384);
-        let mut r1 = [0u8; 512];
-        let mut r2 = [0u8; 1536];
-        let mut w1 = [0x11u8; 4096];
-        let mut w2 = [0x22u8; 1024];
-        let mut w3 = [0x33u8; 3072];
-        let ops = [
-            DiskOp::Read {
-                bufs: vec![
-                    VolatileSlice::from(&mut r1[..]),
-                    VolatileSlice::from(&mut r2[..]),
-                ],
-                offset: 512,
-            },
-            DiskOp::Write {
-                bufs: vec![VolatileSlice::from(&mut w1[..])],
-                offset: 8192,
-            },
-            DiskOp::Write {
-                bufs: vec![
-                    VolatileSlice::from(&mut w2[..]),
-                    VolatileSlice::from(&mut w3[..]),
-                ],
-                offset: 12288,
-            },
-            DiskOp::Flush,
-            // Past the end: refused without reaching the ring; the rest still runs.
-            DiskOp::Read {
-                bufs: vec![],
-                offset: 16385,
-            },
-        ];
-        let results = disk.run_batch(&ops);
-        assert!(results[..4].iter().all(Result::is_ok), "{results:?}");
-        assert!(matches!(results[4], Err(BackendError::OutOfRange { .. })));
-        drop(ops);
-        assert_eq!(&r1[..], &p[512..1024]);
-        assert_eq!(&r2[..], &p[1024..2560]);
-        let c = contents(disk.sync.file());
-        assert!(c[8192..12288].iter().all(|&x| x == 0x11));
-        assert!(c[12288..13312].iter().all(|&x| x == 0x22));
-        assert!(c[13312..16384].iter().all(|&x| x == 0x33));
-        assert_eq!(&c[..8192], &p[..8192]);
-    }
-
-    #[test]
-    fn batches_larger_than_the_ring_are_split() {
-        let mut disk = backend(4096 * 8);
-        let mut bufs: Vec<[u8; 8]> = vec![[0; 8]; RING_ENTRIES as usize * 2 + 3];
-        let ops: Vec<DiskOp<'_>> = bufs
-            .iter_mut()
-            .enumerate()
-            .map(|(i, b)| DiskOp::Read {
-                bufs: vec![VolatileSlice::from(&mut b[..])],
-                offset: (i % 4096) as u64 * 8,
-            })
-            .collect();
-        let results = disk.run_batch(&ops);
-        assert!(results.iter().all(Result::is_ok));
-        drop(ops);
-        let p = pattern(4096 * 8);
-        for (i, b) in bufs.iter().enumerate() {
-            let at = (i % 4096) * 8;
-            assert_eq!(&b[..], &p[at..at + 8], "op {i}");
+    fn req(head: u16, kind: RequestKind) -> Request {
+        Request {
+            head_index: head,
+            kind,
+            status_addr: GuestAddress(STATUS + u64::from(head)),
         }
+    }
+
+    fn buf(addr: u64, len: u32) -> GuestBuf {
+        GuestBuf {
+            addr: GuestAddress(addr),
+            len,
+        }
+    }
+
+    /// One raw entry through the ring; its CQE result.
+    fn raw(e: &mut UringEngine, entry: squeue::Entry) -> i32 {
+        // SAFETY: the entries used below reference no memory (NOP, fsync).
+        unsafe { e.ring.submission().push(&entry) }.unwrap();
+        e.ring.submit_and_wait(1).unwrap();
+        e.ring.completion().next().unwrap().result()
+    }
+
+    #[test]
+    fn requests_complete_out_of_the_submitting_call() {
+        let mut e = engine(65536);
+        let m = mem();
+        let p = pattern(65536);
+        m.write_slice(&[0x5a; 8192], GuestAddress(0x10000)).unwrap();
+        let reqs = [
+            req(
+                0,
+                RequestKind::In {
+                    sector: 8,
+                    bufs: vec![buf(0x20000, 512), buf(0x30000, 3584)],
+                    len: 4096,
+                },
+            ),
+            req(
+                1,
+                RequestKind::Out {
+                    sector: 64,
+                    bufs: vec![buf(0x10000, 8192)],
+                    len: 8192,
+                },
+            ),
+            req(2, RequestKind::Flush),
+        ];
+        for r in reqs {
+            assert!(e.submit(0, r, &m).is_ok());
+        }
+        assert_eq!(e.in_flight(), 3);
+        e.submit_pending();
+        let mut out = Vec::new();
+        e.drain(&m, &mut out);
+        assert_eq!(e.in_flight(), 0);
+        out.sort_by_key(|r| r.head);
+        let used: Vec<(u16, u32, bool)> = out.iter().map(|r| (r.head, r.used_len, r.ok)).collect();
+        assert_eq!(used, [(0, 4097, true), (1, 1, true), (2, 1, true)]);
+        for head in 0..3 {
+            let st: u8 = m.read_obj(GuestAddress(STATUS + head)).unwrap();
+            assert_eq!(st, VIRTIO_BLK_S_OK as u8);
+        }
+        let mut got = vec![0u8; 4096];
+        m.read_slice(&mut got[..512], GuestAddress(0x20000))
+            .unwrap();
+        m.read_slice(&mut got[512..], GuestAddress(0x30000))
+            .unwrap();
+        assert_eq!(got, p[4096..8192]);
+        let c = contents(e.sync.file());
+        assert!(c[32768..40960].iter().all(|&x| x == 0x5a));
+    }
+
+    #[test]
+    fn other_requests_come_back_for_the_sync_path() {
+        let mut e = engine(4096);
+        let m = mem();
+        let id = req(
+            0,
+            RequestKind::GetId {
+                bufs: vec![buf(0x2000, 20)],
+                len: 20,
+            },
+        );
+        assert!(e.submit(0, id, &m).is_err());
+        // A buffer outside guest memory: the sync path reports IOERR for it.
+        let far = req(
+            1,
+            RequestKind::In {
+                sector: 0,
+                bufs: vec![buf(MEM + 0x1000, 512)],
+                len: 512,
+            },
+        );
+        assert!(e.submit(0, far, &m).is_err());
+        assert_eq!(e.in_flight(), 0);
+    }
+
+    #[test]
+    fn more_requests_than_the_submission_queue_holds() {
+        let mut e = engine(4096 * 4);
+        let m = mem();
+        let n = RING_ENTRIES as usize + 40;
+        for i in 0..n {
+            let r = req(
+                i as u16,
+                RequestKind::In {
+                    sector: (i % 32) as u64,
+                    bufs: vec![buf(0x40000 + 512 * i as u64, 512)],
+                    len: 512,
+                },
+            );
+            assert!(e.submit(1, r, &m).is_ok());
+        }
+        let mut out = Vec::new();
+        e.drain(&m, &mut out);
+        assert_eq!(out.len(), n);
+        assert!(out
+            .iter()
+            .all(|r| r.ok && r.queue == 1 && r.used_len == 513));
     }
 
     #[test]
     fn the_ring_refuses_other_opcodes_and_unregistered_files() {
-        let mut disk = backend(4096);
+        let mut e = engine(4096);
         // NOP is not on the allow list.
         let nop = opcode::Nop::new().build().flags(squeue::Flags::FIXED_FILE);
-        assert_eq!(raw(&mut disk, nop), -libc::EACCES);
+        assert_eq!(raw(&mut e, nop), -libc::EACCES);
         // An allowed opcode on a plain fd (no IOSQE_FIXED_FILE): refused too.
-        let fd = disk.sync.file().as_raw_fd();
+        let fd = e.sync.file().as_raw_fd();
         let plain = opcode::Fsync::new(types::Fd(fd)).build();
-        assert_eq!(raw(&mut disk, plain), -libc::EACCES);
+        assert_eq!(raw(&mut e, plain), -libc::EACCES);
         // The allowed form works.
         let fixed = opcode::Fsync::new(DISK).build();
-        assert_eq!(raw(&mut disk, fixed), 0);
+        assert_eq!(raw(&mut e, fixed), 0);
         // And the ring takes no new registrations.
         let other = temp_disk(512);
-        assert!(disk
+        assert!(e
             .ring
             .submitter()
             .register_files_update(0, &[other.as_raw_fd()])
             .is_err());
-    }
-
-    #[test]
-    fn discard_and_write_zeroes_go_through_fallocate() {
-        let mut disk = backend(8192);
-        let results = disk.run_batch(&[DiskOp::WriteZeroes {
-            offset: 4096,
-            len: 4096,
-            unmap: false,
-        }]);
-        assert!(results[0].is_ok(), "{results:?}");
-        let c = contents(disk.sync.file());
-        assert!(c[4096..].iter().all(|&x| x == 0));
-        assert_eq!(&c[..4096], &pattern(8192)[..4096]);
     }
 }
