@@ -85,6 +85,7 @@ pub fn bench_command(args: BenchArgs) -> anyhow::Result<()> {
                 out: args.out,
                 secs: args.secs.unwrap_or(if args.quick { 1 } else { 10 }),
                 image_mib: if args.quick { 256 } else { 1024 },
+                repeats: if args.quick { 1 } else { 3 },
             }
             .run()
         }

@@ -5,8 +5,9 @@
 //!
 //! Systems: bulkhead with the sync and the io_uring engine; QEMU microvm with KVM and its
 //! own virtio-blk-device (`cache=none,aio=io_uring`) without and with an IOThread; QEMU
-//! microvm with our worker as its vhost-user-blk backend; host fio. (The vCPU jitter
-//! experiment is still to come.)
+//! microvm with our worker as its vhost-user-blk backend; host fio. Then the vCPU jitter
+//! experiment ([`crate::bench_jitter`]) under bulkhead and QEMU without and with an
+//! IOThread.
 
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -78,6 +79,8 @@ pub struct IoBench {
     pub out: PathBuf,
     pub secs: u32,
     pub image_mib: u64,
+    /// Runs of the jitter experiment per system and load.
+    pub repeats: u32,
 }
 
 /// The systems measured, in report order; fio last (the limit).
@@ -121,7 +124,39 @@ impl IoBench {
                 results.insert((p, s), sample);
             }
         }
-        let report = report(&results, self);
+        let strace = which("strace").context(
+            "strace is missing: install it (apt-get install strace); it counts the vCPU \
+             threads' futex calls",
+        )?;
+        let jitter = crate::bench_jitter::Jitter {
+            bulkhead: &self.bulkhead,
+            qemu: &qemu,
+            strace,
+            kernel: &self.kernel,
+            image: &image,
+            secs: self.secs.max(1),
+        };
+        let mut runs = Vec::new();
+        for repeat in 0..self.repeats {
+            for system in crate::bench_jitter::System::ALL {
+                for storm in [true, false] {
+                    eprintln!(
+                        "bench: jitter on {} (storm {}, run {} of {})",
+                        system.name(),
+                        if storm { "on" } else { "off" },
+                        repeat + 1,
+                        self.repeats
+                    );
+                    runs.push(
+                        jitter.run(system, storm).with_context(|| {
+                            format!("the jitter experiment on {}", system.name())
+                        })?,
+                    );
+                }
+            }
+        }
+        let mut report = report(&results, self);
+        report.push_str(&crate::bench_jitter::report(&runs));
         print!("{report}");
         let md = self.out.join("report.md");
         std::fs::write(&md, &report).with_context(|| format!("write {}", md.display()))?;
@@ -135,6 +170,7 @@ impl IoBench {
                 })
             })
             .collect();
+        let json = serde_json::json!({ "profiles": json, "jitter": runs });
         let path = self.out.join("results.json");
         std::fs::write(&path, serde_json::to_string_pretty(&json)?)
             .with_context(|| format!("write {}", path.display()))?;
@@ -144,6 +180,7 @@ impl IoBench {
 
     /// One profile under bulkhead: the test guest's `blk-bench` line.
     fn bulkhead(&self, profile: &Profile, image: &Path, engine: &str) -> anyhow::Result<Sample> {
+        wait_unlocked(image)?;
         let mut cmd = Command::new(&self.bulkhead);
         cmd.arg("run")
             .arg("--kernel")
@@ -338,6 +375,31 @@ fn guest_sample(out: &std::process::Output) -> anyhow::Result<Sample> {
             p50_us: field("p50_us")?,
             p99_us: field("p99_us")?,
         })
+    }
+}
+
+/// Waits until nobody holds a lock on `image`: the workers of the previous run exit a
+/// moment after their VMM (they see their frontend go away), and the next run's VMM would
+/// otherwise find the image locked.
+pub fn wait_unlocked(image: &Path) -> anyhow::Result<()> {
+    use std::os::fd::AsRawFd;
+    let file = std::fs::File::open(image)
+        .with_context(|| format!("open the image {}", image.display()))?;
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        // SAFETY: flock on a descriptor we own; a non-blocking probe, released below.
+        let ret = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+        if ret == 0 {
+            // SAFETY: as above.
+            unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_UN) };
+            return Ok(());
+        }
+        anyhow::ensure!(
+            std::time::Instant::now() < deadline,
+            "the image {} is still locked after 10 s",
+            image.display()
+        );
+        std::thread::sleep(Duration::from_millis(10));
     }
 }
 

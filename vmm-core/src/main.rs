@@ -14,6 +14,7 @@ use vmm_core::vm::{Vm, VmConfig, VmOutcome, DEFAULT_CMDLINE};
 
 mod bench_cmd;
 mod bench_io;
+mod bench_jitter;
 mod policy_cmd;
 
 /// Exit status when the guest crashed (triple fault, KVM internal error).

@@ -19,6 +19,7 @@ mod cmdline;
 mod cpu;
 mod hostile;
 mod irq;
+mod jitter;
 mod mem;
 mod phys;
 mod plans;
@@ -50,6 +51,9 @@ fn bsp_main(start_info_paddr: u64, apic_base_msr: u64) -> ! {
         Ok(v) => v.unwrap_or(smp::DEFAULT_AP_TIMEOUT_MS),
         Err(v) => fail!("bad testguest.ap_timeout_ms={v}"),
     };
+    if plan.name == "blk-jitter" {
+        jitter::SPIN_APS.store(true, core::sync::atomic::Ordering::Relaxed);
+    }
     let cpu_list = acpi::cpus(si.rsdp_paddr).unwrap_or_else(|e| fail!("{e}"));
     let cpus = smp::bring_up(&si, cpu_list.as_ref(), apic_base_msr, tsc_hz, timeout_ms);
     let ioapics = irq::IoApics::new(cpu_list.as_ref().map(|c| c.ioapics()));

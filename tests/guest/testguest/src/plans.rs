@@ -59,14 +59,22 @@ pub const PLANS: &[Plan] = &[
         name: "blk-bench",
         run: crate::bench::run,
     },
+    Plan {
+        name: "blk-jitter",
+        run: crate::jitter::run,
+    },
 ];
 
 pub fn find(name: &str) -> Option<&'static Plan> {
     PLANS.iter().find(|p| p.name == name)
 }
 
-/// What APs do once online. No plan uses them yet: they halt.
+/// What APs do once online: under `blk-jitter` a CPU-bound loop until the plan ends, else
+/// nothing (they halt).
 pub fn ap_work(_cpu: usize) -> ! {
+    if crate::jitter::SPIN_APS.load(core::sync::atomic::Ordering::Relaxed) {
+        crate::jitter::ap_spin();
+    }
     crate::boot::halt_forever()
 }
 
