@@ -68,7 +68,21 @@ pub struct Sample {
     pub mibps: f64,
     pub p50_us: f64,
     pub p99_us: f64,
+    /// Latency distribution points: (percentile, microseconds), ascending.
+    pub cdf: Vec<(f64, f64)>,
 }
+
+/// The percentiles every system reports (the guest's plan and fio's defaults share them).
+const CDF_POINTS: [(f64, &str, &str); 8] = [
+    (10.0, "p10_us", "10.000000"),
+    (25.0, "p25_us", "25.000000"),
+    (50.0, "p50_us", "50.000000"),
+    (75.0, "p75_us", "75.000000"),
+    (90.0, "p90_us", "90.000000"),
+    (95.0, "p95_us", "95.000000"),
+    (99.0, "p99_us", "99.000000"),
+    (99.9, "p999_us", "99.900000"),
+];
 
 /// Settings of one bench invocation.
 #[derive(Debug)]
@@ -157,6 +171,7 @@ impl IoBench {
         }
         let mut report = report(&results, self);
         report.push_str(&crate::bench_jitter::report(&runs));
+        report.push_str(&self.plots(&results, &runs)?);
         print!("{report}");
         let md = self.out.join("report.md");
         std::fs::write(&md, &report).with_context(|| format!("write {}", md.display()))?;
@@ -306,6 +321,11 @@ impl IoBench {
             mibps: dir["bw_bytes"].as_f64().unwrap_or(0.0) / (1 << 20) as f64,
             p50_us: pct("50.000000"),
             p99_us: pct("99.000000"),
+            cdf: CDF_POINTS
+                .iter()
+                .map(|&(p, _, key)| (p, pct(key)))
+                .filter(|(_, v)| v.is_finite())
+                .collect(),
         })
     }
 }
@@ -374,6 +394,10 @@ fn guest_sample(out: &std::process::Output) -> anyhow::Result<Sample> {
             mibps: field("mibps")?,
             p50_us: field("p50_us")?,
             p99_us: field("p99_us")?,
+            cdf: CDF_POINTS
+                .iter()
+                .filter_map(|&(p, key, _)| field(key).ok().map(|v| (p, v)))
+                .collect(),
         })
     }
 }
@@ -437,6 +461,83 @@ fn prepare_image(image: &Path, mib: u64) -> anyhow::Result<()> {
     let _ = std::fs::write("/proc/sys/vm/drop_caches", "1");
     std::thread::sleep(Duration::from_millis(100));
     Ok(())
+}
+
+impl IoBench {
+    /// Writes the SVG plots; returns the report's lines linking them.
+    fn plots(
+        &self,
+        results: &BTreeMap<(usize, usize), Sample>,
+        runs: &[crate::bench_jitter::JitterRun],
+    ) -> anyhow::Result<String> {
+        use crate::bench_svg::{bars, cdf, Panel};
+        let iops: Vec<Panel> = PROFILES
+            .iter()
+            .enumerate()
+            .map(|(p, profile)| Panel {
+                title: format!("{}: IOPS", profile.name),
+                bars: SYSTEMS
+                    .iter()
+                    .enumerate()
+                    .filter_map(|(s, name)| Some((name.to_string(), results.get(&(p, s))?.iops)))
+                    .collect(),
+            })
+            .collect();
+        let median = |system, f: &dyn Fn(&crate::bench_jitter::JitterRun) -> f64| {
+            let mut v: Vec<f64> = runs
+                .iter()
+                .filter(|r| r.system == system && r.storm)
+                .map(f)
+                .collect();
+            v.sort_by(f64::total_cmp);
+            v.get(v.len() / 2).copied()
+        };
+        let jitter_panel =
+            |title: &str, f: &dyn Fn(&crate::bench_jitter::JitterRun) -> f64| Panel {
+                title: title.to_string(),
+                bars: crate::bench_jitter::System::ALL
+                    .iter()
+                    .filter_map(|&s| Some((s.name().to_string(), median(s, f)?)))
+                    .collect(),
+            };
+        let jitter = [
+            jitter_panel("storm vCPU: futex calls in the window", &|r| {
+                r.vcpus[0].futex_calls as f64
+            }),
+            jitter_panel("storm vCPU: voluntary context switches", &|r| {
+                r.vcpus[0].voluntary_switches as f64
+            }),
+            jitter_panel("loop vCPU: involuntary context switches", &|r| {
+                r.vcpus[1].involuntary_switches as f64
+            }),
+        ];
+        let curves: Vec<(String, Vec<(f64, f64)>)> = SYSTEMS
+            .iter()
+            .enumerate()
+            .filter_map(|(s, name)| Some((name.to_string(), results.get(&(0, s))?.cdf.clone())))
+            .collect();
+        let files = [
+            ("iops.svg", bars("IOPS per system", &iops)),
+            (
+                "jitter.svg",
+                bars("vCPU threads under the read storm", &jitter),
+            ),
+            (
+                "latency-cdf.svg",
+                cdf(
+                    &format!("{}: latency distribution", PROFILES[0].name),
+                    &curves,
+                ),
+            ),
+        ];
+        let mut md = String::from("\n## Plots\n\n");
+        for (name, svg) in files {
+            let path = self.out.join(name);
+            std::fs::write(&path, svg).with_context(|| format!("write {}", path.display()))?;
+            md.push_str(&format!("- [{name}]({name})\n"));
+        }
+        Ok(md)
+    }
 }
 
 fn report(results: &BTreeMap<(usize, usize), Sample>, b: &IoBench) -> String {

@@ -64,6 +64,52 @@ pub struct JitterRun {
     pub vcpus: [ThreadSample; 2],
     pub ios: u64,
     pub ap_loops: u64,
+    /// RssAnon + RssFile in KiB at the window's end: the VMM (or QEMU) process, and for
+    /// bulkhead its disk worker (the confined process) and the worker's reaper.
+    pub rss_kib: Rss,
+}
+
+/// Resident memory of the processes of a run, in KiB (RssAnon + RssFile).
+#[derive(Clone, Copy, Debug, Default, Serialize)]
+pub struct Rss {
+    pub vmm: u64,
+    pub worker: u64,
+    pub reaper: u64,
+}
+
+/// RssAnon + RssFile of `pid` in KiB.
+fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    ["RssAnon:", "RssFile:"]
+        .iter()
+        .filter_map(|k| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix(k))
+                .and_then(|v| v.split_whitespace().next())
+                .and_then(|v| v.parse::<u64>().ok())
+        })
+        .sum()
+}
+
+/// The children of `pid`.
+fn children(pid: u32) -> Vec<u32> {
+    std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
+        .unwrap_or_default()
+        .split_whitespace()
+        .filter_map(|p| p.parse().ok())
+        .collect()
+}
+
+fn rss_of(pid: u32) -> Rss {
+    // bulkhead's worker is its child (the reaper) and that one's child (confined).
+    let reaper = children(pid).into_iter().next();
+    let worker = reaper.and_then(|r| children(r).into_iter().next());
+    Rss {
+        vmm: rss_kib(pid),
+        worker: worker.map_or(0, rss_kib),
+        reaper: reaper.map_or(0, rss_kib),
+    }
 }
 
 /// What the experiment needs.
@@ -270,6 +316,7 @@ impl Jitter<'_> {
             .collect::<anyhow::Result<_>>()?;
         std::thread::sleep(window);
         let after = [counters(pid, tids[0])?, counters(pid, tids[1])?];
+        let rss = rss_of(pid);
         let mut futex = [0u64; 2];
         for (n, s) in straces.into_iter().enumerate() {
             // SAFETY: kill sends SIGINT to the strace we started; it then detaches and
@@ -308,6 +355,7 @@ impl Jitter<'_> {
             vcpus: [sample(0), sample(1)],
             ios: field("ios="),
             ap_loops: field("ap_loops="),
+            rss_kib: rss,
         })
     }
 }
@@ -371,6 +419,39 @@ pub fn report(runs: &[JitterRun]) -> String {
                 ));
             }
         }
+    }
+    md.push_str(
+        "\n## Memory during the storm\n\n\
+         RssAnon + RssFile (KiB) at the end of the window, median of the storm runs. For \
+         bulkhead the VMM process excludes guest RAM it never touched; the worker maps guest \
+         RAM too (shared), so its RSS counts the pages it has read or written.\n\n\
+         | system | VMM / QEMU KiB | worker KiB | worker's reaper KiB |\n|---|---:|---:|---:|\n",
+    );
+    for system in System::ALL {
+        let mut set: Vec<Rss> = runs
+            .iter()
+            .filter(|r| r.system == system && r.storm)
+            .map(|r| r.rss_kib)
+            .collect();
+        if set.is_empty() {
+            continue;
+        }
+        set.sort_by_key(|r| r.vmm);
+        let m = set[set.len() / 2];
+        let dash = |v: u64| {
+            if v == 0 {
+                "-".to_string()
+            } else {
+                v.to_string()
+            }
+        };
+        md.push_str(&format!(
+            "| {} | {} | {} | {} |\n",
+            system.name(),
+            m.vmm,
+            dash(m.worker),
+            dash(m.reaper)
+        ));
     }
     md
 }

@@ -15,6 +15,7 @@ use vmm_core::vm::{Vm, VmConfig, VmOutcome, DEFAULT_CMDLINE};
 mod bench_cmd;
 mod bench_io;
 mod bench_jitter;
+mod bench_svg;
 mod policy_cmd;
 
 /// Exit status when the guest crashed (triple fault, KVM internal error).

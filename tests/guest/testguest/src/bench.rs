@@ -9,8 +9,9 @@
 //! Data is not checked: every request of a run uses the same buffer region (slot 0's data
 //! buffer and those after it), so large requests need no more memory than one of them.
 //!
-//! Line: `TG bench dev=N rw=.. bs=.. qd=.. mode=.. ios=N secs=S iops=I mibps=M p50_us=A
-//! p90_us=B p99_us=C max_us=D irqs=K notifies=K`.
+//! Line: `TG bench dev=N rw=.. bs=.. qd=.. mode=.. ios=N secs=S iops=I mibps=M p10_us=..
+//! p25_us= p50_us= p75_us= p90_us= p95_us= p99_us= p999_us= max_us=D irqs=K notifies=K`
+//! (latency percentiles in whole microseconds).
 
 use crate::blk_verify;
 use crate::cpu;
@@ -147,8 +148,9 @@ pub fn run(ctx: &Ctx) {
     let secs_x1000 = elapsed * 1000 / tsc_hz;
     let iops = ios * tsc_hz / elapsed.max(1);
     let kib_s = ios * (bs / 1024) * tsc_hz / elapsed.max(1);
-    let pct = |p: u64| {
-        let want = (ios * p).div_ceil(100).max(1);
+    // Per mille, so p99.9 fits.
+    let pct = |pm: u64| {
+        let want = (ios * pm).div_ceil(1000).max(1);
         let mut seen = 0u64;
         for (us, &count) in hist.iter().enumerate() {
             seen += u64::from(count);
@@ -169,14 +171,19 @@ pub fn run(ctx: &Ctx) {
         Rw::SeqRead => "read",
     };
     tg!(
-        "bench dev={n} rw={name} bs={bs} qd={qd} mode={mode} ios={ios} secs={}.{:03} iops={iops} mibps={}.{:02} p50_us={} p90_us={} p99_us={} max_us={max_us} irqs={} notifies={}",
+        "bench dev={n} rw={name} bs={bs} qd={qd} mode={mode} ios={ios} secs={}.{:03} iops={iops} mibps={}.{:02} p10_us={} p25_us={} p50_us={} p75_us={} p90_us={} p95_us={} p99_us={} p999_us={} max_us={max_us} irqs={} notifies={}",
         secs_x1000 / 1000,
         secs_x1000 % 1000,
         kib_s / 1024,
         (kib_s % 1024) * 100 / 1024,
-        pct(50),
-        pct(90),
-        pct(99),
+        pct(100),
+        pct(250),
+        pct(500),
+        pct(750),
+        pct(900),
+        pct(950),
+        pct(990),
+        pct(999),
         blk.irqs(),
         blk.notifies
     );
