@@ -14,7 +14,10 @@ pub struct DiskConfig {
     pub readonly: bool,
     pub serial: String,
     pub direct: bool,
+    /// Queues; see [`DiskConfig::with_default_queues`] for the default.
     pub num_queues: u16,
+    /// Whether `num_queues=` was given.
+    pub queues_given: bool,
     /// Keep a started, sandboxed spare worker, so a restart skips exec and sandbox setup.
     pub spare: bool,
     /// The worker's I/O engine.
@@ -70,6 +73,7 @@ impl DiskConfig {
             serial: String::new(),
             direct: false,
             num_queues: 1,
+            queues_given: false,
             spare: true,
             engine: ipc::messages::IoEngine::Auto,
         };
@@ -116,12 +120,30 @@ impl DiskConfig {
                         .ok_or_else(|| {
                             bad(format!("num_queues={value} must be 1..={MAX_QUEUES}"))
                         })?;
+                    cfg.queues_given = true;
                 }
                 other => return Err(bad(format!("unknown option {other:?}"))),
             }
         }
         cfg.backend = backend.ok_or_else(|| bad("needs path=IMAGE or vhost_user=SOCKET".into()))?;
         Ok(cfg)
+    }
+}
+
+/// Queues a worker-served disk gets by default: one per vCPU, at most this many.
+pub const DEFAULT_QUEUES_CAP: u16 = 8;
+
+impl DiskConfig {
+    /// The queue count to use with `vcpus` vCPUs: as given, else one queue per vCPU (at
+    /// most [`DEFAULT_QUEUES_CAP`]) for a disk bulkhead's worker serves; an external
+    /// vhost-user backend keeps 1 unless told (its queue count is its own configuration).
+    pub fn with_default_queues(mut self, vcpus: u32) -> Self {
+        if !self.queues_given && matches!(self.backend, DiskBackend::Image(_)) {
+            self.num_queues = u16::try_from(vcpus)
+                .unwrap_or(u16::MAX)
+                .clamp(1, DEFAULT_QUEUES_CAP);
+        }
+        self
     }
 }
 
@@ -200,6 +222,20 @@ mod tests {
         assert_eq!(c.id, "blk3");
         assert!(c.spare, "spares are on by default");
         assert_eq!(c.backend, DiskBackend::VhostUser("/s.sock".into()));
+    }
+
+    #[test]
+    fn queues_default_to_the_vcpus_capped() {
+        let image = |q: &str| DiskConfig::parse(&format!("path=/x{q}"), 0).unwrap();
+        assert_eq!(image("").with_default_queues(1).num_queues, 1);
+        assert_eq!(image("").with_default_queues(2).num_queues, 2);
+        assert_eq!(
+            image("").with_default_queues(64).num_queues,
+            DEFAULT_QUEUES_CAP
+        );
+        assert_eq!(image(",num_queues=1").with_default_queues(4).num_queues, 1);
+        let external = DiskConfig::parse("vhost_user=/s", 0).unwrap();
+        assert_eq!(external.with_default_queues(4).num_queues, 1);
     }
 
     #[test]

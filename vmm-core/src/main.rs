@@ -99,6 +99,7 @@ pub struct RunArgs {
     /// [,engine=auto|sync|io_uring]`,
     /// or by an external vhost-user backend: `vhost_user=SOCKET[,id=NAME][,num_queues=N]`.
     /// A spare worker (on by default) waits sandboxed, so a restart skips its start-up.
+    /// num_queues defaults to one per vCPU (at most 8) for worker-served disks.
     /// Repeatable; ids default to blk0, blk1, ...
     #[arg(long = "disk")]
     disks: Vec<String>,

@@ -193,7 +193,8 @@ impl Vm {
         };
         let mut disks = Vec::with_capacity(cfg.disks.len());
         for (index, disk) in cfg.disks.iter().enumerate() {
-            disks.push(Disk::create(&vm, &ram, disk, index as u32, &workers)?);
+            let disk = disk.clone().with_default_queues(cfg.vcpus);
+            disks.push(Disk::create(&vm, &ram, &disk, index as u32, &workers)?);
         }
         let slots: Vec<crate::acpi::VirtioMmioSlot> = disks.iter().map(|d| d.device.slot).collect();
         let bus = Arc::new(MmioBus {

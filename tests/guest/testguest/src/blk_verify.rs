@@ -76,6 +76,8 @@ pub(crate) struct Opts {
     pub seed: u64,
     pub blocks: Option<u64>,
     pub dev: Option<usize>,
+    /// The virtqueue to use (`queue=Q`, default 0; above 0 needs VIRTIO_BLK_F_MQ).
+    pub queue: u16,
 }
 
 fn num_opt(c: &Cmdline, key: &'static str) -> Option<u64> {
@@ -98,6 +100,7 @@ pub(crate) fn opts(c: &Cmdline) -> Opts {
         seed: num_opt(c, "seed").unwrap_or(1),
         blocks: num_opt(c, "blocks"),
         dev: num_opt(c, "dev").map(|d| d as usize),
+        queue: num_opt(c, "queue").unwrap_or(0) as u16,
     }
 }
 
@@ -277,6 +280,7 @@ pub(crate) fn init(ctx: &Ctx, n: usize, slot: &Slot, o: &Opts) -> (Blk, usize) {
     let want_num = (3 * o.qd).next_power_of_two().max(4) as u16;
     let blk = match Blk::init(
         slot,
+        o.queue,
         want_num,
         o.mode,
         (ctx.apic_base_msr, &ctx.ioapics),
@@ -296,7 +300,7 @@ pub(crate) fn device(ctx: &Ctx, n: usize, slot: &Slot, o: &Opts) {
     let (mut blk, qd) = init(ctx, n, slot, o);
     let cfg = blk.config;
     tg!(
-        "blk dev={n} cap={} blk_size={} seg_max={} feat={:#x} num={} qd={qd} mode={}",
+        "blk dev={n} cap={} blk_size={} seg_max={} feat={:#x} num={} qd={qd} mode={} queue={}",
         cfg.capacity,
         cfg.blk_size,
         cfg.seg_max,
@@ -306,7 +310,8 @@ pub(crate) fn device(ctx: &Ctx, n: usize, slot: &Slot, o: &Opts) {
             "irq"
         } else {
             "poll"
-        }
+        },
+        blk.queue
     );
     let disk_blocks = cfg.capacity / BLOCK_SECTORS;
     let blocks = o.blocks.unwrap_or(DEFAULT_BLOCKS).min(disk_blocks);

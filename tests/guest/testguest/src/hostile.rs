@@ -129,6 +129,7 @@ pub fn run(ctx: &Ctx) {
 fn open(ctx: &Ctx, n: usize, slot: &Slot) -> Blk {
     Blk::init(
         slot,
+        0,
         QUEUE,
         Completion::Poll,
         (ctx.apic_base_msr, &ctx.ioapics),

@@ -53,12 +53,14 @@ pub const F_SEG_MAX: u64 = 1 << 2;
 pub const F_RO: u64 = 1 << 5;
 pub const F_BLK_SIZE: u64 = 1 << 6;
 pub const F_FLUSH: u64 = 1 << 9;
+pub const F_MQ: u64 = 1 << 12;
 pub const F_DISCARD: u64 = 1 << 13;
 pub const F_WRITE_ZEROES: u64 = 1 << 14;
 pub const F_EVENT_IDX: u64 = 1 << 29;
 pub const F_VERSION_1: u64 = 1 << 32;
 /// Everything this driver takes when offered (VERSION_1 is also required).
 const WANTED: u64 = F_VERSION_1
+    | F_MQ
     | F_FLUSH
     | F_DISCARD
     | F_WRITE_ZEROES
@@ -314,6 +316,8 @@ pub struct Done {
 #[derive(Debug)]
 pub struct Blk {
     regs: Mmio,
+    /// The virtqueue this driver uses (one per device).
+    pub queue: u16,
     pub offered: u64,
     pub features: u64,
     pub config: Config,
@@ -347,6 +351,7 @@ impl Blk {
     /// `irq` is (LAPIC base MSR, I/O APICs) for interrupt completion.
     pub fn init(
         slot: &Slot,
+        queue: u16,
         want_num: u16,
         mode: Completion,
         apic: (u64, &IoApics),
@@ -386,15 +391,24 @@ impl Blk {
             return Err(BlkError::Init("FEATURES_OK not kept"));
         }
 
-        regs.write32(REG_QUEUE_SEL, 0);
+        if queue > 0 {
+            // Queues past the first exist only with VIRTIO_BLK_F_MQ, as many as the config's
+            // num_queues (virtio 1.2, 5.2.3 and 5.2.4).
+            let queues = regs.read32(REG_CONFIG + 32) >> 16;
+            if features & F_MQ == 0 || u32::from(queue) >= queues {
+                fail_device(&regs);
+                return Err(BlkError::Init("no such queue (MQ not offered or too few)"));
+            }
+        }
+        regs.write32(REG_QUEUE_SEL, u32::from(queue));
         if regs.read32(REG_QUEUE_READY) != 0 {
             fail_device(&regs);
-            return Err(BlkError::Init("queue 0 already ready"));
+            return Err(BlkError::Init("queue already ready"));
         }
         let max = regs.read32(REG_QUEUE_NUM_MAX);
         if max == 0 {
             fail_device(&regs);
-            return Err(BlkError::Init("queue 0 unavailable"));
+            return Err(BlkError::Init("queue unavailable"));
         }
         // A power of two (split queues), no more than the device, our rings or the
         // caller want.
@@ -419,6 +433,7 @@ impl Blk {
         }
         let mut blk = Blk {
             regs,
+            queue,
             offered,
             features,
             config: Config::default(),
@@ -547,7 +562,7 @@ impl Blk {
         self.kicked_idx = self.avail_idx;
         if notify {
             self.notifies += 1;
-            self.regs.write32(REG_QUEUE_NOTIFY, 0);
+            self.regs.write32(REG_QUEUE_NOTIFY, u32::from(self.queue));
         }
     }
 
