@@ -190,6 +190,13 @@ impl VhostDevice for BlkDevice {
         }
     }
 
+    fn completions_ready(&mut self) -> bool {
+        match &mut self.disk {
+            Engine::Uring(u) => u.completions_ready(),
+            Engine::Sync(_) => false,
+        }
+    }
+
     fn drain(&mut self, mem: &GuestMemoryMmap, out: &mut Vec<Reaped>) {
         if let Engine::Uring(u) = &mut self.disk {
             u.drain(mem, out);

@@ -90,6 +90,9 @@ struct BlkArgs {
     /// sync, or io_uring.
     #[arg(long, default_value = "auto", value_parser = parse_engine)]
     engine: ipc::messages::IoEngine,
+    /// Busy-poll the rings for this many microseconds before sleeping (0: never).
+    #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u32).range(0..=i64::from(ipc::messages::MAX_POLL_US)))]
+    poll_us: u32,
     /// Host uid the worker runs as when started by root.
     #[arg(long, default_value_t = sandbox::DEFAULT_UID)]
     uid: u32,
@@ -178,6 +181,7 @@ fn run_blk(args: BlkArgs) -> anyhow::Result<ExitCode> {
         learn,
         mode: ServeMode::Normal,
         engine: args.engine,
+        poll_us: args.poll_us,
         #[cfg(feature = "test-hooks")]
         sandboxed: !args.no_sandbox,
         #[cfg(feature = "test-hooks")]
@@ -272,6 +276,7 @@ fn run_spawned(args: SpawnedArgs) -> anyhow::Result<ExitCode> {
         learn,
         mode,
         engine: config.engine,
+        poll_us: config.poll_us,
         // Only a test build may honour a VMM's request to run unconfined.
         #[cfg(feature = "test-hooks")]
         sandboxed: config.sandbox,
@@ -301,6 +306,7 @@ struct Serve {
     learn: Option<std::os::fd::OwnedFd>,
     mode: ServeMode,
     engine: ipc::messages::IoEngine,
+    poll_us: u32,
     #[cfg(feature = "test-hooks")]
     sandboxed: bool,
     #[cfg(feature = "test-hooks")]
@@ -335,7 +341,7 @@ fn serve(s: Serve) -> anyhow::Result<ExitCode> {
     }
     let backend = Arc::new(Mutex::new(vhost_backend));
     let handler = BackendReqHandler::from_stream(s.stream, backend.clone());
-    let events = EventLoop::new()?;
+    let events = EventLoop::new()?.with_polling(s.poll_us);
     #[cfg(feature = "test-hooks")]
     let sandboxed = s.sandboxed;
     #[cfg(not(feature = "test-hooks"))]

@@ -56,6 +56,10 @@ pub trait VhostDevice {
     }
     /// Collects asynchronously completed requests (their status bytes written).
     fn reap(&mut self, _mem: &GuestMemoryMmap, _out: &mut Vec<Reaped>) {}
+    /// Whether asynchronous completions are waiting (looked at without a syscall).
+    fn completions_ready(&mut self) -> bool {
+        false
+    }
     /// Waits for every asynchronous request in flight and collects it (before the memory
     /// table changes or a ring stops).
     fn drain(&mut self, _mem: &GuestMemoryMmap, _out: &mut Vec<Reaped>) {}
@@ -351,6 +355,24 @@ impl<D: VhostDevice> VhostBackend<D> {
         for index in 0..self.vrings.len() {
             self.process(index);
         }
+    }
+
+    /// Whether there is work without a kick or a completion event: a live ring whose avail
+    /// idx moved past what was taken, or completions waiting in the device. Reads memory
+    /// only (for polling).
+    pub fn has_work(&mut self) -> bool {
+        if self.device.completions_ready() {
+            return true;
+        }
+        let Some(mem) = self.mem.as_ref() else {
+            return false;
+        };
+        self.vrings.iter().any(|v| {
+            v.live()
+                && v.queue
+                    .avail_idx(mem, std::sync::atomic::Ordering::Acquire)
+                    .is_ok_and(|a| a.0 != v.queue.next_avail())
+        })
     }
 
     /// The device's completion descriptor, if it completes requests asynchronously.

@@ -14,7 +14,7 @@
 use serde::{Deserialize, Serialize};
 
 /// Version of the message set. Bump on any change of the messages or their meaning.
-pub const PROTOCOL_VERSION: u32 = 3;
+pub const PROTOCOL_VERSION: u32 = 4;
 
 /// Longest device id, in bytes.
 pub const MAX_DEVICE_ID_LEN: usize = 32;
@@ -166,7 +166,13 @@ pub struct WorkerConfig {
     pub fail_mode: bool,
     /// How the worker does its disk I/O.
     pub engine: IoEngine,
+    /// Microseconds to busy-poll the rings before sleeping (0: never), at most
+    /// [`MAX_POLL_US`].
+    pub poll_us: u32,
 }
+
+/// Longest polling window a worker accepts.
+pub const MAX_POLL_US: u32 = 10_000;
 
 /// A worker's I/O engine.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -211,7 +217,9 @@ impl Validate for WorkerConfig {
             sandbox: _,
             fail_mode: _,
             engine: _,
+            poll_us,
         } = self;
+        check_range("poll_us", u64::from(*poll_us), 0, u64::from(MAX_POLL_US))?;
         check_len("device_id", device_id, 1, MAX_DEVICE_ID_LEN)?;
         check_chars("device_id", device_id, "[A-Za-z0-9_-]", |c| {
             c.is_ascii_alphanumeric() || c == '_' || c == '-'
@@ -367,6 +375,7 @@ mod tests {
             sandbox: true,
             fail_mode: false,
             engine: IoEngine::Auto,
+            poll_us: 0,
         }
     }
 

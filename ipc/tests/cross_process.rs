@@ -96,6 +96,7 @@ fn vmm_and_worker_processes() {
         sandbox: true,
         fail_mode: false,
         engine: ipc::messages::IoEngine::Auto,
+        poll_us: 0,
     };
     vmm.send(&VmmMessage::Configure(config), &[file.as_fd()])
         .unwrap();

@@ -33,6 +33,31 @@ fn image(dir: &Path, name: &str) -> std::path::PathBuf {
     p
 }
 
+/// `bulkhead run` with the API on `api`: blk-chaos for `secs` on disk 0 of `disks`, with
+/// `worker_bin` if given; output piped.
+fn chaos_command(api: &Path, secs: u64, disks: &[&Path], worker_bin: Option<&Path>) -> Command {
+    let mut cmd = Command::new(bulkhead_bin());
+    cmd.arg("run")
+        .arg("--api-socket")
+        .arg(api)
+        .arg("--kernel")
+        .arg(testguest())
+        .args(["--mem", "64", "--timeout", &(secs + 60).to_string(), "--cmdline"])
+        .arg(format!(
+            "testguest.plan=blk-chaos dev=0 secs={secs} qd=32 completion=irq seed={SEED} blocks={BLOCKS}"
+        ));
+    if let Some(bin) = worker_bin {
+        cmd.arg("--worker-bin").arg(bin);
+    }
+    for d in disks {
+        cmd.arg("--disk").arg(format!("path={}", d.display()));
+    }
+    cmd.stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    cmd
+}
+
 /// What a chaos run left behind.
 struct Chaos {
     /// Everything bulkhead and the guest printed, with the seed and action count.
@@ -61,23 +86,7 @@ fn chaos(name: &str, secs: u64, action: Action, mut interval: impl FnMut() -> Du
     let mut ctl_output = String::new();
     let d0 = image(&dir, "d0.img");
     let d1 = image(&dir, "d1.img");
-    let mut child = Command::new(bulkhead_bin())
-        .arg("run")
-        .arg("--api-socket")
-        .arg(&api)
-        .arg("--kernel")
-        .arg(testguest())
-        .args(["--mem", "64", "--timeout", &(secs + 60).to_string(), "--cmdline"])
-        .arg(format!(
-            "testguest.plan=blk-chaos dev=0 secs={secs} qd=32 completion=irq seed={SEED} blocks={BLOCKS}"
-        ))
-        .arg("--disk")
-        .arg(format!("path={}", d0.display()))
-        .arg("--disk")
-        .arg(format!("path={}", d1.display()))
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
+    let mut child = chaos_command(&api, secs, &[&d0, &d1], None)
         .spawn()
         .expect("start bulkhead");
     let lines = Arc::new(Mutex::new(Vec::<String>::new()));
@@ -298,23 +307,7 @@ fn a_planned_restart_runs_the_replaced_worker_binary() {
     let bin = dir.join("bulkhead-worker");
     std::fs::copy(tests::worker_bin(), &bin).expect("copy the worker");
     let d0 = image(&dir, "d0.img");
-    let child = Command::new(bulkhead_bin())
-        .arg("run")
-        .arg("--api-socket")
-        .arg(&api)
-        .arg("--worker-bin")
-        .arg(&bin)
-        .arg("--kernel")
-        .arg(testguest())
-        .args(["--mem", "64", "--timeout", "60", "--cmdline"])
-        .arg(format!(
-            "testguest.plan=blk-chaos dev=0 secs=5 qd=32 completion=irq seed={SEED} blocks={BLOCKS}"
-        ))
-        .arg("--disk")
-        .arg(format!("path={}", d0.display()))
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
+    let child = chaos_command(&api, 5, &[&d0], Some(&bin))
         .spawn()
         .expect("start bulkhead");
     let old = wait_for_worker(&api);

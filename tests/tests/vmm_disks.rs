@@ -101,8 +101,10 @@ fn assert_engine(r: &RunResult, engine: &str, workers: usize) {
     }
 }
 
-fn blk_verify(qd: u32, completion: &str, engine: &str) {
-    let dir = scratch_dir(&format!("vmm-disks-qd{qd}-{completion}-{engine}"));
+fn blk_verify(qd: u32, completion: &str, engine: &str, poll_us: u32) {
+    let dir = scratch_dir(&format!(
+        "vmm-disks-qd{qd}-{completion}-{engine}-poll{poll_us}"
+    ));
     let d0 = disk(&dir, "d0.img");
     let d1 = disk(&dir, "d1.img");
     let plan = format!(
@@ -110,8 +112,11 @@ fn blk_verify(qd: u32, completion: &str, engine: &str) {
     );
     // One disk through the page cache, one with O_DIRECT.
     let specs = [
-        format!("path={},engine={engine}", d0.display()),
-        format!("path={},engine={engine},direct=on", d1.display()),
+        format!("path={},engine={engine},poll_us={poll_us}", d0.display()),
+        format!(
+            "path={},engine={engine},poll_us={poll_us},direct=on",
+            d1.display()
+        ),
     ];
     let r = run_specs(&plan, &specs, &[]);
     assert_engine(&r, engine, 2);
@@ -136,22 +141,28 @@ fn blk_verify(qd: u32, completion: &str, engine: &str) {
 
 #[test]
 fn blk_verify_two_disks_qd1_poll() {
-    blk_verify(1, "poll", "auto");
+    blk_verify(1, "poll", "auto", 0);
+}
+
+/// The worker busy-polls its rings and the ring's completions before sleeping.
+#[test]
+fn blk_verify_two_disks_qd32_irq_polling_worker() {
+    blk_verify(32, "irq", "io_uring", 200);
 }
 
 #[test]
 fn blk_verify_two_disks_qd32_poll_sync_engine() {
-    blk_verify(32, "poll", "sync");
+    blk_verify(32, "poll", "sync", 0);
 }
 
 #[test]
 fn blk_verify_two_disks_qd1_irq_sync_engine() {
-    blk_verify(1, "irq", "sync");
+    blk_verify(1, "irq", "sync", 0);
 }
 
 #[test]
 fn blk_verify_two_disks_qd32_irq_io_uring_engine() {
-    blk_verify(32, "irq", "io_uring");
+    blk_verify(32, "irq", "io_uring", 0);
 }
 
 /// Multiqueue under bulkhead: with 2 vCPUs a worker-served disk gets 2 queues (one per

@@ -148,7 +148,8 @@ impl IoBench {
             strace,
             kernel: &self.kernel,
             image: &image,
-            secs: self.secs.max(1),
+            // Long enough that the window (60%) has room around it, even in a debug build.
+            secs: self.secs.max(3),
         };
         let mut runs = Vec::new();
         for repeat in 0..self.repeats {

@@ -302,7 +302,7 @@ impl Jitter<'_> {
         // Let the storm settle, then measure for most of the plan's run, ending well before
         // it (the guest times itself with its own idea of the TSC's rate).
         std::thread::sleep(Duration::from_millis(200));
-        let window = Duration::from_millis((u64::from(self.secs) * 700).max(300));
+        let window = Duration::from_millis(u64::from(self.secs) * 600);
         let before = [counters(pid, tids[0])?, counters(pid, tids[1])?];
         let straces: Vec<Child> = tids
             .iter()

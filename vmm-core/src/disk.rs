@@ -22,6 +22,8 @@ pub struct DiskConfig {
     pub spare: bool,
     /// The worker's I/O engine.
     pub engine: ipc::messages::IoEngine,
+    /// Microseconds the worker busy-polls its rings before sleeping.
+    pub poll_us: u32,
 }
 
 /// Who serves the disk.
@@ -54,7 +56,7 @@ const MAX_QUEUES: u16 = 64;
 
 impl DiskConfig {
     /// Parses `path=IMG[,id=NAME][,readonly=on][,serial=ID][,direct=on][,num_queues=N][,spare=off]
-    /// [,engine=auto|sync|io_uring]` or
+    /// [,engine=auto|sync|io_uring][,poll_us=N]` or
     /// `vhost_user=SOCKET[,id=NAME][,num_queues=N]`; `index` gives the default id `blkN`.
     pub fn parse(spec: &str, index: usize) -> Result<Self, DiskError> {
         let bad = |reason: String| DiskError::Option {
@@ -76,6 +78,7 @@ impl DiskConfig {
             queues_given: false,
             spare: true,
             engine: ipc::messages::IoEngine::Auto,
+            poll_us: 0,
         };
         let mut backend = None;
         for part in spec.split(',') {
@@ -99,6 +102,14 @@ impl DiskConfig {
                 "readonly" => cfg.readonly = on_off(key, value)?,
                 "direct" => cfg.direct = on_off(key, value)?,
                 "spare" => cfg.spare = on_off(key, value)?,
+                "poll_us" => {
+                    let max = ipc::messages::MAX_POLL_US;
+                    cfg.poll_us = value
+                        .parse()
+                        .ok()
+                        .filter(|n| *n <= max)
+                        .ok_or_else(|| bad(format!("poll_us={value} must be 0..={max}")))?;
+                }
                 "engine" => {
                     cfg.engine = ipc::messages::IoEngine::parse(value).ok_or_else(|| {
                         bad(format!("engine={value} must be auto, sync or io_uring"))
@@ -218,6 +229,8 @@ mod tests {
         assert_eq!(c.backend, DiskBackend::Image("/x.img".into()));
         assert!(c.readonly && c.direct);
         assert_eq!((c.serial.as_str(), c.num_queues), ("S1", 2));
+        let c = DiskConfig::parse("path=/x,poll_us=50", 0).unwrap();
+        assert_eq!(c.poll_us, 50);
         let c = DiskConfig::parse("vhost_user=/s.sock", 3).unwrap();
         assert_eq!(c.id, "blk3");
         assert!(c.spare, "spares are on by default");
@@ -247,6 +260,7 @@ mod tests {
             "path=/x,readonly=maybe",
             "path=/x,spare=sometimes",
             "path=/x,engine=aio",
+            "path=/x,poll_us=10001",
             "path=/x,id=bad id",
             "path=/x,serial=123456789012345678901",
             "path=/x,colour=blue",

@@ -96,7 +96,7 @@ pub struct RunArgs {
     vcpus: u32,
     /// A virtio-blk disk served by its own sandboxed worker:
     /// `path=IMG[,id=NAME][,readonly=on][,serial=ID][,direct=on][,num_queues=N][,spare=off]
-    /// [,engine=auto|sync|io_uring]`,
+    /// [,engine=auto|sync|io_uring][,poll_us=N]`,
     /// or by an external vhost-user backend: `vhost_user=SOCKET[,id=NAME][,num_queues=N]`.
     /// A spare worker (on by default) waits sandboxed, so a restart skips its start-up.
     /// num_queues defaults to one per vCPU (at most 8) for worker-served disks.

@@ -279,6 +279,7 @@ fn configure(
         sandbox: true,
         fail_mode: mode == Mode::Fail,
         engine: cfg.engine,
+        poll_us: cfg.poll_us,
     };
     worker
         .control

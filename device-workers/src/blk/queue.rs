@@ -115,20 +115,8 @@ pub fn process_queue<M: GuestMemory>(
         // together (one io_uring_enter), then every used entry is published.
         let mut popped: Vec<(u16, Option<Completion>)> = Vec::new();
         let mut reqs: Vec<Request> = Vec::new();
-        while let Some(chain) = next_chain(queue, queue_index, mem)? {
+        while let Some(chain) = next_popped(queue, queue_index, mem, &mut outcome, log)? {
             let head_index = chain.head_index();
-            if head_index >= queue.size() {
-                // Checked here because virtio-queue's add_used would log this at error level,
-                // which would let a guest flood the logs.
-                tracing::debug!(
-                    queue_index,
-                    head_index,
-                    "avail entry with an out-of-range head index dropped"
-                );
-                outcome.dropped += 1;
-                continue;
-            }
-            log.popped(head_index);
             match Request::parse(chain, ctx, queue_size) {
                 Ok(req) => {
                     reqs.push(req);
@@ -193,20 +181,10 @@ pub fn process_queue_async<M: GuestMemory>(
                 }
                 return Ok(outcome);
             }
-            let Some(chain) = next_chain(queue, queue_index, mem)? else {
+            let Some(chain) = next_popped(queue, queue_index, mem, &mut outcome, log)? else {
                 break;
             };
             let head_index = chain.head_index();
-            if head_index >= queue.size() {
-                tracing::debug!(
-                    queue_index,
-                    head_index,
-                    "avail entry with an out-of-range head index dropped"
-                );
-                outcome.dropped += 1;
-                continue;
-            }
-            log.popped(head_index);
             let completion = match Request::parse(chain, ctx, queue_size) {
                 Err(rejected) => complete_rejected(&rejected, mem),
                 Ok(req) => match engine.submit(queue_index, req, mem) {
@@ -329,6 +307,35 @@ pub fn process_resubmitted(
     }
     outcome.signal = queue.needs_notification(mem).map_err(ring)?;
     Ok(outcome)
+}
+
+/// The next chain with a usable head index, told to the inflight log as popped. Avail
+/// entries whose head lies outside the descriptor table are consumed and counted as
+/// dropped, never put in the used ring.
+fn next_popped<'m, M: GuestMemory>(
+    queue: &mut Queue,
+    queue_index: u16,
+    mem: &'m M,
+    outcome: &mut QueueOutcome,
+    log: &mut dyn InflightLog,
+) -> Result<Option<virtio_queue::DescriptorChain<&'m M>>, QueueError> {
+    while let Some(chain) = next_chain(queue, queue_index, mem)? {
+        let head_index = chain.head_index();
+        if head_index >= queue.size() {
+            // Checked here because virtio-queue's add_used would log this at error level,
+            // which would let a guest flood the logs.
+            tracing::debug!(
+                queue_index,
+                head_index,
+                "avail entry with an out-of-range head index dropped"
+            );
+            outcome.dropped += 1;
+            continue;
+        }
+        log.popped(head_index);
+        return Ok(Some(chain));
+    }
+    Ok(None)
 }
 
 /// Pops the next available chain, turning an avail index jump into a [`QueueError`] (virtio

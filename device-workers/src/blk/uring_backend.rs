@@ -175,6 +175,11 @@ impl UringEngine {
         self.slots.len() - self.free.len()
     }
 
+    /// Whether the kernel posted completions not reaped yet (reads the shared ring only).
+    pub fn completions_ready(&mut self) -> bool {
+        !self.ring.completion().is_empty()
+    }
+
     /// Whether the ring can take another request now.
     pub fn has_room(&self) -> bool {
         self.in_flight() < MAX_IN_FLIGHT
