@@ -58,6 +58,18 @@ fn chaos_command(api: &Path, secs: u64, disks: &[&Path], worker_bin: Option<&Pat
     cmd
 }
 
+/// `bulkhead ctl --api-socket API restart blk0`: its output and its stdout as text.
+fn ctl_restart(api: &Path) -> (std::process::Output, String) {
+    let out = Command::new(bulkhead_bin())
+        .args(["ctl", "--api-socket"])
+        .arg(api)
+        .args(["restart", "blk0"])
+        .output()
+        .expect("run bulkhead ctl");
+    let body = String::from_utf8_lossy(&out.stdout).into_owned();
+    (out, body)
+}
+
 /// What a chaos run left behind.
 struct Chaos {
     /// Everything bulkhead and the guest printed, with the seed and action count.
@@ -125,13 +137,7 @@ fn chaos(name: &str, secs: u64, action: Action, mut interval: impl FnMut() -> Du
                 last_signalled = pid;
             }
             (Action::CtlRestart, true, _) => {
-                let out = Command::new(bulkhead_bin())
-                    .args(["ctl", "--api-socket"])
-                    .arg(&api)
-                    .args(["restart", "blk0"])
-                    .output()
-                    .expect("run bulkhead ctl");
-                let body = String::from_utf8_lossy(&out.stdout).into_owned();
+                let (out, body) = ctl_restart(&api);
                 assert!(
                     out.status.success() && body.contains("\"worker_pid\":"),
                     "ctl restart: {:?} {body} {}",
@@ -318,13 +324,7 @@ fn a_planned_restart_runs_the_replaced_worker_binary() {
     std::fs::copy(tests::worker_bin(), &new_file).expect("copy the new worker");
     std::fs::rename(&new_file, &bin).expect("replace the worker binary");
     assert!(exe_of(old).ends_with(" (deleted)"), "{}", exe_of(old));
-    let out = Command::new(bulkhead_bin())
-        .args(["ctl", "--api-socket"])
-        .arg(&api)
-        .args(["restart", "blk0"])
-        .output()
-        .expect("run bulkhead ctl");
-    let body = String::from_utf8_lossy(&out.stdout).into_owned();
+    let (out, body) = ctl_restart(&api);
     assert!(out.status.success(), "ctl restart: {body}");
     let reply: serde_json::Value = serde_json::from_str(&body).expect("a JSON reply");
     let new = reply["worker_pid"].as_i64().expect("worker_pid") as i32;
