@@ -128,9 +128,12 @@ impl BlkDevice {
             Engine::Sync(_) => "sync",
         }
     }
+}
 
+impl Engine {
+    /// The engine as a synchronous backend (for requests that run to completion at once).
     fn backend(&mut self) -> &mut dyn DiskBackend {
-        match &mut self.disk {
+        match self {
             Engine::Sync(b) => b.as_mut(),
             Engine::Uring(u) => u.as_mut(),
         }
@@ -211,13 +214,12 @@ impl VhostDevice for BlkDevice {
         heads: &[u16],
         log: &mut dyn InflightLog,
     ) -> QueueResult {
-        let ctx = self.ctx.clone();
         queue_result(process_resubmitted(
             queue,
             index as u16,
             mem,
-            self.backend(),
-            &ctx,
+            self.disk.backend(),
+            &self.ctx,
             heads,
             log,
         ))

@@ -138,6 +138,15 @@ impl Vring {
         }
     }
 
+    /// Writes the call eventfd (the guest's interrupt), if there is one.
+    fn signal(&self, index: usize) {
+        if let Some(call) = self.call.as_ref() {
+            if let Err(e) = call.write(1) {
+                tracing::warn!("queue {index}: cannot signal the call eventfd: {e}");
+            }
+        }
+    }
+
     fn live(&self) -> bool {
         self.started && self.enabled && !self.broken && self.queue.ready()
     }
@@ -341,11 +350,7 @@ impl<D: VhostDevice> VhostBackend<D> {
             self.dirty = true;
         }
         if result.notify {
-            if let Some(call) = vring.call.as_ref() {
-                if let Err(e) = call.write(1) {
-                    tracing::warn!("queue {index}: cannot signal the call eventfd: {e}");
-                }
-            }
+            vring.signal(index);
         }
     }
 
@@ -439,15 +444,8 @@ impl<D: VhostDevice> VhostBackend<D> {
             if !touched[index] {
                 continue;
             }
-            match vring.queue.needs_notification(mem) {
-                Ok(false) => {}
-                Ok(true) | Err(_) => {
-                    if let Some(call) = vring.call.as_ref() {
-                        if let Err(e) = call.write(1) {
-                            tracing::warn!("queue {index}: cannot signal the call eventfd: {e}");
-                        }
-                    }
-                }
+            if !matches!(vring.queue.needs_notification(mem), Ok(false)) {
+                vring.signal(index);
             }
         }
     }

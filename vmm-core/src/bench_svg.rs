@@ -24,20 +24,19 @@ fn escape(s: &str) -> String {
         .replace('>', "&gt;")
 }
 
+/// The opening tag of a `WIDTH` x `height` image and its title.
+fn header(height: f64, title: &str) -> String {
+    format!(
+        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{WIDTH}" height="{height}" font-family="sans-serif" font-size="12"><text x="10" y="24" font-size="16" font-weight="bold">{}</text>"#,
+        escape(title)
+    )
+}
+
 /// Panels of horizontal bars, one under the other, each scaled to its largest value.
 pub fn bars(title: &str, panels: &[Panel]) -> String {
     let panel_height = |p: &Panel| 28.0 + p.bars.len() as f64 * (BAR + GAP) + 12.0;
     let height = 40.0 + panels.iter().map(panel_height).sum::<f64>();
-    let mut svg = String::new();
-    let _ = write!(
-        svg,
-        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{WIDTH}" height="{height}" font-family="sans-serif" font-size="12">"#
-    );
-    let _ = write!(
-        svg,
-        r#"<text x="10" y="24" font-size="16" font-weight="bold">{}</text>"#,
-        escape(title)
-    );
+    let mut svg = header(height, title);
     let mut y = 40.0;
     for p in panels {
         let _ = write!(
@@ -105,16 +104,7 @@ pub fn cdf(title: &str, curves: &[(String, Vec<(f64, f64)>)]) -> String {
     };
     let x = |us: f64| left + plot_w * (us.max(1e-3).log10() - lo) / (hi - lo);
     let y = |pct: f64| top + plot_h * (1.0 - pct / 100.0);
-    let mut svg = String::new();
-    let _ = write!(
-        svg,
-        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{WIDTH}" height="{h}" font-family="sans-serif" font-size="12">"#
-    );
-    let _ = write!(
-        svg,
-        r#"<text x="10" y="24" font-size="16" font-weight="bold">{}</text>"#,
-        escape(title)
-    );
+    let mut svg = header(h, title);
     let _ = write!(
         svg,
         r##"<rect x="{left}" y="{top}" width="{plot_w}" height="{plot_h}" fill="none" stroke="#888"/>"##

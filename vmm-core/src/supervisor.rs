@@ -277,6 +277,15 @@ pub fn kill(pidfd: &OwnedFd) -> bool {
     ret == 0
 }
 
+/// Kills a worker, its confined process first, and waits for its reaper to be gone.
+fn stop(reaper: &OwnedFd, confined: Option<&OwnedFd>) {
+    if let Some(c) = confined {
+        kill(c);
+    }
+    kill(reaper);
+    wait_exit(reaper, Duration::from_secs(5));
+}
+
 /// A pidfd on the confined worker (the reaper's child), once the reaper has published
 /// its pid in the status page.
 fn confined_pidfd(worker: &Worker, timeout: Duration) -> Option<OwnedFd> {
@@ -594,11 +603,7 @@ impl Supervisor {
                 return End::Died;
             }
             if self.control.recover_requested() {
-                if let Some(c) = confined {
-                    kill(c);
-                }
-                kill(pidfd);
-                wait_exit(pidfd, Duration::from_secs(5));
+                stop(pidfd, confined);
                 return End::Recovering;
             }
             let now = worker.status.progress();
@@ -616,11 +621,7 @@ impl Supervisor {
                     worker.status.worker_pid(),
                     stalled.as_secs_f64()
                 );
-                if let Some(c) = confined {
-                    kill(c);
-                }
-                kill(pidfd);
-                wait_exit(pidfd, Duration::from_secs(5));
+                stop(pidfd, confined);
                 return End::Hung { stalled };
             }
         }

@@ -195,29 +195,25 @@ impl UringEngine {
         mem: &G,
     ) -> Result<(), Request> {
         let (op, iov) = match &req.kind {
-            RequestKind::In { sector, bufs, len } => {
-                match guest_slices_plain(mem, bufs, vm_memory::Permissions::Write) {
-                    Some(s) => (
-                        Op::Read {
-                            offset: sector << super::config::SECTOR_SHIFT,
-                            len: u64::from(*len),
-                        },
-                        IoVecs(iovecs(&s, 0)),
-                    ),
-                    None => return Err(req),
-                }
-            }
-            RequestKind::Out { sector, bufs, len } => {
-                match guest_slices_plain(mem, bufs, vm_memory::Permissions::Read) {
-                    Some(s) => (
-                        Op::Write {
-                            offset: sector << super::config::SECTOR_SHIFT,
-                            len: u64::from(*len),
-                        },
-                        IoVecs(iovecs(&s, 0)),
-                    ),
-                    None => return Err(req),
-                }
+            RequestKind::In { sector, bufs, len } | RequestKind::Out { sector, bufs, len } => {
+                let read = matches!(req.kind, RequestKind::In { .. });
+                // A read writes guest memory; a write reads it.
+                let access = if read {
+                    vm_memory::Permissions::Write
+                } else {
+                    vm_memory::Permissions::Read
+                };
+                let Some(slices) = guest_slices_plain(mem, bufs, access) else {
+                    return Err(req);
+                };
+                let offset = sector << super::config::SECTOR_SHIFT;
+                let len = u64::from(*len);
+                let op = if read {
+                    Op::Read { offset, len }
+                } else {
+                    Op::Write { offset, len }
+                };
+                (op, IoVecs(iovecs(&slices, 0)))
             }
             RequestKind::Flush => (Op::Flush, IoVecs(Vec::new())),
             _ => return Err(req),
