@@ -14,7 +14,7 @@ use vhost::vhost_user::message::{
 };
 use vhost::vhost_user::{Frontend, VhostUserFrontend};
 use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
-use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
+use vm_memory::{Address, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::devices::virtio_mmio::{Command, QueueRegs, VirtioMmioDevice};
@@ -452,11 +452,8 @@ impl ControlThread {
             // A fresh ring's used idx is 0; a backend replacing a dead one continues where
             // the guest saw the last completion (and, with inflight tracking, resubmits
             // what was in flight before popping past it).
-            let used_idx: u16 = self
-                .ram
-                .memory()
-                .read_obj(GuestAddress(q.device).unchecked_add(2))
-                .map_err(|_| FrontendError::RingOutsideRam {
+            let used_idx = crate::devices::virtio_mmio::ring_idx(self.ram.memory(), q.device)
+                .ok_or_else(|| FrontendError::RingOutsideRam {
                     id: self.device.id.clone(),
                     queue: i,
                     gpa: q.device,

@@ -73,6 +73,15 @@ pub enum Command {
     },
 }
 
+/// The `idx` field of the split-ring area (driver or device) at guest address `ring`: it
+/// follows the 16-bit flags. None if that is not in guest RAM.
+pub fn ring_idx<M: vm_memory::GuestMemory>(mem: &M, ring: u64) -> Option<u16> {
+    use vm_memory::{Address, Bytes, GuestAddress};
+    GuestAddress(ring)
+        .checked_add(2)
+        .and_then(|a| mem.read_obj::<u16>(a).ok())
+}
+
 /// Exits this device caused, by register, for stats and tests.
 #[derive(Debug, Default)]
 pub struct ExitCounters {
@@ -175,29 +184,20 @@ impl VirtioMmioDevice {
     /// up, the avail idx differs from the used idx. Reads the two indices from guest RAM,
     /// nothing else (the VMM never parses descriptors). The hang detector asks this.
     pub fn requests_pending<M: vm_memory::GuestMemory>(&self, mem: &M) -> bool {
-        use vm_memory::{Address, Bytes, GuestAddress};
         let regs = self.regs();
         if regs.status & STATUS_DRIVER_OK == 0 || regs.status & STATUS_NEEDS_RESET != 0 {
             return false;
         }
         regs.queues.iter().filter(|q| q.ready).any(|q| {
-            let idx = |ring: u64| {
-                GuestAddress(ring)
-                    .checked_add(2)
-                    .and_then(|a| mem.read_obj::<u16>(a).ok())
-            };
-            matches!((idx(q.driver), idx(q.device)), (Some(a), Some(u)) if a != u)
+            matches!((ring_idx(mem, q.driver), ring_idx(mem, q.device)), (Some(a), Some(u)) if a != u)
         })
     }
 
     /// The used idx of queue `queue` in guest RAM, once the driver set the ring up: how
     /// many requests the device completed there (mod 2^16). For benchmarks and tests.
     pub fn used_idx<M: vm_memory::GuestMemory>(&self, mem: &M, queue: usize) -> Option<u16> {
-        use vm_memory::{Address, Bytes, GuestAddress};
         let ring = self.regs().queues.get(queue).filter(|q| q.ready)?.device;
-        GuestAddress(ring)
-            .checked_add(2)
-            .and_then(|a| mem.read_obj::<u16>(a).ok())
+        ring_idx(mem, ring)
     }
 
     /// Current device status (for tests and logs).
