@@ -155,16 +155,12 @@ impl EventLoop {
                     COMPLETION_TOKEN => {
                         let mut b = lock();
                         b.reap();
-                        let totals = b.totals();
-                        status.set_completed(totals.completed, totals.failed);
-                        status.bump_progress();
+                        report(&b, status);
                     }
                     index => {
                         let mut b = lock();
                         b.kick(index as usize);
-                        let totals = b.totals();
-                        status.set_completed(totals.completed, totals.failed);
-                        status.bump_progress();
+                        report(&b, status);
                     }
                 }
             }
@@ -173,15 +169,21 @@ impl EventLoop {
                 // A ring just became live: serve anything already queued in it (and what a
                 // predecessor left in flight).
                 b.process_all();
-                let totals = b.totals();
-                status.set_completed(totals.completed, totals.failed);
                 status.set_recovery(b.rings_started(), b.resubmitted());
-                status.bump_progress();
+                report(&b, status);
                 drop(b);
                 self.sync_kicks(wanted)?;
             }
         }
     }
+}
+
+/// Publishes the backend's totals on the status page and bumps the heartbeat the
+/// supervisor's hang detector watches.
+fn report<D: VhostDevice>(b: &VhostBackend<D>, status: &StatusMapping) {
+    let totals = b.totals();
+    status.set_completed(totals.completed, totals.failed);
+    status.bump_progress();
 }
 
 /// Spins up to the poller's window for work on a live ring or completions in the device;
@@ -198,9 +200,7 @@ fn poll<D: VhostDevice>(
             if b.has_work() {
                 b.reap();
                 b.process_all();
-                let totals = b.totals();
-                status.set_completed(totals.completed, totals.failed);
-                status.bump_progress();
+                report(&b, status);
                 return true;
             }
         }

@@ -71,13 +71,7 @@ pub fn bench_command(args: BenchArgs) -> anyhow::Result<()> {
     match args.what {
         Some(BenchCommand::Restart(a)) => restart(a),
         None => {
-            let kernel = match args.kernel {
-                Some(k) => k,
-                None => default_testguest().context(
-                    "no test guest beside bulkhead (build it with \
-                     tests/guest/build-testguest.sh, or pass --kernel)",
-                )?,
-            };
+            let kernel = testguest(args.kernel)?;
             crate::bench_io::IoBench {
                 bulkhead: std::env::current_exe().context("find bulkhead's own executable")?,
                 worker_bin: args.worker_bin,
@@ -97,6 +91,17 @@ fn default_testguest() -> Option<PathBuf> {
     let exe = std::env::current_exe().ok()?;
     let guest = exe.parent()?.parent()?.join("guest/testguest");
     guest.is_file().then_some(guest)
+}
+
+/// `--kernel`, or else the test guest beside the build.
+fn testguest(kernel: Option<PathBuf>) -> anyhow::Result<PathBuf> {
+    match kernel {
+        Some(k) => Ok(k),
+        None => default_testguest().context(
+            "no test guest beside bulkhead (build it with tests/guest/build-testguest.sh, \
+             or pass --kernel)",
+        ),
+    }
 }
 
 /// Serial output kept for the report (and to see whether the guest failed).
@@ -196,13 +201,7 @@ impl Series {
 }
 
 fn restart(a: RestartArgs) -> anyhow::Result<()> {
-    let kernel = match a.kernel {
-        Some(k) => k,
-        None => default_testguest().context(
-            "no test guest beside bulkhead (build it with tests/guest/build-testguest.sh, \
-             or pass --kernel)",
-        )?,
-    };
+    let kernel = testguest(a.kernel)?;
     std::fs::create_dir_all(&a.out)
         .with_context(|| format!("create the output directory {}", a.out.display()))?;
     let image = a.out.join("restart-disk.img");
