@@ -205,6 +205,33 @@ fn blk_verify_through_the_second_queue() {
     }
 }
 
+/// One queue kicked through a zero-length ioeventfd (`ioeventfd=any`): the guest's writes
+/// and reads go through the worker, and no QueueNotify reaches the VMM.
+#[test]
+fn blk_verify_with_a_zero_length_ioeventfd() {
+    let dir = scratch_dir("vmm-disks-ioeventfd-any");
+    let d0 = disk(&dir, "d0.img");
+    let plan =
+        format!("testguest.plan=blk-verify qd=16 completion=irq seed={SEED} blocks={BLOCKS}");
+    let spec = format!("path={},ioeventfd=any", d0.display());
+    // Two vCPUs (run_specs), which would mean two queues but for ioeventfd=any.
+    let r = run_specs(&plan, &[spec], &[]);
+    let t = r.transcript();
+    let lines = tg_lines(&r.stdout);
+    assert_eq!(lines.last().map(String::as_str), Some("TG done"), "{t}");
+    let summary = format!("TG blk dev=0 wrote={BLOCKS} read={BLOCKS} verified={BLOCKS}");
+    assert!(lines.iter().any(|l| l.starts_with(&summary)), "{t}");
+    if let Err(e) = check_blk_verify_image(&d0, &r.stdout, 0, SEED, BLOCKS) {
+        panic!("disk 0 on the host: {e}: {t}");
+    }
+    let stats = r
+        .stderr
+        .lines()
+        .find(|l| l.contains("stats blk0 "))
+        .unwrap_or_else(|| panic!("no stats for blk0: {t}"));
+    assert!(stats.contains("queue_notify=0 "), "{stats}");
+}
+
 /// Each bad chain the guest can build gets the status the virtio spec asks for, and the
 /// worker keeps serving (the plan reads after every case, and ends with TG done).
 #[test]
@@ -586,6 +613,35 @@ fn each_forbidden_syscall_class_kills_only_its_worker() {
         assert!(
             r.stderr.contains(&format!("violation nr={nr} args=[")),
             "{hook}: the status page must hold syscall {nr}: {t}"
+        );
+    }
+}
+
+/// When bulkhead exits its workers are gone and the image is unlocked, so the next run
+/// (or any other writer) can take it at once: the io_uring engine's registered image
+/// outlives the worker process by a moment, and bulkhead waits for that too. Several runs
+/// back to back, since the window is short.
+#[test]
+fn the_image_is_unlocked_when_bulkhead_exits() {
+    use std::os::fd::AsRawFd;
+    let dir = scratch_dir("vmm-disks-unlocked-at-exit");
+    let d0 = disk(&dir, "d0.img");
+    for round in 0..5 {
+        let spec = format!("path={},engine=io_uring,direct=on", d0.display());
+        let r = run_specs(
+            &format!("testguest.plan=blk-verify qd=8 seed={SEED} blocks=32"),
+            &[spec],
+            &[],
+        );
+        assert_eq!(r.code, Some(0), "round {round}: {}", r.transcript());
+        let file = std::fs::File::open(&d0).unwrap();
+        // SAFETY: flock on a descriptor this test owns; integer arguments only.
+        let ret = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+        assert_eq!(
+            ret,
+            0,
+            "round {round}: the image is still locked after bulkhead exited: {}",
+            r.transcript()
         );
     }
 }

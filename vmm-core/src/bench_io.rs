@@ -170,7 +170,9 @@ impl IoBench {
                 }
             }
         }
+        let notify = crate::bench_notify::measure(self, &image)?;
         let mut report = report(&results, self);
+        report.push_str(&crate::bench_notify::report(&notify));
         report.push_str(&crate::bench_jitter::report(&runs));
         report.push_str(&self.plots(&results, &runs)?);
         print!("{report}");
@@ -186,7 +188,12 @@ impl IoBench {
                 })
             })
             .collect();
-        let json = serde_json::json!({ "profiles": json, "jitter": runs });
+        let notify: Vec<serde_json::Value> = crate::bench_notify::VARIANTS
+            .iter()
+            .zip(&notify)
+            .map(|((name, _), ns)| serde_json::json!({ "ioeventfd": name, "ns_per_write": ns }))
+            .collect();
+        let json = serde_json::json!({ "profiles": json, "notify": notify, "jitter": runs });
         let path = self.out.join("results.json");
         std::fs::write(&path, serde_json::to_string_pretty(&json)?)
             .with_context(|| format!("write {}", path.display()))?;
@@ -403,29 +410,15 @@ fn guest_sample(out: &std::process::Output) -> anyhow::Result<Sample> {
     }
 }
 
-/// Waits until nobody holds a lock on `image`: the workers of the previous run exit a
-/// moment after their VMM (they see their frontend go away), and the next run's VMM would
-/// otherwise find the image locked.
+/// Waits until no writer's lock is left on `image` (a QEMU + bulkhead-worker run's worker
+/// exits a moment after QEMU, and its io_uring releases the image after that).
 pub fn wait_unlocked(image: &Path) -> anyhow::Result<()> {
-    use std::os::fd::AsRawFd;
-    let file = std::fs::File::open(image)
-        .with_context(|| format!("open the image {}", image.display()))?;
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    loop {
-        // SAFETY: flock on a descriptor we own; a non-blocking probe, released below.
-        let ret = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
-        if ret == 0 {
-            // SAFETY: as above.
-            unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_UN) };
-            return Ok(());
-        }
-        anyhow::ensure!(
-            std::time::Instant::now() < deadline,
-            "the image {} is still locked after 10 s",
-            image.display()
-        );
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    anyhow::ensure!(
+        vmm_core::disk::wait_released(image, Duration::from_secs(10)),
+        "the image {} is still locked after 10 s",
+        image.display()
+    );
+    Ok(())
 }
 
 fn which(tool: &str) -> Option<PathBuf> {

@@ -4,7 +4,7 @@
 use std::fs::{File, OpenOptions};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::OpenOptionsExt;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 /// One `--disk` as the user wrote it.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -24,6 +24,20 @@ pub struct DiskConfig {
     pub engine: ipc::messages::IoEngine,
     /// Microseconds the worker busy-polls its rings before sleeping.
     pub poll_us: u32,
+    /// How a QueueNotify write reaches the kick eventfd.
+    pub ioeventfd: IoEventFdMatch,
+}
+
+/// How KVM matches a QueueNotify write to a queue's kick eventfd.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum IoEventFdMatch {
+    /// One ioeventfd per queue, matching the written queue index.
+    #[default]
+    Datamatch,
+    /// A zero-length ioeventfd that any write signals. On VMX hosts KVM takes it without
+    /// decoding the guest's instruction (its fast MMIO path); valid for one queue only,
+    /// since the written value is not looked at.
+    Any,
 }
 
 /// Who serves the disk.
@@ -56,8 +70,9 @@ const MAX_QUEUES: u16 = 64;
 
 impl DiskConfig {
     /// Parses `path=IMG[,id=NAME][,readonly=on][,serial=ID][,direct=on][,num_queues=N][,spare=off]
-    /// [,engine=auto|sync|io_uring][,poll_us=N]` or
-    /// `vhost_user=SOCKET[,id=NAME][,num_queues=N]`; `index` gives the default id `blkN`.
+    /// [,engine=auto|sync|io_uring][,poll_us=N][,ioeventfd=datamatch|any]` or
+    /// `vhost_user=SOCKET[,id=NAME][,num_queues=N][,ioeventfd=..]`; `index` gives the
+    /// default id `blkN`. `ioeventfd=any` means one queue.
     pub fn parse(spec: &str, index: usize) -> Result<Self, DiskError> {
         let bad = |reason: String| DiskError::Option {
             spec: spec.to_string(),
@@ -79,6 +94,7 @@ impl DiskConfig {
             spare: true,
             engine: ipc::messages::IoEngine::Auto,
             poll_us: 0,
+            ioeventfd: IoEventFdMatch::Datamatch,
         };
         let mut backend = None;
         for part in spec.split(',') {
@@ -110,6 +126,15 @@ impl DiskConfig {
                         .filter(|n| *n <= max)
                         .ok_or_else(|| bad(format!("poll_us={value} must be 0..={max}")))?;
                 }
+                "ioeventfd" => {
+                    cfg.ioeventfd = match value {
+                        "datamatch" => IoEventFdMatch::Datamatch,
+                        "any" => IoEventFdMatch::Any,
+                        _ => {
+                            return Err(bad(format!("ioeventfd={value} must be datamatch or any")))
+                        }
+                    }
+                }
                 "engine" => {
                     cfg.engine = ipc::messages::IoEngine::parse(value).ok_or_else(|| {
                         bad(format!("engine={value} must be auto, sync or io_uring"))
@@ -137,6 +162,16 @@ impl DiskConfig {
             }
         }
         cfg.backend = backend.ok_or_else(|| bad("needs path=IMAGE or vhost_user=SOCKET".into()))?;
+        if cfg.ioeventfd == IoEventFdMatch::Any {
+            if cfg.num_queues > 1 {
+                return Err(bad(format!(
+                    "ioeventfd=any serves one queue, not num_queues={}",
+                    cfg.num_queues
+                )));
+            }
+            // A zero-length ioeventfd cannot tell queues apart: one queue, not a default.
+            cfg.queues_given = true;
+        }
         Ok(cfg)
     }
 }
@@ -212,6 +247,30 @@ pub fn open_image(path: &PathBuf, readonly: bool, direct: bool) -> Result<Opened
     Ok(OpenedImage { file, size })
 }
 
+/// Waits up to `timeout` until `path` can be locked shared, i.e. no writer's exclusive
+/// lock is left on it; true when it could. A worker's io_uring keeps the image open
+/// (registered) until the kernel tears the ring down, which it does asynchronously after
+/// the worker exited, so the lock can outlive every process that used the image by a
+/// moment.
+pub fn wait_released(path: &Path, timeout: std::time::Duration) -> bool {
+    let Ok(file) = File::open(path) else {
+        // Gone or unreadable: nothing of ours to wait for.
+        return true;
+    };
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        // SAFETY: flock on a descriptor we own; a non-blocking probe, released when
+        // `file` is closed.
+        if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_SH | libc::LOCK_NB) } == 0 {
+            return true;
+        }
+        if std::time::Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -229,6 +288,13 @@ mod tests {
         assert_eq!(c.backend, DiskBackend::Image("/x.img".into()));
         assert!(c.readonly && c.direct);
         assert_eq!((c.serial.as_str(), c.num_queues), ("S1", 2));
+        let c = DiskConfig::parse("path=/x,ioeventfd=any", 0).unwrap();
+        assert_eq!(c.ioeventfd, IoEventFdMatch::Any);
+        assert_eq!(
+            c.with_default_queues(4).num_queues,
+            1,
+            "any means one queue"
+        );
         let c = DiskConfig::parse("path=/x,poll_us=50", 0).unwrap();
         assert_eq!(c.poll_us, 50);
         let c = DiskConfig::parse("vhost_user=/s.sock", 3).unwrap();
@@ -261,6 +327,8 @@ mod tests {
             "path=/x,spare=sometimes",
             "path=/x,engine=aio",
             "path=/x,poll_us=10001",
+            "path=/x,ioeventfd=sometimes",
+            "path=/x,num_queues=2,ioeventfd=any",
             "path=/x,id=bad id",
             "path=/x,serial=123456789012345678901",
             "path=/x,colour=blue",

@@ -15,6 +15,7 @@ use vmm_core::vm::{Vm, VmConfig, VmOutcome, DEFAULT_CMDLINE};
 mod bench_cmd;
 mod bench_io;
 mod bench_jitter;
+mod bench_notify;
 mod bench_svg;
 mod policy_cmd;
 
@@ -22,6 +23,9 @@ mod policy_cmd;
 const EXIT_GUEST_CRASHED: u8 = 120;
 /// Exit status when `--timeout` expired (as timeout(1)).
 const EXIT_TIMEOUT: u8 = 124;
+/// How long a worker gets to finish its in-flight requests and exit after the VM ends,
+/// before it is killed.
+const WORKER_GRACE: Duration = Duration::from_secs(2);
 
 #[derive(Debug, Parser)]
 #[command(
@@ -96,8 +100,9 @@ pub struct RunArgs {
     vcpus: u32,
     /// A virtio-blk disk served by its own sandboxed worker:
     /// `path=IMG[,id=NAME][,readonly=on][,serial=ID][,direct=on][,num_queues=N][,spare=off]
-    /// [,engine=auto|sync|io_uring][,poll_us=N]`,
+    /// [,engine=auto|sync|io_uring][,poll_us=N][,ioeventfd=datamatch|any]`,
     /// or by an external vhost-user backend: `vhost_user=SOCKET[,id=NAME][,num_queues=N]`.
+    /// `ioeventfd=any` kicks one queue through a zero-length ioeventfd.
     /// A spare worker (on by default) waits sandboxed, so a restart skips its start-up.
     /// num_queues defaults to one per vCPU (at most 8) for worker-served disks.
     /// Repeatable; ids default to blk0, blk1, ...
@@ -240,7 +245,6 @@ fn run(
         .enumerate()
         .map(|(i, spec)| vmm_core::disk::DiskConfig::parse(spec, i))
         .collect::<Result<Vec<_>, _>>()?;
-    let learning = learn.is_some();
     let cfg = VmConfig {
         disks,
         worker_bin: args.worker_bin,
@@ -271,13 +275,26 @@ fn run(
         vmm_core::api::serve(path, vm.disk_controls())?;
     }
     let stats = vm.stats();
+    let controls = vm.disk_controls();
     let _ = running.set((vm.stopper(), stats.clone()));
     let outcome = vm.run(timeout)?;
     terminal.restore();
-    if learning {
-        // Learn mode records the workers to their normal end.
-        for device in &stats.devices {
-            device.disconnect_backend();
+    // Workers end before bulkhead does (learn mode records them to this normal end), so a
+    // next run finds the images unlocked.
+    for device in &stats.devices {
+        device.disconnect_backend();
+    }
+    for (id, control) in &controls {
+        if !control.wait_ended(WORKER_GRACE) {
+            tracing::warn!("disk {id}: its worker did not end, even killed");
+        }
+    }
+    drop(controls);
+    for disk in &cfg.disks {
+        if let (vmm_core::disk::DiskBackend::Image(path), false) = (&disk.backend, disk.readonly) {
+            if !vmm_core::disk::wait_released(path, WORKER_GRACE) {
+                tracing::warn!("disk {}: {} is still locked", disk.id, path.display());
+            }
         }
     }
     for line in stats.lines() {

@@ -149,6 +149,36 @@ impl DiskControl {
         self.changed.notify_all();
     }
 
+    /// The VM is over and its backends were told to disconnect: waits up to `grace` for
+    /// the supervisor to reap its worker (and discard its spare), then kills the worker if
+    /// it is still there and waits a little more. True once the supervisor ended, so no
+    /// process of this disk holds the image (or its lock) when bulkhead exits.
+    pub fn wait_ended(&self, grace: Duration) -> bool {
+        let mut deadline = Instant::now() + grace;
+        let mut killed = false;
+        let mut st = self.lock();
+        while !st.ended {
+            let now = Instant::now();
+            if now >= deadline {
+                if killed {
+                    return false;
+                }
+                killed = true;
+                deadline = now + Duration::from_secs(2);
+                for fd in [&st.confined, &st.reaper].into_iter().flatten() {
+                    kill(fd);
+                }
+                continue;
+            }
+            st = self
+                .changed
+                .wait_timeout(st, deadline - now)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+        true
+    }
+
     /// What the control API reports about the disk.
     pub fn state(&self) -> DiskState {
         let st = self.lock();
@@ -314,8 +344,19 @@ fn shown_pid(worker: &Worker) -> u32 {
 /// failed its setup).
 fn discard(worker: Option<Worker>) {
     if let Some(mut w) = worker {
+        // The confined process holds the image too: wait for it, not only its reaper.
+        let confined = match w.status.worker_pid() {
+            pid if pid != 0 && pid != w.child.id() => pidfd_open(pid).ok(),
+            _ => None,
+        };
+        if let Some(c) = &confined {
+            kill(c);
+        }
         let _ = w.child.kill();
         let _ = w.child.wait();
+        if let Some(c) = &confined {
+            wait_exit(c, Duration::from_secs(5));
+        }
     }
 }
 
@@ -378,6 +419,7 @@ impl Supervisor {
             let ended = self.end_of(&mut current);
             let died_at = Instant::now();
             if self.device.closing() {
+                discard(spare.take());
                 self.control.end();
                 return;
             }

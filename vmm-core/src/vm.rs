@@ -564,11 +564,12 @@ impl Disk {
             let kick = eventfd()?;
             // The kick never leaves the kernel: a QueueNotify write of this queue's index
             // signals the worker's eventfd directly.
-            vm.register_ioevent(
-                &kick,
-                &IoEventAddress::Mmio(slot.base + QUEUE_NOTIFY_OFFSET),
-                q as u32,
-            )
+            let addr = IoEventAddress::Mmio(slot.base + QUEUE_NOTIFY_OFFSET);
+            if cfg.ioeventfd == crate::disk::IoEventFdMatch::Any {
+                vm.register_ioevent(&kick, &addr, kvm_ioctls::NoDatamatch)
+            } else {
+                vm.register_ioevent(&kick, &addr, q as u32)
+            }
             .map_err(kvm_err("register a QueueNotify ioeventfd"))?;
             let call = eventfd()?;
             // Nor does a completion: the worker's call eventfd raises the GSI.

@@ -75,7 +75,13 @@ pub fn run(ctx: &Ctx) {
             let (hdr, status) = blk.prepare(s, virtio_blk::T_IN, sector);
             let d = 3 * s as u16;
             blk.set_desc(d, hdr, 16, DESC_NEXT, d + 1);
-            blk.set_desc(d + 1, virtio_blk::data_addr(s), 4096, DESC_WRITE | DESC_NEXT, d + 2);
+            blk.set_desc(
+                d + 1,
+                virtio_blk::data_addr(s),
+                4096,
+                DESC_WRITE | DESC_NEXT,
+                d + 2,
+            );
             blk.set_desc(d + 2, status, 1, DESC_WRITE, 0);
             blk.push(d);
         };

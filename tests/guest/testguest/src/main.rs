@@ -21,6 +21,7 @@ mod hostile;
 mod irq;
 mod jitter;
 mod mem;
+mod notify_cost;
 mod phys;
 mod plans;
 mod recover;

@@ -63,6 +63,10 @@ pub const PLANS: &[Plan] = &[
         name: "blk-jitter",
         run: crate::jitter::run,
     },
+    Plan {
+        name: "notify-cost",
+        run: crate::notify_cost::run,
+    },
 ];
 
 pub fn find(name: &str) -> Option<&'static Plan> {

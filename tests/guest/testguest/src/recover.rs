@@ -45,7 +45,10 @@ pub fn run(ctx: &Ctx) {
         match d.status {
             ST_OK => ok += 1,
             ST_IOERR => ioerr += 1,
-            st => fail!("blk dev={n} pending write in slot {} ended with status {st}", d.slot),
+            st => fail!(
+                "blk dev={n} pending write in slot {} ended with status {st}",
+                d.slot
+            ),
         }
     }
     let deadline = cpu::rdtsc() + ctx.tsc_hz * REQ_TIMEOUT_US / 1_000_000;
@@ -61,7 +64,10 @@ pub fn run(ctx: &Ctx) {
     blk.kick();
     let d = poll(ctx, &mut blk, n, "new write", 0);
     if d.status != ST_IOERR {
-        fail!("blk dev={n} new write on a failing device: status {}", d.status);
+        fail!(
+            "blk dev={n} new write on a failing device: status {}",
+            d.status
+        );
     }
     tg!("recover dev={n} pending={qd} ok={ok} ioerr={ioerr} needs_reset=1 new=ioerr");
 

@@ -566,6 +566,11 @@ impl Blk {
         }
     }
 
+    /// Writes QueueNotify for this queue, whatever the ring holds (for timing a kick).
+    pub fn notify_now(&self) {
+        self.regs.write32(REG_QUEUE_NOTIFY, u32::from(self.queue));
+    }
+
     /// Tells the device not to interrupt (as far as it can be told).
     fn suppress_interrupts(&self) {
         if self.has(F_EVENT_IDX) {
