@@ -39,10 +39,21 @@ pub struct EventLoop {
 /// sleeps in epoll_wait: a request or completion that arrives in the window is served
 /// without a wakeup. Timed with the TSC, calibrated before the sandbox, since reading a
 /// clock could need a syscall the policy does not allow.
+///
+/// The window adapts as KVM's halt polling does: after a sleep shorter than the longest
+/// window (`poll_us`) polling that long would have caught the wakeup, so the window
+/// doubles (from [`POLL_START_US`]); after a longer sleep it was spent for nothing, so it
+/// halves (to none below the start). A worker whose guest is idle or slow thus stops
+/// spinning, and one under a steady load polls just long enough.
 #[derive(Debug, Clone, Copy)]
 struct Poller {
+    max_ticks: u64,
+    start_ticks: u64,
     window_ticks: u64,
 }
+
+/// Where a grown polling window starts, in microseconds.
+const POLL_START_US: u64 = 10;
 
 #[cfg(target_arch = "x86_64")]
 fn ticks() -> u64 {
@@ -56,7 +67,7 @@ fn ticks() -> u64 {
 }
 
 impl Poller {
-    /// A window of `poll_us` microseconds; None for 0 or where there is no TSC.
+    /// At most `poll_us` microseconds; None for 0 or where there is no TSC.
     fn new(poll_us: u32) -> Option<Poller> {
         if poll_us == 0 || !cfg!(target_arch = "x86_64") {
             return None;
@@ -65,9 +76,30 @@ impl Poller {
         let t0 = ticks();
         std::thread::sleep(std::time::Duration::from_millis(5));
         let per_us = (ticks() - t0) / (start.elapsed().as_micros() as u64).max(1);
-        Some(Poller {
-            window_ticks: per_us.max(1) * u64::from(poll_us),
-        })
+        Some(Poller::with_ticks_per_us(poll_us, per_us.max(1)))
+    }
+
+    fn with_ticks_per_us(poll_us: u32, per_us: u64) -> Poller {
+        let max_ticks = per_us * u64::from(poll_us);
+        let start_ticks = (per_us * POLL_START_US).min(max_ticks);
+        Poller {
+            max_ticks,
+            start_ticks,
+            window_ticks: start_ticks,
+        }
+    }
+
+    /// Adapts the window to a sleep of `slept` ticks.
+    fn slept(&mut self, slept: u64) {
+        self.window_ticks = if slept <= self.max_ticks {
+            self.window_ticks
+                .saturating_mul(2)
+                .clamp(self.start_ticks, self.max_ticks)
+        } else if self.window_ticks / 2 < self.start_ticks {
+            0
+        } else {
+            self.window_ticks / 2
+        };
     }
 }
 
@@ -134,14 +166,18 @@ impl EventLoop {
             // After polling found work, look at the descriptors without sleeping (the
             // socket must not starve), then poll again.
             let timeout = match self.poller {
-                Some(p) if poll(p, &backend, status) => EpollTimeout::ZERO,
+                Some(p) if poll(p.window_ticks, &backend, status) => EpollTimeout::ZERO,
                 _ => EpollTimeout::NONE,
             };
+            let asleep = ticks();
             let n = match self.epoll.wait(&mut events, timeout) {
                 Ok(n) => n,
                 Err(nix::Error::EINTR) => continue,
                 Err(e) => return Err(ServeError::Epoll(e)),
             };
+            if let (Some(p), EpollTimeout::NONE) = (&mut self.poller, timeout) {
+                p.slept(ticks().wrapping_sub(asleep));
+            }
             for event in &events[..n] {
                 match event.data() {
                     SOCKET_TOKEN => match handler.handle_request() {
@@ -186,14 +222,14 @@ fn report<D: VhostDevice>(b: &VhostBackend<D>, status: &StatusMapping) {
     status.bump_progress();
 }
 
-/// Spins up to the poller's window for work on a live ring or completions in the device;
+/// Spins up to `window` ticks for work on a live ring or completions in the device;
 /// serves it and returns true as soon as there is some.
 fn poll<D: VhostDevice>(
-    poller: Poller,
+    window: u64,
     backend: &Mutex<VhostBackend<D>>,
     status: &StatusMapping,
 ) -> bool {
-    let deadline = ticks().saturating_add(poller.window_ticks);
+    let deadline = ticks().saturating_add(window);
     loop {
         {
             let mut b = backend.lock().unwrap_or_else(|e| e.into_inner());
@@ -208,5 +244,38 @@ fn poll<D: VhostDevice>(
             return false;
         }
         std::hint::spin_loop();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_polling_window_grows_after_short_sleeps_and_shrinks_after_long_ones() {
+        // 1 tick per microsecond, at most 100 us.
+        let mut p = Poller::with_ticks_per_us(100, 1);
+        assert_eq!(p.window_ticks, POLL_START_US);
+        for want in [20, 40, 80, 100, 100] {
+            p.slept(30);
+            assert_eq!(p.window_ticks, want);
+        }
+        for want in [50, 25, 12, 0, 0] {
+            p.slept(5000);
+            assert_eq!(p.window_ticks, want);
+        }
+        // From none, a short sleep starts it again.
+        p.slept(1);
+        assert_eq!(p.window_ticks, POLL_START_US);
+    }
+
+    #[test]
+    fn a_window_below_the_start_is_the_whole_window() {
+        let mut p = Poller::with_ticks_per_us(4, 1);
+        assert_eq!(p.window_ticks, 4);
+        p.slept(1);
+        assert_eq!(p.window_ticks, 4);
+        p.slept(10);
+        assert_eq!(p.window_ticks, 0);
     }
 }
