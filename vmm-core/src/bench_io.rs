@@ -70,6 +70,16 @@ pub struct Sample {
     pub p99_us: f64,
     /// Latency distribution points: (percentile, microseconds), ascending.
     pub cdf: Vec<(f64, f64)>,
+    /// CPU spent serving the I/O, in percent of one core: every thread of the system's
+    /// processes but the guest's vCPU (for fio: fio's own usr + sys).
+    pub io_cpu_pct: f64,
+}
+
+impl Sample {
+    /// Microseconds of I/O-side CPU per request.
+    pub fn io_cpu_us_per_io(&self) -> f64 {
+        self.io_cpu_pct / 100.0 * 1e6 / self.iops
+    }
 }
 
 /// The percentiles every system reports (the guest's plan and fio's defaults share them).
@@ -204,8 +214,9 @@ impl IoBench {
     /// One profile under bulkhead: the test guest's `blk-bench` line.
     fn bulkhead(&self, profile: &Profile, image: &Path, engine: &str) -> anyhow::Result<Sample> {
         wait_unlocked(image)?;
-        let mut cmd = Command::new(&self.bulkhead);
-        cmd.arg("run")
+        let mut cmd = on_io_core();
+        cmd.arg(&self.bulkhead)
+            .arg("run")
             .arg("--kernel")
             .arg(&self.kernel)
             .args(["--mem", "64", "--timeout"])
@@ -223,8 +234,11 @@ impl IoBench {
         if let Some(w) = &self.worker_bin {
             cmd.arg("--worker-bin").arg(w);
         }
-        let out = cmd.output().context("run bulkhead")?;
-        guest_sample(&out)
+        let (out, cpu) = output_pinned(cmd, "vcpu0", self.secs, &[]).context("run bulkhead")?;
+        Ok(Sample {
+            io_cpu_pct: cpu,
+            ..guest_sample(&out)?
+        })
     }
 
     /// One profile under QEMU microvm with KVM, the same guest and image.
@@ -238,10 +252,14 @@ impl IoBench {
         let dir = self.out.join("vhu");
         let socket = dir.join("vhu.sock");
         let mut worker = None;
-        let mut cmd = Command::new("timeout");
-        cmd.arg((self.secs + 60).to_string())
+        let mut worker_pid = None;
+        let mut cmd = on_io_core();
+        cmd.arg("timeout")
+            .arg((self.secs + 60).to_string())
             .arg(qemu)
             .args(["-M", "microvm,acpi=off", "-accel", "kvm"])
+            // Names the vCPU thread "CPU 0/KVM", for pinning.
+            .args(["-name", "bench,debug-threads=on"])
             .args(["-cpu", "host,-arch-capabilities", "-m", "64", "-smp", "1"])
             .args(["-display", "none", "-monitor", "none", "-serial", "stdio"])
             .args(["-no-reboot", "-global", "virtio-mmio.force-legacy=false"])
@@ -270,7 +288,8 @@ impl IoBench {
                     None => vmm_core::worker::default_worker_bin()
                         .context("no bulkhead-worker beside bulkhead")?,
                 };
-                let child = Command::new(bin)
+                let child = on_io_core()
+                    .arg(bin)
                     .args(["blk", "--direct", "--engine", "io_uring", "--socket"])
                     .arg(&socket)
                     .arg("--disk")
@@ -278,6 +297,7 @@ impl IoBench {
                     .stderr(std::process::Stdio::piped())
                     .spawn()
                     .context("start bulkhead-worker")?;
+                worker_pid = Some(child.id());
                 let w = WorkerGuard(child);
                 wait_for_socket(&socket)?;
                 worker = Some(w);
@@ -288,14 +308,19 @@ impl IoBench {
                     .args(["-device", "vhost-user-blk,chardev=c0"]);
             }
         }
-        let out = cmd.output().context("run QEMU")?;
+        let extra: Vec<u32> = worker_pid.into_iter().collect();
+        let (out, cpu) = output_pinned(cmd, "CPU 0/KVM", self.secs, &extra).context("run QEMU")?;
         drop(worker);
-        guest_sample(&out)
+        Ok(Sample {
+            io_cpu_pct: cpu,
+            ..guest_sample(&out)?
+        })
     }
 
     /// One profile with fio on the host, on the same file (the limit).
     fn fio(&self, fio: &Path, profile: &Profile, image: &Path) -> anyhow::Result<Sample> {
-        let out = Command::new(fio)
+        let out = on_io_core()
+            .arg(fio)
             .args([
                 "--name=bench",
                 "--direct=1",
@@ -334,6 +359,8 @@ impl IoBench {
                 .map(|&(p, _, key)| (p, pct(key)))
                 .filter(|(_, v)| v.is_finite())
                 .collect(),
+            io_cpu_pct: job["usr_cpu"].as_f64().unwrap_or(f64::NAN)
+                + job["sys_cpu"].as_f64().unwrap_or(f64::NAN),
         })
     }
 }
@@ -370,6 +397,105 @@ fn wait_for_socket(socket: &Path) -> anyhow::Result<()> {
 }
 
 /// The guest command line of a profile.
+/// A command started on core 1 (by taskset, so its threads inherit it). Every system runs
+/// this way, the same layout as the jitter experiment's (DESIGN.md): core 0 for the
+/// guest's vCPU thread (moved there by [`output_pinned`]), core 1 for everything serving
+/// its I/O; fio, the host's limit, runs on core 1 alone.
+fn on_io_core() -> Command {
+    let mut cmd = Command::new("taskset");
+    cmd.args(["-c", "1"]);
+    cmd
+}
+
+/// Runs `cmd` (a guest run of `secs` seconds) to its end, moving its vCPU thread (named
+/// `vcpu_comm`, in it or a child of it) to core 0 as soon as that exists. Also returns the
+/// CPU its processes and `extra` spent outside that thread over the middle half of the
+/// run, in percent of one core.
+fn output_pinned(
+    mut cmd: Command,
+    vcpu_comm: &str,
+    secs: u32,
+    extra: &[u32],
+) -> anyhow::Result<(std::process::Output, f64)> {
+    use std::process::Stdio;
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .context("start")?;
+    let started = std::time::Instant::now();
+    // The processes and every descendant (a worker's reaper and confined child).
+    let tree = |root: u32| {
+        let mut pids = vec![root];
+        pids.extend_from_slice(extra);
+        let mut i = 0;
+        while i < pids.len() {
+            pids.extend(crate::bench_jitter::children(pids[i]));
+            i += 1;
+        }
+        pids
+    };
+    let mut vcpu = None;
+    while vcpu.is_none() {
+        vcpu = tree(child.id())
+            .into_iter()
+            .find_map(|pid| crate::bench_jitter::find_thread(pid, vcpu_comm));
+        if let Some(tid) = vcpu {
+            crate::bench_jitter::pin(tid, 0)?;
+        } else if child.try_wait()?.is_some() {
+            // Ended before its vCPU ran: its output says why.
+            return Ok((child.wait_with_output()?, f64::NAN));
+        } else if started.elapsed() > Duration::from_secs(30) {
+            let _ = child.kill();
+            anyhow::bail!("no thread {vcpu_comm:?} after 30 s");
+        } else {
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    }
+    let run = Duration::from_secs(u64::from(secs));
+    std::thread::sleep((run / 4).saturating_sub(started.elapsed()));
+    let before = cpu_ticks(&tree(child.id()), vcpu);
+    let t0 = std::time::Instant::now();
+    std::thread::sleep(run / 2);
+    let after = cpu_ticks(&tree(child.id()), vcpu);
+    let ticks = after.saturating_sub(before) as f64;
+    // SAFETY: sysconf takes an integer name and reads no memory of ours.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    let pct = ticks / hz / t0.elapsed().as_secs_f64() * 100.0;
+    Ok((child.wait_with_output()?, pct))
+}
+
+/// utime + stime, in clock ticks, of every thread of `pids` but `skip`.
+fn cpu_ticks(pids: &[u32], skip: Option<u32>) -> u64 {
+    let mut total = 0;
+    for pid in pids {
+        let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+            continue;
+        };
+        for task in tasks.filter_map(Result::ok) {
+            if task.file_name().to_str().and_then(|t| t.parse().ok()) == skip {
+                continue;
+            }
+            let Ok(stat) = std::fs::read_to_string(task.path().join("stat")) else {
+                continue;
+            };
+            // Fields after the command name (which may hold spaces): utime is the 12th
+            // and stime the 13th of them.
+            let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+            let mut fields = rest.split_whitespace().skip(11);
+            let mut next = || {
+                fields
+                    .next()
+                    .and_then(|v| v.parse::<u64>().ok())
+                    .unwrap_or(0)
+            };
+            total += next() + next();
+        }
+    }
+    total
+}
+
 fn plan(profile: &Profile, secs: u32) -> String {
     format!(
         "testguest.plan=blk-bench rw={} bs={} qd={} completion={} secs={secs}",
@@ -406,6 +532,7 @@ fn guest_sample(out: &std::process::Output) -> anyhow::Result<Sample> {
                 .iter()
                 .filter_map(|&(p, key, _)| field(key).ok().map(|v| (p, v)))
                 .collect(),
+            io_cpu_pct: f64::NAN,
         })
     }
 }
@@ -541,15 +668,18 @@ fn report(results: &BTreeMap<(usize, usize), Sample>, b: &IoBench) -> String {
          Test guest `blk-bench` plan, {} s per run, on a {} MiB raw image opened with \
          O_DIRECT on the host (bulkhead: `--disk ...,direct=on`; fio: `--direct=1 \
          --ioengine=io_uring`). Throughput profiles poll for completions, the QD1 latency \
-         profile takes interrupts. Latencies are measured in the guest with the TSC (fio: \
-         completion latency). Ratios are to QEMU with an IOThread and to host fio on the same file.\n\n",
+         profile takes interrupts. Each system runs with its vCPU thread on core 0 and \
+         everything else on core 1 (fio on core 1). Latencies are measured in the guest with the TSC (fio: \
+         completion latency). Ratios are to QEMU with an IOThread and to host fio on the same file. \
+         I/O CPU: what the system's threads other than the vCPU used over the middle half of \
+         the run, in percent of one core (fio: its own usr + sys), and per request.\n\n",
         b.secs, b.image_mib
     );
     for (p, profile) in PROFILES.iter().enumerate() {
         md.push_str(&format!(
             "## {} ({}, bs {}, QD {}, {})\n\n\
-             | system | IOPS | MiB/s | p50 us | p99 us | IOPS / QEMU+IOThread | IOPS / fio |\n\
-             |---|---:|---:|---:|---:|---:|---:|\n",
+             | system | IOPS | MiB/s | p50 us | p99 us | IOPS / QEMU+IOThread | IOPS / fio | I/O CPU % | I/O CPU us per request |\n\
+             |---|---:|---:|---:|---:|---:|---:|---:|---:|\n",
             profile.name, profile.rw, profile.bs, profile.qd, profile.mode
         ));
         let limit = results.get(&(p, fio)).map_or(f64::NAN, |s| s.iops);
@@ -559,13 +689,15 @@ fn report(results: &BTreeMap<(usize, usize), Sample>, b: &IoBench) -> String {
         for (s, system) in SYSTEMS.iter().enumerate() {
             if let Some(r) = results.get(&(p, s)) {
                 md.push_str(&format!(
-                    "| {system} | {:.0} | {:.1} | {:.0} | {:.0} | {:.2} | {:.2} |\n",
+                    "| {system} | {:.0} | {:.1} | {:.0} | {:.0} | {:.2} | {:.2} | {:.0} | {:.1} |\n",
                     r.iops,
                     r.mibps,
                     r.p50_us,
                     r.p99_us,
                     r.iops / reference,
-                    r.iops / limit
+                    r.iops / limit,
+                    r.io_cpu_pct,
+                    r.io_cpu_us_per_io()
                 ));
             }
         }

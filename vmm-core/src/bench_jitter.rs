@@ -93,7 +93,7 @@ fn rss_kib(pid: u32) -> u64 {
 }
 
 /// The children of `pid`.
-fn children(pid: u32) -> Vec<u32> {
+pub(crate) fn children(pid: u32) -> Vec<u32> {
     std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
         .unwrap_or_default()
         .split_whitespace()
@@ -159,7 +159,7 @@ fn counters(pid: u32, tid: u32) -> anyhow::Result<Counters> {
 }
 
 /// The thread of `pid` named `comm`.
-fn find_thread(pid: u32, comm: &str) -> Option<u32> {
+pub(crate) fn find_thread(pid: u32, comm: &str) -> Option<u32> {
     std::fs::read_dir(format!("/proc/{pid}/task"))
         .ok()?
         .filter_map(Result::ok)
@@ -172,7 +172,7 @@ fn find_thread(pid: u32, comm: &str) -> Option<u32> {
 }
 
 /// Pins thread `tid` to `cpu`.
-fn pin(tid: u32, cpu: usize) -> anyhow::Result<()> {
+pub(crate) fn pin(tid: u32, cpu: usize) -> anyhow::Result<()> {
     // SAFETY: cpu_set_t is plain data; CPU_ZERO/CPU_SET only write into it.
     let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
     // SAFETY: as above, on a set we own.
