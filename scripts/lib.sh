@@ -28,3 +28,20 @@ ensure_kvm() {
         return 1
     fi
 }
+
+# Makes sure at least $1 2 MiB huge pages are free (guest RAM with --hugepages), growing
+# the pool (vm.nr_hugepages) by what is missing.
+ensure_huge_pages() {
+    local want=$1 dir=/sys/kernel/mm/hugepages/hugepages-2048kB
+    local free total
+    free=$(cat "$dir/free_hugepages" 2>/dev/null || echo 0)
+    if [ "$free" -ge "$want" ]; then
+        return 0
+    fi
+    total=$(cat "$dir/nr_hugepages" 2>/dev/null || echo 0)
+    log "reserving $((want - free)) more 2 MiB huge pages (vm.nr_hugepages=$((total + want - free)))"
+    echo $((total + want - free)) > "$dir/nr_hugepages" || {
+        echo "error: cannot reserve huge pages: run as root, or set vm.nr_hugepages yourself" >&2
+        return 1
+    }
+}

@@ -9,6 +9,7 @@ started=$(date +%s)
 
 ensure_packages
 ensure_kvm
+ensure_huge_pages 64
 if ! command -v cargo-nextest >/dev/null 2>&1; then
     log "installing cargo-nextest"
     cargo install --locked cargo-nextest

@@ -645,3 +645,35 @@ fn the_image_is_unlocked_when_bulkhead_exits() {
         );
     }
 }
+
+/// Guest RAM in 2 MiB huge pages (`--hugepages`): the worker maps the same hugetlbfs
+/// memfd, and the guest's writes and reads go through it. scripts/test.sh reserves the
+/// pages (`vm.nr_hugepages`).
+#[test]
+fn blk_verify_with_huge_page_guest_memory() {
+    let free = std::fs::read_to_string("/sys/kernel/mm/hugepages/hugepages-2048kB/free_hugepages")
+        .ok()
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .unwrap_or(0);
+    assert!(
+        free >= 32,
+        "this test needs 32 free 2 MiB huge pages for 64 MiB of guest RAM, the host has \
+         {free}: reserve them with `sysctl vm.nr_hugepages=64` (scripts/test.sh does)"
+    );
+    let dir = scratch_dir("vmm-disks-hugepages");
+    let d0 = disk(&dir, "d0.img");
+    let plan =
+        format!("testguest.plan=blk-verify qd=16 completion=irq seed={SEED} blocks={BLOCKS}");
+    let spec = format!("path={},direct=on", d0.display());
+    let r = run_specs(&plan, &[spec], &["--hugepages"]);
+    let t = r.transcript();
+    assert!(r.stderr.contains("in 2 MiB huge pages"), "{t}");
+    let lines = tg_lines(&r.stdout);
+    assert_eq!(lines.last().map(String::as_str), Some("TG done"), "{t}");
+    let summary = format!("TG blk dev=0 wrote={BLOCKS} read={BLOCKS} verified={BLOCKS}");
+    assert!(lines.iter().any(|l| l.starts_with(&summary)), "{t}");
+    if let Err(e) = check_blk_verify_image(&d0, &r.stdout, 0, SEED, BLOCKS) {
+        panic!("disk 0 on the host: {e}: {t}");
+    }
+    assert_workers_were_confined(&r, 1);
+}

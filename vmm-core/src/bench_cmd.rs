@@ -80,6 +80,7 @@ pub fn bench_command(args: BenchArgs) -> anyhow::Result<()> {
                 secs: args.secs.unwrap_or(if args.quick { 1 } else { 10 }),
                 image_mib: if args.quick { 256 } else { 1024 },
                 repeats: if args.quick { 1 } else { 3 },
+                huge_pages: crate::bench_io::huge_pages_for_bench(),
             }
             .run()
         }
@@ -222,6 +223,7 @@ fn restart(a: RestartArgs) -> anyhow::Result<()> {
         initrd: None,
         cmdline: cmdline.into(),
         mem_mib: 64,
+        ram_pages: vmm_core::memory::RamPages::Small,
         vcpus: 1,
         learn: None,
     };

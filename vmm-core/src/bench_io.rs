@@ -105,6 +105,25 @@ pub struct IoBench {
     pub image_mib: u64,
     /// Runs of the jitter experiment per system and load.
     pub repeats: u32,
+    /// Guest RAM of bulkhead and of QEMU with our worker in 2 MiB huge pages (QEMU's own
+    /// RAM is anonymous memory it asks transparent huge pages for).
+    pub huge_pages: bool,
+}
+
+/// Huge pages for the 64 MiB guests if the host has them free; says so either way.
+pub fn huge_pages_for_bench() -> bool {
+    let free = vmm_core::memory::free_huge_pages();
+    let enough = free >= 32;
+    if enough {
+        eprintln!("bench: guest RAM in 2 MiB huge pages ({free} free)");
+    } else {
+        eprintln!(
+            "bench: guest RAM in 4 KiB pages: only {free} 2 MiB huge pages are free; reserve 32 \
+             (sysctl vm.nr_hugepages=32) to measure bulkhead like QEMU, whose RAM gets \
+             transparent huge pages"
+        );
+    }
+    enough
 }
 
 /// The systems measured, in report order; fio last (the limit).
@@ -231,6 +250,9 @@ impl IoBench {
                 "path={},direct=on,engine={engine},spare=off",
                 image.display()
             ));
+        if self.huge_pages {
+            cmd.arg("--hugepages");
+        }
         if let Some(w) = &self.worker_bin {
             cmd.arg("--worker-bin").arg(w);
         }
@@ -301,7 +323,15 @@ impl IoBench {
                 let w = WorkerGuard(child);
                 wait_for_socket(&socket)?;
                 worker = Some(w);
-                cmd.args(["-object", "memory-backend-memfd,id=mem,size=64M,share=on"])
+                let huge = if self.huge_pages {
+                    ",hugetlb=on,hugetlbsize=2M"
+                } else {
+                    ""
+                };
+                cmd.arg("-object")
+                    .arg(format!(
+                        "memory-backend-memfd,id=mem,size=64M,share=on{huge}"
+                    ))
                     .args(["-machine", "memory-backend=mem"])
                     .arg("-chardev")
                     .arg(format!("socket,id=c0,path={}", socket.display()))
@@ -332,6 +362,12 @@ impl IoBench {
             .arg(format!("--bs={}", profile.bs))
             .arg(format!("--iodepth={}", profile.qd))
             .arg(format!("--runtime={}", self.secs))
+            // Its buffers in huge pages too when the guests' RAM is.
+            .arg(if self.huge_pages {
+                "--mem=shmhuge"
+            } else {
+                "--mem=malloc"
+            })
             .arg("--output-format=json")
             .output()
             .context("run fio")?;
@@ -672,8 +708,18 @@ fn report(results: &BTreeMap<(usize, usize), Sample>, b: &IoBench) -> String {
          everything else on core 1 (fio on core 1). Latencies are measured in the guest with the TSC (fio: \
          completion latency). Ratios are to QEMU with an IOThread and to host fio on the same file. \
          I/O CPU: what the system's threads other than the vCPU used over the middle half of \
-         the run, in percent of one core (fio: its own usr + sys), and per request.\n\n",
-        b.secs, b.image_mib
+         the run, in percent of one core (fio: its own usr + sys), and per request. \
+         Guest RAM: {}.\n\n",
+        b.secs,
+        b.image_mib,
+        if b.huge_pages {
+            "2 MiB huge pages for bulkhead and for QEMU with bulkhead-worker (`--hugepages`, \
+             `memory-backend-memfd,hugetlb=on`) and for fio's buffers (`--mem=shmhuge`); \
+             QEMU's own RAM gets transparent huge pages"
+        } else {
+            "4 KiB pages for bulkhead and QEMU with bulkhead-worker (no huge pages were \
+             free); QEMU's own RAM gets transparent huge pages"
+        }
     );
     for (p, profile) in PROFILES.iter().enumerate() {
         md.push_str(&format!(

@@ -34,6 +34,8 @@ pub struct VmConfig {
     pub initrd: Option<PathBuf>,
     pub cmdline: String,
     pub mem_mib: u64,
+    /// What pages back guest RAM (`--hugepages`).
+    pub ram_pages: crate::memory::RamPages,
     pub vcpus: u32,
     pub disks: Vec<crate::disk::DiskConfig>,
     /// The worker executable; default: `bulkhead-worker` beside this executable.
@@ -159,7 +161,7 @@ impl Vm {
             });
         }
         let num_vcpus = cfg.vcpus as u8;
-        let ram = GuestRam::new(cfg.mem_mib)?;
+        let ram = GuestRam::new(cfg.mem_mib, cfg.ram_pages)?;
         let kvm_err = |what| move |source| VmError::Kvm { what, source };
 
         let vm = kvm.create_vm().map_err(kvm_err("create a VM"))?;

@@ -286,7 +286,7 @@ mod tests {
 
     #[test]
     fn memory_map_covers_low_ram_and_reserves_the_bios_area() {
-        let ram = GuestRam::new(64).unwrap();
+        let ram = GuestRam::new(64, crate::memory::RamPages::Small).unwrap();
         let map = memory_map(ram.memory());
         assert_eq!(map.len(), 3);
         assert_eq!(map[1].kind, MemoryType::Reserved);
@@ -296,7 +296,7 @@ mod tests {
 
     #[test]
     fn a_text_file_is_not_a_kernel() {
-        let ram = GuestRam::new(16).unwrap();
+        let ram = GuestRam::new(16, crate::memory::RamPages::Small).unwrap();
         let dir = std::env::temp_dir().join(format!("bulkhead-boot-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("not-a-kernel");
