@@ -209,13 +209,25 @@ fn blk_verify_through_the_second_queue() {
 /// and reads go through the worker, and no QueueNotify reaches the VMM.
 #[test]
 fn blk_verify_with_a_zero_length_ioeventfd() {
-    let dir = scratch_dir("vmm-disks-ioeventfd-any");
+    // Two vCPUs (run_specs), which would mean two queues but for ioeventfd=any.
+    let r = blk_verify_one_disk("vmm-disks-ioeventfd-any", "ioeventfd=any", &[]);
+    let stats = r
+        .stderr
+        .lines()
+        .find(|l| l.contains("stats blk0 "))
+        .unwrap_or_else(|| panic!("no stats for blk0: {}", r.transcript()));
+    assert!(stats.contains("queue_notify=0 "), "{stats}");
+}
+
+/// blk-verify (QD 16, interrupts) on one disk with `path=IMG,{options}` and `extra`
+/// arguments: the guest verifies, and so does the image on the host.
+fn blk_verify_one_disk(name: &str, options: &str, extra: &[&str]) -> RunResult {
+    let dir = scratch_dir(name);
     let d0 = disk(&dir, "d0.img");
     let plan =
         format!("testguest.plan=blk-verify qd=16 completion=irq seed={SEED} blocks={BLOCKS}");
-    let spec = format!("path={},ioeventfd=any", d0.display());
-    // Two vCPUs (run_specs), which would mean two queues but for ioeventfd=any.
-    let r = run_specs(&plan, &[spec], &[]);
+    let spec = format!("path={},{options}", d0.display());
+    let r = run_specs(&plan, &[spec], extra);
     let t = r.transcript();
     let lines = tg_lines(&r.stdout);
     assert_eq!(lines.last().map(String::as_str), Some("TG done"), "{t}");
@@ -224,12 +236,7 @@ fn blk_verify_with_a_zero_length_ioeventfd() {
     if let Err(e) = check_blk_verify_image(&d0, &r.stdout, 0, SEED, BLOCKS) {
         panic!("disk 0 on the host: {e}: {t}");
     }
-    let stats = r
-        .stderr
-        .lines()
-        .find(|l| l.contains("stats blk0 "))
-        .unwrap_or_else(|| panic!("no stats for blk0: {t}"));
-    assert!(stats.contains("queue_notify=0 "), "{stats}");
+    r
 }
 
 /// Each bad chain the guest can build gets the status the virtio spec asks for, and the
@@ -660,20 +667,11 @@ fn blk_verify_with_huge_page_guest_memory() {
         "this test needs 32 free 2 MiB huge pages for 64 MiB of guest RAM, the host has \
          {free}: reserve them with `sysctl vm.nr_hugepages=64` (scripts/test.sh does)"
     );
-    let dir = scratch_dir("vmm-disks-hugepages");
-    let d0 = disk(&dir, "d0.img");
-    let plan =
-        format!("testguest.plan=blk-verify qd=16 completion=irq seed={SEED} blocks={BLOCKS}");
-    let spec = format!("path={},direct=on", d0.display());
-    let r = run_specs(&plan, &[spec], &["--hugepages"]);
-    let t = r.transcript();
-    assert!(r.stderr.contains("in 2 MiB huge pages"), "{t}");
-    let lines = tg_lines(&r.stdout);
-    assert_eq!(lines.last().map(String::as_str), Some("TG done"), "{t}");
-    let summary = format!("TG blk dev=0 wrote={BLOCKS} read={BLOCKS} verified={BLOCKS}");
-    assert!(lines.iter().any(|l| l.starts_with(&summary)), "{t}");
-    if let Err(e) = check_blk_verify_image(&d0, &r.stdout, 0, SEED, BLOCKS) {
-        panic!("disk 0 on the host: {e}: {t}");
-    }
+    let r = blk_verify_one_disk("vmm-disks-hugepages", "direct=on", &["--hugepages"]);
+    assert!(
+        r.stderr.contains("in 2 MiB huge pages"),
+        "{}",
+        r.transcript()
+    );
     assert_workers_were_confined(&r, 1);
 }
