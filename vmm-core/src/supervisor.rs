@@ -554,17 +554,23 @@ impl Supervisor {
             kill(c);
             wait_exit(c, Duration::from_secs(5));
         }
-        let how = match worker.child.wait() {
-            Ok(s) => crate::vm::describe_exit(s),
+        let waited = worker.child.wait();
+        let how = match &waited {
+            Ok(s) => crate::vm::describe_exit(*s),
             Err(e) => format!("cannot be waited for: {e}"),
         };
+        // The VM is over and told it to go: a clean exit is the expected end (anything
+        // else, a policy violation above all, is still reported).
+        let ended_with_vm = self.device.closing() && waited.as_ref().is_ok_and(|s| s.success());
         let planned = self.control.take_planned();
         let on_purpose = match &end {
             End::Recovering => true,
             End::Died => planned || self.control.recover_requested(),
             End::Hung { .. } => false,
         };
-        if on_purpose {
+        if ended_with_vm {
+            tracing::info!("worker {id} (pid {}) ended with the VM", shown_pid(worker));
+        } else if on_purpose {
             tracing::info!(
                 "worker {id} (pid {}) stopped {}",
                 shown_pid(worker),
