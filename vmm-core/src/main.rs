@@ -2,7 +2,7 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
@@ -299,15 +299,26 @@ fn run(
     for device in &stats.devices {
         device.disconnect_backend();
     }
-    for (id, control) in &controls {
-        if !control.wait_ended(WORKER_GRACE) {
+    let deadline = Instant::now() + WORKER_GRACE;
+    let lingering: Vec<_> = controls
+        .iter()
+        .filter(|(_, control)| !control.wait_ended(deadline))
+        .collect();
+    for (_, control) in &lingering {
+        control.kill_worker();
+    }
+    let deadline = Instant::now() + WORKER_GRACE;
+    for (id, control) in lingering {
+        if !control.wait_ended(deadline) {
             tracing::warn!("disk {id}: its worker did not end, even killed");
         }
     }
     drop(controls);
+    let deadline = Instant::now() + WORKER_GRACE;
     for disk in &cfg.disks {
         if let (vmm_core::disk::DiskBackend::Image(path), false) = (&disk.backend, disk.readonly) {
-            if !vmm_core::disk::wait_released(path, WORKER_GRACE) {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if !vmm_core::disk::wait_released(path, left) {
                 tracing::warn!("disk {}: {} is still locked", disk.id, path.display());
             }
         }

@@ -149,26 +149,15 @@ impl DiskControl {
         self.changed.notify_all();
     }
 
-    /// The VM is over and its backends were told to disconnect: waits up to `grace` for
-    /// the supervisor to reap its worker (and discard its spare), then kills the worker if
-    /// it is still there and waits a little more. True once the supervisor ended, so no
-    /// process of this disk holds the image (or its lock) when bulkhead exits.
-    pub fn wait_ended(&self, grace: Duration) -> bool {
-        let mut deadline = Instant::now() + grace;
-        let mut killed = false;
+    /// The VM is over and its backends were told to disconnect: waits until `deadline`
+    /// for the supervisor to reap its worker (and discard its spare). True once it ended,
+    /// so no process of this disk holds the image (or its lock) any more.
+    pub fn wait_ended(&self, deadline: Instant) -> bool {
         let mut st = self.lock();
         while !st.ended {
             let now = Instant::now();
             if now >= deadline {
-                if killed {
-                    return false;
-                }
-                killed = true;
-                deadline = now + Duration::from_secs(2);
-                for fd in [&st.confined, &st.reaper].into_iter().flatten() {
-                    kill(fd);
-                }
-                continue;
+                return false;
             }
             st = self
                 .changed
@@ -177,6 +166,14 @@ impl DiskControl {
                 .0;
         }
         true
+    }
+
+    /// Kills the current worker (one that did not end when asked; see [`Self::wait_ended`]).
+    pub fn kill_worker(&self) {
+        let st = self.lock();
+        for fd in [&st.confined, &st.reaper].into_iter().flatten() {
+            kill(fd);
+        }
     }
 
     /// What the control API reports about the disk.
@@ -323,13 +320,28 @@ fn confined_pidfd(worker: &Worker, timeout: Duration) -> Option<OwnedFd> {
     loop {
         let pid = worker.status.worker_pid();
         if pid != 0 && pid != worker.child.id() {
-            return pidfd_open(pid).ok();
+            return child_pidfd(pid, worker.child.id());
         }
         if Instant::now() >= deadline {
             return None;
         }
         std::thread::sleep(Duration::from_millis(2));
     }
+}
+
+/// A pidfd on `pid` if that is (still) a living child of `parent`: a pid read from the
+/// status page is free for reuse once the reaper has reaped its child, and a pidfd on a
+/// stranger must never be signalled.
+fn child_pidfd(pid: u32, parent: u32) -> Option<OwnedFd> {
+    let fd = pidfd_open(pid).ok()?;
+    // The pidfd pins the process; /proc then speaks of it unless it has already exited,
+    // which the check after the read catches.
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let ppid = status
+        .lines()
+        .find_map(|l| l.strip_prefix("PPid:"))
+        .and_then(|v| v.trim().parse::<u32>().ok());
+    (ppid == Some(parent) && !wait_exit(&fd, Duration::ZERO)).then_some(fd)
 }
 
 /// The pid to show for a worker: the confined process once its reaper has published it.
@@ -346,7 +358,7 @@ fn discard(worker: Option<Worker>) {
     if let Some(mut w) = worker {
         // The confined process holds the image too: wait for it, not only its reaper.
         let confined = match w.status.worker_pid() {
-            pid if pid != 0 && pid != w.child.id() => pidfd_open(pid).ok(),
+            pid if pid != 0 && pid != w.child.id() => child_pidfd(pid, w.child.id()),
             _ => None,
         };
         if let Some(c) = &confined {
@@ -440,6 +452,12 @@ impl Supervisor {
             }
             // Start a successor; a failed start counts as a death before service.
             current = loop {
+                if self.device.closing() {
+                    // The VM ended during the restart: no successor.
+                    discard(spare.take());
+                    self.control.end();
+                    return;
+                }
                 if crash_loop > CRASH_LOOP_BUDGET {
                     match mode {
                         Mode::Normal => {
@@ -561,7 +579,9 @@ impl Supervisor {
         };
         // The VM is over and told it to go: a clean exit is the expected end (anything
         // else, a policy violation above all, is still reported).
-        let ended_with_vm = self.device.closing() && waited.as_ref().is_ok_and(|s| s.success());
+        let ended_with_vm = self.device.closing()
+            && waited.as_ref().is_ok_and(|s| s.success())
+            && worker.status.violation().is_none();
         let planned = self.control.take_planned();
         let on_purpose = match &end {
             End::Recovering => true,
@@ -727,6 +747,7 @@ impl Supervisor {
             .device
             .reconnect_backend(backend, pidfd.clone(), mode == Mode::Fail)
         {
+            discard(Some(w));
             return Err("the device's control thread is gone".into());
         }
         let confined = confined_pidfd(&w, Duration::from_secs(1)).map(Arc::new);
