@@ -86,15 +86,20 @@ pub enum RamPages {
 /// Size of a huge page of guest RAM.
 pub const HUGE_PAGE: u64 = 2 << 20;
 
-/// 2 MiB huge pages free and not promised to a mapping yet.
+fn huge_page_count(file: &str) -> u64 {
+    std::fs::read_to_string(format!("/sys/kernel/mm/hugepages/hugepages-2048kB/{file}"))
+        .ok()
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .unwrap_or(0)
+}
+
+/// 2 MiB huge pages a new guest could get now: free ones not promised to a mapping yet,
+/// plus what the kernel may still add beyond the pool (`vm.nr_overcommit_hugepages`).
 pub fn free_huge_pages() -> u64 {
-    let read = |f: &str| {
-        std::fs::read_to_string(format!("/sys/kernel/mm/hugepages/hugepages-2048kB/{f}"))
-            .ok()
-            .and_then(|v| v.trim().parse::<u64>().ok())
-            .unwrap_or(0)
-    };
-    read("free_hugepages").saturating_sub(read("resv_hugepages"))
+    let free = huge_page_count("free_hugepages").saturating_sub(huge_page_count("resv_hugepages"));
+    let more = huge_page_count("nr_overcommit_hugepages")
+        .saturating_sub(huge_page_count("surplus_hugepages"));
+    free + more
 }
 
 /// Guest RAM and the memfd behind it.
@@ -213,14 +218,20 @@ pub fn create_sealed_memfd(name: &str, size: u64, pages: RamPages) -> Result<Fil
         // a page the pool could not give later would be a SIGBUS in the guest's or a
         // worker's access instead of this error.
         let free = free_huge_pages();
+        let short = |source| MemoryError::HugePages {
+            mib: size >> 20,
+            needed: size / HUGE_PAGE,
+            free,
+            source,
+        };
+        // Asked first, so a pool too small is not drained (other guests' pages) on the way
+        // to the error.
+        if free < size / HUGE_PAGE {
+            return Err(short(std::io::Error::from_raw_os_error(libc::ENOSPC)));
+        }
         // SAFETY: fallocate on a memfd we own, within its size; integer arguments only.
         if unsafe { libc::fallocate(file.as_raw_fd(), 0, 0, size as libc::off_t) } != 0 {
-            return Err(MemoryError::HugePages {
-                mib: size >> 20,
-                needed: size / HUGE_PAGE,
-                free,
-                source: std::io::Error::last_os_error(),
-            });
+            return Err(short(std::io::Error::last_os_error()));
         }
     }
     let seals = libc::F_SEAL_SHRINK | libc::F_SEAL_GROW | libc::F_SEAL_SEAL;
@@ -252,10 +263,10 @@ mod tests {
 
     #[test]
     fn too_few_free_huge_pages_is_an_error_that_says_how_many() {
-        // One page more than the pool has free (with vm.nr_overcommit_hugepages at its
-        // default 0, the kernel then has none to add).
-        let want = (free_huge_pages() + 1) * 2;
-        let mib = want.max(MIN_MEM_MIB);
+        // More pages than the whole pool and what may be added to it: refused before a
+        // page is taken, so tests using huge pages meanwhile keep theirs.
+        let pages = huge_page_count("nr_hugepages") + free_huge_pages() + 1;
+        let mib = (pages * 2).max(MIN_MEM_MIB);
         match GuestRam::new(mib, RamPages::Huge) {
             Err(e @ MemoryError::HugePages { .. }) => {
                 let text = e.to_string();
