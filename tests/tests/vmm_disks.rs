@@ -211,12 +211,39 @@ fn blk_verify_through_the_second_queue() {
 fn blk_verify_with_a_zero_length_ioeventfd() {
     // Two vCPUs (run_specs), which would mean two queues but for ioeventfd=any.
     let r = blk_verify_one_disk("vmm-disks-ioeventfd-any", "ioeventfd=any", &[]);
-    let stats = r
-        .stderr
+    assert_eq!(queue_notify_exits(&r), 0, "{}", r.transcript());
+    // A QueueNotify value no queue has: the zero-length ioeventfd takes it too, where a
+    // datamatch one lets it through to the VMM.
+    let dir = scratch_dir("vmm-disks-ioeventfd-value");
+    let d0 = disk(&dir, "d0.img");
+    let plan = "testguest.plan=notify-cost writes=20 value=7";
+    for (options, exits) in [
+        ("ioeventfd=any", 0),
+        ("num_queues=1,ioeventfd=datamatch", 21),
+    ] {
+        let spec = format!("path={},{options}", d0.display());
+        let r = run_specs(plan, &[spec], &[]);
+        let t = r.transcript();
+        assert_eq!(
+            tg_lines(&r.stdout).last().map(String::as_str),
+            Some("TG done"),
+            "{t}"
+        );
+        assert_eq!(queue_notify_exits(&r), exits, "{options}: {t}");
+    }
+}
+
+/// QueueNotify writes blk0's registers saw in the VMM (its exit statistics).
+fn queue_notify_exits(r: &RunResult) -> u64 {
+    r.stderr
         .lines()
         .find(|l| l.contains("stats blk0 "))
-        .unwrap_or_else(|| panic!("no stats for blk0: {}", r.transcript()));
-    assert!(stats.contains("queue_notify=0 "), "{stats}");
+        .and_then(|l| {
+            l.split_whitespace()
+                .find_map(|w| w.strip_prefix("queue_notify="))
+        })
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no QueueNotify count for blk0: {}", r.transcript()))
 }
 
 /// blk-verify (QD 16, interrupts) on one disk with `path=IMG,{options}` and `extra`
@@ -658,10 +685,7 @@ fn the_image_is_unlocked_when_bulkhead_exits() {
 /// pages (`vm.nr_hugepages`).
 #[test]
 fn blk_verify_with_huge_page_guest_memory() {
-    let free = std::fs::read_to_string("/sys/kernel/mm/hugepages/hugepages-2048kB/free_hugepages")
-        .ok()
-        .and_then(|v| v.trim().parse::<u64>().ok())
-        .unwrap_or(0);
+    let free = vmm_core::memory::free_huge_pages();
     assert!(
         free >= 32,
         "this test needs 32 free 2 MiB huge pages for 64 MiB of guest RAM, the host has \

@@ -476,17 +476,26 @@ fn output_pinned(
     while vcpu.is_none() {
         vcpu = tree(child.id())
             .into_iter()
-            .find_map(|pid| crate::bench_jitter::find_thread(pid, vcpu_comm));
-        if let Some(tid) = vcpu {
-            crate::bench_jitter::pin(tid, 0)?;
-        } else if child.try_wait()?.is_some() {
-            // Ended before its vCPU ran: its output says why.
-            return Ok((child.wait_with_output()?, f64::NAN));
-        } else if started.elapsed() > Duration::from_secs(30) {
+            .find_map(|pid| crate::bench_jitter::find_thread(pid, vcpu_comm).map(|tid| (pid, tid)));
+        let failed = match vcpu {
+            Some((_, tid)) => crate::bench_jitter::pin(tid, 0).err(),
+            None if child.try_wait()?.is_some() => {
+                // Ended before its vCPU ran: its output says why.
+                return Ok((child.wait_with_output()?, f64::NAN));
+            }
+            None if started.elapsed() > Duration::from_secs(30) => {
+                Some(anyhow::anyhow!("no thread {vcpu_comm:?} after 30 s"))
+            }
+            None => {
+                std::thread::sleep(Duration::from_millis(2));
+                None
+            }
+        };
+        if let Some(e) = failed {
+            // Not left running: the next run needs the image.
             let _ = child.kill();
-            anyhow::bail!("no thread {vcpu_comm:?} after 30 s");
-        } else {
-            std::thread::sleep(Duration::from_millis(2));
+            let _ = child.wait();
+            return Err(e);
         }
     }
     let run = Duration::from_secs(u64::from(secs));
@@ -502,34 +511,32 @@ fn output_pinned(
     Ok((child.wait_with_output()?, pct))
 }
 
-/// utime + stime, in clock ticks, of every thread of `pids` but `skip`.
-fn cpu_ticks(pids: &[u32], skip: Option<u32>) -> u64 {
-    let mut total = 0;
-    for pid in pids {
-        let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
-            continue;
-        };
-        for task in tasks.filter_map(Result::ok) {
-            if task.file_name().to_str().and_then(|t| t.parse().ok()) == skip {
-                continue;
-            }
-            let Ok(stat) = std::fs::read_to_string(task.path().join("stat")) else {
-                continue;
-            };
-            // Fields after the command name (which may hold spaces): utime is the 12th
-            // and stime the 13th of them.
-            let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
-            let mut fields = rest.split_whitespace().skip(11);
-            let mut next = || {
-                fields
-                    .next()
-                    .and_then(|v| v.parse::<u64>().ok())
-                    .unwrap_or(0)
-            };
-            total += next() + next();
-        }
-    }
-    total
+/// utime + stime, in clock ticks, of the processes `pids` (their threads that exited
+/// included) but for the thread `vcpu` (pid, tid).
+fn cpu_ticks(pids: &[u32], vcpu: Option<(u32, u32)>) -> u64 {
+    let total: u64 = pids
+        .iter()
+        .map(|pid| stat_ticks(&format!("/proc/{pid}/stat")))
+        .sum();
+    let skipped = vcpu.map_or(0, |(pid, tid)| {
+        stat_ticks(&format!("/proc/{pid}/task/{tid}/stat"))
+    });
+    total.saturating_sub(skipped)
+}
+
+/// utime + stime from a `stat` file of /proc, 0 if it is gone.
+fn stat_ticks(path: &str) -> u64 {
+    let Ok(stat) = std::fs::read_to_string(path) else {
+        return 0;
+    };
+    // Fields after the command name (which may hold spaces): utime is the 12th and stime
+    // the 13th of them.
+    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+    rest.split_whitespace()
+        .skip(11)
+        .take(2)
+        .filter_map(|v| v.parse::<u64>().ok())
+        .sum()
 }
 
 fn plan(profile: &Profile, secs: u32) -> String {
@@ -750,4 +757,28 @@ fn report(results: &BTreeMap<(usize, usize), Sample>, b: &IoBench) -> String {
         md.push('\n');
     }
     md
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cpu_ticks_come_from_utime_and_stime_after_the_command_name() {
+        let dir = std::env::temp_dir().join(format!("bench-stat-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("stat");
+        // A command name with spaces and a ')' of its own; utime 700, stime 42.
+        std::fs::write(
+            &path,
+            "4242 (CPU 0/KVM) x) S 1 2 3 0 -1 4194560 10 0 0 0 700 42 0 0 20 0 1 0 5 6 7\n",
+        )
+        .unwrap();
+        assert_eq!(stat_ticks(path.to_str().unwrap()), 742);
+        assert_eq!(stat_ticks("/nonexistent/stat"), 0);
+        std::fs::remove_dir_all(&dir).unwrap();
+        // This process against itself as its own "vCPU" thread: nothing left over.
+        let me = std::process::id();
+        assert_eq!(cpu_ticks(&[], Some((me, me))), 0);
+    }
 }

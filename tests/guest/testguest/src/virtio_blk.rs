@@ -566,9 +566,9 @@ impl Blk {
         }
     }
 
-    /// Writes QueueNotify for this queue, whatever the ring holds (for timing a kick).
-    pub fn notify_now(&self) {
-        self.regs.write32(REG_QUEUE_NOTIFY, u32::from(self.queue));
+    /// Writes `value` to QueueNotify, whatever the ring holds (for timing a kick).
+    pub fn notify_value(&self, value: u32) {
+        self.regs.write32(REG_QUEUE_NOTIFY, value);
     }
 
     /// Tells the device not to interrupt (as far as it can be told).
