@@ -103,7 +103,8 @@ pub struct IoBench {
     pub out: PathBuf,
     pub secs: u32,
     pub image_mib: u64,
-    /// Runs of the jitter experiment per system and load.
+    /// Runs of each profile on each system, and of the jitter experiment per system and
+    /// load.
     pub repeats: u32,
     /// Guest RAM of bulkhead and of QEMU with our worker in 2 MiB huge pages (QEMU's own
     /// RAM is anonymous memory it asks transparent huge pages for).
@@ -151,32 +152,70 @@ impl IoBench {
         )?;
         let image = self.out.join("bench.img");
         prepare_image(&image, self.image_mib)?;
-        let mut results: BTreeMap<(usize, usize), Sample> = BTreeMap::new();
-        for (p, profile) in PROFILES.iter().enumerate() {
-            for (s, system) in SYSTEMS.iter().enumerate() {
-                eprintln!("bench: {} on {system} ({} s)", profile.name, self.secs);
-                let sample = match *system {
-                    "bulkhead sync" => self.bulkhead(profile, &image, "sync"),
-                    "bulkhead io_uring" => self.bulkhead(profile, &image, "io_uring"),
-                    "QEMU" => self.qemu(&qemu, profile, &image, Qemu::Plain),
-                    "QEMU + IOThread" => self.qemu(&qemu, profile, &image, Qemu::IoThread),
-                    "QEMU + bulkhead-worker" => self.qemu(&qemu, profile, &image, Qemu::OurWorker),
-                    _ => self.fio(&fio, profile, &image),
+        // Every (profile, system) run `repeats` times, the rounds one after another so a
+        // drift of the host's disk reaches every system alike.
+        let mut all: BTreeMap<(usize, usize), Vec<Sample>> = BTreeMap::new();
+        for round in 0..self.repeats.max(1) {
+            for (p, profile) in PROFILES.iter().enumerate() {
+                for (s, system) in SYSTEMS.iter().enumerate() {
+                    eprintln!(
+                        "bench: {} on {system} ({} s, run {} of {})",
+                        profile.name,
+                        self.secs,
+                        round + 1,
+                        self.repeats.max(1)
+                    );
+                    let sample = self
+                        .sample(system, profile, &image, &qemu, &fio)
+                        .with_context(|| format!("{} on {system}", profile.name))?;
+                    all.entry((p, s)).or_default().push(sample);
                 }
-                .with_context(|| format!("{} on {system}", profile.name))?;
-                results.insert((p, s), sample);
             }
         }
+        let results: BTreeMap<(usize, usize), Sample> = all
+            .iter()
+            .map(|(&key, samples)| (key, median_run(samples)))
+            .collect();
+        self.jitter_notify_and_report(&image, &qemu, &results, &all)
+    }
+
+    /// One run of `profile` on `system`.
+    fn sample(
+        &self,
+        system: &str,
+        profile: &Profile,
+        image: &Path,
+        qemu: &Path,
+        fio: &Path,
+    ) -> anyhow::Result<Sample> {
+        match system {
+            "bulkhead sync" => self.bulkhead(profile, image, "sync"),
+            "bulkhead io_uring" => self.bulkhead(profile, image, "io_uring"),
+            "QEMU" => self.qemu(qemu, profile, image, Qemu::Plain),
+            "QEMU + IOThread" => self.qemu(qemu, profile, image, Qemu::IoThread),
+            "QEMU + bulkhead-worker" => self.qemu(qemu, profile, image, Qemu::OurWorker),
+            _ => self.fio(fio, profile, image),
+        }
+    }
+
+    /// The jitter experiment and the QueueNotify cost, then the report and results.json.
+    fn jitter_notify_and_report(
+        &self,
+        image: &Path,
+        qemu: &Path,
+        results: &BTreeMap<(usize, usize), Sample>,
+        all: &BTreeMap<(usize, usize), Vec<Sample>>,
+    ) -> anyhow::Result<()> {
         let strace = which("strace").context(
             "strace is missing: install it (apt-get install strace); it counts the vCPU \
              threads' futex calls",
         )?;
         let jitter = crate::bench_jitter::Jitter {
             bulkhead: &self.bulkhead,
-            qemu: &qemu,
+            qemu,
             strace,
             kernel: &self.kernel,
-            image: &image,
+            image,
             // Long enough that the window (60%) has room around it, even in a debug build.
             secs: self.secs.max(3),
         };
@@ -199,11 +238,11 @@ impl IoBench {
                 }
             }
         }
-        let notify = crate::bench_notify::measure(self, &image)?;
-        let mut report = report(&results, self);
+        let notify = crate::bench_notify::measure(self, image)?;
+        let mut report = report(results, all, self);
         report.push_str(&crate::bench_notify::report(&notify));
         report.push_str(&crate::bench_jitter::report(&runs));
-        report.push_str(&self.plots(&results, &runs)?);
+        report.push_str(&self.plots(results, &runs)?);
         print!("{report}");
         let md = self.out.join("report.md");
         std::fs::write(&md, &report).with_context(|| format!("write {}", md.display()))?;
@@ -214,6 +253,7 @@ impl IoBench {
                     "profile": PROFILES[p],
                     "system": SYSTEMS[s],
                     "result": sample,
+                    "runs": all.get(&(p, s)),
                 })
             })
             .collect();
@@ -704,11 +744,39 @@ impl IoBench {
     }
 }
 
-fn report(results: &BTreeMap<(usize, usize), Sample>, b: &IoBench) -> String {
+/// The run with the median IOPS (its latencies and CPU come with it, from one run).
+fn median_run(samples: &[Sample]) -> Sample {
+    let mut sorted: Vec<&Sample> = samples.iter().collect();
+    sorted.sort_by(|a, b| a.iops.total_cmp(&b.iops));
+    sorted
+        .get(sorted.len() / 2)
+        .map_or_else(Sample::default, |s| (*s).clone())
+}
+
+/// `median [min-max]` of the runs' IOPS; the median alone for one run.
+fn iops_cell(median: f64, samples: &[Sample]) -> String {
+    if samples.len() < 2 {
+        return format!("{median:.0}");
+    }
+    let lo = samples.iter().map(|s| s.iops).fold(f64::INFINITY, f64::min);
+    let hi = samples
+        .iter()
+        .map(|s| s.iops)
+        .fold(f64::NEG_INFINITY, f64::max);
+    format!("{median:.0} [{lo:.0}-{hi:.0}]")
+}
+
+fn report(
+    results: &BTreeMap<(usize, usize), Sample>,
+    all: &BTreeMap<(usize, usize), Vec<Sample>>,
+    b: &IoBench,
+) -> String {
     let fio = SYSTEMS.len() - 1;
     let mut md = format!(
         "# bulkhead bench\n\n\
-         Test guest `blk-bench` plan, {} s per run, on a {} MiB raw image opened with \
+         Test guest `blk-bench` plan, {} s per run, {} run(s) of each profile on each system \
+         (rounds one after another; the median run by IOPS is shown, with the IOPS range in \
+         brackets), on a {} MiB raw image opened with \
          O_DIRECT on the host (bulkhead: `--disk ...,direct=on`; fio: `--direct=1 \
          --ioengine=io_uring`). Throughput profiles poll for completions, the QD1 latency \
          profile takes interrupts. Each system runs with its vCPU thread on core 0 and \
@@ -718,6 +786,7 @@ fn report(results: &BTreeMap<(usize, usize), Sample>, b: &IoBench) -> String {
          the run, in percent of one core (fio: its own usr + sys), and per request. \
          Guest RAM: {}.\n\n",
         b.secs,
+        b.repeats.max(1),
         b.image_mib,
         if b.huge_pages {
             "2 MiB huge pages for bulkhead and for QEMU with bulkhead-worker (`--hugepages`, \
@@ -742,8 +811,8 @@ fn report(results: &BTreeMap<(usize, usize), Sample>, b: &IoBench) -> String {
         for (s, system) in SYSTEMS.iter().enumerate() {
             if let Some(r) = results.get(&(p, s)) {
                 md.push_str(&format!(
-                    "| {system} | {:.0} | {:.1} | {:.0} | {:.0} | {:.2} | {:.2} | {:.0} | {:.1} |\n",
-                    r.iops,
+                    "| {system} | {} | {:.1} | {:.0} | {:.0} | {:.2} | {:.2} | {:.0} | {:.1} |\n",
+                    iops_cell(r.iops, all.get(&(p, s)).map_or(&[], Vec::as_slice)),
                     r.mibps,
                     r.p50_us,
                     r.p99_us,
@@ -762,6 +831,26 @@ fn report(results: &BTreeMap<(usize, usize), Sample>, b: &IoBench) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_median_run_and_the_iops_range() {
+        let runs: Vec<Sample> = [300.0, 100.0, 200.0]
+            .iter()
+            .map(|&iops| Sample {
+                iops,
+                p50_us: iops / 10.0,
+                ..Sample::default()
+            })
+            .collect();
+        let m = median_run(&runs);
+        assert_eq!(
+            (m.iops, m.p50_us),
+            (200.0, 20.0),
+            "one run's figures together"
+        );
+        assert_eq!(iops_cell(m.iops, &runs), "200 [100-300]");
+        assert_eq!(iops_cell(m.iops, &runs[..1]), "200");
+    }
 
     #[test]
     fn cpu_ticks_come_from_utime_and_stime_after_the_command_name() {
