@@ -274,33 +274,38 @@ impl IoBench {
     fn bulkhead(&self, profile: &Profile, image: &Path, engine: &str) -> anyhow::Result<Sample> {
         wait_unlocked(image)?;
         let mut cmd = on_io_core();
-        cmd.arg(&self.bulkhead)
-            .arg("run")
-            .arg("--kernel")
-            .arg(&self.kernel)
-            .args(["--mem", "64", "--timeout"])
-            .arg((self.secs + 60).to_string())
-            .arg("--cmdline")
-            .arg(format!(
-                "testguest.plan=blk-bench rw={} bs={} qd={} completion={} secs={}",
-                profile.rw, profile.bs, profile.qd, profile.mode, self.secs
-            ))
-            .arg("--disk")
-            .arg(format!(
+        cmd.arg(&self.bulkhead);
+        self.bulkhead_run(
+            &mut cmd,
+            &plan(profile, self.secs),
+            &format!(
                 "path={},direct=on,engine={engine},spare=off",
                 image.display()
-            ));
+            ),
+            self.secs + 60,
+        );
         if self.huge_pages {
             cmd.arg("--hugepages");
-        }
-        if let Some(w) = &self.worker_bin {
-            cmd.arg("--worker-bin").arg(w);
         }
         let (out, cpu) = output_pinned(cmd, "vcpu0", self.secs, &[]).context("run bulkhead")?;
         Ok(Sample {
             io_cpu_pct: cpu,
             ..guest_sample(&out)?
         })
+    }
+
+    /// Appends the arguments of `bulkhead run` for the test guest with `plan` and one
+    /// `--disk` to `cmd` (bulkhead, or a wrapper whose next argument is bulkhead).
+    pub(crate) fn bulkhead_run(&self, cmd: &mut Command, plan: &str, disk: &str, timeout: u32) {
+        cmd.arg("run")
+            .arg("--kernel")
+            .arg(&self.kernel)
+            .args(["--mem", "64", "--timeout"])
+            .arg(timeout.to_string())
+            .args(["--cmdline", plan, "--disk", disk]);
+        if let Some(w) = &self.worker_bin {
+            cmd.arg("--worker-bin").arg(w);
+        }
     }
 
     /// One profile under QEMU microvm with KVM, the same guest and image.
@@ -316,32 +321,12 @@ impl IoBench {
         let mut worker = None;
         let mut worker_pid = None;
         let mut cmd = on_io_core();
-        cmd.arg("timeout")
-            .arg((self.secs + 60).to_string())
-            .arg(qemu)
-            .args(["-M", "microvm,acpi=off", "-accel", "kvm"])
-            // Names the vCPU thread "CPU 0/KVM", for pinning.
-            .args(["-name", "bench,debug-threads=on"])
-            .args(["-cpu", "host,-arch-capabilities", "-m", "64", "-smp", "1"])
-            .args(["-display", "none", "-monitor", "none", "-serial", "stdio"])
-            .args(["-no-reboot", "-global", "virtio-mmio.force-legacy=false"])
-            .args(["-device", "isa-debug-exit,iobase=0xf4,iosize=4"])
-            .arg("-kernel")
-            .arg(&self.kernel)
-            .arg("-append")
-            .arg(plan(profile, self.secs));
-        let drive = format!(
-            "id=d0,if=none,file={},format=raw,cache=none,aio=io_uring",
-            image.display()
-        );
+        cmd.arg("timeout").arg((self.secs + 60).to_string());
+        let append = plan(profile, self.secs);
+        qemu_microvm(&mut cmd, qemu, "microvm,acpi=off", 1, &self.kernel, &append);
         match how {
-            Qemu::Plain => {
-                cmd.args(["-drive", &drive, "-device", "virtio-blk-device,drive=d0"]);
-            }
-            Qemu::IoThread => {
-                cmd.args(["-object", "iothread,id=io0", "-drive", &drive])
-                    .args(["-device", "virtio-blk-device,drive=d0,iothread=io0"]);
-            }
+            Qemu::Plain => qemu_virtio_blk(&mut cmd, image, false),
+            Qemu::IoThread => qemu_virtio_blk(&mut cmd, image, true),
             Qemu::OurWorker => {
                 std::fs::create_dir_all(&dir)
                     .with_context(|| format!("create {}", dir.display()))?;
@@ -473,11 +458,50 @@ fn wait_for_socket(socket: &Path) -> anyhow::Result<()> {
 }
 
 /// The guest command line of a profile.
+/// Appends a QEMU microvm with KVM running the test guest to `cmd`: `machine` options,
+/// `cpus` vCPUs (named "CPU n/KVM", for pinning), 64 MiB, the serial port on stdio and
+/// isa-debug-exit for the guest's exit status.
+pub(crate) fn qemu_microvm(
+    cmd: &mut Command,
+    qemu: &Path,
+    machine: &str,
+    cpus: u32,
+    kernel: &Path,
+    append: &str,
+) {
+    cmd.arg(qemu)
+        .args(["-M", machine, "-accel", "kvm"])
+        .args(["-name", "bench,debug-threads=on"])
+        .args(["-cpu", "host,-arch-capabilities", "-m", "64", "-smp"])
+        .arg(cpus.to_string())
+        .args(["-display", "none", "-monitor", "none", "-serial", "stdio"])
+        .args(["-no-reboot", "-global", "virtio-mmio.force-legacy=false"])
+        .args(["-device", "isa-debug-exit,iobase=0xf4,iosize=4"])
+        .arg("-kernel")
+        .arg(kernel)
+        .args(["-append", append]);
+}
+
+/// Appends QEMU's own virtio-blk-device on `image` (O_DIRECT, io_uring), in an IOThread
+/// or not.
+pub(crate) fn qemu_virtio_blk(cmd: &mut Command, image: &Path, iothread: bool) {
+    let drive = format!(
+        "id=d0,if=none,file={},format=raw,cache=none,aio=io_uring",
+        image.display()
+    );
+    if iothread {
+        cmd.args(["-object", "iothread,id=io0", "-drive", &drive])
+            .args(["-device", "virtio-blk-device,drive=d0,iothread=io0"]);
+    } else {
+        cmd.args(["-drive", &drive, "-device", "virtio-blk-device,drive=d0"]);
+    }
+}
+
 /// A command started on core 1 (by taskset, so its threads inherit it). Every system runs
 /// this way, the same layout as the jitter experiment's (DESIGN.md): core 0 for the
 /// guest's vCPU thread (moved there by [`output_pinned`]), core 1 for everything serving
 /// its I/O; fio, the host's limit, runs on core 1 alone.
-fn on_io_core() -> Command {
+pub(crate) fn on_io_core() -> Command {
     let mut cmd = Command::new("taskset");
     cmd.args(["-c", "1"]);
     cmd
@@ -600,12 +624,7 @@ fn guest_sample(out: &std::process::Output) -> anyhow::Result<Sample> {
                     String::from_utf8_lossy(&out.stderr)
                 )
             })?;
-        let field = |k: &str| -> anyhow::Result<f64> {
-            line.split_whitespace()
-                .find_map(|w| w.strip_prefix(&format!("{k}=")))
-                .and_then(|v| v.parse().ok())
-                .with_context(|| format!("no {k}= in {line:?}"))
-        };
+        let field = |k: &str| tg_field(line, k).with_context(|| format!("no {k}= in {line:?}"));
         Ok(Sample {
             iops: field("iops")?,
             mibps: field("mibps")?,
@@ -613,11 +632,18 @@ fn guest_sample(out: &std::process::Output) -> anyhow::Result<Sample> {
             p99_us: field("p99_us")?,
             cdf: CDF_POINTS
                 .iter()
-                .filter_map(|&(p, key, _)| field(key).ok().map(|v| (p, v)))
+                .filter_map(|&(p, key, _)| tg_field(line, key).map(|v| (p, v)))
                 .collect(),
             io_cpu_pct: f64::NAN,
         })
     }
+}
+
+/// The number after `key=` in a test guest's `TG ...` result line.
+pub(crate) fn tg_field(line: &str, key: &str) -> Option<f64> {
+    line.split_whitespace()
+        .find_map(|w| w.strip_prefix(key)?.strip_prefix('='))
+        .and_then(|v| v.parse().ok())
 }
 
 /// Waits until no writer's lock is left on `image` (a QEMU + bulkhead-worker run's worker
@@ -831,6 +857,15 @@ fn report(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn fields_of_a_guest_result_line() {
+        let line = "TG bench dev=0 iops=2530 mibps=316.27 p99_us=8233";
+        assert_eq!(tg_field(line, "iops"), Some(2530.0));
+        assert_eq!(tg_field(line, "mibps"), Some(316.27));
+        assert_eq!(tg_field(line, "p99"), None, "a key is matched whole");
+        assert_eq!(tg_field(line, "max_us"), None);
+    }
 
     #[test]
     fn the_median_run_and_the_iops_range() {

@@ -211,8 +211,7 @@ impl Jitter<'_> {
             self.secs
         );
         // Everything starts on core 1; the vCPU threads move to core 0 once they exist.
-        let mut cmd = Command::new("taskset");
-        cmd.args(["-c", "1"]);
+        let mut cmd = crate::bench_io::on_io_core();
         match system {
             System::Bulkhead => {
                 cmd.arg(self.bulkhead)
@@ -224,30 +223,23 @@ impl Jitter<'_> {
                     .arg(format!("path={},direct=on,spare=off", self.image.display()));
             }
             System::Qemu | System::QemuIoThread => {
-                let drive = format!(
-                    "id=d0,if=none,file={},format=raw,cache=none,aio=io_uring",
-                    self.image.display()
+                // ACPI on for the MADT (two CPUs); with ioapic2 off the top slot sits at
+                // 0xfeb00e00 on GSI 23, which QEMU then does not append.
+                let append = format!("{plan} virtio_mmio.device=512@0xfeb00e00:23");
+                let machine = "microvm,acpi=on,ioapic2=off";
+                crate::bench_io::qemu_microvm(
+                    &mut cmd,
+                    self.qemu,
+                    machine,
+                    2,
+                    self.kernel,
+                    &append,
                 );
-                cmd.arg(self.qemu)
-                    // ACPI on for the MADT (two CPUs); with ioapic2 off the top slot sits
-                    // at 0xfeb00e00 on GSI 23, which QEMU then does not append.
-                    .args(["-M", "microvm,acpi=on,ioapic2=off", "-accel", "kvm"])
-                    // Names the vCPU threads "CPU n/KVM".
-                    .args(["-name", "bench,debug-threads=on"])
-                    .args(["-cpu", "host,-arch-capabilities", "-m", "64", "-smp", "2"])
-                    .args(["-display", "none", "-monitor", "none", "-serial", "stdio"])
-                    .args(["-no-reboot", "-global", "virtio-mmio.force-legacy=false"])
-                    .args(["-device", "isa-debug-exit,iobase=0xf4,iosize=4"])
-                    .arg("-kernel")
-                    .arg(self.kernel)
-                    .arg("-append")
-                    .arg(format!("{plan} virtio_mmio.device=512@0xfeb00e00:23"));
-                if system == System::QemuIoThread {
-                    cmd.args(["-object", "iothread,id=io0", "-drive", &drive])
-                        .args(["-device", "virtio-blk-device,drive=d0,iothread=io0"]);
-                } else {
-                    cmd.args(["-drive", &drive, "-device", "virtio-blk-device,drive=d0"]);
-                }
+                crate::bench_io::qemu_virtio_blk(
+                    &mut cmd,
+                    self.image,
+                    system == System::QemuIoThread,
+                );
             }
         }
         cmd.stdin(Stdio::null()).stdout(Stdio::piped());

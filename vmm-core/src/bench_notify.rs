@@ -40,26 +40,18 @@ pub fn measure(b: &IoBench, image: &Path) -> anyhow::Result<Vec<Vec<f64>>> {
 fn run(b: &IoBench, image: &Path, options: &str, writes: u64) -> anyhow::Result<f64> {
     wait_unlocked(image)?;
     let mut cmd = Command::new(&b.bulkhead);
-    cmd.arg("run")
-        .arg("--kernel")
-        .arg(&b.kernel)
-        .args(["--mem", "64", "--timeout", "120", "--cmdline"])
-        .arg(format!("testguest.plan=notify-cost writes={writes}"))
-        .arg("--disk")
-        .arg(format!("path={},spare=off,{options}", image.display()));
-    if let Some(w) = &b.worker_bin {
-        cmd.arg("--worker-bin").arg(w);
-    }
+    b.bulkhead_run(
+        &mut cmd,
+        &format!("testguest.plan=notify-cost writes={writes}"),
+        &format!("path={},spare=off,{options}", image.display()),
+        120,
+    );
     let out = cmd.output().context("run bulkhead")?;
     let stdout = String::from_utf8_lossy(&out.stdout);
     stdout
         .lines()
         .find(|l| l.starts_with("TG notify-cost "))
-        .and_then(|l| {
-            l.split_whitespace()
-                .find_map(|w| w.strip_prefix("ns_per_write="))
-        })
-        .and_then(|v| v.parse().ok())
+        .and_then(|l| crate::bench_io::tg_field(l, "ns_per_write"))
         .with_context(|| {
             format!(
                 "no notify-cost result from the guest (exit {:?}):\n{stdout}\n{}",
