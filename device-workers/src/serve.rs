@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex};
 use nix::sys::epoll::{Epoll, EpollEvent, EpollFlags, EpollTimeout};
 use vhost::vhost_user::{BackendReqHandler, Error as VhostError};
 
-use crate::vhost::{VhostBackend, VhostDevice};
+use crate::vhost::{KickChanges, VhostBackend, VhostDevice};
 use ipc::status::StatusMapping;
 
 /// Token of the vhost-user socket; ring `i` uses token `i`.
@@ -133,19 +133,22 @@ impl EventLoop {
             .map_err(ServeError::Epoll)
     }
 
-    /// Re-registers every watched kick fd. Always all of them: a replaced eventfd may
-    /// reuse the number of the one it replaced, which epoll dropped when it was closed.
-    fn sync_kicks(&mut self, wanted: Vec<(usize, RawFd)>) -> Result<(), ServeError> {
+    /// Re-registers every watched kick fd. Always all of them: a new eventfd may get the
+    /// number of the one it replaced. Every watched fd is still open here (the backend
+    /// keeps a replaced or dropped kick in `retired` until now), so each delete removes
+    /// exactly its registration; only then do the retired ones close.
+    fn sync_kicks(&mut self, changes: KickChanges) -> Result<(), ServeError> {
         for &(_, fd) in &self.watched {
-            // SAFETY: only removes `fd` from the set; if the backend closed it already
-            // (or the number now belongs to a descriptor not in the set) the call fails
-            // with EBADF/ENOENT, which is ignored.
+            // SAFETY: only removes `fd` from the set. It is open: a ring still holds it,
+            // or `changes.retired` does. A kick that never got registered fails with
+            // ENOENT, which is ignored.
             let _ = self.epoll.delete(unsafe { BorrowedFd::borrow_raw(fd) });
         }
-        for &(index, fd) in &wanted {
+        drop(changes.retired);
+        for &(index, fd) in &changes.watch {
             self.add(fd, index as u64)?;
         }
-        self.watched = wanted;
+        self.watched = changes.watch;
         Ok(())
     }
 
@@ -201,14 +204,14 @@ impl EventLoop {
                 }
             }
             let mut b = lock();
-            if let Some(wanted) = b.take_kick_fds() {
+            if let Some(changes) = b.take_kick_changes() {
                 // A ring just became live: serve anything already queued in it (and what a
                 // predecessor left in flight).
                 b.process_all();
                 status.set_recovery(b.rings_started(), b.resubmitted());
                 report(&b, status);
                 drop(b);
-                self.sync_kicks(wanted)?;
+                self.sync_kicks(changes)?;
             }
         }
     }

@@ -152,6 +152,16 @@ impl Vring {
     }
 }
 
+/// A change of the kick eventfds the event loop watches.
+#[derive(Debug)]
+pub struct KickChanges {
+    /// Every kick to watch now: `(queue index, fd)`.
+    pub watch: Vec<(usize, RawFd)>,
+    /// Kicks no ring uses any more: still open, so the loop can take them out of its set
+    /// before it drops them.
+    pub retired: Vec<EventFd>,
+}
+
 /// Totals since the worker started, for the status page.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct Totals {
@@ -170,6 +180,12 @@ pub struct VhostBackend<D> {
     vrings: Vec<Vring>,
     /// Rings whose kick registration or state changed since the event loop last looked.
     dirty: bool,
+    /// Kick eventfds the frontend replaced or a stop dropped, kept open until the event
+    /// loop has taken them out of its epoll set: closing our descriptor does not end the
+    /// registration while the frontend still holds the same eventfd, and a later
+    /// SET_VRING_KICK of that eventfd on the same descriptor number would then fail to
+    /// register (EEXIST).
+    retired_kicks: Vec<EventFd>,
     totals: Totals,
     /// Inflight tracking: created before the sandbox, or adopted from the frontend.
     inflight: Option<InflightRegion>,
@@ -200,6 +216,7 @@ impl<D: VhostDevice> VhostBackend<D> {
             mappings: Vec::new(),
             vrings,
             dirty: true,
+            retired_kicks: Vec::new(),
             totals: Totals::default(),
             inflight: None,
             resubmitted: 0,
@@ -247,20 +264,23 @@ impl<D: VhostDevice> VhostBackend<D> {
         self.totals
     }
 
-    /// Kick fds of rings that should be watched: `(queue index, fd)`. Clears the dirty flag.
-    pub fn take_kick_fds(&mut self) -> Option<Vec<(usize, RawFd)>> {
+    /// What the event loop must change in its epoll set, if anything changed since it last
+    /// looked. Clears the dirty flag.
+    pub fn take_kick_changes(&mut self) -> Option<KickChanges> {
         if !self.dirty {
             return None;
         }
         self.dirty = false;
-        Some(
-            self.vrings
+        Some(KickChanges {
+            watch: self
+                .vrings
                 .iter()
                 .enumerate()
                 .filter(|(_, v)| v.live())
                 .filter_map(|(i, v)| v.kick.as_ref().map(|k| (i, k.as_raw_fd())))
                 .collect(),
-        )
+            retired: std::mem::take(&mut self.retired_kicks),
+        })
     }
 
     /// Handles a kick on ring `index`: clears the eventfd, drains the ring, signals.
@@ -483,7 +503,8 @@ impl<D: VhostDevice> VhostBackend<D> {
         self.drain();
         self.acked_features = 0;
         for v in &mut self.vrings {
-            *v = Vring::new();
+            let old = std::mem::replace(v, Vring::new());
+            self.retired_kicks.extend(old.kick);
         }
         self.dirty = true;
     }
@@ -653,10 +674,11 @@ impl<D: VhostDevice> VhostUserBackendReqHandlerMut for VhostBackend<D> {
         // GET_VRING_BASE stops the ring (vhost-user "Ring states").
         vring.started = false;
         vring.recover = false;
-        vring.kick = None;
+        let kick = vring.kick.take();
         vring.call = None;
         let next_avail = vring.queue.next_avail();
         let size = vring.queue.size();
+        self.retired_kicks.extend(kick);
         self.dirty = true;
         // Drained above (and synchronous requests complete between messages), so nothing
         // is in flight now: a stopped ring starts afresh.
@@ -686,7 +708,7 @@ impl<D: VhostDevice> VhostUserBackendReqHandlerMut for VhostBackend<D> {
         let vring = self.vring(u32::from(index))?;
         // SAFETY: `fd` is an owned File the message carried; EventFd takes over its
         // ownership and nothing else refers to it.
-        vring.kick = Some(unsafe {
+        let old = vring.kick.replace(unsafe {
             <EventFd as std::os::fd::FromRawFd>::from_raw_fd(std::os::fd::IntoRawFd::into_raw_fd(
                 fd,
             ))
@@ -695,6 +717,7 @@ impl<D: VhostDevice> VhostUserBackendReqHandlerMut for VhostBackend<D> {
             vring.recover = true;
         }
         vring.started = true;
+        self.retired_kicks.extend(old);
         self.dirty = true;
         Ok(())
     }

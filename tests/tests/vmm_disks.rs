@@ -261,6 +261,50 @@ fn blk_verify_one_disk(name: &str, options: &str, extra: &[&str]) -> RunResult {
     r
 }
 
+/// A driver that resets and re-initialises its device (Linux on unbind/bind, kexec, a
+/// reboot that keeps the VM) gets the same worker back each time: bulkhead re-sends the
+/// same kick eventfd after every reset, and the worker must register it again rather
+/// than die on its stale epoll entry. Both engines, one and two queues.
+#[test]
+fn twenty_device_resets_cost_no_worker() {
+    const ROUNDS: u32 = 20;
+    for (engine, queues) in [("io_uring", 1), ("sync", 2)] {
+        let dir = scratch_dir(&format!("vmm-reinit-{engine}"));
+        let d0 = disk(&dir, "d0.img");
+        let plan = format!(
+            "testguest.plan=blk-reinit rounds={ROUNDS} qd=4 completion=irq seed={SEED} blocks=8"
+        );
+        let spec = format!(
+            "path={},engine={engine},num_queues={queues}",
+            d0.display()
+        );
+        let r = run_specs(&plan, &[spec], &[]);
+        let t = r.transcript();
+        let lines = tg_lines(&r.stdout);
+        assert!(
+            lines
+                .iter()
+                .any(|l| l == &format!("TG reinit dev=0 rounds={ROUNDS} verified={}", ROUNDS * 8)),
+            "{engine}: {t}"
+        );
+        assert_eq!(lines.last().map(String::as_str), Some("TG done"), "{t}");
+        assert_eq!(r.code, Some(0), "{t}");
+        // The only end of a worker is its expected one, and nothing was restarted.
+        let ends: Vec<&str> = r
+            .stderr
+            .lines()
+            .filter(|l| l.contains("worker blk0 (pid"))
+            .collect();
+        assert!(
+            ends.len() == 1 && ends[0].ends_with("ended with the VM"),
+            "{engine}: a device reset must not cost the worker: {t}"
+        );
+        for sign in ["restarted", "ERROR", "WARN"] {
+            assert!(!r.stderr.contains(sign), "{engine} ({sign:?}): {t}");
+        }
+    }
+}
+
 /// Each bad chain the guest can build gets the status the virtio spec asks for, and the
 /// worker keeps serving (the plan reads after every case, and ends with TG done).
 #[test]

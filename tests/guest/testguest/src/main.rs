@@ -24,6 +24,7 @@ mod mem;
 mod notify_cost;
 mod phys;
 mod plans;
+mod reinit;
 mod recover;
 mod serial;
 mod smp;

@@ -56,6 +56,10 @@ pub const PLANS: &[Plan] = &[
         run: crate::recover::run,
     },
     Plan {
+        name: "blk-reinit",
+        run: crate::reinit::run,
+    },
+    Plan {
         name: "blk-bench",
         run: crate::bench::run,
     },
