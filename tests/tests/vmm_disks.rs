@@ -516,6 +516,33 @@ fn worker_sending_a_malformed_vhost_user_reply() {
     misbehaving_second_worker("bad-vhost-config", "GET_CONFIG failed");
 }
 
+/// Where the vDSO cannot read the host's clocksource (an L1 guest under QEMU TCG, hpet or
+/// acpi_pm hosts), glibc falls back to the clock_gettime system call, and the worker makes
+/// one for every log line. A worker making that call (test hook `clock-syscall`, right
+/// after its sandbox is complete) serves disk 1 like any other: no violation, no restart.
+#[test]
+fn clock_reads_without_a_vdso_are_allowed() {
+    let plan =
+        format!("testguest.plan=blk-verify qd=8 completion=irq seed={SEED} blocks={BLOCKS}");
+    let (r, d0) = run_with_faulty_blk1("clock-syscall", &plan, "vmm-clock-syscall");
+    let t = r.transcript();
+    assert_eq!(
+        tg_lines(&r.stdout).last().map(String::as_str),
+        Some("TG done"),
+        "{t}"
+    );
+    assert_eq!(r.code, Some(0), "{t}");
+    assert!(!r.stderr.contains("violated policy"), "{t}");
+    assert!(
+        r.stderr.contains("stats violations total=0"),
+        "no violation may be recorded: {t}"
+    );
+    assert!(!r.stderr.contains("restarted"), "{t}");
+    if let Err(e) = check_blk_verify_image(&d0, &r.stdout, 0, SEED, BLOCKS) {
+        panic!("disk 0 on the host: {e}: {t}");
+    }
+}
+
 /// A worker killed by its seccomp filter: the VMM names the syscall from the status page,
 /// and the other disk and the VM carry on.
 #[test]
