@@ -30,8 +30,21 @@ pub fn pivot_to_empty_root() -> Result<(), SandboxError> {
     nix::unistd::chdir(STAGING_DIR).map_err(step("chdir to the new root"))?;
     // pivot_root(".", "."): the old root ends up stacked on the new one, then detached,
     // which needs no directory for it inside the (empty) new root.
-    nix::unistd::pivot_root(".", ".").map_err(step("pivot_root"))?;
-    umount2(".", MntFlags::MNT_DETACH).map_err(step("detach the old root"))?;
+    match nix::unistd::pivot_root(".", ".") {
+        Ok(()) => umount2(".", MntFlags::MNT_DETACH).map_err(step("detach the old root"))?,
+        // The host's root is the initramfs (rootfs), which can never be pivoted away
+        // from, or was entered with chroot: move the new root over it and chroot there,
+        // as switch_root does. The old root stays mounted beneath, out of reach: the
+        // worker drops CAP_SYS_CHROOT and every other capability next, holds no
+        // descriptor of the old tree (its cwd is the new root; the rest are closed
+        // before the filter), and the filter traps chroot, mount and every open.
+        Err(nix::Error::EINVAL) => {
+            mount(Some("."), "/", None::<&str>, MsFlags::MS_MOVE, None::<&str>)
+                .map_err(step("move the new root over the initramfs"))?;
+            nix::unistd::chroot(".").map_err(step("chroot into the new root"))?;
+        }
+        Err(e) => return Err(step("pivot_root")(e)),
+    }
     nix::unistd::chdir("/").map_err(step("chdir to /"))?;
     mount(
         None::<&str>,
