@@ -332,7 +332,7 @@ fn iasl_accepts_our_tables() {
         dsdt.count("Name (_HID, \"LNRO0005\") // _HID: Hardware ID"),
         2
     );
-    // One Device block per slot, in slot order.
+    // COM1, then one Device block per slot, in slot order.
     let devices: Vec<String> = dsdt
         .lines()
         .join("\n")
@@ -340,8 +340,22 @@ fn iasl_accepts_our_tables() {
         .skip(1)
         .map(str::to_string)
         .collect();
-    assert_eq!(devices.len(), SLOTS.len(), "{}", dsdt.dsl);
-    for (i, (device, slot)) in devices.iter().zip(SLOTS).enumerate() {
+    assert_eq!(devices.len(), 1 + SLOTS.len(), "{}", dsdt.dsl);
+    let com1 = &devices[0];
+    for want in [
+        "COM1)",
+        "Name (_HID, EisaId (\"PNP0501\") /* 16550A-compatible COM Serial Port */) // _HID: Hardware ID",
+        "Name (_UID, Zero) // _UID: Unique ID",
+        "IO (Decode16,",
+        "0x03F8, // Range Minimum",
+        "0x03F8, // Range Maximum",
+        "0x08, // Length",
+        "Interrupt (ResourceConsumer, Edge, ActiveHigh, Exclusive, ,, )",
+        "0x00000004,",
+    ] {
+        assert!(com1.lines().any(|l| l == want), "COM1 lacks `{want}`:\n{com1}");
+    }
+    for (i, (device, slot)) in devices[1..].iter().zip(SLOTS).enumerate() {
         let uid = ["Zero", "One"][i];
         for want in [
             "Name (_HID, \"LNRO0005\") // _HID: Hardware ID".to_string(),

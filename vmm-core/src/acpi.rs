@@ -360,9 +360,10 @@ fn write<M: GuestMemory>(
         })
 }
 
-/// DSDT: `\_SB` with one `LNRO0005` device per virtio-mmio slot.
+/// DSDT: `\_SB` with COM1 and one `LNRO0005` device per virtio-mmio slot.
 fn dsdt(slots: &[VirtioMmioSlot]) -> Vec<u8> {
     let mut devices = Vec::new();
+    com1(&mut devices);
     for (index, slot) in slots.iter().enumerate() {
         // validate() put base and base + size below 4 GiB.
         let mmio = aml::Memory32Fixed::new(true, slot.base as u32, slot.size as u32);
@@ -396,6 +397,27 @@ fn dsdt(slots: &[VirtioMmioSlot]) -> Vec<u8> {
     );
     dsdt.append_slice(&body);
     dsdt.as_slice().to_vec()
+}
+
+/// COM1 as a PNP0501 device with its ports and interrupt. A hardware-reduced FADT tells
+/// Linux there is no legacy ISA platform, so it routes no ISA interrupt unless a device
+/// asks for one: without this, the 8250 driver never gets its transmit interrupt and
+/// everything but printk (which polls the port) is lost, a shell prompt included.
+fn com1(sink: &mut Vec<u8>) {
+    let ports = aml::IO::new(
+        layout::SERIAL_PORT_BASE,
+        layout::SERIAL_PORT_BASE,
+        1,
+        layout::SERIAL_PORT_COUNT,
+    );
+    // Edge, active high, exclusive: the serial model raises an irqfd without a resample
+    // fd, which KVM delivers as an edge.
+    let irq = aml::Interrupt::new(true, true, false, false, layout::SERIAL_GSI);
+    let crs = aml::ResourceTemplate::new(vec![&ports, &irq]);
+    let hid = aml::Name::new("_HID".into(), &aml::EISAName::new("PNP0501"));
+    let uid = aml::Name::new("_UID".into(), &aml::ZERO);
+    let crs = aml::Name::new("_CRS".into(), &crs);
+    aml::Device::new("COM1".into(), vec![&hid, &uid, &crs]).to_aml_bytes(sink);
 }
 
 /// FADT: hardware-reduced ACPI, so Linux expects no PM timer, SCI, GPE or PM1 blocks.

@@ -70,6 +70,8 @@ pub const ACPI_SLEEP_STATUS_PORT: u16 = 0x3c1;
 pub const ACPI_S5_SLEEP_TYPE: u8 = 5;
 /// COM1.
 pub const SERIAL_PORT_BASE: u16 = 0x3f8;
+/// The 16550's eight registers.
+pub const SERIAL_PORT_COUNT: u8 = 8;
 
 /// Address of virtio-mmio slot `index`.
 pub const fn virtio_mmio_slot_addr(index: u32) -> u64 {

@@ -7,7 +7,7 @@ pub mod virtio_mmio;
 
 use crate::layout::{
     ACPI_S5_SLEEP_TYPE, ACPI_SLEEP_CONTROL_PORT, ACPI_SLEEP_STATUS_PORT, DEBUG_EXIT_PORT,
-    SERIAL_PORT_BASE,
+    SERIAL_PORT_BASE, SERIAL_PORT_COUNT,
 };
 
 /// i8042 command/status port.
@@ -49,7 +49,7 @@ impl LegacyPio {
     /// Handles a guest `out`.
     pub fn write(&self, port: u16, data: &[u8]) -> PioAction {
         match port {
-            p if (SERIAL_PORT_BASE..SERIAL_PORT_BASE + 8).contains(&p) => {
+            p if (SERIAL_PORT_BASE..SERIAL_PORT_BASE + u16::from(SERIAL_PORT_COUNT)).contains(&p) => {
                 if let Some(&byte) = data.first() {
                     self.serial.write((p - SERIAL_PORT_BASE) as u8, byte);
                 }
@@ -79,7 +79,7 @@ impl LegacyPio {
     /// Handles a guest `in`, filling `data`.
     pub fn read(&self, port: u16, data: &mut [u8]) {
         let value = match port {
-            p if (SERIAL_PORT_BASE..SERIAL_PORT_BASE + 8).contains(&p) => {
+            p if (SERIAL_PORT_BASE..SERIAL_PORT_BASE + u16::from(SERIAL_PORT_COUNT)).contains(&p) => {
                 self.serial.read((p - SERIAL_PORT_BASE) as u8)
             }
             // Never asleep, so never woken: WAK_STS stays clear.
