@@ -30,8 +30,10 @@ pub const CMDLINE_MAX_SIZE: usize = 2048;
 pub const EBDA_START: u64 = 0x9fc00;
 /// ACPI tables live in the legacy BIOS area, which the memory map marks reserved.
 pub const ACPI_START: u64 = 0xe0000;
-/// Size of the ACPI area.
-pub const ACPI_SIZE: u64 = 0x20000;
+/// Size of the ACPI area: up to the page of the reset vector.
+pub const ACPI_SIZE: u64 = 0x1f000;
+/// The reset vector, F000:FFF0, at the top of the legacy BIOS area.
+pub const RESET_VECTOR: u64 = 0xffff0;
 /// Where kernels are loaded ("high memory" for the boot protocols).
 pub const HIMEM_START: u64 = 0x10_0000;
 

@@ -137,6 +137,7 @@ pub fn load(mem: &GuestMemory, cfg: &BootConfig) -> Result<LoadedKernel, BootErr
         .map(|c| c.as_bytes().len())
         .map_err(BootError::Cmdline)?;
 
+    write_reset_stub(mem)?;
     let map = memory_map(mem);
     let entry = match (format, result.pvh_boot_cap) {
         (KernelFormat::Elf, PvhBootCapability::PvhEntryPresent(entry)) => {
@@ -156,6 +157,23 @@ pub fn load(mem: &GuestMemory, cfg: &BootConfig) -> Result<LoadedKernel, BootErr
         }
     };
     Ok(LoadedKernel { entry, initrd })
+}
+
+/// Real-mode code at the reset vector: pulse the i8042 reset line (`mov al, 0xfe;
+/// out 0x64, al`), then halt. It stands in for a BIOS's reset path: Linux on a
+/// hardware-reduced ACPI machine without EFI reboots by jumping there (its "BIOS" method,
+/// after the EFI one it prefers found no EFI), so a guest `reboot` ends the VM as an
+/// i8042 reset does, instead of running whatever the memory holds.
+const RESET_STUB: [u8; 7] = [0xb0, 0xfe, 0xe6, 0x64, 0xf4, 0xeb, 0xfd];
+
+fn write_reset_stub(mem: &GuestMemory) -> Result<(), BootError> {
+    let addr = crate::layout::RESET_VECTOR;
+    mem.write_slice(&RESET_STUB, GuestAddress(addr))
+        .map_err(|source| BootError::GuestWrite {
+            what: "the reset vector",
+            addr,
+            source,
+        })
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -292,6 +310,28 @@ mod tests {
         assert_eq!(map[1].kind, MemoryType::Reserved);
         assert!(map[1].start <= crate::layout::ACPI_START);
         assert_eq!(map[2].start + map[2].size, 64 << 20);
+    }
+
+    #[test]
+    fn the_reset_vector_pulses_the_i8042_reset_line() {
+        let ram = GuestRam::new(16, crate::memory::RamPages::Small).unwrap();
+        write_reset_stub(ram.memory()).unwrap();
+        let mut code = [0u8; 7];
+        ram.memory()
+            .read_slice(&mut code, GuestAddress(crate::layout::RESET_VECTOR))
+            .unwrap();
+        // mov al, I8042_CMD_RESET; out I8042_COMMAND_PORT, al; hlt; jmp to the hlt.
+        assert_eq!(code[..2], [0xb0, crate::devices::I8042_CMD_RESET]);
+        assert_eq!(code[2..4], [0xe6, crate::devices::I8042_COMMAND_PORT as u8]);
+        assert_eq!(code[4..], [0xf4, 0xeb, 0xfd]);
+        // It sits in the reserved legacy BIOS area, out of the ACPI tables' way.
+        let map = memory_map(ram.memory());
+        assert!(map.iter().any(|e| e.kind == MemoryType::Reserved
+            && e.start <= crate::layout::RESET_VECTOR
+            && crate::layout::RESET_VECTOR + 16 <= e.start + e.size));
+        assert!(
+            crate::layout::ACPI_START + crate::layout::ACPI_SIZE <= crate::layout::RESET_VECTOR
+        );
     }
 
     #[test]
