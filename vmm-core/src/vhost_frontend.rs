@@ -286,7 +286,8 @@ impl ControlThread {
                     }
                 }
                 Command::Reset => {
-                    self.device.set_live(false);
+                    // The transport cleared the used-ring bit when the driver wrote 0; by now
+                    // the driver may have set DRIVER_OK again, which set it anew.
                     self.wanted = None;
                     // The next activation starts from a fresh region.
                     self.inflight = None;
@@ -357,9 +358,11 @@ impl ControlThread {
         let Some((features, queues)) = self.wanted.clone() else {
             return Ok(());
         };
+        // Before the rings start: the backend may complete (and interrupt) at once, e.g. a
+        // fail-mode worker answering what a device that needed a reset had pending.
+        self.device.set_live(true);
         let up = self.with_backend(|this| this.activate(features, &queues))?;
         *active = up;
-        self.device.set_live(true);
         tracing::debug!("{}: rings {active:?} up", self.device.id);
         Ok(())
     }

@@ -125,7 +125,8 @@ pub struct VirtioMmioDevice {
     queue_max: u16,
     regs: Mutex<Regs>,
     interrupt_status: AtomicU32,
-    /// Rings are up in the backend: InterruptStatus reports the used-ring bit.
+    /// InterruptStatus reports the used-ring bit: from DRIVER_OK (or from the moment a
+    /// new backend's rings are brought up) until a reset, NEEDS_RESET or the VM's end.
     live: AtomicBool,
     /// Raises the device's GSI for config interrupts (an irqfd, like the worker's call).
     config_irq: EventFd,
@@ -165,7 +166,8 @@ impl VirtioMmioDevice {
         self.regs.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Called by the control thread when the rings are up (or down).
+    /// Whether InterruptStatus reports the used-ring bit; the control thread sets it before
+    /// it brings a backend's rings up, so no completion's interrupt finds it clear.
     pub fn set_live(&self, live: bool) {
         self.live.store(live, Ordering::Release);
     }
@@ -401,6 +403,13 @@ impl VirtioMmioDevice {
             && old & STATUS_DRIVER_OK == 0
             && new & STATUS_FEATURES_OK != 0;
         regs.status = new;
+        if activate && new & STATUS_NEEDS_RESET == 0 {
+            // From here the backend may complete a request at any moment: the control
+            // thread brings its rings up while the driver runs on. Report the used-ring
+            // bit now, or the first completion's interrupt could find InterruptStatus 0,
+            // and the driver, having seen nothing to do, would wait for it forever.
+            self.set_live(true);
+        }
         activate.then(|| Command::Activate {
             driver_features: regs.driver_features,
             queues: regs.queues.clone(),
@@ -534,6 +543,27 @@ mod tests {
         assert_eq!(r32(&d, 0x70) & STATUS_FEATURES_OK, 0);
         w32(&d, 0x70, STATUS_FEATURES_OK | STATUS_DRIVER_OK);
         assert!(rx.try_recv().is_err(), "no activation without FEATURES_OK");
+    }
+
+    /// The driver may submit as soon as it sets DRIVER_OK, and the backend may complete
+    /// before the control thread has finished bringing the rings up: the used-ring bit
+    /// must already be reported then (a reset clears it again).
+    #[test]
+    fn interrupt_status_reports_the_rings_from_driver_ok() {
+        let (d, rx) = device();
+        w32(&d, 0x24, 1);
+        w32(&d, 0x20, 1);
+        w32(&d, 0x70, STATUS_FEATURES_OK);
+        assert_eq!(r32(&d, 0x60), 0);
+        w32(&d, 0x70, STATUS_FEATURES_OK | STATUS_DRIVER_OK);
+        assert!(matches!(rx.try_recv(), Ok(Command::Activate { .. })));
+        assert_eq!(
+            r32(&d, 0x60),
+            INT_VRING,
+            "before any set_live by the control thread"
+        );
+        w32(&d, 0x70, 0);
+        assert_eq!(r32(&d, 0x60), 0);
     }
 
     #[test]
