@@ -274,10 +274,7 @@ fn twenty_device_resets_cost_no_worker() {
         let plan = format!(
             "testguest.plan=blk-reinit rounds={ROUNDS} qd=4 completion=irq seed={SEED} blocks=8"
         );
-        let spec = format!(
-            "path={},engine={engine},num_queues={queues}",
-            d0.display()
-        );
+        let spec = format!("path={},engine={engine},num_queues={queues}", d0.display());
         let r = run_specs(&plan, &[spec], &[]);
         let t = r.transcript();
         let lines = tg_lines(&r.stdout);
@@ -522,8 +519,7 @@ fn worker_sending_a_malformed_vhost_user_reply() {
 /// after its sandbox is complete) serves disk 1 like any other: no violation, no restart.
 #[test]
 fn clock_reads_without_a_vdso_are_allowed() {
-    let plan =
-        format!("testguest.plan=blk-verify qd=8 completion=irq seed={SEED} blocks={BLOCKS}");
+    let plan = format!("testguest.plan=blk-verify qd=8 completion=irq seed={SEED} blocks={BLOCKS}");
     let (r, d0) = run_with_faulty_blk1("clock-syscall", &plan, "vmm-clock-syscall");
     let t = r.transcript();
     assert_eq!(

@@ -49,7 +49,9 @@ impl LegacyPio {
     /// Handles a guest `out`.
     pub fn write(&self, port: u16, data: &[u8]) -> PioAction {
         match port {
-            p if (SERIAL_PORT_BASE..SERIAL_PORT_BASE + u16::from(SERIAL_PORT_COUNT)).contains(&p) => {
+            p if (SERIAL_PORT_BASE..SERIAL_PORT_BASE + u16::from(SERIAL_PORT_COUNT))
+                .contains(&p) =>
+            {
                 if let Some(&byte) = data.first() {
                     self.serial.write((p - SERIAL_PORT_BASE) as u8, byte);
                 }
@@ -79,7 +81,9 @@ impl LegacyPio {
     /// Handles a guest `in`, filling `data`.
     pub fn read(&self, port: u16, data: &mut [u8]) {
         let value = match port {
-            p if (SERIAL_PORT_BASE..SERIAL_PORT_BASE + u16::from(SERIAL_PORT_COUNT)).contains(&p) => {
+            p if (SERIAL_PORT_BASE..SERIAL_PORT_BASE + u16::from(SERIAL_PORT_COUNT))
+                .contains(&p) =>
+            {
                 self.serial.read((p - SERIAL_PORT_BASE) as u8)
             }
             // Never asleep, so never woken: WAK_STS stays clear.
