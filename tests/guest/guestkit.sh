@@ -4,6 +4,10 @@
 #   target/guest/vmlinuz             bzImage of Debian's linux-image-cloud-amd64 (6.1)
 #   target/guest/vmlinux             the same kernel as an uncompressed ELF (PVH entry note)
 #   target/guest/initramfs.cpio.gz   busybox-static + virtio modules + /init
+#   target/guest/l1-modules.cpio     KVM's modules (kvm-amd and what it needs) for the L1 of
+#                                    the nested harness (tests/guest/nested.sh), appended to
+#                                    initramfs.cpio.gz there: /lib/modules/nest/*.ko and
+#                                    /etc/nest/modules (load order)
 #   target/guest/debs/               the downloaded .deb files
 #
 # (target/guest is $BULKHEAD_GUEST_DIR when that is set, like tests::guest_dir().)
@@ -55,6 +59,8 @@ BUSYBOX_PKG=busybox-static
 # Modules the guest needs (both transports + the block driver); their dependencies are
 # added from modules.dep.
 WANTED_MODULES=(virtio_mmio virtio_pci virtio_blk)
+# What the nested harness's L1 loads on top to get a /dev/kvm (emulated SVM under QEMU TCG).
+L1_MODULES=(kvm_amd)
 
 log() { printf 'guestkit: %s\n' "$*"; }
 die() {
@@ -76,6 +82,7 @@ STAMP=$OUT/guestkit.stamp
 VMLINUZ=$OUT/vmlinuz
 VMLINUX=$OUT/vmlinux
 INITRAMFS=$OUT/initramfs.cpio.gz
+L1_MODULES_CPIO=$OUT/l1-modules.cpio
 
 for tool in apt-get apt-cache apt-config dpkg-deb; do
 	command -v "$tool" >/dev/null || die "needs $tool: this script runs on Debian (12) only"
@@ -185,12 +192,12 @@ guestkit-init $init_hash"
 
 print_outputs() {
 	local f
-	for f in "$VMLINUZ" "$VMLINUX" "$INITRAMFS"; do
+	for f in "$VMLINUZ" "$VMLINUX" "$INITRAMFS" "$L1_MODULES_CPIO"; do
 		printf '  %s (%s bytes)\n' "$f" "$(stat -c %s "$f")"
 	done
 }
 
-if [[ -f $STAMP && -f $VMLINUZ && -f $VMLINUX && -f $INITRAMFS ]] &&
+if [[ -f $STAMP && -f $VMLINUZ && -f $VMLINUX && -f $INITRAMFS && -f $L1_MODULES_CPIO ]] &&
 	[[ "$(cat "$STAMP")" == "$stamp_text" ]]; then
 	log "guest kit up to date ($kernel_pkg $kernel_ver, $BUSYBOX_PKG $busybox_ver)"
 	print_outputs
@@ -341,13 +348,18 @@ visit() {
 	load_order+=("$name")
 }
 builtin_list=$moddir/modules.builtin
-for m in "${WANTED_MODULES[@]}"; do
-	if [[ -z ${path_of[$m]:-} ]] && grep -q "/${m}\.ko$" "$builtin_list" 2>/dev/null; then
-		log "module $m is built into the kernel"
-		continue
-	fi
-	visit "$m"
-done
+# Appends the modules $@ and their dependencies to load_order (built-in ones are skipped).
+visit_wanted() {
+	local m
+	for m in "$@"; do
+		if [[ -z ${path_of[$m]:-} ]] && grep -q "/${m}\.ko$" "$builtin_list" 2>/dev/null; then
+			log "module $m is built into the kernel"
+			continue
+		fi
+		visit "$m"
+	done
+}
+visit_wanted "${WANTED_MODULES[@]}"
 
 root=$WORK/initramfs
 mkdir -p "$root"/{bin,sbin,usr/bin,usr/sbin,dev,proc,sys,tmp,etc/guestkit,lib/modules/guestkit}
@@ -375,10 +387,26 @@ find "$root" -exec touch -h -d @0 {} +
 (cd "$root" && find . -mindepth 1 | LC_ALL=C sort | cpio --quiet --reproducible -o -H newc -R 0:0) |
 	gzip -9n >"$WORK/initramfs.cpio.gz"
 
+# The L1 modules: their own small archive, so the L2 initramfs does not carry them.
+load_order=()
+visit_wanted "${L1_MODULES[@]}"
+l1root=$WORK/l1-modules
+mkdir -p "$l1root"/{lib/modules/nest,etc/nest}
+: >"$l1root/etc/nest/modules"
+for m in "${load_order[@]}"; do
+	cp "$moddir/${path_of[$m]}" "$l1root/lib/modules/nest/$m.ko"
+	printf '%s.ko\n' "$m" >>"$l1root/etc/nest/modules"
+done
+log "L1 modules (load order): ${load_order[*]}"
+find "$l1root" -exec touch -h -d @0 {} +
+(cd "$l1root" && find . -mindepth 1 | LC_ALL=C sort | cpio --quiet --reproducible -o -H newc -R 0:0) \
+	>"$WORK/l1-modules.cpio"
+
 # --- install outputs -----------------------------------------------------------------------
 mv -f "$WORK/vmlinux" "$VMLINUX"
 cp -f "$bzimage" "$WORK/vmlinuz" && mv -f "$WORK/vmlinuz" "$VMLINUZ"
 mv -f "$WORK/initramfs.cpio.gz" "$INITRAMFS"
+mv -f "$WORK/l1-modules.cpio" "$L1_MODULES_CPIO"
 printf '%s\n' "$stamp_text" >"$STAMP"
 
 log "guest kit built: kernel $kver ($kernel_pkg $kernel_ver), $BUSYBOX_PKG $busybox_ver"

@@ -1,0 +1,119 @@
+# Sourced by /nest/run.sh inside L1 (busybox sh) before the scenario: starting bulkhead
+# VMs with L2 guests, watching them, and reporting to the runner.
+#
+# Lines for the runner (and the tests that judge a run):
+#   NEST fact KEY=VALUE    a measured fact (exit codes, counts, checksums)
+#   NEST note TEXT         progress, for the reader
+#   L2 NAME| TEXT          a line of VM NAME's serial console (bulkhead's stdout)
+#   BH NAME| TEXT          a line of VM NAME's bulkhead log (bulkhead's stderr)
+# The files behind them stay in /tmp: NAME.console, NAME.log.
+
+L2_VMLINUX=/nest/l2/vmlinux
+L2_VMLINUZ=/nest/l2/vmlinuz
+L2_INITRD=/nest/l2/initramfs.cpio.gz
+# The L2 kernel's command line without the guest kit's command. noxsave: QEMU TCG's SVM
+# does not intercept XSETBV, so L1's KVM never sees L2's XCR0 and L2 finds its XSAVE
+# state inconsistent ("XSAVE consistency problem", under QEMU as an L1 VMM too); L2
+# then uses FXSAVE, which needs no XCR0.
+L2_CMDLINE='console=ttyS0 noxsave'
+
+fact() { echo "NEST fact $1=$2"; }
+note() { echo "NEST note $*"; }
+
+# Copies lines from stdin to the console as `TAG| LINE` and to FILE, without the CR of a
+# serial console's line ends.
+_prefix() {
+	local tag=$1 cr line
+	cr=$(printf '\r')
+	exec 9>>"$2"
+	while IFS= read -r line || [ -n "$line" ]; do
+		line=${line%"$cr"}
+		printf '%s| %s\n' "$tag" "$line"
+		printf '%s\n' "$line" >&9
+	done
+}
+
+# vm_start NAME ARGS...: starts `bulkhead ARGS...` in the background. Its stdin is the
+# fifo /tmp/NAME.in (write to it with vm_type). With LEARN=1, `bulkhead run ARGS...` runs
+# as `bulkhead policy learn --json /tmp/NAME.learn.json -- run ARGS...` (its report goes
+# to the VM's console file after L2's lines).
+vm_start() {
+	local name=$1
+	shift
+	if [ "${LEARN:-0}" = 1 ] && [ "$1" = run ]; then
+		set -- policy learn --json "/tmp/$name.learn.json" -- "$@"
+	fi
+	rm -f "/tmp/$name".*
+	: >"/tmp/$name.console"
+	: >"/tmp/$name.log"
+	mkfifo "/tmp/$name.in" "/tmp/$name.o" "/tmp/$name.e"
+	_prefix "L2 $name" "/tmp/$name.console" <"/tmp/$name.o" &
+	echo $! >"/tmp/$name.prefixers"
+	_prefix "BH $name" "/tmp/$name.log" <"/tmp/$name.e" &
+	echo $! >>"/tmp/$name.prefixers"
+	bulkhead "$@" <"/tmp/$name.in" >"/tmp/$name.o" 2>"/tmp/$name.e" &
+	echo $! >"/tmp/$name.pid"
+	# Holds the fifo open for reading and writing: bulkhead's open of its stdin returns,
+	# it never sees an end of file, and vm_type never blocks, even once bulkhead is gone.
+	sleep 100000 <>"/tmp/$name.in" &
+	echo $! >"/tmp/$name.inpid"
+	note "started $name: bulkhead $*"
+}
+
+# vm_type NAME TEXT: TEXT and a newline to VM NAME's serial input.
+vm_type() {
+	printf '%s\n' "$2" >"/tmp/$1.in"
+}
+
+# vm_wait NAME: waits for VM NAME's bulkhead to exit; prints `fact NAME.rc=N`, returns N.
+vm_wait() {
+	local pid rc p
+	pid=$(cat "/tmp/$1.pid")
+	wait "$pid"
+	rc=$?
+	kill "$(cat "/tmp/$1.inpid")" 2>/dev/null
+	# The prefixers end once bulkhead's end of the fifos closes.
+	for p in $(cat "/tmp/$1.prefixers"); do wait "$p"; done
+	fact "$1.rc" "$rc"
+	return "$rc"
+}
+
+# vm_run NAME ARGS...: vm_start, then vm_wait.
+vm_run() {
+	vm_start "$@"
+	vm_wait "$1"
+}
+
+# wait_for FILE PATTERN SECONDS: waits until FILE has a line matching PATTERN (grep -E);
+# returns 1 after SECONDS.
+wait_for() {
+	local tries=0
+	while ! grep -Eq -- "$2" "$1" 2>/dev/null; do
+		tries=$((tries + 1))
+		[ "$tries" -le $(($3 * 5)) ] || return 1
+		usleep 200000
+	done
+}
+
+# vm_diagnose NAME: what VM NAME's processes are doing, for a run that stalled: each
+# bulkhead thread's state and CPU ticks (twice, 2 s apart) and its exit counters
+# (SIGUSR1 makes bulkhead log them as `BH NAME| ... stats ...`).
+vm_diagnose() {
+	local pid t n
+	pid=$(cat "/tmp/$1.pid")
+	note "$1 stalled: threads of bulkhead (pid $pid): name state utime stime"
+	for n in 1 2; do
+		for t in /proc/"$pid"/task/*; do
+			[ -r "$t/stat" ] || continue
+			note "  $(cat "$t/comm") $(cut -d' ' -f3,14,15 "$t/stat")"
+		done
+		kill -USR1 "$pid" 2>/dev/null
+		sleep 2
+	done
+	ps -o pid,ppid,stat,args | grep -v '\[' | while read -r line; do note "  $line"; done
+}
+
+# count FILE PATTERN: lines of FILE matching PATTERN (grep -E).
+count() {
+	grep -Ec -- "$2" "$1" 2>/dev/null || true
+}

@@ -1,0 +1,36 @@
+# Disks through Linux's own drivers: one VM per argument KERNEL[:hugepages] (vmlinux or
+# vmlinuz), 2 vCPUs, three disks, each with its own worker: vda (io_uring engine), vdb
+# (sync engine), vdc (readonly). L2 runs /nest/disks.sh; then the host side of every
+# checksum L2 reported is computed here from the image files, and the readonly image is
+# compared with its state before the run.
+for spec in "$@"; do
+	kernel=${spec%%:*}
+	name=disks-$kernel
+	extra=
+	if [ "$spec" != "${spec%:hugepages}" ]; then
+		# 256 MiB of guest RAM in 2 MiB pages.
+		echo 128 >/proc/sys/vm/nr_hugepages
+		fact "$name.free_hugepages" "$(cat /sys/kernel/mm/hugepages/hugepages-2048kB/free_hugepages)"
+		extra=--hugepages
+	fi
+	rm -f /tmp/d0.img /tmp/d1.img /tmp/ro.img
+	truncate -s 64M /tmp/d0.img /tmp/d1.img
+	dd if=/dev/urandom of=/tmp/ro.img bs=1M count=8 2>/dev/null
+	ro_before=$(sha256sum /tmp/ro.img | cut -d' ' -f1)
+	vm_run "$name" run --kernel "/nest/l2/$kernel" --initrd "$L2_INITRD" --vcpus 2 --mem 256 \
+		$extra --timeout 300 \
+		--disk path=/tmp/d0.img,engine=io_uring --disk path=/tmp/d1.img,engine=sync \
+		--disk path=/tmp/ro.img,readonly=on \
+		--cmdline "$L2_CMDLINE guestkit.run=\"sh /nest/disks.sh\""
+	# The host's view of each range L2 reported.
+	grep '^NESTL2 sha ' "/tmp/$name.console" | while read -r _ _ disk offset length _; do
+		case $disk in vda) img=/tmp/d0.img ;; vdb) img=/tmp/d1.img ;; vdc) img=/tmp/ro.img ;; *) continue ;; esac
+		host=$(dd if="$img" bs=4096 skip=$((offset / 4096)) count=$((length / 4096)) 2>/dev/null |
+			sha256sum | cut -d' ' -f1)
+		echo "NEST sha $name $disk $offset $length $host"
+	done
+	fact "$name.ro_image_unchanged" "$([ "$(sha256sum /tmp/ro.img | cut -d' ' -f1)" = "$ro_before" ] && echo 1 || echo 0)"
+	if [ -n "$extra" ]; then
+		echo 0 >/proc/sys/vm/nr_hugepages
+	fi
+done
