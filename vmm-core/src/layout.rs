@@ -34,6 +34,10 @@ pub const ACPI_START: u64 = 0xe0000;
 pub const ACPI_SIZE: u64 = 0x1f000;
 /// The reset vector, F000:FFF0, at the top of the legacy BIOS area.
 pub const RESET_VECTOR: u64 = 0xffff0;
+const _: () = assert!(
+    ACPI_START + ACPI_SIZE <= RESET_VECTOR,
+    "ACPI tables overlap the reset vector"
+);
 /// Where kernels are loaded ("high memory" for the boot protocols).
 pub const HIMEM_START: u64 = 0x10_0000;
 
