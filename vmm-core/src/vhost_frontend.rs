@@ -286,8 +286,6 @@ impl ControlThread {
                     }
                 }
                 Command::Reset => {
-                    // The transport cleared the used-ring bit when the driver wrote 0; by now
-                    // the driver may have set DRIVER_OK again, which set it anew.
                     self.wanted = None;
                     // The next activation starts from a fresh region.
                     self.inflight = None;
@@ -302,7 +300,6 @@ impl ControlThread {
                     }
                 }
                 Command::Disconnect => {
-                    self.device.set_live(false);
                     let _ = self.backend.socket.shutdown(std::net::Shutdown::Both);
                     return;
                 }
@@ -358,9 +355,6 @@ impl ControlThread {
         let Some((features, queues)) = self.wanted.clone() else {
             return Ok(());
         };
-        // Before the rings start: the backend may complete (and interrupt) at once, e.g. a
-        // fail-mode worker answering what a device that needed a reset had pending.
-        self.device.set_live(true);
         let up = self.with_backend(|this| this.activate(features, &queues))?;
         *active = up;
         tracing::debug!("{}: rings {active:?} up", self.device.id);

@@ -125,9 +125,11 @@ pub struct VirtioMmioDevice {
     queue_max: u16,
     regs: Mutex<Regs>,
     interrupt_status: AtomicU32,
-    /// InterruptStatus reports the used-ring bit: from DRIVER_OK (or from the moment a
-    /// new backend's rings are brought up) until a reset, NEEDS_RESET or the VM's end.
-    live: AtomicBool,
+    /// InterruptStatus reports the used-ring bit: the status register's DRIVER_OK, kept
+    /// here for the lock-free InterruptStatus read and written only together with the
+    /// status, under the register lock. (A fail-mode worker answers a device that needs a
+    /// reset through the used ring too, so NEEDS_RESET does not clear it.)
+    driver_ok: AtomicBool,
     /// Raises the device's GSI for config interrupts (an irqfd, like the worker's call).
     config_irq: EventFd,
     control: Mutex<Sender<Command>>,
@@ -149,7 +151,7 @@ impl VirtioMmioDevice {
                 ..Regs::default()
             }),
             interrupt_status: AtomicU32::new(0),
-            live: AtomicBool::new(false),
+            driver_ok: AtomicBool::new(false),
             config_irq,
             control: Mutex::new(control),
             closing: AtomicBool::new(false),
@@ -166,15 +168,8 @@ impl VirtioMmioDevice {
         self.regs.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Whether InterruptStatus reports the used-ring bit; the control thread sets it before
-    /// it brings a backend's rings up, so no completion's interrupt finds it clear.
-    pub fn set_live(&self, live: bool) {
-        self.live.store(live, Ordering::Release);
-    }
-
     /// The backend failed: DEVICE_NEEDS_RESET and a config interrupt (virtio 1.2, 2.1.2).
     pub fn needs_reset(&self) {
-        self.set_live(false);
         self.regs().status |= STATUS_NEEDS_RESET;
         self.interrupt_status.fetch_or(INT_CONFIG, Ordering::AcqRel);
         if let Err(e) = self.config_irq.write(1) {
@@ -219,7 +214,7 @@ impl VirtioMmioDevice {
         }
         let value = if offset == 0x60 {
             self.exits.interrupt_status.fetch_add(1, Ordering::Relaxed);
-            let used = if self.live.load(Ordering::Acquire) {
+            let used = if self.driver_ok.load(Ordering::Acquire) {
                 INT_VRING
             } else {
                 0
@@ -260,7 +255,7 @@ impl VirtioMmioDevice {
         match offset {
             0x64 => {
                 self.exits.interrupt_ack.fetch_add(1, Ordering::Relaxed);
-                // The used-ring bit is level-like (reported while live); only the config
+                // The used-ring bit is level-like (reported from DRIVER_OK); only the config
                 // bit is ours to clear.
                 self.interrupt_status
                     .fetch_and(!(value & INT_CONFIG), Ordering::AcqRel);
@@ -382,7 +377,7 @@ impl VirtioMmioDevice {
                 ..Regs::default()
             };
             self.interrupt_status.store(0, Ordering::Release);
-            self.set_live(false);
+            self.driver_ok.store(false, Ordering::Release);
             return was_active.then_some(Command::Reset);
         }
         let old = regs.status;
@@ -403,13 +398,12 @@ impl VirtioMmioDevice {
             && old & STATUS_DRIVER_OK == 0
             && new & STATUS_FEATURES_OK != 0;
         regs.status = new;
-        if activate && new & STATUS_NEEDS_RESET == 0 {
-            // From here the backend may complete a request at any moment: the control
-            // thread brings its rings up while the driver runs on. Report the used-ring
-            // bit now, or the first completion's interrupt could find InterruptStatus 0,
-            // and the driver, having seen nothing to do, would wait for it forever.
-            self.set_live(true);
-        }
+        // From DRIVER_OK the backend may complete a request at any moment (the control
+        // thread brings its rings up while the driver runs on): the used-ring bit is
+        // reported from now, or the first completion's interrupt could find InterruptStatus
+        // 0, and the driver, having seen nothing to do, would wait for it forever.
+        self.driver_ok
+            .store(new & STATUS_DRIVER_OK != 0, Ordering::Release);
         activate.then(|| Command::Activate {
             driver_features: regs.driver_features,
             queues: regs.queues.clone(),
@@ -560,7 +554,7 @@ mod tests {
         assert_eq!(
             r32(&d, 0x60),
             INT_VRING,
-            "before any set_live by the control thread"
+            "before the control thread did anything"
         );
         w32(&d, 0x70, 0);
         assert_eq!(r32(&d, 0x60), 0);
@@ -570,13 +564,18 @@ mod tests {
     fn interrupt_status_and_needs_reset() {
         let (d, _) = device();
         assert_eq!(r32(&d, 0x60), 0);
-        d.set_live(true);
+        w32(&d, 0x24, 1);
+        w32(&d, 0x20, 1);
+        w32(&d, 0x70, STATUS_FEATURES_OK | STATUS_DRIVER_OK);
         assert_eq!(r32(&d, 0x60), INT_VRING);
+        // A fail-mode worker answers through the used ring: its bit stays.
         d.needs_reset();
-        assert_eq!(r32(&d, 0x60), INT_CONFIG);
+        assert_eq!(r32(&d, 0x60), INT_CONFIG | INT_VRING);
         assert_ne!(r32(&d, 0x70) & STATUS_NEEDS_RESET, 0);
         w32(&d, 0x64, INT_CONFIG);
-        assert_eq!(r32(&d, 0x60), 0);
+        assert_eq!(r32(&d, 0x60), INT_VRING);
         assert_eq!(d.exits.interrupt_ack.load(Ordering::Relaxed), 1);
+        w32(&d, 0x70, 0);
+        assert_eq!(r32(&d, 0x60), 0);
     }
 }
