@@ -33,12 +33,17 @@ pub fn pivot_to_empty_root() -> Result<(), SandboxError> {
     match nix::unistd::pivot_root(".", ".") {
         Ok(()) => umount2(".", MntFlags::MNT_DETACH).map_err(step("detach the old root"))?,
         // The host's root is the initramfs (rootfs), which can never be pivoted away
-        // from, or was entered with chroot: move the new root over it and chroot there,
-        // as switch_root does. The old root stays mounted beneath, out of reach: the
-        // worker drops CAP_SYS_CHROOT and every other capability next, holds no
-        // descriptor of the old tree (its cwd is the new root; the rest are closed
-        // before the filter), and the filter traps chroot, mount and every open.
+        // from: move the new root over it and chroot there, as switch_root does. This
+        // runs before the fork, so the reaper is chrooted too. The old root stays
+        // mounted beneath, out of reach: both processes drop CAP_SYS_CHROOT and every
+        // other capability next and hold no descriptor of the old tree (the cwd is the
+        // new root; the rest are closed), and the worker's filter traps chroot, mount and
+        // every open.
         Err(nix::Error::EINVAL) => {
+            tracing::info!(
+                "pivot_root is refused here (the host's root is an initramfs): \
+                 moving the empty root over it and chrooting there"
+            );
             mount(Some("."), "/", None::<&str>, MsFlags::MS_MOVE, None::<&str>)
                 .map_err(step("move the new root over the initramfs"))?;
             nix::unistd::chroot(".").map_err(step("chroot into the new root"))?;

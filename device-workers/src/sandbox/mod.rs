@@ -1,7 +1,7 @@
 //! Confining a worker before it reads its first descriptor, in DESIGN.md's order:
-//! unprivileged host uid/gid -> user, mount, pid, net, ipc, uts namespaces -> fork (the
-//! child is pid 1 of the new pid namespace; the parent stays behind as a reaper) ->
-//! pivot_root into an empty read-only tmpfs -> every capability set emptied ->
+//! unprivileged host uid/gid -> user, mount, pid, net, ipc, uts namespaces -> pivot_root
+//! into an empty read-only tmpfs -> fork (the child is pid 1 of the new pid namespace; the
+//! parent stays behind as a reaper, in the same empty root) -> every capability set emptied ->
 //! no_new_privs -> rlimits -> every fd not on the allow list closed -> seccomp (last).
 //!
 //! Why switch the uid first: a root process that unshares its user namespace can only map
@@ -112,7 +112,7 @@ pub enum Side {
     Worker,
 }
 
-/// Switches ids, unshares the namespaces and forks. The worker side then calls
+/// Switches ids, unshares the namespaces, enters the empty root and forks. The worker side then calls
 /// [`confine`]; the reaper side calls [`confine_reaper`] and waits.
 pub fn enter_namespaces(cfg: &SandboxConfig) -> Result<Side, SandboxError> {
     let (uid, gid) = if Uid::effective().is_root() {
@@ -137,6 +137,9 @@ pub fn enter_namespaces(cfg: &SandboxConfig) -> Result<Side, SandboxError> {
     set_dumpable(true)?;
     write_id_maps(uid, gid)?;
     set_dumpable(false)?;
+    // Before the fork, so the reaper ends up in the empty root as well (pivot_root would
+    // move it there anyway; the chroot an initramfs host needs instead would not).
+    fs::pivot_to_empty_root()?;
     // SAFETY: the worker is single-threaded here (no thread has been started: the
     // logger writes synchronously), so the child inherits a consistent address space.
     match unsafe { nix::unistd::fork() }.map_err(SandboxError::Fork)? {
@@ -154,10 +157,9 @@ pub fn enter_namespaces(cfg: &SandboxConfig) -> Result<Side, SandboxError> {
     }
 }
 
-/// Finishes confining the worker: empty root, no capabilities, no_new_privs, rlimits,
-/// only the allowed fds. Seccomp comes last, from [`seccomp::install`].
+/// Finishes confining the worker: no capabilities, no_new_privs, rlimits, only the
+/// allowed fds. Seccomp comes last, from [`seccomp::install`].
 pub fn confine(cfg: &SandboxConfig) -> Result<(), SandboxError> {
-    fs::pivot_to_empty_root()?;
     drop_capabilities()?;
     set_no_new_privs()?;
     set_rlimits(cfg)?;
