@@ -159,12 +159,12 @@ pub fn load(mem: &GuestMemory, cfg: &BootConfig) -> Result<LoadedKernel, BootErr
     Ok(LoadedKernel { entry, initrd })
 }
 
-/// Real-mode code at the reset vector: pulse the i8042 reset line (`mov al, 0xfe;
-/// out 0x64, al`), then halt. It stands in for a BIOS's reset path: Linux on a
+/// Real-mode code at the reset vector: with interrupts off (no real-mode interrupt table
+/// exists), pulse the i8042 reset line (`mov al, 0xfe; out 0x64, al`), then halt. It stands in for a BIOS's reset path: Linux on a
 /// hardware-reduced ACPI machine without EFI reboots by jumping there (its "BIOS" method,
 /// after the EFI one it prefers found no EFI), so a guest `reboot` ends the VM as an
 /// i8042 reset does, instead of running whatever the memory holds.
-const RESET_STUB: [u8; 7] = [0xb0, 0xfe, 0xe6, 0x64, 0xf4, 0xeb, 0xfd];
+const RESET_STUB: [u8; 8] = [0xfa, 0xb0, 0xfe, 0xe6, 0x64, 0xf4, 0xeb, 0xfd];
 
 fn write_reset_stub(mem: &GuestMemory) -> Result<(), BootError> {
     let addr = crate::layout::RESET_VECTOR;
@@ -316,14 +316,15 @@ mod tests {
     fn the_reset_vector_pulses_the_i8042_reset_line() {
         let ram = GuestRam::new(16, crate::memory::RamPages::Small).unwrap();
         write_reset_stub(ram.memory()).unwrap();
-        let mut code = [0u8; 7];
+        let mut code = [0u8; 8];
         ram.memory()
             .read_slice(&mut code, GuestAddress(crate::layout::RESET_VECTOR))
             .unwrap();
-        // mov al, I8042_CMD_RESET; out I8042_COMMAND_PORT, al; hlt; jmp to the hlt.
-        assert_eq!(code[..2], [0xb0, crate::devices::I8042_CMD_RESET]);
-        assert_eq!(code[2..4], [0xe6, crate::devices::I8042_COMMAND_PORT as u8]);
-        assert_eq!(code[4..], [0xf4, 0xeb, 0xfd]);
+        // cli; mov al, I8042_CMD_RESET; out I8042_COMMAND_PORT, al; hlt; jmp to the hlt.
+        assert_eq!(code[0], 0xfa);
+        assert_eq!(code[1..3], [0xb0, crate::devices::I8042_CMD_RESET]);
+        assert_eq!(code[3..5], [0xe6, crate::devices::I8042_COMMAND_PORT as u8]);
+        assert_eq!(code[5..], [0xf4, 0xeb, 0xfd]);
         // It sits in the reserved legacy BIOS area.
         let map = memory_map(ram.memory());
         assert!(map.iter().any(|e| e.kind == MemoryType::Reserved
