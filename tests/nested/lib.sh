@@ -19,6 +19,13 @@ L2_CMDLINE='console=ttyS0 noxsave'
 
 fact() { echo "NEST fact $1=$2"; }
 note() { echo "NEST note $*"; }
+# fail TEXT: something the scenario expected did not happen; the run's exit status counts
+# these (run.sh exits with NEST_FAILED).
+NEST_FAILED=0
+fail() {
+	echo "NEST fail $*"
+	NEST_FAILED=$((NEST_FAILED + 1))
+}
 
 # Copies lines from stdin to the console as `TAG| LINE` and to FILE, without the CR of a
 # serial console's line ends.
@@ -65,17 +72,49 @@ vm_type() {
 	printf '%s\n' "$2" >"/tmp/$1.in"
 }
 
-# vm_wait NAME: waits for VM NAME's bulkhead to exit; prints `fact NAME.rc=N`, returns N.
+# vm_wait NAME: waits for VM NAME's bulkhead to exit; prints `fact NAME.rc=N`, returns N
+# (a non-zero N is a failure). Every process bulkhead started must be gone with it: one
+# still holding its output 10 s later (a leaked worker, say) is a failure, and is killed.
 vm_wait() {
-	local pid rc p
+	local pid rc p tries=0 left
 	pid=$(cat "/tmp/$1.pid")
 	wait "$pid"
 	rc=$?
 	kill "$(cat "/tmp/$1.inpid")" 2>/dev/null
-	# The prefixers end once bulkhead's end of the fifos closes.
+	# The prefixers end once the last writer of bulkhead's output fifos is gone.
+	while [ $tries -lt 50 ]; do
+		left=
+		for p in $(cat "/tmp/$1.prefixers"); do
+			kill -0 "$p" 2>/dev/null && left=1
+		done
+		[ -n "$left" ] || break
+		usleep 200000
+		tries=$((tries + 1))
+	done
+	left=$(_fifo_writers "$1")
+	if [ -n "$left" ]; then
+		fail "$1: processes outlived bulkhead: $(for p in $left; do printf '%s (%s) ' "$p" "$(cat "/proc/$p/cmdline" | tr '\0' ' ')"; done)"
+		kill -9 $left 2>/dev/null
+	fi
 	for p in $(cat "/tmp/$1.prefixers"); do wait "$p"; done
 	fact "$1.rc" "$rc"
+	[ "$rc" = 0 ] || fail "$1: bulkhead exited with status $rc"
 	return "$rc"
+}
+
+# Pids (but the prefixers') that hold VM $1's output fifos open.
+_fifo_writers() {
+	local fd pid prefixers
+	prefixers=" $(cat "/tmp/$1.prefixers" | tr '\n' ' ') "
+	for fd in /proc/[0-9]*/fd/*; do
+		case $(readlink "$fd" 2>/dev/null) in
+		"/tmp/$1.o" | "/tmp/$1.e")
+			pid=${fd#/proc/}
+			pid=${pid%%/*}
+			case $prefixers in *" $pid "*) ;; *) echo "$pid" ;; esac
+			;;
+		esac
+	done | sort -u
 }
 
 # vm_run NAME ARGS...: vm_start, then vm_wait.

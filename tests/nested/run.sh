@@ -16,8 +16,9 @@
 # scenario's results are `NEST fact KEY=VALUE` lines. A copy goes to
 # target/nested/SCENARIO.log.
 #
-# Exit status: the scenario's (from L1's last line, `NEST done rc=N`); 124 when the run
-# hit --timeout; 125 when L1 ended without a `NEST done` line; 2 for a missing input.
+# Exit status: how many of the scenario's expectations failed (its `NEST fail ...` lines;
+# L1's last line is `NEST done rc=N`); 124 when the run hit --timeout; 125 when L1 ended
+# without a `NEST done` line; 2 for a missing input.
 #
 # L1's clocksource is the HPET, which the vDSO cannot read: there, as on hpet and acpi_pm
 # hosts, every clock read is a system call (a worker's log lines included).
@@ -147,6 +148,8 @@ main() {
 		for a in "$@"; do printf " '%s'" "${a//\'/\'\\\'\'}"; done
 		echo
 		printf '. /nest/scenarios/%s.sh\n' "$scenario"
+		# The status: how many of the scenario's expectations failed (lib.sh's fail).
+		echo 'exit "$NEST_FAILED"'
 	} >"$payload/nest/run.sh"
 
 	# Later archives of a concatenated initramfs win: the payload's /init replaces the kit's.

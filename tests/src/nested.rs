@@ -61,10 +61,15 @@ impl NestedRun {
             "the harness failed: {errors:?}: {}",
             nested.transcript()
         );
+        let failed: Vec<&String> = nested
+            .lines
+            .iter()
+            .filter(|l| l.starts_with("NEST fail"))
+            .collect();
         assert_eq!(
             nested.run.code,
             Some(0),
-            "the scenario must end with NEST done rc=0: {}",
+            "the scenario failed: {failed:#?}: {}",
             nested.transcript()
         );
         nested

@@ -23,12 +23,12 @@ for spec in "$@"; do
 			# it prints the product.
 			vm_type "$name" 'echo "typed $((6 * 7)) on $(uname -r)"'
 			if ! wait_for "/tmp/$name.console" '^typed 42 on ' 60; then
-				note "$name: no answer to the typed command"
+				fail "$name: no answer to the typed command"
 				vm_diagnose "$name"
 			fi
 			vm_type "$name" 'poweroff -f'
 		else
-			note "$name: L2 never said its shell was ready"
+			fail "$name: L2 never said its shell was ready"
 			vm_diagnose "$name"
 		fi
 	fi

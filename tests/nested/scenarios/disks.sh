@@ -17,11 +17,23 @@ for spec in "$@"; do
 	truncate -s 64M /tmp/d0.img /tmp/d1.img
 	dd if=/dev/urandom of=/tmp/ro.img bs=1M count=8 2>/dev/null
 	ro_before=$(sha256sum /tmp/ro.img | cut -d' ' -f1)
-	vm_run "$name" run --kernel "/nest/l2/$kernel" --initrd "$L2_INITRD" --vcpus 2 --mem 256 \
+	vm_start "$name" run --kernel "/nest/l2/$kernel" --initrd "$L2_INITRD" --vcpus 2 --mem 256 \
 		$extra --timeout 300 \
 		--disk path=/tmp/d0.img,engine=io_uring --disk path=/tmp/d1.img,engine=sync \
 		--disk path=/tmp/ro.img,readonly=on \
 		--cmdline "$L2_CMDLINE guestkit.run=\"sh /nest/disks.sh\""
+	# While L2 runs: every worker process (reapers, confined workers, spares) sees an
+	# empty root, though L1's own root is an initramfs.
+	if wait_for "/tmp/$name.console" '^NESTL2 fact cpus=' 200; then
+		roots=
+		for p in $(pidof bulkhead-worker); do
+			roots="$roots $(ls -A "/proc/$p/root" | wc -l)"
+		done
+		fact "$name.worker_root_entries" "${roots# }"
+	else
+		fail "$name: L2 never started its disk checks"
+	fi
+	vm_wait "$name"
 	# The host's view of each range L2 reported.
 	grep '^NESTL2 sha ' "/tmp/$name.console" | while read -r _ _ disk offset length _; do
 		case $disk in vda) img=/tmp/d0.img ;; vdb) img=/tmp/d1.img ;; vdc) img=/tmp/ro.img ;; *) continue ;; esac

@@ -49,22 +49,31 @@ if wait_for /tmp/chaos.console '^NESTL2 chaos started' 200; then
 		pid=$(successor_of blk0 "$pid") || pid=
 	done
 	fact chaos.kills "$killed"
+	[ "$killed" = "$kills" ] || fail "chaos: only $killed of $kills kills"
 	fact chaos.serving_after_kills "$([ -n "$pid" ] && echo 1 || echo 0)"
+	[ -n "$pid" ] || fail "chaos: no worker serves after the kills"
 
 	stopped=$(worker_pid blk0)
 	kill -STOP "$stopped"
-	fact chaos.hung_replaced "$(successor_of blk0 "$stopped" >/dev/null && echo 1 || echo 0)"
+	if successor_of blk0 "$stopped" >/dev/null; then
+		fact chaos.hung_replaced 1
+	else
+		fact chaos.hung_replaced 0
+		fail "chaos: the stopped worker $stopped was not replaced"
+	fi
 
 	before=$(worker_pid blk0)
 	out=$(bulkhead ctl --api-socket "$api" restart blk0)
-	fact chaos.planned_rc $?
+	rc=$?
+	fact chaos.planned_rc $rc
+	[ $rc = 0 ] || fail "chaos: bulkhead ctl restart exited with $rc"
 	note "planned restart: $out"
 	after=$(worker_pid blk0)
 	fact chaos.planned_new_worker "$([ -n "$after" ] && [ "$after" != "$before" ] && echo 1 || echo 0)"
 	# Let the successor serve a few rounds before L2 stops.
 	sleep 3
 else
-	note "L2 never started its write/verify loop"
+	fail "chaos: L2 never started its write/verify loop"
 	vm_diagnose chaos
 fi
 vm_type chaos stop
@@ -91,10 +100,18 @@ else
 	unset BULKHEAD_WORKER_FAULT_HOOK
 fi
 if wait_for /tmp/rebind.console '^NESTL2 cycles start' 300; then
-	fact rebind.blk0_pid_before "$(worker_pid blk0)"
-	wait_for /tmp/rebind.console '^NESTL2 cycles done' 300 || vm_diagnose rebind
-	fact rebind.blk0_pid_after "$(worker_pid blk0)"
+	before=$(worker_pid blk0)
+	fact rebind.blk0_pid_before "$before"
+	if ! wait_for /tmp/rebind.console '^NESTL2 cycles done' 300; then
+		fail "rebind: L2's unbind/bind cycles did not end"
+		vm_diagnose rebind
+	fi
+	after=$(worker_pid blk0)
+	fact rebind.blk0_pid_after "$after"
+	[ -n "$before" ] && [ "$before" = "$after" ] ||
+		fail "rebind: disk blk0's worker changed from '$before' to '$after'"
 else
+	fail "rebind: L2 never started its unbind/bind cycles"
 	vm_diagnose rebind
 fi
 vm_type rebind stop
