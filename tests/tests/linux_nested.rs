@@ -299,8 +299,8 @@ fn linux_survives_kills_hangs_restarts_and_rebinds_of_its_workers() {
     );
 }
 
-/// `bulkhead policy learn` over Linux under our VMM, in L1, whose clocksource the vDSO
-/// cannot read (unlike the development host's): the disks workload (both engines, fsync,
+/// `bulkhead policy learn` over Linux under our VMM, in L1, which runs without a vDSO (as
+/// hosts do whose clocksource the vDSO cannot read): the disks workload (both engines, fsync,
 /// discard, two queues, a readonly disk) and the restart workload (kills, a hang, a
 /// planned restart, 20 unbind/bind cycles). The shipped policy lacks nothing, the
 /// vDSO-fallback clock read is among what the workers used, and every rule none of the

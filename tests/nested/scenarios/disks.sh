@@ -33,6 +33,10 @@ for spec in "$@"; do
 	else
 		fail "$name: L2 never started its disk checks"
 	fi
+	if ! wait_for "/tmp/$name.console" '^NESTL2 fact io_errors=' 240; then
+		fail "$name: L2's disk checks did not finish"
+		vm_diagnose "$name"
+	fi
 	vm_wait "$name"
 	# The host's view of each range L2 reported.
 	grep '^NESTL2 sha ' "/tmp/$name.console" | while read -r _ _ disk offset length _; do
