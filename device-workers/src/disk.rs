@@ -1,37 +1,28 @@
 //! Opening a disk image: the only path the worker (in standalone mode) ever opens, before
 //! it is sandboxed. In spawned mode the VMM opens the image and passes the fd.
 
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::os::fd::AsRawFd;
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 /// Sector size of the virtio-blk protocol.
-pub const SECTOR_SIZE: u64 = 512;
+pub const SECTOR_SIZE: u64 = ipc::image::SECTOR_SIZE;
 
 /// Errors while opening an image.
 #[derive(Debug, thiserror::Error)]
 pub enum DiskError {
-    #[error("cannot open disk image {path}")]
-    Open {
+    #[error(transparent)]
+    Image(#[from] ipc::image::ImageError),
+    #[error("cannot read the size of disk image {path}")]
+    Size {
         path: PathBuf,
         #[source]
         source: std::io::Error,
     },
-    #[error("disk image {path} is not a regular file or block device")]
-    NotAFile { path: PathBuf },
     #[error("disk image {path} is {size} bytes, not a multiple of {SECTOR_SIZE}")]
     BadSize { path: PathBuf, size: u64 },
     #[error("disk image {path} is empty")]
     Empty { path: PathBuf },
-    #[error("disk image {path} is locked by another process (another writer is using it)")]
-    Locked { path: PathBuf },
-    #[error("cannot lock disk image {path}")]
-    Lock {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
 }
 
 /// An open, locked image.
@@ -43,74 +34,18 @@ pub struct Disk {
     pub direct: bool,
 }
 
-/// Opens `path` (O_DIRECT with `direct`), takes an exclusive lock unless `readonly` (a
-/// shared one otherwise, so a writer elsewhere is refused too), and checks its size.
+/// Opens `path` (O_DIRECT with `direct`) and locks it as QEMU would (see
+/// [`ipc::image`]): a writer refuses every other user, readers share with readers.
 pub fn open(path: &Path, readonly: bool, direct: bool) -> Result<Disk, DiskError> {
-    let mut opts = OpenOptions::new();
-    opts.read(true).write(!readonly);
-    let mut flags = libc::O_CLOEXEC;
-    if direct {
-        flags |= libc::O_DIRECT;
-    }
-    opts.custom_flags(flags);
-    let file = opts.open(path).map_err(|source| DiskError::Open {
-        path: path.to_path_buf(),
-        source,
-    })?;
-    let meta = file.metadata().map_err(|source| DiskError::Open {
-        path: path.to_path_buf(),
-        source,
-    })?;
-    use std::os::unix::fs::FileTypeExt;
-    let size = if meta.file_type().is_block_device() {
-        use std::io::Seek;
-        (&file)
-            .seek(std::io::SeekFrom::End(0))
-            .map_err(|source| DiskError::Open {
-                path: path.to_path_buf(),
-                source,
-            })?
-    } else if meta.is_file() {
-        meta.len()
+    let access = if readonly {
+        ipc::image::Access::ReadOnly
     } else {
-        return Err(DiskError::NotAFile {
-            path: path.to_path_buf(),
-        });
+        ipc::image::Access::ReadWrite
     };
-    if size == 0 {
-        return Err(DiskError::Empty {
-            path: path.to_path_buf(),
-        });
-    }
-    if size % SECTOR_SIZE != 0 {
-        return Err(DiskError::BadSize {
-            path: path.to_path_buf(),
-            size,
-        });
-    }
-    let op = if readonly {
-        libc::LOCK_SH
-    } else {
-        libc::LOCK_EX
-    };
-    // SAFETY: flock on an fd we own; integer arguments only.
-    let ret = unsafe { libc::flock(file.as_raw_fd(), op | libc::LOCK_NB) };
-    if ret != 0 {
-        let err = std::io::Error::last_os_error();
-        return Err(if err.raw_os_error() == Some(libc::EWOULDBLOCK) {
-            DiskError::Locked {
-                path: path.to_path_buf(),
-            }
-        } else {
-            DiskError::Lock {
-                path: path.to_path_buf(),
-                source: err,
-            }
-        });
-    }
+    let image = ipc::image::open(path, access, direct)?;
     Ok(Disk {
-        file,
-        size,
+        file: image.file,
+        size: image.size,
         readonly,
         direct,
     })
@@ -124,7 +59,7 @@ pub fn from_file(file: File, readonly: bool, direct: bool) -> Result<Disk, DiskE
         use std::io::Seek;
         (&file)
             .seek(std::io::SeekFrom::End(0))
-            .map_err(|source| DiskError::Open {
+            .map_err(|source| DiskError::Size {
                 path: path.clone(),
                 source,
             })?
@@ -157,40 +92,17 @@ mod tests {
     }
 
     #[test]
-    fn size_must_be_whole_sectors() {
+    fn an_inherited_descriptor_must_hold_whole_sectors() {
         let p = tmp("odd.img", 1000);
         assert!(matches!(
-            open(&p, false, false),
+            from_file(File::open(&p).unwrap(), true, false),
             Err(DiskError::BadSize { size: 1000, .. })
         ));
         let p = tmp("empty.img", 0);
         assert!(matches!(
-            open(&p, false, false),
+            from_file(File::open(&p).unwrap(), true, false),
             Err(DiskError::Empty { .. })
         ));
-    }
-
-    #[test]
-    fn a_second_writer_is_refused_and_readers_share() {
-        let p = tmp("locked.img", 1 << 20);
-        let first = open(&p, false, false).unwrap();
-        assert_eq!(first.size, 1 << 20);
-        assert!(matches!(
-            open(&p, false, false),
-            Err(DiskError::Locked { .. })
-        ));
-        assert!(matches!(
-            open(&p, true, false),
-            Err(DiskError::Locked { .. })
-        ));
-        drop(first);
-        let r1 = open(&p, true, false).unwrap();
-        let _r2 = open(&p, true, false).unwrap();
-        assert!(matches!(
-            open(&p, false, false),
-            Err(DiskError::Locked { .. })
-        ));
-        drop(r1);
     }
 
     #[test]

@@ -14,10 +14,12 @@
 //! - [`channel`]: SOCK_SEQPACKET control channel with SCM_RIGHTS fd passing.
 //! - [`messages`]: the versioned message set and its [`messages::Validate`] rules.
 //! - [`handshake`]: the version handshake both sides run first.
+//! - [`image`]: opening and locking a disk image as QEMU does, for either side.
 
 pub mod channel;
 pub mod codec;
 pub mod handshake;
+pub mod image;
 pub mod messages;
 pub mod status;
 

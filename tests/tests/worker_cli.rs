@@ -72,26 +72,6 @@ fn image_size_not_a_multiple_of_512() {
 }
 
 #[test]
-fn image_locked_by_another_writer() {
-    let dir = scratch_dir("wcli-lock");
-    let img = image(&dir, "d.img", 1 << 20);
-    // flock(1) holds an exclusive lock, as another writer would.
-    let mut holder = Command::new(tests::require_tool("flock", "util-linux"))
-        .args(["--no-fork", &img, "sleep", "30"])
-        .stdout(Stdio::null())
-        .spawn()
-        .unwrap();
-    std::thread::sleep(Duration::from_millis(300));
-    let sock = dir.join("s.sock");
-    assert_refused(
-        &["blk", "--socket", sock.to_str().unwrap(), "--disk", &img],
-        "is locked by another process",
-    );
-    let _ = holder.kill();
-    let _ = holder.wait();
-}
-
-#[test]
 fn socket_path_with_a_live_listener() {
     let dir = scratch_dir("wcli-live");
     let img = image(&dir, "d.img", 1 << 20);

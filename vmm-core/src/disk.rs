@@ -1,8 +1,7 @@
 //! `--disk` options, and opening an image for a worker: the VMM opens and locks the image
 //! and hands the worker the descriptor; the worker never opens a path.
 
-use std::fs::{File, OpenOptions};
-use std::os::fd::AsRawFd;
+use std::fs::OpenOptions;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
@@ -54,16 +53,8 @@ pub enum DiskBackend {
 pub enum DiskError {
     #[error("--disk {spec:?}: {reason}")]
     Option { spec: String, reason: String },
-    #[error("cannot open disk image {path}")]
-    Open {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error("disk image {path} is {size} bytes, not a non-zero multiple of 512")]
-    BadSize { path: PathBuf, size: u64 },
-    #[error("disk image {path} is locked by another process (another writer is using it)")]
-    Locked { path: PathBuf },
+    #[error(transparent)]
+    Image(#[from] ipc::image::ImageError),
 }
 
 const MAX_QUEUES: u16 = 64;
@@ -193,75 +184,42 @@ impl DiskConfig {
     }
 }
 
-/// An image opened and locked for a worker.
-#[derive(Debug)]
-pub struct OpenedImage {
-    pub file: File,
-    pub size: u64,
+/// An image opened and locked for a worker (see [`ipc::image`]: the same checks and
+/// QEMU-compatible locks a standalone worker uses).
+pub type OpenedImage = ipc::image::Image;
+
+/// Opens `path` read-write (or read-only), O_DIRECT on request, and locks it as QEMU
+/// would: a writer refuses every other user, readers share with readers.
+pub fn open_image(path: &Path, readonly: bool, direct: bool) -> Result<OpenedImage, DiskError> {
+    Ok(ipc::image::open(path, access(readonly), direct)?)
 }
 
-/// Opens `path` read-write (or read-only), O_DIRECT on request, and locks it: exclusive for
-/// a writer, shared for a reader, so a second writer anywhere is refused.
-pub fn open_image(path: &PathBuf, readonly: bool, direct: bool) -> Result<OpenedImage, DiskError> {
-    let open_err = |source| DiskError::Open {
-        path: path.clone(),
-        source,
-    };
-    let mut flags = libc::O_CLOEXEC;
-    if direct {
-        flags |= libc::O_DIRECT;
-    }
-    let file = OpenOptions::new()
-        .read(true)
-        .write(!readonly)
-        .custom_flags(flags)
-        .open(path)
-        .map_err(open_err)?;
-    let size = {
-        use std::io::Seek;
-        (&file).seek(std::io::SeekFrom::End(0)).map_err(open_err)?
-    };
-    if size == 0 || size % 512 != 0 {
-        return Err(DiskError::BadSize {
-            path: path.clone(),
-            size,
-        });
-    }
-    let op = if readonly {
-        libc::LOCK_SH
+fn access(readonly: bool) -> ipc::image::Access {
+    if readonly {
+        ipc::image::Access::ReadOnly
     } else {
-        libc::LOCK_EX
-    };
-    // SAFETY: flock on a descriptor we own; integer arguments only.
-    if unsafe { libc::flock(file.as_raw_fd(), op | libc::LOCK_NB) } != 0 {
-        let err = std::io::Error::last_os_error();
-        return Err(if err.raw_os_error() == Some(libc::EWOULDBLOCK) {
-            DiskError::Locked { path: path.clone() }
-        } else {
-            DiskError::Open {
-                path: path.clone(),
-                source: err,
-            }
-        });
+        ipc::image::Access::ReadWrite
     }
-    Ok(OpenedImage { file, size })
 }
 
-/// Waits up to `timeout` until `path` can be locked shared, i.e. no writer's exclusive
-/// lock is left on it; true when it could. A worker's io_uring keeps the image open
+/// Waits up to `timeout` until no process holds any of the image locks on `path` (what a
+/// writer would need); true when none does. A worker's io_uring keeps the image open
 /// (registered) until the kernel tears the ring down, which it does asynchronously after
-/// the worker exited, so the lock can outlive every process that used the image by a
-/// moment.
+/// the worker exited, so the locks (they belong to the open file) can outlive every
+/// process that used the image by a moment.
 pub fn wait_released(path: &Path, timeout: std::time::Duration) -> bool {
-    let Ok(file) = File::open(path) else {
+    let Ok(file) = OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC)
+        .open(path)
+    else {
         // Gone or unreadable: nothing of ours to wait for.
         return true;
     };
     let deadline = std::time::Instant::now() + timeout;
     loop {
-        // SAFETY: flock on a descriptor we own; a non-blocking probe, released when
-        // `file` is closed.
-        if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_SH | libc::LOCK_NB) } == 0 {
+        // This descriptor holds no lock, so every lock it sees is someone else's.
+        if let Ok(None) = ipc::image::conflict(&file, ipc::image::Access::ReadWrite) {
             return true;
         }
         if std::time::Instant::now() >= deadline {

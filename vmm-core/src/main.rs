@@ -316,7 +316,7 @@ fn run(
     drop(controls);
     let deadline = Instant::now() + WORKER_GRACE;
     for disk in &cfg.disks {
-        if let (vmm_core::disk::DiskBackend::Image(path), false) = (&disk.backend, disk.readonly) {
+        if let vmm_core::disk::DiskBackend::Image(path) = &disk.backend {
             let left = deadline.saturating_duration_since(Instant::now());
             if !vmm_core::disk::wait_released(path, left) {
                 tracing::warn!("disk {}: {} is still locked", disk.id, path.display());
