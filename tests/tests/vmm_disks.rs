@@ -168,6 +168,54 @@ fn blk_verify_two_disks_qd32_irq_io_uring_engine() {
 /// Multiqueue under bulkhead: with 2 vCPUs a worker-served disk gets 2 queues (one per
 /// vCPU) and VIRTIO_BLK_F_MQ; the guest verifies both disks through queue 1, whose kick is
 /// the ioeventfd with datamatch 1 (none reaches the VMM either).
+/// Images on tmpfs (/dev/shm), which cannot FALLOC_FL_ZERO_RANGE: write-zeroes falls back
+/// to writing zeroes, through the write call the policy allows, with both engines. Without
+/// that, every write-zeroes killed its worker for a policy violation.
+#[test]
+fn write_zeroes_and_discard_on_a_tmpfs_image() {
+    let shm = Path::new("/dev/shm");
+    assert!(
+        shm.is_dir(),
+        "this test needs /dev/shm (a tmpfs) for its images"
+    );
+    let dir = shm.join(format!("bulkhead-vmm-tmpfs-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let images = [disk(&dir, "d0.img"), disk(&dir, "d1.img")];
+    let plan = format!("testguest.plan=blk-verify qd=8 completion=irq seed={SEED} blocks={BLOCKS}");
+    let specs = [
+        format!("path={},engine=sync", images[0].display()),
+        format!("path={},engine=io_uring", images[1].display()),
+    ];
+    let r = run_specs(&plan, &specs, &[]);
+    let t = r.transcript();
+    let checked: Vec<_> = images
+        .iter()
+        .enumerate()
+        .map(|(dev, image)| check_blk_verify_image(image, &r.stdout, dev, SEED, BLOCKS))
+        .collect();
+    let _ = std::fs::remove_dir_all(&dir);
+    let lines = tg_lines(&r.stdout);
+    assert_eq!(lines.last().map(String::as_str), Some("TG done"), "{t}");
+    assert_eq!(r.code, Some(0), "{t}");
+    for dev in 0..2 {
+        let summary = format!(
+            "TG blk dev={dev} wrote={BLOCKS} read={BLOCKS} verified={BLOCKS} flush=ok discard=ok write_zeroes=ok"
+        );
+        assert!(
+            lines.iter().any(|l| l.starts_with(&summary)),
+            "missing {summary:?}: {t}"
+        );
+    }
+    for (dev, result) in checked.into_iter().enumerate() {
+        if let Err(e) = result {
+            panic!("disk {dev} on the host: {e}: {t}");
+        }
+    }
+    assert!(!r.stderr.contains("violated policy"), "{t}");
+    assert!(r.stderr.contains("violations total=0"), "{t}");
+    assert_workers_were_confined(&r, 2);
+}
+
 #[test]
 fn blk_verify_through_the_second_queue() {
     let dir = scratch_dir("vmm-disks-queue1");
