@@ -123,11 +123,41 @@ pub struct Image {
     pub identity: (u64, u64),
 }
 
-/// The device and inode of whatever `path` names (following symlinks), to find an image
-/// given twice before opening it.
-pub fn identity_of(path: &Path) -> std::io::Result<(u64, u64)> {
-    let meta = std::fs::metadata(path)?;
+/// Checks, before anything opens it, that `path` names a regular file or a block device
+/// (following symlinks); returns its device and inode: the same image under another name
+/// (a symlink, a hard link) has the same identity.
+pub fn check_path(path: &Path) -> Result<(u64, u64), ImageError> {
+    if path.as_os_str().is_empty() {
+        return Err(ImageError::EmptyPath);
+    }
+    let meta = std::fs::metadata(path).map_err(|source| ImageError::Open {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    if let Some(kind) = unusable_kind(meta.file_type()) {
+        return Err(ImageError::NotAFile {
+            path: path.to_path_buf(),
+            kind,
+        });
+    }
     Ok((meta.dev(), meta.ino()))
+}
+
+/// What a file of this type is called, if it cannot be an image.
+fn unusable_kind(kind: std::fs::FileType) -> Option<&'static str> {
+    Some(if kind.is_file() || kind.is_block_device() {
+        return None;
+    } else if kind.is_fifo() {
+        "FIFO"
+    } else if kind.is_dir() {
+        "directory"
+    } else if kind.is_socket() {
+        "socket"
+    } else if kind.is_char_device() {
+        "character device"
+    } else {
+        "special file"
+    })
 }
 
 /// Opens `path` for `access` (O_DIRECT with `direct`), checks what it is and its size,
@@ -152,28 +182,17 @@ pub fn open(path: &Path, access: Access, direct: bool) -> Result<Image, ImageErr
         .open(path)
         .map_err(open_err)?;
     let meta = file.metadata().map_err(open_err)?;
-    let kind = meta.file_type();
-    let size = if kind.is_block_device() {
-        use std::io::Seek;
-        (&file).seek(std::io::SeekFrom::End(0)).map_err(open_err)?
-    } else if kind.is_file() {
-        meta.len()
-    } else {
-        let kind = if kind.is_fifo() {
-            "FIFO"
-        } else if kind.is_dir() {
-            "directory"
-        } else if kind.is_socket() {
-            "socket"
-        } else if kind.is_char_device() {
-            "character device"
-        } else {
-            "special file"
-        };
+    if let Some(kind) = unusable_kind(meta.file_type()) {
         return Err(ImageError::NotAFile {
             path: path.to_path_buf(),
             kind,
         });
+    }
+    let size = if meta.file_type().is_block_device() {
+        use std::io::Seek;
+        (&file).seek(std::io::SeekFrom::End(0)).map_err(open_err)?
+    } else {
+        meta.len()
     };
     // The descriptor is a regular file or block device: back to blocking I/O.
     nix::fcntl::fcntl(
@@ -355,6 +374,8 @@ mod tests {
         nix::unistd::mkfifo(&p, nix::sys::stat::Mode::S_IRWXU).unwrap();
         let err = open(&p, Access::ReadOnly, false).unwrap_err();
         assert!(err.to_string().contains("is a FIFO"), "{err}");
+        let err = check_path(&p).unwrap_err();
+        assert!(err.to_string().contains("is a FIFO"), "{err}");
         std::fs::remove_file(&p).unwrap();
         let err = open(Path::new("/tmp"), Access::ReadOnly, false).unwrap_err();
         assert!(err.to_string().contains("directory"), "{err}");
@@ -379,9 +400,9 @@ mod tests {
         let hard = p.with_extension("hard");
         let _ = std::fs::remove_file(&hard);
         std::fs::hard_link(&p, &hard).unwrap();
-        let id = identity_of(&p).unwrap();
-        assert_eq!(identity_of(&link).unwrap(), id);
-        assert_eq!(identity_of(&hard).unwrap(), id);
+        let id = check_path(&p).unwrap();
+        assert_eq!(check_path(&link).unwrap(), id);
+        assert_eq!(check_path(&hard).unwrap(), id);
         assert_eq!(open(&link, Access::ReadOnly, false).unwrap().identity, id);
     }
 }

@@ -533,17 +533,76 @@ fn blk_verify_beside_a_faulty_worker(hook: &str, name: &str) -> RunResult {
     r
 }
 
-/// A worker that misbehaves during setup: the VMM logs it once, the rest carries on.
+/// True once qemu-io can open `image` for writing (no lock of anyone's left on it), tried
+/// for up to `within`.
+fn unlocked_within(image: &Path, within: Duration) -> bool {
+    let qemu_io = tests::require_tool("qemu-io", "qemu-utils");
+    let deadline = std::time::Instant::now() + within;
+    loop {
+        let probe = std::process::Command::new(&qemu_io)
+            .args(["-f", "raw", "-c", "flush"])
+            .arg(image)
+            .output()
+            .unwrap();
+        if probe.status.success() && !String::from_utf8_lossy(&probe.stderr).contains("Failed") {
+            return true;
+        }
+        if std::time::Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A worker that misbehaves while the VM starts fails the start: bulkhead exits 1 with
+/// one error line, runs no vCPU, and ends the worker it had started for disk 0 (both
+/// images are free at once).
 fn misbehaving_second_worker(hook: &str, expected: &str) {
-    let r = blk_verify_beside_a_faulty_worker(hook, &format!("vmm-hook-{hook}"));
+    let plan = format!("testguest.plan=blk-verify dev=0 qd=8 seed={SEED} blocks={BLOCKS}");
+    let (r, d0) = run_with_faulty_blk1(hook, &plan, &format!("vmm-hook-{hook}"));
+    assert_failed_start(&r, &[d0.clone(), d0.with_file_name("d1.img")], expected);
+}
+
+fn assert_failed_start(r: &RunResult, images: &[PathBuf], expected: &str) {
     let t = r.transcript();
-    let failed: Vec<&str> = r
+    assert_eq!(r.code, Some(1), "{t}");
+    assert!(tg_lines(&r.stdout).is_empty(), "no vCPU may run: {t}");
+    assert!(!r.stderr.contains("booting"), "no vCPU may run: {t}");
+    let errors: Vec<&str> = r
         .stderr
         .lines()
-        .filter(|l| l.contains("ERROR disk blk1 failed:"))
+        .filter(|l| l.starts_with("bulkhead: error:"))
         .collect();
-    assert_eq!(failed.len(), 1, "the VMM must log the bad worker once: {t}");
-    assert!(failed[0].contains(expected), "expected {expected:?}: {t}");
+    assert_eq!(errors.len(), 1, "one error line: {t}");
+    assert!(errors[0].contains(expected), "expected {expected:?}: {t}");
+    for image in images {
+        assert!(
+            unlocked_within(image, Duration::from_millis(500)),
+            "{} is still locked after bulkhead exited: {t}",
+            image.display()
+        );
+    }
+}
+
+/// A worker executable that is no worker at all (it exits at once): the start fails.
+#[test]
+fn a_worker_that_cannot_start_fails_the_start() {
+    require_kvm();
+    let dir = scratch_dir("vmm-worker-bin-true");
+    let d0 = disk(&dir, "d0.img");
+    let r = tests::run_bulkhead(
+        &[
+            "run",
+            "--kernel",
+            testguest().to_str().unwrap(),
+            "--worker-bin",
+            "/bin/true",
+            "--disk",
+            &format!("path={}", d0.display()),
+        ],
+        Duration::from_secs(30),
+    );
+    assert_failed_start(&r, &[d0], "disk blk0");
 }
 
 #[test]

@@ -55,6 +55,8 @@ pub enum DiskError {
     Option { spec: String, reason: String },
     #[error(transparent)]
     Image(#[from] ipc::image::ImageError),
+    #[error("{0}")]
+    Conflict(String),
 }
 
 const MAX_QUEUES: u16 = 64;
@@ -88,10 +90,21 @@ impl DiskConfig {
             ioeventfd: IoEventFdMatch::Datamatch,
         };
         let mut backend = None;
+        let mut seen: Vec<&str> = Vec::new();
         for part in spec.split(',') {
             let (key, value) = part
                 .split_once('=')
                 .ok_or_else(|| bad(format!("{part:?} is not key=value")))?;
+            if value.is_empty() {
+                return Err(bad(format!("{key}= needs a value")));
+            }
+            if seen.contains(&key) {
+                return Err(bad(format!("{key}= is given twice")));
+            }
+            if ["path", "vhost_user"].contains(&key) && backend.is_some() {
+                return Err(bad("path= and vhost_user= exclude each other".into()));
+            }
+            seen.push(key);
             match key {
                 "path" => backend = Some(DiskBackend::Image(PathBuf::from(value))),
                 "vhost_user" => backend = Some(DiskBackend::VhostUser(PathBuf::from(value))),
@@ -165,6 +178,73 @@ impl DiskConfig {
         }
         Ok(cfg)
     }
+}
+
+/// Checks a VM's disks together, before anything is opened or started: ids are unique,
+/// and no image or vhost-user socket is given twice (an image by device and inode, so a
+/// symlink or hard link to one counts), each image is a regular file or a block device.
+pub fn check_disks(disks: &[DiskConfig]) -> Result<(), DiskError> {
+    let mut images: Vec<(&DiskConfig, (u64, u64))> = Vec::new();
+    for (i, d) in disks.iter().enumerate() {
+        if let Some(first) = disks[..i].iter().find(|o| o.id == d.id) {
+            return Err(DiskError::Conflict(format!(
+                "two disks have the id {:?} (the {} and the {} --disk; the default id of the \
+                 N-th --disk, counting from 0, is blkN)",
+                d.id,
+                ordinal(
+                    disks
+                        .iter()
+                        .position(|o| std::ptr::eq(o, first))
+                        .unwrap_or(0)
+                ),
+                ordinal(i),
+            )));
+        }
+        match &d.backend {
+            DiskBackend::Image(path) => {
+                let identity = ipc::image::check_path(path)?;
+                if let Some((other, _)) = images.iter().find(|(_, id)| *id == identity) {
+                    let DiskBackend::Image(other_path) = &other.backend else {
+                        unreachable!("only images are collected");
+                    };
+                    return Err(DiskError::Conflict(format!(
+                        "disks {} and {} are the same image ({} and {})",
+                        other.id,
+                        d.id,
+                        other_path.display(),
+                        path.display()
+                    )));
+                }
+                images.push((d, identity));
+            }
+            DiskBackend::VhostUser(path) => {
+                if let Some(other) = disks[..i]
+                    .iter()
+                    .find(|o| o.backend == DiskBackend::VhostUser(path.clone()))
+                {
+                    return Err(DiskError::Conflict(format!(
+                        "disks {} and {} both use the vhost-user socket {}",
+                        other.id,
+                        d.id,
+                        path.display()
+                    )));
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+fn ordinal(i: usize) -> String {
+    let n = i + 1;
+    let suffix = match (n % 10, n % 100) {
+        (1, 11) | (2, 12) | (3, 13) => "th",
+        (1, _) => "st",
+        (2, _) => "nd",
+        (3, _) => "rd",
+        _ => "th",
+    };
+    format!("{n}{suffix}")
 }
 
 /// Queues a worker-served disk gets by default: one per vCPU, at most this many.
@@ -262,6 +342,52 @@ mod tests {
     }
 
     #[test]
+    fn disks_are_checked_together() {
+        let dir = std::env::temp_dir().join(format!("bulkhead-check-disks-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let img = dir.join("a.img");
+        std::fs::File::create(&img).unwrap().set_len(4096).unwrap();
+        let link = dir.join("a.link");
+        let _ = std::fs::remove_file(&link);
+        std::os::unix::fs::symlink(&img, &link).unwrap();
+        let other = dir.join("b.img");
+        std::fs::File::create(&other)
+            .unwrap()
+            .set_len(4096)
+            .unwrap();
+        let parse = |specs: &[String]| -> Vec<DiskConfig> {
+            specs
+                .iter()
+                .enumerate()
+                .map(|(i, s)| DiskConfig::parse(s, i).unwrap())
+                .collect()
+        };
+        let p = |p: &Path| format!("path={}", p.display());
+        check_disks(&parse(&[p(&img), p(&other)])).unwrap();
+        let err = check_disks(&parse(&[p(&img), p(&link)])).unwrap_err();
+        assert!(err.to_string().contains("are the same image"), "{err}");
+        let err = check_disks(&parse(&[p(&img), format!("{},id=blk0", p(&other))])).unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("two disks have the id \"blk0\" (the 1st and the 2nd"),
+            "{err}"
+        );
+        let err = check_disks(&parse(&[
+            "vhost_user=/s".to_string(),
+            "vhost_user=/s".to_string(),
+        ]))
+        .unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("both use the vhost-user socket /s"),
+            "{err}"
+        );
+        let err = check_disks(&parse(&[p(&dir)])).unwrap_err();
+        assert!(err.to_string().contains("is a directory"), "{err}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
     fn queues_default_to_the_vcpus_capped() {
         let image = |q: &str| DiskConfig::parse(&format!("path=/x{q}"), 0).unwrap();
         assert_eq!(image("").with_default_queues(1).num_queues, 1);
@@ -291,6 +417,12 @@ mod tests {
             "path=/x,serial=123456789012345678901",
             "path=/x,colour=blue",
             "path=/x,nokey",
+            "path=",
+            "path=/x,id=",
+            "path=/x,serial=",
+            "path=/x,path=/y",
+            "path=/x,vhost_user=/s",
+            "path=/x,readonly=on,readonly=off",
         ] {
             let err = DiskConfig::parse(bad, 0).unwrap_err().to_string();
             assert!(err.contains(bad), "{err}");

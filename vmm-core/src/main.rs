@@ -23,9 +23,6 @@ mod policy_cmd;
 const EXIT_GUEST_CRASHED: u8 = 120;
 /// Exit status when `--timeout` expired (as timeout(1)).
 const EXIT_TIMEOUT: u8 = 124;
-/// How long a worker gets to finish its in-flight requests and exit after the VM ends,
-/// before it is killed.
-const WORKER_GRACE: Duration = Duration::from_secs(2);
 
 #[derive(Debug, Parser)]
 #[command(
@@ -250,6 +247,7 @@ fn run(
         .enumerate()
         .map(|(i, spec)| vmm_core::disk::DiskConfig::parse(spec, i))
         .collect::<Result<Vec<_>, _>>()?;
+    vmm_core::disk::check_disks(&disks)?;
     let cfg = VmConfig {
         disks,
         worker_bin: args.worker_bin,
@@ -296,25 +294,9 @@ fn run(
     terminal.restore();
     // Workers end before bulkhead does (learn mode records them to this normal end), so a
     // next run finds the images unlocked.
-    for device in &stats.devices {
-        device.disconnect_backend();
-    }
-    let deadline = Instant::now() + WORKER_GRACE;
-    let lingering: Vec<_> = controls
-        .iter()
-        .filter(|(_, control)| !control.wait_ended(deadline))
-        .collect();
-    for (_, control) in &lingering {
-        control.kill_worker();
-    }
-    let deadline = Instant::now() + WORKER_GRACE;
-    for (id, control) in lingering {
-        if !control.wait_ended(deadline) {
-            tracing::warn!("disk {id}: its worker did not end, even killed");
-        }
-    }
+    vmm_core::vm::end_backends(&stats.devices, &controls);
     drop(controls);
-    let deadline = Instant::now() + WORKER_GRACE;
+    let deadline = Instant::now() + vmm_core::vm::WORKER_GRACE;
     for disk in &cfg.disks {
         if let vmm_core::disk::DiskBackend::Image(path) = &disk.backend {
             let left = deadline.saturating_duration_since(Instant::now());

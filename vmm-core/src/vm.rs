@@ -161,6 +161,24 @@ impl Vm {
             });
         }
         let num_vcpus = cfg.vcpus as u8;
+        if cfg.disks.len() > layout::VIRTIO_MMIO_MAX_SLOTS as usize {
+            return Err(VmError::TooManyDisks {
+                count: cfg.disks.len(),
+                max: layout::VIRTIO_MMIO_MAX_SLOTS,
+            });
+        }
+        // Every image is opened and locked before any worker starts: one that cannot be
+        // had (in use elsewhere, the wrong size) ends the start with nothing to undo.
+        let mut images = Vec::with_capacity(cfg.disks.len());
+        for disk in &cfg.disks {
+            images.push(match &disk.backend {
+                DiskBackend::Image(path) => Some(Arc::new(
+                    crate::disk::open_image(path, disk.readonly, disk.direct)
+                        .map_err(crate::worker::WorkerError::from)?,
+                )),
+                DiskBackend::VhostUser(_) => None,
+            });
+        }
         let ram = GuestRam::new(cfg.mem_mib, cfg.ram_pages)?;
         let kvm_err = |what| move |source| VmError::Kvm { what, source };
 
@@ -181,26 +199,25 @@ impl Vm {
         ram.register(&vm)?;
 
         let ram = Arc::new(ram);
-        if cfg.disks.len() > layout::VIRTIO_MMIO_MAX_SLOTS as usize {
-            return Err(VmError::TooManyDisks {
-                count: cfg.disks.len(),
-                max: layout::VIRTIO_MMIO_MAX_SLOTS,
-            });
-        }
         let violations = Arc::new(ViolationLog::default());
         let workers = WorkerEnv {
             bin: cfg.worker_bin.as_deref(),
             learn: cfg.learn.as_ref(),
             violations: &violations,
         };
-        let mut disks = Vec::with_capacity(cfg.disks.len());
-        for (index, disk) in cfg.disks.iter().enumerate() {
+        // Until the VM is built, a failure ends the workers already started.
+        let mut disks = StartedDisks(Vec::with_capacity(cfg.disks.len()));
+        for (index, (disk, image)) in cfg.disks.iter().zip(images).enumerate() {
             let disk = disk.clone().with_default_queues(cfg.vcpus);
-            disks.push(Disk::create(&vm, &ram, &disk, index as u32, &workers)?);
+            let slot = crate::acpi::VirtioMmioSlot::from_layout(index as u32);
+            disks
+                .0
+                .push(Disk::connect(&vm, &ram, &disk, image, slot, &workers)?);
         }
-        let slots: Vec<crate::acpi::VirtioMmioSlot> = disks.iter().map(|d| d.device.slot).collect();
+        let slots: Vec<crate::acpi::VirtioMmioSlot> =
+            disks.0.iter().map(|d| d.device.slot).collect();
         let bus = Arc::new(MmioBus {
-            devices: disks.iter().map(|d| d.device.clone()).collect(),
+            devices: disks.0.iter().map(|d| d.device.clone()).collect(),
         });
         let tables = crate::acpi::create_acpi_tables(ram.memory(), num_vcpus, &slots)?;
         let cmdline = guest_cmdline(&cfg.cmdline, &slots);
@@ -254,7 +271,7 @@ impl Vm {
             _kvm: kvm,
             ram,
             serial,
-            disks,
+            disks: disks.keep(),
             violations,
             entry: loaded.entry,
         })
@@ -413,81 +430,78 @@ pub struct Disk {
     pub device: Arc<VirtioMmioDevice>,
     /// Its worker's supervisor, for planned restarts (None for external backends).
     pub control: Option<Arc<crate::supervisor::DiskControl>>,
-    /// Its backend misbehaved during setup: the slot holds a device in
-    /// DEVICE_NEEDS_RESET and the VM runs without it.
-    pub failed: bool,
+}
+
+/// How long a worker gets to finish its in-flight requests and exit once its disk is
+/// disconnected, before it is killed.
+pub const WORKER_GRACE: Duration = Duration::from_secs(2);
+
+/// Ends every disk's backend: disconnects it, gives the workers [`WORKER_GRACE`] to end,
+/// kills those that did not and waits for them as long again.
+pub fn end_backends(
+    devices: &[Arc<VirtioMmioDevice>],
+    controls: &[(String, Arc<crate::supervisor::DiskControl>)],
+) {
+    for device in devices {
+        device.disconnect_backend();
+    }
+    let deadline = std::time::Instant::now() + WORKER_GRACE;
+    let lingering: Vec<_> = controls
+        .iter()
+        .filter(|(_, control)| !control.wait_ended(deadline))
+        .collect();
+    for (_, control) in &lingering {
+        control.kill_worker();
+    }
+    let deadline = std::time::Instant::now() + WORKER_GRACE;
+    for (id, control) in lingering {
+        if !control.wait_ended(deadline) {
+            tracing::warn!("disk {id}: its worker did not end, even killed");
+        }
+    }
+}
+
+/// The disks of a VM being built: dropped before the VM is, they end their workers.
+struct StartedDisks(Vec<Disk>);
+
+impl StartedDisks {
+    fn keep(mut self) -> Vec<Disk> {
+        std::mem::take(&mut self.0)
+    }
+}
+
+impl Drop for StartedDisks {
+    fn drop(&mut self) {
+        if self.0.is_empty() {
+            return;
+        }
+        let devices: Vec<_> = self.0.iter().map(|d| d.device.clone()).collect();
+        let controls: Vec<_> = self
+            .0
+            .iter()
+            .filter_map(|d| Some((d.device.id.clone(), d.control.clone()?)))
+            .collect();
+        end_backends(&devices, &controls);
+    }
 }
 
 impl Disk {
-    fn create(
-        vm: &VmFd,
-        ram: &Arc<GuestRam>,
-        cfg: &DiskConfig,
-        index: u32,
-        workers: &WorkerEnv,
-    ) -> Result<Disk, VmError> {
-        let slot = crate::acpi::VirtioMmioSlot::from_layout(index);
-        match Self::connect(vm, ram, cfg, slot, workers) {
-            Ok(disk) => Ok(disk),
-            Err(VmError::Worker(e)) if e.is_worker_fault() => Self::failed(vm, cfg, slot, &e),
-            Err(VmError::Frontend(e)) => Self::failed(vm, cfg, slot, &e),
-            Err(e) => Err(e),
-        }
-    }
-
-    /// A slot whose backend misbehaved: logged, and a device that says
-    /// DEVICE_NEEDS_RESET, so the guest's other disks and the VM carry on.
-    fn failed(
-        vm: &VmFd,
-        cfg: &DiskConfig,
-        slot: crate::acpi::VirtioMmioSlot,
-        error: &dyn std::error::Error,
-    ) -> Result<Disk, VmError> {
-        tracing::error!("disk {} failed: {}", cfg.id, crate::error_chain(error));
-        let config_irq = EventFd::new(libc::EFD_NONBLOCK).map_err(|source| VmError::DiskSetup {
-            id: cfg.id.clone(),
-            what: "create the config interrupt eventfd",
-            source,
-        })?;
-        vm.register_irqfd(&config_irq, slot.gsi)
-            .map_err(|source| VmError::Kvm {
-                what: "register the config irqfd",
-                source,
-            })?;
-        let (tx, _rx) = mpsc::channel();
-        let info = DeviceInfo {
-            id: cfg.id.clone(),
-            slot,
-            device_features: 0,
-            config: Vec::new(),
-            num_queues: usize::from(cfg.num_queues),
-            queue_max: QUEUE_MAX,
-        };
-        let device = Arc::new(VirtioMmioDevice::new(info, config_irq, tx));
-        device.needs_reset();
-        Ok(Disk {
-            device,
-            control: None,
-            failed: true,
-        })
-    }
-
+    /// Starts the disk's worker (for an image, opened by the caller) or connects to its
+    /// external backend, and sets the device up. Any failure fails the VM's start.
     fn connect(
         vm: &VmFd,
         ram: &Arc<GuestRam>,
         cfg: &DiskConfig,
+        image: Option<Arc<crate::disk::OpenedImage>>,
         slot: crate::acpi::VirtioMmioSlot,
         workers: &WorkerEnv,
     ) -> Result<Disk, VmError> {
-        let (stream, worker) = match &cfg.backend {
-            DiskBackend::Image(path) => {
+        let (stream, worker) = match (&cfg.backend, image) {
+            (DiskBackend::Image(path), Some(image)) => {
                 let bin = match workers.bin {
                     Some(b) => b.to_path_buf(),
                     None => crate::worker::default_worker_bin().ok_or(VmError::NoWorkerBin)?,
                 };
-                let image = crate::disk::open_image(path, cfg.readonly, cfg.direct)
-                    .map_err(crate::worker::WorkerError::from)?;
-                let image = Arc::new(image);
                 let w = crate::worker::spawn(
                     cfg,
                     &image,
@@ -511,7 +525,10 @@ impl Disk {
                     })?;
                 (vhost, Some((w, image, bin)))
             }
-            DiskBackend::VhostUser(path) => {
+            (DiskBackend::Image(path), None) => {
+                unreachable!("Vm::build opens every image first ({})", path.display())
+            }
+            (DiskBackend::VhostUser(path), _) => {
                 let s = std::os::unix::net::UnixStream::connect(path).map_err(|source| {
                     VmError::VhostUserConnect {
                         path: path.clone(),
@@ -655,7 +672,6 @@ impl Disk {
         Ok(Disk {
             control: supervised_any.then_some(disk_control),
             device,
-            failed: false,
         })
     }
 }

@@ -76,19 +76,6 @@ pub enum WorkerError {
     },
 }
 
-impl WorkerError {
-    /// A worker that misbehaved (as opposed to a configuration the user must fix): the VM
-    /// can run without that disk.
-    pub fn is_worker_fault(&self) -> bool {
-        matches!(
-            self,
-            WorkerError::Handshake { .. }
-                | WorkerError::Control { .. }
-                | WorkerError::Unexpected { .. }
-        )
-    }
-}
-
 /// A started worker, past its handshake, ready for vhost-user.
 #[derive(Debug)]
 pub struct Worker {
