@@ -41,11 +41,61 @@ pub fn run_after_sandbox(name: &str) -> Result<(), String> {
                 ))
             }
         }
+        // Crashes: each must be reported as what it is, never as a policy violation.
+        "segv" => {
+            // SAFETY: none: reading address 0x10 faults, which is the point.
+            unsafe { std::ptr::read_volatile(0x10 as *const u8) };
+            Err("reading address 0x10 did not fault".into())
+        }
+        "sigbus" => {
+            let page = SIGBUS_PAGE.load(std::sync::atomic::Ordering::Relaxed);
+            if page.is_null() {
+                return Err("the sigbus hook's page was not prepared before the sandbox".into());
+            }
+            // SAFETY: none: the page maps an empty memfd, so touching it raises SIGBUS,
+            // which is the point.
+            unsafe { std::ptr::read_volatile(page) };
+            Err("touching a page past the end of its file did not raise SIGBUS".into())
+        }
+        "abort" => std::process::abort(),
+        "panic" => panic!("fault hook: a panic in the serving worker"),
         name => match forbidden_call(name) {
             Some(ret) => Err(format!("{name} was not trapped (returned {ret})")),
             None => Err(format!("unknown fault hook {name:?}")),
         },
     }
+}
+
+/// The `sigbus` hook's page: a shared mapping of an empty memfd, made before the sandbox
+/// (which forbids making one).
+static SIGBUS_PAGE: std::sync::atomic::AtomicPtr<u8> =
+    std::sync::atomic::AtomicPtr::new(std::ptr::null_mut());
+
+/// What a hook needs made before the sandbox.
+pub fn prepare_before_sandbox(name: &str) -> Result<(), String> {
+    if name != "sigbus" {
+        return Ok(());
+    }
+    let fd =
+        nix::sys::memfd::memfd_create(c"bulkhead-sigbus-hook", nix::sys::memfd::MFdFlags::empty())
+            .map_err(|e| format!("memfd_create: {e}"))?;
+    // SAFETY: a new shared mapping of one page of a descriptor we own; nothing else
+    // refers to that address range.
+    let page = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            4096,
+            libc::PROT_READ,
+            libc::MAP_SHARED,
+            std::os::fd::AsRawFd::as_raw_fd(&fd),
+            0,
+        )
+    };
+    if page == libc::MAP_FAILED {
+        return Err(format!("mmap: {}", std::io::Error::last_os_error()));
+    }
+    SIGBUS_PAGE.store(page.cast(), std::sync::atomic::Ordering::Relaxed);
+    Ok(())
 }
 
 /// Issues the raw syscall of one forbidden class; returns what it returned if the filter

@@ -186,6 +186,8 @@ fn run_blk(args: BlkArgs) -> anyhow::Result<ExitCode> {
         sandboxed: !args.no_sandbox,
         #[cfg(feature = "test-hooks")]
         fault_hook: args.fault_hook,
+        #[cfg(feature = "test-hooks")]
+        hook_after_setup: false,
     })
 }
 
@@ -286,6 +288,10 @@ fn run_spawned(args: SpawnedArgs) -> anyhow::Result<ExitCode> {
         } else {
             args.fault_hook.or(hook)
         },
+        // The VMM's start waits for the vhost-user setup: a worker that misbehaves before
+        // it is done fails the start, so a hook for a running VM waits for its end.
+        #[cfg(feature = "test-hooks")]
+        hook_after_setup: true,
     })
 }
 
@@ -311,6 +317,10 @@ struct Serve {
     sandboxed: bool,
     #[cfg(feature = "test-hooks")]
     fault_hook: Option<String>,
+    /// Run the fault hook once the frontend's setup is done (its GET_CONFIG answered)
+    /// rather than right after the sandbox.
+    #[cfg(feature = "test-hooks")]
+    hook_after_setup: bool,
 }
 
 fn serve(s: Serve) -> anyhow::Result<ExitCode> {
@@ -338,6 +348,12 @@ fn serve(s: Serve) -> anyhow::Result<ExitCode> {
         vhost_backend.exit_at_ring_start =
             device_workers::hooks::take_crash_loop_turn(s.fault_hook.as_deref())
                 .map_err(anyhow::Error::msg)?;
+        if let Some(hook) = &s.fault_hook {
+            device_workers::hooks::prepare_before_sandbox(hook).map_err(anyhow::Error::msg)?;
+            if s.hook_after_setup {
+                vhost_backend.hook_after_config = Some(hook.clone());
+            }
+        }
     }
     let backend = Arc::new(Mutex::new(vhost_backend));
     let handler = BackendReqHandler::from_stream(s.stream, backend.clone());
@@ -395,6 +411,7 @@ fn serve(s: Serve) -> anyhow::Result<ExitCode> {
             }
             Side::Worker => {
                 sandbox::confine(&cfg)?;
+                sandbox::crash::install(status)?;
                 match s.learn {
                     Some(handoff) => {
                         // Said before the filter, so the line is not a recorded call.
@@ -418,7 +435,7 @@ fn serve(s: Serve) -> anyhow::Result<ExitCode> {
         ));
     }
     #[cfg(feature = "test-hooks")]
-    if let Some(hook) = &s.fault_hook {
+    if let (Some(hook), false) = (&s.fault_hook, s.hook_after_setup) {
         device_workers::hooks::run_after_sandbox(hook).map_err(anyhow::Error::msg)?;
     }
     let _control = s.control;
@@ -432,12 +449,19 @@ fn serve(s: Serve) -> anyhow::Result<ExitCode> {
 /// Waits for the confined worker and ends the same way it did, reporting a policy
 /// violation by name.
 fn reap(worker: nix::unistd::Pid, status: &ipc::status::StatusMapping, print: bool) -> ExitCode {
+    use ipc::status::WorkerEnd;
     use nix::sys::wait::{waitpid, WaitStatus};
     let code = loop {
         match waitpid(worker, None) {
-            Ok(WaitStatus::Exited(_, code)) => break code,
+            Ok(WaitStatus::Exited(_, code)) => {
+                status.record_end(WorkerEnd::Exited(code));
+                break code;
+            }
             Ok(WaitStatus::Signaled(_, sig, _)) => {
-                say(format_args!("worker (pid {worker}) was killed by {sig}"));
+                status.record_end(WorkerEnd::Signaled(sig as i32));
+                if ipc::status::describe_crash(status.crash(), status.end()).is_none() {
+                    say(format_args!("worker (pid {worker}) was killed by {sig}"));
+                }
                 break 128 + sig as i32;
             }
             Ok(_) => continue,
@@ -450,7 +474,9 @@ fn reap(worker: nix::unistd::Pid, status: &ipc::status::StatusMapping, print: bo
             }
         }
     };
-    if let Some(v) = status.violation() {
+    if let Some(crash) = ipc::status::describe_crash(status.crash(), status.end()) {
+        say(format_args!("worker (pid {worker}) {crash}"));
+    } else if let (Some(v), ipc::status::EXIT_POLICY_VIOLATION) = (status.violation(), code) {
         say(format_args!(
             "worker (pid {worker}) violated policy blk: {}",
             policies::decode::format_call(v.nr, v.args)

@@ -23,6 +23,10 @@ pub enum ServeError {
     Epoll(#[source] nix::Error),
     #[error("the frontend sent a message this worker refuses")]
     Frontend(#[source] VhostError),
+    /// Test builds: a fault hook that did not do what it should.
+    #[cfg(feature = "test-hooks")]
+    #[error("fault hook: {0}")]
+    Hook(String),
 }
 
 /// The event loop's resources, created before the sandbox (epoll_create is not in the
@@ -184,7 +188,13 @@ impl EventLoop {
             for event in &events[..n] {
                 match event.data() {
                     SOCKET_TOKEN => match handler.handle_request() {
-                        Ok(()) => {}
+                        Ok(()) =>
+                        {
+                            #[cfg(feature = "test-hooks")]
+                            if let Some(hook) = lock().take_due_hook() {
+                                crate::hooks::run_after_sandbox(&hook).map_err(ServeError::Hook)?;
+                            }
+                        }
                         Err(VhostError::Disconnected) => {
                             tracing::info!("frontend disconnected");
                             return Ok(());

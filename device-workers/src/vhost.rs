@@ -199,6 +199,25 @@ pub struct VhostBackend<D> {
     /// Test builds: exit when the first ring starts (one turn of a crash loop).
     #[cfg(feature = "test-hooks")]
     pub exit_at_ring_start: bool,
+    /// Test builds: the fault hook to run once GET_CONFIG is answered (the end of the
+    /// VMM's setup); moved to `hook_due` then.
+    #[cfg(feature = "test-hooks")]
+    pub hook_after_config: Option<String>,
+    #[cfg(feature = "test-hooks")]
+    hook_due: Option<String>,
+}
+
+/// The size of a file the frontend passed, with the raw fstat system call: the policy
+/// allows it, which takes no path (glibc's fstat() is newfstatat with an empty path, std's
+/// metadata() is statx).
+fn file_size(file: &File) -> io::Result<u64> {
+    // SAFETY: stat is plain data that fstat fills.
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    // SAFETY: fstat on an open descriptor (owned by `file`) into a live, writable buffer.
+    if unsafe { libc::syscall(libc::SYS_fstat, file.as_raw_fd(), &mut st) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(st.st_size as u64)
 }
 
 fn refuse(msg: String) -> VhostError {
@@ -225,7 +244,17 @@ impl<D: VhostDevice> VhostBackend<D> {
             bad_config_reply: false,
             #[cfg(feature = "test-hooks")]
             exit_at_ring_start: false,
+            #[cfg(feature = "test-hooks")]
+            hook_after_config: None,
+            #[cfg(feature = "test-hooks")]
+            hook_due: None,
         }
+    }
+
+    /// Test builds: the fault hook whose time has come (GET_CONFIG was answered).
+    #[cfg(feature = "test-hooks")]
+    pub fn take_due_hook(&mut self) -> Option<String> {
+        self.hook_due.take()
     }
 
     /// Offers inflight tracking with `region` (created before the sandbox: mapping a new
@@ -583,6 +612,19 @@ impl<D: VhostDevice> VhostUserBackendReqHandlerMut for VhostBackend<D> {
                     "memory region {i}: guest address {gpa:#x} size {size:#x} is empty or overflows"
                 )));
             }
+            // A file shorter than the region would map fine and raise SIGBUS on first touch.
+            let offset = region.mmap_offset;
+            let held = file_size(&file).map_err(|e| {
+                refuse(format!(
+                    "memory region {i}: cannot read its file's size: {e}"
+                ))
+            })?;
+            if offset.checked_add(size).is_none_or(|end| end > held) {
+                return Err(refuse(format!(
+                    "memory region {i}: its file holds {held:#x} bytes, less than offset \
+                     {offset:#x} + size {size:#x}"
+                )));
+            }
             let mmap = region.mmap_region::<()>(file)?;
             let guest_region = GuestRegionMmap::new(mmap, GuestAddress(gpa))
                 .ok_or_else(|| refuse(format!("memory region {i} at {gpa:#x} is invalid")))?;
@@ -775,6 +817,10 @@ impl<D: VhostDevice> VhostUserBackendReqHandlerMut for VhostBackend<D> {
         #[cfg(feature = "test-hooks")]
         if self.bad_config_reply {
             return Ok(vec![0xee]);
+        }
+        #[cfg(feature = "test-hooks")]
+        if let Some(hook) = self.hook_after_config.take() {
+            self.hook_due = Some(hook);
         }
         let config = self.device.config();
         let end = offset.checked_add(size).map(|e| e as usize);

@@ -27,7 +27,16 @@
 //! | 112 | 8 | violation instruction pointer |
 //! | 120 | 8 | rings started (each ran inflight recovery) |
 //! | 128 | 8 | requests resubmitted for a predecessor |
-//! | 136 | 120 | reserved (zero) |
+//! | 136 | 4 | crash kind, from the worker's own fault handlers: 0 none, a signal number, or [`CRASH_PANIC`] |
+//! | 140 | 4 | reserved (zero) |
+//! | 144 | 8 | crash address (the faulting address, when the kernel gave one) |
+//! | 152 | 4 | worker end, from its reaper after it reaped the worker: 0 not yet, 1 exited, 2 killed by a signal |
+//! | 156 | 4 | worker end value: exit status or signal number |
+//! | 160 | 96 | reserved (zero) |
+//!
+//! The crash record is the worker's own word, written as it dies; the end record is its
+//! reaper's, written once the worker can write nothing more. The VMM believes a crash only
+//! where both agree.
 
 use std::ffi::CString;
 use std::fmt;
@@ -46,7 +55,7 @@ use serde::{Deserialize, Serialize};
 /// `b"BHSTATUS"` read as a little-endian u64.
 pub const STATUS_MAGIC: u64 = u64::from_le_bytes(*b"BHSTATUS");
 /// Version of the layout below; bump on any change of offsets or meaning.
-pub const LAYOUT_VERSION: u32 = 2;
+pub const LAYOUT_VERSION: u32 = 3;
 /// Size of the memfd (one page).
 pub const STATUS_PAGE_SIZE: usize = 4096;
 /// Size of [`StatusPage`].
@@ -60,6 +69,16 @@ pub const REQUIRED_SEALS: SealFlag = SealFlag::F_SEAL_SHRINK
 /// shell's convention for death by that signal). The supervisor reads the violation
 /// record when it sees it.
 pub const EXIT_POLICY_VIOLATION: i32 = 128 + libc::SIGSYS;
+
+/// Crash kind of a panic (not a signal number).
+pub const CRASH_PANIC: u32 = 0x1_0000;
+/// Exit status of a worker that panicked (Rust's own for a panicking main).
+pub const EXIT_PANIC: i32 = 101;
+
+/// End state: the reaper has not reaped the worker (or there is no reaper).
+const END_NONE: u32 = 0;
+const END_EXITED: u32 = 1;
+const END_SIGNALED: u32 = 2;
 
 /// Violation state: nothing recorded.
 pub const VIOLATION_NONE: u32 = 0;
@@ -91,7 +110,12 @@ pub struct StatusPage {
     violation_ip: AtomicU64,
     rings_started: AtomicU64,
     resubmitted: AtomicU64,
-    reserved: [AtomicU64; 15],
+    crash_kind: AtomicU32,
+    reserved_pad: AtomicU32,
+    crash_addr: AtomicU64,
+    end_how: AtomicU32,
+    end_value: AtomicU32,
+    reserved: [AtomicU64; 12],
 }
 
 const _: () = {
@@ -113,7 +137,11 @@ const _: () = {
     assert!(offset_of!(StatusPage, violation_ip) == 112);
     assert!(offset_of!(StatusPage, rings_started) == 120);
     assert!(offset_of!(StatusPage, resubmitted) == 128);
-    assert!(offset_of!(StatusPage, reserved) == 136);
+    assert!(offset_of!(StatusPage, crash_kind) == 136);
+    assert!(offset_of!(StatusPage, crash_addr) == 144);
+    assert!(offset_of!(StatusPage, end_how) == 152);
+    assert!(offset_of!(StatusPage, end_value) == 156);
+    assert!(offset_of!(StatusPage, reserved) == 160);
 };
 
 /// Errors of creating, validating and mapping a status page.
@@ -381,6 +409,51 @@ impl StatusPage {
         })
     }
 
+    /// Worker side, from a fault handler or the panic hook: records how it is crashing
+    /// (a signal number or [`CRASH_PANIC`]) and the faulting address (0 if none). The
+    /// first record stays. Async-signal-safe like [`Self::record_violation`].
+    pub fn record_crash(&self, kind: u32, addr: u64) {
+        if self
+            .crash_kind
+            .compare_exchange(0, kind, Ordering::AcqRel, Ordering::Relaxed)
+            .is_ok()
+        {
+            self.crash_addr.store(addr, Ordering::Release);
+        }
+    }
+
+    /// The worker's own crash record, if it wrote one.
+    pub fn crash(&self) -> Option<CrashRecord> {
+        match self.crash_kind.load(Ordering::Acquire) {
+            0 => None,
+            kind => Some(CrashRecord {
+                kind,
+                addr: self.crash_addr.load(Ordering::Acquire),
+            }),
+        }
+    }
+
+    /// Reaper side, once it has reaped the worker: how the worker ended.
+    pub fn record_end(&self, end: WorkerEnd) {
+        let (how, value) = match end {
+            WorkerEnd::Exited(code) => (END_EXITED, code as u32),
+            WorkerEnd::Signaled(sig) => (END_SIGNALED, sig as u32),
+        };
+        self.end_value.store(value, Ordering::Relaxed);
+        self.end_how.store(how, Ordering::Release);
+    }
+
+    /// How the worker ended, as its reaper recorded it.
+    pub fn end(&self) -> Option<WorkerEnd> {
+        let how = self.end_how.load(Ordering::Acquire);
+        let value = self.end_value.load(Ordering::Relaxed) as i32;
+        match how {
+            END_EXITED => Some(WorkerEnd::Exited(value)),
+            END_SIGNALED => Some(WorkerEnd::Signaled(value)),
+            _ => None,
+        }
+    }
+
     /// VMM side: clears everything but magic and version, before handing the page to a
     /// new worker.
     pub fn reset(&self) {
@@ -397,6 +470,11 @@ impl StatusPage {
         self.violation_ip.store(0, Ordering::Relaxed);
         self.rings_started.store(0, Ordering::Relaxed);
         self.resubmitted.store(0, Ordering::Relaxed);
+        self.crash_kind.store(0, Ordering::Relaxed);
+        self.reserved_pad.store(0, Ordering::Relaxed);
+        self.crash_addr.store(0, Ordering::Relaxed);
+        self.end_value.store(0, Ordering::Relaxed);
+        self.end_how.store(END_NONE, Ordering::Relaxed);
         for slot in &self.reserved {
             slot.store(0, Ordering::Relaxed);
         }
@@ -419,6 +497,67 @@ impl StatusPage {
             rings_started: self.rings_started(),
             resubmitted: self.resubmitted(),
         }
+    }
+}
+
+/// A crash as the worker's own fault handler or panic hook recorded it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CrashRecord {
+    /// The signal number, or [`CRASH_PANIC`].
+    pub kind: u32,
+    /// The faulting address, 0 if none.
+    pub addr: u64,
+}
+
+/// How a worker ended, as its reaper saw it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum WorkerEnd {
+    Exited(i32),
+    Signaled(i32),
+}
+
+/// Signals of a fault: a worker killed by one crashed.
+pub const FAULT_SIGNALS: [i32; 4] = [libc::SIGSEGV, libc::SIGBUS, libc::SIGILL, libc::SIGFPE];
+
+/// A signal's name, for reports.
+pub fn signal_name(sig: i32) -> String {
+    match sig {
+        libc::SIGSEGV => "SIGSEGV".into(),
+        libc::SIGBUS => "SIGBUS".into(),
+        libc::SIGILL => "SIGILL".into(),
+        libc::SIGFPE => "SIGFPE".into(),
+        libc::SIGABRT => "SIGABRT".into(),
+        libc::SIGKILL => "SIGKILL".into(),
+        libc::SIGTERM => "SIGTERM".into(),
+        libc::SIGINT => "SIGINT".into(),
+        libc::SIGHUP => "SIGHUP".into(),
+        libc::SIGSYS => "SIGSYS".into(),
+        other => format!("signal {other}"),
+    }
+}
+
+/// How a worker crashed, from its own crash record and its reaper's end record, when the
+/// two agree that it did: e.g. `crashed: SIGSEGV at address 0x10`. A fault signal that
+/// killed it counts without a record of its own; a record the end contradicts (the
+/// worker's word alone) does not.
+pub fn describe_crash(crash: Option<CrashRecord>, end: Option<WorkerEnd>) -> Option<String> {
+    match end? {
+        WorkerEnd::Signaled(sig) if FAULT_SIGNALS.contains(&sig) => Some(match crash {
+            Some(c) if c.kind == sig as u32 && c.addr != 0 => {
+                format!("crashed: {} at address {:#x}", signal_name(sig), c.addr)
+            }
+            _ => format!("crashed: {}", signal_name(sig)),
+        }),
+        WorkerEnd::Exited(code)
+            if code == 128 + libc::SIGABRT
+                && crash.is_some_and(|c| c.kind == libc::SIGABRT as u32) =>
+        {
+            Some("crashed: aborted (SIGABRT)".to_string())
+        }
+        WorkerEnd::Exited(EXIT_PANIC) if crash.is_some_and(|c| c.kind == CRASH_PANIC) => {
+            Some("crashed: panicked (its message is above)".to_string())
+        }
+        _ => None,
     }
 }
 
@@ -583,6 +722,56 @@ impl Drop for StatusMapping {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn a_crash_needs_both_records_to_agree() {
+        let segv = Some(CrashRecord {
+            kind: 11,
+            addr: 0x10,
+        });
+        assert_eq!(
+            describe_crash(segv, Some(WorkerEnd::Signaled(11))).as_deref(),
+            Some("crashed: SIGSEGV at address 0x10")
+        );
+        // Killed by a fault signal without a record of its own: still a crash.
+        assert_eq!(
+            describe_crash(None, Some(WorkerEnd::Signaled(7))).as_deref(),
+            Some("crashed: SIGBUS")
+        );
+        let panic = Some(CrashRecord {
+            kind: CRASH_PANIC,
+            addr: 0,
+        });
+        assert!(describe_crash(panic, Some(WorkerEnd::Exited(EXIT_PANIC))).is_some());
+        // A record the end contradicts is the worker's word alone: no crash.
+        assert_eq!(describe_crash(panic, Some(WorkerEnd::Exited(159))), None);
+        assert_eq!(describe_crash(segv, Some(WorkerEnd::Exited(0))), None);
+        assert_eq!(describe_crash(segv, Some(WorkerEnd::Signaled(9))), None);
+        assert_eq!(describe_crash(segv, None), None);
+        let abort = Some(CrashRecord { kind: 6, addr: 0 });
+        assert!(describe_crash(abort, Some(WorkerEnd::Exited(134))).is_some());
+        assert_eq!(describe_crash(None, Some(WorkerEnd::Exited(134))), None);
+    }
+
+    #[test]
+    fn crash_and_end_records_are_kept_and_reset() {
+        let (_fd, page) = StatusPage::create("test-crash").unwrap();
+        assert_eq!((page.crash(), page.end()), (None, None));
+        page.record_crash(11, 0x10);
+        page.record_crash(7, 0x20);
+        assert_eq!(
+            page.crash(),
+            Some(CrashRecord {
+                kind: 11,
+                addr: 0x10
+            }),
+            "the first stays"
+        );
+        page.record_end(WorkerEnd::Signaled(11));
+        assert_eq!(page.end(), Some(WorkerEnd::Signaled(11)));
+        page.reset();
+        assert_eq!((page.crash(), page.end()), (None, None));
+    }
     use super::*;
     use std::io::Write;
     use std::sync::Arc;

@@ -682,6 +682,37 @@ fn worker_killed_by_its_policy_is_reported_by_name() {
     );
 }
 
+/// A worker that crashes once the VM runs (test hooks: a fault, a bus error, abort(), a
+/// panic) is reported as a crash with its signal (and the faulting address), never as a
+/// policy violation, and no violation is counted; the other disk and the VM carry on.
+#[test]
+fn crashes_are_reported_as_crashes_not_violations() {
+    for (hook, expected) in [
+        ("segv", "crashed: SIGSEGV at address 0x10"),
+        ("sigbus", "crashed: SIGBUS at address 0x"),
+        ("abort", "crashed: aborted (SIGABRT)"),
+        ("panic", "crashed: panicked"),
+    ] {
+        let r = blk_verify_beside_a_faulty_worker(hook, &format!("vmm-crash-{hook}"));
+        let t = r.transcript();
+        assert!(
+            r.stderr
+                .lines()
+                .any(|l| l.contains("worker blk1 (pid") && l.contains(expected)),
+            "{hook}: want {expected:?}: {t}"
+        );
+        assert!(!r.stderr.contains("violated policy"), "{hook}: {t}");
+        assert!(r.stderr.contains("stats violations total=0"), "{hook}: {t}");
+        if hook == "panic" {
+            assert!(
+                r.stderr
+                    .contains("panicked: panicked at device-workers/src/hooks.rs"),
+                "the panic's message and place: {t}"
+            );
+        }
+    }
+}
+
 /// A crash loop: every worker of disk 1 exits as soon as its first ring starts, before it
 /// can complete a request (test hook `crash-loop`, for budget + 1 workers). The supervisor
 /// restarts with backoff until the budget is spent, then the device goes

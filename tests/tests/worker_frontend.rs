@@ -128,6 +128,28 @@ fn ring_addresses_before_the_memory_table() {
     assert_refused(setup, "SET_VRING_ADDR before SET_MEM_TABLE");
 }
 
+/// A memory region whose file is shorter than the region: mapping it would work and the
+/// first access would kill the worker with SIGBUS; it is refused in one line instead.
+#[test]
+fn memory_region_longer_than_its_file() {
+    let setup = start(&worker_bin(), "wfe-short-memfd");
+    let mut frontend = setup.frontend();
+    negotiate(&mut frontend);
+    let ram = guest_ram();
+    let region = VhostUserMemoryRegionInfo {
+        guest_phys_addr: 0,
+        memory_size: RAM_SIZE * 2,
+        userspace_addr: FRONTEND_VA,
+        mmap_offset: 0,
+        mmap_handle: ram.as_raw_fd(),
+    };
+    let _ = frontend.set_mem_table(&[region]);
+    assert_refused(
+        setup,
+        "memory region 0: its file holds 0x100000 bytes, less than offset 0x0 + size 0x200000",
+    );
+}
+
 #[test]
 fn rings_outside_the_memory_table() {
     let setup = start(&worker_bin(), "wfe-outside");

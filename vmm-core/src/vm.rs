@@ -700,16 +700,31 @@ pub(crate) fn report_confinement(id: &str, reaper: u32, status: &ipc::status::St
     tracing::warn!("worker {id}: could not confirm its confinement within 5 s");
 }
 
-/// One log line for a worker that ended: its confined pid, and the policy violation from
-/// its status page decoded by name when that is how it ended (also kept in `violations`).
+/// One log line for a worker that ended: its confined pid, and how it ended. A crash
+/// (a fault, abort or panic that the worker's own record and its reaper's agree on) is
+/// reported with its signal; a policy violation from the status page is decoded by name
+/// and kept in `violations`, but only when the reaper saw the worker end the way the
+/// SIGSYS handler ends it: a record alone is the worker's word, and a compromised worker
+/// could write one.
 pub(crate) fn report_worker_end(
     id: &str,
     status: &ipc::status::StatusMapping,
     how: &str,
     violations: &ViolationLog,
 ) {
+    use ipc::status::{WorkerEnd, EXIT_POLICY_VIOLATION};
     let confined = status.worker_pid();
+    if let Some(crash) = ipc::status::describe_crash(status.crash(), status.end()) {
+        tracing::error!("worker {id} (pid {confined}) {crash} ({how})");
+        return;
+    }
+    let trapped = status.end() == Some(WorkerEnd::Exited(EXIT_POLICY_VIOLATION));
     match status.violation() {
+        Some(v) if !trapped => tracing::error!(
+            "worker {id} (pid {confined}) {how}; its status page holds a violation record \
+             (nr {}) that its end does not confirm: not counted",
+            v.nr
+        ),
         Some(v) => {
             let call = policies::decode::format_call(v.nr, v.args);
             tracing::error!("worker {id} (pid {confined}) violated policy blk: {call} ({how})");

@@ -9,6 +9,7 @@
 //! the worker uid 0 inside its namespace (with capabilities there, enough for
 //! pivot_root) and an unprivileged uid on the host; it then drops those capabilities too.
 
+pub mod crash;
 mod fs;
 pub mod seccomp;
 
