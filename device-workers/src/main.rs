@@ -389,7 +389,7 @@ fn serve(s: Serve) -> anyhow::Result<ExitCode> {
             },
         };
         match sandbox::enter_namespaces(&cfg)? {
-            Side::Reaper { worker } => {
+            Side::Reaper { worker, alive } => {
                 // The reaper holds none of the worker's resources: forget them without
                 // dropping (confine_reaper closes their descriptors).
                 std::mem::forget((handler, backend, events, s.control, s.learn));
@@ -406,7 +406,7 @@ fn serve(s: Serve) -> anyhow::Result<ExitCode> {
                     "serving {} as pid {worker} (sandboxed, engine {engine}){fail}",
                     s.label
                 ));
-                sandbox::confine_reaper()?;
+                sandbox::confine_reaper(&alive)?;
                 return Ok(reap(worker, status, s.print_status));
             }
             Side::Worker => {

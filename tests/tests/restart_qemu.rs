@@ -1,5 +1,6 @@
-//! A real Linux driver under QEMU TCG keeps writing and verifying while the test SIGKILLs
-//! our standalone worker again and again and starts a new one on the same socket. QEMU
+//! A real Linux driver under QEMU TCG keeps writing and verifying while the test kills
+//! our standalone worker again and again (SIGKILL or SIGTERM, to the confined worker or to
+//! the pid it was started as) and starts a new one on the same socket. QEMU
 //! reconnects (`reconnect=1`) and hands every new worker the inflight region; the new
 //! worker resubmits what its predecessor left in flight. The guest must see no I/O error
 //! and every block must verify.
@@ -66,8 +67,19 @@ fn linux_survives_sigkills_of_the_worker_with_no_io_error() {
             break;
         }
         let Some(serving) = worker.take() else { break };
-        // SAFETY: kill(2) with a pid we read from the worker's own report.
-        let rc = unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+        // In turn: SIGKILL the confined worker, SIGKILL the pid that was started (a
+        // supervisor's view of the worker), SIGTERM the confined worker, SIGTERM the
+        // started pid. Each must end the confined worker and free the image, or the next
+        // worker on the socket is refused ("in use by another process").
+        let started_pid = serving.child.id();
+        let (target, sig, code) = match kills % 4 {
+            0 => (pid, libc::SIGKILL, Some(128 + libc::SIGKILL)),
+            1 => (started_pid, libc::SIGKILL, None),
+            2 => (pid, libc::SIGTERM, Some(128 + libc::SIGTERM)),
+            _ => (started_pid, libc::SIGTERM, None),
+        };
+        // SAFETY: kill(2) with a pid we started or read from the worker's own report.
+        let rc = unsafe { libc::kill(target as i32, sig) };
         if rc != 0 {
             let err = std::io::Error::last_os_error();
             // The guest's loop may have ended between the check above and the kill: QEMU
@@ -87,8 +99,8 @@ fn linux_survives_sigkills_of_the_worker_with_no_io_error() {
             break;
         }
         kills += 1;
-        let (code, text) = serving.finish(Duration::from_secs(10));
-        assert_eq!(code, Some(137), "the reaper reports the SIGKILL:\n{text}");
+        let (ended, text) = serving.finish(Duration::from_secs(10));
+        assert_eq!(ended, code, "signal {sig} to pid {target}:\n{text}");
         log.push_str(&text);
         let (next, next_pid) = start_worker(&socket, &disk);
         worker = Some(next);

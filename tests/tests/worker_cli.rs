@@ -200,3 +200,105 @@ fn confined_worker_dies_on_openat() {
         "status page record: {t}"
     );
 }
+
+/// True when no process holds any of QEMU's lock bytes on `image` (what bulkhead and QEMU
+/// take for a disk): an OFD lock probe from a descriptor that holds none.
+fn image_unlocked(image: &Path) -> bool {
+    use std::os::fd::AsRawFd;
+    let file = std::fs::File::open(image).unwrap();
+    let mut probe = libc::flock {
+        l_type: libc::F_WRLCK as libc::c_short,
+        l_whence: libc::SEEK_SET as libc::c_short,
+        l_start: 100,
+        l_len: 104,
+        l_pid: 0,
+    };
+    // SAFETY: fcntl on a descriptor this test owns, into a live flock.
+    let ret = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_OFD_GETLK, &mut probe) };
+    assert_eq!(ret, 0, "F_OFD_GETLK: {}", std::io::Error::last_os_error());
+    probe.l_type == libc::F_UNLCK as libc::c_short
+}
+
+/// A standalone worker serving a connected frontend: (worker, confined pid, image, frontend
+/// connection).
+fn serving_worker(name: &str) -> (tests::worker::Worker, u32, std::path::PathBuf, UnixStream) {
+    let dir = scratch_dir(name);
+    let img = dir.join("d.img");
+    std::fs::File::create(&img)
+        .unwrap()
+        .set_len(1 << 20)
+        .unwrap();
+    let sock = dir.join("s.sock");
+    let mut w = tests::worker::Worker::start(&worker_bin(), &sock, &img, &[]);
+    let conn = UnixStream::connect(&sock).unwrap();
+    let confined = w.sandboxed_pid();
+    assert!(!image_unlocked(&img), "the serving worker holds its image");
+    (w, confined, img, conn)
+}
+
+/// Whether `pid` is gone (or a zombie: it holds nothing any more).
+fn ended(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Err(_) => true,
+        Ok(stat) => stat
+            .rsplit_once(')')
+            .is_some_and(|(_, rest)| rest.trim_start().starts_with('Z')),
+    }
+}
+
+/// Waits up to `limit` for `what` to hold; the time it took.
+fn within(limit: Duration, mut what: impl FnMut() -> bool) -> Option<Duration> {
+    let start = std::time::Instant::now();
+    loop {
+        if what() {
+            return Some(start.elapsed());
+        }
+        if start.elapsed() > limit {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+}
+
+/// Killing the pid that was started (the reaper), by any signal that ends it, ends the
+/// confined worker too and frees the image; SIGTERM, SIGINT and SIGHUP to the confined
+/// worker itself (pid 1 of its pid namespace, which ignores signals it has no handler
+/// for) end it as well.
+#[test]
+fn the_started_pid_and_stop_signals_end_the_worker() {
+    for (target, sig) in [
+        ("started", libc::SIGKILL),
+        ("started", libc::SIGTERM),
+        ("started", libc::SIGINT),
+        ("confined", libc::SIGTERM),
+        ("confined", libc::SIGINT),
+        ("confined", libc::SIGHUP),
+    ] {
+        let (w, confined, img, _conn) = serving_worker(&format!("wcli-signal-{target}-{sig}"));
+        let pid = if target == "started" {
+            w.child.id()
+        } else {
+            confined
+        };
+        // SAFETY: kill(2) of a process this test started (or its confined child).
+        assert_eq!(unsafe { libc::kill(pid as i32, sig) }, 0);
+        let freed = within(Duration::from_secs(2), || image_unlocked(&img));
+        let (code, text) = w.finish(Duration::from_secs(10));
+        let gone = within(Duration::from_secs(2), || ended(confined));
+        assert!(
+            gone.is_some(),
+            "{target} pid, signal {sig}: the confined worker {confined} still runs:\n{text}"
+        );
+        let freed = freed.unwrap_or_else(|| {
+            panic!("{target} pid, signal {sig}: the image stays locked:\n{text}")
+        });
+        eprintln!("{target} pid, signal {sig}: exit {code:?}, image free {freed:?} after the kill");
+        if target == "confined" {
+            assert_eq!(
+                code,
+                Some(128 + sig),
+                "the reaper reports the worker's end:\n{text}"
+            );
+        }
+    }
+}

@@ -46,13 +46,19 @@ extern "C" fn on_fault(sig: libc::c_int, info: *mut libc::siginfo_t, _ctx: *mut 
     record(sig as u32, addr);
 }
 
+extern "C" fn on_stop(sig: libc::c_int) {
+    // SAFETY: _exit is async-signal-safe and ends the process at once.
+    unsafe { libc::_exit(128 + sig) };
+}
+
 extern "C" fn on_abort(_sig: libc::c_int, _info: *mut libc::siginfo_t, _ctx: *mut libc::c_void) {
     record(libc::SIGABRT as u32, 0);
     // SAFETY: _exit is async-signal-safe and ends the process at once.
     unsafe { libc::_exit(128 + libc::SIGABRT) };
 }
 
-/// Installs the fault and abort handlers and the panic hook, recording into `status`.
+/// Installs the fault and abort handlers, the panic hook (recording into `status`) and the
+/// handlers that let SIGTERM, SIGINT and SIGHUP end the worker.
 /// Called after the sandbox is set up and before the seccomp filter.
 pub fn install(status: &'static StatusMapping) -> Result<(), SandboxError> {
     STATUS.store(status as *const _ as *mut _, Ordering::Release);
@@ -74,6 +80,18 @@ pub fn install(status: &'static StatusMapping) -> Result<(), SandboxError> {
     );
     // SAFETY: the handler records (atomic stores) and _exits.
     unsafe { sigaction(Signal::SIGABRT, &abort) }.map_err(handler("the SIGABRT handler"))?;
+    // The worker is pid 1 of its pid namespace, where a signal without a handler is
+    // ignored: SIGTERM, SIGINT and SIGHUP would do nothing. With these handlers they end
+    // it, as they end any other process (its supervisor then restarts it as usual).
+    let stop = SigAction::new(
+        SigHandler::Handler(on_stop),
+        SaFlags::empty(),
+        SigSet::empty(),
+    );
+    for sig in [Signal::SIGTERM, Signal::SIGINT, Signal::SIGHUP] {
+        // SAFETY: the handler only _exits.
+        unsafe { sigaction(sig, &stop) }.map_err(handler("a stop signal handler"))?;
+    }
     std::panic::set_hook(Box::new(|info| {
         record(ipc::status::CRASH_PANIC, 0);
         let line = format!("bulkhead-worker: panicked: {info}\n");

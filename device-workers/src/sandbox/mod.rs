@@ -66,6 +66,8 @@ pub enum SandboxError {
     },
     #[error("cannot fork into the new pid namespace")]
     Fork(#[source] nix::Error),
+    #[error("the reaper ended before the worker could arm its death signal")]
+    ReaperGone,
     #[error("cannot set up the empty root: {step}")]
     Root {
         step: &'static str,
@@ -107,8 +109,12 @@ pub enum SandboxError {
 /// Which side of the fork the caller is on.
 #[derive(Debug)]
 pub enum Side {
-    /// The parent: waits for `worker` and reports how it ended.
-    Reaper { worker: Pid },
+    /// The parent: waits for `worker` and reports how it ended, holding `alive` open until
+    /// it ends.
+    Reaper {
+        worker: Pid,
+        alive: std::os::fd::OwnedFd,
+    },
     /// The confined worker (pid 1 of its pid namespace).
     Worker,
 }
@@ -143,9 +149,20 @@ pub fn enter_namespaces(cfg: &SandboxConfig) -> Result<Side, SandboxError> {
     fs::pivot_to_empty_root()?;
     // SAFETY: the worker is single-threaded here (no thread has been started: the
     // logger writes synchronously), so the child inherits a consistent address space.
+    // The reaper holds the write end for as long as it lives: the worker sees it gone
+    // (POLLHUP) if the reaper died before the death signal below was armed.
+    let (alive_r, alive_w) =
+        nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(SandboxError::Fork)?;
     match unsafe { nix::unistd::fork() }.map_err(SandboxError::Fork)? {
-        ForkResult::Parent { child } => Ok(Side::Reaper { worker: child }),
+        ForkResult::Parent { child } => {
+            drop(alive_r);
+            Ok(Side::Reaper {
+                worker: child,
+                alive: alive_w,
+            })
+        }
         ForkResult::Child => {
+            drop(alive_w);
             // The reaper's death must end the worker: nobody else would wait for it.
             nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL).map_err(
                 |source| SandboxError::Prctl {
@@ -153,6 +170,17 @@ pub fn enter_namespaces(cfg: &SandboxConfig) -> Result<Side, SandboxError> {
                     source,
                 },
             )?;
+            // A reaper killed between the fork and the line above sent no death signal.
+            let mut fds = [nix::poll::PollFd::new(
+                std::os::fd::AsFd::as_fd(&alive_r),
+                nix::poll::PollFlags::POLLIN,
+            )];
+            let hung_up =
+                nix::poll::poll(&mut fds, nix::poll::PollTimeout::ZERO).is_ok_and(|n| n > 0);
+            if hung_up {
+                return Err(SandboxError::ReaperGone);
+            }
+            drop(alive_r);
             Ok(Side::Worker)
         }
     }
@@ -169,11 +197,13 @@ pub fn confine(cfg: &SandboxConfig) -> Result<(), SandboxError> {
     close_all_except(&keep)
 }
 
-/// The reaper needs nothing but stderr and the status page mapping: drop the rest.
-pub fn confine_reaper() -> Result<(), SandboxError> {
+/// The reaper needs nothing but stderr, the status page mapping and `alive` (the write end
+/// the worker checks its reaper by, held until the reaper ends): drop the rest.
+pub fn confine_reaper(alive: &std::os::fd::OwnedFd) -> Result<(), SandboxError> {
+    use std::os::fd::AsRawFd;
     drop_capabilities()?;
     set_no_new_privs()?;
-    close_all_except(&[libc::STDERR_FILENO])
+    close_all_except(&[libc::STDERR_FILENO, alive.as_raw_fd()])
 }
 
 fn switch_ids(uid: u32, gid: u32) -> Result<(), SandboxError> {
