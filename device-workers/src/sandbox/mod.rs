@@ -147,12 +147,12 @@ pub fn enter_namespaces(cfg: &SandboxConfig) -> Result<Side, SandboxError> {
     // Before the fork, so the reaper ends up in the empty root as well (pivot_root would
     // move it there anyway; the chroot an initramfs host needs instead would not).
     fs::pivot_to_empty_root()?;
-    // SAFETY: the worker is single-threaded here (no thread has been started: the
-    // logger writes synchronously), so the child inherits a consistent address space.
     // The reaper holds the write end for as long as it lives: the worker sees it gone
     // (POLLHUP) if the reaper died before the death signal below was armed.
     let (alive_r, alive_w) =
         nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(SandboxError::Fork)?;
+    // SAFETY: the worker is single-threaded here (no thread has been started: the
+    // logger writes synchronously), so the child inherits a consistent address space.
     match unsafe { nix::unistd::fork() }.map_err(SandboxError::Fork)? {
         ForkResult::Parent { child } => {
             drop(alive_r);
