@@ -193,6 +193,13 @@ impl VhostDevice for BlkDevice {
         }
     }
 
+    fn in_flight(&self) -> usize {
+        match &self.disk {
+            Engine::Uring(u) => u.in_flight(),
+            Engine::Sync(_) => 0,
+        }
+    }
+
     fn completions_ready(&mut self) -> bool {
         match &mut self.disk {
             Engine::Uring(u) => u.completions_ready(),

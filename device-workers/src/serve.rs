@@ -177,7 +177,14 @@ impl EventLoop {
                 _ => EpollTimeout::NONE,
             };
             let asleep = ticks();
-            let n = match self.epoll.wait(&mut events, timeout) {
+            // Sleeping with nothing in flight and every ring's notifications on: what the
+            // driver publishes without a kick is not this worker's to find (the
+            // supervisor's hang check).
+            let sleeping = timeout == EpollTimeout::NONE && !lock().owes_work();
+            status.set_idle(sleeping);
+            let woke = self.epoll.wait(&mut events, timeout);
+            status.set_idle(false);
+            let n = match woke {
                 Ok(n) => n,
                 Err(nix::Error::EINTR) => continue,
                 Err(e) => return Err(ServeError::Epoll(e)),

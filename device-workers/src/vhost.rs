@@ -56,6 +56,10 @@ pub trait VhostDevice {
     }
     /// Collects asynchronously completed requests (their status bytes written).
     fn reap(&mut self, _mem: &GuestMemoryMmap, _out: &mut Vec<Reaped>) {}
+    /// Requests taken from a ring and not completed yet (an asynchronous engine's).
+    fn in_flight(&self) -> usize {
+        0
+    }
     /// Whether asynchronous completions are waiting (looked at without a syscall).
     fn completions_ready(&mut self) -> bool {
         false
@@ -427,6 +431,12 @@ impl<D: VhostDevice> VhostBackend<D> {
                     .avail_idx(mem, std::sync::atomic::Ordering::Acquire)
                     .is_ok_and(|a| a.0 != v.queue.next_avail())
         })
+    }
+
+    /// Whether the worker owes the driver something without being told again: requests
+    /// in flight, or a ring it stopped taking from until there is room.
+    pub fn owes_work(&self) -> bool {
+        self.device.in_flight() > 0 || self.vrings.iter().any(|v| v.throttled)
     }
 
     /// The device's completion descriptor, if it completes requests asynchronously.

@@ -28,7 +28,7 @@
 //! | 120 | 8 | rings started (each ran inflight recovery) |
 //! | 128 | 8 | requests resubmitted for a predecessor |
 //! | 136 | 4 | crash kind, from the worker's own fault handlers: 0 none, a signal number, or [`CRASH_PANIC`] |
-//! | 140 | 4 | reserved (zero) |
+//! | 140 | 4 | idle: 1 while the worker sleeps with every ring's notifications on (only a kick or a message wakes it) |
 //! | 144 | 8 | crash address (the faulting address, when the kernel gave one) |
 //! | 152 | 4 | worker end, from its reaper after it reaped the worker: 0 not yet, 1 exited, 2 killed by a signal |
 //! | 156 | 4 | worker end value: exit status or signal number |
@@ -111,7 +111,7 @@ pub struct StatusPage {
     rings_started: AtomicU64,
     resubmitted: AtomicU64,
     crash_kind: AtomicU32,
-    reserved_pad: AtomicU32,
+    idle: AtomicU32,
     crash_addr: AtomicU64,
     end_how: AtomicU32,
     end_value: AtomicU32,
@@ -409,6 +409,17 @@ impl StatusPage {
         })
     }
 
+    /// Worker side: it is about to sleep until a kick or a message (true), or it woke.
+    pub fn set_idle(&self, idle: bool) {
+        self.idle.store(u32::from(idle), Ordering::Release);
+    }
+
+    /// Whether the worker says it sleeps with its rings' notifications on: pending work
+    /// that no kick announced is then the driver's to announce.
+    pub fn idle(&self) -> bool {
+        self.idle.load(Ordering::Acquire) == 1
+    }
+
     /// Worker side, from a fault handler or the panic hook: records how it is crashing
     /// (a signal number or [`CRASH_PANIC`]) and the faulting address (0 if none). The
     /// first record stays. Async-signal-safe like [`Self::record_violation`].
@@ -471,7 +482,7 @@ impl StatusPage {
         self.rings_started.store(0, Ordering::Relaxed);
         self.resubmitted.store(0, Ordering::Relaxed);
         self.crash_kind.store(0, Ordering::Relaxed);
-        self.reserved_pad.store(0, Ordering::Relaxed);
+        self.idle.store(0, Ordering::Relaxed);
         self.crash_addr.store(0, Ordering::Relaxed);
         self.end_value.store(0, Ordering::Relaxed);
         self.end_how.store(END_NONE, Ordering::Relaxed);

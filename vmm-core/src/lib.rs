@@ -9,6 +9,7 @@ pub mod disk;
 pub mod kvm_stats;
 pub mod layout;
 pub mod memory;
+pub mod ratelimit;
 pub mod sandbox_report;
 pub mod supervisor;
 pub mod terminal;

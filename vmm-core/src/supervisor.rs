@@ -25,8 +25,9 @@ use crate::worker::{Mode, Worker};
 
 /// Consecutive deaths before any completed request that the supervisor tolerates.
 pub const CRASH_LOOP_BUDGET: u32 = 5;
-/// A worker whose progress counter stands still this long while the guest has requests
-/// pending is hung: killed and replaced. Well below the guest drivers' request timeouts
+/// A worker whose progress counter stands still this long while it owes the guest
+/// requests it was told about (an unread kick, requests in flight, or work inherited at its
+/// start) is hung: killed and replaced. Well below the guest drivers' request timeouts
 /// (Linux: 30 s; the test guest: 10 s).
 pub const HANG_TIMEOUT: Duration = Duration::from_secs(1);
 /// How often the supervisor looks at a live worker's progress.
@@ -35,6 +36,28 @@ const HANG_CHECK: Duration = Duration::from_millis(100);
 const RESUME_WAIT: Duration = Duration::from_millis(200);
 /// Backoff before the second restart of a crash loop; doubles each time.
 const FIRST_BACKOFF: Duration = Duration::from_millis(20);
+/// At most this many restarts of one disk's worker in [`RESTART_WINDOW`]; more wait for
+/// room. Whatever makes workers die (a hostile guest that found a way, a broken host), it
+/// cannot make bulkhead exec workers and log their ends without bound.
+pub const MAX_RESTARTS: usize = 20;
+pub const RESTART_WINDOW: Duration = Duration::from_secs(10);
+
+/// How long the next restart must wait so that no [`RESTART_WINDOW`] holds more than
+/// [`MAX_RESTARTS`] (`recent`: the latest restarts, oldest first; older ones are dropped).
+fn restart_wait(recent: &mut std::collections::VecDeque<Instant>, now: Instant) -> Duration {
+    while recent
+        .front()
+        .is_some_and(|t| now.duration_since(*t) >= RESTART_WINDOW)
+    {
+        recent.pop_front();
+    }
+    match recent.front() {
+        Some(oldest) if recent.len() >= MAX_RESTARTS => {
+            RESTART_WINDOW.saturating_sub(now.duration_since(*oldest))
+        }
+        _ => Duration::ZERO,
+    }
+}
 
 /// What the control API can ask of a disk's supervisor: a planned restart (e.g. after the
 /// worker binary was replaced on disk).
@@ -247,6 +270,26 @@ pub struct Supervisor {
     pub config: Vec<u8>,
     /// Shared with the control API.
     pub control: Arc<DiskControl>,
+    /// Duplicates of the queues' kick eventfds: a kick the worker has not read yet is work
+    /// it was told about (polled, never read: reading would take the kick from it).
+    pub kicks: Vec<vmm_sys_util::eventfd::EventFd>,
+}
+
+/// Whether any of `kicks` holds a kick nobody has read.
+fn kick_unread(kicks: &[vmm_sys_util::eventfd::EventFd]) -> bool {
+    use std::os::fd::AsRawFd;
+    let mut fds: Vec<libc::pollfd> = kicks
+        .iter()
+        .map(|k| libc::pollfd {
+            fd: k.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        })
+        .collect();
+    // SAFETY: poll on descriptors we own, through a live array of fds.len() entries, with
+    // no timeout.
+    let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, 0) };
+    n > 0 && fds.iter().any(|f| f.revents & libc::POLLIN != 0)
 }
 
 /// The supervised worker's pidfd, for the control thread (it kills a worker that sends a
@@ -425,6 +468,8 @@ impl Supervisor {
         };
         // Workers in a row (of the current mode) that ended before serving a request.
         let mut crash_loop = 0u32;
+        let mut recent_restarts = std::collections::VecDeque::new();
+        let throttled = crate::ratelimit::RateLimitedLog::default();
         // Started and sandboxed ahead of need: a restart then skips exec and sandbox setup.
         let mut spare = self.start_spare();
         loop {
@@ -493,6 +538,21 @@ impl Supervisor {
                 if crash_loop >= 2 {
                     std::thread::sleep(FIRST_BACKOFF * (1 << (crash_loop - 2).min(8)));
                 }
+                let wait = restart_wait(&mut recent_restarts, Instant::now());
+                if !wait.is_zero() {
+                    throttled.log(format_args!(
+                        "disk {id}: {MAX_RESTARTS} restarts in the last {} s: the next waits \
+                         {:.1} s",
+                        RESTART_WINDOW.as_secs(),
+                        wait.as_secs_f64()
+                    ));
+                    let until = Instant::now() + wait;
+                    while Instant::now() < until && !self.device.closing() {
+                        std::thread::sleep(HANG_CHECK.min(until - Instant::now()));
+                    }
+                    continue;
+                }
+                recent_restarts.push_back(Instant::now());
                 let ready = match mode {
                     Mode::Normal => spare.take(),
                     Mode::Fail => None,
@@ -680,6 +740,14 @@ impl Supervisor {
                 since = Instant::now();
                 continue;
             }
+            // Requests pending and no progress: the worker's fault only if it was told
+            // about them. A worker asleep with nothing in flight and its notifications
+            // on, and no kick unread, waits for the driver, which published requests
+            // without a kick (a hostile or broken guest), not a hung worker.
+            if worker.status.idle() && !kick_unread(&self.kicks) {
+                since = Instant::now();
+                continue;
+            }
             let stalled = since.elapsed();
             if stalled >= HANG_TIMEOUT {
                 tracing::warn!(
@@ -757,5 +825,30 @@ impl Supervisor {
             confined,
             mode,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn restarts_wait_for_room_in_their_window() {
+        let mut recent = std::collections::VecDeque::new();
+        let t0 = Instant::now();
+        for i in 0..MAX_RESTARTS {
+            let now = t0 + Duration::from_millis(i as u64);
+            assert_eq!(restart_wait(&mut recent, now), Duration::ZERO);
+            recent.push_back(now);
+        }
+        let now = t0 + Duration::from_secs(1);
+        assert_eq!(
+            restart_wait(&mut recent, now),
+            RESTART_WINDOW - Duration::from_secs(1)
+        );
+        assert_eq!(
+            restart_wait(&mut recent, t0 + RESTART_WINDOW),
+            Duration::ZERO
+        );
     }
 }

@@ -204,6 +204,8 @@ pub struct ControlThread {
     /// The guest reset a failing device: rings wait for the normal worker the supervisor
     /// is starting (the fail-mode one must not answer the driver's new requests).
     pub awaiting_normal: bool,
+    /// Failed commands are logged through this.
+    pub errors: crate::ratelimit::RateLimitedLog,
 }
 
 /// A backend's inflight region, checked, kept for its successors.
@@ -323,7 +325,10 @@ impl ControlThread {
                 }
             };
             if let Err(e) = result {
-                tracing::error!("{}", crate::error_chain(&e));
+                // A worker that fails commands costs a restart each time; say so a few
+                // times a window, not once per failure.
+                self.errors
+                    .error(format_args!("{}", crate::error_chain(&e)));
                 if self.worker_pidfd.is_some() {
                     // Its supervisor starts a successor, which gets what the driver wanted.
                     self.kill_worker();

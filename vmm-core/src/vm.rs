@@ -432,6 +432,15 @@ pub struct Disk {
     pub control: Option<Arc<crate::supervisor::DiskControl>>,
 }
 
+/// Guest RAM as (start, length) ranges, for the transport's ring checks.
+fn ram_ranges(ram: &GuestRam) -> Vec<(u64, u64)> {
+    use vm_memory::{Address, GuestMemoryBackend, GuestMemoryRegion};
+    ram.memory()
+        .iter()
+        .map(|r| (r.start_addr().raw_value(), r.len()))
+        .collect()
+}
+
 /// How long a worker gets to finish its in-flight requests and exit once its disk is
 /// disconnected, before it is killed.
 pub const WORKER_GRACE: Duration = Duration::from_secs(2);
@@ -608,6 +617,7 @@ impl Disk {
             config: backend.config.clone(),
             num_queues: queues,
             queue_max: QUEUE_MAX,
+            ram: ram_ranges(ram),
         };
         let device = Arc::new(VirtioMmioDevice::new(info, config_irq, tx));
         let features = backend.features;
@@ -634,6 +644,15 @@ impl Disk {
                     features,
                     config,
                     control: disk_control.clone(),
+                    kicks: kicks
+                        .iter()
+                        .map(EventFd::try_clone)
+                        .collect::<Result<_, _>>()
+                        .map_err(|source| VmError::DiskSetup {
+                            id: cfg.id.clone(),
+                            what: "duplicate the kick eventfds",
+                            source,
+                        })?,
                 },
                 w,
             ));
@@ -650,6 +669,7 @@ impl Disk {
             inflight: None,
             disk: supervised.is_some().then(|| disk_control.clone()),
             awaiting_normal: false,
+            errors: Default::default(),
         };
         std::thread::Builder::new()
             .name(format!("{}-ctl", cfg.id))

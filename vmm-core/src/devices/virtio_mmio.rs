@@ -113,6 +113,37 @@ pub struct DeviceInfo {
     pub config: Vec<u8>,
     pub num_queues: usize,
     pub queue_max: u16,
+    /// Guest RAM as (start, length) ranges: every ring the driver sets up must lie in one.
+    pub ram: Vec<(u64, u64)>,
+}
+
+/// Why a queue the driver set up cannot be used (virtio 1.2, 2.7: split virtqueues).
+pub fn check_queue(q: &QueueRegs, queue_max: u16, ram: &[(u64, u64)]) -> Result<(), String> {
+    let n = u64::from(q.size);
+    if q.size == 0 || q.size > queue_max || !q.size.is_power_of_two() {
+        return Err(format!(
+            "size {} is not a power of two in 1..={queue_max}",
+            q.size
+        ));
+    }
+    for (what, addr, align, len) in [
+        ("descriptor table", q.desc, 16, 16 * n),
+        ("available ring", q.driver, 2, 6 + 2 * n),
+        ("used ring", q.device, 4, 6 + 8 * n),
+    ] {
+        if addr % align != 0 {
+            return Err(format!("{what} at {addr:#x} is not {align}-byte aligned"));
+        }
+        let inside = ram.iter().any(|&(start, size)| {
+            addr >= start && addr.checked_add(len).is_some_and(|end| end <= start + size)
+        });
+        if !inside {
+            return Err(format!(
+                "{what} at {addr:#x} ({len} bytes) is not in guest RAM"
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// One virtio-mmio device.
@@ -123,6 +154,7 @@ pub struct VirtioMmioDevice {
     device_features: u64,
     config: Vec<u8>,
     queue_max: u16,
+    ram: Vec<(u64, u64)>,
     regs: Mutex<Regs>,
     interrupt_status: AtomicU32,
     /// InterruptStatus reports the used-ring bit: the status register's DRIVER_OK, kept
@@ -136,6 +168,8 @@ pub struct VirtioMmioDevice {
     /// Set by [`Self::disconnect_backend`].
     closing: AtomicBool,
     pub exits: ExitCounters,
+    /// What the guest gets wrong is logged through this, a few lines a window.
+    pub guest_errors: crate::ratelimit::RateLimitedLog,
 }
 
 impl VirtioMmioDevice {
@@ -146,6 +180,7 @@ impl VirtioMmioDevice {
             device_features: info.device_features & TRANSPORT_FEATURES,
             config: info.config,
             queue_max: info.queue_max,
+            ram: info.ram,
             regs: Mutex::new(Regs {
                 queues: vec![QueueRegs::default(); info.num_queues],
                 ..Regs::default()
@@ -156,6 +191,7 @@ impl VirtioMmioDevice {
             control: Mutex::new(control),
             closing: AtomicBool::new(false),
             exits: ExitCounters::default(),
+            guest_errors: crate::ratelimit::RateLimitedLog::default(),
         }
     }
 
@@ -397,6 +433,34 @@ impl VirtioMmioDevice {
         let activate = new & STATUS_DRIVER_OK != 0
             && old & STATUS_DRIVER_OK == 0
             && new & STATUS_FEATURES_OK != 0;
+        if activate {
+            // A driver's bad ring is the guest's own error: the device answers it as the
+            // spec says (DEVICE_NEEDS_RESET, 2.1.2), and no backend ever sees the rings.
+            let bad = regs
+                .queues
+                .iter()
+                .enumerate()
+                .filter(|(_, q)| q.ready)
+                .find_map(|(i, q)| {
+                    check_queue(q, self.queue_max, &self.ram)
+                        .err()
+                        .map(|why| (i, why))
+                });
+            if let Some((i, why)) = bad {
+                self.guest_errors.log(format_args!(
+                    "{}: the driver set up queue {i} wrongly ({why}): the device needs a reset",
+                    self.id
+                ));
+                regs.status = new | STATUS_NEEDS_RESET;
+                // No backend serves these rings: nothing will ever be in the used ring.
+                self.driver_ok.store(false, Ordering::Release);
+                self.interrupt_status.fetch_or(INT_CONFIG, Ordering::AcqRel);
+                if let Err(e) = self.config_irq.write(1) {
+                    tracing::warn!("{}: cannot raise the config interrupt: {e}", self.id);
+                }
+                return None;
+            }
+        }
         regs.status = new;
         // From DRIVER_OK the backend may complete a request at any moment (the control
         // thread brings its rings up while the driver runs on): the used-ring bit is
@@ -454,6 +518,7 @@ mod tests {
             config: vec![1, 2, 3, 4],
             num_queues: 1,
             queue_max: 256,
+            ram: vec![(0, 1 << 20)],
         };
         let d = VirtioMmioDevice::new(info, EventFd::new(libc::EFD_NONBLOCK).unwrap(), tx);
         (d, rx)
@@ -537,6 +602,55 @@ mod tests {
         assert_eq!(r32(&d, 0x70) & STATUS_FEATURES_OK, 0);
         w32(&d, 0x70, STATUS_FEATURES_OK | STATUS_DRIVER_OK);
         assert!(rx.try_recv().is_err(), "no activation without FEATURES_OK");
+    }
+
+    #[test]
+    fn rings_are_checked_before_any_backend_sees_them() {
+        let ram = [(0u64, 1u64 << 20)];
+        let q = |size, desc, driver, device| QueueRegs {
+            size,
+            ready: true,
+            desc,
+            driver,
+            device,
+        };
+        assert!(check_queue(&q(128, 0x1000, 0x2000, 0x3000), 256, &ram).is_ok());
+        for (bad, why) in [
+            (q(3, 0x1000, 0x2000, 0x3000), "size 3 is not a power of two"),
+            (q(0, 0x1000, 0x2000, 0x3000), "size 0"),
+            (q(512, 0x1000, 0x2000, 0x3000), "size 512"),
+            (q(128, 0x1008, 0x2000, 0x3000), "not 16-byte aligned"),
+            (q(128, 0x1000, 0x2001, 0x3000), "not 2-byte aligned"),
+            (q(128, 0x1000, 0x2000, 0x3002), "not 4-byte aligned"),
+            (
+                q(128, 0x1000_0000_0000, 0x2000, 0x3000),
+                "descriptor table at",
+            ),
+            // The used ring's end (6 + 8 * 128 bytes) runs past RAM.
+            (q(128, 0x1000, 0x2000, (1 << 20) - 0x100), "used ring at"),
+            (q(128, 0x1000, u64::MAX - 1, 0x3000), "available ring at"),
+        ] {
+            let err = check_queue(&bad, 256, &ram).unwrap_err();
+            assert!(err.contains(why), "{err} (want {why:?})");
+        }
+        // At DRIVER_OK: DEVICE_NEEDS_RESET and a config interrupt, no activation.
+        let (d, rx) = device();
+        w32(&d, 0x24, 1);
+        w32(&d, 0x20, 1);
+        w32(&d, 0x70, STATUS_FEATURES_OK);
+        w32(&d, 0x30, 0);
+        w32(&d, 0x38, 3);
+        w32(&d, 0x80, 0x1000);
+        w32(&d, 0x90, 0x2000);
+        w32(&d, 0xa0, 0x3000);
+        w32(&d, 0x44, 1);
+        w32(&d, 0x70, STATUS_FEATURES_OK | STATUS_DRIVER_OK);
+        assert!(rx.try_recv().is_err(), "no backend may see the rings");
+        assert_ne!(r32(&d, 0x70) & STATUS_NEEDS_RESET, 0);
+        assert_eq!(r32(&d, 0x60), INT_CONFIG);
+        // A reset clears it; a good setup then activates.
+        w32(&d, 0x70, 0);
+        assert_eq!(r32(&d, 0x70), 0);
     }
 
     /// The driver may submit as soon as it sets DRIVER_OK, and the backend may complete

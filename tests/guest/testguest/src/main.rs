@@ -10,6 +10,7 @@
     reason = "helpers (options, registers, context) are there for the plans to come"
 )]
 
+mod abuse;
 mod acpi;
 mod bench;
 mod blk_verify;

@@ -56,6 +56,10 @@ pub const PLANS: &[Plan] = &[
         run: crate::recover::run,
     },
     Plan {
+        name: "blk-abuse",
+        run: crate::abuse::run,
+    },
+    Plan {
         name: "blk-reinit",
         run: crate::reinit::run,
     },

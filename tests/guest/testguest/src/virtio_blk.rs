@@ -346,6 +346,15 @@ fn need_event(event: u16, new: u16, old: u16) -> bool {
     new.wrapping_sub(event).wrapping_sub(1) < new.wrapping_sub(old)
 }
 
+/// A driver error on purpose, for [`Blk::init_sabotaged`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Sabotage {
+    /// The rings at guest addresses far outside RAM.
+    RingsOutsideRam,
+    /// This QueueNum instead of a power of two.
+    QueueNum(u16),
+}
+
 impl Blk {
     /// Resets the device and brings it up with queue 0 of at most `want_num` entries.
     /// `irq` is (LAPIC base MSR, I/O APICs) for interrupt completion.
@@ -356,6 +365,19 @@ impl Blk {
         mode: Completion,
         apic: (u64, &IoApics),
         tsc_hz: u64,
+    ) -> Result<Blk, BlkError> {
+        Self::init_sabotaged(slot, queue, want_num, mode, apic, tsc_hz, None)
+    }
+
+    /// [`Blk::init`], with the queue set up wrongly as `sabotage` says.
+    pub fn init_sabotaged(
+        slot: &Slot,
+        queue: u16,
+        want_num: u16,
+        mode: Completion,
+        apic: (u64, &IoApics),
+        tsc_hz: u64,
+        sabotage: Option<Sabotage>,
     ) -> Result<Blk, BlkError> {
         let regs = slot.regs;
         if slot.magic() != MAGIC_VALUE {
@@ -422,11 +444,19 @@ impl Blk {
                 area.w64(off, 0);
             }
         }
-        regs.write32(REG_QUEUE_NUM, u32::from(num));
+        let written_num = match sabotage {
+            Some(Sabotage::QueueNum(n)) => n,
+            _ => num,
+        };
+        regs.write32(REG_QUEUE_NUM, u32::from(written_num));
+        let far = match sabotage {
+            Some(Sabotage::RingsOutsideRam) => 0x100_0000_0000,
+            _ => 0,
+        };
         for (reg, addr) in [
-            (REG_QUEUE_DESC, desc.base),
-            (REG_QUEUE_DRIVER, avail.base),
-            (REG_QUEUE_DEVICE, used.base),
+            (REG_QUEUE_DESC, desc.base + far),
+            (REG_QUEUE_DRIVER, avail.base + far),
+            (REG_QUEUE_DEVICE, used.base + far),
         ] {
             regs.write32(reg, addr as u32);
             regs.write32(reg + 4, (addr >> 32) as u32);
@@ -564,6 +594,14 @@ impl Blk {
             self.notifies += 1;
             self.regs.write32(REG_QUEUE_NOTIFY, u32::from(self.queue));
         }
+    }
+
+    /// Publishes the avail index without notifying the device, whatever it asked for (a
+    /// driver that breaks the rule).
+    pub fn publish_without_kick(&mut self) {
+        compiler_fence(Ordering::SeqCst);
+        self.avail.w16(2, self.avail_idx);
+        fence(Ordering::SeqCst);
     }
 
     /// Writes `value` to QueueNotify, whatever the ring holds (for timing a kick).
