@@ -26,7 +26,7 @@ fn start_worker(socket: &Path, disk: &Path) -> (Worker, u32) {
 }
 
 #[test]
-fn linux_survives_sigkills_of_the_worker_with_no_io_error() {
+fn linux_survives_kills_of_the_worker_and_of_its_started_pid() {
     let dir = scratch_dir("restart-qemu");
     let disk = dir.join("disk.img");
     std::fs::File::create(&disk)
