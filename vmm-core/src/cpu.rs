@@ -43,6 +43,49 @@ pub fn supported_cpuid(kvm: &Kvm) -> Result<CpuId, CpuError> {
         .map_err(CpuError::SupportedCpuid)
 }
 
+/// The hypervisor timing leaf (as VMware defined it and crosvm and others expose it):
+/// EAX the TSC frequency in kHz, EBX the local APIC timer's in kHz.
+const CPUID_TIMING_LEAF: u32 = 0x4000_0010;
+/// KVM's local APIC timer runs at 1 GHz.
+const APIC_TIMER_KHZ: u32 = 1_000_000;
+
+/// Tells the guest the TSC frequency (leaf 0x40000010, announced by the hypervisor leaf
+/// 0x40000000's maximum), so that a guest without a reference clock (the test guest)
+/// need not guess it: AMD hosts have no CPUID frequency leaf of their own. Unchanged when
+/// KVM offers no hypervisor leaves.
+pub fn with_tsc_frequency(base: &CpuId, tsc_khz: u32) -> CpuId {
+    let mut cpuid = base.clone();
+    let mut announced = false;
+    for entry in cpuid.as_mut_slice() {
+        if entry.function == 0x4000_0000 {
+            entry.eax = entry.eax.max(CPUID_TIMING_LEAF);
+            announced = true;
+        }
+    }
+    if !announced {
+        return cpuid;
+    }
+    let timing = kvm_bindings::kvm_cpuid_entry2 {
+        function: CPUID_TIMING_LEAF,
+        eax: tsc_khz,
+        ebx: APIC_TIMER_KHZ,
+        ..Default::default()
+    };
+    match cpuid
+        .as_mut_slice()
+        .iter_mut()
+        .find(|e| e.function == CPUID_TIMING_LEAF)
+    {
+        Some(e) => *e = timing,
+        None => {
+            if cpuid.push(timing).is_err() {
+                tracing::debug!("no room for CPUID leaf {CPUID_TIMING_LEAF:#x}");
+            }
+        }
+    }
+    cpuid
+}
+
 /// Gives vCPU `id` its APIC id and topology in CPUID.
 pub fn cpuid_for(base: &CpuId, id: u8, num_vcpus: u8) -> CpuId {
     let mut cpuid = base.clone();
@@ -214,6 +257,24 @@ pub fn configure_boot_vcpu(vcpu: &VcpuFd, entry: EntryPoint) -> Result<(), CpuEr
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn the_tsc_frequency_goes_into_the_timing_leaf() {
+        let entry = |function, eax| kvm_bindings::kvm_cpuid_entry2 {
+            function,
+            eax,
+            ..Default::default()
+        };
+        let base = CpuId::from_entries(&[entry(0, 0xd), entry(0x4000_0000, 0x4000_0001)]).unwrap();
+        let c = with_tsc_frequency(&base, 2_445_420);
+        let get = |f| c.as_slice().iter().find(|e| e.function == f).copied();
+        assert_eq!(get(0x4000_0000).unwrap().eax, CPUID_TIMING_LEAF);
+        let timing = get(CPUID_TIMING_LEAF).unwrap();
+        assert_eq!((timing.eax, timing.ebx), (2_445_420, APIC_TIMER_KHZ));
+        // Without KVM's hypervisor leaves nothing announces it: left out.
+        let bare = CpuId::from_entries(&[entry(0, 0xd)]).unwrap();
+        assert_eq!(with_tsc_frequency(&bare, 1).as_slice().len(), 1);
+    }
     use super::*;
 
     #[test]

@@ -237,12 +237,18 @@ impl Vm {
         let pio = Arc::new(LegacyPio::new(serial.clone()));
 
         let (tx, events) = mpsc::channel();
-        let base_cpuid = cpu::supported_cpuid(&kvm)?;
+        let mut base_cpuid = cpu::supported_cpuid(&kvm)?;
         let mut vcpus = Vec::with_capacity(cfg.vcpus as usize);
         for id in 0..num_vcpus {
             let fd = vm
                 .create_vcpu(u64::from(id))
                 .map_err(kvm_err("create a vCPU"))?;
+            if id == 0 {
+                match fd.get_tsc_khz() {
+                    Ok(khz) => base_cpuid = cpu::with_tsc_frequency(&base_cpuid, khz),
+                    Err(e) => tracing::debug!("no TSC frequency for the guest: {e}"),
+                }
+            }
             cpu::configure_common(&fd, id, &cpu::cpuid_for(&base_cpuid, id, num_vcpus))?;
             if id == 0 {
                 cpu::configure_boot_vcpu(&fd, loaded.entry)?;
