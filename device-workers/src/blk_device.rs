@@ -193,13 +193,6 @@ impl VhostDevice for BlkDevice {
         }
     }
 
-    fn in_flight(&self) -> usize {
-        match &self.disk {
-            Engine::Uring(u) => u.in_flight(),
-            Engine::Sync(_) => 0,
-        }
-    }
-
     fn completions_ready(&mut self) -> bool {
         match &mut self.disk {
             Engine::Uring(u) => u.completions_ready(),
@@ -243,7 +236,7 @@ fn queue_result(result: Result<QueueOutcome, QueueError>) -> QueueResult {
             throttled: outcome.throttled,
         },
         Err(e) => {
-            tracing::warn!("{e}");
+            crate::guest_warn!("{e}");
             QueueResult {
                 broken: true,
                 ..QueueResult::default()

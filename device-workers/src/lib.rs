@@ -12,6 +12,7 @@ pub mod disk;
 #[cfg(feature = "test-hooks")]
 pub mod hooks;
 pub mod inflight;
+pub mod quiet;
 pub mod sandbox;
 pub mod serve;
 pub mod socket;

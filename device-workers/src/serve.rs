@@ -177,10 +177,10 @@ impl EventLoop {
                 _ => EpollTimeout::NONE,
             };
             let asleep = ticks();
-            // Sleeping with nothing in flight and every ring's notifications on: what the
-            // driver publishes without a kick is not this worker's to find (the
-            // supervisor's hang check).
-            let sleeping = timeout == EpollTimeout::NONE && !lock().owes_work();
+            // Asleep until a kick, a completion or a message, notifications on: what the
+            // driver publishes without a kick is not this worker's to find, and requests in
+            // flight are the disk's to finish (the supervisor's hang check).
+            let sleeping = timeout == EpollTimeout::NONE;
             status.set_idle(sleeping);
             let woke = self.epoll.wait(&mut events, timeout);
             status.set_idle(false);
@@ -239,6 +239,7 @@ impl EventLoop {
 fn report<D: VhostDevice>(b: &VhostBackend<D>, status: &StatusMapping) {
     let totals = b.totals();
     status.set_completed(totals.completed, totals.failed);
+    status.set_rings_broken(b.rings_broken());
     status.bump_progress();
 }
 

@@ -56,10 +56,6 @@ pub trait VhostDevice {
     }
     /// Collects asynchronously completed requests (their status bytes written).
     fn reap(&mut self, _mem: &GuestMemoryMmap, _out: &mut Vec<Reaped>) {}
-    /// Requests taken from a ring and not completed yet (an asynchronous engine's).
-    fn in_flight(&self) -> usize {
-        0
-    }
     /// Whether asynchronous completions are waiting (looked at without a syscall).
     fn completions_ready(&mut self) -> bool {
         false
@@ -184,6 +180,8 @@ pub struct VhostBackend<D> {
     vrings: Vec<Vring>,
     /// Rings whose kick registration or state changed since the event loop last looked.
     dirty: bool,
+    /// Rings found corrupt since the worker started.
+    rings_broken: u64,
     /// Kick eventfds the frontend replaced or a stop dropped, kept open until the event
     /// loop has taken them out of its epoll set: closing our descriptor does not end the
     /// registration while the frontend still holds the same eventfd, and a later
@@ -211,17 +209,18 @@ pub struct VhostBackend<D> {
     hook_due: Option<String>,
 }
 
-/// The size of a file the frontend passed, with the raw fstat system call: the policy
+/// The size of a regular file (a memfd is one) the frontend passed, None for any other
+/// kind, with the raw fstat system call: the policy
 /// allows it, which takes no path (glibc's fstat() is newfstatat with an empty path, std's
 /// metadata() is statx).
-fn file_size(file: &File) -> io::Result<u64> {
+fn file_size(file: &File) -> io::Result<Option<u64>> {
     // SAFETY: stat is plain data that fstat fills.
     let mut st: libc::stat = unsafe { std::mem::zeroed() };
     // SAFETY: fstat on an open descriptor (owned by `file`) into a live, writable buffer.
     if unsafe { libc::syscall(libc::SYS_fstat, file.as_raw_fd(), &mut st) } != 0 {
         return Err(io::Error::last_os_error());
     }
-    Ok(st.st_size as u64)
+    Ok((st.st_mode & libc::S_IFMT == libc::S_IFREG).then_some(st.st_size as u64))
 }
 
 fn refuse(msg: String) -> VhostError {
@@ -239,6 +238,7 @@ impl<D: VhostDevice> VhostBackend<D> {
             mappings: Vec::new(),
             vrings,
             dirty: true,
+            rings_broken: 0,
             retired_kicks: Vec::new(),
             totals: Totals::default(),
             inflight: None,
@@ -309,7 +309,9 @@ impl<D: VhostDevice> VhostBackend<D> {
                 .vrings
                 .iter()
                 .enumerate()
-                .filter(|(_, v)| v.live())
+                // A broken ring's kicks are still read (and ignored): one left unread
+                // would look to the supervisor like work this worker was told about.
+                .filter(|(_, v)| v.live() || (v.started && v.broken))
                 .filter_map(|(i, v)| v.kick.as_ref().map(|k| (i, k.as_raw_fd())))
                 .collect(),
             retired: std::mem::take(&mut self.retired_kicks),
@@ -346,8 +348,9 @@ impl<D: VhostDevice> VhostBackend<D> {
             {
                 Ok(u) => u.0,
                 Err(e) => {
-                    tracing::warn!("queue {index}: cannot read the used idx: {e}");
+                    crate::guest_warn!("queue {index}: cannot read the used idx: {e}");
                     vring.broken = true;
+                    self.rings_broken += 1;
                     self.dirty = true;
                     return;
                 }
@@ -396,10 +399,11 @@ impl<D: VhostDevice> VhostBackend<D> {
         self.totals.failed += result.failed;
         vring.throttled = result.throttled;
         if result.broken {
-            tracing::warn!(
+            crate::guest_warn!(
                 "queue {index}: the ring is corrupt; not serving it until it is set up again"
             );
             vring.broken = true;
+            self.rings_broken += 1;
             self.dirty = true;
         }
         if result.notify {
@@ -433,10 +437,10 @@ impl<D: VhostDevice> VhostBackend<D> {
         })
     }
 
-    /// Whether the worker owes the driver something without being told again: requests
-    /// in flight, or a ring it stopped taking from until there is room.
-    pub fn owes_work(&self) -> bool {
-        self.device.in_flight() > 0 || self.vrings.iter().any(|v| v.throttled)
+    /// Rings found corrupt since the worker started (each one the device must answer with
+    /// DEVICE_NEEDS_RESET, which only the VMM can set).
+    pub fn rings_broken(&self) -> u64 {
+        self.rings_broken
     }
 
     /// The device's completion descriptor, if it completes requests asynchronously.
@@ -623,13 +627,17 @@ impl<D: VhostDevice> VhostUserBackendReqHandlerMut for VhostBackend<D> {
                 )));
             }
             // A file shorter than the region would map fine and raise SIGBUS on first touch.
+            // Best effort: an unsealed file can still shrink later (QEMU seals its memfds,
+            // bulkhead too); device files such as /dev/dax have no size to check.
             let offset = region.mmap_offset;
             let held = file_size(&file).map_err(|e| {
                 refuse(format!(
                     "memory region {i}: cannot read its file's size: {e}"
                 ))
             })?;
-            if offset.checked_add(size).is_none_or(|end| end > held) {
+            if let Some(held) =
+                held.filter(|&held| offset.checked_add(size).is_none_or(|end| end > held))
+            {
                 return Err(refuse(format!(
                     "memory region {i}: its file holds {held:#x} bytes, less than offset \
                      {offset:#x} + size {size:#x}"

@@ -32,7 +32,8 @@
 //! | 144 | 8 | crash address (the faulting address, when the kernel gave one) |
 //! | 152 | 4 | worker end, from its reaper after it reaped the worker: 0 not yet, 1 exited, 2 killed by a signal |
 //! | 156 | 4 | worker end value: exit status or signal number |
-//! | 160 | 96 | reserved (zero) |
+//! | 160 | 8 | rings found corrupt (each needs DEVICE_NEEDS_RESET, which the VMM sets) |
+//! | 168 | 88 | reserved (zero) |
 //!
 //! The crash record is the worker's own word, written as it dies; the end record is its
 //! reaper's, written once the worker can write nothing more. The VMM believes a crash only
@@ -115,7 +116,8 @@ pub struct StatusPage {
     crash_addr: AtomicU64,
     end_how: AtomicU32,
     end_value: AtomicU32,
-    reserved: [AtomicU64; 12],
+    rings_broken: AtomicU64,
+    reserved: [AtomicU64; 11],
 }
 
 const _: () = {
@@ -141,7 +143,8 @@ const _: () = {
     assert!(offset_of!(StatusPage, crash_addr) == 144);
     assert!(offset_of!(StatusPage, end_how) == 152);
     assert!(offset_of!(StatusPage, end_value) == 156);
-    assert!(offset_of!(StatusPage, reserved) == 160);
+    assert!(offset_of!(StatusPage, rings_broken) == 160);
+    assert!(offset_of!(StatusPage, reserved) == 168);
 };
 
 /// Errors of creating, validating and mapping a status page.
@@ -409,6 +412,16 @@ impl StatusPage {
         })
     }
 
+    /// Worker side: how many rings it found corrupt so far.
+    pub fn set_rings_broken(&self, n: u64) {
+        self.rings_broken.store(n, Ordering::Release);
+    }
+
+    /// Rings the worker says it found corrupt (the VMM answers with DEVICE_NEEDS_RESET).
+    pub fn rings_broken(&self) -> u64 {
+        self.rings_broken.load(Ordering::Acquire)
+    }
+
     /// Worker side: it is about to sleep until a kick or a message (true), or it woke.
     pub fn set_idle(&self, idle: bool) {
         self.idle.store(u32::from(idle), Ordering::Release);
@@ -486,6 +499,7 @@ impl StatusPage {
         self.crash_addr.store(0, Ordering::Relaxed);
         self.end_value.store(0, Ordering::Relaxed);
         self.end_how.store(END_NONE, Ordering::Relaxed);
+        self.rings_broken.store(0, Ordering::Relaxed);
         for slot in &self.reserved {
             slot.store(0, Ordering::Relaxed);
         }

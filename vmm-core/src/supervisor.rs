@@ -275,11 +275,13 @@ pub struct Supervisor {
     pub kicks: Vec<vmm_sys_util::eventfd::EventFd>,
 }
 
-/// Whether any of `kicks` holds a kick nobody has read.
-fn kick_unread(kicks: &[vmm_sys_util::eventfd::EventFd]) -> bool {
+/// Whether the kick of one of `queues` (the rings the driver set up; the worker never
+/// reads the others') holds a kick nobody has read.
+fn kick_unread(kicks: &[vmm_sys_util::eventfd::EventFd], queues: &[usize]) -> bool {
     use std::os::fd::AsRawFd;
-    let mut fds: Vec<libc::pollfd> = kicks
+    let mut fds: Vec<libc::pollfd> = queues
         .iter()
+        .filter_map(|&q| kicks.get(q))
         .map(|k| libc::pollfd {
             fd: k.as_raw_fd(),
             events: libc::POLLIN,
@@ -290,6 +292,17 @@ fn kick_unread(kicks: &[vmm_sys_util::eventfd::EventFd]) -> bool {
     // no timeout.
     let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, 0) };
     n > 0 && fds.iter().any(|f| f.revents & libc::POLLIN != 0)
+}
+
+/// The scheduler state of process `pid` (/proc/PID/stat: `R`, `S`, `D` waiting for the
+/// disk, `T` stopped, ...).
+fn proc_state(pid: u32) -> Option<char> {
+    if pid == 0 {
+        return None;
+    }
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let (_, rest) = stat.rsplit_once(')')?;
+    rest.trim_start().chars().next()
 }
 
 /// The supervised worker's pidfd, for the control thread (it kills a worker that sends a
@@ -637,6 +650,7 @@ impl Supervisor {
             Ok(s) => crate::vm::describe_exit(*s),
             Err(e) => format!("cannot be waited for: {e}"),
         };
+        let reaper_exit = waited.as_ref().ok().copied();
         // The VM is over and told it to go: a clean exit is the expected end (anything
         // else, a policy violation above all, is still reported).
         let ended_with_vm = self.device.closing()
@@ -668,7 +682,7 @@ impl Supervisor {
                 ),
                 _ => how,
             };
-            crate::vm::report_worker_end(id, &worker.status, &how, &self.violations);
+            crate::vm::report_worker_end(id, &worker.status, &how, reaper_exit, &self.violations);
         }
         // Requests answered with an error count as served: the worker ran its loop.
         Ended {
@@ -724,6 +738,7 @@ impl Supervisor {
     fn watch(&self, pidfd: &OwnedFd, confined: Option<&OwnedFd>, worker: &Worker) -> End {
         let mut progress = worker.status.progress();
         let mut since = Instant::now();
+        let mut broken = 0;
         // The confined worker's own end is seen at once, not after its reaper reacts.
         let watched: Vec<&OwnedFd> = std::iter::once(pidfd).chain(confined).collect();
         loop {
@@ -734,6 +749,18 @@ impl Supervisor {
                 stop(pidfd, confined);
                 return End::Recovering;
             }
+            // A ring the driver corrupted: the device needs a reset (virtio 1.2, 2.1.2),
+            // which only the transport can say; the worker stopped serving that ring.
+            let now_broken = worker.status.rings_broken();
+            if now_broken > broken {
+                broken = now_broken;
+                self.device.guest_errors.log(format_args!(
+                    "disk {}: the driver corrupted a ring (its worker stopped serving it): \
+                     the device needs a reset",
+                    self.cfg.id
+                ));
+                self.device.needs_reset();
+            }
             let now = worker.status.progress();
             if now != progress || !self.device.requests_pending(self.ram.memory()) {
                 progress = now;
@@ -741,10 +768,16 @@ impl Supervisor {
                 continue;
             }
             // Requests pending and no progress: the worker's fault only if it was told
-            // about them. A worker asleep with nothing in flight and its notifications
-            // on, and no kick unread, waits for the driver, which published requests
-            // without a kick (a hostile or broken guest), not a hung worker.
-            if worker.status.idle() && !kick_unread(&self.kicks) {
+            // about them and is not waiting for the disk. Asleep (until a kick, a
+            // completion or a message) with no kick unread, it waits for the driver, which
+            // published requests without a kick (a hostile or broken guest), or for the
+            // disk to complete what is in flight; in uninterruptible sleep it is in the
+            // middle of a slow disk operation (a big flush). Neither is a hang.
+            // Stopped (SIGSTOP, a debugger), it reads nothing, however it went to sleep.
+            let state = proc_state(worker.status.worker_pid());
+            let stopped = matches!(state, Some('T' | 't'));
+            let kicked = kick_unread(&self.kicks, &self.device.ready_queues());
+            if (worker.status.idle() && !kicked && !stopped) || state == Some('D') {
                 since = Instant::now();
                 continue;
             }
@@ -788,7 +821,7 @@ impl Supervisor {
                 let mut w = w;
                 if let Ok(Some(exit)) = w.child.try_wait() {
                     let how = format!("(spare) {}", crate::vm::describe_exit(exit));
-                    crate::vm::report_worker_end(id, &w.status, &how, &self.violations);
+                    crate::vm::report_worker_end(id, &w.status, &how, Some(exit), &self.violations);
                 }
                 tracing::warn!(
                     "disk {id}: the spare worker (pid {}) failed its setup: {}; starting a \

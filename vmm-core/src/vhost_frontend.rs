@@ -292,14 +292,22 @@ impl ControlThread {
                     // The next activation starts from a fresh region.
                     self.inflight = None;
                     let stopping = std::mem::take(&mut active);
-                    if self.disk.as_ref().is_some_and(|d| d.guest_reset()) {
+                    let stopped = if self.disk.as_ref().is_some_and(|d| d.guest_reset()) {
                         // A fail-mode worker (or none) goes; nothing to ask it.
                         self.awaiting_normal = true;
                         self.kill_worker();
                         Ok(())
                     } else {
                         self.with_backend(|this| this.stop(&stopping))
+                    };
+                    if stopped.is_err() {
+                        // A backend that cannot stop its rings must not touch them again.
+                        self.kill_worker();
                     }
+                    // The reset is complete: the rings are stopped or their worker is gone
+                    // (a killed worker's successor starts from the driver's next setup).
+                    self.device.reset_complete();
+                    stopped
                 }
                 Command::Disconnect => {
                     let _ = self.backend.socket.shutdown(std::net::Shutdown::Both);

@@ -179,6 +179,21 @@ impl Vm {
                 DiskBackend::VhostUser(_) => None,
             });
         }
+        // Checked by path before; a file renamed in between must not slip through.
+        for (i, a) in images.iter().enumerate() {
+            let Some(a) = a else { continue };
+            if let Some(j) = images[..i]
+                .iter()
+                .position(|b| b.as_ref().is_some_and(|b| b.identity == a.identity))
+            {
+                return Err(VmError::Worker(crate::worker::WorkerError::Disk(
+                    crate::disk::DiskError::Conflict(format!(
+                        "disks {} and {} are the same image",
+                        cfg.disks[j].id, cfg.disks[i].id
+                    )),
+                )));
+            }
+        }
         let ram = GuestRam::new(cfg.mem_mib, cfg.ram_pages)?;
         let kvm_err = |what| move |source| VmError::Kvm { what, source };
 
@@ -578,7 +593,7 @@ impl Disk {
                         exited = w.child.wait().ok();
                     }
                     let how = exited.map_or_else(|| "ended".to_string(), describe_exit);
-                    report_worker_end(&cfg.id, &w.status, &how, workers.violations);
+                    report_worker_end(&cfg.id, &w.status, &how, exited, workers.violations);
                 }
                 return Err(e.into());
             }
@@ -736,15 +751,34 @@ pub(crate) fn report_worker_end(
     id: &str,
     status: &ipc::status::StatusMapping,
     how: &str,
+    reaper: Option<std::process::ExitStatus>,
     violations: &ViolationLog,
 ) {
     use ipc::status::{WorkerEnd, EXIT_POLICY_VIOLATION};
     let confined = status.worker_pid();
-    if let Some(crash) = ipc::status::describe_crash(status.crash(), status.end()) {
+    // The end record counts only if the reaper itself ended as it says (it exits the way
+    // its worker did). A reaper that was killed (by the VMM, on a hang or a bad reply)
+    // wrote nothing, and whatever the page holds is the worker's own word.
+    let end = status.end().filter(|e| {
+        let code = match *e {
+            WorkerEnd::Exited(c) => c,
+            WorkerEnd::Signaled(sig) => 128 + sig,
+        };
+        reaper.is_some_and(|r| r.code() == Some(code & 0xff))
+    });
+    if let Some(crash) = ipc::status::describe_crash(status.crash(), end) {
         tracing::error!("worker {id} (pid {confined}) {crash} ({how})");
         return;
     }
-    let trapped = status.end() == Some(WorkerEnd::Exited(EXIT_POLICY_VIOLATION));
+    if end == Some(WorkerEnd::Signaled(libc::SIGSYS)) {
+        // A trap with its SIGSYS handler blocked or undone: a violation nobody recorded.
+        tracing::error!(
+            "worker {id} (pid {confined}) was killed by SIGSYS: a seccomp trap its handler \
+             did not record ({how})"
+        );
+        return;
+    }
+    let trapped = end == Some(WorkerEnd::Exited(EXIT_POLICY_VIOLATION));
     match status.violation() {
         Some(v) if !trapped => tracing::error!(
             "worker {id} (pid {confined}) {how}; its status page holds a violation record \

@@ -105,8 +105,12 @@ unsafe impl ByteValued for VirtioBlkConfig {}
 
 const _: () = assert!(std::mem::size_of::<VirtioBlkConfig>() == 60);
 
-/// Default per-segment limit for discard and write-zeroes: 2 GiB - 512 bytes.
+/// Default per-segment limit for discard: 2 GiB - 512 bytes.
 pub const DEFAULT_MAX_DWZ_SECTORS: u32 = (1 << 22) - 1;
+/// Per-segment limit for write-zeroes: 64 MiB. Where the file system cannot zero a range
+/// (tmpfs) the worker writes the zeroes, and one request must not keep it busy for long
+/// (its supervisor would take a worker that makes no progress for a second as hung).
+pub const MAX_WRITE_ZEROES_SECTORS: u32 = 1 << 17;
 
 /// Device limits that go into the config space and that request parsing enforces.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -129,15 +133,15 @@ pub struct BlkLimits {
 
 impl Default for BlkLimits {
     /// Limits that suit a file-backed disk and Linux's virtio_blk driver: 126 data segments
-    /// (a 128-entry queue minus header and status), 2 GiB - 512 per discard or write-zeroes
-    /// segment, and a single segment per discard / write-zeroes request.
+    /// (a 128-entry queue minus header and status), 2 GiB - 512 per discard segment, 64 MiB
+    /// per write-zeroes segment, and a single segment per discard / write-zeroes request.
     fn default() -> Self {
         Self {
             seg_max: 126,
             max_discard_sectors: DEFAULT_MAX_DWZ_SECTORS,
             max_discard_seg: 1,
             discard_sector_alignment: 8,
-            max_write_zeroes_sectors: DEFAULT_MAX_DWZ_SECTORS,
+            max_write_zeroes_sectors: MAX_WRITE_ZEROES_SECTORS,
             max_write_zeroes_seg: 1,
             write_zeroes_may_unmap: true,
         }

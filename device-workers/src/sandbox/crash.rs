@@ -40,8 +40,15 @@ fn record(kind: u32, addr: u64) {
 }
 
 extern "C" fn on_fault(sig: libc::c_int, info: *mut libc::siginfo_t, _ctx: *mut libc::c_void) {
-    // SAFETY: the kernel passes a valid siginfo to an SA_SIGINFO handler; for these
-    // signals si_addr is the faulting address (or 0 when sent by a process).
+    // SAFETY: the kernel passes a valid siginfo to an SA_SIGINFO handler.
+    let code = unsafe { (*info).si_code };
+    if code <= 0 {
+        // Sent by a process (kill -SEGV), not a fault: nothing would repeat it, so end
+        // now, as a stop signal does, and record no crash.
+        // SAFETY: _exit is async-signal-safe and ends the process at once.
+        unsafe { libc::_exit(128 + sig) };
+    }
+    // SAFETY: as above; for a fault si_addr is the faulting address.
     let addr = unsafe { (*info).si_addr() } as u64;
     record(sig as u32, addr);
 }
@@ -51,8 +58,14 @@ extern "C" fn on_stop(sig: libc::c_int) {
     unsafe { libc::_exit(128 + sig) };
 }
 
-extern "C" fn on_abort(_sig: libc::c_int, _info: *mut libc::siginfo_t, _ctx: *mut libc::c_void) {
-    record(libc::SIGABRT as u32, 0);
+extern "C" fn on_abort(_sig: libc::c_int, info: *mut libc::siginfo_t, _ctx: *mut libc::c_void) {
+    // SAFETY: the kernel passes a valid siginfo to an SA_SIGINFO handler.
+    let (code, sender) = unsafe { ((*info).si_code, (*info).si_pid()) };
+    // abort() raises it against itself (SI_TKILL from pid 1, this process in its pid
+    // namespace); from anyone else it is a stop signal, not a crash.
+    if code > 0 || sender == 1 {
+        record(libc::SIGABRT as u32, 0);
+    }
     // SAFETY: _exit is async-signal-safe and ends the process at once.
     unsafe { libc::_exit(128 + libc::SIGABRT) };
 }

@@ -95,6 +95,8 @@ pub struct ExitCounters {
 #[derive(Debug, Default)]
 struct Regs {
     status: u32,
+    /// DRIVER_OK brought the backend's rings up (not refused for a bad ring).
+    activated: bool,
     device_features_sel: u32,
     driver_features_sel: u32,
     driver_features: u64,
@@ -170,7 +172,13 @@ pub struct VirtioMmioDevice {
     pub exits: ExitCounters,
     /// What the guest gets wrong is logged through this, a few lines a window.
     pub guest_errors: crate::ratelimit::RateLimitedLog,
+    /// Resets the control thread has completed, for the vCPU waiting on one.
+    resets_done: (Mutex<u64>, std::sync::Condvar),
 }
+
+/// The longest a vCPU waits for a reset to complete (the control thread's reply timeout
+/// and a margin).
+const RESET_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
 
 impl VirtioMmioDevice {
     pub fn new(info: DeviceInfo, config_irq: EventFd, control: Sender<Command>) -> Self {
@@ -192,6 +200,7 @@ impl VirtioMmioDevice {
             closing: AtomicBool::new(false),
             exits: ExitCounters::default(),
             guest_errors: crate::ratelimit::RateLimitedLog::default(),
+            resets_done: Default::default(),
         }
     }
 
@@ -224,6 +233,25 @@ impl VirtioMmioDevice {
         regs.queues.iter().filter(|q| q.ready).any(|q| {
             matches!((ring_idx(mem, q.driver), ring_idx(mem, q.device)), (Some(a), Some(u)) if a != u)
         })
+    }
+
+    /// The control thread has stopped the backend's rings after a reset (or ended their
+    /// worker): the vCPU that wrote 0 to Status may go on.
+    pub fn reset_complete(&self) {
+        let mut done = self.resets_done.0.lock().unwrap_or_else(|e| e.into_inner());
+        *done += 1;
+        self.resets_done.1.notify_all();
+    }
+
+    /// The queues the driver made ready.
+    pub fn ready_queues(&self) -> Vec<usize> {
+        self.regs()
+            .queues
+            .iter()
+            .enumerate()
+            .filter(|(_, q)| q.ready)
+            .map(|(i, _)| i)
+            .collect()
     }
 
     /// The used idx of queue `queue` in guest RAM, once the driver set the ring up: how
@@ -356,10 +384,42 @@ impl VirtioMmioDevice {
             }
         }
         if let Some(command) = command {
+            let reset = matches!(command, Command::Reset);
+            let before = *self.resets_done.0.lock().unwrap_or_else(|e| e.into_inner());
             let control = self.control.lock().unwrap_or_else(|e| e.into_inner());
             if control.send(command).is_err() {
                 tracing::warn!("{}: the device's control thread is gone", self.id);
+                return;
             }
+            drop(control);
+            if reset {
+                self.wait_reset(before);
+            }
+        }
+    }
+
+    /// A reset completes before the driver's write of 0 to Status does (as in QEMU): a
+    /// driver may read 0 back at once and re-use the rings' memory (Linux's virtio-mmio
+    /// driver does not wait), so the backend must have stopped them by then. Bounded: the
+    /// control thread gives up on a backend that does not answer and kills its worker.
+    fn wait_reset(&self, before: u64) {
+        let (lock, done) = &self.resets_done;
+        let mut count = lock.lock().unwrap_or_else(|e| e.into_inner());
+        let deadline = std::time::Instant::now() + RESET_WAIT;
+        while *count == before {
+            let now = std::time::Instant::now();
+            if now >= deadline {
+                tracing::warn!(
+                    "{}: the backend did not stop its rings within {} s of the reset",
+                    self.id,
+                    RESET_WAIT.as_secs()
+                );
+                return;
+            }
+            count = done
+                .wait_timeout(count, deadline - now)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
         }
     }
 
@@ -406,7 +466,7 @@ impl VirtioMmioDevice {
 
     fn write_status(&self, regs: &mut Regs, value: u32) -> Option<Command> {
         if value == 0 {
-            let was_active = regs.status & STATUS_DRIVER_OK != 0;
+            let was_active = regs.activated;
             let queues = regs.queues.len();
             *regs = Regs {
                 queues: vec![QueueRegs::default(); queues],
@@ -468,6 +528,7 @@ impl VirtioMmioDevice {
         // 0, and the driver, having seen nothing to do, would wait for it forever.
         self.driver_ok
             .store(new & STATUS_DRIVER_OK != 0, Ordering::Release);
+        regs.activated |= activate;
         activate.then(|| Command::Activate {
             driver_features: regs.driver_features,
             queues: regs.queues.clone(),
@@ -588,9 +649,28 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
+        // The write of 0 returns once the control thread has completed the reset.
+        let d = std::sync::Arc::new(d);
+        let control = {
+            let d = d.clone();
+            std::thread::spawn(move || {
+                let command = rx.recv().unwrap();
+                std::thread::sleep(std::time::Duration::from_millis(50));
+                d.reset_complete();
+                (command, rx)
+            })
+        };
+        let t0 = std::time::Instant::now();
         w32(&d, 0x70, 0);
-        assert!(matches!(rx.try_recv().unwrap(), Command::Reset));
+        assert!(t0.elapsed() >= std::time::Duration::from_millis(50));
+        let (command, rx) = control.join().unwrap();
+        assert!(matches!(command, Command::Reset));
         assert_eq!(r32(&d, 0x70), 0);
+        w32(&d, 0x70, 0);
+        assert!(
+            rx.try_recv().is_err(),
+            "no second reset of an inactive device"
+        );
     }
 
     #[test]
@@ -670,7 +750,16 @@ mod tests {
             INT_VRING,
             "before the control thread did anything"
         );
+        let d = std::sync::Arc::new(d);
+        let control = {
+            let d = d.clone();
+            std::thread::spawn(move || {
+                assert!(matches!(rx.recv(), Ok(Command::Reset)));
+                d.reset_complete();
+            })
+        };
         w32(&d, 0x70, 0);
+        control.join().unwrap();
         assert_eq!(r32(&d, 0x60), 0);
     }
 

@@ -3,6 +3,10 @@
 //! - `badring`: rings at guest addresses far outside RAM, over and over (re-init each time);
 //! - `num3`: QueueNum 3, not a power of two, over and over;
 //! - `nokick`: one read published in the avail ring without a QueueNotify, left so;
+//! - `strayq`: the same, after a QueueNotify for queue 1, which the driver never set up
+//!   (the device needs 2 queues);
+//! - `badidx`: an avail index more than a ring's worth ahead, kicked, over and over (each
+//!   time the device must say it needs a reset);
 //! - `reinit`: init, one read, reset, as fast as it goes.
 //!
 //! Result: `TG abuse dev=N mode=M rounds=R refused=F then_ok=1` (refused: inits that ended
@@ -70,7 +74,23 @@ pub fn run(ctx: &Ctx) {
                 }
             }
         }
-        "nokick" => {
+        "badidx" => {
+            while !end.passed() {
+                rounds += 1;
+                let mut blk =
+                    init(None).unwrap_or_else(|e| fail!("blk-abuse dev={n}: init: {e}"));
+                read(&mut blk);
+                blk.corrupt_avail_idx();
+                let soon = Deadline::after_us(ctx.tsc_hz, 3_000_000);
+                while !soon.passed() && !blk.needs_reset() {
+                    core::hint::spin_loop();
+                }
+                if blk.needs_reset() {
+                    refused += 1;
+                }
+            }
+        }
+        "nokick" | "strayq" => {
             let mut blk = init(None).unwrap_or_else(|e| fail!("blk-abuse dev={n}: init: {e}"));
             // One proper read first: the rings are up and the worker sleeps, waiting for a
             // kick, when the next one is published without.
@@ -78,6 +98,10 @@ pub fn run(ctx: &Ctx) {
             let settle = Deadline::after_us(ctx.tsc_hz, 200_000);
             while !settle.passed() {
                 core::hint::spin_loop();
+            }
+            if mode == "strayq" {
+                // A kick for a queue nobody set up: no worker ever reads it.
+                blk.notify_value(1);
             }
             blk.submit(0, Op::In { sector: 0, len: 4096 });
             blk.publish_without_kick();
@@ -89,7 +113,7 @@ pub fn run(ctx: &Ctx) {
             blk.kick();
             match blk.wait_done(1, 10_000_000) {
                 Ok(d) if d.status == ST_OK => {}
-                other => fail!("blk-abuse dev={n} mode=nokick: the published read: {other:?}"),
+                other => fail!("blk-abuse dev={n} mode={mode}: the published read: {other:?}"),
             }
         }
         "reinit" => {

@@ -604,6 +604,16 @@ impl Blk {
         fence(Ordering::SeqCst);
     }
 
+    /// Publishes an avail index more than a ring's worth past the last one (a driver
+    /// corrupting its ring) and notifies.
+    pub fn corrupt_avail_idx(&mut self) {
+        let bad = self.avail_idx.wrapping_add(self.num).wrapping_add(1);
+        fence(Ordering::SeqCst);
+        self.avail.w16(2, bad);
+        fence(Ordering::SeqCst);
+        self.regs.write32(REG_QUEUE_NOTIFY, u32::from(self.queue));
+    }
+
     /// Writes `value` to QueueNotify, whatever the ring holds (for timing a kick).
     pub fn notify_value(&self, value: u32) {
         self.regs.write32(REG_QUEUE_NOTIFY, value);
