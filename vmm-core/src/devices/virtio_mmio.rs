@@ -595,6 +595,16 @@ mod tests {
         d.write(off, &v.to_le_bytes());
     }
 
+    /// Queue 0 of `size` entries, rings at 0x1000 / 0x2000 / 0x3000, ready.
+    fn set_up_queue0(d: &VirtioMmioDevice, size: u32) {
+        w32(d, 0x30, 0);
+        w32(d, 0x38, size);
+        w32(d, 0x80, 0x1000);
+        w32(d, 0x90, 0x2000);
+        w32(d, 0xa0, 0x3000);
+        w32(d, 0x44, 1);
+    }
+
     #[test]
     fn identity_registers() {
         let (d, _) = device();
@@ -619,12 +629,7 @@ mod tests {
             STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK,
         );
         assert_ne!(r32(&d, 0x70) & STATUS_FEATURES_OK, 0);
-        w32(&d, 0x30, 0);
-        w32(&d, 0x38, 128);
-        w32(&d, 0x80, 0x1000);
-        w32(&d, 0x90, 0x2000);
-        w32(&d, 0xa0, 0x3000);
-        w32(&d, 0x44, 1);
+        set_up_queue0(&d, 128);
         w32(
             &d,
             0x70,
@@ -718,12 +723,7 @@ mod tests {
         w32(&d, 0x24, 1);
         w32(&d, 0x20, 1);
         w32(&d, 0x70, STATUS_FEATURES_OK);
-        w32(&d, 0x30, 0);
-        w32(&d, 0x38, 3);
-        w32(&d, 0x80, 0x1000);
-        w32(&d, 0x90, 0x2000);
-        w32(&d, 0xa0, 0x3000);
-        w32(&d, 0x44, 1);
+        set_up_queue0(&d, 3);
         w32(&d, 0x70, STATUS_FEATURES_OK | STATUS_DRIVER_OK);
         assert!(rx.try_recv().is_err(), "no backend may see the rings");
         assert_ne!(r32(&d, 0x70) & STATUS_NEEDS_RESET, 0);
