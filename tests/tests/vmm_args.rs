@@ -209,3 +209,12 @@ fn a_fifo_or_a_directory_as_an_image() {
         &format!("disk image {} is a directory", dir.display()),
     );
 }
+
+/// Image keys mean nothing to an external vhost-user backend: refused, not ignored.
+#[test]
+fn image_keys_for_a_vhost_user_disk() {
+    refused_disks(
+        &["vhost_user=/nonexistent.sock,engine=sync".into()],
+        "engine= applies to an image bulkhead serves",
+    );
+}

@@ -61,6 +61,9 @@ pub enum DiskError {
 
 const MAX_QUEUES: u16 = 64;
 
+/// `--disk` keys that only mean something for an image bulkhead's worker serves.
+const IMAGE_ONLY_KEYS: [&str; 6] = ["readonly", "serial", "direct", "spare", "engine", "poll_us"];
+
 impl DiskConfig {
     /// Parses `path=IMG[,id=NAME][,readonly=on][,serial=ID][,direct=on][,num_queues=N][,spare=off]
     /// [,engine=auto|sync|io_uring][,poll_us=N][,ioeventfd=datamatch|any]` or
@@ -166,6 +169,16 @@ impl DiskConfig {
             }
         }
         cfg.backend = backend.ok_or_else(|| bad("needs path=IMAGE or vhost_user=SOCKET".into()))?;
+        if matches!(cfg.backend, DiskBackend::VhostUser(_)) {
+            // The external backend owns its image and how it serves it: these would be
+            // ignored, and a user would believe them applied.
+            if let Some(key) = seen.iter().find(|k| IMAGE_ONLY_KEYS.contains(k)) {
+                return Err(bad(format!(
+                    "{key}= applies to an image bulkhead serves (path=), not to a vhost-user \
+                     backend, which has its own"
+                )));
+            }
+        }
         if cfg.ioeventfd == IoEventFdMatch::Any {
             if cfg.num_queues > 1 {
                 return Err(bad(format!(
@@ -423,6 +436,10 @@ mod tests {
             "path=/x,path=/y",
             "path=/x,vhost_user=/s",
             "path=/x,readonly=on,readonly=off",
+            "vhost_user=/s,engine=sync",
+            "vhost_user=/s,spare=off",
+            "vhost_user=/s,readonly=on",
+            "vhost_user=/s,serial=X",
         ] {
             let err = DiskConfig::parse(bad, 0).unwrap_err().to_string();
             assert!(err.contains(bad), "{err}");
