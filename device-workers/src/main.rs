@@ -451,18 +451,21 @@ fn serve(s: Serve) -> anyhow::Result<ExitCode> {
 fn reap(worker: nix::unistd::Pid, status: &ipc::status::StatusMapping, print: bool) -> ExitCode {
     use ipc::status::WorkerEnd;
     use nix::sys::wait::{waitpid, WaitStatus};
+    // The reaper exits with the end's own code, which the VMM checks the record against.
     let code = loop {
         match waitpid(worker, None) {
             Ok(WaitStatus::Exited(_, code)) => {
-                status.record_end(WorkerEnd::Exited(code));
-                break code;
+                let end = WorkerEnd::Exited(code);
+                status.record_end(end);
+                break end.exit_code();
             }
             Ok(WaitStatus::Signaled(_, sig, _)) => {
-                status.record_end(WorkerEnd::Signaled(sig as i32));
-                if ipc::status::describe_crash(status.crash(), status.end()).is_none() {
+                let end = WorkerEnd::Signaled(sig as i32);
+                status.record_end(end);
+                if ipc::status::describe_crash(status.crash(), Some(end)).is_none() {
                     say(format_args!("worker (pid {worker}) was killed by {sig}"));
                 }
-                break 128 + sig as i32;
+                break end.exit_code();
             }
             Ok(_) => continue,
             Err(nix::Error::EINTR) => continue,

@@ -28,7 +28,7 @@
 //! | 120 | 8 | rings started (each ran inflight recovery) |
 //! | 128 | 8 | requests resubmitted for a predecessor |
 //! | 136 | 4 | crash kind, from the worker's own fault handlers: 0 none, a signal number, or [`CRASH_PANIC`] |
-//! | 140 | 4 | idle: 1 while the worker sleeps with every ring's notifications on (only a kick or a message wakes it) |
+//! | 140 | 4 | idle: 1 while the worker sleeps in its event loop, notifications on (a kick, a completion or a message wakes it) |
 //! | 144 | 8 | crash address (the faulting address, when the kernel gave one) |
 //! | 152 | 4 | worker end, from its reaper after it reaped the worker: 0 not yet, 1 exited, 2 killed by a signal |
 //! | 156 | 4 | worker end value: exit status or signal number |
@@ -422,13 +422,15 @@ impl StatusPage {
         self.rings_broken.load(Ordering::Acquire)
     }
 
-    /// Worker side: it is about to sleep until a kick or a message (true), or it woke.
+    /// Worker side: it is about to sleep until a kick, a completion or a message (true),
+    /// or it woke.
     pub fn set_idle(&self, idle: bool) {
         self.idle.store(u32::from(idle), Ordering::Release);
     }
 
-    /// Whether the worker says it sleeps with its rings' notifications on: pending work
-    /// that no kick announced is then the driver's to announce.
+    /// Whether the worker says it sleeps in its event loop with its rings' notifications
+    /// on: pending work that no kick announced is then the driver's to announce, and
+    /// requests in flight the disk's to finish.
     pub fn idle(&self) -> bool {
         self.idle.load(Ordering::Acquire) == 1
     }
@@ -539,6 +541,18 @@ pub struct CrashRecord {
 pub enum WorkerEnd {
     Exited(i32),
     Signaled(i32),
+}
+
+impl WorkerEnd {
+    /// The status its reaper exits with: the worker's own, or 128 + the signal (the
+    /// shell's convention), truncated to 8 bits as exit statuses are.
+    pub fn exit_code(self) -> i32 {
+        let code = match self {
+            WorkerEnd::Exited(c) => c,
+            WorkerEnd::Signaled(sig) => 128 + sig,
+        };
+        code & 0xff
+    }
 }
 
 /// Signals of a fault: a worker killed by one crashed.
@@ -773,6 +787,13 @@ mod tests {
         assert_eq!(describe_crash(segv, Some(WorkerEnd::Exited(0))), None);
         assert_eq!(describe_crash(segv, Some(WorkerEnd::Signaled(9))), None);
         assert_eq!(describe_crash(segv, None), None);
+        assert_eq!(WorkerEnd::Signaled(9).exit_code(), 137);
+        assert_eq!(WorkerEnd::Exited(EXIT_POLICY_VIOLATION).exit_code(), 159);
+        assert_eq!(
+            WorkerEnd::Exited(256).exit_code(),
+            0,
+            "8 bits, as an exit status"
+        );
         let abort = Some(CrashRecord { kind: 6, addr: 0 });
         assert!(describe_crash(abort, Some(WorkerEnd::Exited(134))).is_some());
         assert_eq!(describe_crash(None, Some(WorkerEnd::Exited(134))), None);

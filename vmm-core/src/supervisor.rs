@@ -25,9 +25,9 @@ use crate::worker::{Mode, Worker};
 
 /// Consecutive deaths before any completed request that the supervisor tolerates.
 pub const CRASH_LOOP_BUDGET: u32 = 5;
-/// A worker whose progress counter stands still this long while it owes the guest
-/// requests it was told about (an unread kick, requests in flight, or work inherited at its
-/// start) is hung: killed and replaced. Well below the guest drivers' request timeouts
+/// A worker whose progress counter stands still this long while the guest has requests
+/// pending and the worker was told about them (it is busy, or asleep with a kick unread,
+/// or stopped; see `watch`) is hung: killed and replaced. Well below the guest drivers' request timeouts
 /// (Linux: 30 s; the test guest: 10 s).
 pub const HANG_TIMEOUT: Duration = Duration::from_secs(1);
 /// How often the supervisor looks at a live worker's progress.
@@ -734,7 +734,8 @@ impl Supervisor {
     }
 
     /// Waits for the worker (its reaper, `pidfd`) to end, or kills it when it hangs: its
-    /// progress counter stands still for [`HANG_TIMEOUT`] while requests are pending.
+    /// progress counter stands still for [`HANG_TIMEOUT`] while requests are pending that
+    /// it was told about.
     fn watch(&self, pidfd: &OwnedFd, confined: Option<&OwnedFd>, worker: &Worker) -> End {
         let mut progress = worker.status.progress();
         let mut since = Instant::now();

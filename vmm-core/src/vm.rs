@@ -759,13 +759,9 @@ pub(crate) fn report_worker_end(
     // The end record counts only if the reaper itself ended as it says (it exits the way
     // its worker did). A reaper that was killed (by the VMM, on a hang or a bad reply)
     // wrote nothing, and whatever the page holds is the worker's own word.
-    let end = status.end().filter(|e| {
-        let code = match *e {
-            WorkerEnd::Exited(c) => c,
-            WorkerEnd::Signaled(sig) => 128 + sig,
-        };
-        reaper.is_some_and(|r| r.code() == Some(code & 0xff))
-    });
+    let end = status
+        .end()
+        .filter(|e| reaper.is_some_and(|r| r.code() == Some(e.exit_code())));
     if let Some(crash) = ipc::status::describe_crash(status.crash(), end) {
         tracing::error!("worker {id} (pid {confined}) {crash} ({how})");
         return;
