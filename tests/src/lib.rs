@@ -1,6 +1,7 @@
 //! Shared support for the integration tests: where the built artefacts are, and helpers
 //! that fail loudly (never skip) when something a test needs is missing.
 
+pub mod modgraph;
 pub mod nested;
 pub mod qemu;
 pub mod sandbox_facts;
