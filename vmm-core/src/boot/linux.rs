@@ -6,7 +6,8 @@ use linux_loader::configurator::{BootConfigurator, BootParams};
 use linux_loader::loader::bootparam::{boot_e820_entry, boot_params, setup_header};
 use vm_memory::{Address, Bytes, GuestAddress};
 
-use super::{BootError, MemoryMapEntry};
+use super::error::BootError;
+use super::memory_map::MemoryMapEntry;
 use crate::layout::{
     BOOT_GDT_START, BOOT_IDT_START, CMDLINE_START, PDE_START, PDPTE_START, PML4_START,
     ZERO_PAGE_START,

@@ -4,12 +4,17 @@
 //! Hypervisor does; a bzImage, or an ELF without the note, boots through the 64-bit Linux
 //! boot protocol, as Firecracker does.
 
+mod error;
 mod linux;
+mod memory_map;
 mod pvh;
+
+pub use error::BootError;
+pub use memory_map::{MemoryMapEntry, MemoryType};
 
 use std::fs::File;
 use std::io::{Read, Seek, SeekFrom};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use linux_loader::cmdline::Cmdline;
 use linux_loader::loader::elf::{Elf, PvhBootCapability};
@@ -36,64 +41,6 @@ pub struct BootConfig<'a> {
     pub cmdline: &'a str,
     /// Where the ACPI RSDP is, if the VMM wrote tables.
     pub rsdp: Option<GuestAddress>,
-}
-
-/// Kind of an e820 / PVH memory map entry.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum MemoryType {
-    Ram = 1,
-    Reserved = 2,
-}
-
-/// One memory map entry: `[start, start + size)`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct MemoryMapEntry {
-    pub start: u64,
-    pub size: u64,
-    pub kind: MemoryType,
-}
-
-/// Errors while loading a kernel or writing boot structures.
-#[derive(Debug, thiserror::Error)]
-pub enum BootError {
-    #[error("cannot open kernel {path}")]
-    OpenKernel {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error("{path} is not a kernel this VMM can boot (neither an x86-64 ELF nor a bzImage)")]
-    NotAKernel { path: PathBuf },
-    #[error("cannot load kernel {path}")]
-    LoadKernel {
-        path: PathBuf,
-        #[source]
-        source: loader::Error,
-    },
-    #[error("cannot read initrd {path}")]
-    ReadInitrd {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error("initrd {path} ({size} bytes) does not fit in guest RAM between the kernel end {kernel_end:#x} and {limit:#x}")]
-    InitrdTooLarge {
-        path: PathBuf,
-        size: u64,
-        kernel_end: u64,
-        limit: u64,
-    },
-    #[error("kernel command line is invalid or longer than {CMDLINE_MAX_SIZE} bytes: {0}")]
-    Cmdline(linux_loader::cmdline::Error),
-    #[error("cannot write {what} to guest memory at {addr:#x}")]
-    GuestWrite {
-        what: &'static str,
-        addr: u64,
-        #[source]
-        source: vm_memory::GuestMemoryError,
-    },
-    #[error("cannot write the boot parameters")]
-    Configure(#[source] linux_loader::configurator::Error),
 }
 
 /// Where the kernel and initrd ended up.

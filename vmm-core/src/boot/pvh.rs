@@ -6,7 +6,8 @@ use linux_loader::configurator::{BootConfigurator, BootParams};
 use linux_loader::start_info::{hvm_memmap_table_entry, hvm_modlist_entry, hvm_start_info};
 use vm_memory::{Address, GuestAddress};
 
-use super::{BootError, MemoryMapEntry};
+use super::error::BootError;
+use super::memory_map::MemoryMapEntry;
 use crate::layout::{CMDLINE_START, PVH_INFO_START, PVH_MEMMAP_START, PVH_MODLIST_START};
 use crate::memory::GuestMemory;
 
