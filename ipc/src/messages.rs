@@ -174,6 +174,17 @@ pub struct WorkerConfig {
 /// Longest polling window a worker accepts.
 pub const MAX_POLL_US: u32 = 10_000;
 
+/// How a worker serves its disk.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ServeMode {
+    /// Requests go to the disk.
+    #[default]
+    Normal,
+    /// Past the crash-loop budget: every pending and new request completes with IOERR,
+    /// without touching the disk, until the guest resets the device.
+    Fail,
+}
+
 /// A worker's I/O engine.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub enum IoEngine {

@@ -183,7 +183,7 @@ fn empty_and_repeated_disk_options() {
     );
     refused_disks(
         &[format!("path={},path={}", a.display(), a.display())],
-        "path= is given twice",
+        "duplicate field `path`",
     );
 }
 
@@ -210,11 +210,20 @@ fn a_fifo_or_a_directory_as_an_image() {
     );
 }
 
-/// Image keys mean nothing to an external vhost-user backend: refused, not ignored.
+/// Image keys mean nothing to an external vhost-user backend: refused, not ignored; and
+/// a key the disk does not have is named.
 #[test]
 fn image_keys_for_a_vhost_user_disk() {
     refused_disks(
         &["vhost_user=/nonexistent.sock,engine=sync".into()],
         "engine= applies to an image bulkhead serves",
+    );
+    refused_disks(
+        &["vhost_user=/nonexistent.sock,spare=off".into()],
+        "spare= applies to an image bulkhead serves",
+    );
+    refused_disks(
+        &["path=/nonexistent.img,colour=blue".into()],
+        "unknown field `colour`",
     );
 }

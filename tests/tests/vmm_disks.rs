@@ -722,7 +722,7 @@ fn crashes_are_reported_as_crashes_not_violations() {
 /// guest's own exit.
 #[test]
 fn crash_loop_fails_requests_then_a_reset_recovers() {
-    let budget = vmm_core::supervisor::CRASH_LOOP_BUDGET;
+    let budget = vmm_core::supervisor::policy::CRASH_LOOP_BUDGET;
     let dir = scratch_dir("vmm-crash-loop-turns");
     let turns = dir.join("crash-loop-turns");
     std::fs::write(&turns, format!("{}\n", budget + 1)).expect("write the turn count");

@@ -17,7 +17,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::supervisor::DiskControl;
+use crate::supervisor::DiskHandle;
 
 /// Largest request head (request line and headers) accepted.
 const MAX_HEAD: usize = 8 * 1024;
@@ -38,7 +38,7 @@ pub enum ApiError {
 }
 
 /// Listens on `path` (a stale socket file is replaced) and serves requests on a thread.
-pub fn serve(path: &Path, disks: Vec<(String, Arc<DiskControl>)>) -> Result<(), ApiError> {
+pub fn serve(path: &Path, disks: Vec<(String, Arc<DiskHandle>)>) -> Result<(), ApiError> {
     if path.exists() {
         if UnixStream::connect(path).is_ok() {
             return Err(ApiError::InUse(path.to_path_buf()));
@@ -50,24 +50,20 @@ pub fn serve(path: &Path, disks: Vec<(String, Arc<DiskControl>)>) -> Result<(), 
         source,
     };
     let listener = UnixListener::bind(path).map_err(listen_err)?;
-    let disks: HashMap<String, Arc<DiskControl>> = disks.into_iter().collect();
-    std::thread::Builder::new()
-        .name("api".into())
-        .spawn(move || {
-            for conn in listener.incoming() {
-                match conn {
-                    Ok(stream) => {
-                        let disks = disks.clone();
-                        // One thread per request: a restart waits for its successor.
-                        let _ = std::thread::Builder::new()
-                            .name("api-req".into())
-                            .spawn(move || handle(stream, &disks));
-                    }
-                    Err(e) => tracing::warn!("api: accept failed: {e}"),
+    let disks: HashMap<String, Arc<DiskHandle>> = disks.into_iter().collect();
+    crate::thread::spawn("api", move || {
+        for conn in listener.incoming() {
+            match conn {
+                Ok(stream) => {
+                    let disks = disks.clone();
+                    // One thread per request: a restart waits for its successor.
+                    let _ = crate::thread::spawn("api-req", move || handle(stream, &disks));
                 }
+                Err(e) => tracing::warn!("api: accept failed: {e}"),
             }
-        })
-        .map_err(listen_err)?;
+        }
+    })
+    .map_err(listen_err)?;
     tracing::info!("api: listening on {}", path.display());
     Ok(())
 }
@@ -79,7 +75,7 @@ fn error(code: u16, reason: &'static str, msg: String) -> Response {
     Response(code, reason, serde_json::json!({ "error": msg }))
 }
 
-fn handle(stream: UnixStream, disks: &HashMap<String, Arc<DiskControl>>) {
+fn handle(stream: UnixStream, disks: &HashMap<String, Arc<DiskHandle>>) {
     let _ = stream.set_read_timeout(Some(Duration::from_secs(5)));
     let response = match read_head(&stream) {
         Ok((method, target)) => route(&method, &target, disks),
@@ -131,7 +127,7 @@ fn read_head(stream: &UnixStream) -> Result<(String, String), String> {
     Ok((method.to_string(), target.to_string()))
 }
 
-fn route(method: &str, target: &str, disks: &HashMap<String, Arc<DiskControl>>) -> Response {
+fn route(method: &str, target: &str, disks: &HashMap<String, Arc<DiskHandle>>) -> Response {
     let segments: Vec<&str> = target.trim_start_matches('/').split('/').collect();
     let find = |id: &str| {
         disks.get(id).ok_or_else(|| {
@@ -221,8 +217,8 @@ pub fn request(socket: &Path, method: &str, target: &str) -> std::io::Result<(u1
 mod tests {
     use super::*;
 
-    fn disks() -> HashMap<String, Arc<DiskControl>> {
-        HashMap::from([("blk0".to_string(), Arc::new(DiskControl::default()))])
+    fn disks() -> HashMap<String, Arc<DiskHandle>> {
+        HashMap::from([("blk0".to_string(), Arc::new(DiskHandle::default()))])
     }
 
     fn call(method: &str, target: &str) -> (u16, serde_json::Value) {

@@ -13,7 +13,7 @@ use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use policies::learn::{Recorder, BANNER};
 
-use crate::RunArgs;
+use crate::run_cmd::RunArgs;
 
 #[derive(Debug, Subcommand)]
 pub enum PolicyCommand {
@@ -198,7 +198,7 @@ fn learn(args: LearnArgs) -> anyhow::Result<ExitCode> {
         if !run.disks.iter().any(|d| !d.starts_with("vhost_user=")) {
             anyhow::bail!("no --disk is served by a worker: nothing to learn");
         }
-        crate::run(run, Some(recorder.clone()))?
+        crate::run_cmd::run(run, Some(recorder.clone()))?
     };
     let idle = recorder.wait_learners(Duration::from_secs(10));
     let report = recorder.report();

@@ -3,7 +3,6 @@
 
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::mpsc::Sender;
 use std::sync::Arc;
 
 use kvm_ioctls::{VcpuExit, VcpuFd};
@@ -70,7 +69,8 @@ pub struct Vcpu {
     pub mmio: Arc<crate::devices::virtio_mmio::MmioBus>,
     pub stats: Arc<VcpuStats>,
     pub mem: GuestMemory,
-    pub events: Sender<crate::vm::VmEvent>,
+    /// Told why the vCPU stopped (the VM's main thread listens).
+    pub stopped: Box<dyn FnOnce(VcpuEvent) + Send>,
 }
 
 impl std::fmt::Debug for Vcpu {
@@ -82,8 +82,9 @@ impl std::fmt::Debug for Vcpu {
 }
 
 impl Vcpu {
-    /// Runs the guest until it stops, then reports why on the event channel.
+    /// Runs the guest until it stops, then says why through `stopped`.
     pub fn run(mut self) {
+        let stopped = std::mem::replace(&mut self.stopped, Box::new(|_| {}));
         let event = loop {
             let step = self.step();
             match step {
@@ -99,8 +100,7 @@ impl Vcpu {
                 }
             }
         };
-        // The receiver is gone only when the VMM is already exiting.
-        let _ = self.events.send(crate::vm::VmEvent::Vcpu(event));
+        stopped(event);
     }
 
     fn step(&mut self) -> Step {

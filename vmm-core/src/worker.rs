@@ -16,7 +16,10 @@ use ipc::messages::{VmmMessage, WorkerConfig, WorkerKind, WorkerMessage};
 use ipc::status::{StatusMapping, StatusPage};
 use policies::learn::Recorder;
 
-use crate::disk::{DiskConfig, DiskError, OpenedImage};
+use ipc::messages::ServeMode;
+
+use crate::disk::config::WorkerDisk;
+use crate::disk::image::OpenedImage;
 
 /// Where the inherited descriptors land in the worker.
 const VHOST_FD: RawFd = 3;
@@ -32,8 +35,6 @@ pub const SETUP_TIMEOUT: Duration = Duration::from_secs(10);
 /// Errors while starting a worker. The worker, if started, is killed.
 #[derive(Debug, thiserror::Error)]
 pub enum WorkerError {
-    #[error(transparent)]
-    Disk(#[from] DiskError),
     #[error("disk {id}: cannot {what}")]
     Setup {
         id: String,
@@ -108,25 +109,16 @@ fn dup_high(fd: RawFd) -> std::io::Result<OwnedFd> {
     Ok(unsafe { OwnedFd::from_raw_fd(new) })
 }
 
-/// How a worker is to serve its disk.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Mode {
-    Normal,
-    /// Past the crash-loop budget: complete every request with IOERR until the guest
-    /// resets the device (the worker closes the image before its sandbox).
-    Fail,
-}
-
 /// Creates the channels and the status page, execs the worker with a duplicate of `disk`
 /// (opened and locked by the VMM, which keeps it for the worker's successors) and takes it
 /// through the handshake and its configuration. With `learn`, the worker runs in learn
 /// mode and a thread records its syscalls into the recorder (`bulkhead policy learn`).
 pub fn spawn(
-    cfg: &DiskConfig,
+    cfg: &WorkerDisk,
     disk: &OpenedImage,
     bin: &Path,
     learn: Option<&Arc<Recorder>>,
-    mode: Mode,
+    mode: ServeMode,
 ) -> Result<Worker, WorkerError> {
     let id = cfg.id.clone();
     let setup = |what: &'static str| {
@@ -239,9 +231,9 @@ pub fn spawn(
 
 fn configure(
     worker: &mut Worker,
-    cfg: &DiskConfig,
+    cfg: &WorkerDisk,
     pid: u32,
-    mode: Mode,
+    mode: ServeMode,
 ) -> Result<(), WorkerError> {
     let id = worker.id.clone();
     ipc::handshake::handshake_vmm_side_timeout(&worker.control, SETUP_TIMEOUT).map_err(
@@ -259,14 +251,14 @@ fn configure(
     let config = WorkerConfig {
         kind: WorkerKind::Blk,
         device_id: cfg.id.clone(),
-        readonly: cfg.readonly,
+        readonly: cfg.image.readonly,
         num_queues: cfg.num_queues,
-        serial: cfg.serial.clone(),
-        direct_io: cfg.direct,
+        serial: cfg.image.serial.clone(),
+        direct_io: cfg.image.direct,
         sandbox: true,
-        fail_mode: mode == Mode::Fail,
-        engine: cfg.engine,
-        poll_us: cfg.poll_us,
+        fail_mode: mode == ServeMode::Fail,
+        engine: cfg.image.engine,
+        poll_us: cfg.image.poll_us,
     };
     worker
         .control

@@ -88,23 +88,21 @@ impl SerialPort {
     /// Starts a thread that copies `input` into the receive FIFO until end of file.
     pub fn spawn_input<R: Read + Send + 'static>(&self, mut input: R) -> io::Result<()> {
         let port = self.clone();
-        std::thread::Builder::new()
-            .name("serial-in".into())
-            .spawn(move || {
-                let mut buf = [0u8; 64];
-                loop {
-                    match input.read(&mut buf) {
-                        Ok(0) => break,
-                        Ok(n) => port.enqueue(&buf[..n]),
-                        Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                        Err(e) => {
-                            tracing::debug!("serial input ended: {e}");
-                            break;
-                        }
+        crate::thread::spawn("serial-in", move || {
+            let mut buf = [0u8; 64];
+            loop {
+                match input.read(&mut buf) {
+                    Ok(0) => break,
+                    Ok(n) => port.enqueue(&buf[..n]),
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                    Err(e) => {
+                        tracing::debug!("serial input ended: {e}");
+                        break;
                     }
                 }
-            })
-            .map(|_| ())
+            }
+        })
+        .map(|_| ())
     }
 }
 

@@ -4,11 +4,11 @@
 //! never reach here at all: QueueNotify is an ioeventfd (KVM signals the worker's kick
 //! eventfd directly) and completions are an irqfd (the worker's call eventfd raises the
 //! GSI). InterruptStatus and InterruptACK, which the guest touches per interrupt, are
-//! served from atomics without a lock. Bringing rings up or down is not done here: it is
-//! handed to the device's control thread ([`crate::vhost_frontend`]).
+//! served from atomics without a lock. Bringing rings up or down is not done here: the
+//! transport emits [`TransportEvent`]s to whoever serves the device (bulkhead's vhost-user
+//! frontend), and knows nothing of it.
 
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
-use std::sync::mpsc::Sender;
 use std::sync::Mutex;
 
 use vmm_sys_util::eventfd::EventFd;
@@ -50,27 +50,54 @@ pub struct QueueRegs {
     pub device: u64,
 }
 
-/// What the vCPU thread asks the control thread to do.
-#[derive(Debug)]
-pub enum Command {
+/// What the transport tells whoever serves the device.
+#[derive(Debug, PartialEq, Eq)]
+pub enum TransportEvent {
     /// DRIVER_OK: negotiate these features and bring these rings up.
     Activate {
         driver_features: u64,
         queues: Vec<QueueRegs>,
     },
-    /// The driver wrote 0 to Status: stop the rings.
+    /// The driver wrote 0 to Status: stop the rings, then call
+    /// [`VirtioMmioDevice::reset_complete`] (the driver's write waits for it).
     Reset,
-    /// The VM is over: close the backend connection once the commands before this one
-    /// are done (the backend then ends as it does when any frontend goes away).
-    Disconnect,
-    /// The worker's supervisor replaced a dead worker: talk to this backend from now on,
-    /// bringing the rings back up if the driver had them up.
-    Reconnect {
-        backend: Box<crate::vhost_frontend::Backend>,
-        worker_pidfd: Option<std::sync::Arc<std::os::fd::OwnedFd>>,
-        /// The worker is in fail mode (it answers every request with IOERR).
-        fail_mode: bool,
-    },
+}
+
+/// Where a device's [`TransportEvent`]s go.
+pub trait EventSink: Send + Sync + std::fmt::Debug {
+    /// Delivers `event`; false when nobody serves the device any more.
+    fn send(&self, event: TransportEvent) -> bool;
+}
+
+/// What a write to the Status register does (virtio 1.2, 2.1 and 3.1.1), given the status
+/// before it and whether the driver's features are acceptable.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StatusChange {
+    /// 0: reset the device (`was_active`: its rings had been brought up).
+    Reset,
+    /// The new status; `activate`: DRIVER_OK was just set with FEATURES_OK, so the rings
+    /// are to be checked and brought up.
+    Set { status: u32, activate: bool },
+}
+
+/// The status transition table. DEVICE_NEEDS_RESET is the device's to set and stays
+/// until a reset, whatever the driver writes; FEATURES_OK sticks only for features the
+/// device offers, VERSION_1 included (the driver reads it back and gives up otherwise);
+/// DRIVER_OK activates the device once, and only after FEATURES_OK.
+pub fn status_change(old: u32, written: u32, features_acceptable: bool) -> StatusChange {
+    if written == 0 {
+        return StatusChange::Reset;
+    }
+    let mut new = written & !STATUS_NEEDS_RESET | (old & STATUS_NEEDS_RESET);
+    if new & STATUS_FEATURES_OK != 0 && old & STATUS_FEATURES_OK == 0 && !features_acceptable {
+        new &= !STATUS_FEATURES_OK;
+    }
+    let activate =
+        new & STATUS_DRIVER_OK != 0 && old & STATUS_DRIVER_OK == 0 && new & STATUS_FEATURES_OK != 0;
+    StatusChange::Set {
+        status: new,
+        activate,
+    }
 }
 
 /// The `idx` field of the split-ring area (driver or device) at guest address `ring`: it
@@ -166,22 +193,20 @@ pub struct VirtioMmioDevice {
     driver_ok: AtomicBool,
     /// Raises the device's GSI for config interrupts (an irqfd, like the worker's call).
     config_irq: EventFd,
-    control: Mutex<Sender<Command>>,
-    /// Set by [`Self::disconnect_backend`].
-    closing: AtomicBool,
+    events: Box<dyn EventSink>,
     pub exits: ExitCounters,
     /// What the guest gets wrong is logged through this, a few lines a window.
     pub guest_errors: crate::ratelimit::RateLimitedLog,
-    /// Resets the control thread has completed, for the vCPU waiting on one.
+    /// Resets whoever serves the device has completed, for the vCPU waiting on one.
     resets_done: (Mutex<u64>, std::sync::Condvar),
 }
 
-/// The longest a vCPU waits for a reset to complete (the control thread's reply timeout
-/// and a margin).
+/// The longest a vCPU waits for a reset to complete (the frontend's reply timeout and a
+/// margin).
 const RESET_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
 
 impl VirtioMmioDevice {
-    pub fn new(info: DeviceInfo, config_irq: EventFd, control: Sender<Command>) -> Self {
+    pub fn new(info: DeviceInfo, config_irq: EventFd, events: Box<dyn EventSink>) -> Self {
         VirtioMmioDevice {
             id: info.id,
             slot: info.slot,
@@ -196,8 +221,7 @@ impl VirtioMmioDevice {
             interrupt_status: AtomicU32::new(0),
             driver_ok: AtomicBool::new(false),
             config_irq,
-            control: Mutex::new(control),
-            closing: AtomicBool::new(false),
+            events,
             exits: ExitCounters::default(),
             guest_errors: crate::ratelimit::RateLimitedLog::default(),
             resets_done: Default::default(),
@@ -235,8 +259,8 @@ impl VirtioMmioDevice {
         })
     }
 
-    /// The control thread has stopped the backend's rings after a reset (or ended their
-    /// worker): the vCPU that wrote 0 to Status may go on.
+    /// The backend's rings are stopped after a reset (or their worker ended): the vCPU
+    /// that wrote 0 to Status may go on.
     pub fn reset_complete(&self) {
         let mut done = self.resets_done.0.lock().unwrap_or_else(|e| e.into_inner());
         *done += 1;
@@ -339,7 +363,7 @@ impl VirtioMmioDevice {
             _ => {}
         }
         self.exits.other.fetch_add(1, Ordering::Relaxed);
-        let mut command = None;
+        let mut event = None;
         {
             let mut regs = self.regs();
             let sel = regs.queue_sel as usize;
@@ -379,19 +403,17 @@ impl VirtioMmioDevice {
                         }
                     }
                 }
-                0x70 => command = self.write_status(&mut regs, value),
+                0x70 => event = self.write_status(&mut regs, value),
                 _ => {}
             }
         }
-        if let Some(command) = command {
-            let reset = matches!(command, Command::Reset);
+        if let Some(event) = event {
+            let reset = event == TransportEvent::Reset;
             let before = *self.resets_done.0.lock().unwrap_or_else(|e| e.into_inner());
-            let control = self.control.lock().unwrap_or_else(|e| e.into_inner());
-            if control.send(command).is_err() {
-                tracing::warn!("{}: the device's control thread is gone", self.id);
+            if !self.events.send(event) {
+                tracing::warn!("{}: nobody serves the device any more", self.id);
                 return;
             }
-            drop(control);
             if reset {
                 self.wait_reset(before);
             }
@@ -401,7 +423,7 @@ impl VirtioMmioDevice {
     /// A reset completes before the driver's write of 0 to Status does (as in QEMU): a
     /// driver may read 0 back at once and re-use the rings' memory (Linux's virtio-mmio
     /// driver does not wait), so the backend must have stopped them by then. Bounded: the
-    /// control thread gives up on a backend that does not answer and kills its worker.
+    /// frontend gives up on a backend that does not answer, and its worker is ended.
     fn wait_reset(&self, before: u64) {
         let (lock, done) = &self.resets_done;
         let mut count = lock.lock().unwrap_or_else(|e| e.into_inner());
@@ -423,38 +445,6 @@ impl VirtioMmioDevice {
         }
     }
 
-    /// Asks the control thread to close the backend connection after its pending work
-    /// (`bulkhead policy learn` records workers to their normal exit this way). The
-    /// worker's supervisor does not replace a worker that ends after this.
-    pub fn disconnect_backend(&self) {
-        self.closing.store(true, Ordering::SeqCst);
-        let control = self.control.lock().unwrap_or_else(|e| e.into_inner());
-        let _ = control.send(Command::Disconnect);
-    }
-
-    /// The VMM is done with the backend ([`Self::disconnect_backend`]).
-    pub fn closing(&self) -> bool {
-        self.closing.load(Ordering::SeqCst)
-    }
-
-    /// Hands the control thread a new backend (a restarted worker); false when the
-    /// control thread is gone.
-    pub fn reconnect_backend(
-        &self,
-        backend: crate::vhost_frontend::Backend,
-        worker_pidfd: Option<std::sync::Arc<std::os::fd::OwnedFd>>,
-        fail_mode: bool,
-    ) -> bool {
-        let control = self.control.lock().unwrap_or_else(|e| e.into_inner());
-        control
-            .send(Command::Reconnect {
-                backend: Box::new(backend),
-                worker_pidfd,
-                fail_mode,
-            })
-            .is_ok()
-    }
-
     /// How many rings the driver has set up and started (0 before DRIVER_OK).
     pub fn driver_rings(&self) -> usize {
         let regs = self.regs();
@@ -464,35 +454,30 @@ impl VirtioMmioDevice {
         regs.queues.iter().filter(|q| q.ready && q.size > 0).count()
     }
 
-    fn write_status(&self, regs: &mut Regs, value: u32) -> Option<Command> {
-        if value == 0 {
-            let was_active = regs.activated;
-            let queues = regs.queues.len();
-            *regs = Regs {
-                queues: vec![QueueRegs::default(); queues],
-                ..Regs::default()
-            };
-            self.interrupt_status.store(0, Ordering::Release);
-            self.driver_ok.store(false, Ordering::Release);
-            return was_active.then_some(Command::Reset);
-        }
-        let old = regs.status;
-        let mut new = value & !STATUS_NEEDS_RESET | (old & STATUS_NEEDS_RESET);
-        if new & STATUS_FEATURES_OK != 0 && old & STATUS_FEATURES_OK == 0 {
-            let unknown = regs.driver_features & !self.device_features;
-            if unknown != 0 || regs.driver_features & VIRTIO_F_VERSION_1 == 0 {
-                // Leave FEATURES_OK clear: the driver reads it back and gives up.
-                tracing::debug!(
-                    "{}: refusing driver features {:#x}",
-                    self.id,
-                    regs.driver_features
-                );
-                new &= !STATUS_FEATURES_OK;
+    fn write_status(&self, regs: &mut Regs, value: u32) -> Option<TransportEvent> {
+        let features_acceptable = regs.driver_features & !self.device_features == 0
+            && regs.driver_features & VIRTIO_F_VERSION_1 != 0;
+        let (new, activate) = match status_change(regs.status, value, features_acceptable) {
+            StatusChange::Reset => {
+                let was_active = regs.activated;
+                let queues = regs.queues.len();
+                *regs = Regs {
+                    queues: vec![QueueRegs::default(); queues],
+                    ..Regs::default()
+                };
+                self.interrupt_status.store(0, Ordering::Release);
+                self.driver_ok.store(false, Ordering::Release);
+                return was_active.then_some(TransportEvent::Reset);
             }
+            StatusChange::Set { status, activate } => (status, activate),
+        };
+        if value & STATUS_FEATURES_OK != 0 && new & STATUS_FEATURES_OK == 0 {
+            tracing::debug!(
+                "{}: refusing driver features {:#x}",
+                self.id,
+                regs.driver_features
+            );
         }
-        let activate = new & STATUS_DRIVER_OK != 0
-            && old & STATUS_DRIVER_OK == 0
-            && new & STATUS_FEATURES_OK != 0;
         if activate {
             // A driver's bad ring is the guest's own error: the device answers it as the
             // spec says (DEVICE_NEEDS_RESET, 2.1.2), and no backend ever sees the rings.
@@ -522,14 +507,14 @@ impl VirtioMmioDevice {
             }
         }
         regs.status = new;
-        // From DRIVER_OK the backend may complete a request at any moment (the control
-        // thread brings its rings up while the driver runs on): the used-ring bit is
-        // reported from now, or the first completion's interrupt could find InterruptStatus
-        // 0, and the driver, having seen nothing to do, would wait for it forever.
+        // From DRIVER_OK the backend may complete a request at any moment (the frontend
+        // brings its rings up while the driver runs on): the used-ring bit is reported
+        // from now, or the first completion's interrupt could find InterruptStatus 0, and
+        // the driver, having seen nothing to do, would wait for it forever.
         self.driver_ok
             .store(new & STATUS_DRIVER_OK != 0, Ordering::Release);
         regs.activated |= activate;
-        activate.then(|| Command::Activate {
+        activate.then(|| TransportEvent::Activate {
             driver_features: regs.driver_features,
             queues: regs.queues.clone(),
         })
@@ -570,7 +555,17 @@ impl MmioBus {
 mod tests {
     use super::*;
 
-    fn device() -> (VirtioMmioDevice, std::sync::mpsc::Receiver<Command>) {
+    /// Events into a channel the test reads.
+    #[derive(Debug)]
+    struct ChannelSink(std::sync::Mutex<std::sync::mpsc::Sender<TransportEvent>>);
+
+    impl EventSink for ChannelSink {
+        fn send(&self, event: TransportEvent) -> bool {
+            self.0.lock().unwrap().send(event).is_ok()
+        }
+    }
+
+    fn device() -> (VirtioMmioDevice, std::sync::mpsc::Receiver<TransportEvent>) {
         let (tx, rx) = std::sync::mpsc::channel();
         let info = DeviceInfo {
             id: "blk0".into(),
@@ -581,7 +576,8 @@ mod tests {
             queue_max: 256,
             ram: vec![(0, 1 << 20)],
         };
-        let d = VirtioMmioDevice::new(info, EventFd::new(libc::EFD_NONBLOCK).unwrap(), tx);
+        let sink = Box::new(ChannelSink(std::sync::Mutex::new(tx)));
+        let d = VirtioMmioDevice::new(info, EventFd::new(libc::EFD_NONBLOCK).unwrap(), sink);
         (d, rx)
     }
 
@@ -603,6 +599,50 @@ mod tests {
         w32(d, 0x90, 0x2000);
         w32(d, 0xa0, 0x3000);
         w32(d, 0x44, 1);
+    }
+
+    #[test]
+    fn status_transition_table() {
+        use StatusChange::{Reset, Set};
+        let set = |status, activate| Set { status, activate };
+        let (ack_driver, features_ok, driver_ok) = (3, 0xb, 0xf);
+        assert_eq!(status_change(driver_ok, 0, true), Reset);
+        // DEVICE_NEEDS_RESET is the device's: kept, and never set by the driver.
+        let needs = STATUS_NEEDS_RESET;
+        assert_eq!(
+            status_change(needs | 1, ack_driver, true),
+            set(needs | ack_driver, false)
+        );
+        assert_eq!(
+            status_change(1, ack_driver | needs, true),
+            set(ack_driver, false)
+        );
+        // FEATURES_OK sticks only for acceptable features, checked when it is set.
+        assert_eq!(
+            status_change(ack_driver, features_ok, false),
+            set(ack_driver, false)
+        );
+        assert_eq!(
+            status_change(ack_driver, features_ok, true),
+            set(features_ok, false)
+        );
+        // DRIVER_OK activates once, and only on top of FEATURES_OK.
+        assert_eq!(
+            status_change(features_ok, driver_ok, false),
+            set(driver_ok, true)
+        );
+        assert_eq!(
+            status_change(ack_driver, ack_driver | 4, true),
+            set(ack_driver | 4, false)
+        );
+        assert_eq!(
+            status_change(driver_ok, driver_ok, true),
+            set(driver_ok, false)
+        );
+        assert_eq!(
+            status_change(ack_driver, driver_ok, true),
+            set(driver_ok, true)
+        );
     }
 
     #[test]
@@ -636,7 +676,7 @@ mod tests {
             STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK | STATUS_DRIVER_OK,
         );
         match rx.try_recv().unwrap() {
-            Command::Activate {
+            TransportEvent::Activate {
                 driver_features,
                 queues,
             } => {
@@ -669,7 +709,7 @@ mod tests {
         w32(&d, 0x70, 0);
         assert!(t0.elapsed() >= std::time::Duration::from_millis(50));
         let (command, rx) = control.join().unwrap();
-        assert!(matches!(command, Command::Reset));
+        assert!(matches!(command, TransportEvent::Reset));
         assert_eq!(r32(&d, 0x70), 0);
         w32(&d, 0x70, 0);
         assert!(
@@ -744,7 +784,7 @@ mod tests {
         w32(&d, 0x70, STATUS_FEATURES_OK);
         assert_eq!(r32(&d, 0x60), 0);
         w32(&d, 0x70, STATUS_FEATURES_OK | STATUS_DRIVER_OK);
-        assert!(matches!(rx.try_recv(), Ok(Command::Activate { .. })));
+        assert!(matches!(rx.try_recv(), Ok(TransportEvent::Activate { .. })));
         assert_eq!(
             r32(&d, 0x60),
             INT_VRING,
@@ -754,7 +794,7 @@ mod tests {
         let control = {
             let d = d.clone();
             std::thread::spawn(move || {
-                assert!(matches!(rx.recv(), Ok(Command::Reset)));
+                assert!(matches!(rx.recv(), Ok(TransportEvent::Reset)));
                 d.reset_complete();
             })
         };

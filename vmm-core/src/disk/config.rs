@@ -1,0 +1,613 @@
+//! A disk's configuration, typed: the same serde types serve `--disk key=value,...` (parsed
+//! with `serde-keyvalue`, crosvm's key=value deserializer), a configuration file and the
+//! control API, so the three cannot drift. Unknown and repeated keys are refused by serde;
+//! what only means something for an image bulkhead's worker serves cannot be given to a
+//! disk an external vhost-user backend serves, since [`DiskSource`] has nowhere to put it.
+
+use std::path::{Path, PathBuf};
+
+use ipc::messages::{IoEngine, MAX_POLL_US};
+use serde::{Deserialize, Deserializer, Serialize};
+
+/// The most queues a disk may have.
+pub const MAX_QUEUES: u16 = 64;
+/// Queues a worker-served disk gets by default: one per vCPU, at most this many.
+pub const DEFAULT_QUEUES_CAP: u16 = 8;
+
+/// One disk.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(try_from = "DiskOptions", into = "DiskOptions")]
+pub struct DiskConfig {
+    /// The device's name in logs and the API; `blkN` for the N-th disk when not given.
+    pub id: String,
+    pub source: DiskSource,
+    /// Queues; None: see [`DiskConfig::with_default_queues`].
+    pub num_queues: Option<u16>,
+    /// How a QueueNotify write reaches the kick eventfd.
+    pub ioeventfd: IoEventFdMatch,
+}
+
+/// Who serves the disk.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum DiskSource {
+    /// An image served by a `bulkhead-worker` this VMM spawns.
+    Image(ImageDisk),
+    /// An already running vhost-user-blk backend (e.g. qemu-storage-daemon) at this
+    /// socket; it owns its image and how it serves it.
+    VhostUser(PathBuf),
+}
+
+/// An image bulkhead's worker serves, and how.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ImageDisk {
+    pub path: PathBuf,
+    pub readonly: bool,
+    /// The virtio-blk serial (GET_ID), at most 20 printable bytes.
+    pub serial: String,
+    /// O_DIRECT.
+    pub direct: bool,
+    /// Keep a started, sandboxed spare worker, so a restart skips exec and sandbox setup.
+    pub spare: bool,
+    /// The worker's I/O engine.
+    pub engine: IoEngine,
+    /// Microseconds the worker busy-polls its rings before sleeping.
+    pub poll_us: u32,
+}
+
+/// How KVM matches a QueueNotify write to a queue's kick eventfd.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum IoEventFdMatch {
+    /// One ioeventfd per queue, matching the written queue index.
+    #[default]
+    Datamatch,
+    /// A zero-length ioeventfd that any write signals. On VMX hosts KVM takes it without
+    /// decoding the guest's instruction (its fast MMIO path); valid for one queue only,
+    /// since the written value is not looked at.
+    Any,
+}
+
+/// A disk bulkhead's worker serves, as the worker is started with: the id, the image
+/// options and the queue count, defaults resolved.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct WorkerDisk {
+    pub id: String,
+    pub image: ImageDisk,
+    pub num_queues: u16,
+}
+
+/// Errors in a disk's options.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("--disk {spec:?}: {reason}")]
+    Option { spec: String, reason: String },
+    #[error("{0}")]
+    Conflict(String),
+    #[error(transparent)]
+    Image(#[from] ipc::image::ImageError),
+}
+
+/// The worker's engine choice as written in options.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+enum EngineOption {
+    Auto,
+    Sync,
+    IoUring,
+}
+
+impl From<EngineOption> for IoEngine {
+    fn from(e: EngineOption) -> Self {
+        match e {
+            EngineOption::Auto => IoEngine::Auto,
+            EngineOption::Sync => IoEngine::Sync,
+            EngineOption::IoUring => IoEngine::IoUring,
+        }
+    }
+}
+
+impl From<IoEngine> for EngineOption {
+    fn from(e: IoEngine) -> Self {
+        match e {
+            IoEngine::Auto => EngineOption::Auto,
+            IoEngine::Sync => EngineOption::Sync,
+            IoEngine::IoUring => EngineOption::IoUring,
+        }
+    }
+}
+
+/// The flat set of keys as written (`--disk`, a file, the API); [`DiskConfig`] is what is
+/// checked and kept.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DiskOptions {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    path: Option<PathBuf>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    vhost_user: Option<PathBuf>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    id: Option<String>,
+    #[serde(
+        default,
+        deserialize_with = "on_off",
+        skip_serializing_if = "Option::is_none"
+    )]
+    readonly: Option<bool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    serial: Option<String>,
+    #[serde(
+        default,
+        deserialize_with = "on_off",
+        skip_serializing_if = "Option::is_none"
+    )]
+    direct: Option<bool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    num_queues: Option<u16>,
+    #[serde(
+        default,
+        deserialize_with = "on_off",
+        skip_serializing_if = "Option::is_none"
+    )]
+    spare: Option<bool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    engine: Option<EngineOption>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    poll_us: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    ioeventfd: Option<IoEventFdMatch>,
+}
+
+/// A switch: `on`/`off` as the command line writes it, `true`/`false` as a file does,
+/// or `1`/`0`.
+fn on_off<'de, D: Deserializer<'de>>(d: D) -> Result<Option<bool>, D::Error> {
+    struct OnOff;
+    impl serde::de::Visitor<'_> for OnOff {
+        type Value = bool;
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("on or off")
+        }
+        fn visit_bool<E: serde::de::Error>(self, v: bool) -> Result<bool, E> {
+            Ok(v)
+        }
+        fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<bool, E> {
+            match v {
+                0 => Ok(false),
+                1 => Ok(true),
+                _ => Err(E::invalid_value(serde::de::Unexpected::Signed(v), &self)),
+            }
+        }
+        fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<bool, E> {
+            self.visit_i64(v.min(2) as i64)
+        }
+        fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<bool, E> {
+            match v {
+                "on" | "true" => Ok(true),
+                "off" | "false" => Ok(false),
+                _ => Err(E::invalid_value(serde::de::Unexpected::Str(v), &self)),
+            }
+        }
+    }
+    d.deserialize_any(OnOff).map(Some)
+}
+
+/// Keys that only mean something for an image bulkhead's worker serves.
+fn image_keys(o: &DiskOptions) -> Option<&'static str> {
+    [
+        ("readonly", o.readonly.is_some()),
+        ("serial", o.serial.is_some()),
+        ("direct", o.direct.is_some()),
+        ("spare", o.spare.is_some()),
+        ("engine", o.engine.is_some()),
+        ("poll_us", o.poll_us.is_some()),
+    ]
+    .into_iter()
+    .find_map(|(key, given)| given.then_some(key))
+}
+
+impl TryFrom<DiskOptions> for DiskConfig {
+    type Error = String;
+
+    fn try_from(o: DiskOptions) -> Result<Self, String> {
+        let id = match o.id.clone() {
+            None => String::new(),
+            Some(id) => {
+                let ok = !id.is_empty()
+                    && id.len() <= 32
+                    && id
+                        .bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
+                if !ok {
+                    return Err(format!("id={id:?} must be 1-32 of [A-Za-z0-9_-]"));
+                }
+                id
+            }
+        };
+        if let Some(n) = o.num_queues {
+            if !(1..=MAX_QUEUES).contains(&n) {
+                return Err(format!("num_queues={n} must be 1..={MAX_QUEUES}"));
+            }
+        }
+        let ioeventfd = o.ioeventfd.unwrap_or_default();
+        if ioeventfd == IoEventFdMatch::Any && o.num_queues.is_some_and(|n| n > 1) {
+            return Err(format!(
+                "ioeventfd=any serves one queue, not num_queues={}",
+                o.num_queues.unwrap_or(1)
+            ));
+        }
+        let source = match (&o.path, &o.vhost_user) {
+            (Some(_), Some(_)) => return Err("path= and vhost_user= exclude each other".into()),
+            (None, None) => return Err("needs path=IMAGE or vhost_user=SOCKET".into()),
+            (None, Some(socket)) => {
+                if let Some(key) = image_keys(&o) {
+                    return Err(format!(
+                        "{key}= applies to an image bulkhead serves (path=), not to a \
+                         vhost-user backend, which has its own"
+                    ));
+                }
+                DiskSource::VhostUser(socket.clone())
+            }
+            (Some(path), None) => {
+                let serial = o.serial.clone().unwrap_or_default();
+                if serial.len() > 20 || !serial.bytes().all(|b| b.is_ascii_graphic()) {
+                    return Err(format!(
+                        "serial={serial:?} must be at most 20 printable bytes"
+                    ));
+                }
+                let poll_us = o.poll_us.unwrap_or(0);
+                if poll_us > MAX_POLL_US {
+                    return Err(format!("poll_us={poll_us} must be 0..={MAX_POLL_US}"));
+                }
+                DiskSource::Image(ImageDisk {
+                    path: path.clone(),
+                    readonly: o.readonly.unwrap_or(false),
+                    serial,
+                    direct: o.direct.unwrap_or(false),
+                    spare: o.spare.unwrap_or(true),
+                    engine: o.engine.map_or(IoEngine::Auto, IoEngine::from),
+                    poll_us,
+                })
+            }
+        };
+        // A zero-length ioeventfd cannot tell queues apart: one queue, not a default.
+        let num_queues = match ioeventfd {
+            IoEventFdMatch::Any => Some(1),
+            IoEventFdMatch::Datamatch => o.num_queues,
+        };
+        Ok(DiskConfig {
+            id,
+            source,
+            num_queues,
+            ioeventfd,
+        })
+    }
+}
+
+impl From<DiskConfig> for DiskOptions {
+    fn from(c: DiskConfig) -> Self {
+        let mut o = DiskOptions {
+            id: (!c.id.is_empty()).then_some(c.id),
+            num_queues: c.num_queues,
+            ioeventfd: Some(c.ioeventfd),
+            ..DiskOptions::default()
+        };
+        match c.source {
+            DiskSource::VhostUser(socket) => o.vhost_user = Some(socket),
+            DiskSource::Image(i) => {
+                o.path = Some(i.path);
+                o.readonly = Some(i.readonly);
+                o.serial = (!i.serial.is_empty()).then_some(i.serial);
+                o.direct = Some(i.direct);
+                o.spare = Some(i.spare);
+                o.engine = Some(i.engine.into());
+                o.poll_us = Some(i.poll_us);
+            }
+        }
+        o
+    }
+}
+
+impl DiskConfig {
+    /// Parses `--disk`: `path=IMG[,id=NAME][,readonly=on][,serial=ID][,direct=on]
+    /// [,num_queues=N][,spare=off][,engine=auto|sync|io_uring][,poll_us=N]
+    /// [,ioeventfd=datamatch|any]` or `vhost_user=SOCKET[,id=NAME][,num_queues=N]
+    /// [,ioeventfd=..]`; `index` gives the default id `blkN`. Errors quote the option
+    /// and name the key.
+    pub fn parse(spec: &str, index: usize) -> Result<Self, ConfigError> {
+        let bad = |reason: String| ConfigError::Option {
+            spec: spec.to_string(),
+            reason,
+        };
+        // An empty value would be an empty path or serial: say which key lacks one. (A
+        // quoted value may hold commas; none of ours needs to.)
+        for part in spec.split(',') {
+            match part.split_once('=') {
+                Some((key, "")) => return Err(bad(format!("{key}= needs a value"))),
+                None if part.is_empty() => return Err(bad("an empty option".into())),
+                // A bare key: the first field's value (crosvm's shorthand) is not
+                // accepted, nor a switch without its value.
+                None => return Err(bad(format!("{part:?} is not key=value"))),
+                Some(_) => {}
+            }
+        }
+        let mut cfg: DiskConfig =
+            serde_keyvalue::from_key_values(spec).map_err(|e| bad(keyvalue_error(&e)))?;
+        if cfg.id.is_empty() {
+            cfg.id = format!("blk{index}");
+        }
+        Ok(cfg)
+    }
+
+    /// The disk's queue count to use with `vcpus` vCPUs: as given, else one queue per
+    /// vCPU (at most [`DEFAULT_QUEUES_CAP`]) for a disk bulkhead's worker serves; an
+    /// external vhost-user backend gets 1 unless told (its queue count is its own).
+    pub fn with_default_queues(mut self, vcpus: u32) -> Self {
+        if self.num_queues.is_none() {
+            self.num_queues = Some(match self.source {
+                DiskSource::Image(_) => u16::try_from(vcpus)
+                    .unwrap_or(u16::MAX)
+                    .clamp(1, DEFAULT_QUEUES_CAP),
+                DiskSource::VhostUser(_) => 1,
+            });
+        }
+        self
+    }
+
+    /// The queue count (1 until defaults are resolved).
+    pub fn queues(&self) -> u16 {
+        self.num_queues.unwrap_or(1)
+    }
+
+    /// The image, for a disk bulkhead's worker serves.
+    pub fn image_path(&self) -> Option<&Path> {
+        match &self.source {
+            DiskSource::Image(i) => Some(&i.path),
+            DiskSource::VhostUser(_) => None,
+        }
+    }
+}
+
+/// serde's messages name the key (`unknown field `colour``, `duplicate field `path``);
+/// the parser's own give a position, which means little without the option.
+fn keyvalue_error(e: &serde_keyvalue::ParseError) -> String {
+    e.to_string()
+}
+
+/// Checks a VM's disks together, before anything is opened or started: ids are unique,
+/// and no image or vhost-user socket is given twice (an image by device and inode, so a
+/// symlink or hard link to one counts), each image is a regular file or a block device.
+pub fn check_disks(disks: &[DiskConfig]) -> Result<(), ConfigError> {
+    let mut images: Vec<(&DiskConfig, &Path, (u64, u64))> = Vec::new();
+    for (i, d) in disks.iter().enumerate() {
+        if let Some(first) = disks[..i].iter().position(|o| o.id == d.id) {
+            return Err(ConfigError::Conflict(format!(
+                "two disks have the id {:?} (the {} and the {} --disk; the default id of the \
+                 N-th --disk, counting from 0, is blkN)",
+                d.id,
+                ordinal(first),
+                ordinal(i),
+            )));
+        }
+        match &d.source {
+            DiskSource::Image(image) => {
+                let identity = ipc::image::check_path(&image.path)?;
+                if let Some((other, other_path, _)) =
+                    images.iter().find(|(_, _, id)| *id == identity)
+                {
+                    return Err(ConfigError::Conflict(format!(
+                        "disks {} and {} are the same image ({} and {})",
+                        other.id,
+                        d.id,
+                        other_path.display(),
+                        image.path.display()
+                    )));
+                }
+                images.push((d, &image.path, identity));
+            }
+            DiskSource::VhostUser(path) => {
+                if let Some(other) = disks[..i]
+                    .iter()
+                    .find(|o| matches!(&o.source, DiskSource::VhostUser(p) if p == path))
+                {
+                    return Err(ConfigError::Conflict(format!(
+                        "disks {} and {} both use the vhost-user socket {}",
+                        other.id,
+                        d.id,
+                        path.display()
+                    )));
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+fn ordinal(i: usize) -> String {
+    let n = i + 1;
+    let suffix = match (n % 10, n % 100) {
+        (1, 11) | (2, 12) | (3, 13) => "th",
+        (1, _) => "st",
+        (2, _) => "nd",
+        (3, _) => "rd",
+        _ => "th",
+    };
+    format!("{n}{suffix}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn image(c: &DiskConfig) -> &ImageDisk {
+        match &c.source {
+            DiskSource::Image(i) => i,
+            DiskSource::VhostUser(_) => panic!("not an image: {c:?}"),
+        }
+    }
+
+    #[test]
+    fn parses_every_option() {
+        let c = DiskConfig::parse(
+            "path=/x.img,id=root,readonly=on,serial=S1,direct=on,num_queues=2,spare=off,engine=sync",
+            0,
+        )
+        .unwrap();
+        assert_eq!(c.id, "root");
+        let i = image(&c);
+        assert!(!i.spare);
+        assert_eq!(i.engine, IoEngine::Sync);
+        assert_eq!(i.path, Path::new("/x.img"));
+        assert!(i.readonly && i.direct);
+        assert_eq!((i.serial.as_str(), c.num_queues), ("S1", Some(2)));
+        let c = DiskConfig::parse("path=/x,ioeventfd=any", 0).unwrap();
+        assert_eq!(c.ioeventfd, IoEventFdMatch::Any);
+        assert_eq!(c.with_default_queues(4).queues(), 1, "any means one queue");
+        let c = DiskConfig::parse("path=/x,poll_us=50,engine=io_uring,readonly=1", 0).unwrap();
+        assert_eq!(
+            (image(&c).poll_us, image(&c).engine),
+            (50, IoEngine::IoUring)
+        );
+        assert!(image(&c).readonly);
+        let c = DiskConfig::parse("vhost_user=/s.sock", 3).unwrap();
+        assert_eq!(c.id, "blk3");
+        assert_eq!(c.source, DiskSource::VhostUser("/s.sock".into()));
+    }
+
+    /// What a user leaves out is what the types default to (the shape of crosvm's test).
+    #[test]
+    fn defaults_match_a_parse_of_the_bare_path() {
+        let c = DiskConfig::parse("path=/x", 0).unwrap();
+        assert_eq!(
+            c,
+            DiskConfig {
+                id: "blk0".into(),
+                source: DiskSource::Image(ImageDisk {
+                    path: "/x".into(),
+                    readonly: false,
+                    serial: String::new(),
+                    direct: false,
+                    spare: true,
+                    engine: IoEngine::Auto,
+                    poll_us: 0,
+                }),
+                num_queues: None,
+                ioeventfd: IoEventFdMatch::Datamatch,
+            }
+        );
+    }
+
+    /// The file and API form (JSON) is the same type, with the same checks.
+    #[test]
+    fn json_round_trips_and_is_checked_the_same() {
+        let c = DiskConfig::parse("path=/x,id=root,engine=io_uring,serial=S", 0).unwrap();
+        let json = serde_json::to_string(&c).unwrap();
+        assert!(json.contains("\"engine\":\"io_uring\""), "{json}");
+        assert_eq!(serde_json::from_str::<DiskConfig>(&json).unwrap(), c);
+        let err = serde_json::from_str::<DiskConfig>(r#"{"vhost_user":"/s","spare":false}"#)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("spare= applies to an image"), "{err}");
+        let err = serde_json::from_str::<DiskConfig>(r#"{"path":"/x","colour":"blue"}"#)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("unknown field `colour`"), "{err}");
+    }
+
+    #[test]
+    fn disks_are_checked_together() {
+        let dir = std::env::temp_dir().join(format!("bulkhead-check-disks-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let img = dir.join("a.img");
+        std::fs::File::create(&img).unwrap().set_len(4096).unwrap();
+        let link = dir.join("a.link");
+        let _ = std::fs::remove_file(&link);
+        std::os::unix::fs::symlink(&img, &link).unwrap();
+        let other = dir.join("b.img");
+        std::fs::File::create(&other)
+            .unwrap()
+            .set_len(4096)
+            .unwrap();
+        let parse = |specs: &[String]| -> Vec<DiskConfig> {
+            specs
+                .iter()
+                .enumerate()
+                .map(|(i, s)| DiskConfig::parse(s, i).unwrap())
+                .collect()
+        };
+        let p = |p: &Path| format!("path={}", p.display());
+        check_disks(&parse(&[p(&img), p(&other)])).unwrap();
+        let err = check_disks(&parse(&[p(&img), p(&link)])).unwrap_err();
+        assert!(err.to_string().contains("are the same image"), "{err}");
+        let err = check_disks(&parse(&[p(&img), format!("{},id=blk0", p(&other))])).unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("two disks have the id \"blk0\" (the 1st and the 2nd"),
+            "{err}"
+        );
+        let err = check_disks(&parse(&[
+            "vhost_user=/s".to_string(),
+            "vhost_user=/s".to_string(),
+        ]))
+        .unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("both use the vhost-user socket /s"),
+            "{err}"
+        );
+        let err = check_disks(&parse(&[p(&dir)])).unwrap_err();
+        assert!(err.to_string().contains("is a directory"), "{err}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn queues_default_to_the_vcpus_capped() {
+        let image = |q: &str| DiskConfig::parse(&format!("path=/x{q}"), 0).unwrap();
+        assert_eq!(image("").with_default_queues(1).queues(), 1);
+        assert_eq!(image("").with_default_queues(2).queues(), 2);
+        assert_eq!(
+            image("").with_default_queues(64).queues(),
+            DEFAULT_QUEUES_CAP
+        );
+        assert_eq!(image(",num_queues=1").with_default_queues(4).queues(), 1);
+        let external = DiskConfig::parse("vhost_user=/s", 0).unwrap();
+        assert_eq!(external.with_default_queues(4).queues(), 1);
+    }
+
+    /// Every error quotes the option; those about one key name it.
+    #[test]
+    fn rejects_bad_options_naming_the_key() {
+        for (bad, says) in [
+            ("id=x", "needs path=IMAGE or vhost_user=SOCKET"),
+            ("path=/x,num_queues=0", "num_queues=0"),
+            ("path=/x,num_queues=65", "num_queues=65"),
+            ("path=/x,readonly=maybe", "maybe"),
+            ("path=/x,spare=sometimes", "sometimes"),
+            ("path=/x,engine=aio", "aio"),
+            ("path=/x,poll_us=10001", "poll_us=10001"),
+            ("path=/x,ioeventfd=sometimes", "sometimes"),
+            ("path=/x,num_queues=2,ioeventfd=any", "ioeventfd=any"),
+            ("path=/x,id=bad id", "id="),
+            ("path=/x,serial=123456789012345678901", "serial="),
+            ("path=/x,colour=blue", "unknown field `colour`"),
+            ("path=/x,nokey", "\"nokey\" is not key=value"),
+            ("/x", "\"/x\" is not key=value"),
+            ("path=", "path= needs a value"),
+            ("path=/x,id=", "id= needs a value"),
+            ("path=/x,serial=", "serial= needs a value"),
+            ("path=/x,path=/y", "duplicate field `path`"),
+            ("path=/x,vhost_user=/s", "exclude each other"),
+            (
+                "path=/x,readonly=on,readonly=off",
+                "duplicate field `readonly`",
+            ),
+            ("vhost_user=/s,engine=sync", "engine= applies to an image"),
+            ("vhost_user=/s,spare=off", "spare= applies to an image"),
+            ("vhost_user=/s,readonly=on", "readonly= applies to an image"),
+            ("vhost_user=/s,serial=X", "serial= applies to an image"),
+            ("vhost_user=/s,poll_us=5", "poll_us= applies to an image"),
+        ] {
+            let err = DiskConfig::parse(bad, 0).unwrap_err().to_string();
+            assert!(err.contains(bad), "{bad}: {err}");
+            assert!(err.contains(says), "{bad}: {err}");
+        }
+    }
+}

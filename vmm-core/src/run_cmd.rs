@@ -1,0 +1,213 @@
+//! `bulkhead run`: boot a guest with its disks, run it until it ends, end its workers.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::Args;
+use nix::sys::signal::{SigSet, Signal};
+use vmm_core::boot::EntryPoint;
+use vmm_core::terminal::RawStdin;
+use vmm_core::vcpu::VcpuEvent;
+use vmm_core::vm::{Vm, VmConfig, VmOutcome, DEFAULT_CMDLINE};
+
+/// Exit status when the guest crashed (triple fault, KVM internal error).
+const EXIT_GUEST_CRASHED: u8 = 120;
+/// Exit status when `--timeout` expired (as timeout(1)).
+const EXIT_TIMEOUT: u8 = 124;
+
+#[derive(Debug, Args)]
+#[command(
+    after_help = "Exit status: the value the guest wrote to port 0xf4 (truncated to 8 bits); \
+0 when it reset (i8042) or powered off (ACPI S5); 120 when it crashed (triple fault, KVM error); \
+124 when --timeout expired; 128+N on signal N; 1 on any VMM error."
+)]
+pub struct RunArgs {
+    /// Kernel: an ELF with a PVH note (boots through PVH), another x86-64 ELF or a bzImage
+    /// (64-bit Linux boot protocol).
+    #[arg(long)]
+    pub kernel: PathBuf,
+    /// Initial ramdisk.
+    #[arg(long)]
+    pub initrd: Option<PathBuf>,
+    /// Kernel command line.
+    #[arg(long, default_value = DEFAULT_CMDLINE)]
+    pub cmdline: String,
+    /// Guest RAM in MiB.
+    #[arg(long, default_value_t = 256)]
+    pub mem: u64,
+    /// Back guest RAM with 2 MiB huge pages (hugetlbfs, from `vm.nr_hugepages`, all taken
+    /// at start), shared with the disk workers: large guest I/Os reach the host disk in
+    /// fewer, larger segments.
+    #[arg(long)]
+    pub hugepages: bool,
+    /// Number of vCPUs.
+    #[arg(long, default_value_t = 1)]
+    pub vcpus: u32,
+    /// A virtio-blk disk served by its own sandboxed worker:
+    /// `path=IMG[,id=NAME][,readonly=on][,serial=ID][,direct=on][,num_queues=N][,spare=off]
+    /// [,engine=auto|sync|io_uring][,poll_us=N][,ioeventfd=datamatch|any]`,
+    /// or by an external vhost-user backend: `vhost_user=SOCKET[,id=NAME][,num_queues=N]`.
+    /// `ioeventfd=any` kicks one queue through a zero-length ioeventfd.
+    /// A spare worker (on by default) waits sandboxed, so a restart skips its start-up.
+    /// num_queues defaults to one per vCPU (at most 8) for worker-served disks.
+    /// Repeatable; ids default to blk0, blk1, ...
+    #[arg(long = "disk")]
+    pub disks: Vec<String>,
+    /// The worker executable (default: bulkhead-worker beside bulkhead).
+    #[arg(long)]
+    pub worker_bin: Option<PathBuf>,
+    /// Stop the VM after this many seconds (exit status 124).
+    #[arg(long)]
+    pub timeout: Option<f64>,
+    /// Serve the control API (HTTP on this Unix socket; `bulkhead ctl` is its client).
+    #[arg(long)]
+    pub api_socket: Option<PathBuf>,
+}
+
+/// Boots and runs a VM; returns the exit status (see RunArgs' help). With `learn`, its
+/// workers run in learn mode, recorded there.
+pub fn run(
+    args: RunArgs,
+    learn: Option<std::sync::Arc<policies::learn::Recorder>>,
+) -> anyhow::Result<u8> {
+    let timeout = match args.timeout {
+        Some(t) if !(t.is_finite() && t > 0.0) => {
+            anyhow::bail!("--timeout {t} must be a positive number of seconds")
+        }
+        Some(t) => Some(Duration::from_secs_f64(t)),
+        None => None,
+    };
+    // Signals are taken by one thread: the ones that end the VMM (so the terminal is
+    // restored and the exit status says which signal it was) and SIGUSR1, which logs the
+    // exit counters (the VMM's and KVM's) of the running VM. Block them before any thread
+    // exists.
+    let mut signals = SigSet::empty();
+    for s in [
+        Signal::SIGINT,
+        Signal::SIGTERM,
+        Signal::SIGHUP,
+        Signal::SIGUSR1,
+    ] {
+        signals.add(s);
+    }
+    signals.thread_block().context("block signals")?;
+    // Until the VM runs, a stop signal ends bulkhead at once (nothing to restore yet);
+    // afterwards it stops the VM through its Stopper.
+    let running: std::sync::Arc<
+        std::sync::OnceLock<(vmm_core::vm::Stopper, vmm_core::report::VmStats)>,
+    > = Default::default();
+    let running_for_signals = running.clone();
+    vmm_core::thread::spawn("signals", move || loop {
+        let Ok(sig) = signals.wait() else { return };
+        match (sig, running_for_signals.get()) {
+            (Signal::SIGUSR1, Some((_, stats))) => {
+                for line in stats.lines() {
+                    tracing::info!("{line}");
+                }
+            }
+            (Signal::SIGUSR1, None) => {}
+            (_, Some((stopper, _))) => {
+                stopper.signal(sig as i32);
+                return;
+            }
+            (_, None) => {
+                eprintln!("bulkhead: stopped by {sig} during setup");
+                std::process::exit(128 + sig as i32);
+            }
+        }
+    })
+    .context("start the signal thread")?;
+
+    let disks = args
+        .disks
+        .iter()
+        .enumerate()
+        .map(|(i, spec)| vmm_core::disk::config::DiskConfig::parse(spec, i))
+        .collect::<Result<Vec<_>, _>>()?;
+    vmm_core::disk::config::check_disks(&disks)?;
+    let cfg = VmConfig {
+        disks,
+        worker_bin: args.worker_bin,
+        kernel: args.kernel,
+        initrd: args.initrd,
+        cmdline: args.cmdline,
+        mem_mib: args.mem,
+        ram_pages: if args.hugepages {
+            vmm_core::memory::RamPages::Huge
+        } else {
+            vmm_core::memory::RamPages::Small
+        },
+        vcpus: args.vcpus,
+        learn,
+    };
+    let mut vm = Vm::build(&cfg, Box::new(std::io::stdout()))?;
+    let protocol = match vm.entry() {
+        EntryPoint::Pvh(_) => "PVH",
+        EntryPoint::Linux64(_) => "64-bit Linux boot protocol",
+    };
+    tracing::info!(
+        "booting {} via {protocol}: {} vCPU(s), {} MiB{}",
+        cfg.kernel.display(),
+        cfg.vcpus,
+        cfg.mem_mib,
+        if cfg.ram_pages == vmm_core::memory::RamPages::Huge {
+            " in 2 MiB huge pages"
+        } else {
+            ""
+        }
+    );
+
+    let mut terminal = RawStdin::enable();
+    vm.serial()
+        .spawn_input(std::io::stdin())
+        .context("start the serial input thread")?;
+    if let Some(path) = &args.api_socket {
+        vmm_core::api::serve(path, vm.disk_handles())?;
+    }
+    let _ = running.set((vm.stopper(), vm.stats()));
+    let outcome = vm.run(timeout)?;
+    terminal.restore();
+    vm.shutdown();
+    Ok(report(outcome))
+}
+
+fn report(outcome: VmOutcome) -> u8 {
+    match outcome {
+        VmOutcome::Vcpu(VcpuEvent::DebugExit(code)) => {
+            tracing::info!("guest exited with status {code} (port 0xf4)");
+            code as u8
+        }
+        VmOutcome::Vcpu(VcpuEvent::Reset) => {
+            tracing::info!("guest reset the machine");
+            0
+        }
+        VmOutcome::Vcpu(VcpuEvent::PowerOff) => {
+            tracing::info!("guest powered off (ACPI S5)");
+            0
+        }
+        VmOutcome::Vcpu(VcpuEvent::Crashed { vcpu, what, report }) => {
+            tracing::error!("guest crashed on vCPU {vcpu}: {what}");
+            for line in report.lines() {
+                tracing::error!("vcpu{vcpu}: {line}");
+            }
+            EXIT_GUEST_CRASHED
+        }
+        VmOutcome::Vcpu(VcpuEvent::RunFailed { vcpu, error }) => {
+            eprintln!("bulkhead: error: KVM_RUN failed on vCPU {vcpu}: {error}");
+            1
+        }
+        VmOutcome::TimedOut(after) => {
+            tracing::warn!("timeout: stopped the VM after {:.1} s", after.as_secs_f64());
+            EXIT_TIMEOUT
+        }
+        VmOutcome::Signal(sig) => {
+            tracing::warn!("stopped the VM on signal {sig}");
+            128u8.wrapping_add(sig as u8)
+        }
+        VmOutcome::Vanished => {
+            eprintln!("bulkhead: error: every vCPU thread ended without a reason");
+            1
+        }
+    }
+}

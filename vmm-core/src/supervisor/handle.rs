@@ -1,0 +1,333 @@
+//! A disk's handle, shared by its supervisor, its frontend thread and the control API:
+//! which worker serves it, the disk's phase, and the requests that change it (a planned
+//! restart, the guest's reset of a failing device, the VM's end).
+
+use std::os::fd::OwnedFd;
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+use crate::pids;
+use crate::vhost_frontend::BackendOwner;
+
+/// Where a disk is in its life.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum DiskPhase {
+    /// Served by a normal worker (or about to be).
+    #[default]
+    Serving,
+    /// A planned restart stopped the worker: its end is not a failure (`failing`: the
+    /// phase it came from was [`DiskPhase::Failing`], and returns to it).
+    PlannedRestart { failing: bool },
+    /// Past the crash-loop budget: the device needs a reset, and its worker (if any) is
+    /// in fail mode.
+    Failing,
+    /// The guest reset the failing device: a normal worker is to start.
+    RecoveryRequested,
+    /// The supervisor is gone (the VM is closing): no worker will come.
+    Ended,
+}
+
+impl DiskPhase {
+    /// Whether the device is failing (its worker in fail mode, or none).
+    fn failing(self) -> bool {
+        matches!(
+            self,
+            DiskPhase::Failing
+                | DiskPhase::RecoveryRequested
+                | DiskPhase::PlannedRestart { failing: true }
+        )
+    }
+}
+
+#[derive(Debug, Default)]
+struct State {
+    /// The current worker: its reaper and its confined process.
+    reaper: Option<Arc<OwnedFd>>,
+    confined: Option<Arc<OwnedFd>>,
+    worker_pid: u32,
+    /// Bumped for every new worker.
+    generation: u64,
+    phase: DiskPhase,
+}
+
+impl State {
+    fn kill_worker(&self) {
+        for fd in [&self.confined, &self.reaper].into_iter().flatten() {
+            pids::kill(fd);
+        }
+    }
+}
+
+/// See the module documentation.
+#[derive(Debug, Default)]
+pub struct DiskHandle {
+    state: Mutex<State>,
+    changed: Condvar,
+}
+
+/// A disk's worker as the control API shows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DiskState {
+    /// The serving worker's confined pid (None while the disk has no worker).
+    pub worker_pid: Option<u32>,
+    /// `normal`, `fail` (past the crash-loop budget, answering with errors until the
+    /// guest resets the device) or `none`.
+    pub mode: &'static str,
+}
+
+/// Errors of a planned restart.
+#[derive(Debug, thiserror::Error)]
+pub enum RestartError {
+    #[error("the disk has no worker to restart (it failed, or the VM is closing)")]
+    NoWorker,
+    #[error("no successor was up within {0:?}")]
+    Timeout(Duration),
+}
+
+impl DiskHandle {
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A new worker serves the disk (or none, with all None); returns its generation.
+    pub(crate) fn publish(
+        &self,
+        reaper: Option<Arc<OwnedFd>>,
+        confined: Option<Arc<OwnedFd>>,
+        pid: u32,
+    ) -> u64 {
+        let mut st = self.lock();
+        st.reaper = reaper;
+        st.confined = confined;
+        st.worker_pid = pid;
+        st.generation += 1;
+        self.changed.notify_all();
+        st.generation
+    }
+
+    /// Whether the worker that just ended was stopped for a planned restart.
+    pub(crate) fn take_planned(&self) -> bool {
+        let mut st = self.lock();
+        match st.phase {
+            DiskPhase::PlannedRestart { failing } => {
+                st.phase = if failing {
+                    DiskPhase::Failing
+                } else {
+                    DiskPhase::Serving
+                };
+                true
+            }
+            _ => false,
+        }
+    }
+
+    pub(crate) fn set_failing(&self) {
+        let mut st = self.lock();
+        if st.phase != DiskPhase::Ended {
+            st.phase = DiskPhase::Failing;
+        }
+    }
+
+    /// Whether the guest asked for recovery; the disk then serves normally again.
+    pub(crate) fn take_recover(&self) -> bool {
+        let mut st = self.lock();
+        let recover = st.phase == DiskPhase::RecoveryRequested;
+        if recover {
+            st.phase = DiskPhase::Serving;
+        }
+        recover
+    }
+
+    pub(crate) fn recover_requested(&self) -> bool {
+        self.lock().phase == DiskPhase::RecoveryRequested
+    }
+
+    /// Waits up to `timeout` for the guest to reset a failing device; true once it has.
+    pub(crate) fn wait_recover(&self, timeout: Duration) -> bool {
+        let st = self.lock();
+        let (st, _) = self
+            .changed
+            .wait_timeout_while(st, timeout, |st| st.phase != DiskPhase::RecoveryRequested)
+            .unwrap_or_else(|p| p.into_inner());
+        st.phase == DiskPhase::RecoveryRequested
+    }
+
+    pub(crate) fn end(&self) {
+        let mut st = self.lock();
+        st.phase = DiskPhase::Ended;
+        st.reaper = None;
+        st.confined = None;
+        self.changed.notify_all();
+    }
+
+    /// The disk's phase.
+    pub fn phase(&self) -> DiskPhase {
+        self.lock().phase
+    }
+
+    /// The VM is over and its backends were told to disconnect: waits until `deadline`
+    /// for the supervisor to reap its worker (and discard its spare). True once it ended,
+    /// so no process of this disk holds the image (or its lock) any more.
+    pub fn wait_ended(&self, deadline: Instant) -> bool {
+        let mut st = self.lock();
+        while st.phase != DiskPhase::Ended {
+            let now = Instant::now();
+            if now >= deadline {
+                return false;
+            }
+            st = self
+                .changed
+                .wait_timeout(st, deadline - now)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+        true
+    }
+
+    /// Kills the current worker (one that did not end when asked; see [`Self::wait_ended`]).
+    pub fn kill_worker(&self) {
+        self.lock().kill_worker();
+    }
+
+    /// What the control API reports about the disk.
+    pub fn state(&self) -> DiskState {
+        let st = self.lock();
+        let serving = st.reaper.is_some() && st.phase != DiskPhase::Ended;
+        DiskState {
+            worker_pid: serving.then_some(st.worker_pid),
+            mode: match (serving, st.phase.failing()) {
+                (false, _) => "none",
+                (true, false) => "normal",
+                (true, true) => "fail",
+            },
+        }
+    }
+
+    /// The current worker's confined process (or its reaper until that is known) and its
+    /// pid; None while the disk has no worker.
+    pub fn current_worker(&self) -> Option<(u32, Arc<OwnedFd>)> {
+        let st = self.lock();
+        let fd = st.confined.clone().or_else(|| st.reaper.clone())?;
+        Some((st.worker_pid, fd))
+    }
+
+    /// Stops the current worker and waits for its successor, which gets everything the
+    /// guest's device needs (as after a crash, without counting as one). Returns the new
+    /// worker's pid and how long the switch took.
+    pub fn restart(&self, timeout: Duration) -> Result<(u32, Duration), RestartError> {
+        let started = Instant::now();
+        let mut st = self.lock();
+        let Some(reaper) = st.reaper.clone() else {
+            return Err(RestartError::NoWorker);
+        };
+        match st.phase {
+            DiskPhase::Ended => return Err(RestartError::NoWorker),
+            // A restart (or a recovery) is already under way: this one waits for it.
+            DiskPhase::RecoveryRequested | DiskPhase::PlannedRestart { .. } => {}
+            DiskPhase::Serving => st.phase = DiskPhase::PlannedRestart { failing: false },
+            // A failing disk's worker is restarted in fail mode.
+            DiskPhase::Failing => st.phase = DiskPhase::PlannedRestart { failing: true },
+        }
+        let generation = st.generation;
+        if let Some(c) = &st.confined {
+            pids::kill(c);
+        }
+        pids::kill(&reaper);
+        while st.generation == generation && st.phase != DiskPhase::Ended {
+            let left = timeout.saturating_sub(started.elapsed());
+            if left.is_zero() {
+                return Err(RestartError::Timeout(timeout));
+            }
+            st = self
+                .changed
+                .wait_timeout(st, left)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+        if st.phase == DiskPhase::Ended {
+            return Err(RestartError::NoWorker);
+        }
+        Ok((st.worker_pid, started.elapsed()))
+    }
+}
+
+impl BackendOwner for DiskHandle {
+    /// If the device was failing, a normal worker is asked for and the fail-mode worker
+    /// is ended here, before the reset completes: it must not answer the driver's next
+    /// requests on rings it still has mapped.
+    fn guest_reset(&self) -> bool {
+        let mut st = self.lock();
+        if !st.phase.failing() {
+            return false;
+        }
+        st.phase = DiskPhase::RecoveryRequested;
+        st.kill_worker();
+        self.changed.notify_all();
+        true
+    }
+
+    /// Kills the worker of `generation` if it still serves (its supervisor then reports
+    /// how it ended and starts a successor); a later worker is left alone.
+    fn backend_failed(&self, generation: u64) {
+        let st = self.lock();
+        if st.generation == generation {
+            st.kill_worker();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sleeper() -> (std::process::Child, Arc<OwnedFd>) {
+        let child = std::process::Command::new("sleep")
+            .arg("30")
+            .spawn()
+            .unwrap();
+        let fd = Arc::new(pids::pidfd_open(child.id()).unwrap());
+        (child, fd)
+    }
+
+    #[test]
+    fn a_failed_backend_is_killed_only_while_it_serves() {
+        let handle = DiskHandle::default();
+        let (mut old, old_fd) = sleeper();
+        let first = handle.publish(Some(old_fd.clone()), None, old.id());
+        let (mut new, new_fd) = sleeper();
+        let second = handle.publish(Some(new_fd.clone()), None, new.id());
+        handle.backend_failed(first);
+        assert!(!pids::wait_exit(&new_fd, Duration::from_millis(100)));
+        handle.backend_failed(second);
+        assert!(pids::wait_exit(&new_fd, Duration::from_secs(5)));
+        pids::kill(&old_fd);
+        old.wait().unwrap();
+        new.wait().unwrap();
+    }
+
+    #[test]
+    fn a_guest_reset_of_a_failing_disk_ends_its_worker_and_asks_for_recovery() {
+        let handle = DiskHandle::default();
+        let (mut w, fd) = sleeper();
+        handle.publish(Some(fd.clone()), None, w.id());
+        assert!(
+            !handle.guest_reset(),
+            "a healthy disk's reset is the frontend's"
+        );
+        assert_eq!(handle.state().mode, "normal");
+        handle.set_failing();
+        assert_eq!(handle.state().mode, "fail");
+        assert!(handle.guest_reset());
+        assert!(pids::wait_exit(&fd, Duration::from_secs(5)));
+        w.wait().unwrap();
+        assert!(handle.recover_requested());
+        assert!(handle.wait_recover(Duration::ZERO));
+        assert!(handle.take_recover());
+        assert_eq!(handle.phase(), DiskPhase::Serving);
+        handle.end();
+        assert_eq!(handle.state().mode, "none");
+        assert!(handle.wait_ended(Instant::now()));
+        handle.set_failing();
+        assert_eq!(handle.phase(), DiskPhase::Ended, "the end is final");
+    }
+}

@@ -1,0 +1,56 @@
+//! The one place the VMM starts threads. Every thread gets a name (it shows in `top -H`,
+//! in /proc/PID/task/*/comm and in crash reports), and this is where a per-thread
+//! seccomp filter for each thread's role will be installed.
+
+use std::thread::JoinHandle;
+
+/// Linux keeps 15 bytes of a thread's name; longer names are cut there.
+pub const MAX_NAME: usize = 15;
+
+/// Starts `f` on a new thread named `name` (cut to [`MAX_NAME`] bytes, on a character
+/// boundary, so the name the kernel shows is the one given here).
+pub fn spawn<F, T>(name: impl Into<String>, f: F) -> std::io::Result<JoinHandle<T>>
+where
+    F: FnOnce() -> T + Send + 'static,
+    T: Send + 'static,
+{
+    let mut name = name.into();
+    if name.len() > MAX_NAME {
+        let mut end = MAX_NAME;
+        while !name.is_char_boundary(end) {
+            end -= 1;
+        }
+        name.truncate(end);
+    }
+    std::thread::Builder::new().name(name).spawn(f)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn kernel_name() -> String {
+        // SAFETY: gettid has no arguments and cannot fail.
+        let tid = unsafe { libc::gettid() };
+        std::fs::read_to_string(format!("/proc/self/task/{tid}/comm"))
+            .unwrap()
+            .trim_end()
+            .to_string()
+    }
+
+    #[test]
+    fn threads_carry_their_name_into_the_kernel() {
+        let h = spawn("blk0-frontend", kernel_name).unwrap();
+        assert_eq!(h.join().unwrap(), "blk0-frontend");
+        let h = spawn("a-very-long-disk-name-sup", || {
+            (
+                std::thread::current().name().map(String::from),
+                kernel_name(),
+            )
+        })
+        .unwrap();
+        let (rust, kernel) = h.join().unwrap();
+        assert_eq!(rust.as_deref(), Some("a-very-long-dis"));
+        assert_eq!(kernel, "a-very-long-dis");
+    }
+}
