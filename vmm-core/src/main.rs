@@ -12,11 +12,6 @@ use vmm_core::terminal::RawStdin;
 use vmm_core::vcpu::VcpuEvent;
 use vmm_core::vm::{Vm, VmConfig, VmOutcome, DEFAULT_CMDLINE};
 
-mod bench_cmd;
-mod bench_io;
-mod bench_jitter;
-mod bench_notify;
-mod bench_svg;
 mod policy_cmd;
 
 /// Exit status when the guest crashed (triple fault, KVM internal error).
@@ -44,8 +39,6 @@ enum Command {
     Policy(policy_cmd::PolicyCommand),
     /// Talk to a running bulkhead through its --api-socket.
     Ctl(CtlArgs),
-    /// Benchmarks (results are ratios to a baseline run in the same invocation).
-    Bench(bench_cmd::BenchArgs),
 }
 
 #[derive(Debug, Args)]
@@ -144,13 +137,6 @@ fn main() -> ExitCode {
     match cli.command {
         Command::Policy(_) => unreachable!("handled above"),
         Command::Ctl(args) => ctl(args),
-        Command::Bench(args) => match bench_cmd::bench_command(args) {
-            Ok(()) => ExitCode::SUCCESS,
-            Err(e) => {
-                eprintln!("bulkhead: error: {e:#}");
-                ExitCode::FAILURE
-            }
-        },
         Command::Run(args) => match run(args, None) {
             Ok(code) => ExitCode::from(code),
             Err(e) => {

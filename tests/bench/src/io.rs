@@ -1,13 +1,11 @@
-//! `bulkhead bench`: the I/O profiles of DESIGN.md "Performance design", run by the test
-//! guest's `blk-bench` plan (its driver runs in ring 3) under each system, on one raw
-//! image opened with O_DIRECT on the host, with host fio on the same file as the limit.
-//! One invocation, same guest binary, same image; results as ratios to fio.
+//! The I/O profiles of DESIGN.md "Performance design", run by the test guest's
+//! `blk-bench` plan (its driver runs in ring 3) under each system, on one raw image opened
+//! with O_DIRECT on the host, with host fio on the same file as the limit. One invocation,
+//! same guest binary, same image; results as ratios to fio.
 //!
 //! Systems: bulkhead with the sync and the io_uring engine; QEMU microvm with KVM and its
 //! own virtio-blk-device (`cache=none,aio=io_uring`) without and with an IOThread; QEMU
-//! microvm with our worker as its vhost-user-blk backend; host fio. Then the vCPU jitter
-//! experiment ([`crate::bench_jitter`]) under bulkhead and QEMU without and with an
-//! IOThread.
+//! microvm with our worker as its vhost-user-blk backend; host fio.
 
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -17,6 +15,10 @@ use std::time::Duration;
 
 use anyhow::Context;
 use serde::Serialize;
+
+use crate::host::{
+    children, find_thread, on_io_core, pin, qemu_virtio_blk, tg_field, wait_unlocked,
+};
 
 /// One load, as fio would name it.
 #[derive(Clone, Copy, Debug, Serialize)]
@@ -97,8 +99,10 @@ const CDF_POINTS: [(f64, &str, &str); 8] = [
 /// Settings of one bench invocation.
 #[derive(Debug)]
 pub struct IoBench {
+    /// The `bulkhead` binary measured.
     pub bulkhead: PathBuf,
-    pub worker_bin: Option<PathBuf>,
+    /// The worker bulkhead runs, and QEMU's vhost-user backend.
+    pub worker_bin: PathBuf,
     pub kernel: PathBuf,
     pub out: PathBuf,
     pub secs: u32,
@@ -128,7 +132,7 @@ pub fn huge_pages_for_bench() -> bool {
 }
 
 /// The systems measured, in report order; fio last (the limit).
-const SYSTEMS: [&str; 6] = [
+pub const SYSTEMS: [&str; 6] = [
     "bulkhead sync",
     "bulkhead io_uring",
     "QEMU",
@@ -139,22 +143,23 @@ const SYSTEMS: [&str; 6] = [
 /// The reference the issue's goals name.
 const QEMU_IOTHREAD: usize = 3;
 
+/// The median run of each (profile, system), by index into [`PROFILES`] and [`SYSTEMS`].
+pub type Results = BTreeMap<(usize, usize), Sample>;
+/// Every run of each (profile, system).
+pub type Runs = BTreeMap<(usize, usize), Vec<Sample>>;
+
 impl IoBench {
-    pub fn run(&self) -> anyhow::Result<()> {
-        std::fs::create_dir_all(&self.out)
-            .with_context(|| format!("create the output directory {}", self.out.display()))?;
-        let fio = which("fio").context(
-            "fio is missing: install it (apt-get install fio); it measures the host's limit",
-        )?;
-        let qemu = which("qemu-system-x86_64").context(
-            "qemu-system-x86_64 is missing: install it (apt-get install qemu-system-x86); \
-             QEMU is the comparison",
-        )?;
-        let image = self.out.join("bench.img");
-        prepare_image(&image, self.image_mib)?;
+    /// Every profile on every system, `repeats` times over, on `image`: the median runs
+    /// and all of them.
+    pub fn profiles(
+        &self,
+        image: &Path,
+        qemu: &Path,
+        fio: &Path,
+    ) -> anyhow::Result<(Results, Runs)> {
         // Every (profile, system) run `repeats` times, the rounds one after another so a
         // drift of the host's disk reaches every system alike.
-        let mut all: BTreeMap<(usize, usize), Vec<Sample>> = BTreeMap::new();
+        let mut all = Runs::new();
         for round in 0..self.repeats.max(1) {
             for (p, profile) in PROFILES.iter().enumerate() {
                 for (s, system) in SYSTEMS.iter().enumerate() {
@@ -166,17 +171,17 @@ impl IoBench {
                         self.repeats.max(1)
                     );
                     let sample = self
-                        .sample(system, profile, &image, &qemu, &fio)
+                        .sample(system, profile, image, qemu, fio)
                         .with_context(|| format!("{} on {system}", profile.name))?;
                     all.entry((p, s)).or_default().push(sample);
                 }
             }
         }
-        let results: BTreeMap<(usize, usize), Sample> = all
+        let results = all
             .iter()
             .map(|(&key, samples)| (key, median_run(samples)))
             .collect();
-        self.jitter_notify_and_report(&image, &qemu, &results, &all)
+        Ok((results, all))
     }
 
     /// One run of `profile` on `system`.
@@ -196,78 +201,6 @@ impl IoBench {
             "QEMU + bulkhead-worker" => self.qemu(qemu, profile, image, Qemu::OurWorker),
             _ => self.fio(fio, profile, image),
         }
-    }
-
-    /// The jitter experiment and the QueueNotify cost, then the report and results.json.
-    fn jitter_notify_and_report(
-        &self,
-        image: &Path,
-        qemu: &Path,
-        results: &BTreeMap<(usize, usize), Sample>,
-        all: &BTreeMap<(usize, usize), Vec<Sample>>,
-    ) -> anyhow::Result<()> {
-        let strace = which("strace").context(
-            "strace is missing: install it (apt-get install strace); it counts the vCPU \
-             threads' futex calls",
-        )?;
-        let jitter = crate::bench_jitter::Jitter {
-            bulkhead: &self.bulkhead,
-            qemu,
-            strace,
-            kernel: &self.kernel,
-            image,
-            // Long enough that the window (60%) has room around it, even in a debug build.
-            secs: self.secs.max(3),
-        };
-        let mut runs = Vec::new();
-        for repeat in 0..self.repeats {
-            for system in crate::bench_jitter::System::ALL {
-                for storm in [true, false] {
-                    eprintln!(
-                        "bench: jitter on {} (storm {}, run {} of {})",
-                        system.name(),
-                        if storm { "on" } else { "off" },
-                        repeat + 1,
-                        self.repeats
-                    );
-                    runs.push(
-                        jitter.run(system, storm).with_context(|| {
-                            format!("the jitter experiment on {}", system.name())
-                        })?,
-                    );
-                }
-            }
-        }
-        let notify = crate::bench_notify::measure(self, image)?;
-        let mut report = report(results, all, self);
-        report.push_str(&crate::bench_notify::report(&notify));
-        report.push_str(&crate::bench_jitter::report(&runs));
-        report.push_str(&self.plots(results, &runs)?);
-        print!("{report}");
-        let md = self.out.join("report.md");
-        std::fs::write(&md, &report).with_context(|| format!("write {}", md.display()))?;
-        let json: Vec<serde_json::Value> = results
-            .iter()
-            .map(|(&(p, s), sample)| {
-                serde_json::json!({
-                    "profile": PROFILES[p],
-                    "system": SYSTEMS[s],
-                    "result": sample,
-                    "runs": all.get(&(p, s)),
-                })
-            })
-            .collect();
-        let notify: Vec<serde_json::Value> = crate::bench_notify::VARIANTS
-            .iter()
-            .zip(&notify)
-            .map(|((name, _), ns)| serde_json::json!({ "ioeventfd": name, "ns_per_write": ns }))
-            .collect();
-        let json = serde_json::json!({ "profiles": json, "notify": notify, "jitter": runs });
-        let path = self.out.join("results.json");
-        std::fs::write(&path, serde_json::to_string_pretty(&json)?)
-            .with_context(|| format!("write {}", path.display()))?;
-        eprintln!("bench: report in {}", md.display());
-        Ok(())
     }
 
     /// One profile under bulkhead: the test guest's `blk-bench` line.
@@ -296,16 +229,14 @@ impl IoBench {
 
     /// Appends the arguments of `bulkhead run` for the test guest with `plan` and one
     /// `--disk` to `cmd` (bulkhead, or a wrapper whose next argument is bulkhead).
-    pub(crate) fn bulkhead_run(&self, cmd: &mut Command, plan: &str, disk: &str, timeout: u32) {
+    pub fn bulkhead_run(&self, cmd: &mut Command, plan: &str, disk: &str, timeout: u32) {
         cmd.arg("run")
             .arg("--kernel")
             .arg(&self.kernel)
             .args(["--mem", "64", "--timeout"])
             .arg(timeout.to_string())
             .args(["--cmdline", plan, "--disk", disk]);
-        if let Some(w) = &self.worker_bin {
-            cmd.arg("--worker-bin").arg(w);
-        }
+        cmd.arg("--worker-bin").arg(&self.worker_bin);
     }
 
     /// One profile under QEMU microvm with KVM, the same guest and image.
@@ -323,20 +254,17 @@ impl IoBench {
         let mut cmd = on_io_core();
         cmd.arg("timeout").arg((self.secs + 60).to_string());
         let append = plan(profile, self.secs);
-        qemu_microvm(&mut cmd, qemu, "microvm,acpi=off", 1, &self.kernel, &append);
+        cmd.arg(qemu);
+        // `::tests` is the tests crate (in unit tests, `tests` alone is this file's module).
+        ::tests::qemu::microvm_args(&mut cmd, "microvm,acpi=off", 1, &self.kernel, &append);
         match how {
             Qemu::Plain => qemu_virtio_blk(&mut cmd, image, false),
             Qemu::IoThread => qemu_virtio_blk(&mut cmd, image, true),
             Qemu::OurWorker => {
                 std::fs::create_dir_all(&dir)
                     .with_context(|| format!("create {}", dir.display()))?;
-                let bin = match &self.worker_bin {
-                    Some(b) => b.clone(),
-                    None => vmm_core::worker::default_worker_bin()
-                        .context("no bulkhead-worker beside bulkhead")?,
-                };
                 let child = on_io_core()
-                    .arg(bin)
+                    .arg(&self.worker_bin)
                     .args(["blk", "--direct", "--engine", "io_uring", "--socket"])
                     .arg(&socket)
                     .arg("--disk")
@@ -348,19 +276,8 @@ impl IoBench {
                 let w = WorkerGuard(child);
                 wait_for_socket(&socket)?;
                 worker = Some(w);
-                let huge = if self.huge_pages {
-                    ",hugetlb=on,hugetlbsize=2M"
-                } else {
-                    ""
-                };
-                cmd.arg("-object")
-                    .arg(format!(
-                        "memory-backend-memfd,id=mem,size=64M,share=on{huge}"
-                    ))
-                    .args(["-machine", "memory-backend=mem"])
-                    .arg("-chardev")
-                    .arg(format!("socket,id=c0,path={}", socket.display()))
-                    .args(["-device", "vhost-user-blk,chardev=c0"]);
+                ::tests::qemu::microvm_shared_ram(&mut cmd, self.huge_pages);
+                ::tests::qemu::vhost_user_blk_mmio(&mut cmd, &socket);
             }
         }
         let extra: Vec<u32> = worker_pid.into_iter().collect();
@@ -457,56 +374,6 @@ fn wait_for_socket(socket: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The guest command line of a profile.
-/// Appends a QEMU microvm with KVM running the test guest to `cmd`: `machine` options,
-/// `cpus` vCPUs (named "CPU n/KVM", for pinning), 64 MiB, the serial port on stdio and
-/// isa-debug-exit for the guest's exit status.
-pub(crate) fn qemu_microvm(
-    cmd: &mut Command,
-    qemu: &Path,
-    machine: &str,
-    cpus: u32,
-    kernel: &Path,
-    append: &str,
-) {
-    cmd.arg(qemu)
-        .args(["-M", machine, "-accel", "kvm"])
-        .args(["-name", "bench,debug-threads=on"])
-        .args(["-cpu", "host,-arch-capabilities", "-m", "64", "-smp"])
-        .arg(cpus.to_string())
-        .args(["-display", "none", "-monitor", "none", "-serial", "stdio"])
-        .args(["-no-reboot", "-global", "virtio-mmio.force-legacy=false"])
-        .args(["-device", "isa-debug-exit,iobase=0xf4,iosize=4"])
-        .arg("-kernel")
-        .arg(kernel)
-        .args(["-append", append]);
-}
-
-/// Appends QEMU's own virtio-blk-device on `image` (O_DIRECT, io_uring), in an IOThread
-/// or not.
-pub(crate) fn qemu_virtio_blk(cmd: &mut Command, image: &Path, iothread: bool) {
-    let drive = format!(
-        "id=d0,if=none,file={},format=raw,cache=none,aio=io_uring",
-        image.display()
-    );
-    if iothread {
-        cmd.args(["-object", "iothread,id=io0", "-drive", &drive])
-            .args(["-device", "virtio-blk-device,drive=d0,iothread=io0"]);
-    } else {
-        cmd.args(["-drive", &drive, "-device", "virtio-blk-device,drive=d0"]);
-    }
-}
-
-/// A command started on core 1 (by taskset, so its threads inherit it). Every system runs
-/// this way, the same layout as the jitter experiment's (DESIGN.md): core 0 for the
-/// guest's vCPU thread (moved there by [`output_pinned`]), core 1 for everything serving
-/// its I/O; fio, the host's limit, runs on core 1 alone.
-pub(crate) fn on_io_core() -> Command {
-    let mut cmd = Command::new("taskset");
-    cmd.args(["-c", "1"]);
-    cmd
-}
-
 /// Runs `cmd` (a guest run of `secs` seconds) to its end, moving its vCPU thread (named
 /// `vcpu_comm`, in it or a child of it) to core 0 as soon as that exists. Also returns the
 /// CPU its processes and `extra` spent outside that thread over the middle half of the
@@ -531,7 +398,7 @@ fn output_pinned(
         pids.extend_from_slice(extra);
         let mut i = 0;
         while i < pids.len() {
-            pids.extend(crate::bench_jitter::children(pids[i]));
+            pids.extend(children(pids[i]));
             i += 1;
         }
         pids
@@ -540,9 +407,9 @@ fn output_pinned(
     while vcpu.is_none() {
         vcpu = tree(child.id())
             .into_iter()
-            .find_map(|pid| crate::bench_jitter::find_thread(pid, vcpu_comm).map(|tid| (pid, tid)));
+            .find_map(|pid| find_thread(pid, vcpu_comm).map(|tid| (pid, tid)));
         let failed = match vcpu {
-            Some((_, tid)) => crate::bench_jitter::pin(tid, 0).err(),
+            Some((_, tid)) => pin(tid, 0).err(),
             None if child.try_wait()?.is_some() => {
                 // Ended before its vCPU ran: its output says why.
                 return Ok((child.wait_with_output()?, f64::NAN));
@@ -639,34 +506,8 @@ fn guest_sample(out: &std::process::Output) -> anyhow::Result<Sample> {
     }
 }
 
-/// The number after `key=` in a test guest's `TG ...` result line.
-pub(crate) fn tg_field(line: &str, key: &str) -> Option<f64> {
-    line.split_whitespace()
-        .find_map(|w| w.strip_prefix(key)?.strip_prefix('='))
-        .and_then(|v| v.parse().ok())
-}
-
-/// Waits until no writer's lock is left on `image` (a QEMU + bulkhead-worker run's worker
-/// exits a moment after QEMU, and its io_uring releases the image after that).
-pub fn wait_unlocked(image: &Path) -> anyhow::Result<()> {
-    anyhow::ensure!(
-        vmm_core::disk::wait_released(image, Duration::from_secs(10)),
-        "the image {} is still locked after 10 s",
-        image.display()
-    );
-    Ok(())
-}
-
-fn which(tool: &str) -> Option<PathBuf> {
-    std::env::var_os("PATH")?
-        .to_str()?
-        .split(':')
-        .map(|d| Path::new(d).join(tool))
-        .find(|p| p.is_file())
-}
-
 /// Creates `image` (`mib` MiB of random data, so no read hits a hole) unless it already is.
-fn prepare_image(image: &Path, mib: u64) -> anyhow::Result<()> {
+pub fn prepare_image(image: &Path, mib: u64) -> anyhow::Result<()> {
     if std::fs::metadata(image).is_ok_and(|m| m.len() == mib << 20) {
         return Ok(());
     }
@@ -693,83 +534,6 @@ fn prepare_image(image: &Path, mib: u64) -> anyhow::Result<()> {
     Ok(())
 }
 
-impl IoBench {
-    /// Writes the SVG plots; returns the report's lines linking them.
-    fn plots(
-        &self,
-        results: &BTreeMap<(usize, usize), Sample>,
-        runs: &[crate::bench_jitter::JitterRun],
-    ) -> anyhow::Result<String> {
-        use crate::bench_svg::{bars, cdf, Panel};
-        let iops: Vec<Panel> = PROFILES
-            .iter()
-            .enumerate()
-            .map(|(p, profile)| Panel {
-                title: format!("{}: IOPS", profile.name),
-                bars: SYSTEMS
-                    .iter()
-                    .enumerate()
-                    .filter_map(|(s, name)| Some((name.to_string(), results.get(&(p, s))?.iops)))
-                    .collect(),
-            })
-            .collect();
-        let median = |system, f: &dyn Fn(&crate::bench_jitter::JitterRun) -> f64| {
-            let mut v: Vec<f64> = runs
-                .iter()
-                .filter(|r| r.system == system && r.storm)
-                .map(f)
-                .collect();
-            v.sort_by(f64::total_cmp);
-            v.get(v.len() / 2).copied()
-        };
-        let jitter_panel =
-            |title: &str, f: &dyn Fn(&crate::bench_jitter::JitterRun) -> f64| Panel {
-                title: title.to_string(),
-                bars: crate::bench_jitter::System::ALL
-                    .iter()
-                    .filter_map(|&s| Some((s.name().to_string(), median(s, f)?)))
-                    .collect(),
-            };
-        let jitter = [
-            jitter_panel("storm vCPU: futex calls in the window", &|r| {
-                r.vcpus[0].futex_calls as f64
-            }),
-            jitter_panel("storm vCPU: voluntary context switches", &|r| {
-                r.vcpus[0].voluntary_switches as f64
-            }),
-            jitter_panel("loop vCPU: involuntary context switches", &|r| {
-                r.vcpus[1].involuntary_switches as f64
-            }),
-        ];
-        let curves: Vec<(String, Vec<(f64, f64)>)> = SYSTEMS
-            .iter()
-            .enumerate()
-            .filter_map(|(s, name)| Some((name.to_string(), results.get(&(0, s))?.cdf.clone())))
-            .collect();
-        let files = [
-            ("iops.svg", bars("IOPS per system", &iops)),
-            (
-                "jitter.svg",
-                bars("vCPU threads under the read storm", &jitter),
-            ),
-            (
-                "latency-cdf.svg",
-                cdf(
-                    &format!("{}: latency distribution", PROFILES[0].name),
-                    &curves,
-                ),
-            ),
-        ];
-        let mut md = String::from("\n## Plots\n\n");
-        for (name, svg) in files {
-            let path = self.out.join(name);
-            std::fs::write(&path, svg).with_context(|| format!("write {}", path.display()))?;
-            md.push_str(&format!("- [{name}]({name})\n"));
-        }
-        Ok(md)
-    }
-}
-
 /// The run with the median IOPS (its latencies and CPU come with it, from one run).
 fn median_run(samples: &[Sample]) -> Sample {
     let mut sorted: Vec<&Sample> = samples.iter().collect();
@@ -792,14 +556,14 @@ fn iops_cell(median: f64, samples: &[Sample]) -> String {
     format!("{median:.0} [{lo:.0}-{hi:.0}]")
 }
 
-fn report(
+pub fn report(
     results: &BTreeMap<(usize, usize), Sample>,
     all: &BTreeMap<(usize, usize), Vec<Sample>>,
     b: &IoBench,
 ) -> String {
     let fio = SYSTEMS.len() - 1;
     let mut md = format!(
-        "# bulkhead bench\n\n\
+        "# bulkhead-bench\n\n\
          Test guest `blk-bench` plan, {} s per run, {} run(s) of each profile on each system \
          (rounds one after another; the median run by IOPS is shown, with the IOPS range in \
          brackets), on a {} MiB raw image opened with \
@@ -857,15 +621,6 @@ fn report(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn fields_of_a_guest_result_line() {
-        let line = "TG bench dev=0 iops=2530 mibps=316.27 p99_us=8233";
-        assert_eq!(tg_field(line, "iops"), Some(2530.0));
-        assert_eq!(tg_field(line, "mibps"), Some(316.27));
-        assert_eq!(tg_field(line, "p99"), None, "a key is matched whole");
-        assert_eq!(tg_field(line, "max_us"), None);
-    }
 
     #[test]
     fn the_median_run_and_the_iops_range() {

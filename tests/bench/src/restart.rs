@@ -1,14 +1,12 @@
-//! `bulkhead bench`: benchmarks, driven through the test guest (its driver runs in ring 3,
-//! so an emulated guest kernel mode does not distort them). Results are printed as a
-//! markdown report, with ratios to a baseline measured in the same invocation.
-//!
-//! `bulkhead bench`: see [`crate::bench_io`].
-//!
-//! `bulkhead bench restart`: SIGKILLs a disk's worker N times while the guest runs
+//! `bulkhead-bench restart`: SIGKILLs a disk's worker N times while the guest runs
 //! write-then-verify rounds with 32 requests in flight (polling for completions), and
 //! measures the time from each kill to the next request the guest sees completed (its used
 //! idx moving). The baseline is the same measurement without a kill: the time from a random
 //! instant to the next completion, the floor of the method.
+//!
+//! The VM runs in this process, built with vmm-core as a library (the `bulkhead` binary has
+//! no bench in it): the watcher reads the guest's used ring in guest memory and kills the
+//! disk's current worker through the supervisor.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -16,93 +14,22 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use clap::{Args, Subcommand};
 use vmm_core::devices::virtio_mmio::VirtioMmioDevice;
 use vmm_core::memory::GuestRam;
 use vmm_core::supervisor::DiskControl;
 use vmm_core::vm::{Vm, VmConfig};
 
-#[derive(Debug, Args)]
-pub struct BenchArgs {
-    /// A benchmark other than the I/O profiles.
-    #[command(subcommand)]
-    what: Option<BenchCommand>,
-    /// Seconds per system and profile instead of the full runs (keeps the bench working
-    /// in CI; the numbers mean little).
-    #[arg(long)]
-    quick: bool,
-    /// Seconds per system and profile (default 10, 1 with --quick).
-    #[arg(long)]
-    secs: Option<u32>,
-    /// Directory for the image, the report (`report.md`) and the results (`results.json`).
-    #[arg(long, default_value = "target/bench")]
-    out: PathBuf,
-    /// The test guest (built by tests/guest/build-testguest.sh).
-    #[arg(long)]
-    kernel: Option<PathBuf>,
-    /// The worker executable (default: bulkhead-worker beside bulkhead).
-    #[arg(long)]
-    worker_bin: Option<PathBuf>,
-}
-
-#[derive(Debug, Subcommand)]
-enum BenchCommand {
-    /// Time from a worker's SIGKILL to the guest's next completed request.
-    Restart(RestartArgs),
-}
-
-#[derive(Debug, Args)]
-struct RestartArgs {
+/// Settings of `bulkhead-bench restart`.
+#[derive(Debug)]
+pub struct Restart {
     /// Kills to measure.
-    #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u32).range(1..=100_000))]
-    kills: u32,
-    /// The test guest (built by tests/guest/build-testguest.sh).
-    #[arg(long)]
-    kernel: Option<PathBuf>,
-    /// The worker executable (default: bulkhead-worker beside bulkhead).
-    #[arg(long)]
-    worker_bin: Option<PathBuf>,
+    pub kills: u32,
+    /// The test guest.
+    pub kernel: PathBuf,
+    /// The worker executable (`None`: bulkhead-worker beside this executable).
+    pub worker_bin: Option<PathBuf>,
     /// Directory for the disk image and the report (`restart.md`, `restart.json`).
-    #[arg(long, default_value = "target/bench")]
-    out: PathBuf,
-}
-
-pub fn bench_command(args: BenchArgs) -> anyhow::Result<()> {
-    match args.what {
-        Some(BenchCommand::Restart(a)) => restart(a),
-        None => {
-            let kernel = testguest(args.kernel)?;
-            crate::bench_io::IoBench {
-                bulkhead: std::env::current_exe().context("find bulkhead's own executable")?,
-                worker_bin: args.worker_bin,
-                kernel,
-                out: args.out,
-                secs: args.secs.unwrap_or(if args.quick { 1 } else { 10 }),
-                image_mib: if args.quick { 256 } else { 1024 },
-                repeats: if args.quick { 1 } else { 3 },
-                huge_pages: crate::bench_io::huge_pages_for_bench(),
-            }
-            .run()
-        }
-    }
-}
-
-/// The test guest beside the build: target/{debug,release}/bulkhead -> target/guest/testguest.
-fn default_testguest() -> Option<PathBuf> {
-    let exe = std::env::current_exe().ok()?;
-    let guest = exe.parent()?.parent()?.join("guest/testguest");
-    guest.is_file().then_some(guest)
-}
-
-/// `--kernel`, or else the test guest beside the build.
-fn testguest(kernel: Option<PathBuf>) -> anyhow::Result<PathBuf> {
-    match kernel {
-        Some(k) => Ok(k),
-        None => default_testguest().context(
-            "no test guest beside bulkhead (build it with tests/guest/build-testguest.sh, \
-             or pass --kernel)",
-        ),
-    }
+    pub out: PathBuf,
 }
 
 /// Serial output kept for the report (and to see whether the guest failed).
@@ -201,8 +128,8 @@ impl Series {
     }
 }
 
-fn restart(a: RestartArgs) -> anyhow::Result<()> {
-    let kernel = testguest(a.kernel)?;
+pub fn restart(a: Restart) -> anyhow::Result<()> {
+    let kernel = a.kernel;
     std::fs::create_dir_all(&a.out)
         .with_context(|| format!("create the output directory {}", a.out.display()))?;
     let image = a.out.join("restart-disk.img");
@@ -345,7 +272,7 @@ fn report(
         "MISSED"
     };
     let md = format!(
-        "# bulkhead bench restart\n\n\
+        "# bulkhead-bench restart\n\n\
          Guest: `{}` with `{cmdline}` (1 vCPU, 64 MiB, one 64 MiB raw disk in the host page \
          cache). Each kill is a SIGKILL of the confined worker; the time runs from the kill \
          to the guest's next completed request (its used idx moving), and includes the \

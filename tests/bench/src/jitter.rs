@@ -15,6 +15,8 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use serde::Serialize;
 
+use crate::host::{children, find_thread, on_io_core, pin, qemu_virtio_blk, wait_unlocked};
+
 /// Who runs the guest.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 pub enum System {
@@ -92,15 +94,6 @@ fn rss_kib(pid: u32) -> u64 {
         .sum()
 }
 
-/// The children of `pid`.
-pub(crate) fn children(pid: u32) -> Vec<u32> {
-    std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
-        .unwrap_or_default()
-        .split_whitespace()
-        .filter_map(|p| p.parse().ok())
-        .collect()
-}
-
 fn rss_of(pid: u32) -> Rss {
     // bulkhead's worker is its child (the reaper) and that one's child (confined).
     let reaper = children(pid).into_iter().next();
@@ -158,41 +151,6 @@ fn counters(pid: u32, tid: u32) -> anyhow::Result<Counters> {
     })
 }
 
-/// The thread of `pid` named `comm`.
-pub(crate) fn find_thread(pid: u32, comm: &str) -> Option<u32> {
-    std::fs::read_dir(format!("/proc/{pid}/task"))
-        .ok()?
-        .filter_map(Result::ok)
-        .find_map(|t| {
-            let name = std::fs::read_to_string(t.path().join("comm")).ok()?;
-            (name.trim_end() == comm)
-                .then(|| t.file_name().to_str()?.parse().ok())
-                .flatten()
-        })
-}
-
-/// Pins thread `tid` to `cpu`.
-pub(crate) fn pin(tid: u32, cpu: usize) -> anyhow::Result<()> {
-    // SAFETY: cpu_set_t is plain data; CPU_ZERO/CPU_SET only write into it.
-    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
-    // SAFETY: as above, on a set we own.
-    unsafe { libc::CPU_SET(cpu, &mut set) };
-    // SAFETY: sched_setaffinity reads `size_of::<cpu_set_t>()` bytes from a live set.
-    let ret = unsafe {
-        libc::sched_setaffinity(
-            tid as libc::pid_t,
-            std::mem::size_of::<libc::cpu_set_t>(),
-            &set,
-        )
-    };
-    anyhow::ensure!(
-        ret == 0,
-        "pin thread {tid} to CPU {cpu}: {}",
-        std::io::Error::last_os_error()
-    );
-    Ok(())
-}
-
 /// Kills the guest's process if a run is abandoned.
 struct Guard(Child);
 
@@ -211,7 +169,7 @@ impl Jitter<'_> {
             self.secs
         );
         // Everything starts on core 1; the vCPU threads move to core 0 once they exist.
-        let mut cmd = crate::bench_io::on_io_core();
+        let mut cmd = on_io_core();
         match system {
             System::Bulkhead => {
                 cmd.arg(self.bulkhead)
@@ -227,19 +185,9 @@ impl Jitter<'_> {
                 // 0xfeb00e00 on GSI 23, which QEMU then does not append.
                 let append = format!("{plan} virtio_mmio.device=512@0xfeb00e00:23");
                 let machine = "microvm,acpi=on,ioapic2=off";
-                crate::bench_io::qemu_microvm(
-                    &mut cmd,
-                    self.qemu,
-                    machine,
-                    2,
-                    self.kernel,
-                    &append,
-                );
-                crate::bench_io::qemu_virtio_blk(
-                    &mut cmd,
-                    self.image,
-                    system == System::QemuIoThread,
-                );
+                cmd.arg(self.qemu);
+                ::tests::qemu::microvm_args(&mut cmd, machine, 2, self.kernel, &append);
+                qemu_virtio_blk(&mut cmd, self.image, system == System::QemuIoThread);
             }
         }
         cmd.stdin(Stdio::null()).stdout(Stdio::piped());
@@ -257,7 +205,7 @@ impl Jitter<'_> {
 
     /// One run of `system`, with or without the storm.
     pub fn run(&self, system: System, storm: bool) -> anyhow::Result<JitterRun> {
-        crate::bench_io::wait_unlocked(self.image)?;
+        wait_unlocked(self.image)?;
         let mut child = Guard(
             self.command(system, storm)
                 .spawn()

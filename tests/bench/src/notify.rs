@@ -9,7 +9,8 @@ use std::process::Command;
 
 use anyhow::Context;
 
-use crate::bench_io::{wait_unlocked, IoBench};
+use crate::host::{tg_field, wait_unlocked};
+use crate::io::IoBench;
 
 /// The two registrations compared, as `--disk` options.
 pub const VARIANTS: [(&str, &str); 2] = [
@@ -51,7 +52,7 @@ fn run(b: &IoBench, image: &Path, options: &str, writes: u64) -> anyhow::Result<
     stdout
         .lines()
         .find(|l| l.starts_with("TG notify-cost "))
-        .and_then(|l| crate::bench_io::tg_field(l, "ns_per_write"))
+        .and_then(|l| tg_field(l, "ns_per_write"))
         .with_context(|| {
             format!(
                 "no notify-cost result from the guest (exit {:?}):\n{stdout}\n{}",
