@@ -32,6 +32,7 @@ cargo build --workspace --bins --locked
 cargo build -p device-workers --features test-hooks --target-dir target/hooks --locked
 export BULKHEAD_BIN="$repo_root/target/debug/bulkhead"
 export BULKHEAD_WORKER_BIN="$repo_root/target/debug/bulkhead-worker"
+export BULKHEAD_BENCH_BIN="$repo_root/target/debug/bulkhead-bench"
 export BULKHEAD_WORKER_HOOKS_BIN="$repo_root/target/hooks/debug/bulkhead-worker"
 
 log "tests"

@@ -51,6 +51,14 @@ pub fn bulkhead_bin() -> PathBuf {
     require_file(path, "cargo build --bins")
 }
 
+/// The `bulkhead-bench` binary: `$BULKHEAD_BENCH_BIN`, else the workspace's debug build.
+pub fn bench_bin() -> PathBuf {
+    let path = std::env::var_os("BULKHEAD_BENCH_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace_root().join("target/debug/bulkhead-bench"));
+    require_file(path, "cargo build --bins")
+}
+
 /// Absolute path of a host tool, or a panic that names the Debian package to install.
 pub fn require_tool(tool: &str, debian_package: &str) -> PathBuf {
     let out = Command::new("sh")

@@ -10,7 +10,7 @@ use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use tests::{blk_pattern, bulkhead_bin, require_kvm, scratch_dir, testguest};
+use tests::{bench_bin, blk_pattern, bulkhead_bin, require_kvm, scratch_dir, testguest};
 
 const SECS: u64 = 60;
 const BLOCKS: u64 = 64;
@@ -346,19 +346,19 @@ fn a_planned_restart_runs_the_replaced_worker_binary() {
     );
 }
 
-/// `bulkhead bench restart` keeps working (its numbers belong in notes, not in a test):
+/// `bulkhead-bench restart` keeps working (its numbers belong in notes, not in a test):
 /// a few kills, each followed by a completion the guest saw, reported as JSON.
 #[test]
 fn bench_restart_runs_and_reports() {
     require_kvm();
     let dir = scratch_dir("bench-restart");
-    let out = Command::new(bulkhead_bin())
-        .args(["bench", "restart", "--kills", "5", "--kernel"])
+    let out = Command::new(bench_bin())
+        .args(["restart", "--kills", "5", "--kernel"])
         .arg(testguest())
         .arg("--out")
         .arg(&dir)
         .output()
-        .expect("run bulkhead bench restart");
+        .expect("run bulkhead-bench restart");
     let (stdout, stderr) = (
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr),

@@ -12,6 +12,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
+use tests::qemu;
 use tests::worker::Worker;
 use tests::{
     require_kvm, require_tool, run_with_deadline, scratch_dir, testguest, tg_lines, worker_bin,
@@ -54,30 +55,17 @@ fn make_disk(dir: &Path, name: &str) -> PathBuf {
 }
 
 /// QEMU microvm (ACPI off: QEMU appends the `virtio_mmio.device=` entries) booting the
-/// test guest with `append`; `disk_args` attach the disk.
+/// test guest with `append`; `disk_args` attach the disk. With `memfd`, guest RAM is a
+/// shared memfd (for a vhost-user backend).
 fn microvm(append: &str, memfd: bool, disk_args: &[String]) -> Command {
     let qemu = require_tool("qemu-system-x86_64", "qemu-system-x86");
     require_kvm();
     let mut cmd = Command::new(qemu);
-    cmd.args(["-M", "microvm,acpi=off", "-accel", "kvm"]).args([
-        "-cpu",
-        "host,-arch-capabilities",
-        "-m",
-        "64",
-        "-smp",
-        "1",
-    ]);
+    qemu::microvm_args(&mut cmd, "microvm,acpi=off", 1, &testguest(), append);
     if memfd {
-        cmd.args(["-object", "memory-backend-memfd,id=mem,size=64M,share=on"])
-            .args(["-machine", "memory-backend=mem"]);
+        qemu::microvm_shared_ram(&mut cmd, false);
     }
-    cmd.args(["-display", "none", "-monitor", "none", "-serial", "stdio"])
-        .args(["-no-reboot", "-global", "virtio-mmio.force-legacy=false"])
-        .args(["-device", "isa-debug-exit,iobase=0xf4,iosize=4"])
-        .arg("-kernel")
-        .arg(testguest())
-        .args(["-append", append])
-        .args(disk_args);
+    cmd.args(disk_args);
     cmd
 }
 
@@ -87,15 +75,6 @@ fn qemu_disk_args(disk: &Path) -> Vec<String> {
         format!("id=d0,if=none,file={},format=raw", disk.display()),
         "-device".into(),
         format!("virtio-blk-device,drive=d0,serial={SERIAL}"),
-    ]
-}
-
-fn vhost_user_args(socket: &Path) -> Vec<String> {
-    vec![
-        "-chardev".into(),
-        format!("socket,id=c0,path={}", socket.display()),
-        "-device".into(),
-        "vhost-user-blk,chardev=c0".into(),
     ]
 }
 
@@ -218,7 +197,9 @@ fn blk_verify_qd32_irq_against_qemu_virtio_blk() {
 fn with_worker(dir: &Path, disk: &Path, append: &str, extra: &[&str]) -> (RunResult, String) {
     let socket = dir.join("vhu.sock");
     let worker = Worker::start(&worker_bin(), &socket, disk, extra);
-    let r = run_with_deadline(microvm(append, true, &vhost_user_args(&socket)), DEADLINE);
+    let mut cmd = microvm(append, true, &[]);
+    qemu::vhost_user_blk_mmio(&mut cmd, &socket);
+    let r = run_with_deadline(cmd, DEADLINE);
     let (code, stderr) = worker.finish(Duration::from_secs(20));
     assert_eq!(
         code,

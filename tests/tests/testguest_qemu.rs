@@ -98,26 +98,13 @@ fn run_microvm(name: &str, machine: &str, smp: u32, append: &str) -> Run {
     let dir = tests::scratch_dir(name);
     let (d0, d1) = (disk(&dir, "d0.img"), disk(&dir, "d1.img"));
 
-    let mut child = Command::new(&qemu)
-        .args([
-            "-M",
-            machine,
-            "-accel",
-            "kvm",
-            "-cpu",
-            "host,-arch-capabilities",
-        ])
-        .args(["-m", "64", "-smp", &smp.to_string()])
-        .args(["-display", "none", "-monitor", "none", "-serial", "stdio"])
-        .args(["-no-reboot", "-global", "virtio-mmio.force-legacy=false"])
-        .args(["-device", "isa-debug-exit,iobase=0xf4,iosize=4"])
-        .arg("-kernel")
-        .arg(&guest)
-        .args(["-append", append])
+    let mut cmd = Command::new(&qemu);
+    tests::qemu::microvm_args(&mut cmd, machine, smp, &guest, append)
         .args(["-drive", &format!("id=d0,if=none,file={d0},format=raw")])
         .args(["-device", "virtio-blk-device,drive=d0"])
         .args(["-drive", &format!("id=d1,if=none,file={d1},format=raw")])
-        .args(["-device", "virtio-blk-device,drive=d1"])
+        .args(["-device", "virtio-blk-device,drive=d1"]);
+    let mut child = cmd
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())

@@ -227,3 +227,33 @@ fn image_keys_for_a_vhost_user_disk() {
         "unknown field `colour`",
     );
 }
+
+/// The trusted binary has no bench (that is `bulkhead-bench`, which runs QEMU, fio and
+/// strace): `bulkhead bench` is an unknown subcommand and `--help` does not offer it.
+#[test]
+fn no_bench_subcommand_in_the_trusted_binary() {
+    let r = run_bulkhead(&["bench", "--quick"], Duration::from_secs(30));
+    assert_eq!(r.code, Some(2), "a usage error: {}", r.transcript());
+    assert!(
+        r.stderr.contains("unrecognized subcommand 'bench'"),
+        "{}",
+        r.transcript()
+    );
+    let help = run_bulkhead(&["--help"], Duration::from_secs(30));
+    assert_eq!(help.code, Some(0), "{}", help.transcript());
+    assert!(
+        help.stdout
+            .lines()
+            .any(|l| l.trim_start().starts_with("run ")),
+        "the subcommands are listed: {}",
+        help.transcript()
+    );
+    assert!(
+        !help
+            .stdout
+            .lines()
+            .any(|l| l.trim_start().starts_with("bench")),
+        "{}",
+        help.transcript()
+    );
+}

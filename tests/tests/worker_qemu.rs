@@ -227,7 +227,7 @@ fn assert_dd_roundtrip(r: &RunResult, who: &str) -> Vec<String> {
 
 /// The same dd write/read through our worker and through qemu-storage-daemon, in one
 /// run: both must round-trip the data; the rates are printed for comparison (TCG speed,
-/// not a performance reference; benchmarks live in `bulkhead bench`).
+/// not a performance reference; benchmarks live in `bulkhead-bench`).
 #[test]
 fn dd_through_our_worker_and_qemu_storage_daemon() {
     let dir = scratch_dir("worker-dd");
