@@ -8,18 +8,32 @@ DEB_PACKAGES=(qemu-system-x86 qemu-utils busybox-static cpio lz4 gzip acpica-too
 log() { printf '==> %s\n' "$*" >&2; }
 
 # Installs whichever of DEB_PACKAGES are missing, refreshing the package lists first.
-ensure_packages() {
-    local missing=()
+# Checked again afterwards: installing one package can remove another (a backports
+# qemu-utils goes when Debian 12's qemu-system-x86 comes in), which a second pass brings back.
+missing_packages() {
+    local p
     for p in "${DEB_PACKAGES[@]}"; do
-        dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+        dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || echo "$p"
     done
-    if [ ${#missing[@]} -eq 0 ]; then
-        return 0
-    fi
-    log "installing Debian packages: ${missing[*]}"
+}
+
+ensure_packages() {
+    local missing pass
     export DEBIAN_FRONTEND=noninteractive
-    apt-get update -qq
-    apt-get install -y -qq "${missing[@]}" >/dev/null
+    for pass in 1 2; do
+        mapfile -t missing < <(missing_packages)
+        if [ ${#missing[@]} -eq 0 ]; then
+            return 0
+        fi
+        log "installing Debian packages: ${missing[*]}"
+        [ "$pass" = 1 ] && apt-get update -qq
+        apt-get install -y -qq "${missing[@]}" >/dev/null
+    done
+    mapfile -t missing < <(missing_packages)
+    if [ ${#missing[@]} -ne 0 ]; then
+        log "cannot install Debian packages: ${missing[*]}"
+        return 1
+    fi
 }
 
 ensure_kvm() {

@@ -345,34 +345,59 @@ pub fn serve_listener(
 /// How long a worker has, once started, to hand over its listener.
 pub const HANDOFF_TIMEOUT: Duration = Duration::from_secs(20);
 
-/// Supervisor side: a thread that receives the listener of `worker` from `sock` and
-/// serves it into `recorder` until the worker exits. Failures are printed (learn mode is
-/// an interactive tool) and count in [`Recorder::failures`].
-pub fn spawn_learner(
+/// Supervisor side: the work of a thread that receives the listener of `worker` from
+/// `sock` and serves it into the recorder until the worker exits. Failures are printed
+/// (learn mode is an interactive tool) and count in [`Recorder::failures`]. The caller
+/// starts the thread (the VMM starts every thread of its own through one helper) and
+/// calls [`Learner::run`] on it; a learner dropped without running counts as finished.
+#[derive(Debug)]
+pub struct Learner {
     sock: UnixStream,
     recorder: Arc<Recorder>,
     worker: String,
-) -> std::io::Result<std::thread::JoinHandle<()>> {
+    ran: bool,
+}
+
+/// A [`Learner`] for `worker`, counted by the recorder from now on.
+pub fn learner(sock: UnixStream, recorder: Arc<Recorder>, worker: String) -> Learner {
     recorder.learner_started();
-    let inner = recorder.clone();
-    let spawned = std::thread::Builder::new()
-        .name(format!("learn-{worker}"))
-        .spawn(move || {
-            let result = receive_listener(&sock, &worker, HANDOFF_TIMEOUT)
-                .and_then(|listener| serve_listener(&listener, &inner, &worker));
-            match result {
-                Ok(calls) => eprintln!("bulkhead: learn: {worker}: {calls} syscalls recorded"),
-                Err(e) => {
-                    eprintln!("bulkhead: learn: error: {e}");
-                    inner.failed();
-                }
-            }
-            inner.learner_finished();
-        });
-    if spawned.is_err() {
-        recorder.learner_finished();
+    Learner {
+        sock,
+        recorder,
+        worker,
+        ran: false,
     }
-    spawned
+}
+
+impl Learner {
+    /// A name for the learner's thread.
+    pub fn thread_name(&self) -> String {
+        format!("learn-{}", self.worker)
+    }
+
+    /// Receives the listener and records until the worker exits.
+    pub fn run(mut self) {
+        self.ran = true;
+        let worker = &self.worker;
+        let result = receive_listener(&self.sock, worker, HANDOFF_TIMEOUT)
+            .and_then(|listener| serve_listener(&listener, &self.recorder, worker));
+        match result {
+            Ok(calls) => eprintln!("bulkhead: learn: {worker}: {calls} syscalls recorded"),
+            Err(e) => {
+                eprintln!("bulkhead: learn: error: {e}");
+                self.recorder.failed();
+            }
+        }
+        self.recorder.learner_finished();
+    }
+}
+
+impl Drop for Learner {
+    fn drop(&mut self) {
+        if !self.ran {
+            self.recorder.learner_finished();
+        }
+    }
 }
 
 /// Calls that one rule of the policy allowed (or one learned rule describes).

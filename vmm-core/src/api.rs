@@ -149,11 +149,11 @@ fn route(method: &str, target: &str, disks: &HashMap<String, Arc<DiskHandle>>) -
                     format!("{method} {target}: use GET"),
                 );
             }
-            let control = match find(id) {
+            let handle = match find(id) {
                 Ok(c) => c,
                 Err(response) => return response,
             };
-            let state = control.state();
+            let state = handle.state();
             Response(
                 200,
                 "OK",
@@ -172,12 +172,12 @@ fn route(method: &str, target: &str, disks: &HashMap<String, Arc<DiskHandle>>) -
                     format!("{method} {target}: use POST"),
                 );
             }
-            let control = match find(id) {
+            let handle = match find(id) {
                 Ok(c) => c,
                 Err(response) => return response,
             };
             tracing::info!("api: planned restart of disk {id}");
-            match control.restart(RESTART_TIMEOUT) {
+            match handle.restart(RESTART_TIMEOUT) {
                 Ok((pid, took)) => Response(
                     200,
                     "OK",

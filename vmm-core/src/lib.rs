@@ -3,6 +3,7 @@
 pub mod acpi;
 pub mod api;
 pub mod boot;
+pub mod config;
 pub mod cpu;
 pub mod devices;
 pub mod disk;

@@ -74,7 +74,8 @@ pub enum MemoryError {
 }
 
 /// The pages behind guest RAM.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum RamPages {
     /// Shared memory in the kernel's base pages (4 KiB).
     #[default]

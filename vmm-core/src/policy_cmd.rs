@@ -276,7 +276,8 @@ fn learn_standalone(args: &LearnArgs, recorder: &Arc<Recorder>) -> anyhow::Resul
         // SAFETY: setting a signal to SIG_IGN installs no handler code.
         unsafe { libc::signal(sig, libc::SIG_IGN) };
     }
-    if let Err(e) = policies::learn::spawn_learner(ours, recorder.clone(), "worker".into()) {
+    let learner = policies::learn::learner(ours, recorder.clone(), "worker".into());
+    if let Err(e) = vmm_core::thread::spawn(learner.thread_name(), move || learner.run()) {
         let _ = child.kill();
         let _ = child.wait();
         return Err(e).context("start the learn thread");

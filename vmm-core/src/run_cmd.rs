@@ -7,9 +7,10 @@ use anyhow::Context;
 use clap::Args;
 use nix::sys::signal::{SigSet, Signal};
 use vmm_core::boot::EntryPoint;
+use vmm_core::config::{VmConfig, DEFAULT_CMDLINE};
 use vmm_core::terminal::RawStdin;
 use vmm_core::vcpu::VcpuEvent;
-use vmm_core::vm::{Vm, VmConfig, VmOutcome, DEFAULT_CMDLINE};
+use vmm_core::vm::{Vm, VmOutcome};
 
 /// Exit status when the guest crashed (triple fault, KVM internal error).
 const EXIT_GUEST_CRASHED: u8 = 120;
@@ -34,7 +35,7 @@ pub struct RunArgs {
     #[arg(long, default_value = DEFAULT_CMDLINE)]
     pub cmdline: String,
     /// Guest RAM in MiB.
-    #[arg(long, default_value_t = 256)]
+    #[arg(long, default_value_t = vmm_core::config::DEFAULT_MEM_MIB)]
     pub mem: u64,
     /// Back guest RAM with 2 MiB huge pages (hugetlbfs, from `vm.nr_hugepages`, all taken
     /// at start), shared with the disk workers: large guest I/Os reach the host disk in
@@ -139,9 +140,8 @@ pub fn run(
             vmm_core::memory::RamPages::Small
         },
         vcpus: args.vcpus,
-        learn,
     };
-    let mut vm = Vm::build(&cfg, Box::new(std::io::stdout()))?;
+    let mut vm = Vm::build(&cfg, learn.as_ref(), Box::new(std::io::stdout()))?;
     let protocol = match vm.entry() {
         EntryPoint::Pvh(_) => "PVH",
         EntryPoint::Linux64(_) => "64-bit Linux boot protocol",

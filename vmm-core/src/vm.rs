@@ -3,8 +3,8 @@
 //! Everything that can be wrong with the configuration (the kernel, the initrd, sizes,
 //! counts) is found in [`Vm::build`], before any vCPU runs.
 
+use crate::config::VmConfig;
 use crate::violations::ViolationLog;
-use std::path::PathBuf;
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -22,26 +22,6 @@ use crate::memory::GuestRam;
 use crate::report::VmStats;
 use crate::supervisor::DiskHandle;
 use crate::vcpu::{Vcpu, VcpuEvent};
-
-/// Command line when the user gives none.
-pub const DEFAULT_CMDLINE: &str = "console=ttyS0 reboot=k panic=1";
-
-/// A virtual machine as the user described it.
-#[derive(Clone, Debug)]
-pub struct VmConfig {
-    pub kernel: PathBuf,
-    pub initrd: Option<PathBuf>,
-    pub cmdline: String,
-    pub mem_mib: u64,
-    /// What pages back guest RAM (`--hugepages`).
-    pub ram_pages: crate::memory::RamPages,
-    pub vcpus: u32,
-    pub disks: Vec<crate::disk::config::DiskConfig>,
-    /// The worker executable; default: `bulkhead-worker` beside this executable.
-    pub worker_bin: Option<PathBuf>,
-    /// `bulkhead policy learn`: workers run in learn mode, their syscalls recorded here.
-    pub learn: Option<Arc<policies::learn::Recorder>>,
-}
 
 /// Errors while building or running a VM.
 #[derive(Debug, thiserror::Error)]
@@ -131,9 +111,11 @@ pub struct Vm {
 
 impl Vm {
     /// Checks the configuration and builds the VM; no vCPU runs yet. Serial output goes to
-    /// `serial_out`.
+    /// `serial_out`. With `learn` (`bulkhead policy learn`), the workers run in learn mode,
+    /// their syscalls recorded there.
     pub fn build(
         cfg: &VmConfig,
+        learn: Option<&Arc<policies::learn::Recorder>>,
         serial_out: Box<dyn std::io::Write + Send>,
     ) -> Result<Self, VmError> {
         let kvm = Kvm::new().map_err(VmError::OpenKvm)?;
@@ -175,7 +157,7 @@ impl Vm {
         let violations = Arc::new(ViolationLog::default());
         let workers = WorkerEnv {
             bin: cfg.worker_bin.as_deref(),
-            learn: cfg.learn.as_ref(),
+            learn,
             violations: &violations,
         };
         // Until the VM is built, a failure ends the workers already started.

@@ -200,8 +200,8 @@ pub fn spawn(
         drop(worker_learn);
         // A learner that cannot start leaves the worker waiting on its first syscall, and
         // the VM's disk with it: give the worker up rather than hang.
-        if let Err(source) = policies::learn::spawn_learner(vmm_learn, recorder.clone(), id.clone())
-        {
+        let learner = policies::learn::learner(vmm_learn, recorder.clone(), id.clone());
+        if let Err(source) = crate::thread::spawn(learner.thread_name(), move || learner.run()) {
             let mut child = child;
             let _ = child.kill();
             let _ = child.wait();

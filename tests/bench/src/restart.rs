@@ -14,10 +14,11 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
+use vmm_core::config::VmConfig;
 use vmm_core::devices::virtio_mmio::VirtioMmioDevice;
 use vmm_core::memory::GuestRam;
 use vmm_core::supervisor::DiskHandle;
-use vmm_core::vm::{Vm, VmConfig};
+use vmm_core::vm::Vm;
 
 /// Settings of `bulkhead-bench restart`.
 #[derive(Debug)]
@@ -152,10 +153,9 @@ pub fn restart(a: Restart) -> anyhow::Result<()> {
         mem_mib: 64,
         ram_pages: vmm_core::memory::RamPages::Small,
         vcpus: 1,
-        learn: None,
     };
     let serial = Captured::default();
-    let mut vm = Vm::build(&cfg, Box::new(serial.clone()))?;
+    let mut vm = Vm::build(&cfg, None, Box::new(serial.clone()))?;
     let (_, control) = vm
         .disk_handles()
         .into_iter()

@@ -694,9 +694,9 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
-        // The write of 0 returns once the control thread has completed the reset.
+        // The write of 0 returns once whoever serves the device has completed the reset.
         let d = std::sync::Arc::new(d);
-        let control = {
+        let server = {
             let d = d.clone();
             std::thread::spawn(move || {
                 let command = rx.recv().unwrap();
@@ -708,7 +708,7 @@ mod tests {
         let t0 = std::time::Instant::now();
         w32(&d, 0x70, 0);
         assert!(t0.elapsed() >= std::time::Duration::from_millis(50));
-        let (command, rx) = control.join().unwrap();
+        let (command, rx) = server.join().unwrap();
         assert!(matches!(command, TransportEvent::Reset));
         assert_eq!(r32(&d, 0x70), 0);
         w32(&d, 0x70, 0);
@@ -774,7 +774,7 @@ mod tests {
     }
 
     /// The driver may submit as soon as it sets DRIVER_OK, and the backend may complete
-    /// before the control thread has finished bringing the rings up: the used-ring bit
+    /// before the frontend has finished bringing the rings up: the used-ring bit
     /// must already be reported then (a reset clears it again).
     #[test]
     fn interrupt_status_reports_the_rings_from_driver_ok() {
@@ -785,13 +785,9 @@ mod tests {
         assert_eq!(r32(&d, 0x60), 0);
         w32(&d, 0x70, STATUS_FEATURES_OK | STATUS_DRIVER_OK);
         assert!(matches!(rx.try_recv(), Ok(TransportEvent::Activate { .. })));
-        assert_eq!(
-            r32(&d, 0x60),
-            INT_VRING,
-            "before the control thread did anything"
-        );
+        assert_eq!(r32(&d, 0x60), INT_VRING, "before the frontend did anything");
         let d = std::sync::Arc::new(d);
-        let control = {
+        let server = {
             let d = d.clone();
             std::thread::spawn(move || {
                 assert!(matches!(rx.recv(), Ok(TransportEvent::Reset)));
@@ -799,7 +795,7 @@ mod tests {
             })
         };
         w32(&d, 0x70, 0);
-        control.join().unwrap();
+        server.join().unwrap();
         assert_eq!(r32(&d, 0x60), 0);
     }
 

@@ -125,12 +125,13 @@ fn discard(worker: Option<Worker>) {
             pid if pid != 0 && pid != w.child.id() => pids::child_pidfd(pid, w.child.id()),
             _ => None,
         };
-        if let Some(c) = &confined {
-            kill(c);
-        }
+        // The reaper first: a worker that never served has no end worth reporting, and a
+        // reaper that saw its worker killed would say so on the VMM's stderr. Its death
+        // signal ends the confined process; killed again in case it did not.
         let _ = w.child.kill();
         let _ = w.child.wait();
         if let Some(c) = &confined {
+            kill(c);
             wait_exit(c, Duration::from_secs(5));
         }
     }
@@ -492,7 +493,7 @@ impl Supervisor {
     }
 
     /// Starts a successor (or takes `spare`, started earlier in `mode`) and hands it, set
-    /// up, to the control thread.
+    /// up, to the frontend thread.
     fn replace(&self, mode: ServeMode, spare: Option<Worker>) -> Result<Current, String> {
         let id = &self.disk.id;
         let from_spare = spare.is_some();

@@ -13,7 +13,7 @@ use vhost::VhostBackend;
 
 /// Size of the virtio-blk config space we fetch (through write_zeroes_may_unmap).
 pub const BLK_CONFIG_SIZE: u32 = 60;
-/// No backend reply may take longer (a hung backend must not hang its control thread).
+/// No backend reply may take longer (a hung backend must not hang its frontend thread).
 pub const REPLY_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Errors talking to a backend.
