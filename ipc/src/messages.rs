@@ -3,10 +3,10 @@
 //! Two enums, one per direction: [`VmmMessage`] (VMM -> worker) and [`WorkerMessage`]
 //! (worker -> VMM). New variants go at the end of an enum (the encoding numbers variants
 //! by position) together with a bump of [`PROTOCOL_VERSION`]; both sides check the
-//! version in the handshake ([`crate::handshake`]) before anything else is exchanged.
+//! version in the handshake (the `handshake` module) before anything else is exchanged.
 //!
-//! Every message type implements [`Validate`]; [`crate::Channel::recv`] runs it on every
-//! decoded message before returning it, and [`crate::Channel::send`] before sending, so a
+//! Every message type implements [`Validate`]; the channel's `recv` runs it on every
+//! decoded message before returning it, and its `send` before sending, so a
 //! malformed message is stopped at whichever end is wrong. Validation is purely local to
 //! one message; cross-message checks (e.g. the worker reporting the queue count it was
 //! configured with) belong to the caller.
