@@ -16,7 +16,7 @@ use crate::blk::uring_backend::UringEngine;
 use crate::disk::Disk;
 use crate::inflight::InflightLog;
 use crate::vhost::{QueueResult, Reaped, VhostDevice};
-use ipc::messages::IoEngine;
+use ipc::messages::{IoEngine, ServeMode};
 
 /// Errors while building the device.
 #[derive(Debug, thiserror::Error)]
@@ -46,16 +46,6 @@ enum Engine {
     Sync(Box<dyn DiskBackend + Send>),
     /// Requests complete when the ring says so.
     Uring(Box<UringEngine>),
-}
-
-/// How a worker serves its disk.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum ServeMode {
-    /// Requests go to the image.
-    Normal,
-    /// Every request completes with `IOERR`, and the image's descriptor is closed before
-    /// the sandbox (see [`crate::blk::fail_backend`]).
-    Fail,
 }
 
 impl BlkDevice {

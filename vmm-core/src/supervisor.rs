@@ -21,7 +21,8 @@ use std::time::{Duration, Instant};
 use crate::devices::virtio_mmio::VirtioMmioDevice;
 use crate::disk::{DiskConfig, OpenedImage};
 use crate::violations::ViolationLog;
-use crate::worker::{Mode, Worker};
+use crate::worker::Worker;
+use ipc::messages::ServeMode;
 
 /// Consecutive deaths before any completed request that the supervisor tolerates.
 pub const CRASH_LOOP_BUDGET: u32 = 5;
@@ -453,7 +454,7 @@ struct Current {
     pidfd: Option<Arc<OwnedFd>>,
     /// The confined process under the reaper.
     confined: Option<Arc<OwnedFd>>,
-    mode: Mode,
+    mode: ServeMode,
 }
 
 impl Supervisor {
@@ -477,7 +478,7 @@ impl Supervisor {
             worker,
             pidfd,
             confined,
-            mode: Mode::Normal,
+            mode: ServeMode::Normal,
         };
         // Workers in a row (of the current mode) that ended before serving a request.
         let mut crash_loop = 0u32;
@@ -501,7 +502,7 @@ impl Supervisor {
             let mut mode = current.mode;
             if self.control.take_recover() {
                 tracing::info!("disk {id}: the guest reset the device: starting a normal worker");
-                mode = Mode::Normal;
+                mode = ServeMode::Normal;
                 crash_loop = 0;
             } else if served {
                 crash_loop = 0;
@@ -518,7 +519,7 @@ impl Supervisor {
                 }
                 if crash_loop > CRASH_LOOP_BUDGET {
                     match mode {
-                        Mode::Normal => {
+                        ServeMode::Normal => {
                             tracing::error!(
                                 "disk {id}: {crash_loop} workers in a row ended before serving \
                                  a request: giving up; the device needs a reset, and a worker in \
@@ -526,11 +527,11 @@ impl Supervisor {
                             );
                             self.control.set_failing();
                             self.device.needs_reset();
-                            mode = Mode::Fail;
+                            mode = ServeMode::Fail;
                             crash_loop = 0;
                             discard(spare.take());
                         }
-                        Mode::Fail => {
+                        ServeMode::Fail => {
                             tracing::error!(
                                 "disk {id}: fail-mode workers end too: the disk has no worker \
                                  until the guest resets the device"
@@ -543,7 +544,7 @@ impl Supervisor {
                             tracing::info!(
                                 "disk {id}: the guest reset the device: starting a normal worker"
                             );
-                            mode = Mode::Normal;
+                            mode = ServeMode::Normal;
                             crash_loop = 0;
                         }
                     }
@@ -567,8 +568,8 @@ impl Supervisor {
                 }
                 recent_restarts.push_back(Instant::now());
                 let ready = match mode {
-                    Mode::Normal => spare.take(),
-                    Mode::Fail => None,
+                    ServeMode::Normal => spare.take(),
+                    ServeMode::Fail => None,
                 };
                 match self.replace(mode, ready) {
                     Ok(next) => {
@@ -582,8 +583,8 @@ impl Supervisor {
                         tracing::warn!(
                             "disk {id}: {} in {:.1} ms (pid {}{looping}){rings}",
                             match mode {
-                                Mode::Normal => "worker restarted",
-                                Mode::Fail => "fail-mode worker started",
+                                ServeMode::Normal => "worker restarted",
+                                ServeMode::Fail => "fail-mode worker started",
                             },
                             started.as_secs_f64() * 1e3,
                             shown_pid(&next.worker),
@@ -593,7 +594,7 @@ impl Supervisor {
                             next.confined.clone(),
                             shown_pid(&next.worker),
                         );
-                        if mode == Mode::Normal && spare.is_none() {
+                        if mode == ServeMode::Normal && spare.is_none() {
                             spare = self.start_spare();
                         }
                         break next;
@@ -613,7 +614,7 @@ impl Supervisor {
         if !self.cfg.spare || self.learn.is_some() {
             return None;
         }
-        match crate::worker::spawn(&self.cfg, &self.image, &self.bin, None, Mode::Normal) {
+        match crate::worker::spawn(&self.cfg, &self.image, &self.bin, None, ServeMode::Normal) {
             Ok(w) => {
                 tracing::debug!("disk {}: spare worker pid {}", self.cfg.id, w.child.id());
                 Some(w)
@@ -799,7 +800,7 @@ impl Supervisor {
 
     /// Starts a successor (or takes `spare`, started earlier in `mode`) and hands it, set
     /// up, to the control thread.
-    fn replace(&self, mode: Mode, spare: Option<Worker>) -> Result<Current, String> {
+    fn replace(&self, mode: ServeMode, spare: Option<Worker>) -> Result<Current, String> {
         let id = &self.cfg.id;
         let from_spare = spare.is_some();
         let w = match spare {
@@ -845,10 +846,7 @@ impl Supervisor {
                 backend.features, self.features
             ));
         }
-        if !self
-            .device
-            .reconnect_backend(backend, pidfd.clone(), mode == Mode::Fail)
-        {
+        if !self.device.reconnect_backend(backend, pidfd.clone(), mode) {
             discard(Some(w));
             return Err("the device's control thread is gone".into());
         }

@@ -316,13 +316,13 @@ impl ControlThread {
                 Command::Reconnect {
                     backend,
                     worker_pidfd,
-                    fail_mode,
+                    mode,
                 } => {
                     tracing::debug!("{}: replacement backend connected", self.device.id);
                     self.backend = *backend;
                     self.worker_pidfd = worker_pidfd;
                     active.clear();
-                    if !fail_mode {
+                    if mode == ipc::messages::ServeMode::Normal {
                         self.awaiting_normal = false;
                     }
                     if self.wanted.is_some() && !self.awaiting_normal {

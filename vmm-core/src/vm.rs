@@ -537,7 +537,7 @@ impl Disk {
                     &image,
                     &bin,
                     workers.learn,
-                    crate::worker::Mode::Normal,
+                    ipc::messages::ServeMode::Normal,
                 )?;
                 tracing::info!(
                     "disk {}: {} served by worker pid {} ({} bytes)",

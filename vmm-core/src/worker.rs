@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use ipc::channel::Channel;
-use ipc::messages::{VmmMessage, WorkerConfig, WorkerKind, WorkerMessage};
+use ipc::messages::{ServeMode, VmmMessage, WorkerConfig, WorkerKind, WorkerMessage};
 use ipc::status::{StatusMapping, StatusPage};
 use policies::learn::Recorder;
 
@@ -108,15 +108,6 @@ fn dup_high(fd: RawFd) -> std::io::Result<OwnedFd> {
     Ok(unsafe { OwnedFd::from_raw_fd(new) })
 }
 
-/// How a worker is to serve its disk.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Mode {
-    Normal,
-    /// Past the crash-loop budget: complete every request with IOERR until the guest
-    /// resets the device (the worker closes the image before its sandbox).
-    Fail,
-}
-
 /// Creates the channels and the status page, execs the worker with a duplicate of `disk`
 /// (opened and locked by the VMM, which keeps it for the worker's successors) and takes it
 /// through the handshake and its configuration. With `learn`, the worker runs in learn
@@ -126,7 +117,7 @@ pub fn spawn(
     disk: &OpenedImage,
     bin: &Path,
     learn: Option<&Arc<Recorder>>,
-    mode: Mode,
+    mode: ServeMode,
 ) -> Result<Worker, WorkerError> {
     let id = cfg.id.clone();
     let setup = |what: &'static str| {
@@ -241,7 +232,7 @@ fn configure(
     worker: &mut Worker,
     cfg: &DiskConfig,
     pid: u32,
-    mode: Mode,
+    mode: ServeMode,
 ) -> Result<(), WorkerError> {
     let id = worker.id.clone();
     ipc::handshake::handshake_vmm_side_timeout(&worker.control, SETUP_TIMEOUT).map_err(
@@ -264,7 +255,7 @@ fn configure(
         serial: cfg.serial.clone(),
         direct_io: cfg.direct,
         sandbox: true,
-        fail_mode: mode == Mode::Fail,
+        mode,
         engine: cfg.engine,
         poll_us: cfg.poll_us,
     };

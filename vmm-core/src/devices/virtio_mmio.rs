@@ -68,8 +68,8 @@ pub enum Command {
     Reconnect {
         backend: Box<crate::vhost_frontend::Backend>,
         worker_pidfd: Option<std::sync::Arc<std::os::fd::OwnedFd>>,
-        /// The worker is in fail mode (it answers every request with IOERR).
-        fail_mode: bool,
+        /// Whether the worker is in fail mode (it answers every request with IOERR).
+        mode: ipc::messages::ServeMode,
     },
 }
 
@@ -443,14 +443,14 @@ impl VirtioMmioDevice {
         &self,
         backend: crate::vhost_frontend::Backend,
         worker_pidfd: Option<std::sync::Arc<std::os::fd::OwnedFd>>,
-        fail_mode: bool,
+        mode: ipc::messages::ServeMode,
     ) -> bool {
         let control = self.control.lock().unwrap_or_else(|e| e.into_inner());
         control
             .send(Command::Reconnect {
                 backend: Box::new(backend),
                 worker_pidfd,
-                fail_mode,
+                mode,
             })
             .is_ok()
     }
