@@ -2,7 +2,7 @@
 
 use nix::mount::{mount, umount2, MntFlags, MsFlags};
 
-use super::SandboxError;
+use super::error::SandboxError;
 
 /// Where the new root's tmpfs is mounted before pivot_root (only inside the worker's own
 /// mount namespace; the host never sees it).

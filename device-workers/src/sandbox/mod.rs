@@ -10,8 +10,11 @@
 //! pivot_root) and an unprivileged uid on the host; it then drops those capabilities too.
 
 pub mod crash;
+mod error;
 mod fs;
 pub mod seccomp;
+
+pub use error::SandboxError;
 
 use std::os::fd::RawFd;
 
@@ -45,66 +48,6 @@ pub struct SandboxConfig {
 /// bounded io-wq threads (bound and unbound), with room to spare. The kernel creates those
 /// threads; the worker itself still cannot (clone and clone3 trap).
 pub const NPROC_WITH_IO_URING: u64 = 2 + 2 * crate::blk::uring_backend::MAX_IOWQ_WORKERS as u64 + 4;
-
-/// Errors while entering the sandbox. Any of them ends the worker before it serves.
-#[derive(Debug, thiserror::Error)]
-pub enum SandboxError {
-    #[error("cannot switch to host uid {uid} / gid {gid}")]
-    SwitchIds {
-        uid: u32,
-        gid: u32,
-        #[source]
-        source: nix::Error,
-    },
-    #[error("cannot create the worker's namespaces (user, mount, pid, net, ipc, uts)")]
-    Unshare(#[source] nix::Error),
-    #[error("cannot write {path}")]
-    IdMap {
-        path: &'static str,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error("cannot fork into the new pid namespace")]
-    Fork(#[source] nix::Error),
-    #[error("the reaper ended before the worker could arm its death signal")]
-    ReaperGone,
-    #[error("cannot set up the empty root: {step}")]
-    Root {
-        step: &'static str,
-        #[source]
-        source: nix::Error,
-    },
-    #[error("cannot drop capabilities ({set})")]
-    Caps {
-        set: &'static str,
-        #[source]
-        source: caps::errors::CapsError,
-    },
-    #[error("cannot set {what}")]
-    Prctl {
-        what: &'static str,
-        #[source]
-        source: nix::Error,
-    },
-    #[error("cannot set rlimit {what} to {value}")]
-    Rlimit {
-        what: &'static str,
-        value: u64,
-        #[source]
-        source: nix::Error,
-    },
-    #[error("cannot close descriptors {first}..={last}")]
-    CloseFds {
-        first: u32,
-        last: u32,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error("cannot install the seccomp filter")]
-    Seccomp(#[source] policies::PolicyError),
-    #[error("cannot enter learn mode")]
-    Learn(#[source] policies::learn::LearnError),
-}
 
 /// Which side of the fork the caller is on.
 #[derive(Debug)]
