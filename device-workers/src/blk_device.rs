@@ -226,7 +226,7 @@ fn queue_result(result: Result<QueueOutcome, QueueError>) -> QueueResult {
             throttled: outcome.throttled,
         },
         Err(e) => {
-            crate::guest_warn!("{e}");
+            crate::quiet::guest_warn!("{e}");
             QueueResult {
                 broken: true,
                 ..QueueResult::default()

@@ -348,7 +348,7 @@ impl<D: VhostDevice> VhostBackend<D> {
             {
                 Ok(u) => u.0,
                 Err(e) => {
-                    crate::guest_warn!("queue {index}: cannot read the used idx: {e}");
+                    crate::quiet::guest_warn!("queue {index}: cannot read the used idx: {e}");
                     vring.broken = true;
                     self.rings_broken += 1;
                     self.dirty = true;
@@ -399,7 +399,7 @@ impl<D: VhostDevice> VhostBackend<D> {
         self.totals.failed += result.failed;
         vring.throttled = result.throttled;
         if result.broken {
-            crate::guest_warn!(
+            crate::quiet::guest_warn!(
                 "queue {index}: the ring is corrupt; not serving it until it is set up again"
             );
             vring.broken = true;
