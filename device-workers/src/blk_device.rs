@@ -4,7 +4,7 @@
 use virtio_queue::Queue;
 use vm_memory::GuestMemoryMmap;
 
-use crate::blk::backend::DiskBackend;
+use crate::blk::backend::BlockIo;
 use crate::blk::config::{device_features, BlkConfig, BlkLimits, ConfigError};
 use crate::blk::fail_backend::FailBackend;
 use crate::blk::queue::{
@@ -43,7 +43,7 @@ pub struct BlkDevice {
 #[derive(Debug)]
 enum Engine {
     /// Each drained batch runs to completion before the queue is published.
-    Sync(Box<dyn DiskBackend + Send>),
+    Sync(Box<dyn BlockIo + Send>),
     /// Requests complete when the ring says so.
     Uring(Box<UringEngine>),
 }
@@ -122,7 +122,7 @@ impl BlkDevice {
 
 impl Engine {
     /// The engine as a synchronous backend (for requests that run to completion at once).
-    fn backend(&mut self) -> &mut dyn DiskBackend {
+    fn backend(&mut self) -> &mut dyn BlockIo {
         match self {
             Engine::Sync(b) => b.as_mut(),
             Engine::Uring(u) => u.as_mut(),

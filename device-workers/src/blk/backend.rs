@@ -102,7 +102,7 @@ pub fn total_len(bufs: &[VolatileSlice<'_>]) -> u64 {
     bufs.iter().map(|b| b.len() as u64).sum()
 }
 
-/// One disk operation of a batch (see [`DiskBackend::run_batch`]).
+/// One disk operation of a batch (see [`BlockIo::run_batch`]).
 #[derive(Debug)]
 pub enum DiskOp<'a> {
     /// Fill `bufs`, in order, from `offset`.
@@ -129,9 +129,9 @@ pub enum DiskOp<'a> {
 }
 
 /// A disk: fixed size, vectored positional I/O into guest memory, flush, discard and
-/// write-zeroes. Each call returns when its operation is complete; a batch
-/// ([`DiskBackend::run_batch`]) lets a backend run operations together.
-pub trait DiskBackend: std::fmt::Debug {
+/// write-zeroes. (Not the VMM's `DiskBackend`, which says what a `--disk` is backed by.) Each call returns when its operation is complete; a batch
+/// ([`BlockIo::run_batch`]) lets a backend run operations together.
+pub trait BlockIo: std::fmt::Debug {
     /// Size of the disk in bytes (fixed for the backend's lifetime).
     fn size(&self) -> u64;
 
@@ -171,7 +171,7 @@ pub trait DiskBackend: std::fmt::Debug {
 }
 
 /// Runs one operation through the backend's single-operation methods.
-pub fn run_one<B: DiskBackend + ?Sized>(disk: &mut B, op: &DiskOp<'_>) -> Result<(), BackendError> {
+pub fn run_one<B: BlockIo + ?Sized>(disk: &mut B, op: &DiskOp<'_>) -> Result<(), BackendError> {
     match op {
         DiskOp::Read { bufs, offset } => disk.read_vectored_at(bufs, *offset),
         DiskOp::Write { bufs, offset } => disk.write_vectored_at(bufs, *offset),
@@ -210,7 +210,7 @@ impl MemBackend {
 }
 
 #[cfg(test)]
-impl DiskBackend for MemBackend {
+impl BlockIo for MemBackend {
     fn size(&self) -> u64 {
         self.data.len() as u64
     }

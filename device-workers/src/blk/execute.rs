@@ -1,4 +1,4 @@
-//! Executing a parsed request against a [`DiskBackend`] and guest memory, and completing
+//! Executing a parsed request against a [`BlockIo`] and guest memory, and completing
 //! rejected chains.
 //!
 //! Every completion says what to put in the used ring: the status byte written (if any) and
@@ -10,7 +10,7 @@ use virtio_bindings::virtio_blk::{VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK};
 use vm_memory::bitmap::{Bitmap, BS};
 use vm_memory::{Bytes, GuestAddress, GuestMemory, Permissions, VolatileSlice};
 
-use super::backend::{BackendError, DiskBackend, DiskOp};
+use super::backend::{BackendError, BlockIo, DiskOp};
 use super::request::{BlkContext, GuestBuf, Rejected, Request, RequestKind, Segment};
 
 /// Errors while executing a valid request. Both complete the request with `IOERR`.
@@ -60,7 +60,7 @@ impl Completion {
 pub fn execute<G: GuestMemory + ?Sized>(
     req: &Request,
     mem: &G,
-    disk: &mut dyn DiskBackend,
+    disk: &mut dyn BlockIo,
     ctx: &BlkContext,
 ) -> Completion {
     execute_batch(std::slice::from_ref(req), mem, disk, ctx)
@@ -93,7 +93,7 @@ enum Planned<'a, B> {
 pub fn execute_batch<G: GuestMemory + ?Sized>(
     reqs: &[Request],
     mem: &G,
-    disk: &mut dyn DiskBackend,
+    disk: &mut dyn BlockIo,
     ctx: &BlkContext,
 ) -> Vec<Completion> {
     let mut ops: Vec<DiskOp<'_>> = Vec::with_capacity(reqs.len());

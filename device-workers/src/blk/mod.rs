@@ -3,7 +3,7 @@
 //! Parse, execute and event glue live apart (STYLE.md point 3):
 //! - [`config`]: the config space and the feature bits;
 //! - [`request`]: [`Request::parse`] turns a hostile descriptor chain into a validated request;
-//! - [`backend`]: the [`DiskBackend`] trait; [`sync_backend`]: preadv/pwritev/fallocate on a
+//! - [`backend`]: the [`BlockIo`] trait; [`sync_backend`]: preadv/pwritev/fallocate on a
 //!   file the worker was handed; [`uring_backend`]: the same through a restricted io_uring,
 //!   a batch per `io_uring_enter`; [`fail_backend`]: fails everything (fail mode);
 //! - [`execute`]: runs a request against a backend and guest memory, writes the status;
@@ -21,7 +21,7 @@ pub mod uring_backend;
 #[cfg(test)]
 mod tests;
 
-pub use backend::{BackendError, DiskBackend};
+pub use backend::{BackendError, BlockIo};
 pub use config::{device_features, BlkConfig, BlkLimits, ConfigError, VirtioBlkConfig};
 pub use execute::{complete_rejected, execute, Completion, ExecuteError};
 pub use fail_backend::FailBackend;

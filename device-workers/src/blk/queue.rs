@@ -20,7 +20,7 @@ use vm_memory::{
     Address, Bytes, GuestAddress, GuestMemory, GuestMemoryBackend, GuestMemoryMmap, GuestRegionMmap,
 };
 
-use super::backend::DiskBackend;
+use super::backend::BlockIo;
 use super::execute::{complete_rejected, execute, execute_batch, Completion};
 use super::request::{BlkContext, Request};
 use super::uring_backend::UringEngine;
@@ -96,7 +96,7 @@ pub fn process_queue<M: GuestMemory>(
     queue: &mut Queue,
     queue_index: u16,
     mem: &M,
-    disk: &mut dyn DiskBackend,
+    disk: &mut dyn BlockIo,
     ctx: &BlkContext,
     log: &mut dyn InflightLog,
 ) -> Result<QueueOutcome, QueueError> {
@@ -240,7 +240,7 @@ pub fn process_resubmitted(
     queue: &mut Queue,
     queue_index: u16,
     mem: &GuestMemoryMmap,
-    disk: &mut dyn DiskBackend,
+    disk: &mut dyn BlockIo,
     ctx: &BlkContext,
     heads: &[u16],
     log: &mut dyn InflightLog,

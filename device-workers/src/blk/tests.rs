@@ -14,7 +14,7 @@ use virtio_queue::mock::MockSplitQueue;
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
-use super::backend::{DiskBackend, MemBackend};
+use super::backend::{BlockIo, MemBackend};
 use super::config::{BlkConfig, BlkLimits};
 use super::queue::{process_queue, QueueError, QueueOutcome};
 use super::request::BlkContext;
@@ -127,7 +127,7 @@ impl<'a> Harness<'a> {
         self.mem.write_obj(UNTOUCHED, GuestAddress(addr)).unwrap();
     }
 
-    fn run(&mut self, disk: &mut dyn DiskBackend) -> QueueOutcome {
+    fn run(&mut self, disk: &mut dyn BlockIo) -> QueueOutcome {
         process_queue(&mut self.q, 0, self.mem, disk, &self.ctx, &mut NoInflight).unwrap()
     }
 
@@ -179,7 +179,7 @@ impl<'a> Harness<'a> {
     }
 
     /// A valid read after a bad request: the worker keeps serving.
-    fn still_serves(&mut self, disk: &mut dyn DiskBackend) {
+    fn still_serves(&mut self, disk: &mut dyn BlockIo) {
         self.mem
             .write_slice(&[0u8; 512], GuestAddress(DATA + 0x8000))
             .unwrap();
@@ -196,7 +196,7 @@ impl<'a> Harness<'a> {
     }
 }
 
-fn disk_bytes_for_check(_disk: &mut dyn DiskBackend, off: usize, len: usize) -> Vec<u8> {
+fn disk_bytes_for_check(_disk: &mut dyn BlockIo, off: usize, len: usize) -> Vec<u8> {
     // Sector 0 is never modified by the tests that call `still_serves`.
     pattern(DISK_SIZE)[off..off + len].to_vec()
 }

@@ -23,7 +23,7 @@ use io_uring::{opcode, register::Restriction, squeue, types, IoUring};
 use vm_memory::{GuestAddress, GuestMemory, VolatileSlice};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use super::backend::{check_range, total_len, BackendError, DiskBackend};
+use super::backend::{check_range, total_len, BackendError, BlockIo};
 use super::execute::{finish_status, guest_slices_plain};
 use super::request::{Request, RequestKind};
 use super::sync_backend::{iovecs, SyncBackend};
@@ -386,7 +386,7 @@ impl UringEngine {
 
 /// Synchronous requests (GET_ID, discard, write-zeroes, resubmissions) go to the file
 /// directly.
-impl DiskBackend for UringEngine {
+impl BlockIo for UringEngine {
     fn size(&self) -> u64 {
         self.sync.size()
     }
