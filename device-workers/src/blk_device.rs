@@ -1,22 +1,22 @@
 //! virtio-blk as a [`VhostDevice`]: the glue between the vhost-user handler and the
 //! device core in [`crate::blk`].
 
+use std::os::fd::RawFd;
+
 use virtio_queue::Queue;
 use vm_memory::GuestMemoryMmap;
 
-use crate::blk::backend::DiskBackend;
 use crate::blk::config::{device_features, BlkConfig, BlkLimits, ConfigError};
+use crate::blk::engine::RequestEngine;
 use crate::blk::fail_backend::FailBackend;
-use crate::blk::queue::{
-    process_queue, process_queue_async, process_resubmitted, QueueError, QueueOutcome,
-};
+use crate::blk::queue::{process_queue, process_resubmitted};
 use crate::blk::request::BlkContext;
 use crate::blk::sync_backend::SyncBackend;
 use crate::blk::uring_backend::UringEngine;
 use crate::disk::Disk;
 use crate::inflight::InflightLog;
-use crate::vhost::{QueueResult, Reaped, VhostDevice};
-use ipc::messages::IoEngine;
+use crate::vhost::device::{QueueError, QueueOutcome, Reaped, VhostDevice};
+use ipc::messages::{IoEngine, ServeMode};
 
 /// Errors while building the device.
 #[derive(Debug, thiserror::Error)]
@@ -32,41 +32,24 @@ pub enum BlkDeviceError {
 /// A virtio-blk device on one disk.
 #[derive(Debug)]
 pub struct BlkDevice {
-    disk: Engine,
+    /// Where requests go: the sync backend, the io_uring engine, or (fail mode) the
+    /// backend that fails everything.
+    engine: Box<dyn RequestEngine + Send>,
     config: BlkConfig,
     ctx: BlkContext,
     features: u64,
     num_queues: usize,
 }
 
-/// Where requests go.
-#[derive(Debug)]
-enum Engine {
-    /// Each drained batch runs to completion before the queue is published.
-    Sync(Box<dyn DiskBackend + Send>),
-    /// Requests complete when the ring says so.
-    Uring(Box<UringEngine>),
-}
-
-/// How a worker serves its disk.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum ServeMode {
-    /// Requests go to the image.
-    Normal,
-    /// Every request completes with `IOERR`, and the image's descriptor is closed before
-    /// the sandbox (see [`crate::blk::fail_backend`]).
-    Fail,
-}
-
 impl BlkDevice {
-    /// The device on `disk`. Its I/O backend (`engine`, or none in fail mode) is set up
-    /// here, before the sandbox.
+    /// The device on `disk`. Its engine (`io_engine`, or the failing backend in fail
+    /// mode) is set up here, before the sandbox.
     pub fn new(
         disk: Disk,
         num_queues: u16,
         serial: &[u8],
         mode: ServeMode,
-        engine: IoEngine,
+        io_engine: IoEngine,
     ) -> Result<Self, BlkDeviceError> {
         let num_queues = usize::from(num_queues);
         let limits = BlkLimits::default();
@@ -80,15 +63,15 @@ impl BlkDevice {
         let config = BlkConfig::new(disk.size, blk_size, num_queues, &limits)?;
         let ctx = BlkContext::new(&config, limits, disk.readonly, serial);
         let features = device_features(disk.readonly, num_queues);
-        let backend = match mode {
-            ServeMode::Fail => Engine::Sync(Box::new(FailBackend::new(disk.size))),
+        let engine: Box<dyn RequestEngine + Send> = match mode {
+            ServeMode::Fail => Box::new(FailBackend::new(disk.size)),
             ServeMode::Normal => {
                 let sync = SyncBackend::new(disk.file).map_err(BlkDeviceError::Backend)?;
-                match engine {
-                    IoEngine::Sync => Engine::Sync(Box::new(sync)),
+                match io_engine {
+                    IoEngine::Sync => Box::new(sync),
                     IoEngine::IoUring | IoEngine::Auto => match UringEngine::new(sync) {
-                        Ok(uring) => Engine::Uring(Box::new(uring)),
-                        Err((e, _)) if engine == IoEngine::IoUring => {
+                        Ok(uring) => Box::new(uring),
+                        Err((e, _)) if io_engine == IoEngine::IoUring => {
                             return Err(BlkDeviceError::Uring(e));
                         }
                         Err((e, sync)) => {
@@ -97,14 +80,14 @@ impl BlkDevice {
                                 std::error::Error::source(&e)
                                     .map_or(e.to_string(), |s| format!("{e}: {s}"))
                             );
-                            Engine::Sync(Box::new(sync))
+                            Box::new(sync)
                         }
                     },
                 }
             }
         };
         Ok(BlkDevice {
-            disk: backend,
+            engine,
             config,
             ctx,
             features,
@@ -114,29 +97,13 @@ impl BlkDevice {
 
     /// Descriptors of the engine that must survive the sandbox (the io_uring and its
     /// completion eventfd).
-    pub fn engine_fds(&self) -> Vec<std::os::fd::RawFd> {
-        match &self.disk {
-            Engine::Uring(u) => u.fds().to_vec(),
-            Engine::Sync(_) => Vec::new(),
-        }
+    pub fn engine_fds(&self) -> Vec<RawFd> {
+        self.engine.fds()
     }
 
     /// The engine in use: `io_uring` or `sync`.
     pub fn engine(&self) -> &'static str {
-        match &self.disk {
-            Engine::Uring(_) => "io_uring",
-            Engine::Sync(_) => "sync",
-        }
-    }
-}
-
-impl Engine {
-    /// The engine as a synchronous backend (for requests that run to completion at once).
-    fn backend(&mut self) -> &mut dyn DiskBackend {
-        match self {
-            Engine::Sync(b) => b.as_mut(),
-            Engine::Uring(u) => u.as_mut(),
-        }
+        self.engine.name()
     }
 }
 
@@ -155,92 +122,46 @@ impl VhostDevice for BlkDevice {
 
     fn process_queue(
         &mut self,
-        index: usize,
+        index: u16,
         queue: &mut Queue,
         mem: &GuestMemoryMmap,
         log: &mut dyn InflightLog,
-    ) -> QueueResult {
-        match &mut self.disk {
-            Engine::Sync(disk) => queue_result(process_queue(
-                queue,
-                index as u16,
-                mem,
-                disk.as_mut(),
-                &self.ctx,
-                log,
-            )),
-            Engine::Uring(engine) => queue_result(process_queue_async(
-                queue,
-                index as u16,
-                mem,
-                engine,
-                &self.ctx,
-                log,
-            )),
-        }
+    ) -> Result<QueueOutcome, QueueError> {
+        process_queue(queue, index, mem, self.engine.as_mut(), &self.ctx, log)
     }
 
-    fn completion_fd(&self) -> Option<std::os::fd::RawFd> {
-        match &self.disk {
-            Engine::Uring(u) => Some(u.completion_fd()),
-            Engine::Sync(_) => None,
-        }
+    fn completion_fd(&self) -> Option<RawFd> {
+        self.engine.completion_fd()
     }
 
     fn reap(&mut self, mem: &GuestMemoryMmap, out: &mut Vec<Reaped>) {
-        if let Engine::Uring(u) = &mut self.disk {
-            u.reap(mem, out);
-        }
+        self.engine.reap(mem, out);
     }
 
     fn completions_ready(&mut self) -> bool {
-        match &mut self.disk {
-            Engine::Uring(u) => u.completions_ready(),
-            Engine::Sync(_) => false,
-        }
+        self.engine.completions_ready()
     }
 
     fn drain(&mut self, mem: &GuestMemoryMmap, out: &mut Vec<Reaped>) {
-        if let Engine::Uring(u) = &mut self.disk {
-            u.drain(mem, out);
-        }
+        self.engine.drain(mem, out);
     }
 
     fn resubmit(
         &mut self,
-        index: usize,
+        index: u16,
         queue: &mut Queue,
         mem: &GuestMemoryMmap,
         heads: &[u16],
         log: &mut dyn InflightLog,
-    ) -> QueueResult {
-        queue_result(process_resubmitted(
+    ) -> Result<QueueOutcome, QueueError> {
+        process_resubmitted(
             queue,
-            index as u16,
+            index,
             mem,
-            self.disk.backend(),
+            self.engine.as_mut(),
             &self.ctx,
             heads,
             log,
-        ))
-    }
-}
-
-fn queue_result(result: Result<QueueOutcome, QueueError>) -> QueueResult {
-    match result {
-        Ok(outcome) => QueueResult {
-            notify: outcome.signal,
-            completed: u64::from(outcome.completed),
-            failed: u64::from(outcome.failed),
-            broken: false,
-            throttled: outcome.throttled,
-        },
-        Err(e) => {
-            crate::guest_warn!("{e}");
-            QueueResult {
-                broken: true,
-                ..QueueResult::default()
-            }
-        }
+        )
     }
 }

@@ -79,6 +79,8 @@ pub struct InflightRegion {
     /// The frontend's region from SET_INFLIGHT_FD: (mapping, its size).
     adopted: Option<(MmapRegion, usize)>,
     num_queues: u16,
+    /// The largest ring the region was sized for.
+    max_queue_size: u16,
     /// Set by GET or SET; 0 until then (nothing is tracked).
     queue_size: u16,
     /// The next counter value: above every counter in the region.
@@ -122,6 +124,7 @@ impl InflightRegion {
             own_capacity: capacity,
             adopted: None,
             num_queues,
+            max_queue_size,
             queue_size: 0,
             counter: 1,
         })
@@ -184,10 +187,10 @@ impl InflightRegion {
         if num_queues == 0 || num_queues > self.num_queues {
             return Err(bad(format!("the device has {} queues", self.num_queues)));
         }
-        if queue_size == 0 || queue_size > crate::vhost::MAX_QUEUE_SIZE {
+        if queue_size == 0 || queue_size > self.max_queue_size {
             return Err(bad(format!(
                 "queue size must be 1..={}",
-                crate::vhost::MAX_QUEUE_SIZE
+                self.max_queue_size
             )));
         }
         let size = usize::from(num_queues) * queue_region_size(queue_size);

@@ -11,11 +11,12 @@ use std::sync::{Arc, Mutex};
 
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
-use device_workers::blk_device::{BlkDevice, ServeMode};
+use device_workers::blk_device::BlkDevice;
 use device_workers::sandbox::{self, SandboxConfig, Side};
 use device_workers::serve::EventLoop;
 use device_workers::vhost::VhostBackend;
 use device_workers::{disk, socket};
+use ipc::messages::ServeMode;
 use vhost::vhost_user::BackendReqHandler;
 
 #[derive(Debug, Parser)]
@@ -225,11 +226,7 @@ fn run_spawned(args: SpawnedArgs) -> anyhow::Result<ExitCode> {
     let VmmMessage::Configure(config) = config else {
         anyhow::bail!("the VMM sent {config:?} where the configuration was expected");
     };
-    let mode = if config.fail_mode {
-        ServeMode::Fail
-    } else {
-        ServeMode::Normal
-    };
+    let mode = config.mode;
     #[cfg(feature = "test-hooks")]
     if mode == ServeMode::Fail {
         hook = None;

@@ -28,8 +28,7 @@ fn admit_nth(n: u64) -> Option<u64> {
     }
 }
 
-/// Logs a guest-caused warning if [`admit`] lets it.
-#[macro_export]
+/// Logs a guest-caused warning if [`admit`] lets it. Used as `quiet::guest_warn!`.
 macro_rules! guest_warn {
     ($($arg:tt)*) => {
         if let Some(left_out) = $crate::quiet::admit() {
@@ -41,6 +40,7 @@ macro_rules! guest_warn {
         }
     };
 }
+pub(crate) use guest_warn;
 
 #[cfg(test)]
 mod tests {

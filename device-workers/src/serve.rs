@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex};
 use nix::sys::epoll::{Epoll, EpollEvent, EpollFlags, EpollTimeout};
 use vhost::vhost_user::{BackendReqHandler, Error as VhostError};
 
-use crate::vhost::{KickChanges, VhostBackend, VhostDevice};
+use crate::vhost::{DataPlane, KickChanges, VhostBackend, VhostDevice};
 use ipc::status::StatusMapping;
 
 /// Token of the vhost-user socket; ring `i` uses token `i`.
@@ -165,7 +165,7 @@ impl EventLoop {
     ) -> Result<(), ServeError> {
         self.add(handler.as_raw_fd(), SOCKET_TOKEN)?;
         let lock = || backend.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(fd) = lock().completion_fd() {
+        if let Some(fd) = lock().data_plane().completion_fd() {
             self.add(fd, COMPLETION_TOKEN)?;
         }
         let mut events = [EpollEvent::empty(); 16];
@@ -210,23 +210,26 @@ impl EventLoop {
                     },
                     COMPLETION_TOKEN => {
                         let mut b = lock();
-                        b.reap();
-                        report(&b, status);
+                        let plane = b.data_plane();
+                        plane.reap();
+                        report(plane, status);
                     }
                     index => {
                         let mut b = lock();
-                        b.kick(index as usize);
-                        report(&b, status);
+                        let plane = b.data_plane();
+                        plane.kick(index as usize);
+                        report(plane, status);
                     }
                 }
             }
             let mut b = lock();
-            if let Some(changes) = b.take_kick_changes() {
+            let plane = b.data_plane();
+            if let Some(changes) = plane.take_kick_changes() {
                 // A ring just became live: serve anything already queued in it (and what a
                 // predecessor left in flight).
-                b.process_all();
-                status.set_recovery(b.rings_started(), b.resubmitted());
-                report(&b, status);
+                plane.process_all();
+                status.set_recovery(plane.rings_started(), plane.resubmitted());
+                report(plane, status);
                 drop(b);
                 self.sync_kicks(changes)?;
             }
@@ -236,7 +239,7 @@ impl EventLoop {
 
 /// Publishes the backend's totals on the status page and bumps the heartbeat the
 /// supervisor's hang detector watches.
-fn report<D: VhostDevice>(b: &VhostBackend<D>, status: &StatusMapping) {
+fn report<D: VhostDevice>(b: &DataPlane<D>, status: &StatusMapping) {
     let totals = b.totals();
     status.set_completed(totals.completed, totals.failed);
     status.set_rings_broken(b.rings_broken());
@@ -254,10 +257,11 @@ fn poll<D: VhostDevice>(
     loop {
         {
             let mut b = backend.lock().unwrap_or_else(|e| e.into_inner());
-            if b.has_work() {
-                b.reap();
-                b.process_all();
-                report(&b, status);
+            let plane = b.data_plane();
+            if plane.has_work() {
+                plane.reap();
+                plane.process_all();
+                report(plane, status);
                 return true;
             }
         }

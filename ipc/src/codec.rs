@@ -92,7 +92,7 @@ pub fn encode<T: Serialize + ?Sized>(value: &T) -> Result<Vec<u8>, CodecError> {
 /// [`MAX_ENCODED_SIZE`] and must contain nothing after the value.
 ///
 /// The result is only syntactically valid: callers that receive it from a peer must still
-/// run [`crate::Validate::validate`] ([`crate::Channel::recv`] does).
+/// run the message's `Validate::validate` (the channel's `recv` does).
 pub fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, CodecError> {
     if bytes.len() > MAX_ENCODED_SIZE {
         return Err(CodecError::InputTooLarge {

@@ -3,10 +3,10 @@
 //! Two enums, one per direction: [`VmmMessage`] (VMM -> worker) and [`WorkerMessage`]
 //! (worker -> VMM). New variants go at the end of an enum (the encoding numbers variants
 //! by position) together with a bump of [`PROTOCOL_VERSION`]; both sides check the
-//! version in the handshake ([`crate::handshake`]) before anything else is exchanged.
+//! version in the handshake (the `handshake` module) before anything else is exchanged.
 //!
-//! Every message type implements [`Validate`]; [`crate::Channel::recv`] runs it on every
-//! decoded message before returning it, and [`crate::Channel::send`] before sending, so a
+//! Every message type implements [`Validate`]; the channel's `recv` runs it on every
+//! decoded message before returning it, and its `send` before sending, so a
 //! malformed message is stopped at whichever end is wrong. Validation is purely local to
 //! one message; cross-message checks (e.g. the worker reporting the queue count it was
 //! configured with) belong to the caller.
@@ -160,10 +160,8 @@ pub struct WorkerConfig {
     /// Whether to enter the sandbox. A worker built without its test feature must refuse
     /// `false`; this crate only carries the field.
     pub sandbox: bool,
-    /// Fail mode: the disk's workers kept crashing, so this one completes every request
-    /// (pending or new) with an I/O error and never touches the disk; it serves until the
-    /// guest resets the device.
-    pub fail_mode: bool,
+    /// Whether the worker serves the disk or fails every request ([`ServeMode::Fail`]).
+    pub mode: ServeMode,
     /// How the worker does its disk I/O.
     pub engine: IoEngine,
     /// Microseconds to busy-poll the rings before sleeping (0: never), at most
@@ -171,19 +169,22 @@ pub struct WorkerConfig {
     pub poll_us: u32,
 }
 
-/// Longest polling window a worker accepts.
-pub const MAX_POLL_US: u32 = 10_000;
-
 /// How a worker serves its disk.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+///
+/// Encoded as the `bool` it replaced was (`Normal` as `false`, `Fail` as `true`: one
+/// byte, 0 or 1), so the message set and [`PROTOCOL_VERSION`] are unchanged.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum ServeMode {
-    /// Requests go to the disk.
-    #[default]
+    /// Requests go to the image.
     Normal,
-    /// Past the crash-loop budget: every pending and new request completes with IOERR,
-    /// without touching the disk, until the guest resets the device.
+    /// Fail mode: the disk's workers kept crashing, so this one completes every request
+    /// (pending or new) with an I/O error and never touches the disk (it closes the
+    /// image before its sandbox); it serves until the guest resets the device.
     Fail,
 }
+
+/// Longest polling window a worker accepts.
+pub const MAX_POLL_US: u32 = 10_000;
 
 /// A worker's I/O engine.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -226,7 +227,7 @@ impl Validate for WorkerConfig {
             serial,
             direct_io: _,
             sandbox: _,
-            fail_mode: _,
+            mode: _,
             engine: _,
             poll_us,
         } = self;
@@ -384,7 +385,7 @@ mod tests {
             serial: "SERIAL-0123456789_ab".into(),
             direct_io: true,
             sandbox: true,
-            fail_mode: false,
+            mode: ServeMode::Normal,
             engine: IoEngine::Auto,
             poll_us: 0,
         }
@@ -460,6 +461,20 @@ mod tests {
             m.validate().unwrap();
             let bytes = crate::codec::encode(m).unwrap();
             assert_eq!(&crate::codec::decode::<WorkerMessage>(&bytes).unwrap(), m);
+        }
+    }
+
+    #[test]
+    fn serve_mode_is_encoded_as_the_bool_it_replaced() {
+        // Both sides of an unchanged PROTOCOL_VERSION must read the same bytes.
+        for (mode, was) in [(ServeMode::Normal, false), (ServeMode::Fail, true)] {
+            assert_eq!(
+                crate::codec::encode(&mode).unwrap(),
+                crate::codec::encode(&was).unwrap()
+            );
+            let fail = WorkerConfig { mode, ..config() };
+            let bytes = crate::codec::encode(&fail).unwrap();
+            assert_eq!(crate::codec::decode::<WorkerConfig>(&bytes).unwrap(), fail);
         }
     }
 

@@ -94,7 +94,7 @@ fn vmm_and_worker_processes() {
         serial: "bulkhead-test".into(),
         direct_io: false,
         sandbox: true,
-        fail_mode: false,
+        mode: ipc::messages::ServeMode::Normal,
         engine: ipc::messages::IoEngine::Auto,
         poll_us: 0,
     };

@@ -397,8 +397,15 @@ fn without_test_modules(tokens: Vec<Token>) -> Vec<Token> {
     while i < tokens.len() {
         if let Some(after) = cfg_test_attribute(&tokens, i) {
             let mut j = after;
+            // `pub`, `pub(crate)`, `pub(super)`, `pub(in path)`.
             if tokens.get(j).and_then(Token::ident) == Some("pub") {
                 j += 1;
+                if tokens.get(j).is_some_and(|t| t.is('(')) {
+                    while tokens.get(j).is_some_and(|t| !t.is(')')) {
+                        j += 1;
+                    }
+                    j += 1;
+                }
             }
             if tokens.get(j).and_then(Token::ident) == Some("mod") {
                 // mod NAME ; | mod NAME { ... }
@@ -636,7 +643,8 @@ mod tests {
                     "b.rs",
                     "pub struct X;\nconst S: &str = \"crate::a::f\";\nconst R: &str = r#\"crate::a\"#;\n\
                      fn l<'a>(x: &'a str) -> &'a str { x }\n\
-                     #[cfg(test)]\nmod tests {\n    use crate::a::*;\n}\n",
+                     #[cfg(test)]\nmod tests {\n    use crate::a::*;\n}\n\
+                     #[cfg(test)]\npub(crate) mod helpers {\n    use crate::a::f;\n}\n",
                 ),
                 ("t.rs", "use crate::a;\n"),
             ],

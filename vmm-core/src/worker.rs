@@ -256,7 +256,7 @@ fn configure(
         serial: cfg.image.serial.clone(),
         direct_io: cfg.image.direct,
         sandbox: true,
-        fail_mode: mode == ServeMode::Fail,
+        mode,
         engine: cfg.image.engine,
         poll_us: cfg.image.poll_us,
     };

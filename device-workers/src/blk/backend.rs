@@ -84,7 +84,7 @@ pub enum BackendError {
         #[source]
         source: std::io::Error,
     },
-    /// The worker is in fail mode (see [`super::fail_backend`]).
+    /// The worker is in fail mode (see the `fail_backend` module).
     #[error("the device is in fail mode after repeated worker crashes; reset it to recover")]
     FailMode,
 }
@@ -102,36 +102,10 @@ pub fn total_len(bufs: &[VolatileSlice<'_>]) -> u64 {
     bufs.iter().map(|b| b.len() as u64).sum()
 }
 
-/// One disk operation of a batch (see [`DiskBackend::run_batch`]).
-#[derive(Debug)]
-pub enum DiskOp<'a> {
-    /// Fill `bufs`, in order, from `offset`.
-    Read {
-        bufs: Vec<VolatileSlice<'a>>,
-        offset: u64,
-    },
-    /// Write `bufs`, in order, at `offset`.
-    Write {
-        bufs: Vec<VolatileSlice<'a>>,
-        offset: u64,
-    },
-    /// Make every write completed before it durable.
-    Flush,
-    Discard {
-        offset: u64,
-        len: u64,
-    },
-    WriteZeroes {
-        offset: u64,
-        len: u64,
-        unmap: bool,
-    },
-}
-
-/// A disk: fixed size, vectored positional I/O into guest memory, flush, discard and
-/// write-zeroes. Each call returns when its operation is complete; a batch
-/// ([`DiskBackend::run_batch`]) lets a backend run operations together.
-pub trait DiskBackend: std::fmt::Debug {
+/// Synchronous block I/O on one disk: fixed size, vectored positional I/O into guest
+/// memory, flush, discard and write-zeroes. Each call returns when its operation is
+/// complete. (Not the VMM's `DiskBackend`, which says what a `--disk` is backed by.)
+pub trait BlockIo: std::fmt::Debug {
     /// Size of the disk in bytes (fixed for the backend's lifetime).
     fn size(&self) -> u64;
 
@@ -161,24 +135,6 @@ pub trait DiskBackend: std::fmt::Debug {
     /// Makes `[offset, offset + len)` read back as zeroes; with `unmap` the backend may
     /// deallocate the range.
     fn write_zeroes(&mut self, offset: u64, len: u64, unmap: bool) -> Result<(), BackendError>;
-
-    /// Runs `ops` and returns one result per op, in order, once all are complete. A flush
-    /// covers every write before it in the batch. The default runs them one by one; an
-    /// asynchronous backend submits them together.
-    fn run_batch(&mut self, ops: &[DiskOp<'_>]) -> Vec<Result<(), BackendError>> {
-        ops.iter().map(|op| run_one(self, op)).collect()
-    }
-}
-
-/// Runs one operation through the backend's single-operation methods.
-pub fn run_one<B: DiskBackend + ?Sized>(disk: &mut B, op: &DiskOp<'_>) -> Result<(), BackendError> {
-    match op {
-        DiskOp::Read { bufs, offset } => disk.read_vectored_at(bufs, *offset),
-        DiskOp::Write { bufs, offset } => disk.write_vectored_at(bufs, *offset),
-        DiskOp::Flush => disk.flush(),
-        DiskOp::Discard { offset, len } => disk.discard(*offset, *len),
-        DiskOp::WriteZeroes { offset, len, unmap } => disk.write_zeroes(*offset, *len, *unmap),
-    }
 }
 
 /// An in-memory disk, for logic tests (and fault injection: `fail` makes every call fail).
@@ -210,7 +166,7 @@ impl MemBackend {
 }
 
 #[cfg(test)]
-impl DiskBackend for MemBackend {
+impl BlockIo for MemBackend {
     fn size(&self) -> u64 {
         self.data.len() as u64
     }

@@ -1,4 +1,4 @@
-//! Executing a parsed request against a [`DiskBackend`] and guest memory, and completing
+//! Executing a parsed request against a [`BlockIo`] and guest memory, and completing
 //! rejected chains.
 //!
 //! Every completion says what to put in the used ring: the status byte written (if any) and
@@ -10,7 +10,7 @@ use virtio_bindings::virtio_blk::{VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK};
 use vm_memory::bitmap::{Bitmap, BS};
 use vm_memory::{Bytes, GuestAddress, GuestMemory, Permissions, VolatileSlice};
 
-use super::backend::{BackendError, DiskBackend, DiskOp};
+use super::backend::{BackendError, BlockIo};
 use super::request::{BlkContext, GuestBuf, Rejected, Request, RequestKind, Segment};
 
 /// Errors while executing a valid request. Both complete the request with `IOERR`.
@@ -56,158 +56,86 @@ impl Completion {
     }
 }
 
-/// Executes `req` and writes its status byte.
+/// Executes `req` against `disk`, synchronously, and writes its status byte.
 pub fn execute<G: GuestMemory + ?Sized>(
     req: &Request,
     mem: &G,
-    disk: &mut dyn DiskBackend,
+    disk: &mut dyn BlockIo,
     ctx: &BlkContext,
 ) -> Completion {
-    execute_batch(std::slice::from_ref(req), mem, disk, ctx)
-        .pop()
-        .unwrap_or(Completion {
-            head_index: req.head_index,
-            status: None,
-            used_len: 0,
-        })
-}
-
-/// What one request of a batch needs from the disk.
-enum Planned<'a, B> {
-    /// Done without the disk (GET_ID, or guest memory that is not there): data bytes
-    /// written, or the error.
-    Done(Result<u32, ExecuteError>),
-    /// Ops `first..end` of the batch; `dirty` are the guest slices a read fills (their
-    /// dirty bits are set once it succeeded); `data_len` bytes go to the guest on success.
-    Io {
-        first: usize,
-        end: usize,
-        dirty: Vec<VolatileSlice<'a, B>>,
-        data_len: u32,
-    },
-}
-
-/// Executes `reqs` as one batch (the backend may submit their disk operations together,
-/// e.g. with one io_uring_enter), then writes each status byte. Completions come back in
-/// the order of `reqs`.
-pub fn execute_batch<G: GuestMemory + ?Sized>(
-    reqs: &[Request],
-    mem: &G,
-    disk: &mut dyn DiskBackend,
-    ctx: &BlkContext,
-) -> Vec<Completion> {
-    let mut ops: Vec<DiskOp<'_>> = Vec::with_capacity(reqs.len());
-    let plans: Vec<Planned<'_, BS<'_, G::Bitmap>>> = reqs
-        .iter()
-        .map(|req| match plan(req, mem, ctx, &mut ops) {
-            Ok(p) => p,
-            Err(e) => Planned::Done(Err(e)),
-        })
-        .collect();
-    let mut results = if ops.is_empty() {
-        Vec::new()
-    } else {
-        disk.run_batch(&ops)
+    let (status, data_len) = match run(req, mem, disk, ctx) {
+        Ok(written) => (VIRTIO_BLK_S_OK as u8, written),
+        Err(e) => {
+            // Host I/O errors can be provoked at will by a guest (repeat a read of a bad
+            // block), so they are logged as quietly as the guest's own mistakes; the
+            // counters returned by `process_queue` make them visible.
+            tracing::debug!(error = %e, source = ?std::error::Error::source(&e), "request failed");
+            (VIRTIO_BLK_S_IOERR as u8, 0)
+        }
     };
-    reqs.iter()
-        .zip(plans)
-        .map(|(req, planned)| {
-            let outcome = match planned {
-                Planned::Done(r) => r,
-                Planned::Io {
-                    first,
-                    end,
-                    dirty,
-                    data_len,
-                } => {
-                    let failed = results[first..end]
-                        .iter_mut()
-                        .find(|r| r.is_err())
-                        .map(|r| std::mem::replace(r, Ok(())));
-                    match failed {
-                        Some(Err(source)) => Err(ExecuteError::Backend {
-                            head_index: req.head_index,
-                            source,
-                        }),
-                        _ => {
-                            // The backend wrote through plain pointers: record the dirty
-                            // pages.
-                            for s in &dirty {
-                                s.bitmap().mark_dirty(0, s.len());
-                            }
-                            Ok(data_len)
-                        }
-                    }
-                }
-            };
-            let (status, data_len) = match outcome {
-                Ok(written) => (VIRTIO_BLK_S_OK as u8, written),
-                Err(e) => {
-                    // Host I/O errors can be provoked at will by a guest (repeat a read of a
-                    // bad block), so they are logged as quietly as the guest's own mistakes;
-                    // the counters returned by `process_queue` make them visible.
-                    tracing::debug!(error = %e, source = ?std::error::Error::source(&e), "request failed");
-                    (VIRTIO_BLK_S_IOERR as u8, 0)
-                }
-            };
-            finish(req.head_index, Some(req.status_addr), status, data_len, mem)
-        })
-        .collect()
+    finish(req.head_index, Some(req.status_addr), status, data_len, mem)
 }
 
-/// Appends the disk operations of `req` to `ops`.
-fn plan<'a, G: GuestMemory + ?Sized>(
+/// Runs `req`'s disk operations; returns the data bytes that went to the guest.
+fn run<G: GuestMemory + ?Sized>(
     req: &Request,
-    mem: &'a G,
+    mem: &G,
+    disk: &mut dyn BlockIo,
     ctx: &BlkContext,
-    ops: &mut Vec<DiskOp<'a>>,
-) -> Result<Planned<'a, BS<'a, G::Bitmap>>, ExecuteError> {
+) -> Result<u32, ExecuteError> {
     let head_index = req.head_index;
-    let first = ops.len();
-    let mut dirty = Vec::new();
-    let mut data_len = 0;
+    let backend = |source| ExecuteError::Backend { head_index, source };
     match &req.kind {
         RequestKind::In { sector, bufs, len } => {
             let slices = guest_slices(mem, bufs, Permissions::Write, head_index)?;
-            ops.push(DiskOp::Read {
-                bufs: plain_slices(&slices),
-                offset: sector << super::config::SECTOR_SHIFT,
-            });
-            dirty = slices;
-            data_len = *len;
+            disk.read_vectored_at(
+                &plain_slices(&slices),
+                sector << super::config::SECTOR_SHIFT,
+            )
+            .map_err(backend)?;
+            // The backend wrote through plain pointers: record the dirty pages.
+            for s in &slices {
+                s.bitmap().mark_dirty(0, s.len());
+            }
+            Ok(*len)
         }
         RequestKind::Out { sector, bufs, .. } => {
             let slices = guest_slices(mem, bufs, Permissions::Read, head_index)?;
-            ops.push(DiskOp::Write {
-                bufs: plain_slices(&slices),
-                offset: sector << super::config::SECTOR_SHIFT,
-            });
+            disk.write_vectored_at(
+                &plain_slices(&slices),
+                sector << super::config::SECTOR_SHIFT,
+            )
+            .map_err(backend)?;
+            Ok(0)
         }
-        RequestKind::Flush => ops.push(DiskOp::Flush),
-        RequestKind::GetId { bufs, .. } => {
-            return Ok(Planned::Done(write_id(mem, bufs, &ctx.id, head_index)))
-        }
+        RequestKind::Flush => disk.flush().map(|()| 0).map_err(backend),
+        RequestKind::GetId { bufs, .. } => write_id(mem, bufs, &ctx.id, head_index),
         RequestKind::Discard(segments) => {
-            ops.extend(nonempty(segments).map(|s| DiskOp::Discard {
-                offset: s.offset(),
-                len: s.len(),
-            }));
+            every_segment(segments, |s| disk.discard(s.offset(), s.len())).map_err(backend)
         }
         RequestKind::WriteZeroes(segments) => {
             let may_unmap = ctx.limits.write_zeroes_may_unmap;
-            ops.extend(nonempty(segments).map(|s| DiskOp::WriteZeroes {
-                offset: s.offset(),
-                len: s.len(),
-                unmap: s.unmap && may_unmap,
-            }));
+            every_segment(segments, |s| {
+                disk.write_zeroes(s.offset(), s.len(), s.unmap && may_unmap)
+            })
+            .map_err(backend)
         }
     }
-    Ok(Planned::Io {
-        first,
-        end: ops.len(),
-        dirty,
-        data_len,
-    })
+}
+
+/// Runs `op` on every non-empty segment, all of them even after a failure (a range
+/// that failed does not stop the others), and returns the first error.
+fn every_segment(
+    segments: &[Segment],
+    mut op: impl FnMut(&Segment) -> Result<(), BackendError>,
+) -> Result<u32, BackendError> {
+    let mut first_error = None;
+    for s in nonempty(segments) {
+        if let Err(e) = op(s) {
+            first_error.get_or_insert(e);
+        }
+    }
+    first_error.map_or(Ok(0), Err)
 }
 
 fn nonempty(segments: &[Segment]) -> impl Iterator<Item = &Segment> {
@@ -233,7 +161,7 @@ pub fn complete_rejected<G: GuestMemory + ?Sized>(rejected: &Rejected, mem: &G) 
 }
 
 /// Writes `status` to a request's status byte and says what goes into the used ring (for
-/// requests completed outside [`execute_batch`], e.g. by the io_uring engine).
+/// requests completed outside [`execute`], e.g. by the io_uring engine).
 pub fn finish_status<G: GuestMemory + ?Sized>(
     head_index: u16,
     status_addr: GuestAddress,

@@ -5,7 +5,7 @@
 
 use vm_memory::VolatileSlice;
 
-use super::backend::{BackendError, DiskBackend};
+use super::backend::{BackendError, BlockIo};
 
 /// Fails every operation; reports the size the device was configured with.
 #[derive(Debug, Clone, Copy)]
@@ -20,7 +20,7 @@ impl FailBackend {
     }
 }
 
-impl DiskBackend for FailBackend {
+impl BlockIo for FailBackend {
     fn size(&self) -> u64 {
         self.size
     }

@@ -1,6 +1,7 @@
-//! Draining one virtqueue: pop chains, parse, execute, publish used entries, decide whether
-//! the guest must be signalled. The event glue (kick fd, call fd, epoll) lives in the
-//! vhost-user handler, which calls [`process_queue`] on every kick.
+//! Draining one virtqueue: pop chains, parse, hand each request to the engine, publish
+//! the used entries of those that completed, decide whether the guest must be signalled.
+//! The event glue (kick fd, call fd, epoll) lives in the vhost-user data plane, which
+//! calls [`process_queue`] on every kick.
 //!
 //! The loop is the usual notification-suppressing one: disable notifications, drain the avail
 //! ring, publish, then re-enable and re-check the avail index, looping while the guest added
@@ -20,83 +21,27 @@ use vm_memory::{
     Address, Bytes, GuestAddress, GuestMemory, GuestMemoryBackend, GuestMemoryMmap, GuestRegionMmap,
 };
 
-use super::backend::DiskBackend;
-use super::execute::{complete_rejected, execute, execute_batch, Completion};
+use super::engine::{Processed, RequestEngine};
+use super::execute::{complete_rejected, execute, Completion};
 use super::request::{BlkContext, Request};
-use super::uring_backend::UringEngine;
 use crate::inflight::InflightLog;
+use crate::vhost::device::{QueueError, QueueOutcome};
 
-/// Queue-level corruption or misuse. The caller must stop serving this queue and mark the
-/// device broken (`DEVICE_NEEDS_RESET`): the rings themselves cannot be trusted any more.
-/// Bad requests never produce a `QueueError`; they complete with an error status.
-#[derive(Debug, thiserror::Error)]
-pub enum QueueError {
-    /// The queue has not been set up (or was reset).
-    #[error("queue {queue_index} is not ready")]
-    NotReady {
-        /// Queue index.
-        queue_index: u16,
-    },
-    /// The avail index moved further than the queue size past the last entry we consumed:
-    /// the driver claims more pending requests than the ring holds.
-    #[error("queue {queue_index}: avail index {avail_idx} is more than the queue size {size} ahead of the next entry {next_avail}")]
-    AvailIndex {
-        /// Queue index.
-        queue_index: u16,
-        /// The avail index the driver published.
-        avail_idx: u16,
-        /// The next avail entry we would consume.
-        next_avail: u16,
-        /// The queue size.
-        size: u16,
-    },
-    /// The private ring that replays in-flight heads could not be set up.
-    #[error("queue {queue_index}: cannot set up the resubmission ring")]
-    Resubmit {
-        /// Queue index.
-        queue_index: u16,
-        /// What failed.
-        why: String,
-    },
-    /// Reading or writing the rings in guest memory failed.
-    #[error("queue {queue_index}: ring access failed")]
-    Ring {
-        /// Queue index.
-        queue_index: u16,
-        /// virtio-queue's error.
-        #[source]
-        source: virtio_queue::Error,
-    },
-}
-
-/// What one [`process_queue`] call did.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct QueueOutcome {
-    /// The guest must be signalled (write the call fd once).
-    pub signal: bool,
-    /// Chains put in the used ring, successful or not.
-    pub completed: u32,
-    /// Of those, the ones completed with a non-OK status or without a status byte.
-    pub failed: u32,
-    /// Avail entries with a head index outside the descriptor table: consumed but not put in
-    /// the used ring (a used entry with such an id would be meaningless to the driver).
-    pub dropped: u32,
-    /// Requests handed to an asynchronous engine (they complete later).
-    pub submitted: u32,
-    /// The engine was full: requests wait in the avail ring, notifications still off.
-    pub throttled: bool,
-}
-
-/// Drains `queue`, executing each request against `disk`, and tells `log` (the inflight
-/// region) about each head as it is popped and completed.
+/// Drains `queue` into `engine`, and tells `log` (the inflight region) about each head as
+/// it is popped and completed. The same loop serves every engine: a request the engine
+/// runs at once ([`Processed::Executed`]: a synchronous engine's, or a rejected chain) is
+/// published now; one it submits ([`Processed::Submitted`]) completes later through the
+/// engine's `reap`. When the engine is full, stops with requests left in the avail ring
+/// and notifications off (`throttled`): the caller drains the queue again once
+/// completions made room.
 ///
-/// `queue_index` only labels errors and logs. Returns [`QueueError`] only for ring-level
-/// corruption; see there.
-pub fn process_queue<M: GuestMemory>(
+/// `queue_index` labels errors and logs and tells an asynchronous engine where the
+/// completion goes. Returns [`QueueError`] only for ring-level corruption; see there.
+pub fn process_queue(
     queue: &mut Queue,
     queue_index: u16,
-    mem: &M,
-    disk: &mut dyn DiskBackend,
+    mem: &GuestMemoryMmap,
+    engine: &mut dyn RequestEngine,
     ctx: &BlkContext,
     log: &mut dyn InflightLog,
 ) -> Result<QueueOutcome, QueueError> {
@@ -111,66 +56,7 @@ pub fn process_queue<M: GuestMemory>(
     let queue_size = usize::from(queue.size());
     loop {
         queue.disable_notification(mem).map_err(ring)?;
-        // Drain the avail ring into one batch: the backend may run its disk operations
-        // together (one io_uring_enter), then every used entry is published.
-        let mut popped: Vec<(u16, Option<Completion>)> = Vec::new();
-        let mut reqs: Vec<Request> = Vec::new();
-        while let Some(chain) = next_popped(queue, queue_index, mem, &mut outcome, log)? {
-            let head_index = chain.head_index();
-            match Request::parse(chain, ctx, queue_size) {
-                Ok(req) => {
-                    reqs.push(req);
-                    popped.push((head_index, None));
-                }
-                Err(rejected) => popped.push((head_index, Some(complete_rejected(&rejected, mem)))),
-            }
-        }
-        let mut executed = execute_batch(&reqs, mem, disk, ctx).into_iter();
-        let added = !popped.is_empty();
-        for (head_index, rejected) in popped {
-            let Some(completion) = rejected.or_else(|| executed.next()) else {
-                break;
-            };
-            complete(queue, mem, head_index, &completion, log).map_err(ring)?;
-            outcome.completed += 1;
-            if !completion.is_ok() {
-                outcome.failed += 1;
-            }
-        }
-        if added && queue.needs_notification(mem).map_err(ring)? {
-            outcome.signal = true;
-        }
-        if !queue.enable_notification(mem).map_err(ring)? {
-            break;
-        }
-    }
-    Ok(outcome)
-}
-
-/// Drains `queue` into the io_uring engine: reads, writes and flushes are submitted (one
-/// `io_uring_enter` for the batch) and complete later ([`UringEngine::reap`]); anything
-/// else (rejected chains, GET_ID, discard, write-zeroes) completes now, synchronously.
-/// When the engine is full, stops with requests left in the avail ring and notifications
-/// off (`throttled`): the caller drains the queue again once completions made room.
-pub fn process_queue_async<M: GuestMemory>(
-    queue: &mut Queue,
-    queue_index: u16,
-    mem: &M,
-    engine: &mut UringEngine,
-    ctx: &BlkContext,
-    log: &mut dyn InflightLog,
-) -> Result<QueueOutcome, QueueError> {
-    if !queue.ready() {
-        return Err(QueueError::NotReady { queue_index });
-    }
-    let ring = |source| QueueError::Ring {
-        queue_index,
-        source,
-    };
-    let mut outcome = QueueOutcome::default();
-    let queue_size = usize::from(queue.size());
-    loop {
-        queue.disable_notification(mem).map_err(ring)?;
+        // Used entries published in this batch.
         let mut added = false;
         loop {
             if !engine.has_room() {
@@ -185,21 +71,17 @@ pub fn process_queue_async<M: GuestMemory>(
                 break;
             };
             let head_index = chain.head_index();
-            let completion = match Request::parse(chain, ctx, queue_size) {
-                Err(rejected) => complete_rejected(&rejected, mem),
-                Ok(req) => match engine.submit(queue_index, req, mem) {
-                    Ok(()) => {
-                        outcome.submitted += 1;
-                        continue;
-                    }
-                    Err(req) => execute(&req, mem, engine, ctx),
-                },
+            let processed = match Request::parse(chain, ctx, queue_size) {
+                Ok(req) => engine.process(queue_index, req, mem, ctx),
+                Err(rejected) => Processed::Executed(complete_rejected(&rejected, mem)),
             };
-            complete(queue, mem, head_index, &completion, log).map_err(ring)?;
-            added = true;
-            outcome.completed += 1;
-            if !completion.is_ok() {
-                outcome.failed += 1;
+            match processed {
+                Processed::Submitted => outcome.submitted += 1,
+                Processed::Executed(completion) => {
+                    complete(queue, mem, head_index, &completion, log).map_err(ring)?;
+                    added = true;
+                    outcome.count_completed(completion.is_ok());
+                }
             }
         }
         engine.submit_pending();
@@ -227,8 +109,9 @@ fn complete<M: GuestMemory>(
     Ok(())
 }
 
-/// Executes again the heads a dead worker popped and never completed (oldest first), and
-/// completes them on `queue`, then tells whether the guest must be signalled.
+/// Executes again the heads a dead worker popped and never completed (oldest first), at
+/// once on the engine's synchronous path, and completes them on `queue`, then tells
+/// whether the guest must be signalled.
 ///
 /// virtio-queue builds descriptor chains only from an avail ring, and the guest's avail
 /// ring may already hold other heads in those slots. So the heads go into a private avail
@@ -240,7 +123,7 @@ pub fn process_resubmitted(
     queue: &mut Queue,
     queue_index: u16,
     mem: &GuestMemoryMmap,
-    disk: &mut dyn DiskBackend,
+    engine: &mut dyn RequestEngine,
     ctx: &BlkContext,
     heads: &[u16],
     log: &mut dyn InflightLog,
@@ -296,14 +179,11 @@ pub fn process_resubmitted(
         };
         let head_index = chain.head_index();
         let completion = match Request::parse(chain, ctx, usize::from(size)) {
-            Ok(req) => execute(&req, mem, disk, ctx),
+            Ok(req) => execute(&req, mem, engine.sync_io(), ctx),
             Err(rejected) => complete_rejected(&rejected, mem),
         };
         complete(queue, mem, head_index, &completion, log).map_err(ring)?;
-        outcome.completed += 1;
-        if !completion.is_ok() {
-            outcome.failed += 1;
-        }
+        outcome.count_completed(completion.is_ok());
     }
     outcome.signal = queue.needs_notification(mem).map_err(ring)?;
     Ok(outcome)

@@ -13,7 +13,7 @@ use std::os::fd::AsRawFd;
 
 use vm_memory::VolatileSlice;
 
-use super::backend::{check_range, total_len, BackendError, DiskBackend};
+use super::backend::{check_range, total_len, BackendError, BlockIo};
 
 /// Most iovecs per preadv/pwritev call (Linux's UIO_MAXIOV).
 const IOV_MAX: usize = 1024;
@@ -239,7 +239,7 @@ pub(crate) fn iovecs(bufs: &[VolatileSlice<'_>], mut skip: u64) -> Vec<libc::iov
     iov
 }
 
-impl DiskBackend for SyncBackend {
+impl BlockIo for SyncBackend {
     fn size(&self) -> u64 {
         self.size
     }

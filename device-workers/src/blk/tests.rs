@@ -14,13 +14,15 @@ use virtio_queue::mock::MockSplitQueue;
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
-use super::backend::{DiskBackend, MemBackend};
+use super::backend::MemBackend;
 use super::config::{BlkConfig, BlkLimits};
-use super::queue::{process_queue, QueueError, QueueOutcome};
+use super::engine::RequestEngine;
+use super::queue::process_queue;
 use super::request::BlkContext;
 use super::sync_backend::tests::{contents, pattern, temp_disk};
 use super::sync_backend::SyncBackend;
 use crate::inflight::NoInflight;
+use crate::vhost::device::{QueueError, QueueOutcome};
 
 const QSIZE: u16 = 16;
 const MEM_SIZE: usize = 0x10_0000;
@@ -127,7 +129,7 @@ impl<'a> Harness<'a> {
         self.mem.write_obj(UNTOUCHED, GuestAddress(addr)).unwrap();
     }
 
-    fn run(&mut self, disk: &mut dyn DiskBackend) -> QueueOutcome {
+    fn run(&mut self, disk: &mut dyn RequestEngine) -> QueueOutcome {
         process_queue(&mut self.q, 0, self.mem, disk, &self.ctx, &mut NoInflight).unwrap()
     }
 
@@ -179,7 +181,7 @@ impl<'a> Harness<'a> {
     }
 
     /// A valid read after a bad request: the worker keeps serving.
-    fn still_serves(&mut self, disk: &mut dyn DiskBackend) {
+    fn still_serves(&mut self, disk: &mut dyn RequestEngine) {
         self.mem
             .write_slice(&[0u8; 512], GuestAddress(DATA + 0x8000))
             .unwrap();
@@ -196,7 +198,7 @@ impl<'a> Harness<'a> {
     }
 }
 
-fn disk_bytes_for_check(_disk: &mut dyn DiskBackend, off: usize, len: usize) -> Vec<u8> {
+fn disk_bytes_for_check(_disk: &mut dyn RequestEngine, off: usize, len: usize) -> Vec<u8> {
     // Sector 0 is never modified by the tests that call `still_serves`.
     pattern(DISK_SIZE)[off..off + len].to_vec()
 }
@@ -1021,4 +1023,271 @@ fn a_successor_resubmits_what_a_dead_worker_popped() {
     }
     // Everything is accounted for: a third worker would resubmit nothing.
     assert!(successor.recover(3).resubmit.is_empty());
+}
+
+// ---- one queue loop for every engine: executed, submitted, throttled --------------------
+
+/// An engine that submits reads (to complete later, never here) and executes anything
+/// else at once on an in-memory disk; full after `room` submissions if set.
+#[derive(Debug)]
+struct MockEngine {
+    disk: MemBackend,
+    room: Option<usize>,
+    /// (queue, head) of every submitted request.
+    submitted: Vec<(u16, u16)>,
+    /// Submitted since the last `submit_pending`.
+    pending: usize,
+    /// `submit_pending` calls that had something to submit (io_uring_enter calls).
+    enters: usize,
+}
+
+impl MockEngine {
+    fn new(room: Option<usize>) -> Self {
+        MockEngine {
+            disk: mem_disk(),
+            room,
+            submitted: Vec::new(),
+            pending: 0,
+            enters: 0,
+        }
+    }
+}
+
+impl RequestEngine for MockEngine {
+    fn name(&self) -> &'static str {
+        "mock"
+    }
+
+    fn has_room(&self) -> bool {
+        self.room.is_none_or(|room| self.submitted.len() < room)
+    }
+
+    fn process(
+        &mut self,
+        queue_index: u16,
+        req: super::request::Request,
+        mem: &GuestMemoryMmap,
+        ctx: &BlkContext,
+    ) -> super::engine::Processed {
+        if matches!(req.kind, super::request::RequestKind::In { .. }) {
+            self.submitted.push((queue_index, req.head_index));
+            self.pending += 1;
+            super::engine::Processed::Submitted
+        } else {
+            super::engine::Processed::Executed(super::execute::execute(
+                &req,
+                mem,
+                &mut self.disk,
+                ctx,
+            ))
+        }
+    }
+
+    fn submit_pending(&mut self) {
+        if self.pending > 0 {
+            self.enters += 1;
+            self.pending = 0;
+        }
+    }
+
+    fn sync_io(&mut self) -> &mut dyn super::backend::BlockIo {
+        &mut self.disk
+    }
+}
+
+/// Every call the queue loop makes to the inflight log, in order.
+#[derive(Debug, Default)]
+struct LogRecorder(Vec<String>);
+
+impl crate::inflight::InflightLog for LogRecorder {
+    fn popped(&mut self, head: u16) {
+        self.0.push(format!("popped {head}"));
+    }
+    fn completing(&mut self, head: u16) {
+        self.0.push(format!("completing {head}"));
+    }
+    fn completed(&mut self, head: u16, used_idx: u16) {
+        self.0.push(format!("completed {head} at {used_idx}"));
+    }
+}
+
+/// Chains at descriptors 0, 3, 6, ...: `kinds[i]` is a read (`IN`) or a flush, each with
+/// its own header, buffer and status byte.
+fn chains(h: &Harness, kinds: &[u32]) {
+    for (i, &kind) in kinds.iter().enumerate() {
+        let i16 = i as u16;
+        let i = i as u64;
+        let (hdr, data, status) = (HDR + 0x100 * i, DATA + 0x1000 * i, STATUS + 0x10 * i);
+        h.header(hdr, kind, i);
+        h.status_slot(status);
+        if kind == VIRTIO_BLK_T_IN {
+            h.chain_at(3 * i16, &[(hdr, 16, R), (data, 512, W), (status, 1, W)]);
+        } else {
+            h.chain_at(3 * i16, &[(hdr, 16, R), (status, 1, W)]);
+        }
+    }
+}
+
+fn used_flags(mem: &GuestMemoryMmap) -> u16 {
+    mem.read_obj(GuestAddress(USED)).unwrap()
+}
+
+#[test]
+fn submitted_requests_are_counted_not_published() {
+    let mem = guest();
+    let mut h = Harness::new(&mem, false);
+    let mut engine = MockEngine::new(None);
+    let mut log = LogRecorder::default();
+    chains(&h, &[VIRTIO_BLK_T_IN; 3]);
+    let out = process_queue(&mut h.q, 2, &mem, &mut engine, &h.ctx, &mut log).unwrap();
+    assert_eq!(
+        out,
+        QueueOutcome {
+            submitted: 3,
+            ..QueueOutcome::default()
+        },
+        "nothing completed, so nothing to signal"
+    );
+    assert_eq!(engine.submitted, [(2, 0), (2, 3), (2, 6)]);
+    assert_eq!(engine.enters, 1, "one submission for the drained batch");
+    assert_eq!(h.used_idx(), 0);
+    assert_eq!(log.0, ["popped 0", "popped 3", "popped 6"]);
+    for i in 0..3 {
+        let st: u8 = mem.read_obj(GuestAddress(STATUS + 0x10 * i)).unwrap();
+        assert_eq!(
+            st, UNTOUCHED,
+            "the engine writes the status when it completes"
+        );
+    }
+    assert_eq!(used_flags(&mem), 0, "notifications are on again");
+}
+
+#[test]
+fn executed_requests_are_published_in_order_among_submitted_ones() {
+    let mem = guest();
+    let mut h = Harness::new(&mem, false);
+    let mut engine = MockEngine::new(None);
+    let mut log = LogRecorder::default();
+    chains(
+        &h,
+        &[VIRTIO_BLK_T_FLUSH, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_FLUSH],
+    );
+    // And a chain the parser rejects (no status descriptor): completed, failed.
+    h.header(HDR + 0x300, VIRTIO_BLK_T_FLUSH, 0);
+    h.chain_at(9, &[(HDR + 0x300, 16, R)]);
+    let out = process_queue(&mut h.q, 0, &mem, &mut engine, &h.ctx, &mut log).unwrap();
+    assert_eq!(
+        out,
+        QueueOutcome {
+            signal: true,
+            completed: 3,
+            failed: 1,
+            submitted: 1,
+            ..QueueOutcome::default()
+        }
+    );
+    assert_eq!(h.used_idx(), 3);
+    let used_ids: Vec<u32> = (0..3)
+        .map(|i| mem.read_obj(GuestAddress(USED + 4 + 8 * i)).unwrap())
+        .collect();
+    assert_eq!(used_ids, [0, 6, 9]);
+    assert_eq!(
+        log.0,
+        [
+            "popped 0",
+            "completing 0",
+            "completed 0 at 1",
+            "popped 3",
+            "popped 6",
+            "completing 6",
+            "completed 6 at 2",
+            "popped 9",
+            "completing 9",
+            "completed 9 at 3",
+        ]
+    );
+    assert_eq!(engine.disk.flushes, 2);
+}
+
+#[test]
+fn a_full_engine_leaves_requests_in_the_avail_ring_with_notifications_off() {
+    let mem = guest();
+    let mut h = Harness::new(&mem, false);
+    let mut engine = MockEngine::new(Some(2));
+    chains(&h, &[VIRTIO_BLK_T_IN; 4]);
+    let out = process_queue(&mut h.q, 0, &mem, &mut engine, &h.ctx, &mut NoInflight).unwrap();
+    assert_eq!(
+        out,
+        QueueOutcome {
+            submitted: 2,
+            throttled: true,
+            ..QueueOutcome::default()
+        }
+    );
+    assert_eq!(h.q.next_avail(), 2, "two requests wait in the avail ring");
+    assert_eq!(
+        engine.enters, 1,
+        "what was taken is submitted before stopping"
+    );
+    // No kick wanted: the device drains the ring again once completions made room.
+    assert_eq!(used_flags(&mem), 1, "VRING_USED_F_NO_NOTIFY stays set");
+
+    // Room again (completions reaped): the rest is taken, notifications back on.
+    engine.room = None;
+    let out = process_queue(&mut h.q, 0, &mem, &mut engine, &h.ctx, &mut NoInflight).unwrap();
+    assert_eq!(
+        out,
+        QueueOutcome {
+            submitted: 2,
+            ..QueueOutcome::default()
+        }
+    );
+    assert_eq!(engine.submitted, [(0, 0), (0, 3), (0, 6), (0, 9)]);
+    assert_eq!(used_flags(&mem), 0);
+}
+
+#[test]
+fn a_full_engine_still_signals_what_completed_before_it_filled() {
+    let mem = guest();
+    let mut h = Harness::new(&mem, false);
+    let mut engine = MockEngine::new(Some(1));
+    chains(&h, &[VIRTIO_BLK_T_FLUSH, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_IN]);
+    let out = process_queue(&mut h.q, 0, &mem, &mut engine, &h.ctx, &mut NoInflight).unwrap();
+    assert_eq!(
+        out,
+        QueueOutcome {
+            signal: true,
+            completed: 1,
+            submitted: 1,
+            throttled: true,
+            ..QueueOutcome::default()
+        }
+    );
+    assert_eq!(h.used_idx(), 1);
+    assert_eq!(h.q.next_avail(), 2);
+}
+
+#[test]
+fn resubmitted_requests_run_at_once_even_on_an_asynchronous_engine() {
+    let mem = guest();
+    let mut h = Harness::new(&mem, false);
+    let mut engine = MockEngine::new(None);
+    chains(&h, &[VIRTIO_BLK_T_IN, VIRTIO_BLK_T_IN]);
+    // A predecessor popped both and completed neither.
+    h.q.set_next_avail(2);
+    let out = super::queue::process_resubmitted(
+        &mut h.q,
+        0,
+        &mem,
+        &mut engine,
+        &h.ctx,
+        &[0, 3],
+        &mut NoInflight,
+    )
+    .unwrap();
+    assert_eq!((out.completed, out.failed, out.submitted), (2, 0, 0));
+    assert!(engine.submitted.is_empty());
+    assert_eq!(h.used_idx(), 2);
+    let p = pattern(DISK_SIZE);
+    assert_eq!(h.read_guest(DATA + 0x1000, 512), &p[512..1024]);
 }

@@ -20,14 +20,15 @@ use std::io;
 use std::os::fd::{AsRawFd, RawFd};
 
 use io_uring::{opcode, register::Restriction, squeue, types, IoUring};
-use vm_memory::{GuestAddress, GuestMemory, VolatileSlice};
+use vm_memory::{GuestAddress, GuestMemory, GuestMemoryMmap, VolatileSlice};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use super::backend::{check_range, total_len, BackendError, DiskBackend};
-use super::execute::{finish_status, guest_slices_plain};
-use super::request::{Request, RequestKind};
+use super::backend::{check_range, total_len, BlockIo};
+use super::engine::{Processed, RequestEngine};
+use super::execute::{execute, finish_status, guest_slices_plain};
+use super::request::{BlkContext, Request, RequestKind};
 use super::sync_backend::{iovecs, SyncBackend};
-use crate::vhost::Reaped;
+use crate::vhost::device::Reaped;
 use virtio_bindings::virtio_blk::{VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK};
 
 /// Submission queue entries; the completion queue is twice as large.
@@ -160,34 +161,14 @@ impl UringEngine {
         Ok(ring)
     }
 
-    /// The descriptors that must survive the sandbox: the ring and its completion eventfd.
-    pub fn fds(&self) -> [RawFd; 2] {
-        [self.ring.as_raw_fd(), self.completions.as_raw_fd()]
-    }
-
-    /// Readable when completions are waiting (for the event loop).
-    pub fn completion_fd(&self) -> RawFd {
-        self.completions.as_raw_fd()
-    }
-
     /// Requests the ring is working on.
     pub fn in_flight(&self) -> usize {
         self.slots.len() - self.free.len()
     }
 
-    /// Whether the kernel posted completions not reaped yet (reads the shared ring only).
-    pub fn completions_ready(&mut self) -> bool {
-        !self.ring.completion().is_empty()
-    }
-
-    /// Whether the ring can take another request now.
-    pub fn has_room(&self) -> bool {
-        self.in_flight() < MAX_IN_FLIGHT
-    }
-
     /// Hands `req` (from queue `queue`) to the ring if it is a read, a write or a flush
-    /// whose buffers are in guest memory, and returns None; the caller runs anything else
-    /// synchronously (the request comes back).
+    /// whose buffers are in guest memory; the caller runs anything else synchronously
+    /// (the request comes back).
     pub fn submit<G: GuestMemory>(
         &mut self,
         queue: u16,
@@ -384,39 +365,57 @@ impl UringEngine {
     }
 }
 
-/// Synchronous requests (GET_ID, discard, write-zeroes, resubmissions) go to the file
-/// directly.
-impl DiskBackend for UringEngine {
-    fn size(&self) -> u64 {
-        self.sync.size()
+/// Reads, writes and flushes go to the ring; anything else (GET_ID, discard,
+/// write-zeroes, a request whose buffers are not all in guest memory) runs at once on the
+/// file, as do resubmissions.
+impl RequestEngine for UringEngine {
+    fn name(&self) -> &'static str {
+        "io_uring"
     }
 
-    fn read_vectored_at(
+    fn has_room(&self) -> bool {
+        self.in_flight() < MAX_IN_FLIGHT
+    }
+
+    fn process(
         &mut self,
-        bufs: &[VolatileSlice<'_>],
-        offset: u64,
-    ) -> Result<(), BackendError> {
-        self.sync.read_vectored_at(bufs, offset)
+        queue_index: u16,
+        req: Request,
+        mem: &GuestMemoryMmap,
+        ctx: &BlkContext,
+    ) -> Processed {
+        match self.submit(queue_index, req, mem) {
+            Ok(()) => Processed::Submitted,
+            Err(req) => Processed::Executed(execute(&req, mem, &mut self.sync, ctx)),
+        }
     }
 
-    fn write_vectored_at(
-        &mut self,
-        bufs: &[VolatileSlice<'_>],
-        offset: u64,
-    ) -> Result<(), BackendError> {
-        self.sync.write_vectored_at(bufs, offset)
+    fn submit_pending(&mut self) {
+        UringEngine::submit_pending(self);
     }
 
-    fn flush(&mut self) -> Result<(), BackendError> {
-        self.sync.flush()
+    fn sync_io(&mut self) -> &mut dyn BlockIo {
+        &mut self.sync
     }
 
-    fn discard(&mut self, offset: u64, len: u64) -> Result<(), BackendError> {
-        self.sync.discard(offset, len)
+    fn fds(&self) -> Vec<RawFd> {
+        vec![self.ring.as_raw_fd(), self.completions.as_raw_fd()]
     }
 
-    fn write_zeroes(&mut self, offset: u64, len: u64, unmap: bool) -> Result<(), BackendError> {
-        self.sync.write_zeroes(offset, len, unmap)
+    fn completion_fd(&self) -> Option<RawFd> {
+        Some(self.completions.as_raw_fd())
+    }
+
+    fn completions_ready(&mut self) -> bool {
+        !self.ring.completion().is_empty()
+    }
+
+    fn reap(&mut self, mem: &GuestMemoryMmap, out: &mut Vec<Reaped>) {
+        UringEngine::reap(self, mem, out);
+    }
+
+    fn drain(&mut self, mem: &GuestMemoryMmap, out: &mut Vec<Reaped>) {
+        UringEngine::drain(self, mem, out);
     }
 }
 

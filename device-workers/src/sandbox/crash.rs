@@ -17,7 +17,7 @@ use std::sync::atomic::{AtomicPtr, Ordering};
 use ipc::status::StatusMapping;
 use nix::sys::signal::{sigaction, SaFlags, SigAction, SigHandler, SigSet, Signal};
 
-use super::SandboxError;
+use super::error::SandboxError;
 
 /// Where the handlers record. Set once, before they are installed; the mapping lives as
 /// long as the process.

@@ -1,4 +1,5 @@
-//! What can go wrong while a worker enters its sandbox.
+//! Why entering the sandbox failed: shared by every step (a leaf, so the steps in the
+//! child modules need nothing from their parent).
 
 /// Errors while entering the sandbox. Any of them ends the worker before it serves.
 #[derive(Debug, thiserror::Error)]

@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicPtr, Ordering};
 
 use ipc::status::StatusMapping;
 
-use super::SandboxError;
+use super::error::SandboxError;
 
 /// Where the handler records a violation. Set once before the filter is installed and
 /// never freed (the mapping lives as long as the process).
