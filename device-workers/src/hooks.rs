@@ -2,11 +2,48 @@
 //! purpose, so tests can watch the real seccomp filter kill it. Absent from release
 //! builds; a test checks the release binary has none.
 
+/// Runs the named hook once the VMM's setup is answered (GET_CONFIG), for a spawned
+/// worker: the hooks of [`run_after_sandbox`], and those that need the status page.
+pub fn run_after_config(name: &str, status: &ipc::status::StatusMapping) -> Result<(), String> {
+    match name {
+        // A compromised worker naming another process (pid 1) as itself, hoping the VMM
+        // shows, watches or signals that one.
+        "forge-pid" => {
+            status.set_pid(1);
+            Ok(())
+        }
+        // A compromised worker writing a violation record (execve of 0x41414141...) and
+        // exiting with the code a trap's end once had, to have the VMM count and log it.
+        "forge-violation" => {
+            status.record_violation(59, [0x4141_4141; 6], 0xc000_003e, 0x4141);
+            // SAFETY: _exit ends the process at once; nothing is left to run.
+            unsafe { libc::_exit(ipc::status::EXIT_POLICY_VIOLATION) }
+        }
+        name => run_after_sandbox(name),
+    }
+}
+
 /// Runs the named hook right after the sandbox is complete. Hooks that change how the
 /// worker serves (rather than trap) return Ok and act through [`serving_hook`].
 pub fn run_after_sandbox(name: &str) -> Result<(), String> {
     match name {
-        "bad-vhost-config" => Ok(()),
+        "bad-vhost-config" | "inflight-guest-ram" | "forge-pid" | "forge-violation" => Ok(()),
+        // A compromised worker writing to its stderr: a line shaped like one of the VMM's,
+        // terminal escape sequences, a line far past any sane length, and a flood. The VMM
+        // must keep every byte of it inside this worker's own, marked lines.
+        "forge-log" => {
+            let mut text = b"FORGE-LOG start\n".to_vec();
+            text.extend_from_slice(
+                b"2026-01-01T00:00:00Z  INFO worker blk0 (pid 1) ended with the VM\n",
+            );
+            text.extend_from_slice(b"\x1b[2J\x1b[31mFORGED\x1b[0m\r\n");
+            text.extend(std::iter::repeat_n(b'x', 100_000));
+            text.push(b'\n');
+            for i in 0..5000 {
+                text.extend_from_slice(format!("flood {i}\n").as_bytes());
+            }
+            write_all(libc::STDERR_FILENO, &text)
+        }
         name if name.starts_with(CRASH_LOOP) => Ok(()),
         // One harmless call outside the policy, then serve on: under the enforcing filter
         // it kills the worker; in learn mode it must show up in the learned set.
@@ -64,6 +101,24 @@ pub fn run_after_sandbox(name: &str) -> Result<(), String> {
             None => Err(format!("unknown fault hook {name:?}")),
         },
     }
+}
+
+/// Writes all of `bytes` to `fd` with plain write(2) calls (std's stderr lock asks for
+/// the thread id, which the filter may not allow).
+fn write_all(fd: i32, mut bytes: &[u8]) -> Result<(), String> {
+    while !bytes.is_empty() {
+        // SAFETY: write from a live buffer of the length given.
+        let n = unsafe { libc::write(fd, bytes.as_ptr().cast(), bytes.len()) };
+        if n < 0 {
+            let e = std::io::Error::last_os_error();
+            if e.kind() == std::io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(format!("write to fd {fd}: {e}"));
+        }
+        bytes = &bytes[n as usize..];
+    }
+    Ok(())
 }
 
 /// The `sigbus` hook's page: a shared mapping of an empty memfd, made before the sandbox

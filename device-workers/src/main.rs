@@ -130,6 +130,9 @@ fn main() -> ExitCode {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .with_target(false)
+        // A log line that cannot be written is lost, not a panic (the default reports the
+        // failure with eprintln!, which panics when stderr itself is what failed).
+        .log_internal_errors(false)
         .with_ansi(false)
         .init();
     let cli = Cli::parse();
@@ -342,6 +345,8 @@ fn serve(s: Serve) -> anyhow::Result<ExitCode> {
     {
         vhost_backend.bad_config_reply =
             device_workers::hooks::serving_hook(s.fault_hook.as_deref(), "bad-vhost-config");
+        vhost_backend.inflight_guest_ram =
+            device_workers::hooks::serving_hook(s.fault_hook.as_deref(), "inflight-guest-ram");
         vhost_backend.exit_at_ring_start =
             device_workers::hooks::take_crash_loop_turn(s.fault_hook.as_deref())
                 .map_err(anyhow::Error::msg)?;
@@ -459,7 +464,8 @@ fn reap(worker: nix::unistd::Pid, status: &ipc::status::StatusMapping, print: bo
             Ok(WaitStatus::Signaled(_, sig, _)) => {
                 let end = WorkerEnd::Signaled(sig as i32);
                 status.record_end(end);
-                if ipc::status::describe_crash(status.crash(), Some(end)).is_none() {
+                let trap = sig == nix::sys::signal::Signal::SIGSYS && status.violation().is_some();
+                if ipc::status::describe_crash(status.crash(), Some(end)).is_none() && !trap {
                     say(format_args!("worker (pid {worker}) was killed by {sig}"));
                 }
                 break end.exit_code();
@@ -476,7 +482,15 @@ fn reap(worker: nix::unistd::Pid, status: &ipc::status::StatusMapping, print: bo
     };
     if let Some(crash) = ipc::status::describe_crash(status.crash(), status.end()) {
         say(format_args!("worker (pid {worker}) {crash}"));
-    } else if let (Some(v), ipc::status::EXIT_POLICY_VIOLATION) = (status.violation(), code) {
+    } else if let (Some(v), Some(WorkerEnd::Exited(_))) = (status.violation(), status.end()) {
+        say(format_args!(
+            "worker (pid {worker}) exited with a violation record (nr {}) that no trap \
+             confirms: its claim, not counted",
+            v.nr
+        ));
+    } else if let (Some(v), Some(WorkerEnd::Signaled(libc::SIGSYS))) =
+        (status.violation(), status.end())
+    {
         say(format_args!(
             "worker (pid {worker}) violated policy blk: {}",
             policies::decode::format_call(v.nr, v.args)

@@ -199,7 +199,8 @@ impl EventLoop {
                         {
                             #[cfg(feature = "test-hooks")]
                             if let Some(hook) = lock().take_due_hook() {
-                                crate::hooks::run_after_sandbox(&hook).map_err(ServeError::Hook)?;
+                                crate::hooks::run_after_config(&hook, status)
+                                    .map_err(ServeError::Hook)?;
                             }
                         }
                         Err(VhostError::Disconnected) => {

@@ -393,6 +393,25 @@ impl StatusPage {
         true
     }
 
+    /// Records the trap a worker is dying of, overwriting whatever the record held: the
+    /// SIGSYS handler's last word. A compromised worker can write any record into its
+    /// page before it traps (the page is shared memory), so the one kept must be the
+    /// handler's, with the kernel's syscall number and arguments. Async-signal-safe as
+    /// [`Self::record_violation`] is.
+    pub fn record_trap(&self, nr: u64, args: [u64; 6], arch: u32, ip: u64) {
+        self.violation_count.fetch_add(1, Ordering::Relaxed);
+        self.violation_state
+            .store(VIOLATION_WRITING, Ordering::Relaxed);
+        self.violation_nr.store(nr, Ordering::Relaxed);
+        for (slot, value) in self.violation_args.iter().zip(args) {
+            slot.store(value, Ordering::Relaxed);
+        }
+        self.violation_arch.store(arch, Ordering::Relaxed);
+        self.violation_ip.store(ip, Ordering::Relaxed);
+        self.violation_state
+            .store(VIOLATION_RECORDED, Ordering::Release);
+    }
+
     /// The violation record, if a violation has been (or is being) recorded.
     pub fn violation(&self) -> Option<ViolationRecord> {
         let state = self.violation_state.load(Ordering::Acquire);
@@ -761,6 +780,16 @@ impl Drop for StatusMapping {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn a_trap_record_replaces_a_forged_one() {
+        let (_fd, page) = StatusPage::create("test-trap").unwrap();
+        assert!(page.record_violation(59, [0x4141_4141; 6], 0xc000_003e, 1));
+        page.record_trap(2, [1, 2, 3, 4, 5, 6], 0xc000_003e, 7);
+        let v = page.violation().unwrap();
+        assert!(v.complete);
+        assert_eq!((v.nr, v.args, v.ip), (2, [1, 2, 3, 4, 5, 6], 7));
+    }
 
     #[test]
     fn a_crash_needs_both_records_to_agree() {

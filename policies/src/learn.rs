@@ -369,6 +369,11 @@ pub fn learner(sock: UnixStream, recorder: Arc<Recorder>, worker: String) -> Lea
     }
 }
 
+fn say(line: std::fmt::Arguments) {
+    use std::io::Write as _;
+    let _ = writeln!(std::io::stderr(), "{line}");
+}
+
 impl Learner {
     /// A name for the learner's thread.
     pub fn thread_name(&self) -> String {
@@ -382,9 +387,12 @@ impl Learner {
         let result = receive_listener(&self.sock, worker, HANDOFF_TIMEOUT)
             .and_then(|listener| serve_listener(&listener, &self.recorder, worker));
         match result {
-            Ok(calls) => eprintln!("bulkhead: learn: {worker}: {calls} syscalls recorded"),
+            // A failed write to stderr is no reason to fail (eprintln! would panic).
+            Ok(calls) => say(format_args!(
+                "bulkhead: learn: {worker}: {calls} syscalls recorded"
+            )),
             Err(e) => {
-                eprintln!("bulkhead: learn: error: {e}");
+                say(format_args!("bulkhead: learn: error: {e}"));
                 self.recorder.failed();
             }
         }

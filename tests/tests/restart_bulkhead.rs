@@ -91,16 +91,30 @@ enum Action {
 /// Runs `blk-chaos` for `secs` on disk 0 (disk 1 idle beside it) and, every `interval()`
 /// while the guest's rounds run, applies `action` to disk 0's worker. Checks the guest's
 /// verdict, the exit status and the host image.
-fn chaos(name: &str, secs: u64, action: Action, mut interval: impl FnMut() -> Duration) -> Chaos {
+fn chaos(name: &str, secs: u64, action: Action, interval: impl FnMut() -> Duration) -> Chaos {
+    chaos_with_hook(name, secs, action, interval, None)
+}
+
+/// [`chaos`] with the hook-enabled worker, its fault hook `hook` on disk 0's workers.
+fn chaos_with_hook(
+    name: &str,
+    secs: u64,
+    action: Action,
+    mut interval: impl FnMut() -> Duration,
+    hook: Option<&str>,
+) -> Chaos {
     require_kvm();
     let dir = scratch_dir(name);
     let api = dir.join("api.sock");
     let mut ctl_output = String::new();
     let d0 = image(&dir, "d0.img");
     let d1 = image(&dir, "d1.img");
-    let mut child = chaos_command(&api, secs, &[&d0, &d1], None)
-        .spawn()
-        .expect("start bulkhead");
+    let hooks_bin = hook.map(|_| tests::worker_hooks_bin());
+    let mut cmd = chaos_command(&api, secs, &[&d0, &d1], hooks_bin.as_deref());
+    if let Some(hook) = hook {
+        cmd.env("BULKHEAD_WORKER_FAULT_HOOK", format!("blk0:{hook}"));
+    }
+    let mut child = cmd.spawn().expect("start bulkhead");
     let lines = Arc::new(Mutex::new(Vec::<String>::new()));
     let mut readers = Vec::new();
     for stream in [
@@ -186,6 +200,23 @@ fn chaos(name: &str, secs: u64, action: Action, mut interval: impl FnMut() -> Du
         text,
         actions,
     }
+}
+
+/// A compromised worker answers GET_INFLIGHT_FD with the guest-RAM memfd, from 1 MiB on
+/// (where the test guest's code is). Were that region kept and handed to the workers
+/// (this one and its successors), they would write their inflight entries into the
+/// guest's code; the VMM makes the region itself and never asks a worker for one, so the
+/// guest sees nothing of it through its workers' kills.
+#[test]
+fn a_workers_inflight_region_never_reaches_the_guest() {
+    let c = chaos_with_hook(
+        "restart-inflight-guest-ram",
+        10,
+        Action::Signal(libc::SIGKILL),
+        || Duration::from_millis(300),
+        Some("inflight-guest-ram"),
+    );
+    assert!(c.actions >= 5, "only {} kills: {}", c.actions, c.transcript);
 }
 
 #[test]

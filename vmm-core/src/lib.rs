@@ -7,6 +7,7 @@ pub mod config;
 pub mod cpu;
 pub mod devices;
 pub mod disk;
+pub mod keyvalue;
 pub mod kvm_stats;
 pub mod layout;
 pub mod memory;
@@ -22,5 +23,16 @@ pub mod vhost_frontend;
 pub mod violations;
 pub mod vm;
 pub mod worker;
+pub mod worker_output;
 
 pub use ipc::error_chain;
+
+/// Writes one line to stderr and ignores a failure: a closed or full stderr (its reader
+/// gone) must never end the VMM, and `eprintln!` panics when its write fails.
+#[macro_export]
+macro_rules! say {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stderr(), $($arg)*);
+    }};
+}

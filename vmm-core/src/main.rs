@@ -62,6 +62,9 @@ fn main() -> ExitCode {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .with_target(false)
+        // A log line that cannot be written is lost, not a panic (the default reports the
+        // failure with eprintln!, which panics when stderr itself is what failed).
+        .log_internal_errors(false)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let cli = Cli::parse();
@@ -69,7 +72,7 @@ fn main() -> ExitCode {
         return match policy_cmd::policy_command(cmd) {
             Ok(code) => code,
             Err(e) => {
-                eprintln!("bulkhead: error: {e:#}");
+                vmm_core::say!("bulkhead: error: {e:#}");
                 ExitCode::from(2)
             }
         };
@@ -80,7 +83,7 @@ fn main() -> ExitCode {
         Command::Run(args) => match run_cmd::run(args, None) {
             Ok(code) => ExitCode::from(code),
             Err(e) => {
-                eprintln!("bulkhead: error: {e:#}");
+                vmm_core::say!("bulkhead: error: {e:#}");
                 ExitCode::FAILURE
             }
         },
@@ -102,7 +105,7 @@ fn ctl(args: CtlArgs) -> ExitCode {
             }
         }
         Err(e) => {
-            eprintln!(
+            vmm_core::say!(
                 "bulkhead: error: cannot reach the API at {}: {e}",
                 args.api_socket.display()
             );

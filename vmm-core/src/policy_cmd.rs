@@ -179,7 +179,7 @@ const WORKER_LEARN_FD: RawFd = 3;
 fn learn(args: LearnArgs) -> anyhow::Result<ExitCode> {
     let against = load_policy(&args.against)?;
     let recorder = Arc::new(Recorder::new(against));
-    eprintln!("bulkhead: {BANNER}");
+    vmm_core::say!("bulkhead: {BANNER}");
     let provenance = if args.worker {
         format!("bulkhead-worker {}", args.command.join(" "))
     } else {
@@ -221,11 +221,11 @@ fn learn(args: LearnArgs) -> anyhow::Result<ExitCode> {
     }
     let mut failed = false;
     if status != 0 {
-        eprintln!("bulkhead: learn: the workload ended with status {status}; the learned set may be incomplete");
+        vmm_core::say!("bulkhead: learn: the workload ended with status {status}; the learned set may be incomplete");
         failed = true;
     }
     if !idle || recorder.failures() > 0 {
-        eprintln!("bulkhead: learn: not every worker was recorded to its end");
+        vmm_core::say!("bulkhead: learn: not every worker was recorded to its end");
         failed = true;
     }
     Ok(if failed {

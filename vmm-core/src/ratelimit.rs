@@ -11,9 +11,17 @@ pub const WINDOW: Duration = Duration::from_secs(10);
 /// Lines a window.
 pub const BURST: u32 = 5;
 
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct RateLimitedLog {
     state: Mutex<State>,
+    /// Lines a window.
+    burst: u32,
+}
+
+impl Default for RateLimitedLog {
+    fn default() -> Self {
+        Self::with_burst(BURST)
+    }
 }
 
 #[derive(Debug, Default)]
@@ -24,6 +32,14 @@ struct State {
 }
 
 impl RateLimitedLog {
+    /// A limiter that lets `burst` lines through a window.
+    pub fn with_burst(burst: u32) -> Self {
+        RateLimitedLog {
+            state: Mutex::new(State::default()),
+            burst,
+        }
+    }
+
     /// Whether a line may be logged now; if so, how many were left out before it.
     pub fn admit(&self) -> Option<u64> {
         self.admit_at(Instant::now())
@@ -38,7 +54,7 @@ impl RateLimitedLog {
             st.window_start = Some(now);
             st.logged = 0;
         }
-        if st.logged >= BURST {
+        if st.logged >= self.burst {
             st.suppressed += 1;
             return None;
         }

@@ -63,13 +63,16 @@ impl VmStats {
     }
 }
 
-/// Logs the confined worker's sandbox facts once its reaper has published its pid and
-/// the worker has installed its filter (or says it could not see them).
-pub fn report_confinement(id: &str, reaper: u32, status: &ipc::status::StatusMapping) {
+/// Logs the sandbox facts of the confined worker `confined` (the pid the VMM checked is
+/// its reaper's child) once it has installed its filter, or says it could not see them.
+pub fn report_confinement(id: &str, confined: Option<u32>) {
+    let Some(pid) = confined else {
+        tracing::warn!("worker {id}: no confined process under its reaper to check");
+        return;
+    };
     let deadline = std::time::Instant::now() + Duration::from_secs(5);
     while std::time::Instant::now() < deadline {
-        let pid = status.worker_pid();
-        if pid != 0 && pid != reaper {
+        {
             if let Some(facts) = crate::sandbox_report::SandboxFacts::read(pid) {
                 if facts.seccomp == "2" {
                     let verdict = if facts.confined() {
@@ -87,21 +90,21 @@ pub fn report_confinement(id: &str, reaper: u32, status: &ipc::status::StatusMap
     tracing::warn!("worker {id}: could not confirm its confinement within 5 s");
 }
 
-/// One log line for a worker that ended: its confined pid, and how it ended. A crash
+/// One log line for a worker that ended: the pid the VMM knows for it (`confined`), and
+/// how it ended. A crash
 /// (a fault, abort or panic that the worker's own record and its reaper's agree on) is
 /// reported with its signal; a policy violation from the status page is decoded by name
-/// and kept in `violations`, but only when the reaper saw the worker end the way the
-/// SIGSYS handler ends it: a record alone is the worker's word, and a compromised worker
-/// could write one.
+/// and kept in `violations`, but only when the reaper saw the kernel kill the worker by
+/// SIGSYS: a record alone is the worker's word, and a compromised worker could write one.
 pub fn report_worker_end(
     id: &str,
+    confined: u32,
     status: &ipc::status::StatusMapping,
     how: &str,
     reaper: Option<std::process::ExitStatus>,
     violations: &ViolationLog,
 ) {
-    use ipc::status::{WorkerEnd, EXIT_POLICY_VIOLATION};
-    let confined = status.worker_pid();
+    use ipc::status::WorkerEnd;
     // The end record counts only if the reaper itself ended as it says (it exits the way
     // its worker did). A reaper that was killed (by the VMM, on a hang or a bad reply)
     // wrote nothing, and whatever the page holds is the worker's own word.
@@ -112,19 +115,18 @@ pub fn report_worker_end(
         tracing::error!("worker {id} (pid {confined}) {crash} ({how})");
         return;
     }
-    if end == Some(WorkerEnd::Signaled(libc::SIGSYS)) {
-        // A trap with its SIGSYS handler blocked or undone: a violation nobody recorded.
-        tracing::error!(
+    // A trap kills the worker by SIGSYS (its handler records, then traps again with the
+    // signal blocked): only the kernel's verdict, seen by the reaper, makes a violation.
+    let trapped = end == Some(WorkerEnd::Signaled(libc::SIGSYS));
+    match status.violation() {
+        None if trapped => tracing::error!(
             "worker {id} (pid {confined}) was killed by SIGSYS: a seccomp trap its handler \
              did not record ({how})"
-        );
-        return;
-    }
-    let trapped = end == Some(WorkerEnd::Exited(EXIT_POLICY_VIOLATION));
-    match status.violation() {
+        ),
         Some(v) if !trapped => tracing::error!(
-            "worker {id} (pid {confined}) {how}; its status page holds a violation record \
-             (nr {}) that its end does not confirm: not counted",
+            "worker {id} (pid {confined}) ended ({how}) with a violation record (nr {}) in \
+             its status page that the kernel did not confirm (it was not killed by SIGSYS): \
+             the worker's claim, not counted",
             v.nr
         ),
         Some(v) => {

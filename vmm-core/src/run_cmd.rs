@@ -113,7 +113,7 @@ pub fn run(
                 return;
             }
             (_, None) => {
-                eprintln!("bulkhead: stopped by {sig} during setup");
+                vmm_core::say!("bulkhead: stopped by {sig} during setup");
                 std::process::exit(128 + sig as i32);
             }
         }
@@ -194,7 +194,7 @@ fn report(outcome: VmOutcome) -> u8 {
             EXIT_GUEST_CRASHED
         }
         VmOutcome::Vcpu(VcpuEvent::RunFailed { vcpu, error }) => {
-            eprintln!("bulkhead: error: KVM_RUN failed on vCPU {vcpu}: {error}");
+            vmm_core::say!("bulkhead: error: KVM_RUN failed on vCPU {vcpu}: {error}");
             1
         }
         VmOutcome::TimedOut(after) => {
@@ -206,7 +206,7 @@ fn report(outcome: VmOutcome) -> u8 {
             128u8.wrapping_add(sig as u8)
         }
         VmOutcome::Vanished => {
-            eprintln!("bulkhead: error: every vCPU thread ended without a reason");
+            vmm_core::say!("bulkhead: error: every vCPU thread ended without a reason");
             1
         }
     }

@@ -5,7 +5,7 @@
 
 use crate::config::VmConfig;
 use crate::violations::ViolationLog;
-use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, SyncSender};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -80,12 +80,13 @@ pub enum VmEvent {
 
 /// Lets another thread (e.g. a signal handler thread) stop a running VM.
 #[derive(Clone, Debug)]
-pub struct Stopper(Sender<VmEvent>);
+pub struct Stopper(SyncSender<VmEvent>);
 
 impl Stopper {
     /// Ends the VM's run with [`VmOutcome::Signal`].
     pub fn signal(&self, sig: i32) {
-        let _ = self.0.send(VmEvent::Signal(sig));
+        // The VM ends on the first event: a full channel already holds one.
+        let _ = self.0.try_send(VmEvent::Signal(sig));
     }
 }
 
@@ -191,7 +192,8 @@ impl Vm {
             .map_err(kvm_err("connect the serial interrupt"))?;
         let pio = Arc::new(LegacyPio::new(serial.clone()));
 
-        let (tx, events) = mpsc::channel();
+        // Bounded: each vCPU says once why it stopped, and one signal ends the VM.
+        let (tx, events) = mpsc::sync_channel(usize::from(num_vcpus) + 2);
         let mut base_cpuid = cpu::supported_cpuid(&kvm)?;
         let mut vcpus = Vec::with_capacity(cfg.vcpus as usize);
         for id in 0..num_vcpus {
@@ -224,7 +226,7 @@ impl Vm {
                 stopped: {
                     let tx = tx.clone();
                     // The receiver is gone only when the VMM is already exiting.
-                    Box::new(move |e| drop(tx.send(VmEvent::Vcpu(e))))
+                    Box::new(move |e| drop(tx.try_send(VmEvent::Vcpu(e))))
                 },
             });
         }

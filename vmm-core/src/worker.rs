@@ -20,6 +20,7 @@ use ipc::messages::ServeMode;
 
 use crate::disk::config::WorkerDisk;
 use crate::disk::image::OpenedImage;
+use crate::ratelimit::RateLimitedLog;
 
 /// Where the inherited descriptors land in the worker.
 const VHOST_FD: RawFd = 3;
@@ -28,6 +29,10 @@ const DISK_FD: RawFd = 5;
 const STATUS_FD: RawFd = 6;
 /// Learn mode only: the socket the worker hands its seccomp listener over.
 const LEARN_FD: RawFd = 7;
+
+/// The environment variables a worker gets (when the VMM has them): its log filter, and
+/// the fault hook that test builds of the worker read (release workers ignore it).
+const WORKER_ENV: [&str; 2] = ["BULKHEAD_LOG", "BULKHEAD_WORKER_FAULT_HOOK"];
 
 /// How long a worker may take to answer during setup before it is given up on.
 pub const SETUP_TIMEOUT: Duration = Duration::from_secs(10);
@@ -119,6 +124,7 @@ pub fn spawn(
     bin: &Path,
     learn: Option<&Arc<Recorder>>,
     mode: ServeMode,
+    output: &Arc<RateLimitedLog>,
 ) -> Result<Worker, WorkerError> {
     let id = cfg.id.clone();
     let setup = |what: &'static str| {
@@ -157,6 +163,9 @@ pub fn spawn(
         .map(|s| s.as_raw_fd())
         .zip([VHOST_FD, CONTROL_FD, DISK_FD, STATUS_FD, LEARN_FD])
         .collect();
+    // The worker's stdout and stderr: a pipe only the VMM reads (see worker_output).
+    let (output_r, output_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
+        .map_err(|e| setup("create the output pipe")(std::io::Error::from(e)))?;
     let mut cmd = Command::new(bin);
     cmd.args([
         "spawned",
@@ -172,7 +181,20 @@ pub fn spawn(
         &id,
     ])
     .stdin(Stdio::null())
-    .stdout(Stdio::null());
+    .stdout(Stdio::from(
+        output_w
+            .try_clone()
+            .map_err(setup("pass the output pipe"))?,
+    ))
+    .stderr(Stdio::from(output_w))
+    // Nothing of the VMM's environment (its secrets, its locale, its PATH) reaches a
+    // worker: only what a worker reads, named here.
+    .env_clear();
+    for name in WORKER_ENV {
+        if let Some(value) = std::env::var_os(name) {
+            cmd.env(name, value);
+        }
+    }
     if learn_pair.is_some() {
         cmd.args(["--learn-fd", &LEARN_FD.to_string()]);
     }
@@ -193,6 +215,13 @@ pub fn spawn(
         bin: bin.to_path_buf(),
         source,
     })?;
+    // The write ends are the worker's alone now: the pipe ends when it and its reaper do.
+    drop(cmd);
+    if let Err(e) =
+        crate::worker_output::spawn_forwarder(&id, std::fs::File::from(output_r), output.clone())
+    {
+        tracing::warn!("disk {id}: cannot start the thread that logs its worker's output: {e}");
+    }
     drop(sources);
     drop((worker_vhost, worker_control, status_fd));
     let pid = child.id();

@@ -48,11 +48,29 @@ pub fn process_queue(
     if !queue.ready() {
         return Err(QueueError::NotReady { queue_index });
     }
+    let mut outcome = QueueOutcome::default();
+    let result = drain(queue, queue_index, mem, engine, ctx, log, &mut outcome);
+    // Whatever ended the pass (a ring error included), requests already handed to the
+    // engine go to the kernel now, not at some later pass or during a reset.
+    engine.submit_pending();
+    result.map(|()| outcome)
+}
+
+/// The body of [`process_queue`]: drains the ring until it stays empty with notifications
+/// on, or the engine is full.
+fn drain(
+    queue: &mut Queue,
+    queue_index: u16,
+    mem: &GuestMemoryMmap,
+    engine: &mut dyn RequestEngine,
+    ctx: &BlkContext,
+    log: &mut dyn InflightLog,
+    outcome: &mut QueueOutcome,
+) -> Result<(), QueueError> {
     let ring = |source| QueueError::Ring {
         queue_index,
         source,
     };
-    let mut outcome = QueueOutcome::default();
     let queue_size = usize::from(queue.size());
     loop {
         queue.disable_notification(mem).map_err(ring)?;
@@ -65,9 +83,9 @@ pub fn process_queue(
                 if added && queue.needs_notification(mem).map_err(ring)? {
                     outcome.signal = true;
                 }
-                return Ok(outcome);
+                return Ok(());
             }
-            let Some(chain) = next_popped(queue, queue_index, mem, &mut outcome, log)? else {
+            let Some(chain) = next_popped(queue, queue_index, mem, outcome, log)? else {
                 break;
             };
             let head_index = chain.head_index();
@@ -92,7 +110,7 @@ pub fn process_queue(
             break;
         }
     }
-    Ok(outcome)
+    Ok(())
 }
 
 /// Publishes one used entry, bracketed by the inflight log (see [`crate::inflight`]).

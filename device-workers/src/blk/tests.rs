@@ -1039,6 +1039,9 @@ struct MockEngine {
     pending: usize,
     /// `submit_pending` calls that had something to submit (io_uring_enter calls).
     enters: usize,
+    /// After each submission, move the avail index at this address a ring's worth ahead
+    /// (a guest corrupting its ring while the worker drains it).
+    corrupt_avail: Option<GuestAddress>,
 }
 
 impl MockEngine {
@@ -1049,6 +1052,7 @@ impl MockEngine {
             submitted: Vec::new(),
             pending: 0,
             enters: 0,
+            corrupt_avail: None,
         }
     }
 }
@@ -1072,6 +1076,10 @@ impl RequestEngine for MockEngine {
         if matches!(req.kind, super::request::RequestKind::In { .. }) {
             self.submitted.push((queue_index, req.head_index));
             self.pending += 1;
+            if let Some(at) = self.corrupt_avail {
+                let idx: u16 = mem.read_obj(at).unwrap();
+                mem.write_obj(idx.wrapping_add(2 * QSIZE), at).unwrap();
+            }
             super::engine::Processed::Submitted
         } else {
             super::engine::Processed::Executed(super::execute::execute(
@@ -1130,6 +1138,25 @@ fn chains(h: &Harness, kinds: &[u32]) {
 
 fn used_flags(mem: &GuestMemoryMmap) -> u16 {
     mem.read_obj(GuestAddress(USED)).unwrap()
+}
+
+/// A ring error in the middle of a pass still hands what the engine took to the kernel:
+/// requests popped before it must not wait for another pass, or for a reset.
+#[test]
+fn a_ring_error_mid_pass_still_submits_what_was_taken() {
+    let mem = guest();
+    let mut h = Harness::new(&mem, false);
+    let mut engine = MockEngine::new(None);
+    engine.corrupt_avail = Some(GuestAddress(h.q.avail_ring() + 2));
+    chains(&h, &[VIRTIO_BLK_T_IN; 2]);
+    let err = process_queue(&mut h.q, 0, &mem, &mut engine, &h.ctx, &mut NoInflight).unwrap_err();
+    assert!(matches!(err, QueueError::AvailIndex { .. }), "{err}");
+    assert_eq!(engine.submitted, [(0, 0)]);
+    assert_eq!(
+        (engine.pending, engine.enters),
+        (0, 1),
+        "the request taken before the error was submitted"
+    );
 }
 
 #[test]

@@ -1,6 +1,10 @@
 //! The seccomp filter and what happens on a violation: the filter traps (SIGSYS), and the
 //! handler records the syscall number, its six arguments, the arch and the instruction
-//! pointer in the status page, then `_exit`s with [`ipc::status::EXIT_POLICY_VIOLATION`].
+//! pointer in the status page, then makes the same call again. SIGSYS is blocked inside
+//! its own handler, so the kernel takes the default action for that second trap: the
+//! worker dies by SIGSYS, which its reaper sees and records. A worker that merely exits
+//! with [`ipc::status::EXIT_POLICY_VIOLATION`], whatever its page says, made no trap: a
+//! violation counts only when the kernel killed the worker by SIGSYS.
 
 use std::sync::atomic::{AtomicPtr, Ordering};
 
@@ -11,6 +15,9 @@ use super::error::SandboxError;
 /// Where the handler records a violation. Set once before the filter is installed and
 /// never freed (the mapping lives as long as the process).
 static STATUS: AtomicPtr<StatusMapping> = AtomicPtr::new(std::ptr::null_mut());
+
+/// `AUDIT_ARCH_X86_64`: a trap from the native system call ABI.
+const AUDIT_ARCH_X86_64: u32 = 0xc000_003e;
 
 /// The part of `siginfo_t` the kernel fills for SIGSYS (`_sigsys` in the union), x86-64.
 #[repr(C)]
@@ -27,7 +34,9 @@ struct SigsysInfo {
 extern "C" fn on_sigsys(_sig: libc::c_int, info: *mut libc::siginfo_t, ctx: *mut libc::c_void) {
     // SAFETY: the kernel passes valid siginfo and ucontext pointers to an SA_SIGINFO
     // handler; for SIGSYS the siginfo union holds `_sigsys`, laid out as SigsysInfo. Only
-    // plain loads and atomic stores follow (async-signal-safe), then _exit.
+    // plain loads and atomic stores follow (async-signal-safe), then the trapped call is
+    // made again (refused again, before it runs: the filter decides on the same registers
+    // the same way) and, should it ever return, _exit.
     unsafe {
         let info = &*(info as *const SigsysInfo);
         let uc = &*(ctx as *const libc::ucontext_t);
@@ -42,7 +51,23 @@ extern "C" fn on_sigsys(_sig: libc::c_int, info: *mut libc::siginfo_t, ctx: *mut
         ];
         let status = STATUS.load(Ordering::Acquire);
         if !status.is_null() {
-            (*status).record_violation(info.syscall as u64, args, info.arch, info.call_addr);
+            (*status).record_trap(info.syscall as u64, args, info.arch, info.call_addr);
+        }
+        // The same call on the native ABI; a call from another ABI (int 0x80) would mean
+        // something else here, so a harmless call the policy refuses stands in for it.
+        if info.arch == AUDIT_ARCH_X86_64 {
+            libc::syscall(
+                info.syscall as libc::c_long,
+                args[0],
+                args[1],
+                args[2],
+                args[3],
+                args[4],
+                args[5],
+            );
+        } else {
+            let mut uts: libc::utsname = std::mem::zeroed();
+            libc::syscall(libc::SYS_uname, &mut uts);
         }
         libc::_exit(ipc::status::EXIT_POLICY_VIOLATION);
     }

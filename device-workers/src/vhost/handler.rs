@@ -56,6 +56,11 @@ pub struct VhostBackend<D> {
     /// Test builds: exit when the first ring starts (one turn of a crash loop).
     #[cfg(feature = "test-hooks")]
     pub exit_at_ring_start: bool,
+    /// Test builds: answer GET_INFLIGHT_FD with the guest-RAM memfd (from 1 MiB on, where
+    /// a PVH kernel's code is), as a compromised worker would to have its successors
+    /// write into the guest.
+    #[cfg(feature = "test-hooks")]
+    pub inflight_guest_ram: bool,
     /// Test builds: the fault hook to run once GET_CONFIG is answered (the end of the
     /// VMM's setup); moved to `hook_due` then.
     #[cfg(feature = "test-hooks")]
@@ -64,6 +69,7 @@ pub struct VhostBackend<D> {
     hook_due: Option<String>,
 }
 
+/// The size of a regular file (a memfd is one) the frontend passed, None for any other
 /// kind, with the raw fstat system call: the policy
 /// allows it, which takes no path (glibc's fstat() is newfstatat with an empty path, std's
 /// metadata() is statx).
@@ -92,6 +98,8 @@ impl<D: VhostDevice> VhostBackend<D> {
             bad_config_reply: false,
             #[cfg(feature = "test-hooks")]
             exit_at_ring_start: false,
+            #[cfg(feature = "test-hooks")]
+            inflight_guest_ram: false,
             #[cfg(feature = "test-hooks")]
             hook_after_config: None,
             #[cfg(feature = "test-hooks")]
@@ -473,6 +481,27 @@ impl<D: VhostDevice> VhostUserBackendReqHandlerMut for VhostBackend<D> {
         &mut self,
         inflight: &VhostUserInflight,
     ) -> VhostResult<(VhostUserInflight, File)> {
+        #[cfg(feature = "test-hooks")]
+        if self.inflight_guest_ram {
+            use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
+            let ram = self
+                .plane
+                .memory()
+                .and_then(|m| m.iter().next())
+                .and_then(|r| r.file_offset())
+                .and_then(|f| f.file().try_clone().ok());
+            if let Some(file) = ram {
+                let size = usize::from(inflight.num_queues)
+                    * crate::inflight::queue_region_size(inflight.queue_size);
+                let info = VhostUserInflight::new(
+                    size as u64,
+                    0x10_0000,
+                    inflight.num_queues,
+                    inflight.queue_size,
+                );
+                return Ok((info, file));
+            }
+        }
         let Some(region) = self.plane.inflight_mut() else {
             return unsupported("inflight tracking (no region was prepared)");
         };

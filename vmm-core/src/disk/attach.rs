@@ -190,6 +190,7 @@ struct Started {
     disk: WorkerDisk,
     image: Arc<OpenedImage>,
     bin: PathBuf,
+    output: Arc<crate::ratelimit::RateLimitedLog>,
 }
 
 /// Starts the disk's worker (for an image, opened by the caller) or connects to its
@@ -215,12 +216,14 @@ pub fn attach(
                 image: options.clone(),
                 num_queues,
             };
+            let output = crate::worker_output::limiter();
             let w = crate::worker::spawn(
                 &disk,
                 &image,
                 &bin,
                 workers.learn,
                 ipc::messages::ServeMode::Normal,
+                &output,
             )?;
             tracing::info!(
                 "disk {}: {} served by worker pid {} ({} bytes)",
@@ -241,6 +244,7 @@ pub fn attach(
                 disk,
                 image,
                 bin,
+                output,
             };
             (vhost, Some(started))
         }
@@ -351,6 +355,7 @@ pub fn attach(
             features: backend.features,
             config: backend.config.clone(),
             handle: handle.clone(),
+            output: s.output,
             frontend: frontend_handle,
             kicks: kicks
                 .iter()
@@ -399,5 +404,5 @@ fn report_failed_setup(id: &str, mut w: crate::worker::Worker, violations: &Viol
         exited = w.child.wait().ok();
     }
     let how = exited.map_or_else(|| "ended".to_string(), crate::report::describe_exit);
-    crate::report::report_worker_end(id, &w.status, &how, exited, violations);
+    crate::report::report_worker_end(id, w.child.id(), &w.status, &how, exited, violations);
 }

@@ -1,6 +1,6 @@
-//! A disk's configuration, typed: the same serde types serve `--disk key=value,...` (parsed
-//! with `serde-keyvalue`, crosvm's key=value deserializer), a configuration file and the
-//! control API, so the three cannot drift. Unknown and repeated keys are refused by serde;
+//! A disk's configuration, typed: the same serde types serve `--disk key=value,...` (see
+//! [`crate::keyvalue`]), a configuration file and the control API, so the three cannot
+//! drift. Unknown and repeated keys are refused by serde;
 //! what only means something for an image bulkhead's worker serves cannot be given to a
 //! disk an external vhost-user backend serves, since [`DiskSource`] has nowhere to put it.
 
@@ -181,8 +181,8 @@ fn on_off<'de, D: Deserializer<'de>>(d: D) -> Result<Option<bool>, D::Error> {
         }
         fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<bool, E> {
             match v {
-                "on" | "true" => Ok(true),
-                "off" | "false" => Ok(false),
+                "on" | "true" | "1" => Ok(true),
+                "off" | "false" | "0" => Ok(false),
                 _ => Err(E::invalid_value(serde::de::Unexpected::Str(v), &self)),
             }
         }
@@ -313,24 +313,11 @@ impl DiskConfig {
     /// [,ioeventfd=..]`; `index` gives the default id `blkN`. Errors quote the option
     /// and name the key.
     pub fn parse(spec: &str, index: usize) -> Result<Self, ConfigError> {
-        let bad = |reason: String| ConfigError::Option {
-            spec: spec.to_string(),
-            reason,
-        };
-        // An empty value would be an empty path or serial: say which key lacks one. (A
-        // quoted value may hold commas; none of ours needs to.)
-        for part in spec.split(',') {
-            match part.split_once('=') {
-                Some((key, "")) => return Err(bad(format!("{key}= needs a value"))),
-                None if part.is_empty() => return Err(bad("an empty option".into())),
-                // A bare key: the first field's value (crosvm's shorthand) is not
-                // accepted, nor a switch without its value.
-                None => return Err(bad(format!("{part:?} is not key=value"))),
-                Some(_) => {}
-            }
-        }
         let mut cfg: DiskConfig =
-            serde_keyvalue::from_key_values(spec).map_err(|e| bad(keyvalue_error(&e)))?;
+            crate::keyvalue::from_key_values(spec).map_err(|e| ConfigError::Option {
+                spec: spec.to_string(),
+                reason: e.to_string(),
+            })?;
         if cfg.id.is_empty() {
             cfg.id = format!("blk{index}");
         }
@@ -364,12 +351,6 @@ impl DiskConfig {
             DiskSource::VhostUser(_) => None,
         }
     }
-}
-
-/// serde's messages name the key (`unknown field `colour``, `duplicate field `path``);
-/// the parser's own give a position, which means little without the option.
-fn keyvalue_error(e: &serde_keyvalue::ParseError) -> String {
-    e.to_string()
 }
 
 /// Checks a VM's disks together, before anything is opened or started: ids are unique,
@@ -579,11 +560,22 @@ mod tests {
             ("id=x", "needs path=IMAGE or vhost_user=SOCKET"),
             ("path=/x,num_queues=0", "num_queues=0"),
             ("path=/x,num_queues=65", "num_queues=65"),
-            ("path=/x,readonly=maybe", "maybe"),
-            ("path=/x,spare=sometimes", "sometimes"),
-            ("path=/x,engine=aio", "aio"),
+            ("path=/x,readonly=maybe", ": readonly=maybe: invalid value"),
+            ("path=/x,readonly=2", ": readonly=2: invalid value"),
+            (
+                "path=/x,spare=sometimes",
+                ": spare=sometimes: invalid value",
+            ),
+            ("path=/x,engine=aio", ": engine=aio: unknown variant `aio`"),
+            ("path=/x,num_queues=-1", ": num_queues=-1: not a number"),
+            ("path=/x,num_queues=0x2", ": num_queues=0x2: not a number"),
+            ("path=/x,poll_us=1e9", ": poll_us=1e9: not a number"),
+            ("./vm=1.img", "\"./vm=1.img\" is not key=value"),
             ("path=/x,poll_us=10001", "poll_us=10001"),
-            ("path=/x,ioeventfd=sometimes", "sometimes"),
+            (
+                "path=/x,ioeventfd=sometimes",
+                ": ioeventfd=sometimes: unknown variant",
+            ),
             ("path=/x,num_queues=2,ioeventfd=any", "ioeventfd=any"),
             ("path=/x,id=bad id", "id="),
             ("path=/x,serial=123456789012345678901", "serial="),

@@ -56,6 +56,30 @@ impl State {
             pids::kill(fd);
         }
     }
+
+    fn worker_fds(&self) -> Vec<Arc<OwnedFd>> {
+        [&self.confined, &self.reaper]
+            .into_iter()
+            .flatten()
+            .cloned()
+            .collect()
+    }
+}
+
+/// How long the handle waits for a worker it killed for the frontend to be gone: within
+/// the vCPU's wait for a reset (the frontend's reply timeout and this fit in it).
+const KILL_WAIT: Duration = Duration::from_secs(3);
+
+/// Kills the processes behind `fds` and waits (up to [`KILL_WAIT`]) until they are gone;
+/// true once they are. A process that is gone has no I/O in flight: its io_uring requests
+/// are cancelled or completed before it exits, so none lands in guest RAM afterwards.
+fn kill_and_wait(fds: &[Arc<OwnedFd>]) -> bool {
+    for fd in fds {
+        pids::kill(fd);
+    }
+    let deadline = Instant::now() + KILL_WAIT;
+    fds.iter()
+        .all(|fd| pids::wait_exit(fd, deadline.saturating_duration_since(Instant::now())))
 }
 
 /// See the module documentation.
@@ -97,6 +121,15 @@ impl DiskHandle {
         pid: u32,
     ) -> u64 {
         let mut st = self.lock();
+        // A planned restart asked for while no worker was up (between one's end and the
+        // next's start) belonged to the one that had already ended, not to this one.
+        if let DiskPhase::PlannedRestart { failing } = st.phase {
+            st.phase = if failing {
+                DiskPhase::Failing
+            } else {
+                DiskPhase::Serving
+            };
+        }
         st.reaper = reaper;
         st.confined = confined;
         st.worker_pid = pid;
@@ -253,26 +286,39 @@ impl DiskHandle {
 
 impl BackendOwner for DiskHandle {
     /// If the device was failing, a normal worker is asked for and the fail-mode worker
-    /// is ended here, before the reset completes: it must not answer the driver's next
-    /// requests on rings it still has mapped.
+    /// is ended here, and waited for, before the reset completes: it must not answer the
+    /// driver's next requests on rings it still has mapped.
     fn guest_reset(&self) -> bool {
         let mut st = self.lock();
         if !st.phase.failing() {
             return false;
         }
         st.phase = DiskPhase::RecoveryRequested;
-        st.kill_worker();
+        let fds = st.worker_fds();
         self.changed.notify_all();
+        drop(st);
+        if !kill_and_wait(&fds) {
+            tracing::warn!("a fail-mode worker did not end within {KILL_WAIT:?} of SIGKILL");
+        }
         true
     }
 
+    fn recovering(&self) -> bool {
+        self.recover_requested()
+    }
+
     /// Kills the worker of `generation` if it still serves (its supervisor then reports
-    /// how it ended and starts a successor); a later worker is left alone.
-    fn backend_failed(&self, generation: u64) {
+    /// how it ended and starts a successor) and waits for it; a later worker is left
+    /// alone. True once that worker is gone.
+    fn backend_failed(&self, generation: u64) -> bool {
         let st = self.lock();
-        if st.generation == generation {
-            st.kill_worker();
+        if st.generation != generation {
+            // Superseded: the supervisor reaped it before publishing a successor.
+            return true;
         }
+        let fds = st.worker_fds();
+        drop(st);
+        kill_and_wait(&fds)
     }
 }
 
@@ -296,10 +342,13 @@ mod tests {
         let first = handle.publish(Some(old_fd.clone()), None, old.id());
         let (mut new, new_fd) = sleeper();
         let second = handle.publish(Some(new_fd.clone()), None, new.id());
-        handle.backend_failed(first);
+        assert!(
+            handle.backend_failed(first),
+            "a superseded worker is gone already"
+        );
         assert!(!pids::wait_exit(&new_fd, Duration::from_millis(100)));
-        handle.backend_failed(second);
-        assert!(pids::wait_exit(&new_fd, Duration::from_secs(5)));
+        assert!(handle.backend_failed(second), "killed and waited for");
+        assert!(pids::wait_exit(&new_fd, Duration::ZERO));
         pids::kill(&old_fd);
         old.wait().unwrap();
         new.wait().unwrap();
@@ -318,9 +367,12 @@ mod tests {
         handle.set_failing();
         assert_eq!(handle.state().mode, "fail");
         assert!(handle.guest_reset());
-        assert!(pids::wait_exit(&fd, Duration::from_secs(5)));
+        assert!(
+            pids::wait_exit(&fd, Duration::ZERO),
+            "gone before the reset completes"
+        );
         w.wait().unwrap();
-        assert!(handle.recover_requested());
+        assert!(handle.recover_requested() && handle.recovering());
         assert!(handle.wait_recover(Duration::ZERO));
         assert!(handle.take_recover());
         assert_eq!(handle.phase(), DiskPhase::Serving);
@@ -329,5 +381,35 @@ mod tests {
         assert!(handle.wait_ended(Instant::now()));
         handle.set_failing();
         assert_eq!(handle.phase(), DiskPhase::Ended, "the end is final");
+    }
+}
+
+#[cfg(test)]
+mod planned {
+    use super::*;
+
+    /// A restart asked for while no worker was up must not stick to the next worker (its
+    /// real death would be taken for a planned stop, and not reported).
+    #[test]
+    fn a_planned_restart_does_not_outlive_the_worker_it_was_for() {
+        let handle = DiskHandle::default();
+        let mut child = std::process::Command::new("true").spawn().unwrap();
+        let fd = Arc::new(pids::pidfd_open(child.id()).unwrap());
+        child.wait().unwrap();
+        handle.publish(Some(fd), None, child.id());
+        // The worker is already dead; the API asks for a restart anyway.
+        let h = std::thread::scope(|s| {
+            let r = s.spawn(|| handle.restart(Duration::from_millis(300)));
+            std::thread::sleep(Duration::from_millis(50));
+            assert_eq!(handle.phase(), DiskPhase::PlannedRestart { failing: false });
+            handle.publish(None, None, 0);
+            r.join().unwrap()
+        });
+        assert!(h.is_ok(), "{h:?}");
+        assert_eq!(handle.phase(), DiskPhase::Serving);
+        assert!(
+            !handle.take_planned(),
+            "the next death is not a planned one"
+        );
     }
 }

@@ -57,6 +57,8 @@ pub struct Supervisor {
     pub config: Vec<u8>,
     /// Shared with the control API and the frontend thread.
     pub handle: Arc<DiskHandle>,
+    /// The rate limit of the disk's workers' output, shared by all of them.
+    pub output: Arc<crate::ratelimit::RateLimitedLog>,
     /// The device's frontend thread: successors are handed to it.
     pub frontend: Arc<FrontendHandle>,
     /// Duplicates of the queues' kick eventfds: a kick the worker has not read yet is work
@@ -92,27 +94,31 @@ fn stop(reaper: &OwnedFd, confined: Option<&OwnedFd>) {
     wait_exit(reaper, Duration::from_secs(5));
 }
 
-/// A pidfd on the confined worker (the reaper's child), once the reaper has published
-/// its pid in the status page.
-fn confined_pidfd(worker: &Worker, timeout: Duration) -> Option<OwnedFd> {
+/// The confined worker, known to the VMM by a pidfd on it.
+#[derive(Debug, Clone)]
+struct Confined {
+    pid: u32,
+    fd: Arc<OwnedFd>,
+}
+
+/// A pidfd on the confined worker once the reaper has published its pid in the status
+/// page, if that pid really is the reaper's child: the page is the worker's word, and
+/// the pid a compromised worker writes there is never shown, watched or signalled.
+fn confined(worker: &Worker, timeout: Duration) -> Option<Confined> {
     let deadline = Instant::now() + timeout;
     loop {
         let pid = worker.status.worker_pid();
         if pid != 0 && pid != worker.child.id() {
-            return pids::child_pidfd(pid, worker.child.id());
+            let fd = pids::child_pidfd(pid, worker.child.id())?;
+            return Some(Confined {
+                pid,
+                fd: Arc::new(fd),
+            });
         }
         if Instant::now() >= deadline {
             return None;
         }
         std::thread::sleep(Duration::from_millis(2));
-    }
-}
-
-/// The pid to show for a worker: the confined process once its reaper has published it.
-fn shown_pid(worker: &Worker) -> u32 {
-    match worker.status.worker_pid() {
-        0 => worker.child.id(),
-        pid => pid,
     }
 }
 
@@ -161,7 +167,21 @@ struct Current {
     /// Its reaper's pidfd (None if pidfd_open failed: then only wait() tells its end).
     pidfd: Option<Arc<OwnedFd>>,
     /// The confined process under the reaper.
-    confined: Option<Arc<OwnedFd>>,
+    confined: Option<Confined>,
+}
+
+impl Current {
+    /// The pid the VMM shows for the worker: its confined process (checked to be the
+    /// reaper's child), else the reaper it spawned.
+    fn pid(&self) -> u32 {
+        self.confined
+            .as_ref()
+            .map_or(self.worker.child.id(), |c| c.pid)
+    }
+
+    fn confined_fd(&self) -> Option<Arc<OwnedFd>> {
+        self.confined.as_ref().map(|c| c.fd.clone())
+    }
 }
 
 impl Supervisor {
@@ -169,23 +189,21 @@ impl Supervisor {
     /// publishes it in the handle and returns its generation, for the frontend thread.
     /// Then watches it on a thread of its own, and its successors after it.
     pub fn start(self, worker: Worker, pidfd: Option<Arc<OwnedFd>>) -> std::io::Result<u64> {
-        let confined = confined_pidfd(&worker, Duration::from_secs(5)).map(Arc::new);
-        let generation = self
-            .handle
-            .publish(pidfd.clone(), confined.clone(), shown_pid(&worker));
         let current = Current {
+            confined: confined(&worker, Duration::from_secs(5)),
             worker,
             pidfd,
-            confined,
         };
+        let generation =
+            self.handle
+                .publish(current.pidfd.clone(), current.confined_fd(), current.pid());
         let name = format!("{}-sup", self.disk.id);
         crate::thread::spawn(name, move || self.run(current)).map(|_| generation)
     }
 
     fn run(self, mut current: Current) {
         let id = self.disk.id.clone();
-        let worker = &current.worker;
-        crate::report::report_confinement(&id, worker.child.id(), &worker.status);
+        crate::report::report_confinement(&id, current.confined.as_ref().map(|c| c.pid));
         let mut policy = RestartPolicy::default();
         let throttled = crate::ratelimit::RateLimitedLog::default();
         // Started and sandboxed ahead of need: a restart then skips exec and sandbox setup.
@@ -260,7 +278,14 @@ impl Supervisor {
                         continue;
                     }
                 };
-                std::thread::sleep(backoff);
+                // Backing off, but not past the VM's end.
+                let until = Instant::now() + backoff;
+                while Instant::now() < until && !self.frontend.closing() {
+                    std::thread::sleep(HANG_CHECK.min(until - Instant::now()));
+                }
+                if self.frontend.closing() {
+                    continue;
+                }
                 let ready = match mode {
                     ServeMode::Normal => spare.take(),
                     ServeMode::Fail => None,
@@ -280,7 +305,7 @@ impl Supervisor {
                                 ServeMode::Fail => "fail-mode worker started",
                             },
                             started.as_secs_f64() * 1e3,
-                            shown_pid(&next.worker),
+                            next.pid(),
                         );
                         if mode == ServeMode::Normal && spare.is_none() {
                             spare = self.start_spare();
@@ -302,7 +327,14 @@ impl Supervisor {
         if !self.disk.image.spare || self.learn.is_some() {
             return None;
         }
-        match crate::worker::spawn(&self.disk, &self.image, &self.bin, None, ServeMode::Normal) {
+        match crate::worker::spawn(
+            &self.disk,
+            &self.image,
+            &self.bin,
+            None,
+            ServeMode::Normal,
+            &self.output,
+        ) {
             Ok(w) => {
                 tracing::debug!("disk {}: spare worker pid {}", self.disk.id, w.child.id());
                 Some(w)
@@ -322,18 +354,19 @@ impl Supervisor {
     /// reaps it and says how it ended.
     fn end_of(&self, current: &mut Current) -> Ended {
         let id = &self.disk.id;
-        let worker = &mut current.worker;
+        let pid = current.pid();
         let end = match &current.pidfd {
-            Some(fd) => self.watch(fd, current.confined.as_deref(), worker),
+            Some(fd) => self.watch(fd, current.confined.as_ref(), &current.worker),
             // Without a pidfd, child.wait() below blocks just the same.
             None => End::Died,
         };
         // The reaper is gone; its child (killed by the reaper's death signal if not
         // before) must be too before a successor touches the rings.
         if let Some(c) = &current.confined {
-            kill(c);
-            wait_exit(c, Duration::from_secs(5));
+            kill(&c.fd);
+            wait_exit(&c.fd, Duration::from_secs(5));
         }
+        let worker = &mut current.worker;
         let waited = worker.child.wait();
         let how = match &waited {
             Ok(s) => crate::report::describe_exit(*s),
@@ -352,11 +385,10 @@ impl Supervisor {
             End::Hung { .. } => false,
         };
         if ended_with_vm {
-            tracing::info!("worker {id} (pid {}) ended with the VM", shown_pid(worker));
+            tracing::info!("worker {id} (pid {pid}) ended with the VM");
         } else if on_purpose {
             tracing::info!(
-                "worker {id} (pid {}) stopped {}",
-                shown_pid(worker),
+                "worker {id} (pid {pid}) stopped {}",
                 if planned {
                     "for a planned restart"
                 } else {
@@ -373,6 +405,7 @@ impl Supervisor {
             };
             crate::report::report_worker_end(
                 id,
+                pid,
                 &worker.status,
                 &how,
                 reaper_exit,
@@ -431,7 +464,10 @@ impl Supervisor {
     /// Waits for the worker (its reaper, `pidfd`) to end, or kills it when it hangs: its
     /// progress counter stands still for [`HANG_TIMEOUT`] while requests are pending that
     /// it was told about.
-    fn watch(&self, pidfd: &OwnedFd, confined: Option<&OwnedFd>, worker: &Worker) -> End {
+    fn watch(&self, pidfd: &OwnedFd, known: Option<&Confined>, worker: &Worker) -> End {
+        let confined = known.map(|c| &*c.fd);
+        // The pid the VMM knows (the reaper's child), never the one the page claims.
+        let pid = known.map_or(worker.child.id(), |c| c.pid);
         let mut progress = worker.status.progress();
         let mut since = Instant::now();
         let mut broken = 0;
@@ -470,7 +506,7 @@ impl Supervisor {
             // disk to complete what is in flight; in uninterruptible sleep it is in the
             // middle of a slow disk operation (a big flush). Neither is a hang.
             // Stopped (SIGSTOP, a debugger), it reads nothing, however it went to sleep.
-            let state = pids::proc_state(worker.status.worker_pid());
+            let state = pids::proc_state(pid);
             let stopped = matches!(state, Some('T' | 't'));
             let kicked = kick_unread(&self.kicks, &self.device.ready_queues());
             if (worker.status.idle() && !kicked && !stopped) || state == Some('D') {
@@ -483,7 +519,7 @@ impl Supervisor {
                     "disk {}: worker (pid {}) made no progress for {:.1} s with requests \
                      pending: killing it",
                     self.disk.id,
-                    worker.status.worker_pid(),
+                    pid,
                     stalled.as_secs_f64()
                 );
                 stop(pidfd, confined);
@@ -505,6 +541,7 @@ impl Supervisor {
                 &self.bin,
                 self.learn.as_ref(),
                 mode,
+                &self.output,
             )
             .map_err(|e| crate::error_chain(&e))?,
         };
@@ -523,6 +560,7 @@ impl Supervisor {
                     let how = format!("(spare) {}", crate::report::describe_exit(exit));
                     crate::report::report_worker_end(
                         id,
+                        w.child.id(),
                         &w.status,
                         &how,
                         Some(exit),
@@ -532,7 +570,7 @@ impl Supervisor {
                 tracing::warn!(
                     "disk {id}: the spare worker (pid {}) failed its setup: {}; starting a \
                      fresh one",
-                    shown_pid(&w),
+                    w.child.id(),
                     crate::error_chain(&e)
                 );
                 discard(Some(w));
@@ -552,18 +590,19 @@ impl Supervisor {
         }
         // Published first: a failure the frontend reports for this backend names this
         // generation, and kills this worker.
-        let confined = confined_pidfd(&w, Duration::from_secs(1)).map(Arc::new);
-        let generation = self
-            .handle
-            .publish(pidfd.clone(), confined.clone(), shown_pid(&w));
-        if !self.frontend.swap_backend(backend, mode, generation) {
-            discard(Some(w));
-            return Err("the device's frontend thread is gone".into());
-        }
-        Ok(Current {
+        let next = Current {
+            confined: confined(&w, Duration::from_secs(1)),
             worker: w,
             pidfd,
-            confined,
-        })
+        };
+        let generation = self
+            .handle
+            .publish(next.pidfd.clone(), next.confined_fd(), next.pid());
+        if !self.frontend.swap_backend(backend, mode, generation) {
+            discard(Some(next.worker));
+            self.handle.publish(None, None, 0);
+            return Err("the device's frontend thread is gone".into());
+        }
+        Ok(next)
     }
 }

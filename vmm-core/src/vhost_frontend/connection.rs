@@ -36,7 +36,7 @@ pub enum FrontendError {
     NotModern { id: String, features: u64 },
     #[error("{id}: queue {queue} address {gpa:#x} is not in guest RAM")]
     RingOutsideRam { id: String, queue: usize, gpa: u64 },
-    #[error("{id}: the backend's inflight region is unusable: {why}")]
+    #[error("{id}: the inflight region: {why}")]
     Inflight { id: String, why: String },
     #[error("{id}: cannot configure the socket")]
     Socket {

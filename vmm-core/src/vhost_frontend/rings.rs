@@ -10,8 +10,7 @@
 
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc::{Receiver, Sender};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
 
 use vhost::vhost_user::message::{
     VhostUserInflight, VhostUserProtocolFeatures, VhostUserVirtioFeatures,
@@ -33,57 +32,129 @@ pub trait BackendOwner: Send + Sync + std::fmt::Debug {
     /// ended it (it must not answer the driver's next requests) and brings a normal one,
     /// which the rings then wait for.
     fn guest_reset(&self) -> bool;
-    /// The backend of `generation` failed a command: the owner ends and replaces it.
-    fn backend_failed(&self, generation: u64);
+    /// Whether the owner is still bringing the normal backend a reset of a failing device
+    /// asked for (a fail-mode backend handed over now is a stale one).
+    fn recovering(&self) -> bool;
+    /// The backend of `generation` failed a command: the owner ends and replaces it. True
+    /// once that backend's process is gone (it can touch guest RAM no more).
+    fn backend_failed(&self, generation: u64) -> bool;
 }
 
-/// What the thread is told, in order.
+/// A backend handed over by the owner.
 #[derive(Debug)]
-enum Input {
-    Transport(TransportEvent),
-    /// Talk to this backend from now on (a successor of a dead worker), bringing the
-    /// rings back up if the driver had them up.
-    Swap {
-        backend: Box<Backend>,
-        mode: ServeMode,
-        generation: u64,
-    },
-    /// The VM is over: close the connection once the inputs before this one are done
-    /// (the backend then ends as it does when any frontend goes away).
-    Disconnect,
+struct Swap {
+    backend: Box<Backend>,
+    mode: ServeMode,
+    generation: u64,
+}
+
+/// What the thread has been told and not done yet. It is bounded by construction: the
+/// transport's events coalesce (at most one reset and one activation are ever pending,
+/// whatever the guest does), a newer backend replaces one not yet taken, and the end is a
+/// flag. A guest toggling the status of a device whose backend answers just under the
+/// deadline cannot make the VMM queue work without bound (an unbounded channel here grew
+/// the VMM by about 1 MB/s that way).
+#[derive(Debug, Default)]
+struct Pending {
+    /// The driver reset the device (the vCPU waits for [`VirtioMmioDevice::reset_complete`]).
+    reset: bool,
+    /// The driver's last DRIVER_OK after the pending reset, if any.
+    activate: Option<Activation>,
+    swap: Option<Swap>,
+    /// The VM is over: close the connection once the work before it is done (the backend
+    /// then ends as it does when any frontend goes away).
+    disconnect: bool,
+    /// The thread is gone: nothing is taken any more.
+    gone: bool,
+}
+
+impl Pending {
+    fn push_transport(&mut self, event: TransportEvent) {
+        match event {
+            // A reset cancels an activation that has not been acted on: the rings it
+            // named are the driver's to reuse.
+            TransportEvent::Reset => {
+                self.reset = true;
+                self.activate = None;
+            }
+            TransportEvent::Activate {
+                driver_features,
+                queues,
+            } => {
+                self.activate = Some(Activation {
+                    driver_features,
+                    queues,
+                })
+            }
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        !self.reset && self.activate.is_none() && self.swap.is_none() && !self.disconnect
+    }
+}
+
+/// The thread's inbox, shared with the transport's sink and the disk's handle.
+#[derive(Debug, Default)]
+struct Shared {
+    pending: Mutex<Pending>,
+    wake: Condvar,
+}
+
+impl Shared {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Pending> {
+        self.pending.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Applies `f` unless the thread is gone; false if it is.
+    fn push(&self, f: impl FnOnce(&mut Pending)) -> bool {
+        let mut p = self.lock();
+        if p.gone {
+            return false;
+        }
+        f(&mut p);
+        self.wake.notify_one();
+        true
+    }
+
+    /// Waits for work and takes all of it.
+    fn take(&self) -> Pending {
+        let mut p = self.lock();
+        while p.is_empty() {
+            p = self.wake.wait(p).unwrap_or_else(|e| e.into_inner());
+        }
+        std::mem::take(&mut *p)
+    }
 }
 
 /// The transport's way into the thread.
 #[derive(Debug)]
-struct TransportInput(Mutex<Sender<Input>>);
+struct TransportInput(Arc<Shared>);
 
 impl EventSink for TransportInput {
     fn send(&self, event: TransportEvent) -> bool {
-        let tx = self.0.lock().unwrap_or_else(|e| e.into_inner());
-        tx.send(Input::Transport(event)).is_ok()
+        self.0.push(|p| p.push_transport(event))
     }
 }
 
 /// The disk's way into the thread: new backends, and the end.
 #[derive(Debug)]
 pub struct FrontendHandle {
-    tx: Mutex<Sender<Input>>,
+    shared: Arc<Shared>,
     closing: AtomicBool,
 }
 
 impl FrontendHandle {
-    fn send(&self, input: Input) -> bool {
-        let tx = self.tx.lock().unwrap_or_else(|e| e.into_inner());
-        tx.send(input).is_ok()
-    }
-
     /// Hands the thread a new backend (a restarted worker, in `mode`), known to its
-    /// owner as `generation`; false when the thread is gone.
+    /// owner as `generation`; false when the thread is gone. A backend handed over before
+    /// and not yet taken is dropped (its worker, superseded, was already reaped).
     pub fn swap_backend(&self, backend: Backend, mode: ServeMode, generation: u64) -> bool {
-        self.send(Input::Swap {
-            backend: Box::new(backend),
-            mode,
-            generation,
+        self.shared.push(|p| {
+            p.swap = Some(Swap {
+                backend: Box::new(backend),
+                mode,
+                generation,
+            })
         })
     }
 
@@ -92,7 +163,7 @@ impl FrontendHandle {
     /// replace a worker that ends after this.
     pub fn disconnect(&self) {
         self.closing.store(true, Ordering::SeqCst);
-        self.send(Input::Disconnect);
+        self.shared.push(|p| p.disconnect = true);
     }
 
     /// Whether the VMM is done with the backend ([`Self::disconnect`]).
@@ -101,20 +172,30 @@ impl FrontendHandle {
     }
 }
 
-/// The channel between a device's transport, its disk, and its frontend thread: build
-/// the transport with the sink, then start the thread with [`Frontend::spawn`].
+/// The inbox between a device's transport, its disk, and its frontend thread: build the
+/// transport with the sink, then start the thread with [`Frontend::spawn`].
 pub fn channel() -> (Arc<FrontendHandle>, Box<dyn EventSink>, Inbox) {
-    let (tx, rx) = std::sync::mpsc::channel();
+    let shared = Arc::new(Shared::default());
     let handle = Arc::new(FrontendHandle {
-        tx: Mutex::new(tx.clone()),
+        shared: shared.clone(),
         closing: AtomicBool::new(false),
     });
-    (handle, Box::new(TransportInput(Mutex::new(tx))), Inbox(rx))
+    (
+        handle,
+        Box::new(TransportInput(shared.clone())),
+        Inbox(shared),
+    )
 }
 
-/// The receiving end of [`channel`].
+/// The thread's end of [`channel`].
 #[derive(Debug)]
-pub struct Inbox(Receiver<Input>);
+pub struct Inbox(Arc<Shared>);
+
+impl Drop for Inbox {
+    fn drop(&mut self) {
+        self.0.lock().gone = true;
+    }
+}
 
 /// What the driver set up at DRIVER_OK: acked features and queue registers.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -144,11 +225,13 @@ enum Link {
 }
 
 impl Link {
-    /// The transition on a new backend in `mode`: a fail-mode backend arriving while a
-    /// normal one is awaited (one started before the reset) does not serve the rings.
-    fn on_swap(self, mode: ServeMode) -> Link {
+    /// The transition on a new backend in `mode`: a fail-mode backend arriving while the
+    /// owner is still recovering (one started before the driver's reset) does not serve
+    /// the rings; one that comes after the recovery (normal workers kept failing, and the
+    /// owner gave up again) does, so the driver gets errors, not silence.
+    fn on_swap(self, mode: ServeMode, recovering: bool) -> Link {
         match (self, mode) {
-            (Link::AwaitingNormal, ServeMode::Fail) => Link::AwaitingNormal,
+            (Link::AwaitingNormal, ServeMode::Fail) if recovering => Link::AwaitingNormal,
             (_, mode) => Link::Serving(mode),
         }
     }
@@ -175,49 +258,38 @@ impl std::fmt::Debug for KeptInflight {
     }
 }
 
-/// The largest inflight region we keep for a backend (1024 queues of 1024 entries fit).
-const MAX_INFLIGHT_BYTES: u64 = 64 << 20;
-
-/// Checks a backend's inflight region before it is kept and handed to the backend's
-/// successors: a sealed memfd (no truncation can SIGBUS whoever maps it later) at least as
-/// large as the range it claims, for the queues we asked.
-fn check_inflight(
-    file: &std::fs::File,
-    info: &VhostUserInflight,
-    want: &VhostUserInflight,
-) -> Result<(), String> {
-    if (info.num_queues, info.queue_size) != (want.num_queues, want.queue_size) {
-        return Err(format!(
-            "it is for {} queues of {}, {} of {} were asked for",
-            info.num_queues, info.queue_size, want.num_queues, want.queue_size
-        ));
+impl KeptInflight {
+    /// The inflight region for `num_queues` queues of `queue_size`, made by the VMM (no
+    /// backend's region is ever trusted: one a compromised worker handed over could be
+    /// any memfd, guest RAM included, and its successors would write into it): zeroed,
+    /// sized as the split-ring layout needs (per queue a 16-byte header and 16 bytes per
+    /// descriptor, 64-byte aligned: the layout of QEMU's docs/interop/vhost-user.rst that
+    /// libvhost-user and bulkhead's worker use), and sealed, so no backend can resize it
+    /// under another.
+    fn create(id: &str, num_queues: u16, queue_size: u16) -> std::io::Result<Self> {
+        use nix::fcntl::{fcntl, FcntlArg, SealFlag};
+        use nix::sys::memfd::{memfd_create, MFdFlags};
+        let per_queue = (16 + 16 * usize::from(queue_size)).next_multiple_of(64);
+        let size = per_queue * usize::from(num_queues);
+        let name = std::ffi::CString::new(format!("bulkhead-inflight-{id}"))
+            .map_err(std::io::Error::other)?;
+        let fd = memfd_create(
+            name.as_c_str(),
+            MFdFlags::MFD_CLOEXEC | MFdFlags::MFD_ALLOW_SEALING,
+        )?;
+        let file = std::fs::File::from(fd);
+        file.set_len(size as u64)?;
+        fcntl(
+            &file,
+            FcntlArg::F_ADD_SEALS(
+                SealFlag::F_SEAL_SHRINK | SealFlag::F_SEAL_GROW | SealFlag::F_SEAL_SEAL,
+            ),
+        )?;
+        Ok(KeptInflight {
+            file,
+            info: VhostUserInflight::new(size as u64, 0, num_queues, queue_size),
+        })
     }
-    if info.mmap_size == 0 || info.mmap_size > MAX_INFLIGHT_BYTES {
-        return Err(format!(
-            "size {} is not in 1..={MAX_INFLIGHT_BYTES}",
-            info.mmap_size
-        ));
-    }
-    let link = std::fs::read_link(format!("/proc/self/fd/{}", file.as_raw_fd()))
-        .map(|p| p.display().to_string())
-        .unwrap_or_default();
-    if !link.starts_with("/memfd:") {
-        return Err(format!("it is {link:?}, not a memfd"));
-    }
-    // SAFETY: F_GET_SEALS only reads the seals of a descriptor we own.
-    let seals = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_GET_SEALS) };
-    if seals < 0 || seals & libc::F_SEAL_SHRINK == 0 {
-        return Err("it is not sealed against shrinking".into());
-    }
-    let len = file.metadata().map(|m| m.len()).unwrap_or(0);
-    let end = info.mmap_offset.checked_add(info.mmap_size);
-    if end.is_none_or(|end| end > len) {
-        return Err(format!(
-            "{} bytes at offset {} run past its end ({len} bytes)",
-            info.mmap_size, info.mmap_offset
-        ));
-    }
-    Ok(())
 }
 
 /// What the frontend thread of one device owns.
@@ -279,46 +351,39 @@ impl Frontend {
     }
 
     fn run(mut self, inbox: Inbox) {
-        for input in inbox.0 {
-            let result = match input {
-                Input::Transport(TransportEvent::Activate {
-                    driver_features,
-                    queues,
-                }) => {
-                    self.rings = Rings::Active {
-                        wanted: Activation {
-                            driver_features,
-                            queues,
-                        },
-                        up: Vec::new(),
-                    };
-                    self.bring_up()
+        loop {
+            let work = inbox.0.take();
+            // In the order the driver and the owner can have caused them: the reset
+            // (stopping the rings on the backend that ran them), the new backend, the
+            // driver's setup after the reset, the end.
+            if work.reset {
+                self.reset();
+            }
+            if let Some(swap) = work.swap {
+                tracing::debug!("{}: replacement backend connected", self.device.id);
+                self.backend = *swap.backend;
+                self.generation = swap.generation;
+                let recovering = self.owner.as_ref().is_some_and(|o| o.recovering());
+                self.link = self.link.on_swap(swap.mode, recovering);
+                if let Rings::Active { up, .. } = &mut self.rings {
+                    up.clear();
                 }
-                Input::Transport(TransportEvent::Reset) => {
-                    self.reset();
-                    Ok(())
+                if let Err(e) = self.bring_up() {
+                    let _ = self.failed(&e);
                 }
-                Input::Disconnect => {
-                    let _ = self.backend.socket.shutdown(std::net::Shutdown::Both);
-                    return;
+            }
+            if let Some(wanted) = work.activate {
+                self.rings = Rings::Active {
+                    wanted,
+                    up: Vec::new(),
+                };
+                if let Err(e) = self.bring_up() {
+                    let _ = self.failed(&e);
                 }
-                Input::Swap {
-                    backend,
-                    mode,
-                    generation,
-                } => {
-                    tracing::debug!("{}: replacement backend connected", self.device.id);
-                    self.backend = *backend;
-                    self.generation = generation;
-                    self.link = self.link.on_swap(mode);
-                    if let Rings::Active { up, .. } = &mut self.rings {
-                        up.clear();
-                    }
-                    self.bring_up()
-                }
-            };
-            if let Err(e) = result {
-                self.failed(&e);
+            }
+            if work.disconnect {
+                let _ = self.backend.socket.shutdown(std::net::Shutdown::Both);
+                return;
             }
         }
     }
@@ -334,9 +399,12 @@ impl Frontend {
             self.link = Link::AwaitingNormal;
         } else if let Rings::Active { up, .. } = rings {
             if let Err(e) = self.with_backend(|this| this.stop(&up)) {
-                // A backend that cannot stop its rings must not touch them again: ended
-                // before the reset completes.
-                self.failed(&e);
+                // A backend that cannot stop its rings must not touch them again: ended,
+                // and gone, before the reset completes. If it cannot be made to go, the
+                // device is broken (and says so) rather than reset under it.
+                if !self.failed(&e) {
+                    self.device.needs_reset();
+                }
             }
         }
         // The rings are stopped or their backend is gone (a successor starts from the
@@ -345,14 +413,19 @@ impl Frontend {
     }
 
     /// A command failed: the owner replaces the backend (its successor gets what the
-    /// driver wanted); without one, the device needs a reset.
-    fn failed(&self, e: &FrontendError) {
+    /// driver wanted); without one, the device needs a reset. True once the failed
+    /// backend can touch guest RAM no more (or, without an owner, the device says it is
+    /// broken).
+    fn failed(&self, e: &FrontendError) -> bool {
         // A worker that fails commands costs a restart each time; say so a few times a
         // window, not once per failure.
         self.errors.error(format_args!("{}", crate::error_chain(e)));
         match &self.owner {
             Some(owner) => owner.backend_failed(self.generation),
-            None => self.device.needs_reset(),
+            None => {
+                self.device.needs_reset();
+                true
+            }
         }
     }
 
@@ -484,8 +557,9 @@ impl Frontend {
         Ok(up)
     }
 
-    /// GET_INFLIGHT_FD from the first backend of an activation (checked, then kept), and
-    /// SET_INFLIGHT_FD to every backend, before its rings start.
+    /// The inflight region of this activation (made at its first backend, see
+    /// [`KeptInflight::create`]), handed to every backend with SET_INFLIGHT_FD before its
+    /// rings start.
     fn share_inflight(&mut self, queues: &[QueueRegs]) -> Result<(), FrontendError> {
         if self.inflight.is_none() {
             let queue_size = queues
@@ -494,17 +568,12 @@ impl Frontend {
                 .map(|q| q.size)
                 .max()
                 .unwrap_or(self.queue_max);
-            let want = VhostUserInflight::new(0, 0, queues.len() as u16, queue_size);
-            let (info, file) = self
-                .backend
-                .frontend
-                .get_inflight_fd(&want)
-                .map_err(self.err("GET_INFLIGHT_FD"))?;
-            check_inflight(&file, &info, &want).map_err(|why| FrontendError::Inflight {
-                id: self.device.id.clone(),
-                why,
-            })?;
-            self.inflight = Some(KeptInflight { file, info });
+            let kept = KeptInflight::create(&self.device.id, queues.len() as u16, queue_size)
+                .map_err(|e| FrontendError::Inflight {
+                    id: self.device.id.clone(),
+                    why: format!("cannot make it: {e}"),
+                })?;
+            self.inflight = Some(kept);
         }
         if let Some(kept) = &self.inflight {
             self.backend
@@ -530,23 +599,71 @@ impl Frontend {
 mod tests {
     use super::*;
 
+    fn activate(n: u64) -> TransportEvent {
+        TransportEvent::Activate {
+            driver_features: n,
+            queues: Vec::new(),
+        }
+    }
+
+    /// However many events the guest causes, what waits is one reset and the setup after
+    /// it, in that order.
     #[test]
-    fn a_normal_backend_serves_and_a_late_fail_mode_one_does_not() {
+    fn transport_events_coalesce() {
+        let mut p = Pending::default();
+        for n in 0..100_000 {
+            p.push_transport(TransportEvent::Reset);
+            p.push_transport(activate(n));
+        }
+        assert!(p.reset);
+        assert_eq!(p.activate.as_ref().map(|a| a.driver_features), Some(99_999));
+        p.push_transport(TransportEvent::Reset);
+        assert!(
+            p.reset && p.activate.is_none(),
+            "a reset cancels the setup before it"
+        );
+        let mut q = Pending::default();
+        q.push_transport(activate(7));
+        assert!(!q.reset && q.activate.is_some());
+    }
+
+    #[test]
+    fn a_gone_thread_takes_nothing() {
+        let (handle, sink, inbox) = channel();
+        assert!(sink.send(TransportEvent::Reset));
+        drop(inbox);
+        assert!(!sink.send(TransportEvent::Reset));
+        handle.disconnect();
+        assert!(handle.closing());
+    }
+
+    #[test]
+    fn only_a_stale_fail_mode_backend_is_kept_from_the_rings() {
         let serving = Link::Serving(ServeMode::Normal);
         assert_eq!(
-            serving.on_swap(ServeMode::Fail),
+            serving.on_swap(ServeMode::Fail, false),
             Link::Serving(ServeMode::Fail)
         );
         assert_eq!(
-            Link::Serving(ServeMode::Fail).on_swap(ServeMode::Normal),
+            Link::Serving(ServeMode::Fail).on_swap(ServeMode::Normal, false),
             serving
         );
-        // After a reset of a failing device only a normal backend brings the rings up.
+        // After a reset of a failing device, while the owner recovers, only a normal
+        // backend brings the rings up.
         assert_eq!(
-            Link::AwaitingNormal.on_swap(ServeMode::Fail),
+            Link::AwaitingNormal.on_swap(ServeMode::Fail, true),
             Link::AwaitingNormal
         );
-        assert_eq!(Link::AwaitingNormal.on_swap(ServeMode::Normal), serving);
+        assert_eq!(
+            Link::AwaitingNormal.on_swap(ServeMode::Normal, true),
+            serving
+        );
+        // Once the recovery is over and normal workers failed again, a fail-mode backend
+        // serves: errors for the driver, not silence.
+        assert_eq!(
+            Link::AwaitingNormal.on_swap(ServeMode::Fail, false),
+            Link::Serving(ServeMode::Fail)
+        );
         assert!(!Link::AwaitingNormal.serves_rings());
         assert!(Link::Serving(ServeMode::Fail).serves_rings());
     }

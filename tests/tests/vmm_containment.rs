@@ -1,0 +1,291 @@
+//! What a compromised worker can do to the VMM through what it shares with it: its
+//! output and its environment. A worker's stdout and stderr are a pipe the VMM reads and
+//! re-emits line by line under the disk's name (escaped, cut, rate-limited); a worker
+//! starts with an empty environment; and a VMM whose own stderr is gone keeps running.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use tests::{
+    check_blk_verify_image, require_kvm, run_with_deadline, scratch_dir, testguest, tg_lines,
+    worker_bin, worker_hooks_bin,
+};
+
+const SEED: u64 = 23;
+const BLOCKS: u64 = 128;
+
+fn image(dir: &std::path::Path) -> std::path::PathBuf {
+    let p = dir.join("d0.img");
+    std::fs::File::create(&p).unwrap().set_len(8 << 20).unwrap();
+    p
+}
+
+fn bulkhead(image: &std::path::Path, worker: &std::path::Path, hold_ms: u32) -> Command {
+    let hold = if hold_ms > 0 {
+        format!(" hold_ms={hold_ms}")
+    } else {
+        String::new()
+    };
+    let mut cmd = Command::new(tests::bulkhead_bin());
+    cmd.args(["run", "--kernel"])
+        .arg(testguest())
+        .args([
+            "--cmdline",
+            &format!(
+                "testguest.plan=blk-verify qd=8 completion=irq seed={SEED} blocks={BLOCKS}{hold}"
+            ),
+            "--mem",
+            "64",
+            "--timeout",
+            "60",
+            "--worker-bin",
+        ])
+        .arg(worker)
+        .arg("--disk")
+        .arg(format!("path={},spare=off", image.display()));
+    cmd
+}
+
+/// The hook writes a forged VMM line, terminal escapes, a 100,000-byte line and 5,000
+/// more lines to its stderr, then serves on.
+#[test]
+fn a_worker_cannot_forge_vmm_log_lines_or_reach_the_terminal() {
+    require_kvm();
+    let dir = scratch_dir("containment-forge");
+    let img = image(&dir);
+    let mut cmd = bulkhead(&img, &worker_hooks_bin(), 0);
+    cmd.env("BULKHEAD_WORKER_FAULT_HOOK", "blk0:forge-log");
+    let r = run_with_deadline(cmd, Duration::from_secs(120));
+    let t = r.transcript();
+    assert_eq!(r.code, Some(0), "{t}");
+    assert!(
+        tg_lines(&r.stdout).iter().any(|l| l == "TG done"),
+        "the guest did not finish: {t}"
+    );
+    check_blk_verify_image(&img, &r.stdout, 0, SEED, BLOCKS).unwrap_or_else(|e| panic!("{e}: {t}"));
+    // The hook ran (its first line came through, as the worker's).
+    assert!(r.stderr.contains("worker blk0: FORGE-LOG start"), "{t}");
+    assert!(
+        !r.stderr.contains('\u{1b}'),
+        "a raw ESC reached the VMM's log: {t}"
+    );
+    assert!(
+        !r.stderr.contains('\r'),
+        "a raw CR reached the VMM's log: {t}"
+    );
+    for line in r.stderr.lines() {
+        if line.contains("(pid 1) ended with the VM") || line.contains("FORGED") {
+            let (before, _) = line
+                .split_once("2026-01-01T00:00:00Z")
+                .or_else(|| line.split_once("\\x1b[2J"))
+                .unwrap_or_else(|| panic!("a forged line lost its shape: {line}"));
+            assert!(
+                before.ends_with("worker blk0: "),
+                "a worker's line not marked as the worker's: {line}"
+            );
+        }
+        assert!(
+            line.len() <= 1024,
+            "a line of {} bytes: {}",
+            line.len(),
+            &line[..200]
+        );
+    }
+    assert!(r.stderr.contains("more bytes cut]"), "{t}");
+    let flood = r.stderr.matches("worker blk0: flood").count();
+    assert!(
+        (1..100).contains(&flood),
+        "{flood} flood lines came through, not a bounded few"
+    );
+}
+
+/// Nothing of the VMM's environment reaches a worker: read from /proc of the live
+/// confined worker and its reaper, while the guest holds.
+#[test]
+fn a_worker_gets_none_of_the_vmms_environment() {
+    require_kvm();
+    let dir = scratch_dir("containment-env");
+    let img = image(&dir);
+    let mut cmd = bulkhead(&img, &worker_bin(), 3000);
+    cmd.env("MY_CLOUD_TOKEN", "s3cret-token")
+        .env("BULKHEAD_LOG", "info")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = cmd.spawn().unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let log = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+    let sink = log.clone();
+    let reader = std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            let mut s = sink.lock().unwrap();
+            s.push_str(&line);
+            s.push('\n');
+        }
+    });
+    let started = Instant::now();
+    let mut environs = Vec::new();
+    for line in BufReader::new(child.stdout.take().unwrap())
+        .lines()
+        .map_while(Result::ok)
+    {
+        if line.starts_with("TG hold") && environs.is_empty() {
+            let text = log.lock().unwrap().clone();
+            let pid: u32 = text
+                .lines()
+                .find_map(|l| l.split("serving blk0 as pid ").nth(1))
+                .and_then(|r| r.split_whitespace().next())
+                .and_then(|p| p.parse().ok())
+                .unwrap_or_else(|| panic!("no worker pid in:\n{text}"));
+            let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+            let reaper: u32 = status
+                .lines()
+                .find_map(|l| l.strip_prefix("PPid:"))
+                .and_then(|v| v.trim().parse().ok())
+                .unwrap();
+            for p in [pid, reaper] {
+                let environ = std::fs::read(format!("/proc/{p}/environ")).unwrap();
+                environs.push((p, String::from_utf8_lossy(&environ).replace('\0', " ")));
+            }
+        }
+        assert!(started.elapsed() < Duration::from_secs(60), "no end");
+    }
+    let status = child.wait().unwrap();
+    reader.join().unwrap();
+    let text = log.lock().unwrap().clone();
+    assert!(status.success(), "{status:?}: {text}");
+    assert_eq!(environs.len(), 2, "the guest never held: {text}");
+    for (pid, environ) in &environs {
+        assert!(
+            !environ.contains("MY_CLOUD_TOKEN") && !environ.contains("s3cret"),
+            "pid {pid} has the VMM's secret: {environ}"
+        );
+        // Only what a worker reads, by name.
+        for var in environ.split_whitespace() {
+            let name = var.split('=').next().unwrap();
+            assert!(
+                ["BULKHEAD_LOG", "BULKHEAD_WORKER_FAULT_HOOK"].contains(&name),
+                "pid {pid} has {name}: {environ}"
+            );
+        }
+    }
+}
+
+/// bulkhead's own stderr reader goes away before the guest even boots: the VM still runs
+/// its disk I/O to the end, and bulkhead exits with the guest's status (it aborted with
+/// 134 when a log line could not be written, and its workers, which shared that stderr,
+/// died on their first log line).
+#[test]
+fn a_closed_stderr_ends_neither_the_vmm_nor_its_workers() {
+    require_kvm();
+    let dir = scratch_dir("containment-stderr");
+    let img = image(&dir);
+    let mut cmd = bulkhead(&img, &worker_bin(), 0);
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(child.stderr.take());
+    let mut stdout = String::new();
+    for line in BufReader::new(child.stdout.take().unwrap())
+        .lines()
+        .map_while(Result::ok)
+    {
+        stdout.push_str(&line);
+        stdout.push('\n');
+    }
+    let status = child.wait().unwrap();
+    assert_eq!(status.code(), Some(0), "{status:?}\n{stdout}");
+    assert!(stdout.contains("TG done"), "{stdout}");
+    check_blk_verify_image(&img, &stdout, 0, SEED, BLOCKS).unwrap_or_else(|e| panic!("{e}"));
+}
+
+/// A worker writes pid 1 into its status page as its own. The VMM shows (in the API and
+/// its log), watches and signals only a pid it checked is its worker's reaper's child.
+#[test]
+fn a_worker_cannot_name_another_process_as_itself() {
+    require_kvm();
+    let dir = scratch_dir("containment-pid");
+    let img = image(&dir);
+    let api = dir.join("api.sock");
+    let mut cmd = bulkhead(&img, &worker_hooks_bin(), 3000);
+    cmd.arg("--api-socket")
+        .arg(&api)
+        .env("BULKHEAD_WORKER_FAULT_HOOK", "blk0:forge-pid")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = cmd.spawn().unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let reader = std::thread::spawn(move || {
+        let mut text = String::new();
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            text.push_str(&line);
+            text.push('\n');
+        }
+        text
+    });
+    let mut shown = None;
+    for line in BufReader::new(child.stdout.take().unwrap())
+        .lines()
+        .map_while(Result::ok)
+    {
+        if line.starts_with("TG hold") && shown.is_none() {
+            let (code, body) = vmm_core::api::request(&api, "GET", "/v1/disks/blk0").unwrap();
+            assert_eq!(code, 200, "{body}");
+            let state: serde_json::Value = serde_json::from_str(&body).unwrap();
+            shown = Some(state["worker_pid"].as_u64().unwrap_or(0) as u32);
+        }
+    }
+    let status = child.wait().unwrap();
+    let log = reader.join().unwrap();
+    assert!(status.success(), "{status:?}: {log}");
+    let pid = shown.unwrap_or_else(|| panic!("the guest never held: {log}"));
+    assert_ne!(pid, 1, "the API shows the pid the worker claimed: {log}");
+    assert_ne!(pid, 0, "no worker shown: {log}");
+    assert!(
+        !log.contains("(pid 1)"),
+        "the log names the pid the worker claimed: {log}"
+    );
+    // The log names the same, checked pid.
+    let ended = log
+        .lines()
+        .find(|l| l.contains("worker blk0 (pid ") && l.contains("ended with the VM"))
+        .unwrap_or_else(|| panic!("no end line: {log}"));
+    assert!(ended.contains(&format!("(pid {pid})")), "{ended}");
+}
+
+/// A worker writes a violation record (execve of 0x41414141...) into its status page and
+/// exits with the status a trap's end has. The VMM logs that as the worker's claim and
+/// counts no violation: only a worker the kernel killed by SIGSYS made one.
+#[test]
+fn a_forged_violation_record_is_a_claim_not_a_violation() {
+    require_kvm();
+    let dir = scratch_dir("containment-violation");
+    let img = image(&dir);
+    let mut cmd = Command::new(tests::bulkhead_bin());
+    cmd.args(["run", "--kernel"])
+        .arg(testguest())
+        .args([
+            "--cmdline",
+            "testguest.plan=info hold_ms=1000",
+            "--mem",
+            "64",
+            "--timeout",
+            "30",
+            "--worker-bin",
+        ])
+        .arg(worker_hooks_bin())
+        .arg("--disk")
+        .arg(format!("path={},spare=off", img.display()))
+        .env("BULKHEAD_WORKER_FAULT_HOOK", "blk0:forge-violation");
+    let r = run_with_deadline(cmd, Duration::from_secs(60));
+    let t = r.transcript();
+    assert_eq!(r.code, Some(0), "{t}");
+    assert!(r.stderr.contains("the worker's claim, not counted"), "{t}");
+    assert!(!r.stderr.contains("violated policy"), "{t}");
+    assert!(r.stderr.contains("stats violations total=0"), "{t}");
+}
