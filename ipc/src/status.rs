@@ -381,16 +381,21 @@ impl StatusPage {
         {
             return false;
         }
+        self.write_violation(nr, args, arch, ip);
+        true
+    }
+
+    /// Writes the record's fields, then publishes them to a reader that loads the state
+    /// with Acquire. Async-signal-safe (plain atomic stores).
+    fn write_violation(&self, nr: u64, args: [u64; 6], arch: u32, ip: u64) {
         self.violation_nr.store(nr, Ordering::Relaxed);
         for (slot, value) in self.violation_args.iter().zip(args) {
             slot.store(value, Ordering::Relaxed);
         }
         self.violation_arch.store(arch, Ordering::Relaxed);
         self.violation_ip.store(ip, Ordering::Relaxed);
-        // Publishes the fields above to a reader that loads the state with Acquire.
         self.violation_state
             .store(VIOLATION_RECORDED, Ordering::Release);
-        true
     }
 
     /// Records the trap a worker is dying of, overwriting whatever the record held: the
@@ -402,14 +407,7 @@ impl StatusPage {
         self.violation_count.fetch_add(1, Ordering::Relaxed);
         self.violation_state
             .store(VIOLATION_WRITING, Ordering::Relaxed);
-        self.violation_nr.store(nr, Ordering::Relaxed);
-        for (slot, value) in self.violation_args.iter().zip(args) {
-            slot.store(value, Ordering::Relaxed);
-        }
-        self.violation_arch.store(arch, Ordering::Relaxed);
-        self.violation_ip.store(ip, Ordering::Relaxed);
-        self.violation_state
-            .store(VIOLATION_RECORDED, Ordering::Release);
+        self.write_violation(nr, args, arch, ip);
     }
 
     /// The violation record, if a violation has been (or is being) recorded.

@@ -47,6 +47,48 @@ fn bulkhead(image: &std::path::Path, worker: &std::path::Path, hold_ms: u32) -> 
     cmd
 }
 
+/// Runs `cmd` (a guest with `hold_ms`), calls `at_hold` with bulkhead's log so far when
+/// the guest says it holds, and returns the exit status and the whole log.
+fn run_until_hold(
+    mut cmd: Command,
+    mut at_hold: impl FnMut(&str),
+) -> (std::process::ExitStatus, String) {
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let log = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+    let sink = log.clone();
+    let reader = std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            let mut s = sink.lock().unwrap();
+            s.push_str(&line);
+            s.push('\n');
+        }
+    });
+    let started = Instant::now();
+    let mut held = false;
+    for line in BufReader::new(child.stdout.take().unwrap())
+        .lines()
+        .map_while(Result::ok)
+    {
+        if line.starts_with("TG hold") && !held {
+            held = true;
+            let text = log.lock().unwrap().clone();
+            at_hold(&text);
+        }
+        assert!(started.elapsed() < Duration::from_secs(60), "no end");
+    }
+    let status = child.wait().unwrap();
+    reader.join().unwrap();
+    let text = log.lock().unwrap().clone();
+    assert!(held, "the guest never held: {text}");
+    (status, text)
+}
+
 /// The hook writes a forged VMM line, terminal escapes, a 100,000-byte line and 5,000
 /// more lines to its stderr, then serves on.
 #[test]
@@ -109,53 +151,28 @@ fn a_worker_gets_none_of_the_vmms_environment() {
     let img = image(&dir);
     let mut cmd = bulkhead(&img, &worker_bin(), 3000);
     cmd.env("MY_CLOUD_TOKEN", "s3cret-token")
-        .env("BULKHEAD_LOG", "info")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    let mut child = cmd.spawn().unwrap();
-    let stderr = child.stderr.take().unwrap();
-    let log = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
-    let sink = log.clone();
-    let reader = std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            let mut s = sink.lock().unwrap();
-            s.push_str(&line);
-            s.push('\n');
+        .env("BULKHEAD_LOG", "info");
+    let mut environs = Vec::new();
+    let (status, text) = run_until_hold(cmd, |log| {
+        let pid: u32 = log
+            .lines()
+            .find_map(|l| l.split("serving blk0 as pid ").nth(1))
+            .and_then(|r| r.split_whitespace().next())
+            .and_then(|p| p.parse().ok())
+            .unwrap_or_else(|| panic!("no worker pid in:\n{log}"));
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+        let reaper: u32 = status
+            .lines()
+            .find_map(|l| l.strip_prefix("PPid:"))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap();
+        for p in [pid, reaper] {
+            let environ = std::fs::read(format!("/proc/{p}/environ")).unwrap();
+            environs.push((p, String::from_utf8_lossy(&environ).replace('\0', " ")));
         }
     });
-    let started = Instant::now();
-    let mut environs = Vec::new();
-    for line in BufReader::new(child.stdout.take().unwrap())
-        .lines()
-        .map_while(Result::ok)
-    {
-        if line.starts_with("TG hold") && environs.is_empty() {
-            let text = log.lock().unwrap().clone();
-            let pid: u32 = text
-                .lines()
-                .find_map(|l| l.split("serving blk0 as pid ").nth(1))
-                .and_then(|r| r.split_whitespace().next())
-                .and_then(|p| p.parse().ok())
-                .unwrap_or_else(|| panic!("no worker pid in:\n{text}"));
-            let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-            let reaper: u32 = status
-                .lines()
-                .find_map(|l| l.strip_prefix("PPid:"))
-                .and_then(|v| v.trim().parse().ok())
-                .unwrap();
-            for p in [pid, reaper] {
-                let environ = std::fs::read(format!("/proc/{p}/environ")).unwrap();
-                environs.push((p, String::from_utf8_lossy(&environ).replace('\0', " ")));
-            }
-        }
-        assert!(started.elapsed() < Duration::from_secs(60), "no end");
-    }
-    let status = child.wait().unwrap();
-    reader.join().unwrap();
-    let text = log.lock().unwrap().clone();
     assert!(status.success(), "{status:?}: {text}");
-    assert_eq!(environs.len(), 2, "the guest never held: {text}");
+    assert_eq!(environs.len(), 2, "{text}");
     for (pid, environ) in &environs {
         assert!(
             !environ.contains("MY_CLOUD_TOKEN") && !environ.contains("s3cret"),
@@ -214,34 +231,14 @@ fn a_worker_cannot_name_another_process_as_itself() {
     let mut cmd = bulkhead(&img, &worker_hooks_bin(), 3000);
     cmd.arg("--api-socket")
         .arg(&api)
-        .env("BULKHEAD_WORKER_FAULT_HOOK", "blk0:forge-pid")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    let mut child = cmd.spawn().unwrap();
-    let stderr = child.stderr.take().unwrap();
-    let reader = std::thread::spawn(move || {
-        let mut text = String::new();
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            text.push_str(&line);
-            text.push('\n');
-        }
-        text
-    });
+        .env("BULKHEAD_WORKER_FAULT_HOOK", "blk0:forge-pid");
     let mut shown = None;
-    for line in BufReader::new(child.stdout.take().unwrap())
-        .lines()
-        .map_while(Result::ok)
-    {
-        if line.starts_with("TG hold") && shown.is_none() {
-            let (code, body) = vmm_core::api::request(&api, "GET", "/v1/disks/blk0").unwrap();
-            assert_eq!(code, 200, "{body}");
-            let state: serde_json::Value = serde_json::from_str(&body).unwrap();
-            shown = Some(state["worker_pid"].as_u64().unwrap_or(0) as u32);
-        }
-    }
-    let status = child.wait().unwrap();
-    let log = reader.join().unwrap();
+    let (status, log) = run_until_hold(cmd, |_| {
+        let (code, body) = vmm_core::api::request(&api, "GET", "/v1/disks/blk0").unwrap();
+        assert_eq!(code, 200, "{body}");
+        let state: serde_json::Value = serde_json::from_str(&body).unwrap();
+        shown = Some(state["worker_pid"].as_u64().unwrap_or(0) as u32);
+    });
     assert!(status.success(), "{status:?}: {log}");
     let pid = shown.unwrap_or_else(|| panic!("the guest never held: {log}"));
     assert_ne!(pid, 1, "the API shows the pid the worker claimed: {log}");
