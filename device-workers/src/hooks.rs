@@ -28,6 +28,31 @@ pub fn run_after_config(name: &str, status: &ipc::status::StatusMapping) -> Resu
 pub fn run_after_sandbox(name: &str) -> Result<(), String> {
     match name {
         "bad-vhost-config" | "inflight-guest-ram" | "forge-pid" | "forge-violation" => Ok(()),
+        // A compromised worker taking the host's memory: 2 GiB, populated at once.
+        "mmap-populate" => {
+            let len = 2usize << 30;
+            // SAFETY: a new private anonymous mapping; nothing refers to it, and it is
+            // left in place (the point is to hold the memory).
+            let p = unsafe {
+                libc::mmap(
+                    std::ptr::null_mut(),
+                    len,
+                    libc::PROT_READ | libc::PROT_WRITE,
+                    libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_POPULATE,
+                    -1,
+                    0,
+                )
+            };
+            let line = if p == libc::MAP_FAILED {
+                format!(
+                    "MMAP-POPULATE refused: {}\n",
+                    std::io::Error::last_os_error()
+                )
+            } else {
+                "MMAP-POPULATE mapped 2 GiB\n".to_string()
+            };
+            write_all(libc::STDERR_FILENO, line.as_bytes())
+        }
         // A compromised worker writing to its stderr: a line shaped like one of the VMM's,
         // terminal escape sequences, a line far past any sane length, and a flood. The VMM
         // must keep every byte of it inside this worker's own, marked lines.

@@ -271,8 +271,9 @@ fn run_spawned(args: SpawnedArgs) -> anyhow::Result<ExitCode> {
         disk,
         num_queues: config.num_queues,
         serial: config.serial,
-        uid: sandbox::DEFAULT_UID,
-        gid: sandbox::DEFAULT_GID,
+        // One uid for all of a VM's workers, chosen by the VMM; the gid is the same number.
+        uid: config.uid,
+        gid: config.uid,
         status,
         print_status: false,
         learn,

@@ -14,7 +14,7 @@
 use serde::{Deserialize, Serialize};
 
 /// Version of the message set. Bump on any change of the messages or their meaning.
-pub const PROTOCOL_VERSION: u32 = 4;
+pub const PROTOCOL_VERSION: u32 = 5;
 
 /// Longest device id, in bytes.
 pub const MAX_DEVICE_ID_LEN: usize = 32;
@@ -167,6 +167,9 @@ pub struct WorkerConfig {
     /// Microseconds to busy-poll the rings before sleeping (0: never), at most
     /// [`MAX_POLL_US`].
     pub poll_us: u32,
+    /// The unprivileged host uid (and gid) the sandboxed worker runs as: one per VM, so
+    /// the workers of two VMs cannot signal or ptrace each other. Never 0.
+    pub uid: u32,
 }
 
 /// How a worker serves its disk.
@@ -230,8 +233,10 @@ impl Validate for WorkerConfig {
             mode: _,
             engine: _,
             poll_us,
+            uid,
         } = self;
         check_range("poll_us", u64::from(*poll_us), 0, u64::from(MAX_POLL_US))?;
+        check_range("uid", u64::from(*uid), 1, u64::from(u32::MAX - 1))?;
         check_len("device_id", device_id, 1, MAX_DEVICE_ID_LEN)?;
         check_chars("device_id", device_id, "[A-Za-z0-9_-]", |c| {
             c.is_ascii_alphanumeric() || c == '_' || c == '-'
@@ -388,7 +393,20 @@ mod tests {
             mode: ServeMode::Normal,
             engine: IoEngine::Auto,
             poll_us: 0,
+            uid: 65534,
         }
+    }
+
+    #[test]
+    fn a_worker_never_runs_as_root() {
+        let err = WorkerConfig { uid: 0, ..config() }.validate().unwrap_err();
+        assert!(err.to_string().contains("uid"), "{err}");
+        assert!(WorkerConfig {
+            uid: 200_000,
+            ..config()
+        }
+        .validate()
+        .is_ok());
     }
 
     fn ready() -> WorkerMessage {

@@ -97,6 +97,7 @@ fn vmm_and_worker_processes() {
         mode: ipc::messages::ServeMode::Normal,
         engine: ipc::messages::IoEngine::Auto,
         poll_us: 0,
+        uid: 65534,
     };
     vmm.send(&VmmMessage::Configure(config), &[file.as_fd()])
         .unwrap();

@@ -74,6 +74,7 @@ fn readme_code_map_names_every_source_file() {
         "policies/src/",
         "tests/src/",
         "tests/bench/src/",
+        "fuzz/fuzz_targets/",
     ] {
         for dir in std::iter::once(root.join(crate_src)).chain(
             std::fs::read_dir(root.join(crate_src))

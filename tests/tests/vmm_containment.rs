@@ -286,3 +286,90 @@ fn a_forged_violation_record_is_a_claim_not_a_violation() {
     assert!(!r.stderr.contains("violated policy"), "{t}");
     assert!(r.stderr.contains("stats violations total=0"), "{t}");
 }
+
+/// A worker maps 2 GiB with MAP_POPULATE (it once took 2 GB of the host's memory that
+/// way): its address-space limit (guest RAM plus a margin) refuses it, and it serves on.
+#[test]
+fn a_worker_cannot_take_the_hosts_memory() {
+    require_kvm();
+    let dir = scratch_dir("containment-memory");
+    let img = image(&dir);
+    let mut cmd = bulkhead(&img, &worker_hooks_bin(), 0);
+    cmd.env("BULKHEAD_WORKER_FAULT_HOOK", "blk0:mmap-populate");
+    let r = run_with_deadline(cmd, Duration::from_secs(120));
+    let t = r.transcript();
+    assert_eq!(r.code, Some(0), "{t}");
+    assert!(
+        r.stderr.contains("worker blk0: MMAP-POPULATE refused"),
+        "the mapping was not refused: {t}"
+    );
+    check_blk_verify_image(&img, &r.stdout, 0, SEED, BLOCKS).unwrap_or_else(|e| panic!("{e}: {t}"));
+}
+
+/// The uid (and gid) of the confined worker serving `blk0` in a bulkhead log.
+fn worker_uid(log: &str) -> (u32, u32) {
+    let pid: u32 = log
+        .lines()
+        .find_map(|l| l.split("serving blk0 as pid ").nth(1))
+        .and_then(|r| r.split_whitespace().next())
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("no worker pid in:\n{log}"));
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let id = |key: &str| -> u32 {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(key))
+            .and_then(|v| v.split_whitespace().next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("no {key} in {status}"))
+    };
+    (id("Uid:"), id("Gid:"))
+}
+
+/// With `--worker-uids`, each running VM leases a uid of its own for its workers (they
+/// cannot signal or read each other across VMs), and a VM finding none free is refused
+/// before it runs.
+#[test]
+fn each_vm_runs_its_workers_as_a_uid_of_its_own() {
+    require_kvm();
+    let dir = scratch_dir("containment-uids");
+    // A range no other test uses.
+    let range = "231000-231001";
+    let spawn_vm = |name: &str| {
+        let img = dir.join(format!("{name}.img"));
+        std::fs::File::create(&img)
+            .unwrap()
+            .set_len(8 << 20)
+            .unwrap();
+        let mut cmd = bulkhead(&img, &worker_bin(), 4000);
+        cmd.args(["--worker-uids", range]);
+        cmd
+    };
+    let (first_tx, first_rx) = std::sync::mpsc::channel();
+    let first = spawn_vm("a");
+    let a = std::thread::spawn(move || {
+        run_until_hold(first, |log| first_tx.send(worker_uid(log)).unwrap())
+    });
+    let uid_a = first_rx.recv_timeout(Duration::from_secs(60)).unwrap();
+    let (status_b, log_b) = run_until_hold(spawn_vm("b"), |log| {
+        let uid_b = worker_uid(log);
+        assert_ne!(uid_a, uid_b, "two running VMs share a worker uid");
+        for (uid, gid) in [uid_a, uid_b] {
+            assert!((231_000..=231_001).contains(&uid), "{uid}");
+            assert_eq!(uid, gid);
+        }
+        // Both uids are leased now: a third VM is refused before any vCPU runs.
+        let img = dir.join("c.img");
+        std::fs::File::create(&img)
+            .unwrap()
+            .set_len(8 << 20)
+            .unwrap();
+        let mut third = bulkhead(&img, &worker_bin(), 0);
+        third.args(["--worker-uids", range]);
+        let r = run_with_deadline(third, Duration::from_secs(30));
+        r.assert_one_error_line("bulkhead: error: ", "no free worker uid in 231000-231001");
+    });
+    assert!(status_b.success(), "{log_b}");
+    let (status_a, log_a) = a.join().unwrap();
+    assert!(status_a.success(), "{log_a}");
+}

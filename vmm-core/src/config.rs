@@ -36,6 +36,9 @@ pub struct VmConfig {
     /// The worker executable; default: `bulkhead-worker` beside this executable.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub worker_bin: Option<PathBuf>,
+    /// Host uids to lease one from for this VM's workers; default: all run as 65534.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub worker_uids: Option<crate::uid_lease::UidRange>,
 }
 
 fn default_cmdline() -> String {
@@ -62,6 +65,7 @@ impl VmConfig {
             vcpus: default_vcpus(),
             disks: Vec::new(),
             worker_bin: None,
+            worker_uids: None,
         }
     }
 

@@ -18,6 +18,7 @@ pub mod sandbox_report;
 pub mod supervisor;
 pub mod terminal;
 pub mod thread;
+pub mod uid_lease;
 pub mod vcpu;
 pub mod vhost_frontend;
 pub mod violations;

@@ -58,6 +58,11 @@ pub struct RunArgs {
     /// The worker executable (default: bulkhead-worker beside bulkhead).
     #[arg(long)]
     pub worker_bin: Option<PathBuf>,
+    /// Run this VM's workers as a uid of their own, leased from FIRST-LAST (unprivileged
+    /// host uids; one per running VM, held by /run/bulkhead/worker-uid-N.lock). Default:
+    /// every worker runs as 65534.
+    #[arg(long, value_name = "FIRST-LAST")]
+    pub worker_uids: Option<vmm_core::uid_lease::UidRange>,
     /// Stop the VM after this many seconds (exit status 124).
     #[arg(long)]
     pub timeout: Option<f64>,
@@ -140,6 +145,7 @@ pub fn run(
             vmm_core::memory::RamPages::Small
         },
         vcpus: args.vcpus,
+        worker_uids: args.worker_uids,
     };
     let mut vm = Vm::build(&cfg, learn.as_ref(), Box::new(std::io::stdout()))?;
     let protocol = match vm.entry() {

@@ -21,6 +21,7 @@ use crate::layout::{self, KVM_TSS_START, SERIAL_GSI};
 use crate::memory::GuestRam;
 use crate::report::VmStats;
 use crate::supervisor::DiskHandle;
+use crate::uid_lease::{UidLease, LEASE_DIR};
 use crate::vcpu::{Vcpu, VcpuEvent};
 
 /// Errors while building or running a VM.
@@ -48,6 +49,8 @@ pub enum VmError {
     Serial(#[source] std::io::Error),
     #[error(transparent)]
     Disk(#[from] crate::disk::attach::AttachError),
+    #[error(transparent)]
+    Uid(#[from] crate::uid_lease::UidError),
     #[error("too many disks: {count} (at most {max})")]
     TooManyDisks { count: usize, max: u32 },
     #[error("cannot start the thread for vCPU {vcpu}")]
@@ -108,6 +111,8 @@ pub struct Vm {
     running: bool,
     /// Each vCPU's exit counters (kept here: the vCPUs go to their threads).
     vcpu_stats: Vec<Arc<crate::vcpu::VcpuStats>>,
+    /// The uid the workers run as, leased for the VM's life.
+    _uid: UidLease,
 }
 
 impl Vm {
@@ -135,6 +140,10 @@ impl Vm {
             });
         }
         let images = crate::disk::attach::open_images(&cfg.disks)?;
+        let uid = match cfg.worker_uids {
+            Some(range) => UidLease::take(range, std::path::Path::new(LEASE_DIR))?,
+            None => UidLease::nobody(),
+        };
         let ram = GuestRam::new(cfg.mem_mib, cfg.ram_pages)?;
         let kvm_err = |what| move |source| VmError::Kvm { what, source };
 
@@ -160,6 +169,7 @@ impl Vm {
             bin: cfg.worker_bin.as_deref(),
             learn,
             violations: &violations,
+            uid: uid.uid,
         };
         // Until the VM is built, a failure ends the workers already started.
         let mut disks = StartedDisks::default();
@@ -244,6 +254,7 @@ impl Vm {
             entry: loaded.entry,
             running: false,
             vcpu_stats,
+            _uid: uid,
         })
     }
 

@@ -147,12 +147,9 @@ pub fn restart(a: Restart) -> anyhow::Result<()> {
             0,
         )?],
         worker_bin: a.worker_bin,
-        kernel: kernel.clone(),
-        initrd: None,
         cmdline: cmdline.into(),
         mem_mib: 64,
-        ram_pages: vmm_core::memory::RamPages::Small,
-        vcpus: 1,
+        ..VmConfig::new(kernel.clone())
     };
     let serial = Captured::default();
     let mut vm = Vm::build(&cfg, None, Box::new(serial.clone()))?;

@@ -84,6 +84,8 @@ pub struct WorkerEnv<'a> {
     /// `bulkhead policy learn`: workers run in learn mode, recorded here.
     pub learn: Option<&'a Arc<policies::learn::Recorder>>,
     pub violations: &'a Arc<ViolationLog>,
+    /// The host uid the VM's workers run as.
+    pub uid: u32,
 }
 
 /// Opens and locks every disk's image before any worker starts: one that cannot be had
@@ -215,6 +217,8 @@ pub fn attach(
                 id: cfg.id.clone(),
                 image: options.clone(),
                 num_queues,
+                address_space: crate::worker::address_space_limit(ram.size()),
+                uid: workers.uid,
             };
             let output = crate::worker_output::limiter();
             let w = crate::worker::spawn(

@@ -74,6 +74,11 @@ pub struct WorkerDisk {
     pub id: String,
     pub image: ImageDisk,
     pub num_queues: u16,
+    /// The worker's address-space limit (RLIMIT_AS) in bytes; see
+    /// [`crate::worker::address_space_limit`].
+    pub address_space: u64,
+    /// The host uid (and gid) the worker runs as: the VM's lease.
+    pub uid: u32,
 }
 
 /// Errors in a disk's options.
