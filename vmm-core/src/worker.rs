@@ -40,11 +40,12 @@ const WORKER_ENV: [&str; 2] = ["BULKHEAD_LOG", "BULKHEAD_WORKER_FAULT_HOOK"];
 /// queues mean more rings and a larger inflight region, at most about 1 MiB more).
 pub const WORKER_OVERHEAD: u64 = 64 << 20;
 
-/// The address space a worker may have (RLIMIT_AS): guest RAM, which it maps whole from
-/// SET_MEM_TABLE, plus [`WORKER_OVERHEAD`]. A compromised worker cannot take the host's
-/// memory beyond that (an mmap of 2 GiB with MAP_POPULATE once took 2 GB of RSS).
+/// The address space a worker may have (RLIMIT_AS): guest RAM twice (a SET_MEM_TABLE
+/// after a device reset maps the new table before the old one is let go) plus
+/// [`WORKER_OVERHEAD`]. A compromised worker cannot take the host's memory beyond that
+/// (an mmap of 2 GiB with MAP_POPULATE once took 2 GB of RSS).
 pub fn address_space_limit(guest_ram: u64) -> u64 {
-    guest_ram.saturating_add(WORKER_OVERHEAD)
+    guest_ram.saturating_mul(2).saturating_add(WORKER_OVERHEAD)
 }
 
 /// How long a worker may take to answer during setup before it is given up on.
