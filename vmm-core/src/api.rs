@@ -77,22 +77,28 @@ fn error(code: u16, reason: &'static str, msg: String) -> Response {
 
 fn handle(stream: UnixStream, disks: &HashMap<String, Arc<DiskHandle>>) {
     let _ = stream.set_read_timeout(Some(Duration::from_secs(5)));
-    let response = match read_head(&stream) {
+    let response = respond(&stream, disks);
+    let mut out = &stream;
+    let _ = out.write_all(response.as_bytes());
+}
+
+/// The HTTP/1.1 response to the request read from `request` (a client's bytes, hostile as
+/// any: this is what the API fuzz target feeds).
+pub fn respond(request: impl Read, disks: &HashMap<String, Arc<DiskHandle>>) -> String {
+    let response = match read_head(request) {
         Ok((method, target)) => route(&method, &target, disks),
         Err(msg) => error(400, "Bad Request", msg),
     };
     let Response(code, reason, body) = response;
     let body = body.to_string();
-    let mut out = &stream;
-    let _ = write!(
-        out,
+    format!(
         "HTTP/1.1 {code} {reason}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
         body.len()
-    );
+    )
 }
 
 /// The request line's method and target; headers are read and ignored, a body refused.
-fn read_head(stream: &UnixStream) -> Result<(String, String), String> {
+fn read_head(stream: impl Read) -> Result<(String, String), String> {
     let mut reader = BufReader::new(stream.take(MAX_HEAD as u64));
     let mut line = String::new();
     reader
