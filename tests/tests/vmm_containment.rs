@@ -89,6 +89,26 @@ fn run_until_hold(
     (status, text)
 }
 
+/// The confined pid of the worker serving `blk0`, from its line in a bulkhead log.
+fn serving_pid(log: &str) -> u32 {
+    log.lines()
+        .find_map(|l| l.split("serving blk0 as pid ").nth(1))
+        .and_then(|r| r.split_whitespace().next())
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("no worker pid in:\n{log}"))
+}
+
+/// The first number of field `key` (`PPid:`, `Uid:`, ...) in /proc/PID/status.
+fn proc_status_field(pid: u32, key: &str) -> u32 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(key))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no {key} in {status}"))
+}
+
 /// bulkhead with the hook-enabled worker, fault hook `hook` on blk0, the guest's
 /// blk-verify run to its end: exit 0 and the image as the guest wrote it.
 fn run_with_hook(name: &str, hook: &str) -> tests::RunResult {
@@ -162,18 +182,8 @@ fn a_worker_gets_none_of_the_vmms_environment() {
         .env("BULKHEAD_LOG", "info");
     let mut environs = Vec::new();
     let (status, text) = run_until_hold(cmd, |log| {
-        let pid: u32 = log
-            .lines()
-            .find_map(|l| l.split("serving blk0 as pid ").nth(1))
-            .and_then(|r| r.split_whitespace().next())
-            .and_then(|p| p.parse().ok())
-            .unwrap_or_else(|| panic!("no worker pid in:\n{log}"));
-        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-        let reaper: u32 = status
-            .lines()
-            .find_map(|l| l.strip_prefix("PPid:"))
-            .and_then(|v| v.trim().parse().ok())
-            .unwrap();
+        let pid = serving_pid(log);
+        let reaper = proc_status_field(pid, "PPid:");
         for p in [pid, reaper] {
             let environ = std::fs::read(format!("/proc/{p}/environ")).unwrap();
             environs.push((p, String::from_utf8_lossy(&environ).replace('\0', " ")));
@@ -198,8 +208,8 @@ fn a_worker_gets_none_of_the_vmms_environment() {
 }
 
 /// bulkhead's own stderr reader goes away before the guest even boots: the VM still runs
-/// its disk I/O to the end, and bulkhead exits with the guest's status (it aborted with
-/// 134 when a log line could not be written, and its workers, which shared that stderr,
+/// its disk I/O to the end, and bulkhead exits with the guest's status (it panicked, exit
+/// 101, when a log line could not be written, and its workers, which shared that stderr,
 /// died on their first log line).
 #[test]
 fn a_closed_stderr_ends_neither_the_vmm_nor_its_workers() {
@@ -310,22 +320,11 @@ fn a_worker_cannot_take_the_hosts_memory() {
 
 /// The uid (and gid) of the confined worker serving `blk0` in a bulkhead log.
 fn worker_uid(log: &str) -> (u32, u32) {
-    let pid: u32 = log
-        .lines()
-        .find_map(|l| l.split("serving blk0 as pid ").nth(1))
-        .and_then(|r| r.split_whitespace().next())
-        .and_then(|p| p.parse().ok())
-        .unwrap_or_else(|| panic!("no worker pid in:\n{log}"));
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    let id = |key: &str| -> u32 {
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix(key))
-            .and_then(|v| v.split_whitespace().next())
-            .and_then(|v| v.parse().ok())
-            .unwrap_or_else(|| panic!("no {key} in {status}"))
-    };
-    (id("Uid:"), id("Gid:"))
+    let pid = serving_pid(log);
+    (
+        proc_status_field(pid, "Uid:"),
+        proc_status_field(pid, "Gid:"),
+    )
 }
 
 /// With `--worker-uids`, each running VM leases a uid of its own for its workers (they

@@ -72,17 +72,15 @@ pub fn report_confinement(id: &str, confined: Option<u32>) {
     };
     let deadline = std::time::Instant::now() + Duration::from_secs(5);
     while std::time::Instant::now() < deadline {
-        {
-            if let Some(facts) = crate::sandbox_report::SandboxFacts::read(pid) {
-                if facts.seccomp == "2" {
-                    let verdict = if facts.confined() {
-                        "confined"
-                    } else {
-                        "NOT fully confined"
-                    };
-                    tracing::info!("worker {id} {verdict}: {facts}");
-                    return;
-                }
+        if let Some(facts) = crate::sandbox_report::SandboxFacts::read(pid) {
+            if facts.seccomp == "2" {
+                let verdict = if facts.confined() {
+                    "confined"
+                } else {
+                    "NOT fully confined"
+                };
+                tracing::info!("worker {id} {verdict}: {facts}");
+                return;
             }
         }
         std::thread::sleep(Duration::from_millis(5));

@@ -22,6 +22,15 @@ pub enum UidError {
     Range(String),
     #[error("no free worker uid in {first}-{last}: each is leased by a running VM")]
     NoneFree { first: u32, last: u32 },
+    #[error(
+        "--worker-uids: uid {uid} is the {what} {name:?}: workers need uids (and gids) no \
+         account or group uses, or that account could signal or trace them"
+    )]
+    InUse {
+        uid: u32,
+        what: &'static str,
+        name: String,
+    },
     #[error("cannot use {path}")]
     Lock {
         path: PathBuf,
@@ -94,6 +103,7 @@ impl UidLease {
             .create(dir)
             .map_err(lock_err(dir))?;
         for uid in range.first..=range.last {
+            refuse_if_in_use(uid)?;
             let path = dir.join(format!("worker-uid-{uid}.lock"));
             let file = OpenOptions::new()
                 .read(true)
@@ -122,6 +132,27 @@ impl UidLease {
     }
 }
 
+/// A uid an account has (or a gid a group has: workers run with gid = uid) is not for
+/// workers: that account's processes could signal or ptrace them, or they its files.
+fn refuse_if_in_use(uid: u32) -> Result<(), UidError> {
+    use nix::unistd::{Gid, Group, Uid, User};
+    if let Ok(Some(user)) = User::from_uid(Uid::from_raw(uid)) {
+        return Err(UidError::InUse {
+            uid,
+            what: "account",
+            name: user.name,
+        });
+    }
+    if let Ok(Some(group)) = Group::from_gid(Gid::from_raw(uid)) {
+        return Err(UidError::InUse {
+            uid,
+            what: "gid of the group",
+            name: group.name,
+        });
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -138,6 +169,18 @@ mod tests {
         for bad in ["0-5", "5-4", "x-5", "5", "1-4294967295", ""] {
             assert!(bad.parse::<UidRange>().is_err(), "{bad}");
         }
+    }
+
+    /// A careless range (here uid 1, Debian's `daemon`) is refused, naming the account.
+    #[test]
+    fn uids_with_an_account_are_refused() {
+        let dir = std::env::temp_dir().join(format!("bulkhead-uids-acct-{}", std::process::id()));
+        let err = UidLease::take("1-1".parse().unwrap(), &dir).unwrap_err();
+        assert!(
+            err.to_string().contains("uid 1 is the account \"daemon\""),
+            "{err}"
+        );
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]

@@ -52,8 +52,8 @@ struct State {
 
 impl State {
     fn kill_worker(&self) {
-        for fd in [&self.confined, &self.reaper].into_iter().flatten() {
-            pids::kill(fd);
+        for fd in self.worker_fds() {
+            pids::kill(&fd);
         }
     }
 
