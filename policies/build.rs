@@ -57,11 +57,11 @@ fn build_all(manifest: &Path, out: &Path) -> Result<(), String> {
             compile::parse_and_compile(&label, &text).map_err(|e| e.to_string())?;
 
         // Naming convention, so that lib.rs can `include_str!` the right file:
-        // `<worker>.policy` for the main thread, `<worker>-<thread>.policy` otherwise.
+        // `<process>.policy` for the main thread, `<process>-<thread>.policy` otherwise.
         let expected = if policy.thread == "main" {
-            format!("{}.policy", policy.worker)
+            format!("{}.policy", policy.process)
         } else {
-            format!("{}-{}.policy", policy.worker, policy.thread)
+            format!("{}-{}.policy", policy.process, policy.thread)
         };
         let name = path
             .file_name()
@@ -69,20 +69,20 @@ fn build_all(manifest: &Path, out: &Path) -> Result<(), String> {
             .unwrap_or_default();
         if name != expected {
             return Err(format!(
-                "{label}:1: worker `{}` thread `{}` must live in `{expected}`",
-                policy.worker, policy.thread
+                "{label}:1: process `{}` thread `{}` must live in `{expected}`",
+                policy.process, policy.thread
             ));
         }
-        let key = (policy.worker.clone(), policy.thread.clone());
+        let key = (policy.process.clone(), policy.thread.clone());
         if let Some(other) = seen.insert(key, path.clone()) {
             return Err(format!(
-                "{label}:1: worker `{}` thread `{}` is already defined by {}",
-                policy.worker,
+                "{label}:1: process `{}` thread `{}` is already defined by {}",
+                policy.process,
                 policy.thread,
                 other.display()
             ));
         }
-        let target = out.join(format!("{}_{}.bpf", policy.worker, policy.thread));
+        let target = out.join(format!("{}_{}.bpf", policy.process, policy.thread));
         fs::write(&target, compile::to_bytes(&program))
             .map_err(|e| format!("{}: {e}", target.display()))?;
     }

@@ -11,7 +11,7 @@ pub fn table(policy: &Policy) -> String {
     let _ = writeln!(
         out,
         "policy {} / thread {} ({}, default {}, {} rules)",
-        policy.worker,
+        policy.process,
         policy.thread,
         policy.arch,
         policy.default,
@@ -101,7 +101,7 @@ pub fn to_json(policy: &Policy) -> serde_json::Value {
         })
         .collect();
     serde_json::json!({
-        "worker": policy.worker,
+        "process": policy.process,
         "thread": policy.thread,
         "arch": policy.arch,
         "default": policy.default.to_string(),
@@ -150,7 +150,7 @@ impl PolicyDiff {
 pub fn diff(old: &Policy, new: &Policy) -> PolicyDiff {
     let mut d = PolicyDiff::default();
     for (what, a, b) in [
-        ("worker", &old.worker, &new.worker),
+        ("process", &old.process, &new.process),
         ("thread", &old.thread, &new.thread),
         ("arch", &old.arch, &new.arch),
     ] {
@@ -310,7 +310,7 @@ mod tests {
     use super::*;
     use crate::format::parse;
 
-    const HEAD: &str = "worker: blk\nthread: main\ndefault: trap\narch: x86_64\n";
+    const HEAD: &str = "process: blk\nthread: main\ndefault: trap\narch: x86_64\n";
 
     fn policy(rules: &str) -> Policy {
         parse("t.policy", &format!("{HEAD}{rules}")).unwrap()
@@ -318,9 +318,8 @@ mod tests {
 
     #[test]
     fn the_shipped_policies_lint_clean() {
-        for kind in crate::WorkerKind::ALL {
-            let p = crate::policy(kind, crate::ThreadRole::Main);
-            assert_eq!(lint(p), vec![], "{kind}");
+        for id in crate::PolicyId::all() {
+            assert_eq!(lint(crate::policy(id)), vec![], "{id}");
         }
     }
 

@@ -288,7 +288,7 @@ pub fn from_bytes(bytes: &[u8]) -> Result<BpfProgram, CompileError> {
 mod tests {
     use super::*;
 
-    const HEADER: &str = "worker: blk\nthread: main\ndefault: trap\narch: x86_64\n";
+    const HEADER: &str = "process: blk\nthread: main\ndefault: trap\narch: x86_64\n";
 
     #[test]
     fn bad_policy_fails_with_file_and_line() {
@@ -322,7 +322,7 @@ mod tests {
     #[test]
     fn groups_are_chained_without_sentinels() {
         let text = format!(
-            "{HEADER}read => allow: r\nfcntl arg1 == 3 => allow: f\nfcntl => errno EPERM: rest\n\
+            "{HEADER}read => allow: r\nfcntl arg1 == 3 => errno EPERM: f\nfcntl => allow: rest\n\
              clone3 => errno ENOSYS: c\nwrite => log: w\n"
         );
         let (_, program) = parse_and_compile("t", &text).unwrap();

@@ -159,6 +159,12 @@ pub const IOCTL: &[Named] = &[
     ("BLKFLSBUF", 0x1261),
     ("KVM_CREATE_VM", 0xAE01),
     ("KVM_RUN", 0xAE80),
+    ("KVM_GET_REGS", 0x8090_AE81),
+    ("KVM_GET_SREGS", 0x8138_AE83),
+    ("KVM_TRANSLATE", 0xC018_AE85),
+    ("SECCOMP_IOCTL_NOTIF_RECV", 0xC050_2100),
+    ("SECCOMP_IOCTL_NOTIF_SEND", 0xC018_2101),
+    ("SECCOMP_IOCTL_NOTIF_ID_VALID", 0x4008_2102),
 ];
 
 /// `FALLOC_FL_*` (fallocate mode bits).
@@ -350,10 +356,32 @@ pub const CLONE: &[Named] = &[
     ("CLONE_IO", 0x8000_0000),
 ];
 
+/// Socket option levels and options (setsockopt, getsockopt).
+pub const SOCKOPT: &[Named] = &[("SOL_SOCKET", 1), ("SO_RCVTIMEO", 20), ("SO_SNDTIMEO", 21)];
+
+/// `LOCK_*` (flock operations).
+pub const FLOCK: &[Named] = &[
+    ("LOCK_SH", 1),
+    ("LOCK_EX", 2),
+    ("LOCK_NB", 4),
+    ("LOCK_UN", 8),
+];
+
+/// `SHUT_*` (shutdown's `how`).
+pub const SHUT: &[Named] = &[("SHUT_RD", 0), ("SHUT_WR", 1), ("SHUT_RDWR", 2)];
+
+/// `SECCOMP_*` operations of the seccomp syscall.
+pub const SECCOMP: &[Named] = &[
+    ("SECCOMP_SET_MODE_STRICT", 0),
+    ("SECCOMP_SET_MODE_FILTER", 1),
+    ("SECCOMP_GET_ACTION_AVAIL", 2),
+    ("SECCOMP_GET_NOTIF_SIZES", 3),
+];
+
 /// Every group a policy file can draw a constant from.
 pub const ALL: &[&[Named]] = &[
     PROT, MAP, MREMAP, MADV, FCNTL, OPEN, AT, IOCTL, FALLOC, FUTEX, PRCTL, RWF, EPOLL, MSG, SIGNAL,
-    CLOCK, GRND, AF, SOCK, CLONE,
+    CLOCK, GRND, AF, SOCK, SOCKOPT, CLONE, FLOCK, SHUT, SECCOMP,
 ];
 
 /// The value of the constant called `name`.

@@ -1,7 +1,7 @@
 //! The policy file format (see `policies/README.md`): parser and parsed representation.
 //!
 //! ```text
-//! worker:  blk
+//! process: blk
 //! thread:  main
 //! default: trap
 //! arch:    x86_64
@@ -254,8 +254,8 @@ impl fmt::Display for Rule {
 pub struct Policy {
     /// The file name used in error messages.
     pub file: String,
-    /// Worker kind (`worker:` header), e.g. `blk`.
-    pub worker: String,
+    /// The process the policy confines (`process:` header): a worker kind (`blk`) or `vmm`.
+    pub process: String,
     /// Thread role (`thread:` header), e.g. `main`.
     pub thread: String,
     /// Action for calls no rule matches (`default:` header).
@@ -277,7 +277,7 @@ impl Policy {
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ParseErrorKind {
     /// A required header line is absent.
-    #[error("missing header `{0}:` (every policy names worker, thread, default and arch)")]
+    #[error("missing header `{0}:` (every policy names process, thread, default and arch)")]
     MissingHeader(&'static str),
     /// A header key appears twice.
     #[error("header `{key}` given twice (first on line {first_line})")]
@@ -288,7 +288,7 @@ pub enum ParseErrorKind {
         first_line: usize,
     },
     /// A `key: value` line with an unknown key.
-    #[error("unknown header `{0}` (expected worker, thread, default or arch)")]
+    #[error("unknown header `{0}` (expected process, thread, default or arch)")]
     UnknownHeader(String),
     /// Header after the first rule.
     #[error("header `{0}` after the first rule: headers go at the top")]
@@ -362,8 +362,9 @@ pub enum ParseErrorKind {
         /// The earlier rule's line.
         first_line: usize,
     },
-    /// An unconditional rule and a conditional one with the same action.
-    #[error("rule for `{syscall}` is shadowed by the unconditional rule on line {other_line}")]
+    /// A conditional rule that an unconditional one for the same syscall makes useless: the
+    /// same action, or a more restrictive one (which always wins).
+    #[error("rule for `{syscall}` is shadowed by the unconditional rule on line {other_line} (the same action, or a more restrictive one, for every call)")]
     ShadowedRule {
         /// Syscall name.
         syscall: String,
@@ -432,7 +433,7 @@ fn column_of(raw: &str, kind: &ParseErrorKind) -> usize {
     raw[..byte].chars().count() + 1
 }
 
-const HEADERS: [&str; 4] = ["worker", "thread", "default", "arch"];
+const HEADERS: [&str; 4] = ["process", "thread", "default", "arch"];
 const FLAGS: [&str; 2] = ["accepted-risk", "rare-path"];
 
 /// Parse policy `text`; `file` names it in errors.
@@ -511,11 +512,11 @@ pub fn parse(file: &str, text: &str) -> Result<Policy, ParseError> {
             .cloned()
             .ok_or_else(|| err(1, ParseErrorKind::MissingHeader(key)))
     };
-    let (wline, worker) = header("worker")?;
+    let (wline, process) = header("process")?;
     let (tline, thread) = header("thread")?;
     let (dline, default) = header("default")?;
     let (aline, arch) = header("arch")?;
-    for (line, name) in [(wline, &worker), (tline, &thread)] {
+    for (line, name) in [(wline, &process), (tline, &thread)] {
         let ok = !name.is_empty()
             && name
                 .chars()
@@ -538,7 +539,7 @@ pub fn parse(file: &str, text: &str) -> Result<Policy, ParseError> {
 
     Ok(Policy {
         file: file.to_string(),
-        worker,
+        process,
         thread,
         default,
         arch,
@@ -570,10 +571,15 @@ fn check_rules(rules: &[Rule], default: Action) -> Result<(), (usize, ParseError
         }
         seen.insert(rule.key(), rule);
     }
+    // An unconditional rule matches every call of its syscall, so a conditional rule for
+    // the same syscall with the same action adds nothing, and one with a less restrictive
+    // action never decides anything (the most restrictive matching action wins).
     for rule in rules.iter().filter(|r| !r.conditions.is_empty()) {
-        let shadow = rules
-            .iter()
-            .find(|o| o.nr == rule.nr && o.conditions.is_empty() && o.action == rule.action);
+        let shadow = rules.iter().find(|o| {
+            o.nr == rule.nr
+                && o.conditions.is_empty()
+                && o.action.precedence() <= rule.action.precedence()
+        });
         if let Some(other) = shadow {
             return Err((
                 rule.line.max(other.line),
@@ -866,7 +872,7 @@ fn parse_term(word: &str) -> Result<u64, ParseErrorKind> {
 mod tests {
     use super::*;
 
-    const HEADER: &str = "worker: blk\nthread: main\ndefault: trap\narch: x86_64\n";
+    const HEADER: &str = "process: blk\nthread: main\ndefault: trap\narch: x86_64\n";
 
     fn with_header(body: &str) -> String {
         format!("{HEADER}{body}")
@@ -976,7 +982,7 @@ wrïte => allow: x
              mmap arg2 == PROT_READ|PROT_WRITE && arg3 & MAP_SHARED == MAP_SHARED => log: x\n",
         );
         let p = parse("t.policy", &text).unwrap();
-        assert_eq!(p.worker, "blk");
+        assert_eq!(p.process, "blk");
         assert_eq!(p.thread, "main");
         assert_eq!(p.default, Action::Trap);
         assert_eq!(p.rules.len(), 7);
@@ -1034,22 +1040,22 @@ wrïte => allow: x
         .unwrap_err();
         assert_eq!(
             (e.line, e.kind),
-            (1, ParseErrorKind::MissingHeader("worker"))
+            (1, ParseErrorKind::MissingHeader("process"))
         );
-        let e = parse("t", &format!("{HEADER}worker: net\nread => allow: x\n")).unwrap_err();
+        let e = parse("t", &format!("{HEADER}process: net\nread => allow: x\n")).unwrap_err();
         assert_eq!(
             (e.line, e.kind),
             (
                 5,
                 ParseErrorKind::DuplicateHeader {
-                    key: "worker".into(),
+                    key: "process".into(),
                     first_line: 1
                 }
             )
         );
         let e = parse(
             "t",
-            "worker: blk\nthread: main\ndefault: allow\narch: x86_64\nread => trap: x\n",
+            "process: blk\nthread: main\ndefault: allow\narch: x86_64\nread => trap: x\n",
         )
         .unwrap_err();
         assert_eq!(
@@ -1058,7 +1064,7 @@ wrïte => allow: x
         );
         let e = parse(
             "t",
-            "worker: blk\nthread: main\ndefault: trap\narch: aarch64\nread => allow: x\n",
+            "process: blk\nthread: main\ndefault: trap\narch: aarch64\nread => allow: x\n",
         )
         .unwrap_err();
         assert_eq!(
@@ -1067,7 +1073,7 @@ wrïte => allow: x
         );
         let e = parse(
             "t",
-            "worker: Blk!\nthread: main\ndefault: trap\narch: x86_64\nread => allow: x\n",
+            "process: Blk!\nthread: main\ndefault: trap\narch: x86_64\nread => allow: x\n",
         )
         .unwrap_err();
         assert_eq!(
@@ -1216,10 +1222,20 @@ wrïte => allow: x
                 other_line: 5,
             },
         );
-        // Different actions for the same syscall are fine.
+        // An unconditional rule with a more restrictive action decides every call: the
+        // conditional allow would never apply.
+        fails(
+            "fcntl arg1 == 1 => allow: x\nfcntl => errno EPERM: the rest\n",
+            6,
+            ParseErrorKind::ShadowedRule {
+                syscall: "fcntl".into(),
+                other_line: 5,
+            },
+        );
+        // A less restrictive unconditional rule leaves the conditional one its calls.
         parse(
             "t",
-            &with_header("fcntl arg1 == 1 => allow: x\nfcntl => errno EPERM: the rest\n"),
+            &with_header("fcntl arg1 == 1 => errno EPERM: x\nfcntl => allow: the rest\n"),
         )
         .unwrap();
     }

@@ -730,8 +730,8 @@ impl Report {
         );
         let _ = writeln!(
             out,
-            "worker:  {}\nthread:  {}\ndefault: {}\narch:    {}\n",
-            p.worker, p.thread, p.default, p.arch
+            "process: {}\nthread:  {}\ndefault: {}\narch:    {}\n",
+            p.process, p.thread, p.default, p.arch
         );
         for r in &p.rules {
             let _ = writeln!(out, "{r}");
@@ -752,7 +752,7 @@ impl Report {
             "learned {} calls against {} ({}/{}): {} of {} rules used, {} missing, {} unused",
             self.calls,
             self.against.file,
-            self.against.worker,
+            self.against.process,
             self.against.thread,
             self.used.len(),
             self.against.rules.len(),
@@ -798,7 +798,7 @@ impl Report {
         };
         serde_json::json!({
             "against": self.against.file,
-            "worker": self.against.worker,
+            "process": self.against.process,
             "thread": self.against.thread,
             "calls": self.calls,
             "used": self.used.iter().map(usage).collect::<Vec<_>>(),
@@ -814,10 +814,8 @@ impl Report {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{ThreadRole, WorkerKind};
-
     fn blk() -> Policy {
-        crate::policy(WorkerKind::Blk, ThreadRole::Main).clone()
+        crate::policy(crate::PolicyId::BLK).clone()
     }
 
     fn nr(name: &str) -> i64 {

@@ -6,7 +6,7 @@
 
 use std::process::ExitCode;
 
-use policies::{ThreadRole, WorkerKind};
+use policies::PolicyId;
 
 /// How a probe child is expected to end.
 #[derive(Debug, PartialEq, Eq)]
@@ -18,7 +18,7 @@ enum Outcome {
 /// Fork; the child installs the filter and runs `probe`, exiting with its return value.
 fn run(probe: fn() -> i32) -> Outcome {
     // Decode the program before forking, so the child allocates nothing after the filter.
-    let _ = policies::bpf(WorkerKind::Blk, ThreadRole::Main);
+    let _ = policies::bpf(PolicyId::BLK);
     // SAFETY: this binary has a single thread (no test harness), so the child is a complete
     // copy; it only calls async-signal-safe functions and leaves with `_exit`.
     let pid = unsafe { libc::fork() };
@@ -33,7 +33,7 @@ fn run(probe: fn() -> i32) -> Outcome {
             libc::setrlimit(libc::RLIMIT_CORE, &no_core);
             libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0);
         }
-        let code = match policies::install(WorkerKind::Blk, ThreadRole::Main) {
+        let code = match policies::install(PolicyId::BLK) {
             Ok(()) => probe(),
             Err(_) => 99,
         };
@@ -349,7 +349,7 @@ fn learn_probe() -> (Outcome, String) {
     use std::os::unix::net::UnixStream;
     let (ours, theirs) = UnixStream::pair().expect("socketpair");
     let theirs_fd = std::os::fd::AsRawFd::as_raw_fd(&theirs);
-    let recorder = Recorder::new(policies::policy(WorkerKind::Blk, ThreadRole::Main).clone());
+    let recorder = Recorder::new(policies::policy(PolicyId::BLK).clone());
     // SAFETY: this binary has a single thread (no test harness), so the child is a complete
     // copy; it only makes raw syscalls after entering learn mode and leaves with `_exit`.
     let pid = unsafe { libc::fork() };

@@ -7,8 +7,10 @@ pub mod qemu;
 pub mod sandbox_facts;
 pub mod worker;
 
+use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
 
 /// Root of the cargo workspace.
 pub fn workspace_root() -> PathBuf {
@@ -100,6 +102,8 @@ pub fn scratch_dir(name: &str) -> PathBuf {
 pub struct RunResult {
     /// Exit code, `None` if a signal ended it (or we killed it at the deadline).
     pub code: Option<i32>,
+    /// The signal that ended it, if one did.
+    pub signal: Option<i32>,
     pub stdout: String,
     pub stderr: String,
     pub elapsed: std::time::Duration,
@@ -165,6 +169,7 @@ pub fn run_with_deadline(mut cmd: Command, deadline: std::time::Duration) -> Run
     let stderr = String::from_utf8_lossy(&err_reader.join().unwrap_or_default()).into_owned();
     RunResult {
         code: status.code(),
+        signal: std::os::unix::process::ExitStatusExt::signal(&status),
         stdout,
         stderr,
         elapsed,
@@ -324,4 +329,68 @@ impl XorShift {
         self.0 ^= self.0 << 17;
         self.0
     }
+}
+
+/// Runs `cmd` (bulkhead with a guest given `hold_ms`), calls `at_hold` with bulkhead's pid
+/// and its log so far when the guest says it holds, and returns the exit status and the
+/// whole log. bulkhead's stdin is a pipe held open until it exits (its serial input
+/// thread lives as long).
+pub fn run_until_hold(
+    mut cmd: Command,
+    mut at_hold: impl FnMut(u32, &str),
+) -> (std::process::ExitStatus, String) {
+    let mut child = cmd
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let log = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+    let sink = log.clone();
+    let reader = std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            let mut s = sink.lock().unwrap();
+            s.push_str(&line);
+            s.push('\n');
+        }
+    });
+    // bulkhead is killed if it has not ended 90 s from now, or as soon as this thread
+    // panics (an assertion in `at_hold` included): a failing test never leaves it running.
+    let pid = child.id();
+    let (finished, watch) = std::sync::mpsc::channel::<()>();
+    let watchdog = std::thread::spawn(move || {
+        if watch.recv_timeout(Duration::from_secs(90)).is_err() {
+            // SAFETY: kill with a pid and a signal; the pid is our unreaped child's.
+            unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) };
+            return true;
+        }
+        false
+    });
+    let started = Instant::now();
+    let mut held = false;
+    for line in BufReader::new(child.stdout.take().unwrap())
+        .lines()
+        .map_while(Result::ok)
+    {
+        if line.starts_with("TG hold") && !held {
+            held = true;
+            let text = log.lock().unwrap().clone();
+            at_hold(pid, &text);
+        }
+    }
+    let status = child.wait().unwrap();
+    let _ = finished.send(());
+    let killed = watchdog.join().unwrap_or(true);
+    assert!(
+        !killed,
+        "bulkhead did not end within 90 s ({:?}): {}",
+        started.elapsed(),
+        log.lock().unwrap()
+    );
+    drop(child.stdin.take());
+    reader.join().unwrap();
+    let text = log.lock().unwrap().clone();
+    assert!(held, "the guest never held: {text}");
+    (status, text)
 }

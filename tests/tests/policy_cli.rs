@@ -15,8 +15,8 @@ fn list_and_show() {
     let r = policy(&["list"]);
     let t = r.transcript();
     assert_eq!(r.code, Some(0), "{t}");
-    let shipped = policies::policy(policies::WorkerKind::Blk, policies::ThreadRole::Main);
-    let hash = policies::bpf_hash(policies::WorkerKind::Blk, policies::ThreadRole::Main);
+    let shipped = policies::policy(policies::PolicyId::BLK);
+    let hash = policies::bpf_hash(policies::PolicyId::BLK);
     let row = r
         .stdout
         .lines()
@@ -25,6 +25,26 @@ fn list_and_show() {
     assert!(
         row.contains(&shipped.rules.len().to_string()) && row.contains(&hash),
         "{row}"
+    );
+    // The VMM's thread policies beside the worker's: one row each, with its hash.
+    for role in policies::VmmThread::ALL {
+        let id = policies::PolicyId::Vmm(role);
+        let row = r
+            .stdout
+            .lines()
+            .find(|l| l.split_whitespace().take(2).eq(["vmm", role.name()]))
+            .unwrap_or_else(|| panic!("no row for {id}: {t}"));
+        assert!(row.contains(&policies::bpf_hash(id)), "{row}");
+    }
+
+    let r = policy(&["show", "vmm/vcpu"]);
+    assert_eq!(r.code, Some(0), "{}", r.transcript());
+    assert!(
+        r.stdout
+            .lines()
+            .any(|l| l.starts_with("ioctl ") && l.contains("KVM_RUN")),
+        "{}",
+        r.stdout
     );
 
     let r = policy(&["show", "blk"]);
@@ -48,7 +68,7 @@ fn list_and_show() {
 
     let r = policy(&["show", "blk", "--bpf"]);
     assert!(r.stdout.contains(&hash), "{}", r.transcript());
-    let n = policies::bpf(policies::WorkerKind::Blk, policies::ThreadRole::Main).len();
+    let n = policies::bpf(policies::PolicyId::BLK).len();
     assert!(
         r.stdout.contains(&format!("{n} BPF instructions")),
         "{}",
@@ -106,7 +126,7 @@ fn lint_passes_the_shipped_policy_and_flags_dangerous_rules() {
     );
 
     let dir = scratch_dir("policy-lint");
-    let head = "worker: blk\nthread: main\ndefault: trap\narch: x86_64\n";
+    let head = "process: blk\nthread: main\ndefault: trap\narch: x86_64\n";
     let bad = dir.join("bad.policy");
     std::fs::write(
         &bad,
@@ -142,7 +162,7 @@ fn lint_passes_the_shipped_policy_and_flags_dangerous_rules() {
 #[test]
 fn malformed_files_fail_with_line_and_column() {
     let dir = scratch_dir("policy-malformed");
-    let head = "worker: blk\nthread: main\ndefault: trap\narch: x86_64\n";
+    let head = "process: blk\nthread: main\ndefault: trap\narch: x86_64\n";
     let cases = [
         (
             "typo.policy",

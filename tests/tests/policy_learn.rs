@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use policies::{Policy, ThreadRole, WorkerKind};
+use policies::{Policy, PolicyId};
 use tests::qemu::{qemu_with_vhost_user, GUEST_RAM_MEMFD};
 use tests::sandbox_facts::SandboxFacts;
 use tests::worker::Worker;
@@ -34,7 +34,7 @@ fn image(dir: &Path, name: &str, bytes: u64) -> PathBuf {
 }
 
 fn embedded() -> &'static Policy {
-    policies::policy(WorkerKind::Blk, ThreadRole::Main)
+    policies::policy(PolicyId::BLK)
 }
 
 fn parse_learned(path: &Path, t: &str) -> Policy {

@@ -5,7 +5,7 @@
 
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use tests::{
     check_blk_verify_image, require_kvm, run_with_deadline, scratch_dir, testguest, tg_lines,
@@ -45,48 +45,6 @@ fn bulkhead(image: &std::path::Path, worker: &std::path::Path, hold_ms: u32) -> 
         .arg("--disk")
         .arg(format!("path={},spare=off", image.display()));
     cmd
-}
-
-/// Runs `cmd` (a guest with `hold_ms`), calls `at_hold` with bulkhead's log so far when
-/// the guest says it holds, and returns the exit status and the whole log.
-fn run_until_hold(
-    mut cmd: Command,
-    mut at_hold: impl FnMut(&str),
-) -> (std::process::ExitStatus, String) {
-    let mut child = cmd
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let stderr = child.stderr.take().unwrap();
-    let log = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
-    let sink = log.clone();
-    let reader = std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            let mut s = sink.lock().unwrap();
-            s.push_str(&line);
-            s.push('\n');
-        }
-    });
-    let started = Instant::now();
-    let mut held = false;
-    for line in BufReader::new(child.stdout.take().unwrap())
-        .lines()
-        .map_while(Result::ok)
-    {
-        if line.starts_with("TG hold") && !held {
-            held = true;
-            let text = log.lock().unwrap().clone();
-            at_hold(&text);
-        }
-        assert!(started.elapsed() < Duration::from_secs(60), "no end");
-    }
-    let status = child.wait().unwrap();
-    reader.join().unwrap();
-    let text = log.lock().unwrap().clone();
-    assert!(held, "the guest never held: {text}");
-    (status, text)
 }
 
 /// The confined pid of the worker serving `blk0`, from its line in a bulkhead log.
@@ -181,7 +139,7 @@ fn a_worker_gets_none_of_the_vmms_environment() {
     cmd.env("MY_CLOUD_TOKEN", "s3cret-token")
         .env("BULKHEAD_LOG", "info");
     let mut environs = Vec::new();
-    let (status, text) = run_until_hold(cmd, |log| {
+    let (status, text) = tests::run_until_hold(cmd, |_, log| {
         let pid = serving_pid(log);
         let reaper = proc_status_field(pid, "PPid:");
         for p in [pid, reaper] {
@@ -251,7 +209,7 @@ fn a_worker_cannot_name_another_process_as_itself() {
         .arg(&api)
         .env("BULKHEAD_WORKER_FAULT_HOOK", "blk0:forge-pid");
     let mut shown = None;
-    let (status, log) = run_until_hold(cmd, |_| {
+    let (status, log) = tests::run_until_hold(cmd, |_, _| {
         let (code, body) = vmm_core::api::request(&api, "GET", "/v1/disks/blk0").unwrap();
         assert_eq!(code, 200, "{body}");
         let state: serde_json::Value = serde_json::from_str(&body).unwrap();
@@ -349,10 +307,10 @@ fn each_vm_runs_its_workers_as_a_uid_of_its_own() {
     let (first_tx, first_rx) = std::sync::mpsc::channel();
     let first = spawn_vm("a");
     let a = std::thread::spawn(move || {
-        run_until_hold(first, |log| first_tx.send(worker_uid(log)).unwrap())
+        tests::run_until_hold(first, |_, log| first_tx.send(worker_uid(log)).unwrap())
     });
     let uid_a = first_rx.recv_timeout(Duration::from_secs(60)).unwrap();
-    let (status_b, log_b) = run_until_hold(spawn_vm("b"), |log| {
+    let (status_b, log_b) = tests::run_until_hold(spawn_vm("b"), |_, log| {
         let uid_b = worker_uid(log);
         assert_ne!(uid_a, uid_b, "two running VMs share a worker uid");
         for (uid, gid) in [uid_a, uid_b] {

@@ -255,7 +255,7 @@ fn assert_runs_the_shipped_filter(bin: &Path, name: &str) {
     let conn = UnixStream::connect(&setup.socket).unwrap();
     let pid = setup.worker.sandboxed_pid() as i32;
     let live = live_filter(pid);
-    let shipped = policies::bpf(policies::WorkerKind::Blk, policies::ThreadRole::Main);
+    let shipped = policies::bpf(policies::PolicyId::BLK);
     let same = live.len() == shipped.len()
         && live
             .iter()

@@ -51,13 +51,17 @@ pub fn serve(path: &Path, disks: Vec<(String, Arc<DiskHandle>)>) -> Result<(), A
     };
     let listener = UnixListener::bind(path).map_err(listen_err)?;
     let disks: HashMap<String, Arc<DiskHandle>> = disks.into_iter().collect();
-    crate::thread::spawn("api", move || {
+    crate::thread::spawn("api", crate::confine::VmmThread::Api, move || {
         for conn in listener.incoming() {
             match conn {
                 Ok(stream) => {
                     let disks = disks.clone();
                     // One thread per request: a restart waits for its successor.
-                    let _ = crate::thread::spawn("api-req", move || handle(stream, &disks));
+                    let _ = crate::thread::spawn(
+                        "api-req",
+                        crate::confine::VmmThread::Api,
+                        move || handle(stream, &disks),
+                    );
                 }
                 Err(e) => tracing::warn!("api: accept failed: {e}"),
             }

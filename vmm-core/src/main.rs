@@ -28,6 +28,17 @@ enum Command {
     Policy(policy_cmd::PolicyCommand),
     /// Talk to a running bulkhead through its --api-socket.
     Ctl(CtlArgs),
+    /// (internal) The process `bulkhead run` starts workers through (see
+    /// vmm-core/src/spawner.rs); not for people.
+    #[command(hide = true)]
+    Spawner {
+        #[arg(long)]
+        socket_fd: i32,
+        #[arg(long)]
+        worker_bin: PathBuf,
+        #[arg(long)]
+        learn: bool,
+    },
 }
 
 #[derive(Debug, Args)]
@@ -54,7 +65,22 @@ enum CtlCommand {
     },
 }
 
+/// Opens /dev/null on any of descriptors 0, 1 and 2 that is closed, so that no socket,
+/// pipe or image bulkhead opens later lands there (and is read as stdin or written as
+/// output by code that means the terminal).
+fn ensure_standard_fds() {
+    for fd in 0..=2 {
+        // SAFETY: F_GETFD on a descriptor number only reads its flags.
+        if unsafe { libc::fcntl(fd, libc::F_GETFD) } < 0 {
+            // SAFETY: opens a path with flags; the lowest free number is `fd` (the ones
+            // below it are open), which stays open for the life of the process.
+            unsafe { libc::open(c"/dev/null".as_ptr(), libc::O_RDWR) };
+        }
+    }
+}
+
 fn main() -> ExitCode {
+    ensure_standard_fds();
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
         .with_env_filter(
@@ -80,6 +106,17 @@ fn main() -> ExitCode {
     match cli.command {
         Command::Policy(_) => unreachable!("handled above"),
         Command::Ctl(args) => ctl(args),
+        Command::Spawner {
+            socket_fd,
+            worker_bin,
+            learn,
+        } => match vmm_core::spawner::serve(socket_fd, worker_bin, learn) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                vmm_core::say!("bulkhead spawner: error: {e}");
+                ExitCode::FAILURE
+            }
+        },
         Command::Run(args) => match run_cmd::run(args, None) {
             Ok(code) => ExitCode::from(code),
             Err(e) => {

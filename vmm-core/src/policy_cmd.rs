@@ -1,6 +1,7 @@
 //! `bulkhead policy ...`: auditing the worker policies (list, show, diff, lint) and
 //! learning what a workload needs (learn).
 
+use std::io::Write as _;
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::net::UnixStream;
 use std::os::unix::process::{CommandExt, ExitStatusExt};
@@ -17,18 +18,18 @@ use crate::run_cmd::RunArgs;
 
 #[derive(Debug, Subcommand)]
 pub enum PolicyCommand {
-    /// Worker kinds, thread roles and rule counts.
+    /// Every embedded policy (the workers' and the VMM threads'), with rule counts.
     List,
     /// One policy as a table (default), JSON, or its compiled BPF's size and hash.
     Show {
-        /// Worker kind (e.g. blk) or a policy file.
+        /// An embedded policy (blk, vmm, vmm/vcpu: see `list`) or a policy file.
         policy: String,
         #[arg(long)]
         json: bool,
         #[arg(long)]
         bpf: bool,
     },
-    /// Rules added, removed and changed from OLD to NEW (each a worker kind or a file);
+    /// Rules added, removed and changed from OLD to NEW (each an embedded policy or a file);
     /// exit status 1 when they differ.
     Diff { old: String, new: String },
     /// Flag dangerous rules that carry no accepted-risk reason; exit status 1 on findings.
@@ -78,13 +79,10 @@ struct RunOnly {
     run: RunArgs,
 }
 
-/// An embedded policy by worker kind name, or a policy file parsed here.
+/// An embedded policy by name (`blk`, `vmm`, `vmm/vcpu`), or a policy file parsed here.
 fn load_policy(spec: &str) -> anyhow::Result<policies::Policy> {
-    if let Some(kind) = policies::WorkerKind::ALL
-        .into_iter()
-        .find(|k| k.name() == spec)
-    {
-        return Ok(policies::policy(kind, policies::ThreadRole::Main).clone());
+    if let Some(id) = policies::PolicyId::parse(spec) {
+        return Ok(policies::policy(id).clone());
     }
     let text =
         std::fs::read_to_string(spec).with_context(|| format!("cannot read policy {spec}"))?;
@@ -92,38 +90,41 @@ fn load_policy(spec: &str) -> anyhow::Result<policies::Policy> {
 }
 
 pub fn policy_command(cmd: PolicyCommand) -> anyhow::Result<ExitCode> {
-    use policies::{ThreadRole, WorkerKind};
+    use policies::PolicyId;
     match cmd {
         PolicyCommand::List => {
             println!(
-                "{:8}  {:8}  {:>5}  {:>12}  bpf hash",
-                "worker", "thread", "rules", "bpf insns"
+                "{:8}  {:8}  {:>5}  {:>9}  {:16}  confines",
+                "process", "thread", "rules", "bpf insns", "bpf hash"
             );
-            for kind in WorkerKind::ALL {
-                let role = ThreadRole::Main;
+            for id in PolicyId::all() {
                 println!(
-                    "{:8}  {:8}  {:>5}  {:>12}  {}",
-                    kind.name(),
-                    role.name(),
-                    policies::policy(kind, role).rules.len(),
-                    policies::bpf(kind, role).len(),
-                    policies::bpf_hash(kind, role)
+                    "{:8}  {:8}  {:>5}  {:>9}  {:16}  {}",
+                    id.process(),
+                    id.thread(),
+                    policies::policy(id).rules.len(),
+                    policies::bpf(id).len(),
+                    policies::bpf_hash(id),
+                    confines(id)
                 );
             }
+            println!(
+                "\nWorkers are forked and exec'd by the spawner process, which has no filter \
+                 (a worker would inherit it); it starts the worker executable only. \
+                 README: \"The VMM confines itself\"."
+            );
         }
         PolicyCommand::Show { policy, json, bpf } => {
             let p = load_policy(&policy)?;
             if bpf {
-                let kind = WorkerKind::ALL
-                    .into_iter()
-                    .find(|k| k.name() == policy)
-                    .context("--bpf shows the embedded program of a worker kind (e.g. blk)")?;
-                let role = ThreadRole::Main;
+                let id = PolicyId::parse(&policy).context(
+                    "--bpf shows an embedded program: blk, vmm or vmm/ROLE (`bulkhead policy list`)",
+                )?;
                 println!(
-                    "policy {kind} / thread {role}: {} BPF instructions ({} bytes), hash {}",
-                    policies::bpf(kind, role).len(),
-                    policies::bpf_bytes(kind, role).len(),
-                    policies::bpf_hash(kind, role)
+                    "policy {id}: {} BPF instructions ({} bytes), hash {}",
+                    policies::bpf(id).len(),
+                    policies::bpf_bytes(id).len(),
+                    policies::bpf_hash(id)
                 );
             } else if json {
                 println!(
@@ -146,9 +147,8 @@ pub fn policy_command(cmd: PolicyCommand) -> anyhow::Result<ExitCode> {
         PolicyCommand::Learn(args) => return learn(args),
         PolicyCommand::Lint { files } => {
             let policies_to_lint: Vec<policies::Policy> = if files.is_empty() {
-                WorkerKind::ALL
-                    .into_iter()
-                    .map(|k| policies::policy(k, ThreadRole::Main).clone())
+                PolicyId::all()
+                    .map(|id| policies::policy(id).clone())
                     .collect()
             } else {
                 files
@@ -185,6 +185,19 @@ fn learn(args: LearnArgs) -> anyhow::Result<ExitCode> {
     } else {
         format!("bulkhead run {}", args.command.join(" "))
     };
+    // Opened before the workload: `bulkhead run` confines its main thread, which then
+    // opens no path (and a bad path is better found before than after). Not truncated
+    // until the report is written: a workload that fails leaves an existing file as it was.
+    let create = |path: &PathBuf| {
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(path)
+            .with_context(|| format!("cannot write {}", path.display()))
+    };
+    let out = args.out.as_ref().map(create).transpose()?;
+    let json = args.json.as_ref().map(create).transpose()?;
     let status = if args.worker {
         learn_standalone(&args, &recorder)?
     } else {
@@ -203,14 +216,21 @@ fn learn(args: LearnArgs) -> anyhow::Result<ExitCode> {
     let idle = recorder.wait_learners(Duration::from_secs(10));
     let report = recorder.report();
     print!("{}", report.summary());
-    if let Some(path) = &args.out {
-        std::fs::write(path, report.policy_text(&provenance))
-            .with_context(|| format!("cannot write {}", path.display()))?;
+    let replace = |path: &PathBuf, mut file: std::fs::File, text: &str| {
+        file.set_len(0)
+            .and_then(|()| file.write_all(text.as_bytes()))
+            .with_context(|| format!("cannot write {}", path.display()))
+    };
+    if let (Some(path), Some(file)) = (&args.out, out) {
+        replace(path, file, &report.policy_text(&provenance))?;
         println!("wrote the learned policy to {}", path.display());
     }
-    if let Some(path) = &args.json {
-        std::fs::write(path, serde_json::to_string_pretty(&report.to_json())?)
-            .with_context(|| format!("cannot write {}", path.display()))?;
+    if let (Some(path), Some(file)) = (&args.json, json) {
+        replace(
+            path,
+            file,
+            &serde_json::to_string_pretty(&report.to_json())?,
+        )?;
     }
     let diff = report.diff();
     if diff.is_empty() {
@@ -277,7 +297,11 @@ fn learn_standalone(args: &LearnArgs, recorder: &Arc<Recorder>) -> anyhow::Resul
         unsafe { libc::signal(sig, libc::SIG_IGN) };
     }
     let learner = policies::learn::learner(ours, recorder.clone(), "worker".into());
-    if let Err(e) = vmm_core::thread::spawn(learner.thread_name(), move || learner.run()) {
+    if let Err(e) = vmm_core::thread::spawn_unconfined(
+        learner.thread_name(),
+        "learn mode: an operator's tool",
+        move || learner.run(),
+    ) {
         let _ = child.kill();
         let _ = child.wait();
         return Err(e).context("start the learn thread");
@@ -288,4 +312,21 @@ fn learn_standalone(args: &LearnArgs, recorder: &Arc<Recorder>) -> anyhow::Resul
         (None, Some(sig)) => 128u8.wrapping_add(sig as u8),
         (None, None) => 1,
     })
+}
+
+/// Which threads or processes a policy confines, for `policy list`.
+fn confines(id: policies::PolicyId) -> &'static str {
+    use policies::{PolicyId, VmmThread};
+    match id {
+        PolicyId::Worker(..) => "the sandboxed worker (its only thread)",
+        PolicyId::Vmm(VmmThread::Main) => "the main thread, once the vCPUs run",
+        PolicyId::Vmm(VmmThread::Vcpu) => "vcpuN",
+        PolicyId::Vmm(VmmThread::Frontend) => "<disk>-frontend",
+        PolicyId::Vmm(VmmThread::Supervisor) => "<disk>-sup",
+        PolicyId::Vmm(VmmThread::Deadline) => "vhost-deadline",
+        PolicyId::Vmm(VmmThread::Output) => "<disk>-out",
+        PolicyId::Vmm(VmmThread::Api) => "api, api-req",
+        PolicyId::Vmm(VmmThread::Serial) => "serial-in",
+        PolicyId::Vmm(VmmThread::Signals) => "signals",
+    }
 }

@@ -84,6 +84,18 @@ pub fn run(
         Some(t) => Some(Duration::from_secs_f64(t)),
         None => None,
     };
+    // Workers are started by a helper process, started now, while bulkhead has no other
+    // thread, no guest memory and no image open (no VMM thread then needs fork or exec).
+    if let Some(bin) = args
+        .worker_bin
+        .clone()
+        .or_else(vmm_core::worker::default_worker_bin)
+    {
+        vmm_core::spawner::start(&bin, learn.is_some()).context("start the worker spawner")?;
+    }
+    // Every thread the VMM starts from here on confines itself (policies/vmm*.policy); the
+    // main thread does once the vCPUs run.
+    vmm_core::confine::enable().context("confine the VMM's threads")?;
     // Signals are taken by one thread: the ones that end the VMM (so the terminal is
     // restored and the exit status says which signal it was) and SIGUSR1, which logs the
     // exit counters (the VMM's and KVM's) of the running VM. Block them before any thread
@@ -104,25 +116,29 @@ pub fn run(
         std::sync::OnceLock<(vmm_core::vm::Stopper, vmm_core::report::VmStats)>,
     > = Default::default();
     let running_for_signals = running.clone();
-    vmm_core::thread::spawn("signals", move || loop {
-        let Ok(sig) = signals.wait() else { return };
-        match (sig, running_for_signals.get()) {
-            (Signal::SIGUSR1, Some((_, stats))) => {
-                for line in stats.lines() {
-                    tracing::info!("{line}");
+    vmm_core::thread::spawn(
+        "signals",
+        vmm_core::confine::VmmThread::Signals,
+        move || loop {
+            let Ok(sig) = signals.wait() else { return };
+            match (sig, running_for_signals.get()) {
+                (Signal::SIGUSR1, Some((_, stats))) => {
+                    for line in stats.lines() {
+                        tracing::info!("{line}");
+                    }
+                }
+                (Signal::SIGUSR1, None) => {}
+                (_, Some((stopper, _))) => {
+                    stopper.signal(sig as i32);
+                    return;
+                }
+                (_, None) => {
+                    vmm_core::say!("bulkhead: stopped by {sig} during setup");
+                    std::process::exit(128 + sig as i32);
                 }
             }
-            (Signal::SIGUSR1, None) => {}
-            (_, Some((stopper, _))) => {
-                stopper.signal(sig as i32);
-                return;
-            }
-            (_, None) => {
-                vmm_core::say!("bulkhead: stopped by {sig} during setup");
-                std::process::exit(128 + sig as i32);
-            }
-        }
-    })
+        },
+    )
     .context("start the signal thread")?;
 
     let disks = args

@@ -1,20 +1,50 @@
 //! The one place the VMM starts threads. Every thread gets a name (it shows in `top -H`,
-//! in /proc/PID/task/*/comm and in crash reports), and this is where a per-thread
-//! seccomp filter for each thread's role will be installed.
+//! in /proc/PID/task/*/comm and in crash reports) and either a role, whose seccomp filter
+//! it installs before it runs its work (when confinement is on: [`crate::confine`]), or
+//! the reason it stays unconfined.
 
 use std::thread::JoinHandle;
+
+use crate::confine::VmmThread;
 
 /// Linux keeps 15 bytes of a thread's name; longer names are cut there.
 pub const MAX_NAME: usize = 15;
 
 /// Starts `f` on a new thread named `name` (cut to [`MAX_NAME`] bytes, on a character
-/// boundary, so the name the kernel shows is the one given here).
-pub fn spawn<F, T>(name: impl Into<String>, f: F) -> std::io::Result<JoinHandle<T>>
+/// boundary, so the name the kernel shows is the one given here), confined by `role`'s
+/// filter from its first instruction of `f` on.
+pub fn spawn<F, T>(name: impl Into<String>, role: VmmThread, f: F) -> std::io::Result<JoinHandle<T>>
 where
     F: FnOnce() -> T + Send + 'static,
     T: Send + 'static,
 {
-    let mut name = name.into();
+    start(name.into(), move || {
+        crate::confine::enter(role);
+        f()
+    })
+}
+
+/// Starts `f` on a new thread named `name` with no filter of its own (it keeps whatever
+/// its creator had). `why` says why it cannot be confined; it is for the reader.
+pub fn spawn_unconfined<F, T>(
+    name: impl Into<String>,
+    why: &'static str,
+    f: F,
+) -> std::io::Result<JoinHandle<T>>
+where
+    F: FnOnce() -> T + Send + 'static,
+    T: Send + 'static,
+{
+    let _ = why;
+    start(name.into(), f)
+}
+
+fn start<F, T>(name: String, f: F) -> std::io::Result<JoinHandle<T>>
+where
+    F: FnOnce() -> T + Send + 'static,
+    T: Send + 'static,
+{
+    let mut name = name;
     if name.len() > MAX_NAME {
         let mut end = MAX_NAME;
         while !name.is_char_boundary(end) {
@@ -40,9 +70,9 @@ mod tests {
 
     #[test]
     fn threads_carry_their_name_into_the_kernel() {
-        let h = spawn("blk0-frontend", kernel_name).unwrap();
+        let h = spawn("blk0-frontend", VmmThread::Frontend, kernel_name).unwrap();
         assert_eq!(h.join().unwrap(), "blk0-frontend");
-        let h = spawn("a-very-long-disk-name-sup", || {
+        let h = spawn_unconfined("a-very-long-disk-name-sup", "a test", || {
             (
                 std::thread::current().name().map(String::from),
                 kernel_name(),

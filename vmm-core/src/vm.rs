@@ -315,9 +315,15 @@ impl Vm {
         self.running = true;
         for vcpu in self.vcpus.drain(..) {
             let id = vcpu.id;
-            crate::thread::spawn(format!("vcpu{id}"), move || vcpu.run())
-                .map_err(|source| VmError::SpawnVcpu { vcpu: id, source })?;
+            crate::thread::spawn(
+                format!("vcpu{id}"),
+                crate::confine::VmmThread::Vcpu,
+                move || vcpu.run(),
+            )
+            .map_err(|source| VmError::SpawnVcpu { vcpu: id, source })?;
         }
+        // Setup is over: from here the main thread only waits, then ends the backends.
+        crate::confine::enter(crate::confine::VmmThread::Main);
         let event = match timeout {
             Some(limit) => match self.events.recv_timeout(limit) {
                 Ok(event) => Some(event),

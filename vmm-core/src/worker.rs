@@ -1,13 +1,12 @@
-//! Starting a disk worker: a fresh `bulkhead-worker` executable (exec, never a bare fork of
-//! this multithreaded process) handed exactly four descriptors: the connected vhost-user
-//! socket, the control channel, the disk image this VMM opened and locked, and the status
-//! page this VMM created and sealed. Everything the worker says is checked.
+//! Starting a disk worker: a fresh `bulkhead-worker` executable (exec'd by the spawner
+//! process, never a fork of this multithreaded one: see [`crate::spawner`]) handed exactly
+//! four descriptors: the connected vhost-user socket, the control channel, the disk image
+//! this VMM opened and locked, and the status page this VMM created and sealed (plus its
+//! output pipe, and in learn mode its learn socket). Everything the worker says is checked.
 
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::AsFd;
 use std::os::unix::net::UnixStream;
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -21,18 +20,6 @@ use ipc::messages::ServeMode;
 use crate::disk::config::WorkerDisk;
 use crate::disk::image::OpenedImage;
 use crate::ratelimit::RateLimitedLog;
-
-/// Where the inherited descriptors land in the worker.
-const VHOST_FD: RawFd = 3;
-const CONTROL_FD: RawFd = 4;
-const DISK_FD: RawFd = 5;
-const STATUS_FD: RawFd = 6;
-/// Learn mode only: the socket the worker hands its seccomp listener over.
-const LEARN_FD: RawFd = 7;
-
-/// The environment variables a worker gets (when the VMM has them): its log filter, and
-/// the fault hook that test builds of the worker read (release workers ignore it).
-const WORKER_ENV: [&str; 2] = ["BULKHEAD_LOG", "BULKHEAD_WORKER_FAULT_HOOK"];
 
 /// What a worker maps besides guest RAM: its executable and libraries, stack, heap, its
 /// own inflight region, io_uring rings, the status page. Measured: VmSize 74,536 kB with
@@ -66,7 +53,7 @@ pub enum WorkerError {
         id: String,
         bin: PathBuf,
         #[source]
-        source: std::io::Error,
+        source: crate::spawner::SpawnError,
     },
     #[error("disk {id}: worker (pid {pid}) failed the handshake")]
     Handshake {
@@ -100,7 +87,7 @@ pub enum WorkerError {
 #[derive(Debug)]
 pub struct Worker {
     pub id: String,
-    pub child: Child,
+    pub child: crate::spawner::WorkerProcess,
     pub control: Channel,
     pub status: StatusMapping,
     /// Our end of the vhost-user socket.
@@ -117,39 +104,6 @@ pub fn default_worker_bin() -> Option<PathBuf> {
 }
 
 /// Sets RLIMIT_AS (soft and hard) of process `pid` to `bytes`.
-fn limit_address_space(pid: u32, bytes: u64) -> std::io::Result<()> {
-    let limit = libc::rlimit64 {
-        rlim_cur: bytes,
-        rlim_max: bytes,
-    };
-    // SAFETY: prlimit64 reads the limit from a live struct and writes no old limit (null).
-    let rc = unsafe {
-        libc::prlimit64(
-            pid as libc::pid_t,
-            libc::RLIMIT_AS,
-            &limit,
-            std::ptr::null_mut(),
-        )
-    };
-    if rc == 0 {
-        Ok(())
-    } else {
-        Err(std::io::Error::last_os_error())
-    }
-}
-
-fn dup_high(fd: RawFd) -> std::io::Result<OwnedFd> {
-    // Copies land above every target number, so the dup2s in the child never clobber a
-    // source that is still needed.
-    // SAFETY: F_DUPFD_CLOEXEC on a descriptor we own returns a new descriptor we own.
-    let new = unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 64) };
-    if new < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    // SAFETY: `new` was just returned by fcntl and nothing else owns it.
-    Ok(unsafe { OwnedFd::from_raw_fd(new) })
-}
-
 /// Creates the channels and the status page, execs the worker with a duplicate of `disk`
 /// (opened and locked by the VMM, which keeps it for the worker's successors) and takes it
 /// through the handshake and its configuration. With `learn`, the worker runs in learn
@@ -185,92 +139,30 @@ pub fn spawn(
         Some(_) => Some(UnixStream::pair().map_err(setup("create the learn socket pair"))?),
         None => None,
     };
-    let mut sources = vec![
-        dup_high(worker_vhost.as_raw_fd()).map_err(setup("pass the vhost-user socket"))?,
-        dup_high(worker_control.as_raw_fd()).map_err(setup("pass the control channel"))?,
-        dup_high(disk.file.as_raw_fd()).map_err(setup("pass the disk"))?,
-        dup_high(status_fd.as_raw_fd()).map_err(setup("pass the status page"))?,
-    ];
-    if let Some((_, worker_learn)) = &learn_pair {
-        sources.push(dup_high(worker_learn.as_raw_fd()).map_err(setup("pass the learn socket"))?);
-    }
-    let pairs: Vec<(RawFd, RawFd)> = sources
-        .iter()
-        .map(|s| s.as_raw_fd())
-        .zip([VHOST_FD, CONTROL_FD, DISK_FD, STATUS_FD, LEARN_FD])
-        .collect();
     // The worker's stdout and stderr: a pipe only the VMM reads (see worker_output).
     let (output_r, output_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
         .map_err(|e| setup("create the output pipe")(std::io::Error::from(e)))?;
-    let mut cmd = Command::new(bin);
-    cmd.args([
-        "spawned",
-        "--vhost-fd",
-        &VHOST_FD.to_string(),
-        "--control-fd",
-        &CONTROL_FD.to_string(),
-        "--disk-fd",
-        &DISK_FD.to_string(),
-        "--status-fd",
-        &STATUS_FD.to_string(),
-        "--id",
-        &id,
-    ])
-    .stdin(Stdio::null())
-    .stdout(Stdio::from(
-        output_w
-            .try_clone()
-            .map_err(setup("pass the output pipe"))?,
-    ))
-    .stderr(Stdio::from(output_w))
-    // Nothing of the VMM's environment (its secrets, its locale, its PATH) reaches a
-    // worker: only what a worker reads, named here.
-    .env_clear();
-    for name in WORKER_ENV {
-        if let Some(value) = std::env::var_os(name) {
-            cmd.env(name, value);
-        }
-    }
-    if learn_pair.is_some() {
-        cmd.args(["--learn-fd", &LEARN_FD.to_string()]);
-    }
-    // SAFETY: runs between fork and exec in the child; dup2 is async-signal-safe and
-    // touches only descriptors; nothing allocates or takes a lock.
-    unsafe {
-        cmd.pre_exec(move || {
-            for &(src, dst) in &pairs {
-                if libc::dup2(src, dst) < 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-            }
-            Ok(())
-        });
-    }
-    let child = cmd.spawn().map_err(|source| WorkerError::Spawn {
+    let fds = crate::spawner::WorkerFds {
+        vhost: worker_vhost.as_fd(),
+        control: worker_control.as_fd(),
+        disk: disk.file.as_fd(),
+        status: status_fd.as_fd(),
+        output: output_w.as_fd(),
+        learn: learn_pair.as_ref().map(|(_, w)| w.as_fd()),
+    };
+    let started = crate::spawner::start_worker(bin, &id, learn.is_some(), cfg.address_space, &fds);
+    let child = started.map_err(|source| WorkerError::Spawn {
         id: id.clone(),
         bin: bin.to_path_buf(),
         source,
     })?;
-    // The write ends are the worker's alone now: the pipe ends when it and its reaper do.
-    drop(cmd);
-    // Before the worker reads its configuration (and forks its confined process, which
-    // inherits the limit): an unprivileged process cannot raise it again.
-    if let Err(source) = limit_address_space(child.id(), cfg.address_space) {
-        let mut child = child;
-        let _ = child.kill();
-        let _ = child.wait();
-        return Err(WorkerError::Setup {
-            id,
-            what: "limit the worker's address space",
-            source,
-        });
-    }
+    // The write end is the worker's alone now: the pipe ends when it and its reaper do.
+    drop(output_w);
     if let Err(e) =
         crate::worker_output::spawn_forwarder(&id, std::fs::File::from(output_r), output.clone())
     {
         tracing::warn!("disk {id}: cannot start the thread that logs its worker's output: {e}");
     }
-    drop(sources);
     drop((worker_vhost, worker_control, status_fd));
     let pid = child.id();
     if let (Some(recorder), Some((vmm_learn, worker_learn))) = (learn, learn_pair) {
@@ -278,7 +170,11 @@ pub fn spawn(
         // A learner that cannot start leaves the worker waiting on its first syscall, and
         // the VM's disk with it: give the worker up rather than hang.
         let learner = policies::learn::learner(vmm_learn, recorder.clone(), id.clone());
-        if let Err(source) = crate::thread::spawn(learner.thread_name(), move || learner.run()) {
+        if let Err(source) = crate::thread::spawn_unconfined(
+            learner.thread_name(),
+            "learn mode: an operator's tool",
+            move || learner.run(),
+        ) {
             let mut child = child;
             let _ = child.kill();
             let _ = child.wait();

@@ -111,13 +111,17 @@ pub fn spawn_forwarder(
     limit: Arc<RateLimitedLog>,
 ) -> std::io::Result<()> {
     let disk = id.to_string();
-    crate::thread::spawn(format!("{id}-out"), move || {
-        forward(pipe, &limit, |level, text| match level {
-            Level::Error => tracing::error!("worker {disk}: {text}"),
-            Level::Warn => tracing::warn!("worker {disk}: {text}"),
-            Level::Info => tracing::info!("worker {disk}: {text}"),
-        })
-    })
+    crate::thread::spawn(
+        format!("{id}-out"),
+        crate::confine::VmmThread::Output,
+        move || {
+            forward(pipe, &limit, |level, text| match level {
+                Level::Error => tracing::error!("worker {disk}: {text}"),
+                Level::Warn => tracing::warn!("worker {disk}: {text}"),
+                Level::Info => tracing::info!("worker {disk}: {text}"),
+            })
+        },
+    )
     .map(|_| ())
 }
 

@@ -16,61 +16,16 @@ use super::error::SandboxError;
 /// never freed (the mapping lives as long as the process).
 static STATUS: AtomicPtr<StatusMapping> = AtomicPtr::new(std::ptr::null_mut());
 
-/// `AUDIT_ARCH_X86_64`: a trap from the native system call ABI.
-const AUDIT_ARCH_X86_64: u32 = 0xc000_003e;
-
-/// The part of `siginfo_t` the kernel fills for SIGSYS (`_sigsys` in the union), x86-64.
-#[repr(C)]
-struct SigsysInfo {
-    signo: i32,
-    errno: i32,
-    code: i32,
-    _pad: i32,
-    call_addr: u64,
-    syscall: i32,
-    arch: u32,
-}
-
 extern "C" fn on_sigsys(_sig: libc::c_int, info: *mut libc::siginfo_t, ctx: *mut libc::c_void) {
-    // SAFETY: the kernel passes valid siginfo and ucontext pointers to an SA_SIGINFO
-    // handler; for SIGSYS the siginfo union holds `_sigsys`, laid out as SigsysInfo. Only
-    // plain loads and atomic stores follow (async-signal-safe), then the trapped call is
-    // made again (refused again, before it runs: the filter decides on the same registers
-    // the same way) and, should it ever return, _exit.
-    unsafe {
-        let info = &*(info as *const SigsysInfo);
-        let uc = &*(ctx as *const libc::ucontext_t);
-        let g = &uc.uc_mcontext.gregs;
-        let args = [
-            g[libc::REG_RDI as usize] as u64,
-            g[libc::REG_RSI as usize] as u64,
-            g[libc::REG_RDX as usize] as u64,
-            g[libc::REG_R10 as usize] as u64,
-            g[libc::REG_R8 as usize] as u64,
-            g[libc::REG_R9 as usize] as u64,
-        ];
-        let status = STATUS.load(Ordering::Acquire);
-        if !status.is_null() {
-            (*status).record_trap(info.syscall as u64, args, info.arch, info.call_addr);
-        }
-        // The same call on the native ABI; a call from another ABI (int 0x80) would mean
-        // something else here, so a harmless call the policy refuses stands in for it.
-        if info.arch == AUDIT_ARCH_X86_64 {
-            libc::syscall(
-                info.syscall as libc::c_long,
-                args[0],
-                args[1],
-                args[2],
-                args[3],
-                args[4],
-                args[5],
-            );
-        } else {
-            let mut uts: libc::utsname = std::mem::zeroed();
-            libc::syscall(libc::SYS_uname, &mut uts);
-        }
-        libc::_exit(ipc::status::EXIT_POLICY_VIOLATION);
+    // SAFETY: the kernel passes these pointers to this SA_SIGINFO handler of SIGSYS.
+    let call = unsafe { policies::trap::Trapped::from_handler(info, ctx) };
+    let status = STATUS.load(Ordering::Acquire);
+    if !status.is_null() {
+        // SAFETY: STATUS is set once, before the filter, to a mapping that is never freed;
+        // record_trap does plain and atomic stores only (async-signal-safe).
+        unsafe { &*status }.record_trap(call.syscall as u64, call.args, call.arch, call.call_addr);
     }
+    call.repeat(ipc::status::EXIT_POLICY_VIOLATION)
 }
 
 /// Installs the SIGSYS handler (recording into `status`) and then the blk policy's filter.
@@ -90,8 +45,7 @@ pub fn install(status: &'static StatusMapping) -> Result<(), SandboxError> {
             source,
         },
     )?;
-    policies::install(policies::WorkerKind::Blk, policies::ThreadRole::Main)
-        .map_err(SandboxError::Seccomp)
+    policies::install(policies::PolicyId::BLK).map_err(SandboxError::Seccomp)
 }
 
 /// Learn mode in place of [`install`]: every syscall is reported to the supervisor that

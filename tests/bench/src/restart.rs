@@ -165,11 +165,15 @@ pub fn restart(a: Restart) -> anyhow::Result<()> {
     };
     let stopper = vm.stopper();
     let kills = a.kills;
-    let bench = vmm_core::thread::spawn("bench-restart", move || {
-        let result = measure(&watch, kills);
-        stopper.signal(libc::SIGTERM);
-        result
-    })
+    let bench = vmm_core::thread::spawn_unconfined(
+        "bench-restart",
+        "the benchmark drives the VM from inside",
+        move || {
+            let result = measure(&watch, kills);
+            stopper.signal(libc::SIGTERM);
+            result
+        },
+    )
     .context("start the bench thread")?;
     let outcome = vm.run(Some(Duration::from_secs(600)))?;
     let measured = bench

@@ -88,7 +88,7 @@ impl SerialPort {
     /// Starts a thread that copies `input` into the receive FIFO until end of file.
     pub fn spawn_input<R: Read + Send + 'static>(&self, mut input: R) -> io::Result<()> {
         let port = self.clone();
-        crate::thread::spawn("serial-in", move || {
+        crate::thread::spawn("serial-in", crate::confine::VmmThread::Serial, move || {
             let mut buf = [0u8; 64];
             loop {
                 match input.read(&mut buf) {

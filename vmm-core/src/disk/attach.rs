@@ -13,7 +13,7 @@ use vmm_sys_util::eventfd::EventFd;
 use crate::acpi::VirtioMmioSlot;
 use crate::devices::virtio_mmio::{DeviceInfo, VirtioMmioDevice, QUEUE_NOTIFY_OFFSET};
 use crate::disk::config::{ConfigError, DiskConfig, DiskSource, IoEventFdMatch, WorkerDisk};
-use crate::disk::image::{open_image, wait_released, OpenedImage};
+use crate::disk::image::{open_image, ImageProbe, OpenedImage};
 use crate::memory::GuestRam;
 use crate::supervisor::{DiskHandle, Supervisor};
 use crate::vhost_frontend::{self, BackendOwner, Frontend, FrontendHandle};
@@ -73,7 +73,7 @@ pub struct Disk {
     /// For planned restarts and the control API (None for external backends).
     pub handle: Option<Arc<DiskHandle>>,
     /// The image a worker serves, to see it released at the end.
-    pub image: Option<PathBuf>,
+    pub image: Option<Arc<ImageProbe>>,
 }
 
 /// What starting and supervising workers needs besides each disk's configuration.
@@ -168,10 +168,14 @@ pub fn end_backends(disks: &[Disk]) {
     // A worker's io_uring keeps its image locked a moment after the worker is gone.
     let deadline = Instant::now() + WORKER_GRACE;
     for disk in disks {
-        if let Some(path) = &disk.image {
+        if let Some(probe) = &disk.image {
             let left = deadline.saturating_duration_since(Instant::now());
-            if !wait_released(path, left) {
-                tracing::warn!("disk {}: {} is still locked", disk.id, path.display());
+            if !probe.wait_released(left) {
+                tracing::warn!(
+                    "disk {}: {} is still locked",
+                    disk.id,
+                    probe.path().display()
+                );
             }
         }
     }
@@ -330,7 +334,7 @@ pub fn attach(
         device: device.clone(),
         frontend: frontend_handle.clone(),
         handle: None,
-        image: cfg.image_path().map(PathBuf::from),
+        image: cfg.image_path().and_then(ImageProbe::open).map(Arc::new),
     };
     // The supervisor adopts the first worker before the frontend thread starts, so the
     // frontend knows the generation it reports failures for.
@@ -338,7 +342,10 @@ pub fn attach(
     let mut generation = 0;
     if let Some(s) = started {
         let handle = Arc::new(DiskHandle::default());
-        let pidfd = crate::pids::pidfd_open(s.worker.child.id())
+        let pidfd = s
+            .worker
+            .child
+            .pidfd()
             .map_err(|e| {
                 tracing::warn!(
                     "worker {} (pid {}): no pidfd: {e}",

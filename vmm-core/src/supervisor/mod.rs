@@ -110,6 +110,10 @@ fn confined(worker: &Worker, timeout: Duration) -> Option<Confined> {
         let pid = worker.status.worker_pid();
         if pid != 0 && pid != worker.child.id() {
             let fd = pids::child_pidfd(pid, worker.child.id())?;
+            // The check above read the reaper's pid: it must still be the reaper's.
+            if !worker.child.pid_still_names_it() {
+                return None;
+            }
             return Some(Confined {
                 pid,
                 fd: Arc::new(fd),
@@ -128,7 +132,9 @@ fn discard(worker: Option<Worker>) {
     if let Some(mut w) = worker {
         // The confined process holds the image too: wait for it, not only its reaper.
         let confined = match w.status.worker_pid() {
-            pid if pid != 0 && pid != w.child.id() => pids::child_pidfd(pid, w.child.id()),
+            pid if pid != 0 && pid != w.child.id() => {
+                pids::child_pidfd(pid, w.child.id()).filter(|_| w.child.pid_still_names_it())
+            }
             _ => None,
         };
         // The reaper first: a worker that never served has no end worth reporting, and a
@@ -198,7 +204,10 @@ impl Supervisor {
             self.handle
                 .publish(current.pidfd.clone(), current.confined_fd(), current.pid());
         let name = format!("{}-sup", self.disk.id);
-        crate::thread::spawn(name, move || self.run(current)).map(|_| generation)
+        crate::thread::spawn(name, crate::confine::VmmThread::Supervisor, move || {
+            self.run(current)
+        })
+        .map(|_| generation)
     }
 
     fn run(self, mut current: Current) {
@@ -545,7 +554,7 @@ impl Supervisor {
             )
             .map_err(|e| crate::error_chain(&e))?,
         };
-        let pidfd = pids::pidfd_open(w.child.id()).ok().map(Arc::new);
+        let pidfd = w.child.pidfd().ok().map(Arc::new);
         let stream = w
             .vhost
             .try_clone()

@@ -72,14 +72,19 @@ impl std::fmt::Debug for Backend {
 pub fn with_deadline<T>(socket: &UnixStream, timeout: Duration, f: impl FnOnce() -> T) -> T {
     let (done, wait) = std::sync::mpsc::channel::<()>();
     let watchdog = socket.try_clone().ok().and_then(|s| {
-        crate::thread::spawn("vhost-deadline", move || {
-            if let Err(std::sync::mpsc::RecvTimeoutError::Timeout) = wait.recv_timeout(timeout) {
-                tracing::warn!(
-                    "vhost-user backend did not answer within {timeout:?}: disconnecting it"
-                );
-                let _ = s.shutdown(std::net::Shutdown::Both);
-            }
-        })
+        crate::thread::spawn(
+            "vhost-deadline",
+            crate::confine::VmmThread::Deadline,
+            move || {
+                if let Err(std::sync::mpsc::RecvTimeoutError::Timeout) = wait.recv_timeout(timeout)
+                {
+                    tracing::warn!(
+                        "vhost-user backend did not answer within {timeout:?}: disconnecting it"
+                    );
+                    let _ = s.shutdown(std::net::Shutdown::Both);
+                }
+            },
+        )
         .ok()
     });
     let result = f();

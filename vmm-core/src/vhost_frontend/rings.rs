@@ -347,7 +347,10 @@ impl Frontend {
     /// Serves `inbox` on a thread of its own until the device goes away.
     pub fn spawn(self, inbox: Inbox) -> std::io::Result<()> {
         let name = format!("{}-frontend", self.device.id);
-        crate::thread::spawn(name, move || self.run(inbox)).map(|_| ())
+        crate::thread::spawn(name, crate::confine::VmmThread::Frontend, move || {
+            self.run(inbox)
+        })
+        .map(|_| ())
     }
 
     fn run(mut self, inbox: Inbox) {

@@ -1,0 +1,765 @@
+//! Who forks and execs a worker. A thread that forks needs a seccomp filter that allows
+//! fork and exec, and the worker would inherit that filter; so `bulkhead run` starts a
+//! small helper first of all, the spawner (`bulkhead spawner`, exec'd from
+//! `/proc/self/exe` before the VMM has a thread, guest memory or an image open), and asks
+//! it to start each worker over a SOCK_SEQPACKET socket, passing the worker's descriptors.
+//! No VMM thread then needs fork or exec.
+//!
+//! The spawner builds the worker's command line itself (the fixed `spawned --vhost-fd 3
+//! ...` shape, the worker executable it was started with, an environment of
+//! [`WORKER_ENV`] only), so a VMM thread that is not what it should be can have workers
+//! started, and no other program. For each worker it answers with a pidfd and the read end
+//! of a pipe on which it writes the worker's wait status once it reaps it; it ends when the
+//! VMM's end of the socket closes, and dies with the VMM (PR_SET_PDEATHSIG).
+//!
+//! A library user of vmm-core that starts no spawner (`bulkhead-bench restart`, tests) has
+//! its workers started directly by the calling thread, the same way.
+
+use std::fs::File;
+use std::io::Read;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::process::{CommandExt, ExitStatusExt};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::{Mutex, OnceLock};
+
+use ipc::channel::{Channel, ChannelError};
+use ipc::messages::{Validate, ValidationError};
+use serde::{Deserialize, Serialize};
+
+/// The environment variables a worker gets (when the VMM has them): its log filter, and
+/// the fault hook that test builds of the worker read (release workers ignore it).
+pub const WORKER_ENV: [&str; 2] = ["BULKHEAD_LOG", "BULKHEAD_WORKER_FAULT_HOOK"];
+
+/// Where the inherited descriptors land in the worker.
+const VHOST_FD: RawFd = 3;
+const CONTROL_FD: RawFd = 4;
+const DISK_FD: RawFd = 5;
+const STATUS_FD: RawFd = 6;
+/// Learn mode only: the socket the worker hands its seccomp listener over.
+const LEARN_FD: RawFd = 7;
+
+/// Where the spawner finds its socket.
+const SPAWNER_SOCKET_FD: RawFd = 3;
+
+/// Longest disk id a request may carry (the worker's own limit is lower).
+const MAX_ID_LEN: usize = 64;
+
+/// Bounds of a worker's RLIMIT_AS a request may ask for: at least the worker's own
+/// overhead, at most 16 TiB (twice the largest guest RAM anyone runs, and a limit: a
+/// request for "unlimited" would switch the limit off).
+const MIN_ADDRESS_SPACE: u64 = crate::worker::WORKER_OVERHEAD;
+const MAX_ADDRESS_SPACE: u64 = 1 << 44;
+
+/// Most workers one spawner keeps running at once (all disks' workers, spares included).
+const MAX_RUNNING: usize = 256;
+
+/// Errors of starting a worker.
+#[derive(Debug, thiserror::Error)]
+pub enum SpawnError {
+    #[error("cannot start the spawner process")]
+    StartSpawner(#[source] std::io::Error),
+    #[error("the spawner process is already running")]
+    AlreadyStarted,
+    #[error("cannot talk to the spawner process")]
+    Channel(#[from] ChannelError),
+    #[error("the spawner answered {fds} descriptors where a pidfd and an exit pipe were expected")]
+    BadReply { fds: usize },
+    #[error("no spawner process runs, and a confined VMM thread cannot fork")]
+    NoSpawner,
+    #[error("the spawner could not start the worker: {0}")]
+    Refused(String),
+    #[error("cannot start the worker")]
+    Exec(#[source] std::io::Error),
+    #[error("the spawner cannot wait for its socket and workers")]
+    Poll(#[source] std::io::Error),
+}
+
+/// A request to start a worker for disk `id`; the descriptors travel beside it, in the
+/// order of [`WorkerFds`].
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct SpawnRequest {
+    /// Echoed in the reply, which must answer this request and no other.
+    seq: u64,
+    id: String,
+    learn: bool,
+    address_space: u64,
+}
+
+impl Validate for SpawnRequest {
+    fn validate(&self) -> Result<(), ValidationError> {
+        if !(MIN_ADDRESS_SPACE..=MAX_ADDRESS_SPACE).contains(&self.address_space) {
+            return Err(ValidationError::OutOfRange {
+                field: "address_space",
+                value: self.address_space,
+                min: MIN_ADDRESS_SPACE,
+                max: MAX_ADDRESS_SPACE,
+            });
+        }
+        if self.id.is_empty() {
+            return Err(ValidationError::Empty { field: "id" });
+        }
+        if self.id.len() > MAX_ID_LEN {
+            return Err(ValidationError::TooLong {
+                field: "id",
+                len: self.id.len(),
+                max: MAX_ID_LEN,
+            });
+        }
+        if let Some((offset, found)) = self
+            .id
+            .char_indices()
+            .find(|&(_, c)| !(c.is_ascii_alphanumeric() || c == '_' || c == '-'))
+        {
+            return Err(ValidationError::BadCharacter {
+                field: "id",
+                found,
+                offset,
+                allowed: "[A-Za-z0-9_-]",
+            });
+        }
+        Ok(())
+    }
+}
+
+/// The spawner's answer; a pidfd and the exit pipe's read end travel beside `Started`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+enum SpawnReply {
+    Started { seq: u64, pid: u32 },
+    Failed { seq: u64, error: String },
+}
+
+impl SpawnReply {
+    fn seq(&self) -> u64 {
+        match self {
+            SpawnReply::Started { seq, .. } | SpawnReply::Failed { seq, .. } => *seq,
+        }
+    }
+}
+
+impl Validate for SpawnReply {
+    fn validate(&self) -> Result<(), ValidationError> {
+        match self {
+            SpawnReply::Failed { error, .. } if error.len() > 1024 => {
+                Err(ValidationError::TooLong {
+                    field: "error",
+                    len: error.len(),
+                    max: 1024,
+                })
+            }
+            _ => Ok(()),
+        }
+    }
+}
+
+/// The descriptors a worker starts with.
+#[derive(Debug)]
+pub struct WorkerFds<'a> {
+    pub vhost: BorrowedFd<'a>,
+    pub control: BorrowedFd<'a>,
+    pub disk: BorrowedFd<'a>,
+    pub status: BorrowedFd<'a>,
+    /// The write end of its output pipe (its stdout and stderr).
+    pub output: BorrowedFd<'a>,
+    /// Learn mode: the socket it hands its seccomp listener over.
+    pub learn: Option<BorrowedFd<'a>>,
+}
+
+impl WorkerFds<'_> {
+    fn list(&self) -> Vec<BorrowedFd<'_>> {
+        let mut v = vec![
+            self.vhost,
+            self.control,
+            self.disk,
+            self.status,
+            self.output,
+        ];
+        v.extend(self.learn);
+        v
+    }
+}
+
+/// A started worker process (the worker's reaper, which the executable becomes).
+#[derive(Debug)]
+pub struct WorkerProcess {
+    pid: u32,
+    how: Started,
+}
+
+#[derive(Debug)]
+enum Started {
+    /// Forked by this process: it reaps it.
+    Direct(Child),
+    /// Forked by the spawner, which reaps it and writes its wait status to `exit`.
+    Spawned {
+        pidfd: OwnedFd,
+        exit: OwnedFd,
+        status: Option<ExitStatus>,
+    },
+}
+
+impl WorkerProcess {
+    /// The process id.
+    pub fn id(&self) -> u32 {
+        self.pid
+    }
+
+    /// A pidfd on it: the one the spawner opened while the process was surely its
+    /// unreaped child (a pid alone may be reused once reaped), or one opened on this
+    /// process's own child.
+    pub fn pidfd(&self) -> std::io::Result<OwnedFd> {
+        match &self.how {
+            Started::Direct(child) => crate::pids::pidfd_open(child.id()),
+            Started::Spawned { pidfd, .. } => pidfd.try_clone(),
+        }
+    }
+
+    /// Whether its pid still names it: always for this process's own unreaped child; for
+    /// the spawner's, only while the process has not ended (the spawner reaps it at once,
+    /// and the pid is free for reuse from then on).
+    pub fn pid_still_names_it(&self) -> bool {
+        match &self.how {
+            Started::Direct(_) => true,
+            Started::Spawned { pidfd, .. } => {
+                !crate::pids::wait_exit(pidfd, std::time::Duration::ZERO)
+            }
+        }
+    }
+
+    /// Sends SIGKILL.
+    pub fn kill(&mut self) -> std::io::Result<()> {
+        match &mut self.how {
+            Started::Direct(child) => child.kill(),
+            Started::Spawned {
+                status: Some(_), ..
+            } => Ok(()),
+            Started::Spawned { pidfd, .. } => {
+                // False only when it is already gone, which is what was asked.
+                crate::pids::kill(pidfd);
+                Ok(())
+            }
+        }
+    }
+
+    /// Waits until it has ended and returns how.
+    pub fn wait(&mut self) -> std::io::Result<ExitStatus> {
+        match &mut self.how {
+            Started::Direct(child) => child.wait(),
+            Started::Spawned {
+                status: Some(s), ..
+            } => Ok(*s),
+            Started::Spawned { exit, status, .. } => {
+                let mut raw = [0u8; 4];
+                File::from(exit.try_clone()?)
+                    .read_exact(&mut raw)
+                    .map_err(|e| {
+                        std::io::Error::new(
+                            e.kind(),
+                            format!("the spawner gave no exit status (it is gone): {e}"),
+                        )
+                    })?;
+                let s = ExitStatus::from_raw(i32::from_ne_bytes(raw));
+                *status = Some(s);
+                Ok(s)
+            }
+        }
+    }
+
+    /// How it ended, if it has (and its status is known).
+    pub fn try_wait(&mut self) -> std::io::Result<Option<ExitStatus>> {
+        match &mut self.how {
+            Started::Direct(child) => child.try_wait(),
+            Started::Spawned {
+                status: Some(s), ..
+            } => Ok(Some(*s)),
+            Started::Spawned { exit, .. } => {
+                // POLLIN: the status arrived (or the spawner is gone, which wait reports).
+                if crate::pids::wait_exit(exit, std::time::Duration::ZERO) {
+                    self.wait().map(Some)
+                } else {
+                    Ok(None)
+                }
+            }
+        }
+    }
+}
+
+/// The VMM's end of the spawner's socket, once started, and the last request number.
+static SPAWNER: OnceLock<Mutex<(Channel, u64)>> = OnceLock::new();
+
+/// Starts the spawner process for workers run from `worker_bin` (in learn mode with
+/// `learn`: only then may a request ask for it). Call it before the process has any thread
+/// (it must not be a copy of a multithreaded process's state, and PR_SET_PDEATHSIG ties it
+/// to the calling thread, which must live as long as the VMM).
+pub fn start(worker_bin: &Path, learn: bool) -> Result<(), SpawnError> {
+    if SPAWNER.get().is_some() {
+        return Err(SpawnError::AlreadyStarted);
+    }
+    let (ours, theirs) = Channel::pair()?;
+    let mut cmd = Command::new("/proc/self/exe");
+    cmd.arg("spawner")
+        .arg("--socket-fd")
+        .arg(SPAWNER_SOCKET_FD.to_string())
+        .arg("--worker-bin")
+        .arg(worker_bin)
+        .stdin(Stdio::null())
+        .env_clear();
+    if learn {
+        cmd.arg("--learn");
+    }
+    for name in WORKER_ENV {
+        if let Some(value) = std::env::var_os(name) {
+            cmd.env(name, value);
+        }
+    }
+    let theirs_fd = theirs.as_raw_fd();
+    // SAFETY: runs between fork and exec in the child: dup2, fcntl and prctl are
+    // async-signal-safe and touch only the child's descriptors and itself.
+    unsafe {
+        cmd.pre_exec(move || {
+            // dup2 onto itself keeps close-on-exec: clear it instead.
+            let placed = if theirs_fd == SPAWNER_SOCKET_FD {
+                libc::fcntl(theirs_fd, libc::F_SETFD, 0)
+            } else {
+                libc::dup2(theirs_fd, SPAWNER_SOCKET_FD)
+            };
+            if placed < 0 || libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let child = cmd.spawn().map_err(SpawnError::StartSpawner)?;
+    drop(theirs);
+    tracing::debug!("spawner process started as pid {}", child.id());
+    // Its end is reaped by nobody on purpose: it lives as long as the VMM.
+    std::mem::forget(child);
+    SPAWNER
+        .set(Mutex::new((ours, 0)))
+        .map_err(|_| SpawnError::AlreadyStarted)
+}
+
+/// Starts the worker for disk `id` from `bin` with `fds`, its address space limited to
+/// `address_space` bytes (RLIMIT_AS, set before exec: an unprivileged worker cannot raise
+/// it). Through the spawner when one runs, else from the calling thread.
+pub fn start_worker(
+    bin: &Path,
+    id: &str,
+    learn: bool,
+    address_space: u64,
+    fds: &WorkerFds<'_>,
+) -> Result<WorkerProcess, SpawnError> {
+    let Some(spawner) = SPAWNER.get() else {
+        if crate::confine::enabled() {
+            return Err(SpawnError::NoSpawner);
+        }
+        let child = exec_worker(bin, id, address_space, fds).map_err(SpawnError::Exec)?;
+        return Ok(WorkerProcess {
+            pid: child.id(),
+            how: Started::Direct(child),
+        });
+    };
+    // One request in flight at a time; its reply carries its number, and an answer to
+    // anything else (a datagram some other thread wrote to the spawner) is skipped.
+    let mut guard = spawner.lock().unwrap_or_else(|p| p.into_inner());
+    guard.1 += 1;
+    let seq = guard.1;
+    let request = SpawnRequest {
+        seq,
+        id: id.to_string(),
+        learn,
+        address_space,
+    };
+    guard.0.send(&request, &fds.list())?;
+    let (reply, mut got) = loop {
+        let (reply, got) = guard.0.recv::<SpawnReply>()?;
+        if reply.seq() == seq {
+            break (reply, got);
+        }
+        tracing::warn!("disk {id}: skipped a spawner answer to another request ({reply:?})");
+    };
+    drop(guard);
+    match reply {
+        SpawnReply::Started { pid, .. } if got.len() == 2 => {
+            let exit = got.pop().expect("two descriptors");
+            let pidfd = got.pop().expect("two descriptors");
+            Ok(WorkerProcess {
+                pid,
+                how: Started::Spawned {
+                    pidfd,
+                    exit,
+                    status: None,
+                },
+            })
+        }
+        SpawnReply::Started { .. } => Err(SpawnError::BadReply { fds: got.len() }),
+        SpawnReply::Failed { error, .. } => Err(SpawnError::Refused(error)),
+    }
+}
+
+fn dup_high(fd: BorrowedFd<'_>) -> std::io::Result<OwnedFd> {
+    // Copies land above every target number, so the dup2s in the child never clobber a
+    // source that is still needed.
+    fd.try_clone_to_owned().and_then(|low| {
+        // SAFETY: F_DUPFD_CLOEXEC on a descriptor we own returns a new descriptor we own.
+        let new = unsafe { libc::fcntl(low.as_raw_fd(), libc::F_DUPFD_CLOEXEC, 64) };
+        if new < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        // SAFETY: `new` was just returned by fcntl and nothing else owns it.
+        Ok(unsafe { OwnedFd::from_raw_fd(new) })
+    })
+}
+
+/// Forks and execs the worker: its descriptors at 3.. (learn socket at 7), stdout and
+/// stderr the output pipe, stdin /dev/null, an environment of [`WORKER_ENV`] only, RLIMIT_AS
+/// set before exec.
+fn exec_worker(
+    bin: &Path,
+    id: &str,
+    address_space: u64,
+    fds: &WorkerFds<'_>,
+) -> std::io::Result<Child> {
+    let mut sources = vec![
+        dup_high(fds.vhost)?,
+        dup_high(fds.control)?,
+        dup_high(fds.disk)?,
+        dup_high(fds.status)?,
+    ];
+    if let Some(learn) = fds.learn {
+        sources.push(dup_high(learn)?);
+    }
+    let pairs: Vec<(RawFd, RawFd)> = sources
+        .iter()
+        .map(|s| s.as_raw_fd())
+        .zip([VHOST_FD, CONTROL_FD, DISK_FD, STATUS_FD, LEARN_FD])
+        .collect();
+    let output = fds.output.try_clone_to_owned()?;
+    let mut cmd = Command::new(bin);
+    cmd.args([
+        "spawned",
+        "--vhost-fd",
+        &VHOST_FD.to_string(),
+        "--control-fd",
+        &CONTROL_FD.to_string(),
+        "--disk-fd",
+        &DISK_FD.to_string(),
+        "--status-fd",
+        &STATUS_FD.to_string(),
+        "--id",
+        id,
+    ])
+    .stdin(Stdio::null())
+    .stdout(Stdio::from(output.try_clone()?))
+    .stderr(Stdio::from(output))
+    // Nothing of the VMM's environment (its secrets, its locale, its PATH) reaches a
+    // worker: only what a worker reads, named in WORKER_ENV.
+    .env_clear();
+    for name in WORKER_ENV {
+        if let Some(value) = std::env::var_os(name) {
+            cmd.env(name, value);
+        }
+    }
+    if fds.learn.is_some() {
+        cmd.args(["--learn-fd", &LEARN_FD.to_string()]);
+    }
+    let limit = libc::rlimit64 {
+        rlim_cur: address_space,
+        rlim_max: address_space,
+    };
+    // SAFETY: runs between fork and exec in the child; dup2 and setrlimit64 are
+    // async-signal-safe and touch only the child; nothing allocates or takes a lock.
+    unsafe {
+        cmd.pre_exec(move || {
+            for &(src, dst) in &pairs {
+                if libc::dup2(src, dst) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
+            // Before the worker reads its configuration (and forks its confined process,
+            // which inherits the limit): an unprivileged process cannot raise it again.
+            if libc::setrlimit64(libc::RLIMIT_AS, &limit) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            // The spawner ignores these; a worker starts with the default actions.
+            for sig in IGNORED_SIGNALS {
+                libc::signal(sig, libc::SIG_DFL);
+            }
+            Ok(())
+        });
+    }
+    let child = cmd.spawn();
+    drop(sources);
+    child
+}
+
+/// A worker the spawner started and has not reaped yet.
+struct Running {
+    child: Child,
+    pidfd: OwnedFd,
+    exit: OwnedFd,
+}
+
+/// The signals a terminal or a process-group kill sends that the spawner ignores: the VMM
+/// takes them and ends the VM, which closes the spawner's socket and so ends it too (a
+/// spawner gone first would leave the VMM blind to how its workers end). Workers get the
+/// default actions back before exec.
+const IGNORED_SIGNALS: [libc::c_int; 5] = [
+    libc::SIGINT,
+    libc::SIGTERM,
+    libc::SIGHUP,
+    libc::SIGQUIT,
+    libc::SIGUSR1,
+];
+
+/// `bulkhead spawner`: serves start requests on the socket at `socket_fd` until the VMM
+/// closes it, starting `worker_bin` only (in learn mode only with `learn`).
+/// Single-threaded: one poll over the socket and the pidfd of every worker it started, so
+/// a worker is reaped (and its status passed on) the moment it ends. A request it cannot
+/// take is answered with a refusal, never by ending the spawner.
+pub fn serve(socket_fd: RawFd, worker_bin: PathBuf, learn: bool) -> Result<(), SpawnError> {
+    use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+    for sig in IGNORED_SIGNALS {
+        // SAFETY: SIG_IGN for a catchable signal; no handler runs.
+        unsafe { libc::signal(sig, libc::SIG_IGN) };
+    }
+    // SAFETY: the VMM put the socket at `socket_fd` for this process alone.
+    let socket = unsafe { OwnedFd::from_raw_fd(socket_fd) };
+    let channel = Channel::from_fd(socket)?;
+    let mut running: Vec<Running> = Vec::new();
+    loop {
+        let mut polled = vec![PollFd::new(channel.as_fd(), PollFlags::POLLIN)];
+        polled.extend(
+            running
+                .iter()
+                .map(|r| PollFd::new(r.pidfd.as_fd(), PollFlags::POLLIN)),
+        );
+        match poll(&mut polled, PollTimeout::NONE) {
+            Ok(_) | Err(nix::errno::Errno::EINTR) => {}
+            Err(e) => return Err(SpawnError::Poll(e.into())),
+        }
+        let request = polled[0].any().unwrap_or(true);
+        let ended: Vec<bool> = polled[1..]
+            .iter()
+            .map(|p| p.any().unwrap_or(true))
+            .collect();
+        drop(polled);
+        let mut ended = ended.into_iter();
+        running.retain_mut(|r| {
+            if !ended.next().unwrap_or(false) {
+                return true;
+            }
+            match r.child.try_wait() {
+                Ok(Some(status)) => {
+                    let raw = status.into_raw().to_ne_bytes();
+                    // The VMM may have dropped its end (a worker it gave up): nothing to do
+                    // (SIGPIPE is ignored: Rust's runtime does that).
+                    let _ = nix::unistd::write(&r.exit, &raw);
+                    false
+                }
+                Ok(None) => true,
+                Err(_) => false,
+            }
+        });
+        if !request {
+            continue;
+        }
+        let (req, fds) = match channel.recv::<SpawnRequest>() {
+            Ok(m) => m,
+            // The VMM is gone: so is the spawner (its workers are the VMM's to end).
+            Err(ChannelError::Eof) => return Ok(()),
+            Err(e) => {
+                // Not a request the VMM's spawner client makes: refuse it, serve on.
+                let error = format!("a request that cannot be read: {e}");
+                channel.send(&SpawnReply::Failed { seq: 0, error }, &[])?;
+                continue;
+            }
+        };
+        let reply = if running.len() >= MAX_RUNNING {
+            Err(format!("{MAX_RUNNING} workers run already"))
+        } else if req.learn && !learn {
+            Err("learn mode was not asked for when bulkhead started".to_string())
+        } else {
+            start_one(&worker_bin, &req, &fds)
+        };
+        match reply {
+            Ok((run, exit_r)) => {
+                let pid = run.child.id();
+                let sent = channel.send(
+                    &SpawnReply::Started { seq: req.seq, pid },
+                    &[run.pidfd.as_fd(), exit_r.as_fd()],
+                );
+                running.push(run);
+                sent?;
+            }
+            Err(error) => channel.send(
+                &SpawnReply::Failed {
+                    seq: req.seq,
+                    error,
+                },
+                &[],
+            )?,
+        }
+    }
+}
+
+fn start_one(
+    worker_bin: &Path,
+    req: &SpawnRequest,
+    fds: &[OwnedFd],
+) -> Result<(Running, OwnedFd), String> {
+    let (vhost, control, disk, status, output, learn) = match fds {
+        [a, b, c, d, e] if !req.learn => (a, b, c, d, e, None),
+        [a, b, c, d, e, f] if req.learn => (a, b, c, d, e, Some(f)),
+        _ => {
+            return Err(format!(
+                "{} descriptors for disk {} (learn {}): 5, or 6 in learn mode, expected",
+                fds.len(),
+                req.id,
+                req.learn
+            ))
+        }
+    };
+    let worker_fds = WorkerFds {
+        vhost: vhost.as_fd(),
+        control: control.as_fd(),
+        disk: disk.as_fd(),
+        status: status.as_fd(),
+        output: output.as_fd(),
+        learn: learn.map(|f| f.as_fd()),
+    };
+    let mut child = exec_worker(worker_bin, &req.id, req.address_space, &worker_fds)
+        .map_err(|e| format!("cannot start {}: {e}", worker_bin.display()))?;
+    let fail = |child: &mut Child, what: &str, e: std::io::Error| {
+        let _ = child.kill();
+        let _ = child.wait();
+        format!("{what}: {e}")
+    };
+    let pidfd = match crate::pids::pidfd_open(child.id()) {
+        Ok(fd) => fd,
+        Err(e) => return Err(fail(&mut child, "pidfd_open", e)),
+    };
+    let (exit_r, exit_w) = match nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC) {
+        Ok(p) => p,
+        Err(e) => return Err(fail(&mut child, "pipe2", e.into())),
+    };
+    Ok((
+        Running {
+            child,
+            pidfd,
+            exit: exit_w,
+        },
+        exit_r,
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A spawner serving on a thread of this test, starting `bin` for every request.
+    fn spawner(bin: &str) -> (Channel, std::thread::JoinHandle<Result<(), SpawnError>>) {
+        let (ours, theirs) = Channel::pair().unwrap();
+        let fd = OwnedFd::from(theirs);
+        let raw = fd.as_raw_fd();
+        std::mem::forget(fd); // serve() takes ownership of the raw descriptor
+        let bin = PathBuf::from(bin);
+        (ours, std::thread::spawn(move || serve(raw, bin, false)))
+    }
+
+    fn request(id: &str, learn: bool) -> SpawnRequest {
+        SpawnRequest {
+            seq: 7,
+            id: id.to_string(),
+            learn,
+            address_space: 1 << 30,
+        }
+    }
+
+    #[test]
+    fn the_spawner_starts_its_program_and_passes_on_how_it_ended() {
+        // /bin/false stands in for the worker: it ignores its arguments and exits 1.
+        let (chan, server) = spawner("/bin/false");
+        let null = File::open("/dev/null").unwrap();
+        let fds = vec![null.as_fd(); 5];
+        chan.send(&request("blk0", false), &fds).unwrap();
+        let (reply, got) = chan.recv::<SpawnReply>().unwrap();
+        let SpawnReply::Started { seq: 7, pid } = reply else {
+            panic!("{reply:?}")
+        };
+        assert_eq!(got.len(), 2);
+        let mut got = got;
+        let exit = got.pop().unwrap();
+        let pidfd = got.pop().unwrap();
+        let mut worker = WorkerProcess {
+            pid,
+            how: Started::Spawned {
+                pidfd,
+                exit,
+                status: None,
+            },
+        };
+        assert_eq!(worker.wait().unwrap().code(), Some(1));
+        assert_eq!(worker.try_wait().unwrap().unwrap().code(), Some(1));
+        // The VMM's end closing ends the spawner.
+        drop(chan);
+        server.join().unwrap().unwrap();
+    }
+
+    #[test]
+    fn the_spawner_refuses_requests_with_the_wrong_descriptors() {
+        let (chan, server) = spawner("/bin/true");
+        let null = File::open("/dev/null").unwrap();
+        for (learn, count, why) in [
+            (false, 4, "descriptors"),
+            (false, 6, "descriptors"),
+            (true, 5, "learn mode"),
+            (true, 6, "learn mode"),
+        ] {
+            let fds = vec![null.as_fd(); count];
+            chan.send(&request("blk0", learn), &fds).unwrap();
+            let (reply, got) = chan.recv::<SpawnReply>().unwrap();
+            assert!(
+                matches!(&reply, SpawnReply::Failed { seq: 7, error } if error.contains(why)),
+                "{count} fds, learn {learn}: {reply:?}"
+            );
+            assert!(got.is_empty());
+        }
+        // A datagram that is no request is refused, and the spawner serves on.
+        nix::sys::socket::send(
+            chan.as_raw_fd(),
+            b"\xff\xff\xff",
+            nix::sys::socket::MsgFlags::empty(),
+        )
+        .unwrap();
+        let (reply, _) = chan.recv::<SpawnReply>().unwrap();
+        assert!(
+            matches!(reply, SpawnReply::Failed { seq: 0, .. }),
+            "{reply:?}"
+        );
+        chan.send(&request("blk0", false), &[null.as_fd(); 3])
+            .unwrap();
+        let (reply, _) = chan.recv::<SpawnReply>().unwrap();
+        assert!(
+            matches!(reply, SpawnReply::Failed { seq: 7, .. }),
+            "{reply:?}"
+        );
+        drop(chan);
+        server.join().unwrap().unwrap();
+    }
+
+    #[test]
+    fn a_request_must_name_a_plain_disk_id_and_a_bounded_address_space() {
+        for id in ["", "a/b", "blk 0", &"x".repeat(MAX_ID_LEN + 1)] {
+            assert!(request(id, false).validate().is_err(), "{id:?}");
+        }
+        assert!(request("blk-0_a", false).validate().is_ok());
+        for address_space in [0, MIN_ADDRESS_SPACE - 1, MAX_ADDRESS_SPACE + 1, u64::MAX] {
+            let r = SpawnRequest {
+                address_space,
+                ..request("blk0", false)
+            };
+            assert!(r.validate().is_err(), "{address_space}");
+        }
+    }
+}
