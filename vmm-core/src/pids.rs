@@ -73,14 +73,15 @@ pub fn child_pidfd(pid: u32, parent: u32) -> Option<OwnedFd> {
     (ppid == Some(parent) && !wait_exit(&fd, Duration::ZERO)).then_some(fd)
 }
 
-/// The scheduler state of process `pid` (/proc/PID/stat: `R`, `S`, `D` waiting for the
-/// disk, `T` stopped, ...).
-pub fn proc_state(pid: u32) -> Option<char> {
-    if pid == 0 {
-        return None;
-    }
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    let (_, rest) = stat.rsplit_once(')')?;
+/// The scheduler state in an open /proc/PID/stat (`R`, `S`, `D` waiting for the disk, `T`
+/// stopped, ...), read afresh from its start each time: the descriptor names the same
+/// process for as long as it is open, and reads fail once that process is gone.
+pub fn stat_state(stat: &std::fs::File) -> Option<char> {
+    use std::os::unix::fs::FileExt;
+    let mut buf = [0u8; 512];
+    let n = stat.read_at(&mut buf, 0).ok()?;
+    let text = std::str::from_utf8(&buf[..n]).ok()?;
+    let (_, rest) = text.rsplit_once(')')?;
     rest.trim_start().chars().next()
 }
 
@@ -97,11 +98,15 @@ mod tests {
         let fd = child_pidfd(child.id(), std::process::id()).expect("our own child");
         assert!(!wait_exit(&fd, Duration::ZERO));
         // Running, sleeping, or still loading its executable ('D'): alive, not a zombie.
-        let state = proc_state(child.id());
+        let stat = std::fs::File::open(format!("/proc/{}/stat", child.id())).unwrap();
+        let state = stat_state(&stat);
         assert!(state.is_some_and(|s| !matches!(s, 'Z' | 'X')), "{state:?}");
         assert!(kill(&fd));
         assert!(wait_exit(&fd, Duration::from_secs(5)));
+        assert_eq!(stat_state(&stat), Some('Z'), "killed, not yet reaped");
         child.wait().unwrap();
+        // Reaped: the open stat names a process that is gone.
+        assert_eq!(stat_state(&stat), None);
         // Reaped: a pidfd on it cannot be had any more, and nobody is signalled.
         assert!(child_pidfd(child.id(), std::process::id()).is_none());
     }
@@ -110,6 +115,5 @@ mod tests {
     fn a_process_that_is_not_our_child_is_refused() {
         // pid 1 is alive and nobody's child here.
         assert!(child_pidfd(1, std::process::id()).is_none());
-        assert_eq!(proc_state(0), None);
     }
 }

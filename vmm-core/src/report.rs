@@ -64,15 +64,20 @@ impl VmStats {
 }
 
 /// Logs the sandbox facts of the confined worker `confined` (the pid the VMM checked is
-/// its reaper's child) once it has installed its filter, or says it could not see them.
-pub fn report_confinement(id: &str, confined: Option<u32>) {
+/// its reaper's child), read by `facts`, once it has installed its filter, or says it
+/// could not see them.
+pub fn report_confinement(
+    id: &str,
+    confined: Option<u32>,
+    mut facts: impl FnMut(u32) -> Option<crate::sandbox_report::SandboxFacts>,
+) {
     let Some(pid) = confined else {
         tracing::warn!("worker {id}: no confined process under its reaper to check");
         return;
     };
     let deadline = std::time::Instant::now() + Duration::from_secs(5);
     while std::time::Instant::now() < deadline {
-        if let Some(facts) = crate::sandbox_report::SandboxFacts::read(pid) {
+        if let Some(facts) = facts(pid) {
             if facts.seccomp == "2" {
                 let verdict = if facts.confined() {
                     "confined"

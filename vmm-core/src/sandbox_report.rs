@@ -3,8 +3,10 @@
 
 use std::fmt;
 
-/// Confinement facts of one process.
-#[derive(Debug, Clone, PartialEq, Eq)]
+use serde::{Deserialize, Serialize};
+
+/// Confinement facts of one process (read by the spawner, which sends them to the VMM).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SandboxFacts {
     pub pid: u32,
     /// `Seccomp:` from /proc/PID/status (2 = filter).
@@ -17,7 +19,7 @@ pub struct SandboxFacts {
     pub uid: String,
     pub gid: String,
     /// Namespaces that differ from the VMM's own.
-    pub own_namespaces: Vec<&'static str>,
+    pub own_namespaces: Vec<String>,
     /// Entries in its root directory.
     pub root_entries: usize,
     pub fds: usize,
@@ -43,6 +45,7 @@ impl SandboxFacts {
                 let theirs = ns(format!("/proc/{pid}/ns/{k}"));
                 theirs.is_some() && theirs != ns(format!("/proc/self/ns/{k}"))
             })
+            .map(String::from)
             .collect();
         Some(SandboxFacts {
             pid,
@@ -57,6 +60,22 @@ impl SandboxFacts {
                 .map_or(usize::MAX, |d| d.count()),
             fds: std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |d| d.count()),
         })
+    }
+
+    /// Fields no longer than /proc writes them (a few dozen bytes), at most six namespaces.
+    pub fn is_plausible(&self) -> bool {
+        [
+            &self.seccomp,
+            &self.no_new_privs,
+            &self.cap_eff,
+            &self.cap_bnd,
+            &self.uid,
+            &self.gid,
+        ]
+        .iter()
+        .all(|f| f.len() <= 32)
+            && self.own_namespaces.len() <= NAMESPACES.len()
+            && self.own_namespaces.iter().all(|n| n.len() <= 8)
     }
 
     /// Seccomp filter on, no_new_privs, no capabilities, non-root, all namespaces its

@@ -24,6 +24,8 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::{Mutex, OnceLock};
 
 use ipc::channel::{Channel, ChannelError};
+
+use crate::sandbox_report::SandboxFacts;
 use ipc::messages::{Validate, ValidationError};
 use serde::{Deserialize, Serialize};
 
@@ -45,10 +47,10 @@ const SPAWNER_SOCKET_FD: RawFd = 3;
 /// Longest disk id a request may carry (the worker's own limit is lower).
 const MAX_ID_LEN: usize = 64;
 
-/// Bounds of a worker's RLIMIT_AS a request may ask for: at least the worker's own
-/// overhead, at most 16 TiB (twice the largest guest RAM anyone runs, and a limit: a
-/// request for "unlimited" would switch the limit off).
-const MIN_ADDRESS_SPACE: u64 = crate::worker::WORKER_OVERHEAD;
+/// Bounds of a worker's RLIMIT_AS a request may ask for: at least 16 MiB (below that the
+/// worker cannot even load), at most 16 TiB (twice the largest guest RAM anyone runs, and
+/// a limit: a request for "unlimited" would switch the limit off).
+const MIN_ADDRESS_SPACE: u64 = 16 << 20;
 const MAX_ADDRESS_SPACE: u64 = 1 << 44;
 
 /// Most workers one spawner keeps running at once (all disks' workers, spares included).
@@ -122,17 +124,50 @@ impl Validate for SpawnRequest {
     }
 }
 
-/// The spawner's answer; a pidfd and the exit pipe's read end travel beside `Started`.
+/// What the VMM asks the spawner.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+enum SpawnerRequest {
+    /// Start a worker.
+    Start(SpawnRequest),
+    /// A pidfd on, an open /proc/PID/stat of, and the sandbox facts of `pid`, which the
+    /// status page of the worker whose reaper is `reaper` (a child of the spawner's) names,
+    /// if `pid` really is that reaper's living child.
+    Inspect { seq: u64, reaper: u32, pid: u32 },
+}
+
+impl Validate for SpawnerRequest {
+    fn validate(&self) -> Result<(), ValidationError> {
+        match self {
+            SpawnerRequest::Start(r) => r.validate(),
+            SpawnerRequest::Inspect { .. } => Ok(()),
+        }
+    }
+}
+
+/// The spawner's answer. A pidfd and the exit pipe's read end travel beside `Started`; a
+/// pidfd and the /proc/PID/stat descriptor beside `Inspected`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 enum SpawnReply {
-    Started { seq: u64, pid: u32 },
-    Failed { seq: u64, error: String },
+    Started {
+        seq: u64,
+        pid: u32,
+    },
+    Inspected {
+        seq: u64,
+        facts: Option<SandboxFacts>,
+    },
+    Failed {
+        seq: u64,
+        error: String,
+    },
 }
 
 impl SpawnReply {
     fn seq(&self) -> u64 {
         match self {
-            SpawnReply::Started { seq, .. } | SpawnReply::Failed { seq, .. } => *seq,
+            SpawnReply::Started { seq, .. }
+            | SpawnReply::Inspected { seq, .. }
+            | SpawnReply::Failed { seq, .. } => *seq,
         }
     }
 }
@@ -140,6 +175,13 @@ impl SpawnReply {
 impl Validate for SpawnReply {
     fn validate(&self) -> Result<(), ValidationError> {
         match self {
+            SpawnReply::Inspected {
+                facts: Some(facts), ..
+            } if !facts.is_plausible() => Err(ValidationError::TooLong {
+                field: "facts",
+                len: 0,
+                max: 32,
+            }),
             SpawnReply::Failed { error, .. } if error.len() > 1024 => {
                 Err(ValidationError::TooLong {
                     field: "error",
@@ -359,26 +401,13 @@ pub fn start_worker(
             how: Started::Direct(child),
         });
     };
-    // One request in flight at a time; its reply carries its number, and an answer to
-    // anything else (a datagram some other thread wrote to the spawner) is skipped.
-    let mut guard = spawner.lock().unwrap_or_else(|p| p.into_inner());
-    guard.1 += 1;
-    let seq = guard.1;
-    let request = SpawnRequest {
-        seq,
+    let request = SpawnerRequest::Start(SpawnRequest {
+        seq: 0,
         id: id.to_string(),
         learn,
         address_space,
-    };
-    guard.0.send(&request, &fds.list())?;
-    let (reply, mut got) = loop {
-        let (reply, got) = guard.0.recv::<SpawnReply>()?;
-        if reply.seq() == seq {
-            break (reply, got);
-        }
-        tracing::warn!("disk {id}: skipped a spawner answer to another request ({reply:?})");
-    };
-    drop(guard);
+    });
+    let (reply, mut got) = ask(spawner, request, &fds.list())?;
     match reply {
         SpawnReply::Started { pid, .. } if got.len() == 2 => {
             let exit = got.pop().expect("two descriptors");
@@ -392,9 +421,83 @@ pub fn start_worker(
                 },
             })
         }
-        SpawnReply::Started { .. } => Err(SpawnError::BadReply { fds: got.len() }),
+        SpawnReply::Started { .. } | SpawnReply::Inspected { .. } => {
+            Err(SpawnError::BadReply { fds: got.len() })
+        }
         SpawnReply::Failed { error, .. } => Err(SpawnError::Refused(error)),
     }
+}
+
+/// Sends `request` (numbered here) with `fds` and returns the spawner's answer to it. One
+/// request in flight at a time; an answer to anything else (a datagram some other thread
+/// wrote to the spawner) is skipped.
+fn ask(
+    spawner: &Mutex<(Channel, u64)>,
+    mut request: SpawnerRequest,
+    fds: &[BorrowedFd<'_>],
+) -> Result<(SpawnReply, Vec<OwnedFd>), SpawnError> {
+    let mut guard = spawner.lock().unwrap_or_else(|p| p.into_inner());
+    guard.1 += 1;
+    let seq = guard.1;
+    match &mut request {
+        SpawnerRequest::Start(r) => r.seq = seq,
+        SpawnerRequest::Inspect { seq: s, .. } => *s = seq,
+    }
+    guard.0.send(&request, fds)?;
+    loop {
+        let (reply, got) = guard.0.recv::<SpawnReply>()?;
+        if reply.seq() == seq {
+            return Ok((reply, got));
+        }
+        tracing::warn!("skipped a spawner answer to another request ({reply:?})");
+    }
+}
+
+/// A worker's confined process, as the spawner (or, without one, this process) found it.
+#[derive(Debug)]
+pub struct Inspected {
+    /// A pidfd on it, opened while it was the reaper's living child.
+    pub pidfd: OwnedFd,
+    /// Its /proc/PID/stat, open (see [`crate::pids::stat_state`]).
+    pub stat: File,
+    /// Its sandbox facts, if /proc could be read.
+    pub facts: Option<SandboxFacts>,
+}
+
+/// The confined process `pid` of the worker whose reaper is `reaper`, if `pid` is that
+/// reaper's living child (a pid read from a status page is the worker's word). Through
+/// the spawner when one runs: a confined VMM thread opens neither /proc nor pidfds itself.
+pub fn inspect(reaper: &WorkerProcess, pid: u32) -> Option<Inspected> {
+    let Some(spawner) = SPAWNER.get() else {
+        return inspect_here(reaper.id(), pid);
+    };
+    let request = SpawnerRequest::Inspect {
+        seq: 0,
+        reaper: reaper.id(),
+        pid,
+    };
+    let (reply, mut got) = ask(spawner, request, &[]).ok()?;
+    match reply {
+        SpawnReply::Inspected { facts, .. } if got.len() == 2 => {
+            let stat = File::from(got.pop().expect("two descriptors"));
+            let pidfd = got.pop().expect("two descriptors");
+            Some(Inspected { pidfd, stat, facts })
+        }
+        _ => None,
+    }
+}
+
+/// [`inspect`] done by this process: `pid` must be `reaper`'s living child.
+fn inspect_here(reaper: u32, pid: u32) -> Option<Inspected> {
+    let pidfd = crate::pids::child_pidfd(pid, reaper)?;
+    let stat = File::open(format!("/proc/{pid}/stat")).ok()?;
+    let facts = SandboxFacts::read(pid);
+    // Still alive after the reads: they spoke of this process, not of a successor to its pid.
+    (!crate::pids::wait_exit(&pidfd, std::time::Duration::ZERO)).then_some(Inspected {
+        pidfd,
+        stat,
+        facts,
+    })
 }
 
 fn dup_high(fd: BorrowedFd<'_>) -> std::io::Result<OwnedFd> {
@@ -564,8 +667,33 @@ pub fn serve(socket_fd: RawFd, worker_bin: PathBuf, learn: bool) -> Result<(), S
         if !request {
             continue;
         }
-        let (req, fds) = match channel.recv::<SpawnRequest>() {
-            Ok(m) => m,
+        let (req, fds) = match channel.recv::<SpawnerRequest>() {
+            Ok((SpawnerRequest::Start(req), fds)) => (req, fds),
+            Ok((SpawnerRequest::Inspect { seq, reaper, pid }, _)) => {
+                // Only a worker this spawner started and has not reaped: its pid is its own.
+                let found = running
+                    .iter()
+                    .any(|r| r.child.id() == reaper)
+                    .then(|| inspect_here(reaper, pid))
+                    .flatten();
+                match found {
+                    Some(i) => channel.send(
+                        &SpawnReply::Inspected {
+                            seq,
+                            facts: i.facts,
+                        },
+                        &[i.pidfd.as_fd(), i.stat.as_fd()],
+                    )?,
+                    None => channel.send(
+                        &SpawnReply::Failed {
+                            seq,
+                            error: format!("pid {pid} is not the living child of worker {reaper}"),
+                        },
+                        &[],
+                    )?,
+                }
+                continue;
+            }
             // The VMM is gone: so is the spawner (its workers are the VMM's to end).
             Err(ChannelError::Eof) => return Ok(()),
             Err(e) => {
@@ -682,7 +810,8 @@ mod tests {
         let (chan, server) = spawner("/bin/false");
         let null = File::open("/dev/null").unwrap();
         let fds = vec![null.as_fd(); 5];
-        chan.send(&request("blk0", false), &fds).unwrap();
+        chan.send(&SpawnerRequest::Start(request("blk0", false)), &fds)
+            .unwrap();
         let (reply, got) = chan.recv::<SpawnReply>().unwrap();
         let SpawnReply::Started { seq: 7, pid } = reply else {
             panic!("{reply:?}")
@@ -717,7 +846,8 @@ mod tests {
             (true, 6, "learn mode"),
         ] {
             let fds = vec![null.as_fd(); count];
-            chan.send(&request("blk0", learn), &fds).unwrap();
+            chan.send(&SpawnerRequest::Start(request("blk0", learn)), &fds)
+                .unwrap();
             let (reply, got) = chan.recv::<SpawnReply>().unwrap();
             assert!(
                 matches!(&reply, SpawnReply::Failed { seq: 7, error } if error.contains(why)),
@@ -737,13 +867,39 @@ mod tests {
             matches!(reply, SpawnReply::Failed { seq: 0, .. }),
             "{reply:?}"
         );
-        chan.send(&request("blk0", false), &[null.as_fd(); 3])
-            .unwrap();
+        chan.send(
+            &SpawnerRequest::Start(request("blk0", false)),
+            &[null.as_fd(); 3],
+        )
+        .unwrap();
         let (reply, _) = chan.recv::<SpawnReply>().unwrap();
         assert!(
             matches!(reply, SpawnReply::Failed { seq: 7, .. }),
             "{reply:?}"
         );
+        drop(chan);
+        server.join().unwrap().unwrap();
+    }
+
+    #[test]
+    fn the_spawner_inspects_only_the_children_of_workers_it_started() {
+        let (chan, server) = spawner("/bin/true");
+        // pid 1, as the child of this test process (no worker of the spawner's), and as
+        // the child of pid 1: both refused, with no descriptor.
+        for reaper in [std::process::id(), 1] {
+            let request = SpawnerRequest::Inspect {
+                seq: 3,
+                reaper,
+                pid: 1,
+            };
+            chan.send(&request, &[]).unwrap();
+            let (reply, got) = chan.recv::<SpawnReply>().unwrap();
+            assert!(
+                matches!(&reply, SpawnReply::Failed { seq: 3, error } if error.contains("not the living child")),
+                "{reply:?}"
+            );
+            assert!(got.is_empty());
+        }
         drop(chan);
         server.join().unwrap().unwrap();
     }

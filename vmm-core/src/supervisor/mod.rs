@@ -94,11 +94,13 @@ fn stop(reaper: &OwnedFd, confined: Option<&OwnedFd>) {
     wait_exit(reaper, Duration::from_secs(5));
 }
 
-/// The confined worker, known to the VMM by a pidfd on it.
+/// The confined worker, known to the VMM by a pidfd on it and its /proc/PID/stat, both
+/// opened by the spawner (a confined supervisor opens neither).
 #[derive(Debug, Clone)]
 struct Confined {
     pid: u32,
     fd: Arc<OwnedFd>,
+    stat: Arc<std::fs::File>,
 }
 
 /// A pidfd on the confined worker once the reaper has published its pid in the status
@@ -109,14 +111,15 @@ fn confined(worker: &Worker, timeout: Duration) -> Option<Confined> {
     loop {
         let pid = worker.status.worker_pid();
         if pid != 0 && pid != worker.child.id() {
-            let fd = pids::child_pidfd(pid, worker.child.id())?;
-            // The check above read the reaper's pid: it must still be the reaper's.
+            let found = crate::spawner::inspect(&worker.child, pid)?;
+            // The check read the reaper's pid: it must still be the reaper's.
             if !worker.child.pid_still_names_it() {
                 return None;
             }
             return Some(Confined {
                 pid,
-                fd: Arc::new(fd),
+                fd: Arc::new(found.pidfd),
+                stat: Arc::new(found.stat),
             });
         }
         if Instant::now() >= deadline {
@@ -132,9 +135,9 @@ fn discard(worker: Option<Worker>) {
     if let Some(mut w) = worker {
         // The confined process holds the image too: wait for it, not only its reaper.
         let confined = match w.status.worker_pid() {
-            pid if pid != 0 && pid != w.child.id() => {
-                pids::child_pidfd(pid, w.child.id()).filter(|_| w.child.pid_still_names_it())
-            }
+            pid if pid != 0 && pid != w.child.id() => crate::spawner::inspect(&w.child, pid)
+                .map(|found| found.pidfd)
+                .filter(|_| w.child.pid_still_names_it()),
             _ => None,
         };
         // The reaper first: a worker that never served has no end worth reporting, and a
@@ -212,7 +215,10 @@ impl Supervisor {
 
     fn run(self, mut current: Current) {
         let id = self.disk.id.clone();
-        crate::report::report_confinement(&id, current.confined.as_ref().map(|c| c.pid));
+        let confined_pid = current.confined.as_ref().map(|c| c.pid);
+        crate::report::report_confinement(&id, confined_pid, |pid| {
+            crate::spawner::inspect(&current.worker.child, pid).and_then(|found| found.facts)
+        });
         let mut policy = RestartPolicy::default();
         let throttled = crate::ratelimit::RateLimitedLog::default();
         // Started and sandboxed ahead of need: a restart then skips exec and sandbox setup.
@@ -515,7 +521,7 @@ impl Supervisor {
             // disk to complete what is in flight; in uninterruptible sleep it is in the
             // middle of a slow disk operation (a big flush). Neither is a hang.
             // Stopped (SIGSTOP, a debugger), it reads nothing, however it went to sleep.
-            let state = pids::proc_state(pid);
+            let state = known.and_then(|c| pids::stat_state(&c.stat));
             let stopped = matches!(state, Some('T' | 't'));
             let kicked = kick_unread(&self.kicks, &self.device.ready_queues());
             if (worker.status.idle() && !kicked && !stopped) || state == Some('D') {
