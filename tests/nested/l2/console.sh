@@ -4,6 +4,10 @@
 # guestkit.run="sh /nest/console.sh ACTION LINES".
 action=${1:-poweroff}
 lines=${2:-20}
+# Only emergencies reach the console from here on: a kernel warning (under nested TCG,
+# "hrtimer: interrupt took N ns") printed in the middle of a line would split it, and the
+# test checks every line arrives whole and in order.
+echo 1 >/proc/sys/kernel/printk
 echo "NESTL2 cpus online=$(cat /sys/devices/system/cpu/online) count=$(grep -c ^processor /proc/cpuinfo)"
 i=1
 while [ "$i" -le "$lines" ]; do
