@@ -56,6 +56,9 @@ const MAX_ADDRESS_SPACE: u64 = 1 << 44;
 /// Most workers one spawner keeps running at once (all disks' workers, spares included).
 const MAX_RUNNING: usize = 256;
 
+/// How long the VMM waits for the spawner's answer (a fork and exec, or a few /proc reads).
+const ANSWER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// Errors of starting a worker.
 #[derive(Debug, thiserror::Error)]
 pub enum SpawnError {
@@ -445,7 +448,9 @@ fn ask(
     }
     guard.0.send(&request, fds)?;
     loop {
-        let (reply, got) = guard.0.recv::<SpawnReply>()?;
+        // Bounded: a spawner that answers something else forever (or nothing) fails the
+        // request instead of holding every other supervisor's requests behind this lock.
+        let (reply, got) = guard.0.recv_timeout::<SpawnReply>(ANSWER_TIMEOUT)?;
         if reply.seq() == seq {
             return Ok((reply, got));
         }
@@ -476,15 +481,31 @@ pub fn inspect(reaper: &WorkerProcess, pid: u32) -> Option<Inspected> {
         reaper: reaper.id(),
         pid,
     };
-    let (reply, mut got) = ask(spawner, request, &[]).ok()?;
-    match reply {
+    let (reply, mut got) = match ask(spawner, request, &[]) {
+        Ok(answer) => answer,
+        Err(e) => {
+            tracing::warn!("cannot ask the spawner about pid {pid}: {e}");
+            return None;
+        }
+    };
+    let found = match reply {
         SpawnReply::Inspected { facts, .. } if got.len() == 2 => {
             let stat = File::from(got.pop().expect("two descriptors"));
             let pidfd = got.pop().expect("two descriptors");
-            Some(Inspected { pidfd, stat, facts })
+            Inspected { pidfd, stat, facts }
         }
-        _ => None,
-    }
+        SpawnReply::Failed { error, .. } => {
+            tracing::debug!("spawner: {error}");
+            return None;
+        }
+        other => {
+            tracing::warn!("the spawner answered {other:?} to an inspection");
+            return None;
+        }
+    };
+    // The spawner knew the reaper by its pid: that must still be this reaper's (it is
+    // reaped at once when it ends, and its pid is free for another worker from then on).
+    reaper.pid_still_names_it().then_some(found)
 }
 
 /// [`inspect`] done by this process: `pid` must be `reaper`'s living child.
@@ -881,11 +902,103 @@ mod tests {
         server.join().unwrap().unwrap();
     }
 
+    /// Inspects `pid` as the child of `reaper` through `chan`.
+    fn ask_inspect(chan: &Channel, reaper: u32, pid: u32) -> (SpawnReply, Vec<OwnedFd>) {
+        let request = SpawnerRequest::Inspect {
+            seq: 5,
+            reaper,
+            pid,
+        };
+        chan.send(&request, &[]).unwrap();
+        chan.recv::<SpawnReply>().unwrap()
+    }
+
+    #[test]
+    fn the_spawner_inspects_the_child_of_a_worker_it_started() {
+        // A "worker" that ignores its arguments and starts one child, as a reaper does.
+        let dir = std::env::temp_dir().join(format!("spawner-inspect-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let script = dir.join("reaper.sh");
+        std::fs::write(&script, "#!/bin/sh\nsleep 30 &\nwait\n").unwrap();
+        std::fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+            .unwrap();
+        let (chan, server) = spawner(script.to_str().unwrap());
+        let null = File::open("/dev/null").unwrap();
+        chan.send(
+            &SpawnerRequest::Start(request("blk0", false)),
+            &[null.as_fd(); 5],
+        )
+        .unwrap();
+        let (reply, mut got) = chan.recv::<SpawnReply>().unwrap();
+        let SpawnReply::Started { pid: reaper, .. } = reply else {
+            panic!("{reply:?}")
+        };
+        let exit = got.pop().unwrap();
+        let pidfd = got.pop().unwrap();
+        // Its child, once it has one.
+        let children = format!("/proc/{reaper}/task/{reaper}/children");
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        let child: u32 = loop {
+            let text = std::fs::read_to_string(&children).unwrap_or_default();
+            if let Some(pid) = text.split_whitespace().next() {
+                break pid.parse().unwrap();
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the script started no child"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        };
+        let (reply, got) = ask_inspect(&chan, reaper, child);
+        let SpawnReply::Inspected { seq: 5, facts } = reply else {
+            panic!("{reply:?}")
+        };
+        assert_eq!(got.len(), 2);
+        assert_eq!(facts.map(|f| f.pid), Some(child));
+        let stat = File::from(got.into_iter().nth(1).unwrap());
+        assert!(
+            matches!(crate::pids::stat_state(&stat), Some('S' | 'R')),
+            "{:?}",
+            crate::pids::stat_state(&stat)
+        );
+        // Not its child: the reaper itself, and pid 1.
+        for pid in [reaper, 1] {
+            let (reply, got) = ask_inspect(&chan, reaper, pid);
+            assert!(
+                matches!(reply, SpawnReply::Failed { seq: 5, .. }),
+                "{reply:?}"
+            );
+            assert!(got.is_empty());
+        }
+        // Once the reaper has ended (and the spawner reaped it), nothing of it is answered.
+        let mut worker = WorkerProcess {
+            pid: reaper,
+            how: Started::Spawned {
+                pidfd,
+                exit,
+                status: None,
+            },
+        };
+        worker.kill().unwrap();
+        assert!(worker.wait().unwrap().signal() == Some(libc::SIGKILL));
+        let (reply, _) = ask_inspect(&chan, reaper, child);
+        assert!(
+            matches!(reply, SpawnReply::Failed { seq: 5, .. }),
+            "{reply:?}"
+        );
+        // SAFETY: kill with the orphaned sleep's pid, which nothing else can have taken
+        // while it runs (it was just inspected and is not reaped by us).
+        unsafe { libc::kill(child as libc::pid_t, libc::SIGKILL) };
+        drop(chan);
+        server.join().unwrap().unwrap();
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
     #[test]
     fn the_spawner_inspects_only_the_children_of_workers_it_started() {
         let (chan, server) = spawner("/bin/true");
-        // pid 1, as the child of this test process (no worker of the spawner's), and as
-        // the child of pid 1: both refused, with no descriptor.
+        // pid 1, as the child of this test process and of pid 1, neither of them a worker
+        // the spawner started: both refused, with no descriptor.
         for reaper in [std::process::id(), 1] {
             let request = SpawnerRequest::Inspect {
                 seq: 3,

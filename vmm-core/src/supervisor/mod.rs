@@ -112,10 +112,6 @@ fn confined(worker: &Worker, timeout: Duration) -> Option<Confined> {
         let pid = worker.status.worker_pid();
         if pid != 0 && pid != worker.child.id() {
             let found = crate::spawner::inspect(&worker.child, pid)?;
-            // The check read the reaper's pid: it must still be the reaper's.
-            if !worker.child.pid_still_names_it() {
-                return None;
-            }
             return Some(Confined {
                 pid,
                 fd: Arc::new(found.pidfd),
@@ -135,9 +131,9 @@ fn discard(worker: Option<Worker>) {
     if let Some(mut w) = worker {
         // The confined process holds the image too: wait for it, not only its reaper.
         let confined = match w.status.worker_pid() {
-            pid if pid != 0 && pid != w.child.id() => crate::spawner::inspect(&w.child, pid)
-                .map(|found| found.pidfd)
-                .filter(|_| w.child.pid_still_names_it()),
+            pid if pid != 0 && pid != w.child.id() => {
+                crate::spawner::inspect(&w.child, pid).map(|found| found.pidfd)
+            }
             _ => None,
         };
         // The reaper first: a worker that never served has no end worth reporting, and a
