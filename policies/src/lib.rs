@@ -298,7 +298,16 @@ pub fn install(id: PolicyId) -> Result<(), PolicyError> {
     if cfg!(not(target_arch = "x86_64")) {
         return Err(PolicyError::UnsupportedArch(std::env::consts::ARCH));
     }
-    seccompiler::apply_filter(bpf(id)).map_err(|source| PolicyError::Install { id, source })
+    install_program(id, bpf(id))
+}
+
+/// Apply `program`, a variant of `id`'s filter (the VMM's learn mode puts a rule in front),
+/// to the calling thread (after setting no_new_privs).
+pub fn install_program(id: PolicyId, program: &[sock_filter]) -> Result<(), PolicyError> {
+    if cfg!(not(target_arch = "x86_64")) {
+        return Err(PolicyError::UnsupportedArch(std::env::consts::ARCH));
+    }
+    seccompiler::apply_filter(program).map_err(|source| PolicyError::Install { id, source })
 }
 
 #[cfg(test)]

@@ -192,6 +192,17 @@ fn the_policy_is_exactly_what_the_workloads_need() {
         serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
     assert!(report["calls"].as_u64().unwrap() > 100, "{report}");
     assert_eq!(report["missing"].as_array().unwrap().len(), 0, "{report}");
+    // The VMM's own threads learned over the same workload (API-less, one vCPU).
+    assert!(
+        r.stdout
+            .contains("VMM threads: 0 calls outside their policies (9 policies)"),
+        "{t}"
+    );
+    assert_eq!(
+        report["vmm_outside_policies"].as_array().map(Vec::len),
+        Some(0),
+        "{report}"
+    );
 
     let (linux, linux_t) = learn_linux_dd(&dir);
 

@@ -259,3 +259,43 @@ fn a_forbidden_call_ends_the_vmm_by_sigsys_with_one_line() {
         assert!(!r.stdout.contains("survived"), "{role} {call}: {t}");
     }
 }
+
+/// Learn mode (`policy learn`): the same filters, and a call outside the policy is
+/// recorded with the thread's policy and made on its behalf, so the workload runs on; a call
+/// the policy allows (the probe's own output) is not recorded.
+#[test]
+fn learn_mode_records_a_forbidden_call_and_makes_it() {
+    let r = tests::run_with_deadline(
+        {
+            let mut c = Command::new(env!("CARGO_BIN_EXE_vmm-trap-probe"));
+            c.args(["--learn", "vcpu", "socket"]);
+            c
+        },
+        Duration::from_secs(30),
+    );
+    let t = r.transcript();
+    assert_eq!(r.code, Some(0), "{t}");
+    let fd: i64 = r
+        .stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("survived: socket returned "))
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no survived line: {t}"));
+    assert!(fd >= 0, "socket was not made on the thread's behalf: {t}");
+    let learned: Vec<&str> = r
+        .stdout
+        .lines()
+        .filter(|l| l.starts_with("learned: "))
+        .collect();
+    assert_eq!(
+        learned,
+        [format!(
+            "learned: vmm/vcpu {} {:#x}",
+            libc::SYS_socket,
+            libc::AF_INET
+        )
+        .as_str()],
+        "{t}"
+    );
+    assert!(!r.stderr.contains("seccomp"), "{t}");
+}

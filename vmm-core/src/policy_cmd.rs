@@ -211,11 +211,19 @@ fn learn(args: LearnArgs) -> anyhow::Result<ExitCode> {
         if !run.disks.iter().any(|d| !d.starts_with("vhost_user=")) {
             anyhow::bail!("no --disk is served by a worker: nothing to learn");
         }
+        // The VMM's own threads learn too: a call outside their policies is recorded and
+        // made, where `bulkhead run` would end by SIGSYS.
+        vmm_core::confine::enable_learning();
         crate::run_cmd::run(run, Some(recorder.clone()))?
     };
     let idle = recorder.wait_learners(Duration::from_secs(10));
     let report = recorder.report();
     print!("{}", report.summary());
+    let vmm_outside = if args.worker {
+        Vec::new()
+    } else {
+        vmm_outside_policies()
+    };
     let replace = |path: &PathBuf, mut file: std::fs::File, text: &str| {
         file.set_len(0)
             .and_then(|()| file.write_all(text.as_bytes()))
@@ -226,11 +234,19 @@ fn learn(args: LearnArgs) -> anyhow::Result<ExitCode> {
         println!("wrote the learned policy to {}", path.display());
     }
     if let (Some(path), Some(file)) = (&args.json, json) {
-        replace(
-            path,
-            file,
-            &serde_json::to_string_pretty(&report.to_json())?,
-        )?;
+        let mut value = report.to_json();
+        if let Some(map) = value.as_object_mut() {
+            map.insert(
+                "vmm_outside_policies".into(),
+                vmm_outside
+                    .iter()
+                    .map(|(role, calls, example)| {
+                        serde_json::json!({ "policy": role, "calls": calls, "example": example })
+                    })
+                    .collect(),
+            );
+        }
+        replace(path, file, &serde_json::to_string_pretty(&value)?)?;
     }
     let diff = report.diff();
     if diff.is_empty() {
@@ -250,11 +266,54 @@ fn learn(args: LearnArgs) -> anyhow::Result<ExitCode> {
     }
     Ok(if failed {
         ExitCode::from(2)
-    } else if report.missing.is_empty() {
+    } else if report.missing.is_empty() && vmm_outside.is_empty() {
         ExitCode::SUCCESS
     } else {
         ExitCode::from(1)
     })
+}
+
+/// Prints, and returns, the calls the VMM's threads made in learn mode that their
+/// policies forbid: per policy and call number, the count and the first call decoded.
+fn vmm_outside_policies() -> Vec<(String, u64, String)> {
+    let (calls, dropped) = vmm_core::confine::learned();
+    let mut by_call: Vec<(String, i64, u64, String)> = Vec::new();
+    for c in calls {
+        let policy = match c.role {
+            Some(role) => format!("vmm/{}", role.name()),
+            None => "vmm/(its creator's)".to_string(),
+        };
+        match by_call
+            .iter_mut()
+            .find(|(p, nr, ..)| *p == policy && *nr == c.nr)
+        {
+            Some(entry) => entry.2 += 1,
+            None => by_call.push((
+                policy,
+                c.nr,
+                1,
+                policies::decode::format_call(c.nr as u64, c.args),
+            )),
+        }
+    }
+    if by_call.is_empty() && dropped == 0 {
+        println!(
+            "VMM threads: 0 calls outside their policies ({} policies)",
+            policies::VmmThread::ALL.len()
+        );
+        return Vec::new();
+    }
+    println!("VMM threads: calls outside their policies (`bulkhead run` ends by SIGSYS on each):");
+    for (policy, _, calls, example) in &by_call {
+        println!("  {policy}: missing: {calls} calls, e.g. {example}");
+    }
+    if dropped > 0 {
+        println!("  and {dropped} more, not kept");
+    }
+    by_call
+        .into_iter()
+        .map(|(policy, _, calls, example)| (policy, calls, example))
+        .collect()
 }
 
 /// Runs a standalone worker in learn mode until it exits; returns its exit status.

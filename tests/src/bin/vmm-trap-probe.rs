@@ -2,12 +2,19 @@
 //! `bulkhead run` does, confines its thread as a VMM thread of ROLE (`vcpu`, `main`, ...)
 //! and makes CALL (`socket`, `execve`, `ptrace`), which that role's policy forbids. The
 //! expected end is death by SIGSYS after the VMM's one-line report; a call that returns
-//! prints `survived`.
+//! prints `survived`. With `--learn` first, confinement is in learn mode (`policy learn`):
+//! the call is recorded and made, and the probe prints each recorded call as
+//! `learned: POLICY NR ARG0`.
 
 fn main() {
-    let args: Vec<String> = std::env::args().collect();
+    let mut args: Vec<String> = std::env::args().collect();
+    let learn = args.get(1).map(String::as_str) == Some("--learn");
+    if learn {
+        args.remove(1);
+        vmm_core::confine::enable_learning();
+    }
     let [_, role, call] = args.as_slice() else {
-        eprintln!("usage: vmm-trap-probe ROLE CALL");
+        eprintln!("usage: vmm-trap-probe [--learn] ROLE CALL");
         std::process::exit(2);
     };
     let Some(role) = policies::VmmThread::ALL
@@ -34,4 +41,9 @@ fn main() {
         }
     };
     println!("survived: {call} returned {r}");
+    let (learned, _) = vmm_core::confine::learned();
+    for c in learned {
+        let policy = c.role.map_or("(none)", |r| r.name());
+        println!("learned: vmm/{policy} {} {:#x}", c.nr, c.args[0]);
+    }
 }
