@@ -175,6 +175,33 @@ fn linux_drives_its_disks_through_our_workers() {
         let roots: Vec<&str> = roots.split_whitespace().collect();
         assert!(roots.len() >= 6, "{vm}: {roots:?}: {t}");
         assert!(roots.iter().all(|n| *n == "0"), "{vm}: {roots:?}: {t}");
+        // Each worker process ran in its own worker's cgroup (L1 has cgroup v2), with
+        // memory.max guest RAM (256 MiB) + 64 MiB, no swap and pids.max 64; bulkhead itself
+        // stayed where it was; every cgroup was removed once the VM ended.
+        let cgroups = run.fact(&format!("{vm}.worker_cgroups"));
+        let cgroups: Vec<&str> = cgroups.split_whitespace().collect();
+        assert_eq!(cgroups.len(), roots.len(), "{vm}: {cgroups:?}: {t}");
+        let mut leaves = std::collections::BTreeMap::<&str, usize>::new();
+        for cg in &cgroups {
+            let (path, limits) = cg.split_once(':').unwrap_or((cg, ""));
+            assert_eq!(limits, "335544320:0:64:", "{vm}: {cg}: {t}");
+            let leaf = path.rsplit('/').next().unwrap_or("");
+            let vm_dir = path.strip_suffix(leaf).unwrap_or("");
+            assert!(
+                vm_dir.starts_with("/bulkhead/vm-") && vm_dir.ends_with('/'),
+                "{vm}: {cg}: {t}"
+            );
+            let (disk, n) = leaf.split_once('.').unwrap_or(("", ""));
+            assert!(["blk0", "blk1", "blk2"].contains(&disk), "{vm}: {cg}: {t}");
+            assert!(n.parse::<u32>().is_ok(), "{vm}: {cg}: {t}");
+            *leaves.entry(leaf).or_default() += 1;
+        }
+        // A worker is its reaper and its confined process: two tasks per leaf, and one leaf
+        // per worker (spares included), never shared.
+        assert!(leaves.len() >= 3, "{vm}: {leaves:?}: {t}");
+        assert!(leaves.values().all(|n| *n == 2), "{vm}: {leaves:?}: {t}");
+        assert_eq!(run.fact(&format!("{vm}.bulkhead_cgroup")), "/", "{vm}: {t}");
+        assert_eq!(run.fact(&format!("{vm}.cgroups_left")), "0", "{vm}: {t}");
         // Three workers (io_uring, sync, io_uring), each confined, and no violation.
         let log = run.log(vm);
         let confined = log
@@ -223,6 +250,8 @@ fn linux_survives_kills_hangs_restarts_and_rebinds_of_its_workers() {
     // chaos
     assert_eq!(run.fact("chaos.rc"), "0", "{t}");
     assert_eq!(run.fact("chaos.kills"), "22", "{t}");
+    // Every killed, hung or replaced worker's cgroup is gone, and so is each VM's.
+    assert_eq!(run.fact("cgroups_left"), "0", "{t}");
     assert_eq!(run.fact("chaos.serving_after_kills"), "1", "{t}");
     assert_eq!(run.fact("chaos.hung_replaced"), "1", "{t}");
     assert_eq!(run.fact("chaos.planned_rc"), "0", "{t}");
@@ -323,6 +352,12 @@ fn policy_learn_over_linux_finds_nothing_missing() {
             .find(|l| l.starts_with("learned ") && l.contains("(blk/main)"))
             .unwrap_or_else(|| panic!("{vm}: no learn summary: {t}"));
         assert!(summary.contains(" 0 missing"), "{vm}: {summary}: {t}");
+        // The VMM's threads (2 vCPUs, the API, restarts, resets) learned too.
+        assert!(
+            out.iter()
+                .any(|l| l.contains("VMM threads: 0 calls outside their policies (9 policies)")),
+            "{vm}: {t}"
+        );
         assert!(
             run.log(vm).iter().any(|l| l.contains("LEARN MODE")),
             "{vm}: {t}"

@@ -39,6 +39,9 @@ pub struct VmConfig {
     /// Host uids to lease one from for this VM's workers; default: all run as 65534.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub worker_uids: Option<crate::uid_lease::UidRange>,
+    /// Whether each worker gets a cgroup of its own (`--worker-cgroups`).
+    #[serde(default)]
+    pub worker_cgroups: crate::cgroup::CgroupMode,
 }
 
 fn default_cmdline() -> String {
@@ -66,6 +69,7 @@ impl VmConfig {
             disks: Vec::new(),
             worker_bin: None,
             worker_uids: None,
+            worker_cgroups: crate::cgroup::CgroupMode::Auto,
         }
     }
 

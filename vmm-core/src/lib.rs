@@ -3,6 +3,7 @@
 pub mod acpi;
 pub mod api;
 pub mod boot;
+pub mod cgroup;
 pub mod config;
 pub mod confine;
 pub mod cpu;

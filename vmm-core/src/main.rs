@@ -38,6 +38,9 @@ enum Command {
         worker_bin: PathBuf,
         #[arg(long)]
         learn: bool,
+        /// The VMM's cgroup directory for its workers (vmm-core/src/cgroup.rs).
+        #[arg(long)]
+        cgroup_dir: Option<PathBuf>,
     },
 }
 
@@ -110,7 +113,13 @@ fn main() -> ExitCode {
             socket_fd,
             worker_bin,
             learn,
-        } => match vmm_core::spawner::serve(socket_fd, worker_bin, learn) {
+            cgroup_dir,
+        } => match vmm_core::spawner::serve(
+            socket_fd,
+            worker_bin,
+            learn,
+            cgroup_dir.map(vmm_core::cgroup::VmCgroup::at),
+        ) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 vmm_core::say!("bulkhead spawner: error: {e}");

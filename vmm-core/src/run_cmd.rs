@@ -63,6 +63,12 @@ pub struct RunArgs {
     /// every worker runs as 65534.
     #[arg(long, value_name = "FIRST-LAST")]
     pub worker_uids: Option<vmm_core::uid_lease::UidRange>,
+    /// Run each worker in a cgroup v2 of its own with memory.max (guest RAM + 64 MiB) and
+    /// pids.max (64), under bulkhead/vm-PID at the root of the host's cgroup2 hierarchy:
+    /// `auto` where that hierarchy has the memory and pids controllers (else one line says
+    /// why not), `required` refuses to start without them, `off` never.
+    #[arg(long, value_enum, default_value_t = vmm_core::cgroup::CgroupMode::Auto)]
+    pub worker_cgroups: vmm_core::cgroup::CgroupMode,
     /// Stop the VM after this many seconds (exit status 124).
     #[arg(long)]
     pub timeout: Option<f64>,
@@ -86,12 +92,21 @@ pub fn run(
     };
     // Workers are started by a helper process, started now, while bulkhead has no other
     // thread, no guest memory and no image open (no VMM thread then needs fork or exec).
+    let mut cgroup_line = None;
     if let Some(bin) = args
         .worker_bin
         .clone()
         .or_else(vmm_core::worker::default_worker_bin)
     {
-        vmm_core::spawner::start(&bin, learn.is_some()).context("start the worker spawner")?;
+        let (cgroup, line) = vmm_core::cgroup::prepare(
+            args.worker_cgroups,
+            std::process::id(),
+            vmm_core::worker::WORKER_OVERHEAD,
+        )
+        .context("--worker-cgroups required")?;
+        cgroup_line = Some(line);
+        vmm_core::spawner::start(&bin, learn.is_some(), cgroup.as_ref())
+            .context("start the worker spawner")?;
     }
     // Every thread the VMM starts from here on confines itself (policies/vmm*.policy); the
     // main thread does once the vCPUs run.
@@ -162,8 +177,12 @@ pub fn run(
         },
         vcpus: args.vcpus,
         worker_uids: args.worker_uids,
+        worker_cgroups: args.worker_cgroups,
     };
     let mut vm = Vm::build(&cfg, learn.as_ref(), Box::new(std::io::stdout()))?;
+    if let Some(line) = cgroup_line {
+        tracing::info!("{line}");
+    }
     let protocol = match vm.entry() {
         EntryPoint::Pvh(_) => "PVH",
         EntryPoint::Linux64(_) => "64-bit Linux boot protocol",
@@ -191,6 +210,8 @@ pub fn run(
     let outcome = vm.run(timeout)?;
     terminal.restore();
     vm.shutdown();
+    // The workers are gone: the spawner removes their cgroups and ends before bulkhead does.
+    vmm_core::spawner::finish();
     Ok(report(outcome))
 }
 

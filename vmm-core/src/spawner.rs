@@ -10,7 +10,9 @@
 //! [`WORKER_ENV`] only), so a VMM thread that is not what it should be can have workers
 //! started, and no other program. For each worker it answers with a pidfd and the read end
 //! of a pipe on which it writes the worker's wait status once it reaps it; it ends when the
-//! VMM's end of the socket closes, and dies with the VMM (PR_SET_PDEATHSIG).
+//! VMM's end of the socket closes (the VMM exits, or [`finish`]es it), once it removed the
+//! workers' cgroups. It is not killed with the VMM (no PR_SET_PDEATHSIG): that would leave
+//! the cgroups behind, and the socket's end already tells it the VMM is gone.
 //!
 //! A library user of vmm-core that starts no spawner (`bulkhead-bench restart`, tests) has
 //! its workers started directly by the calling thread, the same way.
@@ -25,6 +27,7 @@ use std::sync::{Mutex, OnceLock};
 
 use ipc::channel::{Channel, ChannelError};
 
+use crate::cgroup::{VmCgroup, WorkerLeaf};
 use crate::sandbox_report::SandboxFacts;
 use ipc::messages::{Validate, ValidationError};
 use serde::{Deserialize, Serialize};
@@ -47,9 +50,9 @@ const SPAWNER_SOCKET_FD: RawFd = 3;
 /// Longest disk id a request may carry (the worker's own limit is lower).
 const MAX_ID_LEN: usize = 64;
 
-/// Bounds of a worker's RLIMIT_AS a request may ask for: at least 16 MiB (below that the
-/// worker cannot even load), at most 16 TiB (twice the largest guest RAM anyone runs, and
-/// a limit: a request for "unlimited" would switch the limit off).
+/// Bounds of a worker's RLIMIT_AS (and its cgroup's memory.max) a request may ask for: at
+/// least 16 MiB (below that the worker cannot even load), at most 16 TiB (twice the largest
+/// guest RAM anyone runs, and a limit: a request for "unlimited" would switch it off).
 const MIN_ADDRESS_SPACE: u64 = 16 << 20;
 const MAX_ADDRESS_SPACE: u64 = 1 << 44;
 
@@ -89,17 +92,24 @@ struct SpawnRequest {
     id: String,
     learn: bool,
     address_space: u64,
+    /// The memory.max of its cgroup, where workers get one.
+    memory_max: u64,
 }
 
 impl Validate for SpawnRequest {
     fn validate(&self) -> Result<(), ValidationError> {
-        if !(MIN_ADDRESS_SPACE..=MAX_ADDRESS_SPACE).contains(&self.address_space) {
-            return Err(ValidationError::OutOfRange {
-                field: "address_space",
-                value: self.address_space,
-                min: MIN_ADDRESS_SPACE,
-                max: MAX_ADDRESS_SPACE,
-            });
+        for (field, value) in [
+            ("address_space", self.address_space),
+            ("memory_max", self.memory_max),
+        ] {
+            if !(MIN_ADDRESS_SPACE..=MAX_ADDRESS_SPACE).contains(&value) {
+                return Err(ValidationError::OutOfRange {
+                    field,
+                    value,
+                    min: MIN_ADDRESS_SPACE,
+                    max: MAX_ADDRESS_SPACE,
+                });
+            }
         }
         if self.id.is_empty() {
             return Err(ValidationError::Empty { field: "id" });
@@ -332,11 +342,18 @@ impl WorkerProcess {
 /// The VMM's end of the spawner's socket, once started, and the last request number.
 static SPAWNER: OnceLock<Mutex<(Channel, u64)>> = OnceLock::new();
 
+/// The spawner's pidfd, for [`finish`].
+static SPAWNER_PIDFD: OnceLock<OwnedFd> = OnceLock::new();
+
+/// How long [`finish`] waits for the spawner (which itself waits at most 5 s for the
+/// workers' cgroups to empty).
+const FINISH_TIMEOUT_MS: u16 = 6000;
+
 /// Starts the spawner process for workers run from `worker_bin` (in learn mode with
 /// `learn`: only then may a request ask for it). Call it before the process has any thread
-/// (it must not be a copy of a multithreaded process's state, and PR_SET_PDEATHSIG ties it
-/// to the calling thread, which must live as long as the VMM).
-pub fn start(worker_bin: &Path, learn: bool) -> Result<(), SpawnError> {
+/// (it must not be a copy of a multithreaded process's state).
+/// With `cgroup`, it starts each worker in a leaf of its own there (see [`crate::cgroup`]).
+pub fn start(worker_bin: &Path, learn: bool, cgroup: Option<&VmCgroup>) -> Result<(), SpawnError> {
     if SPAWNER.get().is_some() {
         return Err(SpawnError::AlreadyStarted);
     }
@@ -351,6 +368,9 @@ pub fn start(worker_bin: &Path, learn: bool) -> Result<(), SpawnError> {
         .env_clear();
     if learn {
         cmd.arg("--learn");
+    }
+    if let Some(cgroup) = cgroup {
+        cmd.arg("--cgroup-dir").arg(cgroup.dir());
     }
     for name in WORKER_ENV {
         if let Some(value) = std::env::var_os(name) {
@@ -368,7 +388,7 @@ pub fn start(worker_bin: &Path, learn: bool) -> Result<(), SpawnError> {
             } else {
                 libc::dup2(theirs_fd, SPAWNER_SOCKET_FD)
             };
-            if placed < 0 || libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) < 0 {
+            if placed < 0 {
                 return Err(std::io::Error::last_os_error());
             }
             Ok(())
@@ -377,6 +397,9 @@ pub fn start(worker_bin: &Path, learn: bool) -> Result<(), SpawnError> {
     let child = cmd.spawn().map_err(SpawnError::StartSpawner)?;
     drop(theirs);
     tracing::debug!("spawner process started as pid {}", child.id());
+    if let Ok(fd) = crate::pids::pidfd_open(child.id()) {
+        let _ = SPAWNER_PIDFD.set(fd);
+    }
     // Its end is reaped by nobody on purpose: it lives as long as the VMM.
     std::mem::forget(child);
     SPAWNER
@@ -386,19 +409,21 @@ pub fn start(worker_bin: &Path, learn: bool) -> Result<(), SpawnError> {
 
 /// Starts the worker for disk `id` from `bin` with `fds`, its address space limited to
 /// `address_space` bytes (RLIMIT_AS, set before exec: an unprivileged worker cannot raise
-/// it). Through the spawner when one runs, else from the calling thread.
+/// it) and, where workers get cgroups, its memory to `memory_max`. Through the spawner when
+/// one runs, else from the calling thread (no cgroup then).
 pub fn start_worker(
     bin: &Path,
     id: &str,
     learn: bool,
     address_space: u64,
+    memory_max: u64,
     fds: &WorkerFds<'_>,
 ) -> Result<WorkerProcess, SpawnError> {
     let Some(spawner) = SPAWNER.get() else {
         if crate::confine::enabled() {
             return Err(SpawnError::NoSpawner);
         }
-        let child = exec_worker(bin, id, address_space, fds).map_err(SpawnError::Exec)?;
+        let child = exec_worker(bin, id, address_space, None, fds).map_err(SpawnError::Exec)?;
         return Ok(WorkerProcess {
             pid: child.id(),
             how: Started::Direct(child),
@@ -409,6 +434,7 @@ pub fn start_worker(
         id: id.to_string(),
         learn,
         address_space,
+        memory_max,
     });
     let (reply, mut got) = ask(spawner, request, &fds.list())?;
     match reply {
@@ -428,6 +454,29 @@ pub fn start_worker(
             Err(SpawnError::BadReply { fds: got.len() })
         }
         SpawnReply::Failed { error, .. } => Err(SpawnError::Refused(error)),
+    }
+}
+
+/// Ends the spawner as the VM ends (its workers ended first): closes its socket and waits
+/// (a few seconds at most) until it has removed the workers' cgroups and exited, so nothing
+/// of this VM is left behind when bulkhead exits. Without a spawner, nothing to do.
+pub fn finish() {
+    let Some(spawner) = SPAWNER.get() else {
+        return;
+    };
+    let guard = spawner.lock().unwrap_or_else(|p| p.into_inner());
+    if let Err(e) =
+        nix::sys::socket::shutdown(guard.0.as_raw_fd(), nix::sys::socket::Shutdown::Both)
+    {
+        tracing::warn!("cannot end the spawner: {e}");
+        return;
+    }
+    if let Some(pidfd) = SPAWNER_PIDFD.get() {
+        use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+        let mut fds = [PollFd::new(pidfd.as_fd(), PollFlags::POLLIN)];
+        if let Ok(0) = poll(&mut fds, PollTimeout::from(FINISH_TIMEOUT_MS)) {
+            tracing::warn!("the spawner did not end within {FINISH_TIMEOUT_MS} ms");
+        }
     }
 }
 
@@ -537,11 +586,13 @@ fn dup_high(fd: BorrowedFd<'_>) -> std::io::Result<OwnedFd> {
 
 /// Forks and execs the worker: its descriptors at 3.. (learn socket at 7), stdout and
 /// stderr the output pipe, stdin /dev/null, an environment of [`WORKER_ENV`] only, RLIMIT_AS
-/// set before exec.
+/// set before exec, and with `cgroup_procs` (an open `cgroup.procs`) moved into that cgroup
+/// before exec.
 fn exec_worker(
     bin: &Path,
     id: &str,
     address_space: u64,
+    cgroup_procs: Option<RawFd>,
     fds: &WorkerFds<'_>,
 ) -> std::io::Result<Child> {
     let mut sources = vec![
@@ -591,10 +642,16 @@ fn exec_worker(
         rlim_cur: address_space,
         rlim_max: address_space,
     };
-    // SAFETY: runs between fork and exec in the child; dup2 and setrlimit64 are
+    // SAFETY: runs between fork and exec in the child; dup2, write and setrlimit64 are
     // async-signal-safe and touch only the child; nothing allocates or takes a lock.
     unsafe {
         cmd.pre_exec(move || {
+            // "0" moves the writer: the worker's first instruction runs in its cgroup.
+            if let Some(procs) = cgroup_procs {
+                if libc::write(procs, b"0".as_ptr().cast(), 1) != 1 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
             for &(src, dst) in &pairs {
                 if libc::dup2(src, dst) < 0 {
                     return Err(std::io::Error::last_os_error());
@@ -622,6 +679,8 @@ struct Running {
     child: Child,
     pidfd: OwnedFd,
     exit: OwnedFd,
+    /// Its cgroup, removed once it is reaped.
+    leaf: Option<WorkerLeaf>,
 }
 
 /// The signals a terminal or a process-group kill sends that the spawner ignores: the VMM
@@ -641,7 +700,86 @@ const IGNORED_SIGNALS: [libc::c_int; 5] = [
 /// Single-threaded: one poll over the socket and the pidfd of every worker it started, so
 /// a worker is reaped (and its status passed on) the moment it ends. A request it cannot
 /// take is answered with a refusal, never by ending the spawner.
-pub fn serve(socket_fd: RawFd, worker_bin: PathBuf, learn: bool) -> Result<(), SpawnError> {
+/// With `cgroup`, each worker starts in a leaf of its own there, and the spawner removes
+/// the leaves and that directory once the VMM is gone.
+pub fn serve(
+    socket_fd: RawFd,
+    worker_bin: PathBuf,
+    learn: bool,
+    cgroup: Option<VmCgroup>,
+) -> Result<(), SpawnError> {
+    let mut cgroups = Cgroups {
+        vm: cgroup,
+        started: 0,
+        unremoved: Vec::new(),
+    };
+    let mut running = Vec::new();
+    let served = serve_requests(socket_fd, &worker_bin, learn, &mut cgroups, &mut running);
+    cgroups.finish(running);
+    served
+}
+
+/// The spawner's cgroup bookkeeping.
+struct Cgroups {
+    vm: Option<VmCgroup>,
+    /// Workers started: numbers each leaf.
+    started: u64,
+    /// Leaves of reaped workers the kernel did not let go yet (a task of it still exiting).
+    unremoved: Vec<WorkerLeaf>,
+}
+
+impl Cgroups {
+    fn retire(&mut self, leaf: Option<WorkerLeaf>) {
+        if let Some(leaf) = &leaf {
+            let kills = leaf.oom_kills();
+            if kills > 0 {
+                // The VMM sees a worker killed by SIGKILL; this says who killed it.
+                tracing::warn!(
+                    "the worker in {} reached its cgroup's memory.max: the kernel's OOM killer ended {kills} of its processes",
+                    leaf.dir().display()
+                );
+            }
+        }
+        self.unremoved.extend(leaf);
+        self.unremoved.retain(|l| !l.remove());
+    }
+
+    /// Once the VMM is gone: reaps the workers still `running` as they end (the VMM ended
+    /// them, or their sockets' end does) and removes every leaf and the VM's directory,
+    /// giving their tasks 5 s to be gone.
+    fn finish(&mut self, mut running: Vec<Running>) {
+        let Some(vm) = self.vm.clone() else { return };
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        loop {
+            running.retain_mut(|r| match r.child.try_wait() {
+                Ok(None) => true,
+                Ok(Some(_)) | Err(_) => {
+                    self.retire(r.leaf.take());
+                    false
+                }
+            });
+            if running.is_empty() && vm.remove() {
+                return;
+            }
+            if std::time::Instant::now() > deadline {
+                tracing::warn!(
+                    "cannot remove the workers' cgroup {}: a task still runs there",
+                    vm.dir().display()
+                );
+                return;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+    }
+}
+
+fn serve_requests(
+    socket_fd: RawFd,
+    worker_bin: &Path,
+    learn: bool,
+    cgroups: &mut Cgroups,
+    running: &mut Vec<Running>,
+) -> Result<(), SpawnError> {
     use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
     for sig in IGNORED_SIGNALS {
         // SAFETY: SIG_IGN for a catchable signal; no handler runs.
@@ -650,7 +788,6 @@ pub fn serve(socket_fd: RawFd, worker_bin: PathBuf, learn: bool) -> Result<(), S
     // SAFETY: the VMM put the socket at `socket_fd` for this process alone.
     let socket = unsafe { OwnedFd::from_raw_fd(socket_fd) };
     let channel = Channel::from_fd(socket)?;
-    let mut running: Vec<Running> = Vec::new();
     loop {
         let mut polled = vec![PollFd::new(channel.as_fd(), PollFlags::POLLIN)];
         polled.extend(
@@ -669,6 +806,7 @@ pub fn serve(socket_fd: RawFd, worker_bin: PathBuf, learn: bool) -> Result<(), S
             .collect();
         drop(polled);
         let mut ended = ended.into_iter();
+        let mut reaped = Vec::new();
         running.retain_mut(|r| {
             if !ended.next().unwrap_or(false) {
                 return true;
@@ -679,12 +817,19 @@ pub fn serve(socket_fd: RawFd, worker_bin: PathBuf, learn: bool) -> Result<(), S
                     // The VMM may have dropped its end (a worker it gave up): nothing to do
                     // (SIGPIPE is ignored: Rust's runtime does that).
                     let _ = nix::unistd::write(&r.exit, &raw);
+                    reaped.push(r.leaf.take());
                     false
                 }
                 Ok(None) => true,
-                Err(_) => false,
+                Err(_) => {
+                    reaped.push(r.leaf.take());
+                    false
+                }
             }
         });
+        for leaf in reaped {
+            cgroups.retire(leaf);
+        }
         if !request {
             continue;
         }
@@ -729,7 +874,15 @@ pub fn serve(socket_fd: RawFd, worker_bin: PathBuf, learn: bool) -> Result<(), S
         } else if req.learn && !learn {
             Err("learn mode was not asked for when bulkhead started".to_string())
         } else {
-            start_one(&worker_bin, &req, &fds)
+            cgroups.started += 1;
+            let leaf = cgroups.vm.as_ref().map(|vm| {
+                vm.make_leaf(&format!("{}.{}", req.id, cgroups.started), req.memory_max)
+                    .map_err(|e| format!("{e:#}"))
+            });
+            match leaf.transpose() {
+                Ok(leaf) => start_one(worker_bin, &req, &fds, leaf),
+                Err(e) => Err(e),
+            }
         };
         match reply {
             Ok((run, exit_r)) => {
@@ -756,6 +909,7 @@ fn start_one(
     worker_bin: &Path,
     req: &SpawnRequest,
     fds: &[OwnedFd],
+    mut leaf: Option<WorkerLeaf>,
 ) -> Result<(Running, OwnedFd), String> {
     let (vhost, control, disk, status, output, learn) = match fds {
         [a, b, c, d, e] if !req.learn => (a, b, c, d, e, None),
@@ -777,8 +931,20 @@ fn start_one(
         output: output.as_fd(),
         learn: learn.map(|f| f.as_fd()),
     };
-    let mut child = exec_worker(worker_bin, &req.id, req.address_space, &worker_fds)
-        .map_err(|e| format!("cannot start {}: {e}", worker_bin.display()))?;
+    let procs = leaf.as_ref().and_then(|l| l.procs()).map(|f| f.as_raw_fd());
+    let started = exec_worker(worker_bin, &req.id, req.address_space, procs, &worker_fds);
+    if let Some(leaf) = &mut leaf {
+        leaf.close_procs();
+    }
+    let mut child = match started {
+        Ok(child) => child,
+        Err(e) => {
+            if let Some(leaf) = &leaf {
+                leaf.remove();
+            }
+            return Err(format!("cannot start {}: {e}", worker_bin.display()));
+        }
+    };
     let fail = |child: &mut Child, what: &str, e: std::io::Error| {
         let _ = child.kill();
         let _ = child.wait();
@@ -797,6 +963,7 @@ fn start_one(
             child,
             pidfd,
             exit: exit_w,
+            leaf,
         },
         exit_r,
     ))
@@ -813,7 +980,10 @@ mod tests {
         let raw = fd.as_raw_fd();
         std::mem::forget(fd); // serve() takes ownership of the raw descriptor
         let bin = PathBuf::from(bin);
-        (ours, std::thread::spawn(move || serve(raw, bin, false)))
+        (
+            ours,
+            std::thread::spawn(move || serve(raw, bin, false, None)),
+        )
     }
 
     fn request(id: &str, learn: bool) -> SpawnRequest {
@@ -822,6 +992,7 @@ mod tests {
             id: id.to_string(),
             learn,
             address_space: 1 << 30,
+            memory_max: 1 << 30,
         }
     }
 
@@ -1029,6 +1200,11 @@ mod tests {
                 ..request("blk0", false)
             };
             assert!(r.validate().is_err(), "{address_space}");
+            let r = SpawnRequest {
+                memory_max: address_space,
+                ..request("blk0", false)
+            };
+            assert!(r.validate().is_err(), "memory.max {address_space}");
         }
     }
 }

@@ -17,8 +17,11 @@ for spec in "$@"; do
 	truncate -s 64M /tmp/d0.img /tmp/d1.img
 	dd if=/dev/urandom of=/tmp/ro.img bs=1M count=8 2>/dev/null
 	ro_before=$(sha256sum /tmp/ro.img | cut -d' ' -f1)
+	# The first VM insists on worker cgroups (L1 has them); the other takes the default.
+	cgroups=auto
+	[ "$kernel" = vmlinux ] && cgroups=required
 	vm_start "$name" run --kernel "/nest/l2/$kernel" --initrd "$L2_INITRD" --vcpus 2 --mem 256 \
-		$extra --timeout 300 \
+		$extra --timeout 300 --worker-cgroups $cgroups \
 		--disk path=/tmp/d0.img,engine=io_uring --disk path=/tmp/d1.img,engine=sync \
 		--disk path=/tmp/ro.img,readonly=on \
 		--cmdline "$L2_CMDLINE guestkit.run=\"sh /nest/disks.sh\""
@@ -30,6 +33,16 @@ for spec in "$@"; do
 			roots="$roots $(ls -A "/proc/$p/root" | wc -l)"
 		done
 		fact "$name.worker_root_entries" "${roots# }"
+		# Each worker process sits in its worker's own cgroup (L1's /init mounted a cgroup2
+		# hierarchy with every controller): its path, and that leaf's limits.
+		cgroups=
+		for p in $(pidof bulkhead-worker); do
+			cg=$(sed -n 's/^0:://p' "/proc/$p/cgroup")
+			leaf=/sys/fs/cgroup$cg
+			cgroups="$cgroups $cg:$(cat "$leaf/memory.max" "$leaf/memory.swap.max" "$leaf/pids.max" 2>/dev/null | tr '\n' ':')"
+		done
+		fact "$name.worker_cgroups" "${cgroups# }"
+		fact "$name.bulkhead_cgroup" "$(sed -n 's/^0:://p' "/proc/$(pidof bulkhead | cut -d' ' -f1)/cgroup")"
 	else
 		fail "$name: L2 never started its disk checks"
 	fi
@@ -38,6 +51,8 @@ for spec in "$@"; do
 		vm_diagnose "$name"
 	fi
 	vm_wait "$name"
+	# Its spawner removed every worker's cgroup and the VM's own once bulkhead ended.
+	fact "$name.cgroups_left" "$(find /sys/fs/cgroup/bulkhead -mindepth 1 -type d 2>/dev/null | wc -l)"
 	# The host's view of each range L2 reported.
 	grep '^NESTL2 sha ' "/tmp/$name.console" | while read -r _ _ disk offset length _; do
 		case $disk in vda) img=/tmp/d0.img ;; vdb) img=/tmp/d1.img ;; vdc) img=/tmp/ro.img ;; *) continue ;; esac

@@ -116,3 +116,6 @@ else
 fi
 vm_type rebind stop
 vm_wait rebind
+# Dozens of workers were killed, hung and restarted: the spawner removed each one's cgroup,
+# and the VM's own once bulkhead ended.
+fact cgroups_left "$(find /sys/fs/cgroup/bulkhead -mindepth 1 -type d 2>/dev/null | wc -l)"
