@@ -175,9 +175,9 @@ fn linux_drives_its_disks_through_our_workers() {
         let roots: Vec<&str> = roots.split_whitespace().collect();
         assert!(roots.len() >= 6, "{vm}: {roots:?}: {t}");
         assert!(roots.iter().all(|n| *n == "0"), "{vm}: {roots:?}: {t}");
-        // Each worker process ran in its own worker's cgroup (L1 has cgroup v2), with
-        // memory.max guest RAM (256 MiB) + 64 MiB, no swap and pids.max 64; bulkhead itself
-        // stayed where it was; every cgroup was removed once the VM ended.
+        // Each worker process ran in its disk's leaf (L1 has cgroup v2), with memory.max
+        // guest RAM (256 MiB) + 64 MiB, no swap and pids.max 64; bulkhead itself stayed
+        // where it was; every cgroup was removed once the VM ended.
         let cgroups = run.fact(&format!("{vm}.worker_cgroups"));
         let cgroups: Vec<&str> = cgroups.split_whitespace().collect();
         assert_eq!(cgroups.len(), roots.len(), "{vm}: {cgroups:?}: {t}");
@@ -187,8 +187,15 @@ fn linux_drives_its_disks_through_our_workers() {
             assert_eq!(limits, "335544320:0:64:", "{vm}: {cg}: {t}");
             let leaf = path.rsplit('/').next().unwrap_or("");
             let vm_dir = path.strip_suffix(leaf).unwrap_or("");
+            // bulkhead/vm-NS-PID-START/: the VMM's pid namespace, pid and start time.
+            let id: Vec<&str> = vm_dir
+                .strip_prefix("/bulkhead/vm-")
+                .and_then(|d| d.strip_suffix('/'))
+                .unwrap_or("")
+                .split('-')
+                .collect();
             assert!(
-                vm_dir.starts_with("/bulkhead/vm-") && vm_dir.ends_with('/'),
+                id.len() == 3 && id.iter().all(|n| n.parse::<u64>().is_ok()),
                 "{vm}: {cg}: {t}"
             );
             let (disk, n) = leaf.split_once('.').unwrap_or(("", ""));
@@ -197,10 +204,19 @@ fn linux_drives_its_disks_through_our_workers() {
             *leaves.entry(leaf).or_default() += 1;
         }
         // A worker is its reaper and its confined process: two tasks per leaf, and one leaf
-        // per worker (spares included), never shared.
-        assert!(leaves.len() >= 3, "{vm}: {leaves:?}: {t}");
+        // per running worker (a disk's active one and its spare), never shared.
+        let names: Vec<&str> = leaves.keys().copied().collect();
+        assert_eq!(
+            names,
+            ["blk0.0", "blk0.1", "blk1.0", "blk1.1", "blk2.0", "blk2.1"],
+            "{vm}: {t}"
+        );
         assert!(leaves.values().all(|n| *n == 2), "{vm}: {leaves:?}: {t}");
-        assert_eq!(run.fact(&format!("{vm}.bulkhead_cgroup")), "/", "{vm}: {t}");
+        assert_eq!(
+            run.fact(&format!("{vm}.bulkhead_cgroup")),
+            "/ /",
+            "{vm}: bulkhead and its spawner: {t}"
+        );
         assert_eq!(run.fact(&format!("{vm}.cgroups_left")), "0", "{vm}: {t}");
         // Three workers (io_uring, sync, io_uring), each confined, and no violation.
         let log = run.log(vm);

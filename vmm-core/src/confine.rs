@@ -163,10 +163,10 @@ pub fn enable_learning() {
 }
 
 /// The calls VMM threads made in learn mode that their policies forbid, in order, and how
-/// many more were not kept.
+/// many more were not kept (beyond the first 4096, or still being recorded at this moment).
 pub fn learned() -> (Vec<LearnedCall>, usize) {
     let count = LEARNED_COUNT.load(Ordering::Acquire);
-    let calls = LEARNED[..count.min(LEARNED_MAX)]
+    let calls: Vec<LearnedCall> = LEARNED[..count.min(LEARNED_MAX)]
         .iter()
         .filter(|s| s.ready.load(Ordering::Acquire))
         .map(|s| LearnedCall {
@@ -178,7 +178,8 @@ pub fn learned() -> (Vec<LearnedCall>, usize) {
             args: std::array::from_fn(|i| s.args[i].load(Ordering::Relaxed)),
         })
         .collect();
-    (calls, count.saturating_sub(LEARNED_MAX))
+    let not_kept = count - calls.len();
+    (calls, not_kept)
 }
 
 /// Confines the calling thread with `role`'s filter, if confinement is on. A thread that
@@ -265,8 +266,11 @@ extern "C" fn on_sigsys(_sig: libc::c_int, info: *mut libc::siginfo_t, ctx: *mut
 }
 
 /// Learn mode, inside the SIGSYS handler: records `call` and makes it through the
-/// trampoline; returns its result (or -ENOSYS for calls that cannot be made from a signal
-/// handler on another's behalf: a new thread or process would start inside this handler).
+/// trampoline; returns its result. Calls that cannot be made from a signal handler on the
+/// thread's behalf get -ENOSYS instead: a new thread or process would start inside this
+/// handler, a new program with SIGSYS blocked, and what the signal mask and the signal
+/// stack are set to would be undone as the handler returns; x32 calls (bit 30 of the
+/// number) would mean other calls on the trampoline's 64-bit ABI.
 fn learn_and_make(role: Option<VmmThread>, call: &policies::trap::Trapped) -> i64 {
     let at = LEARNED_COUNT.fetch_add(1, Ordering::AcqRel);
     if let Some(slot) = LEARNED.get(at) {
@@ -281,14 +285,20 @@ fn learn_and_make(role: Option<VmmThread>, call: &policies::trap::Trapped) -> i6
         slot.ready.store(true, Ordering::Release);
     }
     let nr = i64::from(call.syscall);
-    if [
-        libc::SYS_clone,
-        libc::SYS_clone3,
-        libc::SYS_fork,
-        libc::SYS_vfork,
-        libc::SYS_rt_sigreturn,
-    ]
-    .contains(&nr)
+    const X32_SYSCALL_BIT: i64 = 0x4000_0000;
+    if nr & X32_SYSCALL_BIT != 0
+        || [
+            libc::SYS_clone,
+            libc::SYS_clone3,
+            libc::SYS_fork,
+            libc::SYS_vfork,
+            libc::SYS_execve,
+            libc::SYS_execveat,
+            libc::SYS_rt_sigreturn,
+            libc::SYS_rt_sigprocmask,
+            libc::SYS_sigaltstack,
+        ]
+        .contains(&nr)
     {
         return -i64::from(libc::ENOSYS);
     }

@@ -39,8 +39,14 @@ enum Command {
         #[arg(long)]
         learn: bool,
         /// The VMM's cgroup directory for its workers (vmm-core/src/cgroup.rs).
-        #[arg(long)]
+        #[arg(long, requires = "worker_memory_max")]
         cgroup_dir: Option<PathBuf>,
+        /// memory.max of each worker's leaf there.
+        #[arg(long)]
+        worker_memory_max: Option<u64>,
+        /// Refuse a worker whose leaf cannot be made.
+        #[arg(long)]
+        cgroup_required: bool,
     },
 }
 
@@ -114,11 +120,16 @@ fn main() -> ExitCode {
             worker_bin,
             learn,
             cgroup_dir,
+            worker_memory_max,
+            cgroup_required,
         } => match vmm_core::spawner::serve(
             socket_fd,
             worker_bin,
             learn,
-            cgroup_dir.map(vmm_core::cgroup::VmCgroup::at),
+            cgroup_dir
+                .zip(worker_memory_max)
+                .map(|(dir, max)| vmm_core::cgroup::VmCgroup::at(dir, max)),
+            cgroup_required,
         ) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {

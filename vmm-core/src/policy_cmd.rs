@@ -214,13 +214,17 @@ fn learn(args: LearnArgs) -> anyhow::Result<ExitCode> {
         // The VMM's own threads learn too: a call outside their policies is recorded and
         // made, where `bulkhead run` would end by SIGSYS.
         vmm_core::confine::enable_learning();
+        vmm_core::say!(
+            "bulkhead: LEARN MODE: the VMM's own threads record, and make, every call their \
+             policies forbid; not for untrusted guests"
+        );
         crate::run_cmd::run(run, Some(recorder.clone()))?
     };
     let idle = recorder.wait_learners(Duration::from_secs(10));
     let report = recorder.report();
     print!("{}", report.summary());
-    let vmm_outside = if args.worker {
-        Vec::new()
+    let (vmm_outside, vmm_not_kept) = if args.worker {
+        (Vec::new(), 0)
     } else {
         vmm_outside_policies()
     };
@@ -245,6 +249,7 @@ fn learn(args: LearnArgs) -> anyhow::Result<ExitCode> {
                     })
                     .collect(),
             );
+            map.insert("vmm_outside_policies_not_kept".into(), vmm_not_kept.into());
         }
         replace(path, file, &serde_json::to_string_pretty(&value)?)?;
     }
@@ -266,7 +271,7 @@ fn learn(args: LearnArgs) -> anyhow::Result<ExitCode> {
     }
     Ok(if failed {
         ExitCode::from(2)
-    } else if report.missing.is_empty() && vmm_outside.is_empty() {
+    } else if report.missing.is_empty() && vmm_outside.is_empty() && vmm_not_kept == 0 {
         ExitCode::SUCCESS
     } else {
         ExitCode::from(1)
@@ -274,8 +279,9 @@ fn learn(args: LearnArgs) -> anyhow::Result<ExitCode> {
 }
 
 /// Prints, and returns, the calls the VMM's threads made in learn mode that their
-/// policies forbid: per policy and call number, the count and the first call decoded.
-fn vmm_outside_policies() -> Vec<(String, u64, String)> {
+/// policies forbid: per policy and call number, the count and the first call decoded; and
+/// how many such calls were not kept.
+fn vmm_outside_policies() -> (Vec<(String, u64, String)>, usize) {
     let (calls, dropped) = vmm_core::confine::learned();
     let mut by_call: Vec<(String, i64, u64, String)> = Vec::new();
     for c in calls {
@@ -301,7 +307,7 @@ fn vmm_outside_policies() -> Vec<(String, u64, String)> {
             "VMM threads: 0 calls outside their policies ({} policies)",
             policies::VmmThread::ALL.len()
         );
-        return Vec::new();
+        return (Vec::new(), 0);
     }
     println!("VMM threads: calls outside their policies (`bulkhead run` ends by SIGSYS on each):");
     for (policy, _, calls, example) in &by_call {
@@ -310,10 +316,11 @@ fn vmm_outside_policies() -> Vec<(String, u64, String)> {
     if dropped > 0 {
         println!("  and {dropped} more, not kept");
     }
-    by_call
+    let calls = by_call
         .into_iter()
         .map(|(policy, _, calls, example)| (policy, calls, example))
-        .collect()
+        .collect();
+    (calls, dropped)
 }
 
 /// Runs a standalone worker in learn mode until it exits; returns its exit status.

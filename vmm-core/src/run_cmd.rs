@@ -98,16 +98,38 @@ pub fn run(
         .clone()
         .or_else(vmm_core::worker::default_worker_bin)
     {
-        let (cgroup, line) = vmm_core::cgroup::prepare(
-            args.worker_cgroups,
-            std::process::id(),
-            vmm_core::worker::WORKER_OVERHEAD,
-        )
-        .context("--worker-cgroups required")?;
-        cgroup_line = Some(line);
-        vmm_core::spawner::start(&bin, learn.is_some(), cgroup.as_ref())
-            .context("start the worker spawner")?;
+        // Only a VM with worker-served disks gets a cgroup directory.
+        let worker_disks = args
+            .disks
+            .iter()
+            .filter(|d| !d.trim_start().starts_with("vhost_user="))
+            .count() as u64;
+        let (cgroup, line) = if worker_disks == 0 {
+            (None, None)
+        } else {
+            let budget = vmm_core::cgroup::WorkerBudget {
+                guest_ram: args.mem.saturating_mul(1 << 20),
+                headroom: vmm_core::worker::WORKER_OVERHEAD,
+                // An active worker, a spare and a successor starting while its
+                // predecessor still exits, per disk.
+                workers: 3 * worker_disks,
+            };
+            let (cgroup, line) = vmm_core::cgroup::prepare(args.worker_cgroups, budget)
+                .context("--worker-cgroups required")?;
+            (cgroup, Some(line))
+        };
+        cgroup_line = line;
+        let required = args.worker_cgroups == vmm_core::cgroup::CgroupMode::Required;
+        if let Err(e) = vmm_core::spawner::start(&bin, learn.is_some(), cgroup.as_ref(), required) {
+            if let Some(cgroup) = &cgroup {
+                cgroup.remove();
+            }
+            return Err(e).context("start the worker spawner");
+        }
     }
+    // However `run` ends from here on (an error, the VM's end), the spawner is ended when
+    // bulkhead is done: it removes the workers' cgroups first.
+    let _spawner = SpawnerGuard;
     // Every thread the VMM starts from here on confines itself (policies/vmm*.policy); the
     // main thread does once the vCPUs run.
     vmm_core::confine::enable().context("confine the VMM's threads")?;
@@ -210,9 +232,17 @@ pub fn run(
     let outcome = vm.run(timeout)?;
     terminal.restore();
     vm.shutdown();
-    // The workers are gone: the spawner removes their cgroups and ends before bulkhead does.
-    vmm_core::spawner::finish();
     Ok(report(outcome))
+}
+
+/// Ends the spawner when `run` returns, after the VM's own end (dropped last) or on an
+/// error: it removes the workers' cgroups and exits before bulkhead does.
+struct SpawnerGuard;
+
+impl Drop for SpawnerGuard {
+    fn drop(&mut self) {
+        vmm_core::spawner::finish();
+    }
 }
 
 fn report(outcome: VmOutcome) -> u8 {

@@ -50,9 +50,9 @@ const SPAWNER_SOCKET_FD: RawFd = 3;
 /// Longest disk id a request may carry (the worker's own limit is lower).
 const MAX_ID_LEN: usize = 64;
 
-/// Bounds of a worker's RLIMIT_AS (and its cgroup's memory.max) a request may ask for: at
-/// least 16 MiB (below that the worker cannot even load), at most 16 TiB (twice the largest
-/// guest RAM anyone runs, and a limit: a request for "unlimited" would switch it off).
+/// Bounds of a worker's RLIMIT_AS a request may ask for: at least 16 MiB (below that the
+/// worker cannot even load), at most 16 TiB (twice the largest guest RAM anyone runs, and a
+/// limit: a request for "unlimited" would switch it off).
 const MIN_ADDRESS_SPACE: u64 = 16 << 20;
 const MAX_ADDRESS_SPACE: u64 = 1 << 44;
 
@@ -92,24 +92,17 @@ struct SpawnRequest {
     id: String,
     learn: bool,
     address_space: u64,
-    /// The memory.max of its cgroup, where workers get one.
-    memory_max: u64,
 }
 
 impl Validate for SpawnRequest {
     fn validate(&self) -> Result<(), ValidationError> {
-        for (field, value) in [
-            ("address_space", self.address_space),
-            ("memory_max", self.memory_max),
-        ] {
-            if !(MIN_ADDRESS_SPACE..=MAX_ADDRESS_SPACE).contains(&value) {
-                return Err(ValidationError::OutOfRange {
-                    field,
-                    value,
-                    min: MIN_ADDRESS_SPACE,
-                    max: MAX_ADDRESS_SPACE,
-                });
-            }
+        if !(MIN_ADDRESS_SPACE..=MAX_ADDRESS_SPACE).contains(&self.address_space) {
+            return Err(ValidationError::OutOfRange {
+                field: "address_space",
+                value: self.address_space,
+                min: MIN_ADDRESS_SPACE,
+                max: MAX_ADDRESS_SPACE,
+            });
         }
         if self.id.is_empty() {
             return Err(ValidationError::Empty { field: "id" });
@@ -352,8 +345,14 @@ const FINISH_TIMEOUT_MS: u16 = 6000;
 /// Starts the spawner process for workers run from `worker_bin` (in learn mode with
 /// `learn`: only then may a request ask for it). Call it before the process has any thread
 /// (it must not be a copy of a multithreaded process's state).
-/// With `cgroup`, it starts each worker in a leaf of its own there (see [`crate::cgroup`]).
-pub fn start(worker_bin: &Path, learn: bool, cgroup: Option<&VmCgroup>) -> Result<(), SpawnError> {
+/// With `cgroup`, it starts each worker in a leaf there (see [`crate::cgroup`]); a leaf it
+/// cannot make refuses the worker only if the cgroups are `required`.
+pub fn start(
+    worker_bin: &Path,
+    learn: bool,
+    cgroup: Option<&VmCgroup>,
+    required: bool,
+) -> Result<(), SpawnError> {
     if SPAWNER.get().is_some() {
         return Err(SpawnError::AlreadyStarted);
     }
@@ -370,7 +369,14 @@ pub fn start(worker_bin: &Path, learn: bool, cgroup: Option<&VmCgroup>) -> Resul
         cmd.arg("--learn");
     }
     if let Some(cgroup) = cgroup {
-        cmd.arg("--cgroup-dir").arg(cgroup.dir());
+        // Fixed here, once: no request can raise a worker's limits.
+        cmd.arg("--cgroup-dir")
+            .arg(cgroup.dir())
+            .arg("--worker-memory-max")
+            .arg(cgroup.worker_memory_max().to_string());
+        if required {
+            cmd.arg("--cgroup-required");
+        }
     }
     for name in WORKER_ENV {
         if let Some(value) = std::env::var_os(name) {
@@ -409,14 +415,13 @@ pub fn start(worker_bin: &Path, learn: bool, cgroup: Option<&VmCgroup>) -> Resul
 
 /// Starts the worker for disk `id` from `bin` with `fds`, its address space limited to
 /// `address_space` bytes (RLIMIT_AS, set before exec: an unprivileged worker cannot raise
-/// it) and, where workers get cgroups, its memory to `memory_max`. Through the spawner when
-/// one runs, else from the calling thread (no cgroup then).
+/// it). Through the spawner when one runs (in the VM's cgroups where it has them), else
+/// from the calling thread (no cgroup then).
 pub fn start_worker(
     bin: &Path,
     id: &str,
     learn: bool,
     address_space: u64,
-    memory_max: u64,
     fds: &WorkerFds<'_>,
 ) -> Result<WorkerProcess, SpawnError> {
     let Some(spawner) = SPAWNER.get() else {
@@ -434,7 +439,6 @@ pub fn start_worker(
         id: id.to_string(),
         learn,
         address_space,
-        memory_max,
     });
     let (reply, mut got) = ask(spawner, request, &fds.list())?;
     match reply {
@@ -679,8 +683,9 @@ struct Running {
     child: Child,
     pidfd: OwnedFd,
     exit: OwnedFd,
-    /// Its cgroup, removed once it is reaped.
+    /// Its leaf (`DISK.SLOT`), taken by the disk's next worker once it is reaped.
     leaf: Option<WorkerLeaf>,
+    leaf_name: Option<String>,
 }
 
 /// The signals a terminal or a process-group kill sends that the spawner ignores: the VMM
@@ -707,11 +712,11 @@ pub fn serve(
     worker_bin: PathBuf,
     learn: bool,
     cgroup: Option<VmCgroup>,
+    cgroup_required: bool,
 ) -> Result<(), SpawnError> {
     let mut cgroups = Cgroups {
         vm: cgroup,
-        started: 0,
-        unremoved: Vec::new(),
+        required: cgroup_required,
     };
     let mut running = Vec::new();
     let served = serve_requests(socket_fd, &worker_bin, learn, &mut cgroups, &mut running);
@@ -719,53 +724,81 @@ pub fn serve(
     served
 }
 
-/// The spawner's cgroup bookkeeping.
+/// The spawner's cgroups: the VM's directory, if it has one.
 struct Cgroups {
     vm: Option<VmCgroup>,
-    /// Workers started: numbers each leaf.
-    started: u64,
-    /// Leaves of reaped workers the kernel did not let go yet (a task of it still exiting).
-    unremoved: Vec<WorkerLeaf>,
+    /// A worker whose leaf cannot be made is refused (else it starts without one).
+    required: bool,
 }
 
 impl Cgroups {
-    fn retire(&mut self, leaf: Option<WorkerLeaf>) {
-        if let Some(leaf) = &leaf {
-            let kills = leaf.oom_kills();
-            if kills > 0 {
-                // The VMM sees a worker killed by SIGKILL; this says who killed it.
-                tracing::warn!(
-                    "the worker in {} reached its cgroup's memory.max: the kernel's OOM killer ended {kills} of its processes",
-                    leaf.dir().display()
-                );
+    /// The leaf for a new worker of disk `id`: the first slot no running worker holds.
+    fn leaf_for(
+        &self,
+        id: &str,
+        running: &[Running],
+    ) -> Result<(Option<WorkerLeaf>, Option<String>), String> {
+        let Some(vm) = &self.vm else {
+            return Ok((None, None));
+        };
+        let name = (0u32..)
+            .map(|slot| format!("{id}.{slot}"))
+            .find(|name| !running.iter().any(|r| r.leaf_name.as_ref() == Some(name)))
+            .expect("fewer running workers than slots");
+        match vm.leaf(&name) {
+            Ok(leaf) => Ok((Some(leaf), Some(name))),
+            Err(e) if self.required => Err(format!("{e:#}")),
+            Err(e) => {
+                tracing::warn!("worker of disk {id} starts without a cgroup of its own: {e}");
+                Ok((None, None))
             }
         }
-        self.unremoved.extend(leaf);
-        self.unremoved.retain(|l| !l.remove());
     }
 
-    /// Once the VMM is gone: reaps the workers still `running` as they end (the VMM ended
-    /// them, or their sockets' end does) and removes every leaf and the VM's directory,
-    /// giving their tasks 5 s to be gone.
+    /// A worker was reaped: says so if the kernel's OOM killer ended it.
+    fn reaped(leaf: Option<&WorkerLeaf>) {
+        let Some(leaf) = leaf else { return };
+        let kills = leaf.new_oom_kills();
+        if kills > 0 {
+            // The VMM sees a worker killed by SIGKILL; this says who killed it.
+            tracing::warn!(
+                "the worker in {} reached its cgroup's memory.max: the kernel's OOM killer ended {kills} of its processes",
+                leaf.dir().display()
+            );
+        }
+    }
+
+    /// Once the VMM is gone: kills the workers still running (nobody can use them now, and
+    /// none may outlive its VM), reaps them, and removes the VM's cgroups, within 5 s.
     fn finish(&mut self, mut running: Vec<Running>) {
-        let Some(vm) = self.vm.clone() else { return };
+        if !running.is_empty() {
+            if let Some(vm) = &self.vm {
+                vm.kill_all();
+            }
+            for r in &running {
+                crate::pids::kill(&r.pidfd);
+            }
+        }
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
         loop {
             running.retain_mut(|r| match r.child.try_wait() {
                 Ok(None) => true,
                 Ok(Some(_)) | Err(_) => {
-                    self.retire(r.leaf.take());
+                    Self::reaped(r.leaf.as_ref());
                     false
                 }
             });
-            if running.is_empty() && vm.remove() {
+            let removed = self.vm.as_ref().is_none_or(|vm| vm.remove());
+            if running.is_empty() && removed {
                 return;
             }
             if std::time::Instant::now() > deadline {
-                tracing::warn!(
-                    "cannot remove the workers' cgroup {}: a task still runs there",
-                    vm.dir().display()
-                );
+                if let Some(vm) = &self.vm {
+                    tracing::warn!(
+                        "cannot remove the workers' cgroup {}: a task still runs there",
+                        vm.dir().display()
+                    );
+                }
                 return;
             }
             std::thread::sleep(std::time::Duration::from_millis(20));
@@ -806,7 +839,6 @@ fn serve_requests(
             .collect();
         drop(polled);
         let mut ended = ended.into_iter();
-        let mut reaped = Vec::new();
         running.retain_mut(|r| {
             if !ended.next().unwrap_or(false) {
                 return true;
@@ -817,19 +849,13 @@ fn serve_requests(
                     // The VMM may have dropped its end (a worker it gave up): nothing to do
                     // (SIGPIPE is ignored: Rust's runtime does that).
                     let _ = nix::unistd::write(&r.exit, &raw);
-                    reaped.push(r.leaf.take());
+                    Cgroups::reaped(r.leaf.as_ref());
                     false
                 }
                 Ok(None) => true,
-                Err(_) => {
-                    reaped.push(r.leaf.take());
-                    false
-                }
+                Err(_) => false,
             }
         });
-        for leaf in reaped {
-            cgroups.retire(leaf);
-        }
         if !request {
             continue;
         }
@@ -874,15 +900,9 @@ fn serve_requests(
         } else if req.learn && !learn {
             Err("learn mode was not asked for when bulkhead started".to_string())
         } else {
-            cgroups.started += 1;
-            let leaf = cgroups.vm.as_ref().map(|vm| {
-                vm.make_leaf(&format!("{}.{}", req.id, cgroups.started), req.memory_max)
-                    .map_err(|e| format!("{e:#}"))
-            });
-            match leaf.transpose() {
-                Ok(leaf) => start_one(worker_bin, &req, &fds, leaf),
-                Err(e) => Err(e),
-            }
+            cgroups
+                .leaf_for(&req.id, running)
+                .and_then(|(leaf, name)| start_one(worker_bin, &req, &fds, leaf, name))
         };
         match reply {
             Ok((run, exit_r)) => {
@@ -910,6 +930,7 @@ fn start_one(
     req: &SpawnRequest,
     fds: &[OwnedFd],
     mut leaf: Option<WorkerLeaf>,
+    leaf_name: Option<String>,
 ) -> Result<(Running, OwnedFd), String> {
     let (vhost, control, disk, status, output, learn) = match fds {
         [a, b, c, d, e] if !req.learn => (a, b, c, d, e, None),
@@ -936,15 +957,7 @@ fn start_one(
     if let Some(leaf) = &mut leaf {
         leaf.close_procs();
     }
-    let mut child = match started {
-        Ok(child) => child,
-        Err(e) => {
-            if let Some(leaf) = &leaf {
-                leaf.remove();
-            }
-            return Err(format!("cannot start {}: {e}", worker_bin.display()));
-        }
-    };
+    let mut child = started.map_err(|e| format!("cannot start {}: {e}", worker_bin.display()))?;
     let fail = |child: &mut Child, what: &str, e: std::io::Error| {
         let _ = child.kill();
         let _ = child.wait();
@@ -964,6 +977,7 @@ fn start_one(
             pidfd,
             exit: exit_w,
             leaf,
+            leaf_name,
         },
         exit_r,
     ))
@@ -982,7 +996,7 @@ mod tests {
         let bin = PathBuf::from(bin);
         (
             ours,
-            std::thread::spawn(move || serve(raw, bin, false, None)),
+            std::thread::spawn(move || serve(raw, bin, false, None, false)),
         )
     }
 
@@ -992,7 +1006,6 @@ mod tests {
             id: id.to_string(),
             learn,
             address_space: 1 << 30,
-            memory_max: 1 << 30,
         }
     }
 
@@ -1200,11 +1213,6 @@ mod tests {
                 ..request("blk0", false)
             };
             assert!(r.validate().is_err(), "{address_space}");
-            let r = SpawnRequest {
-                memory_max: address_space,
-                ..request("blk0", false)
-            };
-            assert!(r.validate().is_err(), "memory.max {address_space}");
         }
     }
 }

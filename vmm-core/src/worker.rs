@@ -35,16 +35,6 @@ pub fn address_space_limit(guest_ram: u64) -> u64 {
     guest_ram.saturating_mul(2).saturating_add(WORKER_OVERHEAD)
 }
 
-/// The memory a worker's cgroup may charge (memory.max, where it gets one): guest RAM once
-/// (shared memfd pages are charged to whoever touches them first, and a guest may post a
-/// buffer in RAM it never touched, which the worker then faults in) plus
-/// [`WORKER_OVERHEAD`] for the worker's own pages and what the kernel allocates for it:
-/// page cache of its disk, pipe and socket buffers, io_uring. Guest RAM in huge pages is
-/// not charged to the memory controller at all.
-pub fn memory_limit(guest_ram: u64) -> u64 {
-    guest_ram.saturating_add(WORKER_OVERHEAD)
-}
-
 /// How long a worker may take to answer during setup before it is given up on.
 pub const SETUP_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -160,14 +150,7 @@ pub fn spawn(
         output: output_w.as_fd(),
         learn: learn_pair.as_ref().map(|(_, w)| w.as_fd()),
     };
-    let started = crate::spawner::start_worker(
-        bin,
-        &id,
-        learn.is_some(),
-        cfg.address_space,
-        cfg.memory_max,
-        &fds,
-    );
+    let started = crate::spawner::start_worker(bin, &id, learn.is_some(), cfg.address_space, &fds);
     let child = started.map_err(|source| WorkerError::Spawn {
         id: id.clone(),
         bin: bin.to_path_buf(),

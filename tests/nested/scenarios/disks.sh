@@ -42,7 +42,12 @@ for spec in "$@"; do
 			cgroups="$cgroups $cg:$(cat "$leaf/memory.max" "$leaf/memory.swap.max" "$leaf/pids.max" 2>/dev/null | tr '\n' ':')"
 		done
 		fact "$name.worker_cgroups" "${cgroups# }"
-		fact "$name.bulkhead_cgroup" "$(sed -n 's/^0:://p' "/proc/$(pidof bulkhead | cut -d' ' -f1)/cgroup")"
+		# bulkhead and its spawner (both named bulkhead) stay where they were.
+		own=
+		for p in $(pidof bulkhead); do
+			own="$own $(sed -n 's/^0:://p' "/proc/$p/cgroup")"
+		done
+		fact "$name.bulkhead_cgroup" "${own# }"
 	else
 		fail "$name: L2 never started its disk checks"
 	fi

@@ -222,7 +222,6 @@ pub fn attach(
                 image: options.clone(),
                 num_queues,
                 address_space: crate::worker::address_space_limit(ram.size()),
-                memory_max: crate::worker::memory_limit(ram.size()),
                 uid: workers.uid,
             };
             let output = crate::worker_output::limiter();

@@ -77,9 +77,6 @@ pub struct WorkerDisk {
     /// The worker's address-space limit (RLIMIT_AS) in bytes; see
     /// [`crate::worker::address_space_limit`].
     pub address_space: u64,
-    /// The memory.max of the worker's cgroup, where it gets one; see
-    /// [`crate::worker::memory_limit`].
-    pub memory_max: u64,
     /// The host uid (and gid) the worker runs as: the VM's lease.
     pub uid: u32,
 }
