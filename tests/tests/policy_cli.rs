@@ -206,3 +206,20 @@ fn malformed_files_fail_with_line_and_column() {
         }
     }
 }
+
+/// `--json` and `--bpf` are two outputs: asking for both is an error, not a silent choice.
+#[test]
+fn show_refuses_json_and_bpf_together() {
+    let r = run_bulkhead(
+        &["policy", "show", "blk", "--json", "--bpf"],
+        Duration::from_secs(30),
+    );
+    let t = r.transcript();
+    assert_eq!(r.code, Some(2), "{t}");
+    assert!(r.stdout.is_empty(), "{t}");
+    assert!(
+        r.stderr
+            .contains("the argument '--json' cannot be used with '--bpf'"),
+        "{t}"
+    );
+}

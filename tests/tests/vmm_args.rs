@@ -257,3 +257,47 @@ fn no_bench_subcommand_in_the_trusted_binary() {
         help.transcript()
     );
 }
+
+/// Every option of every `bulkhead` command says its default in its help (or that it is
+/// required).
+#[test]
+fn every_option_says_its_default() {
+    for command in [
+        &["run"][..],
+        &["ctl"],
+        &["policy", "list"],
+        &["policy", "show"],
+        &["policy", "diff"],
+        &["policy", "lint"],
+        &["policy", "learn"],
+    ] {
+        let mut args = command.to_vec();
+        args.push("--help");
+        let r = run_bulkhead(&args, Duration::from_secs(30));
+        assert_eq!(r.code, Some(0), "{}", r.transcript());
+        let options = r.stdout.split("Options:").nth(1).unwrap_or("");
+        // Each option's text runs from its line to the next option's.
+        let mut texts: Vec<String> = Vec::new();
+        for line in options.lines() {
+            let starts = line.starts_with("  -") || line.starts_with("      --");
+            match texts.last_mut() {
+                Some(t) if !starts => {
+                    t.push(' ');
+                    t.push_str(line.trim());
+                }
+                _ => texts.push(line.trim().to_string()),
+            }
+        }
+        for text in texts {
+            if text.starts_with("-h, --help") || text.is_empty() {
+                continue;
+            }
+            let lower = text.to_lowercase();
+            assert!(
+                lower.contains("default") || lower.contains("required"),
+                "bulkhead {}: {text}",
+                command.join(" ")
+            );
+        }
+    }
+}

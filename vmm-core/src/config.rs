@@ -24,7 +24,14 @@ pub struct VmConfig {
     pub initrd: Option<PathBuf>,
     #[serde(default = "default_cmdline")]
     pub cmdline: String,
-    #[serde(default = "default_mem_mib")]
+    /// Guest RAM in MiB; in a file `"mem": 512` (MiB) or `"mem": "1G"` (see
+    /// [`parse_mem_mib`]), written back with a unit.
+    #[serde(
+        rename = "mem",
+        alias = "mem_mib",
+        default = "default_mem_mib",
+        with = "mem_serde"
+    )]
     pub mem_mib: u64,
     /// What pages back guest RAM (`--hugepages`).
     #[serde(default)]
@@ -42,6 +49,99 @@ pub struct VmConfig {
     /// Whether each worker gets a cgroup of its own (`--worker-cgroups`).
     #[serde(default)]
     pub worker_cgroups: crate::cgroup::CgroupMode,
+}
+
+/// Everything `bulkhead run` takes: the VM, and how bulkhead runs it. The same type reads a
+/// configuration file (`--config`), prints the effective configuration
+/// (`--print-config`) and is filled from the command line's flags.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RunConfig {
+    pub vm: VmConfig,
+    /// The control API's Unix socket; none: no API.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub api_socket: Option<PathBuf>,
+    /// Seconds after which the VM is stopped (exit status 124); none: until the guest ends.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout: Option<f64>,
+}
+
+/// Errors in a size.
+#[derive(Debug, thiserror::Error)]
+#[error("{text:?} {why}: give MiB (512) or a size with a binary unit (512M, 1G, 1536M, 2T)")]
+pub struct SizeError {
+    text: String,
+    why: &'static str,
+}
+
+/// Guest RAM as the user writes it: a bare number of MiB (`512`), or a number with a
+/// binary unit, K/M/G/T with an optional `iB` or `B`, any case (`512M`, `1G`, `2GiB`,
+/// `1048576K`); whole MiB, more than zero.
+pub fn parse_mem_mib(text: &str) -> Result<u64, SizeError> {
+    let err = |why| SizeError {
+        text: text.to_string(),
+        why,
+    };
+    let t = text.trim();
+    let digits = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (number, unit) = t.split_at(digits);
+    let number: u64 = number.parse().map_err(|_| err("is not a number"))?;
+    let unit = unit.trim().to_ascii_lowercase();
+    let unit = unit
+        .strip_suffix("ib")
+        .or_else(|| unit.strip_suffix('b'))
+        .unwrap_or(&unit);
+    let kib: u64 = match unit {
+        "" | "m" => 1024,
+        "k" => 1,
+        "g" => 1024 * 1024,
+        "t" => 1024 * 1024 * 1024,
+        _ => return Err(err("has an unknown unit")),
+    };
+    let kib = number.checked_mul(kib).ok_or(err("is too large"))?;
+    if kib % 1024 != 0 {
+        return Err(err("is not a whole number of MiB"));
+    }
+    match kib / 1024 {
+        0 => Err(err("is zero")),
+        mib => Ok(mib),
+    }
+}
+
+/// The shortest way to write `mib` with a unit: `1G` for 1024, `1536M` for 1536.
+pub fn format_mem_mib(mib: u64) -> String {
+    if mib != 0 && mib % (1024 * 1024) == 0 {
+        format!("{}T", mib / (1024 * 1024))
+    } else if mib != 0 && mib % 1024 == 0 {
+        format!("{}G", mib / 1024)
+    } else {
+        format!("{mib}M")
+    }
+}
+
+/// `mem` in a file: MiB as a number, or a size as a string.
+mod mem_serde {
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(mib: &u64, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&super::format_mem_mib(*mib))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Mem {
+            Mib(u64),
+            Text(String),
+        }
+        match Mem::deserialize(d)? {
+            Mem::Mib(0) => Err(serde::de::Error::custom(
+                "mem 0: guest RAM must be more than zero",
+            )),
+            Mem::Mib(mib) => Ok(mib),
+            Mem::Text(t) => super::parse_mem_mib(&t).map_err(serde::de::Error::custom),
+        }
+    }
 }
 
 fn default_cmdline() -> String {
@@ -126,5 +226,76 @@ mod tests {
                 .to_string();
             assert!(err.contains(says), "{json}: {err}");
         }
+    }
+
+    #[test]
+    fn sizes_take_binary_units_and_whole_mib() {
+        for (text, mib) in [
+            ("512", 512),
+            ("512M", 512),
+            ("512m", 512),
+            ("512MiB", 512),
+            ("1G", 1024),
+            ("1gb", 1024),
+            ("2GiB", 2048),
+            ("1048576K", 1024),
+            ("1T", 1 << 20),
+            (" 64M ", 64),
+        ] {
+            assert_eq!(parse_mem_mib(text).unwrap(), mib, "{text}");
+        }
+        for (text, says) in [
+            ("0", "is zero"),
+            ("0G", "is zero"),
+            ("1536K", "not a whole number of MiB"),
+            ("1X", "unknown unit"),
+            ("G", "not a number"),
+            ("-1G", "not a number"),
+            ("1.5G", "unknown unit"),
+            ("99999999999999999999T", "not a number"),
+            ("9999999999999T", "too large"),
+        ] {
+            let e = parse_mem_mib(text).unwrap_err().to_string();
+            assert!(e.contains(says), "{text}: {e}");
+        }
+        for mib in [1, 512, 1024, 1536, 3072, 1 << 20] {
+            assert_eq!(parse_mem_mib(&format_mem_mib(mib)).unwrap(), mib);
+        }
+        assert_eq!(format_mem_mib(1024), "1G");
+        assert_eq!(format_mem_mib(1536), "1536M");
+    }
+
+    #[test]
+    fn a_run_file_reads_mem_as_mib_or_a_size_and_writes_it_with_a_unit() {
+        let cfg: RunConfig = serde_json::from_str(
+            r#"{"vm": {"kernel": "/k", "mem": "1G"}, "api_socket": "/run/b.sock", "timeout": 30}"#,
+        )
+        .unwrap();
+        assert_eq!(cfg.vm.mem_mib, 1024);
+        assert_eq!(cfg.timeout, Some(30.0));
+        let text = serde_json::to_string(&cfg).unwrap();
+        assert!(text.contains(r#""mem":"1G""#), "{text}");
+        assert_eq!(serde_json::from_str::<RunConfig>(&text).unwrap(), cfg);
+        for (json, mib) in [
+            (r#"{"kernel": "/k", "mem": 300}"#, 300),
+            (r#"{"kernel": "/k", "mem_mib": 300}"#, 300),
+            (r#"{"kernel": "/k"}"#, DEFAULT_MEM_MIB),
+        ] {
+            let vm: VmConfig = serde_json::from_str(json).unwrap();
+            assert_eq!(vm.mem_mib, mib, "{json}");
+        }
+        for (json, says) in [
+            (r#"{"kernel": "/k", "mem": 0}"#, "more than zero"),
+            (r#"{"kernel": "/k", "mem": "1536K"}"#, "whole number of MiB"),
+        ] {
+            let e = serde_json::from_str::<VmConfig>(json)
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(says), "{json}: {e}");
+        }
+        let e = serde_json::from_str::<RunConfig>(r#"{"vm": {"kernel": "/k"}, "api": 1}"#)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("unknown field `api`"), "{e}");
     }
 }

@@ -52,7 +52,7 @@ enum Command {
 
 #[derive(Debug, Args)]
 struct CtlArgs {
-    /// The socket given to `bulkhead run --api-socket`.
+    /// The socket given to `bulkhead run --api-socket` (required).
     #[arg(long)]
     api_socket: PathBuf,
     #[command(subcommand)]
@@ -137,7 +137,7 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
-        Command::Run(args) => match run_cmd::run(args, None) {
+        Command::Run(args) => match run_cmd::start(args) {
             Ok(code) => ExitCode::from(code),
             Err(e) => {
                 vmm_core::say!("bulkhead: error: {e:#}");

@@ -24,8 +24,11 @@ pub enum PolicyCommand {
     Show {
         /// An embedded policy (blk, vmm, vmm/vcpu: see `list`) or a policy file.
         policy: String,
-        #[arg(long)]
+        /// The rules as JSON. [default: as text]
+        #[arg(long, conflicts_with = "bpf")]
         json: bool,
+        /// The compiled program (embedded policies only): size, hash and instructions.
+        /// [default: off, the rules]
         #[arg(long)]
         bpf: bool,
     },
@@ -53,17 +56,18 @@ pub struct LearnArgs {
     /// The policy to judge calls against: a worker kind (blk) or a policy file.
     #[arg(long, default_value = "blk")]
     against: String,
-    /// Write the learned policy (policy file format) here.
+    /// Write the learned policy (policy file format) here. [default: not written]
     #[arg(long)]
     out: Option<PathBuf>,
-    /// Write the report as JSON here.
+    /// Write the report as JSON here. [default: not written]
     #[arg(long)]
     json: Option<PathBuf>,
     /// Learn a standalone worker: the arguments after `--` are bulkhead-worker's
-    /// (e.g. `blk --socket S --disk IMG`), not `bulkhead run`'s.
+    /// (e.g. `blk --socket S --disk IMG`), not `bulkhead run`'s. [default: off, a VM's
+    /// workers]
     #[arg(long)]
     worker: bool,
-    /// With --worker: the worker executable (default: bulkhead-worker beside bulkhead).
+    /// With --worker: the worker executable. [default: bulkhead-worker beside bulkhead]
     #[arg(long)]
     worker_bin: Option<PathBuf>,
     /// `bulkhead run` arguments (or, with --worker, the worker's).
@@ -207,8 +211,14 @@ fn learn(args: LearnArgs) -> anyhow::Result<ExitCode> {
         }
         let run = RunOnly::try_parse_from(std::iter::once("run".to_string()).chain(command))
             .map_err(|e| anyhow::anyhow!("bad `bulkhead run` arguments after `--`:\n{e}"))?
-            .run;
-        if !run.disks.iter().any(|d| !d.starts_with("vhost_user=")) {
+            .run
+            .into_config()?;
+        if !run
+            .vm
+            .disks
+            .iter()
+            .any(|d| matches!(d.source, vmm_core::disk::config::DiskSource::Image(_)))
+        {
             anyhow::bail!("no --disk is served by a worker: nothing to learn");
         }
         // The VMM's own threads learn too: a call outside their policies is recorded and

@@ -7,7 +7,7 @@ use anyhow::Context;
 use clap::Args;
 use nix::sys::signal::{SigSet, Signal};
 use vmm_core::boot::EntryPoint;
-use vmm_core::config::{VmConfig, DEFAULT_CMDLINE};
+use vmm_core::config::{RunConfig, VmConfig};
 use vmm_core::terminal::RawStdin;
 use vmm_core::vcpu::VcpuEvent;
 use vmm_core::vm::{Vm, VmOutcome};
@@ -24,27 +24,36 @@ const EXIT_TIMEOUT: u8 = 124;
 124 when --timeout expired; 128+N on signal N; 1 on any VMM error."
 )]
 pub struct RunArgs {
-    /// Kernel: an ELF with a PVH note (boots through PVH), another x86-64 ELF or a bzImage
-    /// (64-bit Linux boot protocol).
+    /// The whole run from a JSON file (`{"vm": {"kernel": ..., "disks": [...]}, "api_socket":
+    /// ..., "timeout": ...}`; examples/vm.json); no other run option may be given with it.
+    /// [default: none, the flags give the run]
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Print the effective configuration (from the flags or --config) as JSON, the format
+    /// --config reads, and exit without running anything. [default: off]
     #[arg(long)]
-    pub kernel: PathBuf,
-    /// Initial ramdisk.
+    pub print_config: bool,
+    /// Kernel: an ELF with a PVH note (boots through PVH), another x86-64 ELF or a bzImage
+    /// (64-bit Linux boot protocol). Required unless --config.
+    #[arg(long)]
+    pub kernel: Option<PathBuf>,
+    /// Initial ramdisk. [default: none]
     #[arg(long)]
     pub initrd: Option<PathBuf>,
-    /// Kernel command line.
-    #[arg(long, default_value = DEFAULT_CMDLINE)]
-    pub cmdline: String,
-    /// Guest RAM in MiB.
-    #[arg(long, default_value_t = vmm_core::config::DEFAULT_MEM_MIB)]
-    pub mem: u64,
+    /// Kernel command line. [default: "console=ttyS0 reboot=k panic=1"]
+    #[arg(long)]
+    pub cmdline: Option<String>,
+    /// Guest RAM: MiB (512) or a size with a binary unit (512M, 1G, 2GiB). [default: 256M]
+    #[arg(long, value_name = "SIZE")]
+    pub mem: Option<String>,
     /// Back guest RAM with 2 MiB huge pages (hugetlbfs, from `vm.nr_hugepages`, all taken
     /// at start), shared with the disk workers: large guest I/Os reach the host disk in
-    /// fewer, larger segments.
+    /// fewer, larger segments. [default: off]
     #[arg(long)]
     pub hugepages: bool,
-    /// Number of vCPUs.
-    #[arg(long, default_value_t = 1)]
-    pub vcpus: u32,
+    /// Number of vCPUs. [default: 1]
+    #[arg(long)]
+    pub vcpus: Option<u32>,
     /// A virtio-blk disk served by its own sandboxed worker:
     /// `path=IMG[,id=NAME][,readonly=on][,serial=ID][,direct=on][,num_queues=N][,spare=off]
     /// [,engine=auto|sync|io_uring][,poll_us=N][,ioeventfd=datamatch|any]`,
@@ -52,74 +61,183 @@ pub struct RunArgs {
     /// `ioeventfd=any` kicks one queue through a zero-length ioeventfd.
     /// A spare worker (on by default) waits sandboxed, so a restart skips its start-up.
     /// num_queues defaults to one per vCPU (at most 8) for worker-served disks.
-    /// Repeatable; ids default to blk0, blk1, ...
+    /// Repeatable; ids default to blk0, blk1, ... [default: no disk]
     #[arg(long = "disk")]
     pub disks: Vec<String>,
-    /// The worker executable (default: bulkhead-worker beside bulkhead).
+    /// The worker executable. [default: bulkhead-worker beside bulkhead]
     #[arg(long)]
     pub worker_bin: Option<PathBuf>,
     /// Run this VM's workers as a uid of their own, leased from FIRST-LAST (unprivileged
-    /// host uids; one per running VM, held by /run/bulkhead/worker-uid-N.lock). Default:
-    /// every worker runs as 65534.
+    /// host uids; one per running VM, held by /run/bulkhead/worker-uid-N.lock).
+    /// [default: every worker runs as 65534]
     #[arg(long, value_name = "FIRST-LAST")]
     pub worker_uids: Option<vmm_core::uid_lease::UidRange>,
-    /// Run each worker in a cgroup v2 of its own with memory.max (guest RAM + 64 MiB) and
-    /// pids.max (64), under bulkhead/vm-PID at the root of the host's cgroup2 hierarchy:
+    /// Run each worker in a cgroup v2 leaf with memory.max (guest RAM + 64 MiB) and
+    /// pids.max (64), under bulkhead/ at the root of the host's cgroup2 hierarchy:
     /// `auto` where that hierarchy has the memory and pids controllers (else one line says
-    /// why not), `required` refuses to start without them, `off` never.
-    #[arg(long, value_enum, default_value_t = vmm_core::cgroup::CgroupMode::Auto)]
-    pub worker_cgroups: vmm_core::cgroup::CgroupMode,
-    /// Stop the VM after this many seconds (exit status 124).
+    /// why not), `required` refuses to start without them, `off` never. [default: auto]
+    #[arg(long, value_enum)]
+    pub worker_cgroups: Option<vmm_core::cgroup::CgroupMode>,
+    /// Stop the VM after this many seconds (exit status 124). [default: none, the VM runs
+    /// until the guest ends it]
     #[arg(long)]
     pub timeout: Option<f64>,
     /// Serve the control API (HTTP on this Unix socket; `bulkhead ctl` is its client).
+    /// [default: no API]
     #[arg(long)]
     pub api_socket: Option<PathBuf>,
+}
+
+impl RunArgs {
+    /// The run these arguments describe: from --config (alone), or from the flags with
+    /// their defaults; disks get their default ids either way. (What needs the host, like
+    /// whether two disks are one image, is checked when it runs.)
+    pub fn into_config(self) -> anyhow::Result<RunConfig> {
+        let cfg = match &self.config {
+            Some(path) => {
+                let given = self.flags_given();
+                if let Some(first) = given.first() {
+                    anyhow::bail!(
+                        "--config {} gives the whole run; {first}{} cannot be given with it",
+                        path.display(),
+                        match given.len() {
+                            1 => String::new(),
+                            n => format!(" (and {} more)", n - 1),
+                        }
+                    );
+                }
+                let text = std::fs::read_to_string(path)
+                    .with_context(|| format!("cannot read --config {}", path.display()))?;
+                let cfg: RunConfig = serde_json::from_str(&text)
+                    .with_context(|| format!("--config {}", path.display()))?;
+                RunConfig {
+                    vm: cfg.vm.with_disk_ids(),
+                    ..cfg
+                }
+            }
+            None => {
+                let Some(kernel) = self.kernel else {
+                    anyhow::bail!("--kernel is required (or --config FILE)");
+                };
+                let disks = self
+                    .disks
+                    .iter()
+                    .enumerate()
+                    .map(|(i, spec)| vmm_core::disk::config::DiskConfig::parse(spec, i))
+                    .collect::<Result<Vec<_>, _>>()?;
+                let defaults = VmConfig::new(kernel);
+                RunConfig {
+                    vm: VmConfig {
+                        initrd: self.initrd,
+                        cmdline: self.cmdline.unwrap_or(defaults.cmdline.clone()),
+                        mem_mib: match &self.mem {
+                            Some(text) => vmm_core::config::parse_mem_mib(text)
+                                .map_err(|e| anyhow::anyhow!("--mem {e}"))?,
+                            None => defaults.mem_mib,
+                        },
+                        ram_pages: if self.hugepages {
+                            vmm_core::memory::RamPages::Huge
+                        } else {
+                            defaults.ram_pages
+                        },
+                        vcpus: self.vcpus.unwrap_or(defaults.vcpus),
+                        disks,
+                        worker_bin: self.worker_bin,
+                        worker_uids: self.worker_uids,
+                        worker_cgroups: self.worker_cgroups.unwrap_or(defaults.worker_cgroups),
+                        ..defaults
+                    },
+                    api_socket: self.api_socket,
+                    timeout: self.timeout,
+                }
+            }
+        };
+        if let Some(t) = cfg.timeout {
+            if !(t.is_finite() && t > 0.0) {
+                anyhow::bail!("--timeout {t} must be a positive number of seconds");
+            }
+        }
+        Ok(cfg)
+    }
+
+    /// The run options given besides --config and --print-config, by flag.
+    fn flags_given(&self) -> Vec<&'static str> {
+        let mut given = Vec::new();
+        let mut add = |on: bool, flag| {
+            if on {
+                given.push(flag);
+            }
+        };
+        add(self.kernel.is_some(), "--kernel");
+        add(self.initrd.is_some(), "--initrd");
+        add(self.cmdline.is_some(), "--cmdline");
+        add(self.mem.is_some(), "--mem");
+        add(self.hugepages, "--hugepages");
+        add(self.vcpus.is_some(), "--vcpus");
+        add(!self.disks.is_empty(), "--disk");
+        add(self.worker_bin.is_some(), "--worker-bin");
+        add(self.worker_uids.is_some(), "--worker-uids");
+        add(self.worker_cgroups.is_some(), "--worker-cgroups");
+        add(self.timeout.is_some(), "--timeout");
+        add(self.api_socket.is_some(), "--api-socket");
+        given
+    }
+}
+
+/// `bulkhead run`: prints the effective configuration (`--print-config`), or runs it.
+pub fn start(args: RunArgs) -> anyhow::Result<u8> {
+    let print = args.print_config;
+    let cfg = args.into_config()?;
+    if print {
+        println!("{}", serde_json::to_string_pretty(&cfg)?);
+        return Ok(0);
+    }
+    run(cfg, None)
 }
 
 /// Boots and runs a VM; returns the exit status (see RunArgs' help). With `learn`, its
 /// workers run in learn mode, recorded there.
 pub fn run(
-    args: RunArgs,
+    run: RunConfig,
     learn: Option<std::sync::Arc<policies::learn::Recorder>>,
 ) -> anyhow::Result<u8> {
-    let timeout = match args.timeout {
-        Some(t) if !(t.is_finite() && t > 0.0) => {
-            anyhow::bail!("--timeout {t} must be a positive number of seconds")
-        }
-        Some(t) => Some(Duration::from_secs_f64(t)),
-        None => None,
-    };
+    let RunConfig {
+        vm: cfg,
+        api_socket,
+        timeout,
+    } = run;
+    // RunArgs::into_config checked it is positive and finite.
+    let timeout = timeout.map(Duration::from_secs_f64);
     // Workers are started by a helper process, started now, while bulkhead has no other
     // thread, no guest memory and no image open (no VMM thread then needs fork or exec).
     let mut cgroup_line = None;
-    if let Some(bin) = args
+    if let Some(bin) = cfg
         .worker_bin
         .clone()
         .or_else(vmm_core::worker::default_worker_bin)
     {
         // Only a VM with worker-served disks gets a cgroup directory.
-        let worker_disks = args
+        let worker_disks = cfg
             .disks
             .iter()
-            .filter(|d| !d.trim_start().starts_with("vhost_user="))
+            .filter(|d| matches!(d.source, vmm_core::disk::config::DiskSource::Image(_)))
             .count() as u64;
         let (cgroup, line) = if worker_disks == 0 {
             (None, None)
         } else {
             let budget = vmm_core::cgroup::WorkerBudget {
-                guest_ram: args.mem.saturating_mul(1 << 20),
+                guest_ram: cfg.mem_mib.saturating_mul(1 << 20),
                 headroom: vmm_core::worker::WORKER_OVERHEAD,
                 // An active worker, a spare and a successor starting while its
                 // predecessor still exits, per disk.
                 workers: 3 * worker_disks,
             };
-            let (cgroup, line) = vmm_core::cgroup::prepare(args.worker_cgroups, budget)
+            let (cgroup, line) = vmm_core::cgroup::prepare(cfg.worker_cgroups, budget)
                 .context("--worker-cgroups required")?;
             (cgroup, Some(line))
         };
         cgroup_line = line;
-        let required = args.worker_cgroups == vmm_core::cgroup::CgroupMode::Required;
+        let required = cfg.worker_cgroups == vmm_core::cgroup::CgroupMode::Required;
         if let Err(e) = vmm_core::spawner::start(&bin, learn.is_some(), cgroup.as_ref(), required) {
             if let Some(cgroup) = &cgroup {
                 cgroup.remove();
@@ -178,29 +296,7 @@ pub fn run(
     )
     .context("start the signal thread")?;
 
-    let disks = args
-        .disks
-        .iter()
-        .enumerate()
-        .map(|(i, spec)| vmm_core::disk::config::DiskConfig::parse(spec, i))
-        .collect::<Result<Vec<_>, _>>()?;
-    vmm_core::disk::config::check_disks(&disks)?;
-    let cfg = VmConfig {
-        disks,
-        worker_bin: args.worker_bin,
-        kernel: args.kernel,
-        initrd: args.initrd,
-        cmdline: args.cmdline,
-        mem_mib: args.mem,
-        ram_pages: if args.hugepages {
-            vmm_core::memory::RamPages::Huge
-        } else {
-            vmm_core::memory::RamPages::Small
-        },
-        vcpus: args.vcpus,
-        worker_uids: args.worker_uids,
-        worker_cgroups: args.worker_cgroups,
-    };
+    vmm_core::disk::config::check_disks(&cfg.disks)?;
     let mut vm = Vm::build(&cfg, learn.as_ref(), Box::new(std::io::stdout()))?;
     if let Some(line) = cgroup_line {
         tracing::info!("{line}");
@@ -225,7 +321,7 @@ pub fn run(
     vm.serial()
         .spawn_input(std::io::stdin())
         .context("start the serial input thread")?;
-    if let Some(path) = &args.api_socket {
+    if let Some(path) = &api_socket {
         vmm_core::api::serve(path, vm.disk_handles())?;
     }
     let _ = running.set((vm.stopper(), vm.stats()));
