@@ -64,6 +64,9 @@ pub struct RunConfig {
     /// Seconds after which the VM is stopped (exit status 124); none: until the guest ends.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub timeout: Option<f64>,
+    /// Where the log goes, how it looks, its level.
+    #[serde(default)]
+    pub log: crate::logging::LogConfig,
 }
 
 /// Errors in a size.

@@ -12,6 +12,7 @@ pub mod disk;
 pub mod keyvalue;
 pub mod kvm_stats;
 pub mod layout;
+pub mod logging;
 pub mod memory;
 pub mod pids;
 pub mod ratelimit;

@@ -47,6 +47,12 @@ enum Command {
         /// Refuse a worker whose leaf cannot be made.
         #[arg(long)]
         cgroup_required: bool,
+        /// The VMM's log format.
+        #[arg(long, value_enum, default_value_t = vmm_core::logging::LogFormat::Text)]
+        log_format: vmm_core::logging::LogFormat,
+        /// The VMM's log file.
+        #[arg(long)]
+        log_file: Option<PathBuf>,
     },
 }
 
@@ -90,19 +96,28 @@ fn ensure_standard_fds() {
 
 fn main() -> ExitCode {
     ensure_standard_fds();
-    tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("BULKHEAD_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_target(false)
-        // A log line that cannot be written is lost, not a panic (the default reports the
-        // failure with eprintln!, which panics when stderr itself is what failed).
-        .log_internal_errors(false)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
     let cli = Cli::parse();
+    // `bulkhead run` sets its log up from its configuration (flags or file); the spawner
+    // from what its VMM passed on; every other command logs to stderr as BULKHEAD_LOG says.
+    let log = match &cli.command {
+        Command::Run(_) => None,
+        Command::Spawner {
+            log_format,
+            log_file,
+            ..
+        } => Some(vmm_core::logging::LogConfig {
+            format: *log_format,
+            file: log_file.clone(),
+            level: None,
+        }),
+        _ => Some(vmm_core::logging::LogConfig::default()),
+    };
+    if let Some(log) = log {
+        if let Err(e) = vmm_core::logging::init(&log) {
+            vmm_core::say!("bulkhead: error: {e}");
+            return ExitCode::FAILURE;
+        }
+    }
     if let Command::Policy(cmd) = cli.command {
         return match policy_cmd::policy_command(cmd) {
             Ok(code) => code,
@@ -122,6 +137,7 @@ fn main() -> ExitCode {
             cgroup_dir,
             worker_memory_max,
             cgroup_required,
+            ..
         } => match vmm_core::spawner::serve(
             socket_fd,
             worker_bin,

@@ -61,6 +61,24 @@ impl VmStats {
         out.extend(self.violations.lines());
         out
     }
+
+    /// Logs [`Self::lines`], each disk's inside its `disk` span (as every line about a
+    /// disk is).
+    pub fn log(&self) {
+        for line in self.lines() {
+            let disk = line
+                .strip_prefix("stats ")
+                .and_then(|rest| rest.split(' ').next())
+                .filter(|word| self.devices.iter().any(|d| d.id == *word));
+            match disk {
+                Some(id) => {
+                    let _in_disk = tracing::info_span!("disk", id = %id).entered();
+                    tracing::info!("{line}");
+                }
+                None => tracing::info!("{line}"),
+            }
+        }
+    }
 }
 
 /// Logs the sandbox facts of the confined worker `confined` (the pid the VMM checked is

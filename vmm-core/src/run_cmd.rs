@@ -86,6 +86,18 @@ pub struct RunArgs {
     /// [default: no API]
     #[arg(long)]
     pub api_socket: Option<PathBuf>,
+    /// Log lines as `text` or `json` (one object a line; a disk's lines carry its id in
+    /// their `disk` span). [default: text]
+    #[arg(long, value_enum)]
+    pub log_format: Option<vmm_core::logging::LogFormat>,
+    /// Append the log (the VMM's, its spawner's and its workers' lines) to this file.
+    /// [default: stderr]
+    #[arg(long, value_name = "PATH")]
+    pub log_file: Option<PathBuf>,
+    /// Log level (error, warn, info, debug, trace) or `target=level` directives; workers
+    /// log at the same level. [default: BULKHEAD_LOG, else info]
+    #[arg(long, value_name = "LEVEL")]
+    pub log_level: Option<String>,
 }
 
 impl RunArgs {
@@ -149,6 +161,11 @@ impl RunArgs {
                     },
                     api_socket: self.api_socket,
                     timeout: self.timeout,
+                    log: vmm_core::logging::LogConfig {
+                        format: self.log_format.unwrap_or_default(),
+                        file: self.log_file,
+                        level: self.log_level,
+                    },
                 }
             }
         };
@@ -180,11 +197,15 @@ impl RunArgs {
         add(self.worker_cgroups.is_some(), "--worker-cgroups");
         add(self.timeout.is_some(), "--timeout");
         add(self.api_socket.is_some(), "--api-socket");
+        add(self.log_format.is_some(), "--log-format");
+        add(self.log_file.is_some(), "--log-file");
+        add(self.log_level.is_some(), "--log-level");
         given
     }
 }
 
-/// `bulkhead run`: prints the effective configuration (`--print-config`), or runs it.
+/// `bulkhead run`: prints the effective configuration (`--print-config`), or sets the log
+/// up as it says and runs it.
 pub fn start(args: RunArgs) -> anyhow::Result<u8> {
     let print = args.print_config;
     let cfg = args.into_config()?;
@@ -192,6 +213,11 @@ pub fn start(args: RunArgs) -> anyhow::Result<u8> {
         println!("{}", serde_json::to_string_pretty(&cfg)?);
         return Ok(0);
     }
+    let level = vmm_core::logging::init(&cfg.log)?;
+    // Workers (through the spawner, which passes on only this variable and the hook's) log
+    // at the VMM's level; their lines reach the VMM's log through it. Set while this
+    // process has one thread.
+    std::env::set_var("BULKHEAD_LOG", level);
     run(cfg, None)
 }
 
@@ -205,6 +231,7 @@ pub fn run(
         vm: cfg,
         api_socket,
         timeout,
+        log,
     } = run;
     // RunArgs::into_config checked it is positive and finite.
     let timeout = timeout.map(Duration::from_secs_f64);
@@ -238,7 +265,9 @@ pub fn run(
         };
         cgroup_line = line;
         let required = cfg.worker_cgroups == vmm_core::cgroup::CgroupMode::Required;
-        if let Err(e) = vmm_core::spawner::start(&bin, learn.is_some(), cgroup.as_ref(), required) {
+        if let Err(e) =
+            vmm_core::spawner::start(&bin, learn.is_some(), cgroup.as_ref(), required, &log)
+        {
             if let Some(cgroup) = &cgroup {
                 cgroup.remove();
             }
@@ -277,11 +306,7 @@ pub fn run(
         move || loop {
             let Ok(sig) = signals.wait() else { return };
             match (sig, running_for_signals.get()) {
-                (Signal::SIGUSR1, Some((_, stats))) => {
-                    for line in stats.lines() {
-                        tracing::info!("{line}");
-                    }
-                }
+                (Signal::SIGUSR1, Some((_, stats))) => stats.log(),
                 (Signal::SIGUSR1, None) => {}
                 (_, Some((stopper, _))) => {
                     stopper.signal(sig as i32);

@@ -352,6 +352,7 @@ pub fn start(
     learn: bool,
     cgroup: Option<&VmCgroup>,
     required: bool,
+    log: &crate::logging::LogConfig,
 ) -> Result<(), SpawnError> {
     if SPAWNER.get().is_some() {
         return Err(SpawnError::AlreadyStarted);
@@ -367,6 +368,11 @@ pub fn start(
         .env_clear();
     if learn {
         cmd.arg("--learn");
+    }
+    // Its lines go where the VMM's do, as they look (its level comes with BULKHEAD_LOG).
+    cmd.arg("--log-format").arg(log.format.name());
+    if let Some(file) = &log.file {
+        cmd.arg("--log-file").arg(file);
     }
     if let Some(cgroup) = cgroup {
         // Fixed here, once: no request can raise a worker's limits.

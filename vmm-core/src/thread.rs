@@ -52,7 +52,12 @@ where
         }
         name.truncate(end);
     }
-    std::thread::Builder::new().name(name).spawn(f)
+    // A thread started for a disk logs inside its disk's span, as its creator did.
+    let span = tracing::Span::current();
+    std::thread::Builder::new().name(name).spawn(move || {
+        let _in_span = span.entered();
+        f()
+    })
 }
 
 #[cfg(test)]

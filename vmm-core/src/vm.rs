@@ -176,6 +176,8 @@ impl Vm {
         for (index, (disk, image)) in cfg.disks.iter().zip(images).enumerate() {
             let disk = disk.clone().with_default_queues(cfg.vcpus);
             let slot = crate::acpi::VirtioMmioSlot::from_layout(index as u32);
+            // Every line about this disk from here on (its threads inherit the span).
+            let _in_disk = tracing::info_span!("disk", id = %disk.id).entered();
             disks.push(crate::disk::attach::attach(
                 &vm, &ram, &disk, image, slot, &workers,
             )?);
@@ -347,9 +349,7 @@ impl Vm {
     /// joined: the caller ends the process, and the VM with it.
     pub fn shutdown(self) {
         crate::disk::attach::end_backends(&self.disks);
-        for line in self.stats().lines() {
-            tracing::info!("{line}");
-        }
+        self.stats().log();
     }
 }
 

@@ -22,6 +22,8 @@ pub fn limiter() -> Arc<RateLimitedLog> {
 /// How important a worker says a line is (from the level its logger wrote).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Level {
+    Trace,
+    Debug,
     Info,
     Warn,
     Error,
@@ -49,16 +51,20 @@ pub fn escape(bytes: &[u8]) -> String {
     out
 }
 
-/// The level a worker's own logger gave a line (`... WARN message`), if any.
+/// The level a worker's own logger gave a line (`TIME LEVEL message`: among its first
+/// three words), if any; else Info.
 fn level_of(line: &str) -> Level {
-    let mut words = line.split_whitespace().take(3);
-    if words.any(|w| w == "ERROR") {
-        Level::Error
-    } else if line.split_whitespace().take(3).any(|w| w == "WARN") {
-        Level::Warn
-    } else {
-        Level::Info
-    }
+    line.split_whitespace()
+        .take(3)
+        .find_map(|w| match w {
+            "ERROR" => Some(Level::Error),
+            "WARN" => Some(Level::Warn),
+            "INFO" => Some(Level::Info),
+            "DEBUG" => Some(Level::Debug),
+            "TRACE" => Some(Level::Trace),
+            _ => None,
+        })
+        .unwrap_or(Level::Info)
 }
 
 /// Reads `input` to its end, calling `emit` with each line (escaped, cut, admitted by
@@ -119,6 +125,8 @@ pub fn spawn_forwarder(
                 Level::Error => tracing::error!("worker {disk}: {text}"),
                 Level::Warn => tracing::warn!("worker {disk}: {text}"),
                 Level::Info => tracing::info!("worker {disk}: {text}"),
+                Level::Debug => tracing::debug!("worker {disk}: {text}"),
+                Level::Trace => tracing::trace!("worker {disk}: {text}"),
             })
         },
     )
@@ -176,10 +184,13 @@ mod tests {
     #[test]
     fn levels_follow_the_workers_logger() {
         let out = lines(
-            b"2026-12-07T02:00:00Z  WARN disk slow\n2026-12-07T02:00:00Z ERROR bad\nbulkhead-worker: serving\n",
+            b"2026-12-07T02:00:00Z  WARN disk slow\n2026-12-07T02:00:00Z ERROR bad\nbulkhead-worker: serving\n2026-12-07T02:00:00Z DEBUG ring 0\n",
             10,
         );
         let levels: Vec<Level> = out.iter().map(|(l, _)| *l).collect();
-        assert_eq!(levels, [Level::Warn, Level::Error, Level::Info]);
+        assert_eq!(
+            levels,
+            [Level::Warn, Level::Error, Level::Info, Level::Debug]
+        );
     }
 }
