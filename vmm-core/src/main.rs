@@ -23,6 +23,19 @@ struct Cli {
 enum Command {
     /// Boot a guest.
     Run(run_cmd::RunArgs),
+    /// Print a shell completion script for bulkhead (e.g. `bulkhead completions bash >
+    /// /usr/share/bash-completion/completions/bulkhead`).
+    Completions {
+        /// The shell.
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Print bulkhead's man page (roff; `bulkhead man | man -l -`), or that of one of its
+    /// commands (`bulkhead man run`: bulkhead-run(1)).
+    Man {
+        /// A command (run, policy, ctl, completions). [default: bulkhead itself]
+        command: Option<String>,
+    },
     /// Audit the seccomp policies of the workers.
     #[command(subcommand)]
     Policy(policy_cmd::PolicyCommand),
@@ -130,6 +143,38 @@ fn main() -> ExitCode {
     match cli.command {
         Command::Policy(_) => unreachable!("handled above"),
         Command::Ctl(args) => ctl(args),
+        Command::Completions { shell } => {
+            clap_complete::generate(
+                shell,
+                &mut <Cli as clap::CommandFactory>::command(),
+                "bulkhead",
+                &mut std::io::stdout(),
+            );
+            ExitCode::SUCCESS
+        }
+        Command::Man { command } => {
+            let root = <Cli as clap::CommandFactory>::command();
+            let page = match &command {
+                None => root,
+                Some(name) => match root.find_subcommand(name).filter(|c| !c.is_hide_set()) {
+                    // The page is named bulkhead-NAME(1); the process ends right after.
+                    Some(sub) => sub
+                        .clone()
+                        .name(&*Box::leak(format!("bulkhead-{name}").into_boxed_str())),
+                    None => {
+                        vmm_core::say!("bulkhead: error: no command {name:?} to show a page of");
+                        return ExitCode::FAILURE;
+                    }
+                },
+            };
+            match clap_mangen::Man::new(page).render(&mut std::io::stdout()) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    vmm_core::say!("bulkhead: error: cannot write the man page: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
         Command::Spawner {
             socket_fd,
             worker_bin,
