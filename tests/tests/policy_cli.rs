@@ -223,3 +223,22 @@ fn show_refuses_json_and_bpf_together() {
         "{t}"
     );
 }
+
+/// Output piped into a reader that has gone (`bulkhead policy list | head -0`) ends the
+/// command quietly by SIGPIPE, as other tools do, not with a panic on stderr.
+#[test]
+fn a_closed_pipe_ends_a_command_quietly() {
+    use std::os::unix::process::ExitStatusExt;
+    let mut child = std::process::Command::new(tests::bulkhead_bin())
+        .args(["policy", "list"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Closed before bulkhead has started writing.
+    drop(child.stdout.take());
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.is_empty(), "{stderr}");
+    assert_eq!(out.status.signal(), Some(libc::SIGPIPE), "{:?}", out.status);
+}

@@ -131,6 +131,12 @@ impl VmCgroup {
             write(&swap, "0")?;
         }
         write(&dir.join("pids.max"), &WORKER_PIDS_MAX.to_string())?;
+        // An OOM kill ends the whole worker (reaper and confined process) at once, not one
+        // of its processes, leaving the other to serve half a worker.
+        let group = dir.join("memory.oom.group");
+        if group.exists() {
+            write(&group, "1")?;
+        }
         let procs_path = dir.join("cgroup.procs");
         let procs = fs::OpenOptions::new()
             .write(true)

@@ -110,6 +110,12 @@ fn ensure_standard_fds() {
 fn main() -> ExitCode {
     ensure_standard_fds();
     let cli = Cli::parse();
+    if !matches!(cli.command, Command::Run(_) | Command::Spawner { .. }) {
+        // A command whose output is piped into `head` ends quietly when the reader goes,
+        // as other tools do, instead of panicking on the write (Rust ignores SIGPIPE).
+        // SAFETY: restores the default action of one signal; no handler runs.
+        unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
+    }
     // `bulkhead run` sets its log up from its configuration (flags or file); the spawner
     // from what its VMM passed on; every other command logs to stderr as BULKHEAD_LOG says.
     let log = match &cli.command {
