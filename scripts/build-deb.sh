@@ -8,7 +8,8 @@
 #   --out      where the .deb goes (default: target/deb); its path is the last line printed
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
-cd "$repo_root"
+# Modes in the package are these, whatever the caller's umask.
+umask 022
 
 bin_dir=
 out=target/deb
@@ -20,6 +21,10 @@ while [[ $# -gt 0 ]]; do
     *) echo "build-deb: unknown argument $1 (see --help)" >&2; exit 2 ;;
     esac
 done
+# Paths given are the caller's; from here on the repository's.
+[[ -z $bin_dir ]] || bin_dir=$(realpath -- "$bin_dir")
+mkdir -p "$out" && out=$(realpath -- "$out")
+cd "$repo_root"
 if [[ -z $bin_dir ]]; then
     log "building bulkhead and bulkhead-worker (release)"
     cargo build --release --locked --bin bulkhead --bin bulkhead-worker
@@ -59,18 +64,28 @@ install -m 0644 examples/vm.json "$root/usr/share/doc/bulkhead/examples/vm.json"
 cat >"$root/usr/share/doc/bulkhead/copyright" <<COPYRIGHT
 Format: https://www.debian.org/doc/packaging-manuals/copyright-format/1.0/
 Upstream-Name: bulkhead
+
+Files: *
+Copyright: the bulkhead developers
 License: Apache-2.0
  On Debian systems the full text is in /usr/share/common-licenses/Apache-2.0.
 COPYRIGHT
 
 size=$(du -sk --exclude=DEBIAN "$root" | cut -f1)
+# The shared libraries the binaries load, as Debian packages with their versions.
+depends=$(cd "$root" && mkdir -p debian && touch debian/control &&
+    dpkg-shlibdeps -O -e usr/bin/bulkhead -e usr/bin/bulkhead-worker 2>/dev/null |
+    sed -n 's/^shlibs:Depends=//p'; rm -rf debian)
+[[ -n $depends ]] || depends="libc6 (>= 2.34), libgcc-s1 (>= 4.2)"
+(cd "$root" && find . -path ./DEBIAN -prune -o -type f -printf '%P\0' | LC_ALL=C sort -z |
+    xargs -0 md5sum >DEBIAN/md5sums)
 cat >"$root/DEBIAN/control" <<CONTROL
 Package: bulkhead
 Version: $version
 Architecture: $arch
 Maintainer: bulkhead developers <bulkhead@localhost>
 Installed-Size: $size
-Depends: libc6 (>= 2.34)
+Depends: $depends
 Section: admin
 Priority: optional
 Description: KVM virtual machine monitor with sandboxed disk workers

@@ -31,6 +31,8 @@ fn two_disk_run(name: &str, extra: &[&str], env: &[(&str, &str)]) -> (tests::Run
     }
     let log = dir.join("bulkhead.log");
     cmd.arg("--log-file").arg(&log).args(extra);
+    // Only what the test gives: the caller's BULKHEAD_LOG would change what is logged.
+    cmd.env_remove("BULKHEAD_LOG");
     for (k, v) in env {
         cmd.env(k, v);
     }

@@ -22,8 +22,12 @@ fn ok(mut cmd: Command, what: &str) -> tests::RunResult {
 fn the_deb_installs_and_its_bulkhead_runs() {
     let dir = scratch_dir("packaging-deb");
     let bin_dir = tests::bulkhead_bin().parent().unwrap().to_path_buf();
-    let mut build = Command::new(workspace_root().join("scripts/build-deb.sh"));
+    // Under a loose umask, which the package's modes must not follow.
+    let mut build = Command::new("bash");
     build
+        .arg("-c")
+        .arg("umask 002; exec \"$0\" \"$@\"")
+        .arg(workspace_root().join("scripts/build-deb.sh"))
         .arg("--bin-dir")
         .arg(&bin_dir)
         .arg("--out")
@@ -47,7 +51,29 @@ fn the_deb_installs_and_its_bulkhead_runs() {
     ]);
     let fields = ok(info, "dpkg-deb --field").stdout;
     assert!(fields.contains("Package: bulkhead"), "{fields}");
-    assert!(fields.contains("Depends: libc6"), "{fields}");
+    assert!(
+        fields.contains("libc6") && fields.contains("libgcc-s1"),
+        "{fields}"
+    );
+    // root:root, nothing group- or world-writable, binaries 0755, the rest 0644.
+    let mut contents = Command::new("dpkg-deb");
+    contents.args(["--contents", &deb]);
+    let listing = ok(contents, "dpkg-deb --contents").stdout;
+    for entry in listing.lines() {
+        let mut words = entry.split_whitespace();
+        let (mode, owner, path) = (
+            words.next().unwrap_or(""),
+            words.next().unwrap_or(""),
+            words.last().unwrap_or(""),
+        );
+        assert_eq!(owner, "root/root", "{entry}");
+        let want = if mode.starts_with('d') || path.starts_with("./usr/bin/") {
+            &mode[1..] == "rwxr-xr-x"
+        } else {
+            &mode[1..] == "rw-r--r--"
+        };
+        assert!(want, "{entry}");
+    }
 
     // An empty root with an empty dpkg database; libc6 is not "installed" there.
     let root = dir.join("root");
@@ -106,10 +132,15 @@ fn the_deb_installs_and_its_bulkhead_runs() {
     );
     // The unit runs what the package installs, from a file of the --config format.
     let unit = std::fs::read_to_string(root.join("lib/systemd/system/bulkhead@.service")).unwrap();
-    assert!(
-        unit.contains("ExecStart=/usr/bin/bulkhead run --config /etc/bulkhead/%i.json"),
-        "{unit}"
-    );
+    for line in [
+        "ExecStart=/usr/bin/bulkhead run --config /etc/bulkhead/%i.json",
+        // A stop (SIGTERM: 128+15) and a --timeout (124) are clean ends.
+        "SuccessExitStatus=143 124",
+        // The guest's console is not the journal, where bulkhead's log lines are.
+        "StandardOutput=append:/var/log/bulkhead/%i.console",
+    ] {
+        assert!(unit.lines().any(|l| l == line), "{line}: {unit}");
+    }
     let mut example = Command::new(&installed);
     example
         .args(["run", "--config"])

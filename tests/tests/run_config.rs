@@ -58,10 +58,10 @@ fn a_vm_runs_from_the_file_its_flags_print() {
     let from_file = printed(&["run", "--config", file.to_str().unwrap(), "--print-config"]);
     assert_eq!(from_file, from_flags);
 
-    let r = run_bulkhead(
-        &["run", "--config", file.to_str().unwrap()],
-        Duration::from_secs(90),
-    );
+    let mut cmd = Command::new(tests::bulkhead_bin());
+    cmd.args(["run", "--config", file.to_str().unwrap()])
+        .env_remove("BULKHEAD_LOG");
+    let r = run_with_deadline(cmd, Duration::from_secs(90));
     let t = r.transcript();
     assert_eq!(r.code, Some(0), "{t}");
     assert!(tg_lines(&r.stdout).iter().any(|l| l == "TG done"), "{t}");
@@ -89,7 +89,8 @@ fn the_example_file_runs() {
     let mut cmd = Command::new(tests::bulkhead_bin());
     cmd.current_dir(&dir)
         .args(["run", "--config"])
-        .arg(&example);
+        .arg(&example)
+        .env_remove("BULKHEAD_LOG");
     let r = run_with_deadline(cmd, Duration::from_secs(90));
     let t = r.transcript();
     assert_eq!(r.code, Some(0), "{t}");
@@ -102,7 +103,6 @@ fn the_example_file_runs() {
 /// MiB: one error line each, nothing run.
 #[test]
 fn a_file_with_flags_or_a_bad_file_is_refused_in_one_line() {
-    require_kvm();
     let dir = scratch_dir("config-refused");
     let kernel = testguest();
     let file = dir.join("vm.json");
@@ -137,6 +137,18 @@ fn a_file_with_flags_or_a_bad_file_is_refused_in_one_line() {
         "cannot read --config",
     );
     refused(&["run"], "--kernel is required (or --config FILE)");
+    // A timeout no Duration holds, a config that is not a regular file.
+    refused(
+        &[
+            "run",
+            "--kernel",
+            kernel.to_str().unwrap(),
+            "--timeout",
+            "1e300",
+        ],
+        "--timeout 1e300",
+    );
+    refused(&["run", "--config", "/dev/zero"], "is not a regular file");
     refused(
         &[
             "run",

@@ -186,6 +186,8 @@ fn route(method: &str, target: &str, disks: &HashMap<String, Arc<DiskHandle>>) -
                 Ok(c) => c,
                 Err(response) => return response,
             };
+            // This thread's lines about the restart name the disk, as its threads' do.
+            let _in_disk = tracing::info_span!("disk", id = %id).entered();
             tracing::info!("api: planned restart of disk {id}");
             match handle.restart(RESTART_TIMEOUT) {
                 Ok((pid, took)) => Response(

@@ -71,7 +71,7 @@ pub struct RunConfig {
 
 /// Errors in a size.
 #[derive(Debug, thiserror::Error)]
-#[error("{text:?} {why}: give MiB (512) or a size with a binary unit (512M, 1G, 1536M, 2T)")]
+#[error("{text:?} {why}: give MiB (512) or a size with a binary unit (512M, 1G, 1536M, 1T)")]
 pub struct SizeError {
     text: String,
     why: &'static str,
@@ -89,16 +89,11 @@ pub fn parse_mem_mib(text: &str) -> Result<u64, SizeError> {
     let digits = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
     let (number, unit) = t.split_at(digits);
     let number: u64 = number.parse().map_err(|_| err("is not a number"))?;
-    let unit = unit.trim().to_ascii_lowercase();
-    let unit = unit
-        .strip_suffix("ib")
-        .or_else(|| unit.strip_suffix('b'))
-        .unwrap_or(&unit);
-    let kib: u64 = match unit {
-        "" | "m" => 1024,
-        "k" => 1,
-        "g" => 1024 * 1024,
-        "t" => 1024 * 1024 * 1024,
+    let kib: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "m" | "mb" | "mib" => 1024,
+        "k" | "kb" | "kib" => 1,
+        "g" | "gb" | "gib" => 1024 * 1024,
+        "t" | "tb" | "tib" => 1024 * 1024 * 1024,
         _ => return Err(err("has an unknown unit")),
     };
     let kib = number.checked_mul(kib).ok_or(err("is too large"))?;
@@ -107,6 +102,7 @@ pub fn parse_mem_mib(text: &str) -> Result<u64, SizeError> {
     }
     match kib / 1024 {
         0 => Err(err("is zero")),
+        mib if mib > crate::memory::MAX_MEM_MIB => Err(err("is more than 1T")),
         mib => Ok(mib),
     }
 }
@@ -140,6 +136,9 @@ mod mem_serde {
         match Mem::deserialize(d)? {
             Mem::Mib(0) => Err(serde::de::Error::custom(
                 "mem 0: guest RAM must be more than zero",
+            )),
+            Mem::Mib(mib) if mib > crate::memory::MAX_MEM_MIB => Err(serde::de::Error::custom(
+                format!("mem {mib} (MiB) is more than 1T"),
             )),
             Mem::Mib(mib) => Ok(mib),
             Mem::Text(t) => super::parse_mem_mib(&t).map_err(serde::de::Error::custom),
@@ -243,6 +242,7 @@ mod tests {
             ("2GiB", 2048),
             ("1048576K", 1024),
             ("1T", 1 << 20),
+            ("1TiB", 1 << 20),
             (" 64M ", 64),
         ] {
             assert_eq!(parse_mem_mib(text).unwrap(), mib, "{text}");
@@ -257,6 +257,9 @@ mod tests {
             ("1.5G", "unknown unit"),
             ("99999999999999999999T", "not a number"),
             ("9999999999999T", "too large"),
+            ("2T", "more than 1T"),
+            ("512B", "unknown unit"),
+            ("5ib", "unknown unit"),
         ] {
             let e = parse_mem_mib(text).unwrap_err().to_string();
             assert!(e.contains(says), "{text}: {e}");
@@ -289,6 +292,10 @@ mod tests {
         }
         for (json, says) in [
             (r#"{"kernel": "/k", "mem": 0}"#, "more than zero"),
+            (
+                r#"{"kernel": "/k", "mem": 18446744073709551615}"#,
+                "more than 1T",
+            ),
             (r#"{"kernel": "/k", "mem": "1536K"}"#, "whole number of MiB"),
         ] {
             let e = serde_json::from_str::<VmConfig>(json)

@@ -1,5 +1,6 @@
 //! `bulkhead`: a KVM VMM whose disks are served by sandboxed worker processes.
 
+use std::os::fd::FromRawFd;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -12,6 +13,7 @@ mod run_cmd;
 #[command(
     name = "bulkhead",
     version,
+    disable_help_subcommand = true,
     about = "A KVM VMM whose disks live in sandboxed worker processes"
 )]
 struct Cli {
@@ -33,7 +35,7 @@ enum Command {
     /// Print bulkhead's man page (roff; `bulkhead man | man -l -`), or that of one of its
     /// commands (`bulkhead man run`: bulkhead-run(1)).
     Man {
-        /// A command (run, policy, ctl, completions). [default: bulkhead itself]
+        /// A command (run, policy, ctl, completions, man). [default: bulkhead itself]
         command: Option<String>,
     },
     /// Audit the seccomp policies of the workers.
@@ -63,9 +65,9 @@ enum Command {
         /// The VMM's log format.
         #[arg(long, value_enum, default_value_t = vmm_core::logging::LogFormat::Text)]
         log_format: vmm_core::logging::LogFormat,
-        /// The VMM's log file.
+        /// The VMM's log file, open at this descriptor.
         #[arg(long)]
-        log_file: Option<PathBuf>,
+        log_fd: Option<i32>,
     },
 }
 
@@ -118,23 +120,46 @@ fn main() -> ExitCode {
     }
     // `bulkhead run` sets its log up from its configuration (flags or file); the spawner
     // from what its VMM passed on; every other command logs to stderr as BULKHEAD_LOG says.
-    let log = match &cli.command {
-        Command::Run(_) => None,
+    use vmm_core::logging::{LogConfig, LogTarget};
+    match &cli.command {
+        Command::Run(_) => {}
         Command::Spawner {
-            log_format,
-            log_file,
-            ..
-        } => Some(vmm_core::logging::LogConfig {
-            format: *log_format,
-            file: log_file.clone(),
-            level: None,
-        }),
-        _ => Some(vmm_core::logging::LogConfig::default()),
-    };
-    if let Some(log) = log {
-        if let Err(e) = vmm_core::logging::init(&log) {
-            vmm_core::say!("bulkhead: error: {e}");
-            return ExitCode::FAILURE;
+            log_format, log_fd, ..
+        } => {
+            let target = match log_fd {
+                Some(fd) => {
+                    // SAFETY: the VMM put its log file at this descriptor for this process
+                    // alone; it is taken once, here.
+                    let file = unsafe { std::fs::File::from_raw_fd(*fd) };
+                    // Not for the workers this process starts.
+                    let _ = nix::fcntl::fcntl(
+                        &file,
+                        nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC),
+                    );
+                    LogTarget::Fd(file)
+                }
+                None => LogTarget::Config,
+            };
+            let cfg = LogConfig {
+                format: *log_format,
+                ..LogConfig::default()
+            };
+            if let Err(e) = vmm_core::logging::init_to(&cfg, target) {
+                vmm_core::say!("bulkhead spawner: error: {e}");
+                return ExitCode::FAILURE;
+            }
+        }
+        _ => {
+            // A command that does not run a VM logs little; a BULKHEAD_LOG it cannot read
+            // does not stop it (man, completions, policy), it says so and logs at info.
+            if let Err(e) = vmm_core::logging::init(&LogConfig::default()) {
+                vmm_core::say!("bulkhead: warning: {e}; logging at info");
+                let info = LogConfig {
+                    level: Some("info".into()),
+                    ..LogConfig::default()
+                };
+                let _ = vmm_core::logging::init(&info);
+            }
         }
     }
     if let Command::Policy(cmd) = cli.command {
@@ -166,7 +191,9 @@ fn main() -> ExitCode {
                     // The page is named bulkhead-NAME(1); the process ends right after.
                     Some(sub) => sub
                         .clone()
-                        .name(&*Box::leak(format!("bulkhead-{name}").into_boxed_str())),
+                        .name(&*Box::leak(format!("bulkhead-{name}").into_boxed_str()))
+                        .bin_name(format!("bulkhead {name}"))
+                        .version(env!("CARGO_PKG_VERSION")),
                     None => {
                         vmm_core::say!("bulkhead: error: no command {name:?} to show a page of");
                         return ExitCode::FAILURE;

@@ -211,8 +211,14 @@ fn learn(args: LearnArgs) -> anyhow::Result<ExitCode> {
         }
         let run = RunOnly::try_parse_from(std::iter::once("run".to_string()).chain(command))
             .map_err(|e| anyhow::anyhow!("bad `bulkhead run` arguments after `--`:\n{e}"))?
-            .run
-            .into_config()?;
+            .run;
+        if run.print_config || run.log_flags_given() {
+            anyhow::bail!(
+                "--print-config and --log-* are not taken after `policy learn --`: learn logs \
+                 to stderr as BULKHEAD_LOG says and prints its report"
+            );
+        }
+        let run = run.into_config()?;
         if !run
             .vm
             .disks

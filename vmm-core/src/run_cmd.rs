@@ -118,8 +118,7 @@ impl RunArgs {
                         }
                     );
                 }
-                let text = std::fs::read_to_string(path)
-                    .with_context(|| format!("cannot read --config {}", path.display()))?;
+                let text = read_config(path)?;
                 let cfg: RunConfig = serde_json::from_str(&text)
                     .with_context(|| format!("--config {}", path.display()))?;
                 RunConfig {
@@ -170,11 +169,19 @@ impl RunArgs {
             }
         };
         if let Some(t) = cfg.timeout {
-            if !(t.is_finite() && t > 0.0) {
-                anyhow::bail!("--timeout {t} must be a positive number of seconds");
+            if !(t.is_finite() && t > 0.0) || Duration::try_from_secs_f64(t).is_err() {
+                anyhow::bail!("--timeout {t:?} must be a positive number of seconds");
             }
         }
+        // What --print-config prints must run: the log level is checked here too.
+        vmm_core::logging::directives(&cfg.log)?;
         Ok(cfg)
+    }
+
+    /// Whether anything about the log was given (`policy learn` logs as every command but
+    /// `run` does, and refuses these).
+    pub fn log_flags_given(&self) -> bool {
+        self.log_format.is_some() || self.log_file.is_some() || self.log_level.is_some()
     }
 
     /// The run options given besides --config and --print-config, by flag.
@@ -202,6 +209,31 @@ impl RunArgs {
         add(self.log_level.is_some(), "--log-level");
         given
     }
+}
+
+/// The largest configuration file read (a VM with many disks is a few KiB).
+const MAX_CONFIG_BYTES: u64 = 1 << 20;
+
+/// Reads a configuration file: a regular file of at most [`MAX_CONFIG_BYTES`].
+fn read_config(path: &std::path::Path) -> anyhow::Result<String> {
+    use std::io::Read;
+    let context = || format!("cannot read --config {}", path.display());
+    let file = std::fs::File::open(path).with_context(context)?;
+    if !file.metadata().with_context(context)?.is_file() {
+        anyhow::bail!("--config {} is not a regular file", path.display());
+    }
+    let mut text = String::new();
+    file.take(MAX_CONFIG_BYTES + 1)
+        .read_to_string(&mut text)
+        .with_context(context)?;
+    if text.len() as u64 > MAX_CONFIG_BYTES {
+        anyhow::bail!(
+            "--config {} is larger than {} KiB",
+            path.display(),
+            MAX_CONFIG_BYTES >> 10
+        );
+    }
+    Ok(text)
 }
 
 /// `bulkhead run`: prints the effective configuration (`--print-config`), or sets the log

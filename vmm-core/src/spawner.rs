@@ -46,6 +46,8 @@ const LEARN_FD: RawFd = 7;
 
 /// Where the spawner finds its socket.
 const SPAWNER_SOCKET_FD: RawFd = 3;
+/// Where the spawner finds the VMM's log file, when the log goes to one.
+const SPAWNER_LOG_FD: RawFd = 4;
 
 /// Longest disk id a request may carry (the worker's own limit is lower).
 const MAX_ID_LEN: usize = 64;
@@ -369,10 +371,17 @@ pub fn start(
     if learn {
         cmd.arg("--learn");
     }
-    // Its lines go where the VMM's do, as they look (its level comes with BULKHEAD_LOG).
+    // Its lines go where the VMM's do, as they look (its level comes with BULKHEAD_LOG):
+    // into the very file the VMM opened, handed over (a path could lead elsewhere by now).
     cmd.arg("--log-format").arg(log.format.name());
-    if let Some(file) = &log.file {
-        cmd.arg("--log-file").arg(file);
+    // Copies above every target number: the dup2s below never clobber a source.
+    let log_copy = crate::logging::log_file()
+        .map(|f| dup_high(f.as_fd()))
+        .transpose()
+        .map_err(SpawnError::StartSpawner)?;
+    let log_fd = log_copy.as_ref().map(|f| f.as_raw_fd());
+    if log_fd.is_some() {
+        cmd.arg("--log-fd").arg(SPAWNER_LOG_FD.to_string());
     }
     if let Some(cgroup) = cgroup {
         // Fixed here, once: no request can raise a worker's limits.
@@ -389,25 +398,25 @@ pub fn start(
             cmd.env(name, value);
         }
     }
-    let theirs_fd = theirs.as_raw_fd();
-    // SAFETY: runs between fork and exec in the child: dup2, fcntl and prctl are
-    // async-signal-safe and touch only the child's descriptors and itself.
+    let theirs_high = dup_high(theirs.as_fd()).map_err(SpawnError::StartSpawner)?;
+    let theirs_fd = theirs_high.as_raw_fd();
+    // SAFETY: runs between fork and exec in the child: dup2 is async-signal-safe and
+    // touches only the child's descriptors (its copies clear close-on-exec).
     unsafe {
         cmd.pre_exec(move || {
-            // dup2 onto itself keeps close-on-exec: clear it instead.
-            let placed = if theirs_fd == SPAWNER_SOCKET_FD {
-                libc::fcntl(theirs_fd, libc::F_SETFD, 0)
-            } else {
-                libc::dup2(theirs_fd, SPAWNER_SOCKET_FD)
-            };
-            if placed < 0 {
+            if libc::dup2(theirs_fd, SPAWNER_SOCKET_FD) < 0 {
                 return Err(std::io::Error::last_os_error());
+            }
+            if let Some(fd) = log_fd {
+                if libc::dup2(fd, SPAWNER_LOG_FD) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
             }
             Ok(())
         });
     }
     let child = cmd.spawn().map_err(SpawnError::StartSpawner)?;
-    drop(theirs);
+    drop((theirs, theirs_high, log_copy));
     tracing::debug!("spawner process started as pid {}", child.id());
     if let Ok(fd) = crate::pids::pidfd_open(child.id()) {
         let _ = SPAWNER_PIDFD.set(fd);

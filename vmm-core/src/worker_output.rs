@@ -52,8 +52,15 @@ pub fn escape(bytes: &[u8]) -> String {
 }
 
 /// The level a worker's own logger gave a line (`TIME LEVEL message`: among its first
-/// three words), if any; else Info.
+/// three words). Lines a worker writes without its logger are Info, but for those that say
+/// why it failed (its error lines and a panic's message), which are Error: they must
+/// survive `--log-level warn`.
 fn level_of(line: &str) -> Level {
+    if line.starts_with("bulkhead-worker: error:")
+        || (line.starts_with("thread '") && line.contains(" panicked at "))
+    {
+        return Level::Error;
+    }
     line.split_whitespace()
         .take(3)
         .find_map(|w| match w {
@@ -184,13 +191,20 @@ mod tests {
     #[test]
     fn levels_follow_the_workers_logger() {
         let out = lines(
-            b"2026-12-07T02:00:00Z  WARN disk slow\n2026-12-07T02:00:00Z ERROR bad\nbulkhead-worker: serving\n2026-12-07T02:00:00Z DEBUG ring 0\n",
+            b"2026-12-07T02:00:00Z  WARN disk slow\n2026-12-07T02:00:00Z ERROR bad\nbulkhead-worker: serving\n2026-12-07T02:00:00Z DEBUG ring 0\nbulkhead-worker: error: cannot map\nthread 'main' (7) panicked at src/x.rs:1:1:\n",
             10,
         );
         let levels: Vec<Level> = out.iter().map(|(l, _)| *l).collect();
         assert_eq!(
             levels,
-            [Level::Warn, Level::Error, Level::Info, Level::Debug]
+            [
+                Level::Warn,
+                Level::Error,
+                Level::Info,
+                Level::Debug,
+                Level::Error,
+                Level::Error
+            ]
         );
     }
 }
