@@ -68,6 +68,12 @@ enum Command {
         /// The VMM's log file, open at this descriptor.
         #[arg(long)]
         log_fd: Option<i32>,
+        /// The VMM's API socket, removed once the VMM is gone if still the one bound...
+        #[arg(long, requires = "api_socket_id")]
+        api_socket: Option<PathBuf>,
+        /// ...that is, still of this DEV:INO.
+        #[arg(long, value_parser = parse_dev_ino)]
+        api_socket_id: Option<(u64, u64)>,
     },
 }
 
@@ -215,6 +221,8 @@ fn main() -> ExitCode {
             cgroup_dir,
             worker_memory_max,
             cgroup_required,
+            api_socket,
+            api_socket_id,
             ..
         } => match vmm_core::spawner::serve(
             socket_fd,
@@ -224,6 +232,7 @@ fn main() -> ExitCode {
                 .zip(worker_memory_max)
                 .map(|(dir, max)| vmm_core::cgroup::VmCgroup::at(dir, max)),
             cgroup_required,
+            api_socket.zip(api_socket_id),
         ) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
@@ -239,6 +248,15 @@ fn main() -> ExitCode {
             }
         },
     }
+}
+
+/// `DEV:INO`, as the VMM passes its API socket's identity to the spawner.
+fn parse_dev_ino(text: &str) -> Result<(u64, u64), String> {
+    let (dev, ino) = text.split_once(':').ok_or("DEV:INO")?;
+    Ok((
+        dev.parse().map_err(|e| format!("{e}"))?,
+        ino.parse().map_err(|e| format!("{e}"))?,
+    ))
 }
 
 fn ctl(args: CtlArgs) -> ExitCode {

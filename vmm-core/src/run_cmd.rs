@@ -267,6 +267,9 @@ pub fn run(
     } = run;
     // RunArgs::into_config checked it is positive and finite.
     let timeout = timeout.map(Duration::from_secs_f64);
+    // The API socket first of all: in use, or a path that cannot be one, ends the run
+    // before any worker or vCPU starts.
+    let api = api_socket.as_deref().map(vmm_core::api::bind).transpose()?;
     // Workers are started by a helper process, started now, while bulkhead has no other
     // thread, no guest memory and no image open (no VMM thread then needs fork or exec).
     let mut cgroup_line = None;
@@ -297,9 +300,14 @@ pub fn run(
         };
         cgroup_line = line;
         let required = cfg.worker_cgroups == vmm_core::cgroup::CgroupMode::Required;
-        if let Err(e) =
-            vmm_core::spawner::start(&bin, learn.is_some(), cgroup.as_ref(), required, &log)
-        {
+        if let Err(e) = vmm_core::spawner::start(
+            &bin,
+            learn.is_some(),
+            cgroup.as_ref(),
+            required,
+            &log,
+            api.as_ref().map(|a| (a.path(), a.identity())),
+        ) {
             if let Some(cgroup) = &cgroup {
                 cgroup.remove();
             }
@@ -378,8 +386,8 @@ pub fn run(
     vm.serial()
         .spawn_input(std::io::stdin())
         .context("start the serial input thread")?;
-    if let Some(path) = &api_socket {
-        vmm_core::api::serve(path, vm.disk_handles())?;
+    if let Some(api) = api {
+        vmm_core::api::serve(api, vm.disk_handles())?;
     }
     let _ = running.set((vm.stopper(), vm.stats()));
     let outcome = vm.run(timeout)?;

@@ -355,6 +355,7 @@ pub fn start(
     cgroup: Option<&VmCgroup>,
     required: bool,
     log: &crate::logging::LogConfig,
+    api_socket: Option<(&Path, (u64, u64))>,
 ) -> Result<(), SpawnError> {
     if SPAWNER.get().is_some() {
         return Err(SpawnError::AlreadyStarted);
@@ -382,6 +383,14 @@ pub fn start(
     let log_fd = log_copy.as_ref().map(|f| f.as_raw_fd());
     if log_fd.is_some() {
         cmd.arg("--log-fd").arg(SPAWNER_LOG_FD.to_string());
+    }
+    if let Some((path, (dev, ino))) = api_socket {
+        // The VMM's threads may not unlink a path: the spawner removes the API socket
+        // once the VMM is gone, if it is still the one the VMM bound.
+        cmd.arg("--api-socket")
+            .arg(path)
+            .arg("--api-socket-id")
+            .arg(format!("{dev}:{ino}"));
     }
     if let Some(cgroup) = cgroup {
         // Fixed here, once: no request can raise a worker's limits.
@@ -728,6 +737,7 @@ pub fn serve(
     learn: bool,
     cgroup: Option<VmCgroup>,
     cgroup_required: bool,
+    api_socket: Option<(PathBuf, (u64, u64))>,
 ) -> Result<(), SpawnError> {
     let mut cgroups = Cgroups {
         vm: cgroup,
@@ -736,7 +746,22 @@ pub fn serve(
     let mut running = Vec::new();
     let served = serve_requests(socket_fd, &worker_bin, learn, &mut cgroups, &mut running);
     cgroups.finish(running);
+    if let Some((path, identity)) = api_socket {
+        remove_socket(&path, identity);
+    }
     served
+}
+
+/// Removes the socket file at `path` if it is still the one with `identity` (device,
+/// inode): never a file someone put there since.
+fn remove_socket(path: &Path, identity: (u64, u64)) -> bool {
+    use std::os::unix::fs::{FileTypeExt, MetadataExt};
+    match std::fs::symlink_metadata(path) {
+        Ok(m) if m.file_type().is_socket() && (m.dev(), m.ino()) == identity => {
+            std::fs::remove_file(path).is_ok()
+        }
+        _ => false,
+    }
 }
 
 /// The spawner's cgroups: the VM's directory, if it has one.
@@ -1011,7 +1036,7 @@ mod tests {
         let bin = PathBuf::from(bin);
         (
             ours,
-            std::thread::spawn(move || serve(raw, bin, false, None, false)),
+            std::thread::spawn(move || serve(raw, bin, false, None, false, None)),
         )
     }
 
