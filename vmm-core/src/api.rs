@@ -71,12 +71,15 @@ pub fn bind(path: &Path) -> Result<ApiSocket, ApiError> {
         source,
     };
     match std::fs::symlink_metadata(path) {
-        Ok(meta) if meta.file_type().is_socket() => {
-            if UnixStream::connect(path).is_ok() {
-                return Err(ApiError::InUse(path.to_path_buf()));
+        Ok(meta) if meta.file_type().is_socket() => match UnixStream::connect(path) {
+            Ok(_) => return Err(ApiError::InUse(path.to_path_buf())),
+            // Stale only when nobody listens: a socket bulkhead may not connect to (another
+            // user's, EACCES) is not known to be stale, and is left alone.
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
+                std::fs::remove_file(path).map_err(listen_err)?;
             }
-            std::fs::remove_file(path).map_err(listen_err)?;
-        }
+            Err(e) => return Err(listen_err(e)),
+        },
         Ok(_) => return Err(ApiError::NotASocket(path.to_path_buf())),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
         Err(e) => return Err(listen_err(e)),
