@@ -43,7 +43,14 @@ impl NestedRun {
             .args(args);
         // run.sh stops QEMU at `limit`; the deadline here only catches a stuck runner.
         let run = run_with_deadline(cmd, limit + Duration::from_secs(60));
-        let lines = run.stdout.lines().map(str::to_string).collect();
+        // After a stalled L1 (run.sh's `NEST restart` line) only the fresh run counts; the
+        // transcript keeps both.
+        let all: Vec<&str> = run.stdout.lines().collect();
+        let fresh = all
+            .iter()
+            .rposition(|l| l.starts_with("NEST restart"))
+            .map_or(0, |i| i + 1);
+        let lines = all[fresh..].iter().map(|l| l.to_string()).collect();
         let nested = NestedRun { run, lines };
         assert!(
             !nested.run.killed && nested.run.code != Some(124),
