@@ -206,6 +206,18 @@ pub fn run_bulkhead(args: &[&str], deadline: std::time::Duration) -> RunResult {
     run_with_deadline(cmd, deadline)
 }
 
+/// `bulkhead <args>` is refused: one `bulkhead: error:` line mentioning `expected`, a
+/// non-zero exit, and nothing on stdout (no guest ran).
+pub fn assert_bulkhead_refused(args: &[&str], expected: &str) {
+    let r = run_bulkhead(args, std::time::Duration::from_secs(30));
+    assert!(
+        r.stdout.is_empty(),
+        "no guest may have run: {}",
+        r.transcript()
+    );
+    r.assert_one_error_line("bulkhead: error: ", expected);
+}
+
 /// The test guest's result lines (`TG ...`), serial noise removed.
 pub fn tg_lines(stdout: &str) -> Vec<String> {
     stdout

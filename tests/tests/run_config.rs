@@ -107,11 +107,7 @@ fn a_file_with_flags_or_a_bad_file_is_refused_in_one_line() {
     let kernel = testguest();
     let file = dir.join("vm.json");
     let write = |text: &str| std::fs::write(&file, text).unwrap();
-    let refused = |args: &[&str], expected: &str| {
-        let r = run_bulkhead(args, Duration::from_secs(30));
-        assert!(r.stdout.is_empty(), "nothing may run: {}", r.transcript());
-        r.assert_one_error_line("bulkhead: error: ", expected);
-    };
+    let refused = tests::assert_bulkhead_refused;
     let f = file.to_str().unwrap();
     write(&format!(
         r#"{{"vm": {{"kernel": "{}"}}}}"#,

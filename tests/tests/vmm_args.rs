@@ -5,15 +5,7 @@ use std::time::Duration;
 
 use tests::{require_kvm, run_bulkhead, scratch_dir, testguest};
 
-fn assert_refused(args: &[&str], expected: &str) {
-    let r = run_bulkhead(args, Duration::from_secs(30));
-    assert!(
-        r.stdout.is_empty(),
-        "no guest may have run: {}",
-        r.transcript()
-    );
-    r.assert_one_error_line("bulkhead: error: ", expected);
-}
+use tests::assert_bulkhead_refused as assert_refused;
 
 #[test]
 fn missing_kernel() {
