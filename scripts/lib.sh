@@ -3,7 +3,7 @@
 repo_root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 
 # Debian packages the demo and the tests need (RECIPES.md).
-DEB_PACKAGES=(qemu-system-x86 qemu-utils busybox-static cpio lz4 gzip acpica-tools fio strace binutils)
+DEB_PACKAGES=(qemu-system-x86 qemu-utils busybox-static cpio lz4 gzip acpica-tools fio strace binutils curl)
 
 log() { printf '==> %s\n' "$*" >&2; }
 
@@ -34,6 +34,21 @@ ensure_packages() {
         log "cannot install Debian packages: ${missing[*]}"
         return 1
     fi
+}
+
+# promtool (Debian's prometheus package), which checks /metrics in the tests: taken out of
+# the package rather than installed, so no Prometheus server is set up on the machine.
+PROMTOOL="$repo_root/target/tools/promtool"
+ensure_promtool() {
+    [ -x "$PROMTOOL" ] && return 0
+    local tmp
+    tmp=$(mktemp -d)
+    log "fetching promtool (Debian package prometheus)"
+    (cd "$tmp" && apt-get download -qq prometheus 2>/dev/null || { apt-get update -qq && apt-get download -qq prometheus; })
+    dpkg-deb -x "$tmp"/prometheus_*.deb "$tmp/root"
+    mkdir -p "$(dirname "$PROMTOOL")"
+    install -m 0755 "$tmp/root/usr/bin/promtool" "$PROMTOOL"
+    rm -rf "$tmp"
 }
 
 ensure_kvm() {

@@ -8,6 +8,7 @@ cd "$repo_root"
 started=$(date +%s)
 
 ensure_packages
+ensure_promtool
 ensure_kvm
 ensure_huge_pages 64
 if ! command -v cargo-nextest >/dev/null 2>&1; then
@@ -34,6 +35,7 @@ export BULKHEAD_BIN="$repo_root/target/debug/bulkhead"
 export BULKHEAD_WORKER_BIN="$repo_root/target/debug/bulkhead-worker"
 export BULKHEAD_BENCH_BIN="$repo_root/target/debug/bulkhead-bench"
 export BULKHEAD_WORKER_HOOKS_BIN="$repo_root/target/hooks/debug/bulkhead-worker"
+export BULKHEAD_PROMTOOL="$PROMTOOL"
 
 log "tests"
 cargo nextest run --workspace --locked --profile ci "$@"

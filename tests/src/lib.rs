@@ -61,6 +61,18 @@ pub fn bench_bin() -> PathBuf {
     require_file(path, "cargo build --bins")
 }
 
+/// Prometheus' `promtool`: `$BULKHEAD_PROMTOOL`, else `target/tools/promtool` (both put
+/// there by scripts/test.sh, from Debian's prometheus package).
+pub fn promtool() -> PathBuf {
+    let path = std::env::var_os("BULKHEAD_PROMTOOL")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace_root().join("target/tools/promtool"));
+    require_file(
+        path,
+        "bash -c 'source scripts/lib.sh && ensure_promtool' (scripts/test.sh does this)",
+    )
+}
+
 /// Absolute path of a host tool, or a panic that names the Debian package to install.
 pub fn require_tool(tool: &str, debian_package: &str) -> PathBuf {
     let out = Command::new("sh")

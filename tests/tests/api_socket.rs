@@ -119,6 +119,7 @@ fn the_socket_is_private_while_the_vm_runs_and_gone_after() {
                             "ctl",
                             "--api-socket",
                             path.to_str().unwrap(),
+                            "--json",
                             "status",
                             "blk0",
                         ],

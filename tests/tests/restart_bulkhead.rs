@@ -63,7 +63,7 @@ fn ctl_restart(api: &Path) -> (std::process::Output, String) {
     let out = Command::new(bulkhead_bin())
         .args(["ctl", "--api-socket"])
         .arg(api)
-        .args(["restart", "blk0"])
+        .args(["--json", "restart", "blk0"])
         .output()
         .expect("run bulkhead ctl");
     let body = String::from_utf8_lossy(&out.stdout).into_owned();

@@ -4,8 +4,9 @@ use std::os::fd::FromRawFd;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::{Args, Parser, Subcommand};
+use clap::{Parser, Subcommand};
 
+mod ctl_cmd;
 mod policy_cmd;
 mod run_cmd;
 
@@ -42,7 +43,7 @@ enum Command {
     #[command(subcommand)]
     Policy(policy_cmd::PolicyCommand),
     /// Talk to a running bulkhead through its --api-socket.
-    Ctl(CtlArgs),
+    Ctl(ctl_cmd::CtlArgs),
     /// (internal) The process `bulkhead run` starts workers through (see
     /// vmm-core/src/spawner.rs); not for people.
     #[command(hide = true)]
@@ -74,30 +75,6 @@ enum Command {
         /// ...that is, still of this DEV:INO.
         #[arg(long, value_parser = parse_dev_ino)]
         api_socket_id: Option<(u64, u64)>,
-    },
-}
-
-#[derive(Debug, Args)]
-struct CtlArgs {
-    /// The socket given to `bulkhead run --api-socket` (required).
-    #[arg(long)]
-    api_socket: PathBuf,
-    #[command(subcommand)]
-    command: CtlCommand,
-}
-
-#[derive(Debug, Subcommand)]
-enum CtlCommand {
-    /// Planned restart of a disk's worker (e.g. after replacing the worker binary); the
-    /// guest sees no error. Prints the new worker's pid and the time it took.
-    Restart {
-        /// Disk id, e.g. blk0.
-        disk: String,
-    },
-    /// A disk's worker: its pid and mode (normal, fail, none).
-    Status {
-        /// Disk id, e.g. blk0.
-        disk: String,
     },
 }
 
@@ -179,7 +156,7 @@ fn main() -> ExitCode {
     }
     match cli.command {
         Command::Policy(_) => unreachable!("handled above"),
-        Command::Ctl(args) => ctl(args),
+        Command::Ctl(args) => ctl_cmd::ctl(args),
         Command::Completions { shell } => {
             clap_complete::generate(
                 shell,
@@ -257,28 +234,4 @@ fn parse_dev_ino(text: &str) -> Result<(u64, u64), String> {
         dev.parse().map_err(|e| format!("{e}"))?,
         ino.parse().map_err(|e| format!("{e}"))?,
     ))
-}
-
-fn ctl(args: CtlArgs) -> ExitCode {
-    let (method, target) = match &args.command {
-        CtlCommand::Restart { disk } => ("POST", format!("/v1/disks/{disk}/restart")),
-        CtlCommand::Status { disk } => ("GET", format!("/v1/disks/{disk}")),
-    };
-    match vmm_core::api::request(&args.api_socket, method, &target) {
-        Ok((code, body)) => {
-            println!("{body}");
-            if (200..300).contains(&code) {
-                ExitCode::SUCCESS
-            } else {
-                ExitCode::FAILURE
-            }
-        }
-        Err(e) => {
-            vmm_core::say!(
-                "bulkhead: error: cannot reach the API at {}: {e}",
-                args.api_socket.display()
-            );
-            ExitCode::FAILURE
-        }
-    }
 }

@@ -124,8 +124,9 @@ pub fn report_worker_end(
     how: &str,
     reaper: Option<std::process::ExitStatus>,
     violations: &ViolationLog,
-) {
+) -> WorkerEndCause {
     use ipc::status::WorkerEnd;
+    use std::os::unix::process::ExitStatusExt;
     // The end record counts only if the reaper itself ended as it says (it exits the way
     // its worker did). A reaper that was killed (by the VMM, on a hang or a bad reply)
     // wrote nothing, and whatever the page holds is the worker's own word.
@@ -134,22 +135,46 @@ pub fn report_worker_end(
         .filter(|e| reaper.is_some_and(|r| r.code() == Some(e.exit_code())));
     if let Some(crash) = ipc::status::describe_crash(status.crash(), end) {
         tracing::error!("worker {id} (pid {confined}) {crash} ({how})");
-        return;
+        return WorkerEndCause {
+            cause: "crash",
+            call: None,
+        };
     }
     // A trap kills the worker by SIGSYS (its handler records, then traps again with the
     // signal blocked): only the kernel's verdict, seen by the reaper, makes a violation.
     let trapped = end == Some(WorkerEnd::Signaled(libc::SIGSYS));
+    // Otherwise: killed by a signal (from outside, or by the kernel's OOM killer), or it
+    // exited by itself.
+    let plain = if reaper.is_some_and(|r| r.signal().is_some())
+        || matches!(end, Some(WorkerEnd::Signaled(_)))
+    {
+        "killed"
+    } else {
+        "exited"
+    };
     match status.violation() {
-        None if trapped => tracing::error!(
-            "worker {id} (pid {confined}) was killed by SIGSYS: a seccomp trap its handler \
-             did not record ({how})"
-        ),
-        Some(v) if !trapped => tracing::error!(
-            "worker {id} (pid {confined}) ended ({how}) with a violation record (nr {}) in \
-             its status page that the kernel did not confirm (it was not killed by SIGSYS): \
-             the worker's claim, not counted",
-            v.nr
-        ),
+        None if trapped => {
+            tracing::error!(
+                "worker {id} (pid {confined}) was killed by SIGSYS: a seccomp trap its handler \
+                 did not record ({how})"
+            );
+            WorkerEndCause {
+                cause: "violation",
+                call: None,
+            }
+        }
+        Some(v) if !trapped => {
+            tracing::error!(
+                "worker {id} (pid {confined}) ended ({how}) with a violation record (nr {}) in \
+                 its status page that the kernel did not confirm (it was not killed by SIGSYS): \
+                 the worker's claim, not counted",
+                v.nr
+            );
+            WorkerEndCause {
+                cause: plain,
+                call: None,
+            }
+        }
         Some(v) => {
             let call = policies::decode::format_call(v.nr, v.args);
             tracing::error!("worker {id} (pid {confined}) violated policy blk: {call} ({how})");
@@ -159,12 +184,32 @@ pub fn report_worker_end(
                 policy: "blk/main".to_string(),
                 nr: v.nr,
                 args: v.args,
-                call,
+                call: call.clone(),
                 when: std::time::SystemTime::now(),
             });
+            WorkerEndCause {
+                cause: "violation",
+                call: Some(call),
+            }
         }
-        None => tracing::error!("worker {id} (pid {confined}) {how}"),
+        None => {
+            tracing::error!("worker {id} (pid {confined}) {how}");
+            WorkerEndCause {
+                cause: plain,
+                call: None,
+            }
+        }
     }
+}
+
+/// What ended a worker, as the metrics and the events name it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WorkerEndCause {
+    /// `crash`, `violation`, `killed` or `exited` (see
+    /// [`crate::supervisor::counters::CAUSES`]).
+    pub cause: &'static str,
+    /// The forbidden call, decoded, for a violation the kernel confirmed.
+    pub call: Option<String>,
 }
 
 pub fn describe_exit(status: std::process::ExitStatus) -> String {

@@ -259,6 +259,8 @@ pub fn run(
     run: RunConfig,
     learn: Option<std::sync::Arc<policies::learn::Recorder>>,
 ) -> anyhow::Result<u8> {
+    // What `GET /v1/vm` shows: the configuration as given, after defaults.
+    let effective = serde_json::to_value(&run).unwrap_or_default();
     let RunConfig {
         vm: cfg,
         api_socket,
@@ -387,7 +389,30 @@ pub fn run(
         .spawn_input(std::io::stdin())
         .context("start the serial input thread")?;
     if let Some(api) = api {
-        vmm_core::api::serve(api, vm.disk_handles())?;
+        let handles = vm.disk_handles();
+        let disks = cfg
+            .disks
+            .iter()
+            .map(|d| vmm_core::api::ApiDisk {
+                id: d.id.clone(),
+                config: serde_json::to_value(d).unwrap_or_default(),
+                handle: handles
+                    .iter()
+                    .find(|(id, _)| *id == d.id)
+                    .map(|(_, h)| h.clone()),
+            })
+            .collect();
+        let ctx = vmm_core::api::ApiContext {
+            started: std::time::Instant::now(),
+            vcpus: cfg.vcpus,
+            mem_mib: cfg.mem_mib,
+            config: effective,
+            disks,
+            events: vm.events(),
+            control: std::sync::Arc::new(vm.controls()),
+            stats: vm.stats(),
+        };
+        vmm_core::api::serve(api, ctx)?;
     }
     let _ = running.set((vm.stopper(), vm.stats()));
     let outcome = vm.run(timeout)?;
@@ -438,6 +463,10 @@ fn report(outcome: VmOutcome) -> u8 {
         VmOutcome::Signal(sig) => {
             tracing::warn!("stopped the VM on signal {sig}");
             128u8.wrapping_add(sig as u8)
+        }
+        VmOutcome::Shutdown => {
+            tracing::info!("shut down through the control API");
+            0
         }
         VmOutcome::Vanished => {
             vmm_core::say!("bulkhead: error: every vCPU thread ended without a reason");

@@ -69,6 +69,8 @@ pub struct Vcpu {
     pub mmio: Arc<crate::devices::virtio_mmio::MmioBus>,
     pub stats: Arc<VcpuStats>,
     pub mem: GuestMemory,
+    /// Where the vCPU waits while the VM is paused.
+    pub pause: Arc<crate::pause::PauseGate>,
     /// Told why the vCPU stopped (the VM's main thread listens).
     pub stopped: Box<dyn FnOnce(VcpuEvent) + Send>,
 }
@@ -85,7 +87,9 @@ impl Vcpu {
     /// Runs the guest until it stops, then says why through `stopped`.
     pub fn run(mut self) {
         let stopped = std::mem::replace(&mut self.stopped, Box::new(|_| {}));
+        crate::pause::register_vcpu(&mut self.fd.get_kvm_run().immediate_exit);
         let event = loop {
+            self.pause.wait_if_paused();
             let step = self.step();
             match step {
                 Step::Continue => {}
@@ -160,7 +164,11 @@ impl Vcpu {
                 "VM entry failed, hardware reason {reason:#x} on host CPU {cpu}"
             )),
             Ok(other) => Step::Crash(format!("unhandled exit {other:?}")),
-            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => Step::Continue,
+            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
+                // A kick (a pause) set immediate_exit: the next KVM_RUN is to run.
+                self.fd.set_kvm_immediate_exit(0);
+                Step::Continue
+            }
             Err(e) => Step::Stop(VcpuEvent::RunFailed {
                 vcpu: self.id,
                 error: e.to_string(),

@@ -70,6 +70,8 @@ pub enum VmOutcome {
     Signal(i32),
     /// `--timeout` expired.
     TimedOut(Duration),
+    /// The control API asked for a shutdown.
+    Shutdown,
     /// Every vCPU thread is gone without saying why (should not happen).
     Vanished,
 }
@@ -79,6 +81,7 @@ pub enum VmOutcome {
 pub enum VmEvent {
     Vcpu(VcpuEvent),
     Signal(i32),
+    Shutdown,
 }
 
 /// Lets another thread (e.g. a signal handler thread) stop a running VM.
@@ -91,6 +94,53 @@ impl Stopper {
         // The VM ends on the first event: a full channel already holds one.
         let _ = self.0.try_send(VmEvent::Signal(sig));
     }
+
+    /// Ends the VM's run with [`VmOutcome::Shutdown`].
+    pub fn shutdown(&self) {
+        let _ = self.0.try_send(VmEvent::Shutdown);
+    }
+}
+
+/// Pause, resume and shutdown for the control API.
+#[derive(Debug)]
+pub struct Controls {
+    gate: Arc<crate::pause::PauseGate>,
+    stopper: Stopper,
+    events: Arc<crate::events::EventLog>,
+}
+
+impl crate::api::VmControl for Controls {
+    fn state(&self) -> &'static str {
+        if self.gate.paused() {
+            "paused"
+        } else {
+            "running"
+        }
+    }
+
+    fn pause(&self) -> Result<(), String> {
+        let was = self.gate.paused();
+        let done = self.gate.pause();
+        if done.is_ok() && !was {
+            tracing::info!("api: paused the vCPUs");
+            self.events.emit("paused", None, serde_json::json!({}));
+        }
+        done
+    }
+
+    fn resume(&self) -> Result<(), String> {
+        let was = self.gate.paused();
+        self.gate.resume();
+        if was {
+            tracing::info!("api: resumed the vCPUs");
+            self.events.emit("resumed", None, serde_json::json!({}));
+        }
+        Ok(())
+    }
+
+    fn shutdown(&self) {
+        self.stopper.shutdown();
+    }
 }
 
 /// A built VM, ready to run.
@@ -100,12 +150,14 @@ pub struct Vm {
     vcpus: Vec<Vcpu>,
     events: Receiver<VmEvent>,
     stopper: Stopper,
+    pause: Arc<crate::pause::PauseGate>,
     _vm: VmFd,
     _kvm: Kvm,
     ram: Arc<GuestRam>,
     serial: SerialPort,
     disks: Vec<Disk>,
     violations: Arc<ViolationLog>,
+    event_log: Arc<crate::events::EventLog>,
     entry: EntryPoint,
     /// The vCPU threads were started.
     running: bool,
@@ -165,10 +217,12 @@ impl Vm {
 
         let ram = Arc::new(ram);
         let violations = Arc::new(ViolationLog::default());
+        let event_log = Arc::new(crate::events::EventLog::default());
         let workers = WorkerEnv {
             bin: cfg.worker_bin.as_deref(),
             learn,
             violations: &violations,
+            events: &event_log,
             uid: uid.uid,
         };
         // Until the VM is built, a failure ends the workers already started.
@@ -206,6 +260,11 @@ impl Vm {
 
         // Bounded: each vCPU says once why it stopped, and one signal ends the VM.
         let (tx, events) = mpsc::sync_channel(usize::from(num_vcpus) + 2);
+        crate::pause::install_handler().map_err(|e| VmError::Kvm {
+            what: "install the vCPU kick handler",
+            source: kvm_ioctls::Error::new(e as i32),
+        })?;
+        let pause = Arc::new(crate::pause::PauseGate::default());
         let mut base_cpuid = cpu::supported_cpuid(&kvm)?;
         let mut vcpus = Vec::with_capacity(cfg.vcpus as usize);
         for id in 0..num_vcpus {
@@ -235,6 +294,7 @@ impl Vm {
                 mmio: bus.clone(),
                 stats,
                 mem: ram.memory().clone(),
+                pause: pause.clone(),
                 stopped: {
                     let tx = tx.clone();
                     // The receiver is gone only when the VMM is already exiting.
@@ -247,12 +307,14 @@ impl Vm {
             vcpus,
             events,
             stopper: Stopper(tx),
+            pause,
             _vm: vm,
             _kvm: kvm,
             ram,
             serial,
             disks: disks.keep(),
             violations,
+            event_log,
             entry: loaded.entry,
             running: false,
             vcpu_stats,
@@ -297,6 +359,20 @@ impl Vm {
             .collect()
     }
 
+    /// What happened to the VM and its disks, for the control API.
+    pub fn events(&self) -> Arc<crate::events::EventLog> {
+        self.event_log.clone()
+    }
+
+    /// Pause, resume and shutdown, for the control API.
+    pub fn controls(&self) -> Controls {
+        Controls {
+            gate: self.pause.clone(),
+            stopper: self.stopper.clone(),
+            events: self.event_log.clone(),
+        }
+    }
+
     /// A handle that stops the VM from another thread.
     pub fn stopper(&self) -> Stopper {
         self.stopper.clone()
@@ -315,14 +391,27 @@ impl Vm {
             return Ok(VmOutcome::Vanished);
         }
         self.running = true;
+        let (tids, started_tids) = mpsc::channel();
         for vcpu in self.vcpus.drain(..) {
             let id = vcpu.id;
+            let tids = tids.clone();
             crate::thread::spawn(
                 format!("vcpu{id}"),
                 crate::confine::VmmThread::Vcpu,
-                move || vcpu.run(),
+                move || {
+                    // SAFETY: gettid has no arguments and cannot fail.
+                    let _ = tids.send(unsafe { libc::gettid() });
+                    drop(tids);
+                    vcpu.run()
+                },
             )
             .map_err(|source| VmError::SpawnVcpu { vcpu: id, source })?;
+        }
+        drop(tids);
+        // A pidfd on each vCPU thread, opened while this thread may still open one: the
+        // API kicks the vCPUs through them to pause the VM.
+        for tid in started_tids.iter() {
+            self.pause.add_vcpu_thread(tid);
         }
         // Setup is over: from here the main thread only waits, then ends the backends.
         crate::confine::enter(crate::confine::VmmThread::Main);
@@ -339,6 +428,7 @@ impl Vm {
         Ok(match event {
             Some(VmEvent::Vcpu(e)) => VmOutcome::Vcpu(e),
             Some(VmEvent::Signal(sig)) => VmOutcome::Signal(sig),
+            Some(VmEvent::Shutdown) => VmOutcome::Shutdown,
             None => VmOutcome::Vanished,
         })
     }

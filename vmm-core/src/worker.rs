@@ -89,7 +89,7 @@ pub struct Worker {
     pub id: String,
     pub child: crate::spawner::WorkerProcess,
     pub control: Channel,
-    pub status: StatusMapping,
+    pub status: std::sync::Arc<StatusMapping>,
     /// Our end of the vhost-user socket.
     pub vhost: UnixStream,
     pub disk_size: u64,
@@ -189,7 +189,7 @@ pub fn spawn(
         id: id.clone(),
         child,
         control: vmm_control,
-        status,
+        status: std::sync::Arc::new(status),
         vhost: vmm_vhost,
         disk_size: 0,
         device_features: 0,

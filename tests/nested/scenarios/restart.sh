@@ -17,7 +17,7 @@ api=/tmp/api.sock
 
 # The pid of the worker serving DISK, from the control API.
 worker_pid() {
-	bulkhead ctl --api-socket "$api" status "$1" 2>/dev/null | sed -n 's/.*"worker_pid":\([0-9]*\).*/\1/p'
+	bulkhead ctl --api-socket "$api" --json status "$1" 2>/dev/null | sed -n 's/.*"worker_pid":\([0-9]*\).*/\1/p'
 }
 # Waits (up to 20 s) until DISK is served by a worker other than OLD; prints its pid.
 successor_of() {
@@ -63,7 +63,7 @@ if wait_for /tmp/chaos.console '^NESTL2 chaos started' 200; then
 	fi
 
 	before=$(worker_pid blk0)
-	out=$(bulkhead ctl --api-socket "$api" restart blk0)
+	out=$(bulkhead ctl --api-socket "$api" --json restart blk0)
 	rc=$?
 	fact chaos.planned_rc $rc
 	[ $rc = 0 ] || fail "chaos: bulkhead ctl restart exited with $rc"

@@ -84,6 +84,7 @@ pub struct WorkerEnv<'a> {
     /// `bulkhead policy learn`: workers run in learn mode, recorded here.
     pub learn: Option<&'a Arc<policies::learn::Recorder>>,
     pub violations: &'a Arc<ViolationLog>,
+    pub events: &'a Arc<crate::events::EventLog>,
     /// The host uid the VM's workers run as.
     pub uid: u32,
 }
@@ -361,6 +362,7 @@ pub fn attach(
             bin: s.bin,
             learn: workers.learn.cloned(),
             violations: workers.violations.clone(),
+            events: workers.events.clone(),
             device: device.clone(),
             ram: ram.clone(),
             features: backend.features,
@@ -415,5 +417,5 @@ fn report_failed_setup(id: &str, mut w: crate::worker::Worker, violations: &Viol
         exited = w.child.wait().ok();
     }
     let how = exited.map_or_else(|| "ended".to_string(), crate::report::describe_exit);
-    crate::report::report_worker_end(id, w.child.id(), &w.status, &how, exited, violations);
+    let _ = crate::report::report_worker_end(id, w.child.id(), &w.status, &how, exited, violations);
 }

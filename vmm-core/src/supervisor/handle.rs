@@ -87,6 +87,7 @@ fn kill_and_wait(fds: &[Arc<OwnedFd>]) -> bool {
 pub struct DiskHandle {
     state: Mutex<State>,
     changed: Condvar,
+    counters: super::counters::DiskCounters,
 }
 
 /// A disk's worker as the control API shows it.
@@ -191,6 +192,11 @@ impl DiskHandle {
         st.reaper = None;
         st.confined = None;
         self.changed.notify_all();
+    }
+
+    /// The disk's counters over all its workers.
+    pub fn counters(&self) -> &super::counters::DiskCounters {
+        &self.counters
     }
 
     /// The disk's phase.

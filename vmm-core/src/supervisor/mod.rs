@@ -11,6 +11,7 @@
 //! and new request with IOERR, so the guest sees errors, never a hang. The guest's reset
 //! of the device brings a normal worker back.
 
+pub mod counters;
 pub mod handle;
 pub mod policy;
 
@@ -49,6 +50,8 @@ pub struct Supervisor {
     pub bin: PathBuf,
     pub learn: Option<Arc<policies::learn::Recorder>>,
     pub violations: Arc<ViolationLog>,
+    /// Restarts, hangs, violations and fail mode, for `GET /v1/events`.
+    pub events: Arc<crate::events::EventLog>,
     pub device: Arc<VirtioMmioDevice>,
     /// Guest RAM, to see whether requests are pending (ring indices only).
     pub ram: Arc<crate::memory::GuestRam>,
@@ -154,6 +157,8 @@ struct Ended {
     served: bool,
     /// A planned restart stopped it.
     planned: bool,
+    /// Why it is replaced (see [`counters::CAUSES`]); None when it ended with the VM.
+    cause: Option<&'static str>,
 }
 
 /// What ended a supervised worker.
@@ -202,6 +207,10 @@ impl Supervisor {
         let generation =
             self.handle
                 .publish(current.pidfd.clone(), current.confined_fd(), current.pid());
+        self.handle.counters().worker_started(
+            current.worker.status.clone(),
+            current.confined.as_ref().map(|c| c.stat.clone()),
+        );
         let name = format!("{}-sup", self.disk.id);
         crate::thread::spawn(name, crate::confine::VmmThread::Supervisor, move || {
             self.run(current)
@@ -233,6 +242,8 @@ impl Supervisor {
             }
             if self.handle.take_recover() {
                 tracing::info!("disk {id}: the guest reset the device: starting a normal worker");
+                self.events
+                    .emit("guest_reset", Some(&id), serde_json::json!({}));
                 policy.guest_reset();
             } else {
                 policy.worker_ended(ended.served);
@@ -255,6 +266,11 @@ impl Supervisor {
                             policy::CRASH_LOOP_BUDGET + 1
                         );
                         self.handle.set_failing();
+                        self.events.emit(
+                            "fail_mode",
+                            Some(&id),
+                            serde_json::json!({ "crash_loop": policy::CRASH_LOOP_BUDGET + 1 }),
+                        );
                         self.device.needs_reset();
                         discard(spare.take());
                         continue;
@@ -317,6 +333,21 @@ impl Supervisor {
                             },
                             started.as_secs_f64() * 1e3,
                             next.pid(),
+                        );
+                        let cause = ended.cause.unwrap_or("exited");
+                        self.handle.counters().restarted(cause);
+                        self.events.emit(
+                            "restart",
+                            Some(&id),
+                            serde_json::json!({
+                                "cause": cause,
+                                "pid": next.pid(),
+                                "mode": match mode {
+                                    ServeMode::Normal => "normal",
+                                    ServeMode::Fail => "fail",
+                                },
+                                "restart_ms": (started.as_secs_f64() * 1e4).round() / 10.0,
+                            }),
                         );
                         if mode == ServeMode::Normal && spare.is_none() {
                             spare = self.start_spare();
@@ -389,14 +420,16 @@ impl Supervisor {
         let ended_with_vm = self.frontend.closing()
             && waited.as_ref().is_ok_and(|s| s.success())
             && worker.status.violation().is_none();
+        self.handle.counters().worker_ended();
         let planned = self.handle.take_planned();
         let on_purpose = match &end {
             End::Recovering => true,
             End::Died => planned || self.handle.recover_requested(),
             End::Hung { .. } => false,
         };
-        if ended_with_vm {
+        let cause = if ended_with_vm {
             tracing::info!("worker {id} (pid {pid}) ended with the VM");
+            None
         } else if on_purpose {
             tracing::info!(
                 "worker {id} (pid {pid}) stopped {}",
@@ -406,6 +439,7 @@ impl Supervisor {
                     "after the guest reset its device"
                 }
             );
+            Some(if planned { "planned" } else { "guest_reset" })
         } else {
             let how = match &end {
                 End::Hung { stalled } => format!(
@@ -414,7 +448,7 @@ impl Supervisor {
                 ),
                 _ => how,
             };
-            crate::report::report_worker_end(
+            let ended = crate::report::report_worker_end(
                 id,
                 pid,
                 &worker.status,
@@ -422,11 +456,31 @@ impl Supervisor {
                 reaper_exit,
                 &self.violations,
             );
-        }
+            if let End::Hung { stalled } = &end {
+                self.handle.counters().hung();
+                self.events.emit(
+                    "hang",
+                    Some(id),
+                    serde_json::json!({ "pid": pid, "stalled_ms": stalled.as_millis() as u64 }),
+                );
+                Some("hang")
+            } else {
+                if ended.cause == "violation" {
+                    self.handle.counters().violated();
+                    self.events.emit(
+                        "violation",
+                        Some(id),
+                        serde_json::json!({ "pid": pid, "policy": "blk/main", "call": ended.call }),
+                    );
+                }
+                Some(ended.cause)
+            }
+        };
         // Requests answered with an error count as served: the worker ran its loop.
         Ended {
             served: on_purpose || worker.status.completed() + worker.status.failed() > 0,
             planned,
+            cause,
         }
     }
 
@@ -614,6 +668,10 @@ impl Supervisor {
             self.handle.publish(None, None, 0);
             return Err("the device's frontend thread is gone".into());
         }
+        self.handle.counters().worker_started(
+            next.worker.status.clone(),
+            next.confined.as_ref().map(|c| c.stat.clone()),
+        );
         Ok(next)
     }
 }

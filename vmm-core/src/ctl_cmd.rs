@@ -1,0 +1,366 @@
+//! `bulkhead ctl`: the control API's client. Output for people by default, the API's
+//! JSON with `--json`; exit status 0 when the API said yes, 1 otherwise.
+
+use std::io::Write as _;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Args, Subcommand};
+use serde_json::Value;
+
+#[derive(Debug, Args)]
+pub struct CtlArgs {
+    /// The socket given to `bulkhead run --api-socket` (required).
+    #[arg(long)]
+    api_socket: PathBuf,
+    /// Print the API's JSON (events: one object a line) instead of text for people.
+    /// [default: off]
+    #[arg(long, global = true)]
+    json: bool,
+    #[command(subcommand)]
+    command: CtlCommand,
+}
+
+#[derive(Debug, Subcommand)]
+enum CtlCommand {
+    /// Every disk: backend, mode, worker pid, requests, errors, restarts.
+    List,
+    /// The VM (state, vCPUs, memory, uptime), or one disk in full.
+    Status {
+        /// Disk id, e.g. blk0. [default: the VM]
+        disk: Option<String>,
+    },
+    /// Planned restart of a disk's worker (e.g. after replacing the worker binary); the
+    /// guest sees no error. Prints the new worker's pid and the time it took.
+    Restart {
+        /// Disk id, e.g. blk0.
+        disk: String,
+    },
+    /// Stop every vCPU (guest state is kept; disk requests in flight complete).
+    Pause,
+    /// Let the vCPUs run again.
+    Resume,
+    /// End the VM as an ACPI power-off does (bulkhead exits with status 0).
+    Shutdown,
+    /// Restarts, hangs, violations, fail mode, guest resets, pause and resume, as they
+    /// happen (until interrupted), starting with the ones still kept.
+    Events {
+        /// Only events after this sequence number. [default: 0, all kept]
+        #[arg(long, default_value_t = 0)]
+        since: u64,
+        /// Print the kept events and exit instead of waiting for more. [default: off]
+        #[arg(long)]
+        no_follow: bool,
+    },
+    /// The Prometheus metrics (text format; `--json`: one object per sample).
+    Metrics,
+}
+
+fn fail(msg: impl std::fmt::Display) -> ExitCode {
+    vmm_core::say!("bulkhead: error: {msg}");
+    ExitCode::FAILURE
+}
+
+/// Writes `text` to stdout; a closed stdout (`| head`) ends quietly.
+fn out(text: &str) -> bool {
+    let mut stdout = std::io::stdout().lock();
+    stdout
+        .write_all(text.as_bytes())
+        .and_then(|()| stdout.flush())
+        .is_ok()
+}
+
+pub fn ctl(args: CtlArgs) -> ExitCode {
+    let socket = &args.api_socket;
+    let (method, target, body) = match &args.command {
+        CtlCommand::List => ("GET", "/v1/disks".to_string(), None),
+        CtlCommand::Status { disk: None } => ("GET", "/v1/vm".to_string(), None),
+        CtlCommand::Status { disk: Some(d) } => ("GET", format!("/v1/disks/{d}"), None),
+        CtlCommand::Restart { disk } => ("POST", format!("/v1/disks/{disk}/restart"), None),
+        CtlCommand::Pause => ("PUT", "/v1/vm/state".into(), Some(r#"{"state":"paused"}"#)),
+        CtlCommand::Resume => ("PUT", "/v1/vm/state".into(), Some(r#"{"state":"running"}"#)),
+        CtlCommand::Shutdown => (
+            "PUT",
+            "/v1/vm/state".into(),
+            Some(r#"{"state":"shutdown"}"#),
+        ),
+        CtlCommand::Events { since, no_follow } => {
+            return events(&args, *since, !*no_follow);
+        }
+        CtlCommand::Metrics => ("GET", "/metrics".into(), None),
+    };
+    let (code, text) = match vmm_core::api::client::request_with_body(socket, method, &target, body)
+    {
+        Ok(answer) => answer,
+        Err(e) => {
+            return fail(format_args!(
+                "cannot reach the API at {}: {e}",
+                socket.display()
+            ))
+        }
+    };
+    if matches!(args.command, CtlCommand::Metrics) {
+        if !(200..300).contains(&code) {
+            return fail(format_args!("the API answered {code}: {}", text.trim_end()));
+        }
+        let shown = if args.json { metrics_json(&text) } else { text };
+        out(&shown);
+        return ExitCode::SUCCESS;
+    }
+    let value: Value = match serde_json::from_str(&text) {
+        Ok(v) => v,
+        Err(e) => {
+            return fail(format_args!(
+                "the API answered {code} with no JSON ({e}): {text}"
+            ))
+        }
+    };
+    if !(200..300).contains(&code) {
+        if args.json {
+            out(&format!("{value}\n"));
+        }
+        let msg = value["error"].as_str().unwrap_or("(no message)");
+        return fail(format_args!("the API answered {code}: {msg}"));
+    }
+    let shown = if args.json {
+        format!("{value}\n")
+    } else {
+        match &args.command {
+            CtlCommand::List => disk_table(&value),
+            CtlCommand::Status { disk: None } => vm_text(&value),
+            CtlCommand::Status { disk: Some(_) } => disk_text(&value),
+            CtlCommand::Restart { disk } => format!(
+                "{disk}: worker restarted in {} ms (pid {})\n",
+                value["restart_ms"], value["worker_pid"]
+            ),
+            _ => format!("{}\n", value["state"].as_str().unwrap_or("?")),
+        }
+    };
+    out(&shown);
+    ExitCode::SUCCESS
+}
+
+fn number(v: &Value) -> String {
+    match v {
+        Value::Null => "-".into(),
+        other => other.to_string(),
+    }
+}
+
+fn disk_table(value: &Value) -> String {
+    let mut text = format!(
+        "{:<12} {:<10} {:<8} {:>8} {:>10} {:>7} {:>8}\n",
+        "DISK", "BACKEND", "MODE", "PID", "REQUESTS", "ERRORS", "RESTARTS"
+    );
+    for d in value["disks"].as_array().into_iter().flatten() {
+        let c = &d["counters"];
+        let restarts: u64 = c["restarts"]
+            .as_object()
+            .map(|m| m.values().filter_map(Value::as_u64).sum())
+            .unwrap_or(0);
+        let restarts = if c.is_null() {
+            "-".into()
+        } else {
+            restarts.to_string()
+        };
+        text.push_str(&format!(
+            "{:<12} {:<10} {:<8} {:>8} {:>10} {:>7} {:>8}\n",
+            d["id"].as_str().unwrap_or("?"),
+            d["backend"].as_str().unwrap_or("?"),
+            d["mode"].as_str().unwrap_or("?"),
+            number(&d["worker_pid"]),
+            number(&c["requests_completed"]),
+            number(&c["requests_failed"]),
+            restarts,
+        ));
+    }
+    text
+}
+
+fn vm_text(v: &Value) -> String {
+    format!(
+        "state: {}\nvcpus: {}\nmemory: {} MiB\nuptime: {} s\ndisks: {}\n",
+        v["state"].as_str().unwrap_or("?"),
+        v["vcpus"],
+        v["memory_mib"],
+        v["uptime_s"],
+        v["disks"]
+    )
+}
+
+fn disk_text(d: &Value) -> String {
+    let c = &d["counters"];
+    let mut text = format!(
+        "disk: {}\nbackend: {}\nmode: {}\nworker pid: {}\n",
+        d["id"].as_str().unwrap_or("?"),
+        d["backend"].as_str().unwrap_or("?"),
+        d["mode"].as_str().unwrap_or("?"),
+        number(&d["worker_pid"]),
+    );
+    if !c.is_null() {
+        let restarts: Vec<String> = c["restarts"]
+            .as_object()
+            .into_iter()
+            .flatten()
+            .filter(|(_, n)| n.as_u64() != Some(0))
+            .map(|(cause, n)| format!("{cause} {n}"))
+            .collect();
+        text.push_str(&format!(
+            "requests: {} ({} failed)\nrestarts: {}\nhangs: {}\nviolations: {}\n\
+             worker memory: {} bytes\nworker cpu: {} s\n",
+            c["requests_completed"],
+            c["requests_failed"],
+            if restarts.is_empty() {
+                "none".to_string()
+            } else {
+                restarts.join(", ")
+            },
+            c["hangs"],
+            c["violations"],
+            number(&c["worker_rss_bytes"]),
+            c["worker_cpu_seconds"],
+        ));
+    }
+    for v in d["violations"].as_array().into_iter().flatten() {
+        text.push_str(&format!(
+            "violation: pid {} {} {}\n",
+            v["pid"],
+            v["policy"].as_str().unwrap_or("?"),
+            v["call"].as_str().unwrap_or("?")
+        ));
+    }
+    text
+}
+
+/// One event as a line for people: `#SEQ TIME KIND [DISK] detail`.
+fn event_line(e: &Value) -> String {
+    let ms = e["time_ms"].as_u64().unwrap_or(0);
+    let detail: Vec<String> = e["detail"]
+        .as_object()
+        .into_iter()
+        .flatten()
+        .map(|(k, v)| match v {
+            Value::String(s) => format!("{k}={s}"),
+            other => format!("{k}={other}"),
+        })
+        .collect();
+    format!(
+        "#{} {}.{:03} {}{} {}\n",
+        e["seq"],
+        ms / 1000,
+        ms % 1000,
+        e["kind"].as_str().unwrap_or("?"),
+        e["disk"]
+            .as_str()
+            .map(|d| format!(" {d}"))
+            .unwrap_or_default(),
+        detail.join(" ")
+    )
+}
+
+fn events(args: &CtlArgs, since: u64, follow: bool) -> ExitCode {
+    let socket = &args.api_socket;
+    if !follow {
+        let target = format!("/v1/events?since={since}&follow=false");
+        let (code, text) = match vmm_core::api::client::request(socket, "GET", &target) {
+            Ok(a) => a,
+            Err(e) => {
+                return fail(format_args!(
+                    "cannot reach the API at {}: {e}",
+                    socket.display()
+                ))
+            }
+        };
+        let value: Value = serde_json::from_str(&text).unwrap_or_default();
+        if code != 200 {
+            return fail(format_args!("the API answered {code}: {text}"));
+        }
+        if value["missed"].as_u64().unwrap_or(0) > 0 {
+            vmm_core::say!("bulkhead: {} events are no longer kept", value["missed"]);
+        }
+        for e in value["events"].as_array().into_iter().flatten() {
+            let line = if args.json {
+                format!("{e}\n")
+            } else {
+                event_line(e)
+            };
+            if !out(&line) {
+                break;
+            }
+        }
+        return ExitCode::SUCCESS;
+    }
+    // The stream: `data:` lines carry each event's JSON.
+    let mut pending = String::new();
+    let target = format!("/v1/events?since={since}");
+    let code = vmm_core::api::client::stream(socket, &target, |chunk| {
+        pending.push_str(&String::from_utf8_lossy(chunk));
+        while let Some(end) = pending.find("\n\n") {
+            let block: String = pending.drain(..end + 2).collect();
+            for line in block.lines() {
+                let Some(data) = line.strip_prefix("data: ") else {
+                    continue;
+                };
+                let Ok(e) = serde_json::from_str::<Value>(data) else {
+                    continue;
+                };
+                let text = if args.json {
+                    format!("{e}\n")
+                } else if e.get("missed").is_some() {
+                    format!("({} events are no longer kept)\n", e["missed"])
+                } else {
+                    event_line(&e)
+                };
+                if !out(&text) {
+                    return false;
+                }
+            }
+        }
+        true
+    });
+    match code {
+        Ok(200) => ExitCode::SUCCESS,
+        Ok(code) => fail(format_args!("the API answered {code}: {pending}")),
+        Err(e) => fail(format_args!(
+            "cannot reach the API at {}: {e}",
+            socket.display()
+        )),
+    }
+}
+
+/// The exposition as JSON: one object per sample, `{"name","labels","value"}`.
+fn metrics_json(text: &str) -> String {
+    let mut out = String::new();
+    for line in text
+        .lines()
+        .filter(|l| !l.starts_with('#') && !l.is_empty())
+    {
+        let Some((series, value)) = line.rsplit_once(' ') else {
+            continue;
+        };
+        let (name, labels) = match series.split_once('{') {
+            Some((n, rest)) => (n, rest.trim_end_matches('}')),
+            None => (series, ""),
+        };
+        let mut map = serde_json::Map::new();
+        // Label values bulkhead writes hold no comma or quote (ids, causes, kinds).
+        for pair in labels.split(',').filter(|p| !p.is_empty()) {
+            if let Some((k, v)) = pair.split_once('=') {
+                map.insert(
+                    k.to_string(),
+                    Value::String(v.trim_matches('"').to_string()),
+                );
+            }
+        }
+        let value: Value = value
+            .parse::<f64>()
+            .ok()
+            .and_then(serde_json::Number::from_f64)
+            .map_or(Value::Null, Value::Number);
+        out.push_str(&format!(
+            "{}\n",
+            serde_json::json!({ "name": name, "labels": map, "value": value })
+        ));
+    }
+    out
+}

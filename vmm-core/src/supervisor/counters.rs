@@ -1,0 +1,241 @@
+//! A disk's counters over the lives of all its workers, for `/metrics` and the API: the
+//! VMM adds an ended worker's totals to what its predecessors did, so a restart never
+//! sets a counter back.
+//!
+//! Request counts come from each worker's status page: the worker's word (a compromised
+//! worker can misreport its own work, nothing else). Restarts, hangs and violations are
+//! the supervisor's own findings; a worker's memory and CPU time are read from the
+//! /proc/PID/stat the spawner opened on the confined process, never from the worker.
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::sync::{Arc, Mutex};
+
+use ipc::status::StatusMapping;
+
+/// Why a worker was replaced, as `/metrics` and the events name it.
+pub const CAUSES: [&str; 7] = [
+    "crash",
+    "violation",
+    "hang",
+    "exited",
+    "killed",
+    "planned",
+    "guest_reset",
+];
+
+#[derive(Debug, Default)]
+struct Inner {
+    restarts: BTreeMap<&'static str, u64>,
+    hangs: u64,
+    violations: u64,
+    /// Ended workers' totals.
+    completed: u64,
+    failed: u64,
+    cpu_ticks: u64,
+    /// The serving worker: its page, its stat file and the CPU ticks last read there.
+    live: Option<Live>,
+}
+
+#[derive(Debug)]
+struct Live {
+    status: Arc<StatusMapping>,
+    stat: Option<Arc<File>>,
+    cpu_ticks: u64,
+}
+
+/// See the module documentation.
+#[derive(Debug, Default)]
+pub struct DiskCounters {
+    inner: Mutex<Inner>,
+}
+
+/// The counters at one moment.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct CounterSnapshot {
+    /// Restarts by cause, every cause of [`CAUSES`] present.
+    pub restarts: Vec<(&'static str, u64)>,
+    pub hangs: u64,
+    pub violations: u64,
+    /// Requests completed (errors included) and failed, over all workers.
+    pub completed: u64,
+    pub failed: u64,
+    /// The serving worker's resident memory (None: no worker, or unreadable).
+    pub rss_bytes: Option<u64>,
+    /// CPU time of all the disk's workers, in clock ticks.
+    pub cpu_ticks: u64,
+}
+
+/// Clock ticks a second for /proc's CPU times (`sysconf(_SC_CLK_TCK)`, a constant of
+/// the C library: no system call).
+pub fn ticks_per_second() -> u64 {
+    // SAFETY: sysconf reads a constant; it has no preconditions.
+    let t = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    if t > 0 {
+        t as u64
+    } else {
+        100
+    }
+}
+
+fn page_size() -> u64 {
+    // SAFETY: as above (glibc answers from the auxiliary vector).
+    let p = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    if p > 0 {
+        p as u64
+    } else {
+        4096
+    }
+}
+
+/// utime + stime and the resident pages of a /proc/PID/stat (None once the process is
+/// gone or the text is not what the kernel writes).
+fn read_stat(stat: &File) -> Option<(u64, u64)> {
+    use std::os::unix::fs::FileExt;
+    let mut buf = [0u8; 1024];
+    let n = stat.read_at(&mut buf, 0).ok()?;
+    let text = std::str::from_utf8(&buf[..n]).ok()?;
+    // The command name may hold anything, ')' included: fields follow the last one.
+    let (_, rest) = text.rsplit_once(')')?;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    // Fields 14 and 15 (utime, stime) and 24 (rss), counted from 1 with the pid; `rest`
+    // starts at field 3.
+    let field = |n: usize| fields.get(n - 3)?.parse::<u64>().ok();
+    Some((field(14)?.saturating_add(field(15)?), field(24)?))
+}
+
+impl DiskCounters {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A new worker serves the disk.
+    pub fn worker_started(&self, status: Arc<StatusMapping>, stat: Option<Arc<File>>) {
+        let mut inner = self.lock();
+        inner.live = Some(Live {
+            status,
+            stat,
+            cpu_ticks: 0,
+        });
+    }
+
+    /// The serving worker ended: its totals join its predecessors'.
+    pub fn worker_ended(&self) {
+        let mut inner = self.lock();
+        if let Some(mut live) = inner.live.take() {
+            if let Some((cpu, _)) = live.stat.as_deref().and_then(read_stat) {
+                live.cpu_ticks = live.cpu_ticks.max(cpu);
+            }
+            inner.completed = inner.completed.saturating_add(live.status.completed());
+            inner.failed = inner.failed.saturating_add(live.status.failed());
+            inner.cpu_ticks = inner.cpu_ticks.saturating_add(live.cpu_ticks);
+        }
+    }
+
+    /// A worker was replaced, for `cause` (one of [`CAUSES`]).
+    pub fn restarted(&self, cause: &'static str) {
+        *self.lock().restarts.entry(cause).or_default() += 1;
+    }
+
+    pub fn hung(&self) {
+        self.lock().hangs += 1;
+    }
+
+    pub fn violated(&self) {
+        self.lock().violations += 1;
+    }
+
+    /// The counters now (reads the serving worker's page and stat).
+    pub fn snapshot(&self) -> CounterSnapshot {
+        let mut inner = self.lock();
+        let (mut completed, mut failed, mut cpu_ticks) =
+            (inner.completed, inner.failed, inner.cpu_ticks);
+        let mut rss_bytes = None;
+        if let Some(live) = inner.live.as_mut() {
+            completed = completed.saturating_add(live.status.completed());
+            failed = failed.saturating_add(live.status.failed());
+            if let Some((cpu, rss)) = live.stat.as_deref().and_then(read_stat) {
+                live.cpu_ticks = live.cpu_ticks.max(cpu);
+                rss_bytes = Some(rss.saturating_mul(page_size()));
+            }
+            cpu_ticks = cpu_ticks.saturating_add(live.cpu_ticks);
+        }
+        CounterSnapshot {
+            restarts: CAUSES
+                .iter()
+                .map(|c| (*c, inner.restarts.get(c).copied().unwrap_or(0)))
+                .collect(),
+            hangs: inner.hangs,
+            violations: inner.violations,
+            completed,
+            failed,
+            rss_bytes,
+            cpu_ticks,
+        }
+    }
+}
+
+impl CounterSnapshot {
+    /// As `GET /v1/disks/{id}` shows them.
+    pub fn to_json(&self) -> serde_json::Value {
+        let restarts: serde_json::Map<String, serde_json::Value> = self
+            .restarts
+            .iter()
+            .map(|(c, n)| (c.to_string(), (*n).into()))
+            .collect();
+        serde_json::json!({
+            "requests_completed": self.completed,
+            "requests_failed": self.failed,
+            "restarts": restarts,
+            "hangs": self.hangs,
+            "violations": self.violations,
+            "worker_rss_bytes": self.rss_bytes,
+            "worker_cpu_seconds": self.cpu_ticks as f64 / ticks_per_second() as f64,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn page() -> Arc<StatusMapping> {
+        let (_fd, mapping) = ipc::status::StatusPage::create("test-counters").unwrap();
+        Arc::new(mapping)
+    }
+
+    #[test]
+    fn totals_survive_a_worker_and_its_successor_adds_to_them() {
+        let counters = DiskCounters::default();
+        let first = page();
+        let stat = Arc::new(File::open("/proc/self/stat").unwrap());
+        counters.worker_started(first.clone(), Some(stat));
+        first.set_completed(10, 2);
+        let s = counters.snapshot();
+        assert_eq!((s.completed, s.failed), (10, 2));
+        assert!(s.rss_bytes.is_some_and(|r| r > 0));
+        counters.worker_ended();
+        counters.restarted("crash");
+        let second = page();
+        counters.worker_started(second.clone(), None);
+        second.set_completed(5, 1);
+        let s = counters.snapshot();
+        assert_eq!((s.completed, s.failed), (15, 3));
+        assert_eq!(s.rss_bytes, None);
+        assert!(s.restarts.contains(&("crash", 1)));
+        assert!(s.restarts.contains(&("hang", 0)));
+        assert_eq!(s.restarts.len(), CAUSES.len());
+    }
+
+    #[test]
+    fn stat_fields_are_read_after_the_last_parenthesis() {
+        let dir = std::env::temp_dir().join(format!("bh-stat-{}", std::process::id()));
+        let line = "42 (a) b) c) S 1 2 3 4 5 6 7 8 9 10 70 30 0 0 20 0 1 0 100 123456 77 18446744073709551615";
+        std::fs::write(&dir, line).unwrap();
+        let f = File::open(&dir).unwrap();
+        assert_eq!(read_stat(&f), Some((100, 77)));
+        std::fs::write(&dir, "garbage").unwrap();
+        assert_eq!(read_stat(&File::open(&dir).unwrap()), None);
+        std::fs::remove_file(&dir).unwrap();
+    }
+}
