@@ -232,6 +232,30 @@ fn disk_text(d: &Value) -> String {
     text
 }
 
+/// Milliseconds since the Unix epoch as UTC, `2026-12-07T15:17:30.017Z`.
+fn utc(ms: u64) -> String {
+    let secs = ms / 1000;
+    let days = (secs / 86_400) as i64;
+    let rem = secs % 86_400;
+    // Days to a civil date (Howard Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{:03}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60,
+        ms % 1000
+    )
+}
+
 /// One event as a line for people: `#SEQ TIME KIND [DISK] detail`.
 fn event_line(e: &Value) -> String {
     let ms = e["time_ms"].as_u64().unwrap_or(0);
@@ -245,10 +269,9 @@ fn event_line(e: &Value) -> String {
         })
         .collect();
     format!(
-        "#{} {}.{:03} {}{} {}\n",
+        "#{} {} {}{} {}\n",
         e["seq"],
-        ms / 1000,
-        ms % 1000,
+        utc(ms),
         e["kind"].as_str().unwrap_or("?"),
         e["disk"]
             .as_str()
@@ -363,4 +386,29 @@ fn metrics_json(text: &str) -> String {
         ));
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn event_times_are_utc() {
+        assert_eq!(utc(0), "1970-01-01T00:00:00.000Z");
+        assert_eq!(utc(951_782_400_123), "2000-02-29T00:00:00.123Z");
+        assert_eq!(utc(1_796_656_650_017), "2026-12-07T15:17:30.017Z");
+    }
+
+    #[test]
+    fn metrics_become_one_object_per_sample() {
+        let text = "# HELP x y\n# TYPE x counter\nx{disk=\"blk0\",cause=\"hang\"} 3\nup 1.5\n";
+        let lines: Vec<Value> = metrics_json(text)
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        assert_eq!(lines.len(), 2);
+        assert_eq!(lines[0]["labels"]["cause"], "hang");
+        assert_eq!(lines[0]["value"], 3.0);
+        assert_eq!(lines[1]["name"], "up");
+    }
 }

@@ -7,7 +7,7 @@
 use std::fmt::Write as _;
 use std::sync::atomic::Ordering::Relaxed;
 
-use crate::api::ApiContext;
+use crate::api::context::ApiContext;
 use crate::supervisor::counters::ticks_per_second;
 
 /// A label value as the format wants it: backslash, quote and newline escaped.

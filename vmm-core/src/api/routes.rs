@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use serde_json::{json, Value};
 
-use super::{ApiContext, ApiDisk};
+use super::context::{ApiContext, ApiDisk};
 
 /// How long a planned restart may take before the API answers with an error.
 pub const RESTART_TIMEOUT: Duration = Duration::from_secs(10);
@@ -352,7 +352,7 @@ pub(crate) mod tests {
         pub shut: std::sync::atomic::AtomicBool,
     }
 
-    impl super::super::VmControl for FakeControl {
+    impl super::super::context::VmControl for FakeControl {
         fn state(&self) -> &'static str {
             if self.paused.load(std::sync::atomic::Ordering::SeqCst) {
                 "paused"

@@ -29,8 +29,9 @@ use hyper::{Request, Response};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
 
+use super::context::ApiContext;
 use super::routes::{self, Reply};
-use super::ApiContext;
+use super::socket::{ApiError, ApiSocket};
 use crate::events::EventLog;
 
 /// Connections open at once.
@@ -54,6 +55,25 @@ const KEEPALIVE: Duration = Duration::from_secs(15);
 const EVENT_BATCH: usize = 64;
 
 type ApiBody = http_body_util::combinators::BoxBody<Bytes, Infallible>;
+
+/// Serves requests on `socket` on a thread of its own (see [`server`]).
+pub fn serve(socket: ApiSocket, ctx: ApiContext) -> Result<(), ApiError> {
+    let (listener, path) = socket.into_parts();
+    let listen_err = |source| ApiError::Listen {
+        path: path.clone(),
+        source,
+    };
+    // tokio takes the listener as it is: non-blocking, set here before any filter.
+    listener.set_nonblocking(true).map_err(listen_err)?;
+    let prepared = prepare(listener).map_err(listen_err)?;
+    let ctx = Arc::new(ctx);
+    crate::thread::spawn("api", crate::confine::VmmThread::Api, move || {
+        run(prepared, ctx)
+    })
+    .map_err(listen_err)?;
+    tracing::info!("api: listening on {}", path.display());
+    Ok(())
+}
 
 /// The server's runtime and listener, made on the thread that sets the VM up: the event
 /// loop's descriptors (epoll, its waker) exist before the API thread is confined, so its
