@@ -39,6 +39,8 @@ pub struct BlkDevice {
     ctx: BlkContext,
     features: u64,
     num_queues: usize,
+    /// Counts and latencies of the requests served, for the status page.
+    stats: crate::blk::stats::RequestStats,
 }
 
 impl BlkDevice {
@@ -92,6 +94,7 @@ impl BlkDevice {
             ctx,
             features,
             num_queues,
+            stats: Default::default(),
         })
     }
 
@@ -127,7 +130,15 @@ impl VhostDevice for BlkDevice {
         mem: &GuestMemoryMmap,
         log: &mut dyn InflightLog,
     ) -> Result<QueueOutcome, QueueError> {
-        process_queue(queue, index, mem, self.engine.as_mut(), &self.ctx, log)
+        process_queue(
+            queue,
+            index,
+            mem,
+            self.engine.as_mut(),
+            &self.ctx,
+            log,
+            &mut self.stats,
+        )
     }
 
     fn completion_fd(&self) -> Option<RawFd> {
@@ -135,7 +146,11 @@ impl VhostDevice for BlkDevice {
     }
 
     fn reap(&mut self, mem: &GuestMemoryMmap, out: &mut Vec<Reaped>) {
+        let from = out.len();
         self.engine.reap(mem, out);
+        for r in &out[from..] {
+            self.stats.finish(r.queue, r.head, r.ok);
+        }
     }
 
     fn completions_ready(&mut self) -> bool {
@@ -143,7 +158,15 @@ impl VhostDevice for BlkDevice {
     }
 
     fn drain(&mut self, mem: &GuestMemoryMmap, out: &mut Vec<Reaped>) {
+        let from = out.len();
         self.engine.drain(mem, out);
+        for r in &out[from..] {
+            self.stats.finish(r.queue, r.head, r.ok);
+        }
+    }
+
+    fn request_counters(&self) -> ipc::status::RequestCounters {
+        self.stats.counters()
     }
 
     fn resubmit(
@@ -162,6 +185,7 @@ impl VhostDevice for BlkDevice {
             &self.ctx,
             heads,
             log,
+            &mut self.stats,
         )
     }
 }

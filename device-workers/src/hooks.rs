@@ -83,25 +83,26 @@ pub fn run_after_sandbox(name: &str) -> Result<(), String> {
                 Err(format!("uname failed: {}", std::io::Error::last_os_error()))
             }
         }
-        // The clock read a worker makes where the vDSO cannot serve it (a clocksource it
-        // cannot read, as in an L1 guest under QEMU TCG or on hpet/acpi_pm hosts): every
-        // log line reads the wall clock. The policy must let it through.
+        // The clock reads a worker makes where the vDSO cannot serve them (a clocksource
+        // it cannot read, as in an L1 guest under QEMU TCG or on hpet/acpi_pm hosts):
+        // every log line reads the wall clock, every request the monotonic one (its
+        // latency). The policy must let both through.
         "clock-syscall" => {
-            let mut ts = libc::timespec {
-                tv_sec: 0,
-                tv_nsec: 0,
-            };
-            // SAFETY: a raw clock_gettime(2) into a live, writable timespec.
-            let ret =
-                unsafe { libc::syscall(libc::SYS_clock_gettime, libc::CLOCK_REALTIME, &mut ts) };
-            if ret == 0 {
-                Ok(())
-            } else {
-                Err(format!(
-                    "clock_gettime failed: {}",
-                    std::io::Error::last_os_error()
-                ))
+            for clock in [libc::CLOCK_REALTIME, libc::CLOCK_MONOTONIC] {
+                let mut ts = libc::timespec {
+                    tv_sec: 0,
+                    tv_nsec: 0,
+                };
+                // SAFETY: a raw clock_gettime(2) into a live, writable timespec.
+                let ret = unsafe { libc::syscall(libc::SYS_clock_gettime, clock, &mut ts) };
+                if ret != 0 {
+                    return Err(format!(
+                        "clock_gettime({clock}) failed: {}",
+                        std::io::Error::last_os_error()
+                    ));
+                }
             }
+            Ok(())
         }
         // Crashes: each must be reported as what it is, never as a policy violation.
         "segv" => {

@@ -243,6 +243,7 @@ impl EventLoop {
 fn report<D: VhostDevice>(b: &DataPlane<D>, status: &StatusMapping) {
     let totals = b.totals();
     status.set_completed(totals.completed, totals.failed);
+    status.set_request_counters(&b.request_counters());
     status.set_rings_broken(b.rings_broken());
     status.bump_progress();
 }

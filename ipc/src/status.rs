@@ -33,7 +33,16 @@
 //! | 152 | 4 | worker end, from its reaper after it reaped the worker: 0 not yet, 1 exited, 2 killed by a signal |
 //! | 156 | 4 | worker end value: exit status or signal number |
 //! | 160 | 8 | rings found corrupt (each needs DEVICE_NEEDS_RESET, which the VMM sets) |
-//! | 168 | 88 | reserved (zero) |
+//! | 168 | 40 | requests completed by type: read, write, flush, discard (and write zeroes), other |
+//! | 208 | 8 | bytes read (completed reads) |
+//! | 216 | 8 | bytes written (completed writes) |
+//! | 224 | 8 | requests in flight (taken from a ring, not yet completed) |
+//! | 232 | 8 | sum of request latencies, microseconds |
+//! | 240 | 96 | request latencies by bucket ([`LATENCY_BOUNDS_US`], then the rest) |
+//! | 336 | 176 | reserved (zero) |
+//!
+//! The request counters and latencies are the worker's own measure of its work (from a
+//! chain's pop to its used entry), for metrics; nothing the VMM decides rests on them.
 //!
 //! The crash record is the worker's own word, written as it dies; the end record is its
 //! reaper's, written once the worker can write nothing more. The VMM believes a crash only
@@ -56,11 +65,62 @@ use serde::{Deserialize, Serialize};
 /// `b"BHSTATUS"` read as a little-endian u64.
 pub const STATUS_MAGIC: u64 = u64::from_le_bytes(*b"BHSTATUS");
 /// Version of the layout below; bump on any change of offsets or meaning.
-pub const LAYOUT_VERSION: u32 = 3;
+pub const LAYOUT_VERSION: u32 = 4;
 /// Size of the memfd (one page).
 pub const STATUS_PAGE_SIZE: usize = 4096;
 /// Size of [`StatusPage`].
-pub const LAYOUT_SIZE: usize = 256;
+pub const LAYOUT_SIZE: usize = 512;
+
+/// Upper bounds (inclusive, microseconds) of the request latency buckets; one more bucket
+/// holds the rest.
+pub const LATENCY_BOUNDS_US: [u64; 11] = [
+    50, 100, 250, 500, 1_000, 2_500, 5_000, 10_000, 25_000, 100_000, 1_000_000,
+];
+/// Latency buckets on the page: the bounded ones and the rest.
+pub const LATENCY_BUCKETS: usize = LATENCY_BOUNDS_US.len() + 1;
+/// Request types counted on the page, in page order.
+pub const REQUEST_TYPES: [&str; 5] = ["read", "write", "flush", "discard", "other"];
+
+/// A worker's request counters, as it publishes them (see the layout).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RequestCounters {
+    /// Completed, by [`REQUEST_TYPES`].
+    pub by_type: [u64; 5],
+    pub bytes_read: u64,
+    pub bytes_written: u64,
+    pub in_flight: u64,
+    pub latency_sum_us: u64,
+    /// Completed requests per latency bucket (not cumulative).
+    pub latency: [u64; LATENCY_BUCKETS],
+}
+
+impl RequestCounters {
+    /// `self + other`, each counter saturating (the in-flight gauge is `other`'s: it is
+    /// the live worker's).
+    pub fn plus(&self, other: &RequestCounters) -> RequestCounters {
+        let add = |a: u64, b: u64| a.saturating_add(b);
+        let mut sum = *self;
+        for (s, o) in sum.by_type.iter_mut().zip(other.by_type) {
+            *s = add(*s, o);
+        }
+        for (s, o) in sum.latency.iter_mut().zip(other.latency) {
+            *s = add(*s, o);
+        }
+        sum.bytes_read = add(sum.bytes_read, other.bytes_read);
+        sum.bytes_written = add(sum.bytes_written, other.bytes_written);
+        sum.latency_sum_us = add(sum.latency_sum_us, other.latency_sum_us);
+        sum.in_flight = other.in_flight;
+        sum
+    }
+
+    /// The bucket of a request that took `us` microseconds.
+    pub fn bucket(us: u64) -> usize {
+        LATENCY_BOUNDS_US
+            .iter()
+            .position(|&bound| us <= bound)
+            .unwrap_or(LATENCY_BOUNDS_US.len())
+    }
+}
 /// Seals the VMM applies and every mapper requires.
 pub const REQUIRED_SEALS: SealFlag = SealFlag::F_SEAL_SHRINK
     .union(SealFlag::F_SEAL_GROW)
@@ -117,7 +177,13 @@ pub struct StatusPage {
     end_how: AtomicU32,
     end_value: AtomicU32,
     rings_broken: AtomicU64,
-    reserved: [AtomicU64; 11],
+    requests_by_type: [AtomicU64; 5],
+    bytes_read: AtomicU64,
+    bytes_written: AtomicU64,
+    in_flight: AtomicU64,
+    latency_sum_us: AtomicU64,
+    latency: [AtomicU64; LATENCY_BUCKETS],
+    reserved: [AtomicU64; 22],
 }
 
 const _: () = {
@@ -144,7 +210,13 @@ const _: () = {
     assert!(offset_of!(StatusPage, end_how) == 152);
     assert!(offset_of!(StatusPage, end_value) == 156);
     assert!(offset_of!(StatusPage, rings_broken) == 160);
-    assert!(offset_of!(StatusPage, reserved) == 168);
+    assert!(offset_of!(StatusPage, requests_by_type) == 168);
+    assert!(offset_of!(StatusPage, bytes_read) == 208);
+    assert!(offset_of!(StatusPage, bytes_written) == 216);
+    assert!(offset_of!(StatusPage, in_flight) == 224);
+    assert!(offset_of!(StatusPage, latency_sum_us) == 232);
+    assert!(offset_of!(StatusPage, latency) == 240);
+    assert!(offset_of!(StatusPage, reserved) == 336);
 };
 
 /// Errors of creating, validating and mapping a status page.
@@ -439,6 +511,39 @@ impl StatusPage {
         self.rings_broken.load(Ordering::Acquire)
     }
 
+    /// Worker side: publishes its request counters.
+    pub fn set_request_counters(&self, c: &RequestCounters) {
+        for (slot, v) in self.requests_by_type.iter().zip(c.by_type) {
+            slot.store(v, Ordering::Relaxed);
+        }
+        for (slot, v) in self.latency.iter().zip(c.latency) {
+            slot.store(v, Ordering::Relaxed);
+        }
+        self.bytes_read.store(c.bytes_read, Ordering::Relaxed);
+        self.bytes_written.store(c.bytes_written, Ordering::Relaxed);
+        self.in_flight.store(c.in_flight, Ordering::Relaxed);
+        self.latency_sum_us
+            .store(c.latency_sum_us, Ordering::Release);
+    }
+
+    /// The worker's request counters (its word; each field read on its own).
+    pub fn request_counters(&self) -> RequestCounters {
+        let mut c = RequestCounters {
+            latency_sum_us: self.latency_sum_us.load(Ordering::Acquire),
+            bytes_read: self.bytes_read.load(Ordering::Relaxed),
+            bytes_written: self.bytes_written.load(Ordering::Relaxed),
+            in_flight: self.in_flight.load(Ordering::Relaxed),
+            ..Default::default()
+        };
+        for (v, slot) in c.by_type.iter_mut().zip(&self.requests_by_type) {
+            *v = slot.load(Ordering::Relaxed);
+        }
+        for (v, slot) in c.latency.iter_mut().zip(&self.latency) {
+            *v = slot.load(Ordering::Relaxed);
+        }
+        c
+    }
+
     /// Worker side: it is about to sleep until a kick, a completion or a message (true),
     /// or it woke.
     pub fn set_idle(&self, idle: bool) {
@@ -519,6 +624,7 @@ impl StatusPage {
         self.end_value.store(0, Ordering::Relaxed);
         self.end_how.store(END_NONE, Ordering::Relaxed);
         self.rings_broken.store(0, Ordering::Relaxed);
+        self.set_request_counters(&RequestCounters::default());
         for slot in &self.reserved {
             slot.store(0, Ordering::Relaxed);
         }

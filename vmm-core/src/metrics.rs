@@ -97,13 +97,68 @@ pub fn render(ctx: &ApiContext) -> String {
                 }
             }
         };
+    let m = "bulkhead_disk_requests_total";
+    let mut f = Family::new(
+        &mut out,
+        m,
+        "counter",
+        "Requests a disk's workers completed, errors included, by type (read, write, flush, \
+         discard, other); the workers' own count.",
+    );
+    for (id, c) in &served {
+        for (kind, n) in ipc::status::REQUEST_TYPES.iter().zip(c.requests.by_type) {
+            f.sample(m, &[("disk", id), ("type", kind)], n);
+        }
+    }
     per_disk(
         &mut out,
-        "bulkhead_disk_requests_total",
+        "bulkhead_disk_read_bytes_total",
         "counter",
-        "Requests a disk's workers completed, errors included (the workers' own count).",
-        &|c| Some(c.completed.to_string()),
+        "Bytes the disk's completed reads returned to the guest.",
+        &|c| Some(c.requests.bytes_read.to_string()),
     );
+    per_disk(
+        &mut out,
+        "bulkhead_disk_written_bytes_total",
+        "counter",
+        "Bytes the disk's completed writes took from the guest.",
+        &|c| Some(c.requests.bytes_written.to_string()),
+    );
+    per_disk(
+        &mut out,
+        "bulkhead_disk_requests_in_flight",
+        "gauge",
+        "Requests the serving worker took from a ring and has not completed.",
+        &|c| Some(c.requests.in_flight.to_string()),
+    );
+    let m = "bulkhead_disk_request_duration_seconds";
+    let mut f = Family::new(
+        &mut out,
+        m,
+        "histogram",
+        "Time from a request's pop to its completion, measured in the worker.",
+    );
+    for (id, c) in &served {
+        let mut cumulative = 0u64;
+        for (i, n) in c.requests.latency.iter().enumerate() {
+            cumulative = cumulative.saturating_add(*n);
+            let le = match ipc::status::LATENCY_BOUNDS_US.get(i) {
+                Some(us) => format!("{}", *us as f64 / 1e6),
+                None => "+Inf".to_string(),
+            };
+            f.sample(
+                &format!("{m}_bucket"),
+                &[("disk", id), ("le", &le)],
+                cumulative,
+            );
+        }
+        f.sample(
+            &format!("{m}_sum"),
+            &[("disk", id)],
+            format!("{:.6}", c.requests.latency_sum_us as f64 / 1e6),
+        );
+        f.sample(&format!("{m}_count"), &[("disk", id)], cumulative);
+    }
     per_disk(
         &mut out,
         "bulkhead_disk_request_errors_total",
@@ -185,6 +240,15 @@ mod tests {
             h.counters().restarted("hang");
         }
         let text = render(&ctx);
+        assert!(text.contains(
+            "bulkhead_disk_request_duration_seconds_bucket{disk=\"blk0\",le=\"+Inf\"} 0\n"
+        ));
+        assert!(
+            text.contains(
+                "bulkhead_disk_request_duration_seconds_bucket{disk=\"blk0\",le=\"0.00005\"} 0\n"
+            ),
+            "{text}"
+        );
         assert!(
             text.contains("bulkhead_vcpu_exits_total{vcpu=\"1\",kind=\"io_out\"} 7\n"),
             "{text}"
@@ -201,7 +265,11 @@ mod tests {
                 typed.insert(rest.split(' ').next().unwrap().to_string());
             } else if !line.starts_with('#') {
                 let name = line.split(['{', ' ']).next().unwrap();
-                assert!(typed.contains(name), "{name} has no TYPE line");
+                let family = ["_bucket", "_sum", "_count"]
+                    .iter()
+                    .find_map(|s| name.strip_suffix(s).filter(|f| typed.contains(*f)))
+                    .unwrap_or(name);
+                assert!(typed.contains(family), "{name} has no TYPE line");
                 let value = line.rsplit(' ').next().unwrap();
                 assert!(value.parse::<f64>().is_ok(), "{line}");
             }

@@ -11,7 +11,8 @@
 //!   submit it ([`Processed::Submitted`]); every [`BlockIo`] is one, and so is
 //!   [`uring_backend`]'s restricted io_uring, a batch per `io_uring_enter`;
 //! - [`queue`]: [`process_queue`] drains a virtqueue into any engine with notifications
-//!   suppressed.
+//!   suppressed;
+//! - [`stats`]: the worker's counts and latencies of its requests, for the VMM's metrics.
 
 pub mod backend;
 pub mod config;
@@ -20,6 +21,7 @@ pub mod execute;
 pub mod fail_backend;
 pub mod queue;
 pub mod request;
+pub mod stats;
 pub mod sync_backend;
 pub mod uring_backend;
 

@@ -24,6 +24,7 @@ use vm_memory::{
 use super::engine::{Processed, RequestEngine};
 use super::execute::{complete_rejected, execute, Completion};
 use super::request::{BlkContext, Request};
+use super::stats::{Kind, RequestStats};
 use crate::inflight::InflightLog;
 use crate::vhost::device::{QueueError, QueueOutcome};
 
@@ -44,12 +45,22 @@ pub fn process_queue(
     engine: &mut dyn RequestEngine,
     ctx: &BlkContext,
     log: &mut dyn InflightLog,
+    stats: &mut RequestStats,
 ) -> Result<QueueOutcome, QueueError> {
     if !queue.ready() {
         return Err(QueueError::NotReady { queue_index });
     }
     let mut outcome = QueueOutcome::default();
-    let result = drain(queue, queue_index, mem, engine, ctx, log, &mut outcome);
+    let result = drain(
+        queue,
+        queue_index,
+        mem,
+        engine,
+        ctx,
+        log,
+        stats,
+        &mut outcome,
+    );
     // Whatever ended the pass (a ring error included), requests already handed to the
     // engine go to the kernel now, not at some later pass or during a reset.
     engine.submit_pending();
@@ -58,6 +69,7 @@ pub fn process_queue(
 
 /// The body of [`process_queue`]: drains the ring until it stays empty with notifications
 /// on, or the engine is full.
+#[allow(clippy::too_many_arguments)]
 fn drain(
     queue: &mut Queue,
     queue_index: u16,
@@ -65,6 +77,7 @@ fn drain(
     engine: &mut dyn RequestEngine,
     ctx: &BlkContext,
     log: &mut dyn InflightLog,
+    stats: &mut RequestStats,
     outcome: &mut QueueOutcome,
 ) -> Result<(), QueueError> {
     let ring = |source| QueueError::Ring {
@@ -90,13 +103,21 @@ fn drain(
             };
             let head_index = chain.head_index();
             let processed = match Request::parse(chain, ctx, queue_size) {
-                Ok(req) => engine.process(queue_index, req, mem, ctx),
-                Err(rejected) => Processed::Executed(complete_rejected(&rejected, mem)),
+                Ok(req) => {
+                    let (kind, bytes) = Kind::of(&req.kind);
+                    stats.start(queue_index, head_index, kind, bytes);
+                    engine.process(queue_index, req, mem, ctx)
+                }
+                Err(rejected) => {
+                    stats.start(queue_index, head_index, Kind::Other, 0);
+                    Processed::Executed(complete_rejected(&rejected, mem))
+                }
             };
             match processed {
                 Processed::Submitted => outcome.submitted += 1,
                 Processed::Executed(completion) => {
                     complete(queue, mem, head_index, &completion, log).map_err(ring)?;
+                    stats.finish(queue_index, head_index, completion.is_ok());
                     added = true;
                     outcome.count_completed(completion.is_ok());
                 }
@@ -137,6 +158,7 @@ fn complete<M: GuestMemory>(
 /// descriptor table pops them. Only parsing sees the scratch region (a descriptor pointing
 /// there reads back our own ring); data moves through `mem`, the guest's RAM alone, where
 /// such an address is refused like any other outside guest RAM.
+#[allow(clippy::too_many_arguments)]
 pub fn process_resubmitted(
     queue: &mut Queue,
     queue_index: u16,
@@ -145,6 +167,7 @@ pub fn process_resubmitted(
     ctx: &BlkContext,
     heads: &[u16],
     log: &mut dyn InflightLog,
+    stats: &mut RequestStats,
 ) -> Result<QueueOutcome, QueueError> {
     let mut outcome = QueueOutcome::default();
     let size = queue.size();
@@ -197,10 +220,18 @@ pub fn process_resubmitted(
         };
         let head_index = chain.head_index();
         let completion = match Request::parse(chain, ctx, usize::from(size)) {
-            Ok(req) => execute(&req, mem, engine.sync_io(), ctx),
-            Err(rejected) => complete_rejected(&rejected, mem),
+            Ok(req) => {
+                let (kind, bytes) = Kind::of(&req.kind);
+                stats.start(queue_index, head_index, kind, bytes);
+                execute(&req, mem, engine.sync_io(), ctx)
+            }
+            Err(rejected) => {
+                stats.start(queue_index, head_index, Kind::Other, 0);
+                complete_rejected(&rejected, mem)
+            }
         };
         complete(queue, mem, head_index, &completion, log).map_err(ring)?;
+        stats.finish(queue_index, head_index, completion.is_ok());
         outcome.count_completed(completion.is_ok());
     }
     outcome.signal = queue.needs_notification(mem).map_err(ring)?;

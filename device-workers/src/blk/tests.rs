@@ -53,6 +53,7 @@ struct Harness<'a> {
     vq: MockSplitQueue<'a, GuestMemoryMmap>,
     q: Queue,
     ctx: BlkContext,
+    stats: super::stats::RequestStats,
 }
 
 impl<'a> Harness<'a> {
@@ -67,6 +68,7 @@ impl<'a> Harness<'a> {
             vq,
             q,
             ctx: ctx(readonly),
+            stats: Default::default(),
         }
     }
 
@@ -130,7 +132,16 @@ impl<'a> Harness<'a> {
     }
 
     fn run(&mut self, disk: &mut dyn RequestEngine) -> QueueOutcome {
-        process_queue(&mut self.q, 0, self.mem, disk, &self.ctx, &mut NoInflight).unwrap()
+        process_queue(
+            &mut self.q,
+            0,
+            self.mem,
+            disk,
+            &self.ctx,
+            &mut NoInflight,
+            &mut self.stats,
+        )
+        .unwrap()
     }
 
     /// (id, len) of the most recent used entry.
@@ -267,6 +278,23 @@ fn out_writes_the_file_and_nothing_else() {
     want[2560..3584].fill(0xa5);
     assert_eq!(contents(disk.file()), want);
     h.still_serves(&mut disk);
+}
+
+#[test]
+fn requests_are_counted_by_type_with_their_bytes() {
+    let mem = guest();
+    let mut h = Harness::new(&mem, false);
+    let mut disk = file_disk();
+    h.simple(VIRTIO_BLK_T_IN, 0, &[(DATA, 1024, W)]);
+    h.run(&mut disk);
+    h.simple(VIRTIO_BLK_T_OUT, 0, &[(DATA, 512, R)]);
+    h.run(&mut disk);
+    h.simple(VIRTIO_BLK_T_FLUSH, 0, &[]);
+    h.run(&mut disk);
+    let c = h.stats.counters();
+    assert_eq!(c.by_type, [1, 1, 1, 0, 0]);
+    assert_eq!((c.bytes_read, c.bytes_written, c.in_flight), (1024, 512, 0));
+    assert_eq!(c.latency.iter().sum::<u64>(), 3);
 }
 
 #[test]
@@ -795,7 +823,16 @@ fn avail_index_jump_is_a_queue_error() {
     let mut h = Harness::new(&mem, false);
     let mut disk = mem_disk();
     h.vq.avail().idx().store(QSIZE + 1);
-    let err = process_queue(&mut h.q, 3, &mem, &mut disk, &h.ctx, &mut NoInflight).unwrap_err();
+    let err = process_queue(
+        &mut h.q,
+        3,
+        &mem,
+        &mut disk,
+        &h.ctx,
+        &mut NoInflight,
+        &mut Default::default(),
+    )
+    .unwrap_err();
     assert!(matches!(
         err,
         QueueError::AvailIndex {
@@ -808,7 +845,15 @@ fn avail_index_jump_is_a_queue_error() {
     assert!(err.to_string().contains("queue 3"));
     let mut q = Queue::new(QSIZE).unwrap();
     assert!(matches!(
-        process_queue(&mut q, 1, &mem, &mut disk, &h.ctx, &mut NoInflight),
+        process_queue(
+            &mut q,
+            1,
+            &mem,
+            &mut disk,
+            &h.ctx,
+            &mut NoInflight,
+            &mut Default::default()
+        ),
         Err(QueueError::NotReady { queue_index: 1 })
     ));
 }
@@ -955,7 +1000,16 @@ fn random_descriptor_tables_never_panic() {
         for _ in 0..n {
             h.push_avail((rng.next() % (u64::from(QSIZE) + 4)) as u16);
         }
-        let out = process_queue(&mut h.q, 0, &mem, &mut disk, &h.ctx, &mut NoInflight).unwrap();
+        let out = process_queue(
+            &mut h.q,
+            0,
+            &mem,
+            &mut disk,
+            &h.ctx,
+            &mut NoInflight,
+            &mut Default::default(),
+        )
+        .unwrap();
         assert_eq!(u64::from(out.completed + out.dropped), n);
         assert_eq!(disk.data.len(), DISK_SIZE);
     }
@@ -1005,10 +1059,20 @@ fn a_successor_resubmits_what_a_dead_worker_popped() {
         &h.ctx,
         &recovery.resubmit,
         &mut successor,
+        &mut Default::default(),
     )
     .unwrap();
     assert_eq!((out.completed, out.failed), (2, 0));
-    let out = process_queue(&mut h.q, 0, &mem, &mut disk, &h.ctx, &mut successor).unwrap();
+    let out = process_queue(
+        &mut h.q,
+        0,
+        &mem,
+        &mut disk,
+        &h.ctx,
+        &mut successor,
+        &mut Default::default(),
+    )
+    .unwrap();
     assert_eq!((out.completed, out.failed), (1, 0), "only head 6 was new");
     assert_eq!(h.used_idx(), 3);
     let used_ids: Vec<u32> = (0..3)
@@ -1149,7 +1213,16 @@ fn a_ring_error_mid_pass_still_submits_what_was_taken() {
     let mut engine = MockEngine::new(None);
     engine.corrupt_avail = Some(GuestAddress(h.q.avail_ring() + 2));
     chains(&h, &[VIRTIO_BLK_T_IN; 2]);
-    let err = process_queue(&mut h.q, 0, &mem, &mut engine, &h.ctx, &mut NoInflight).unwrap_err();
+    let err = process_queue(
+        &mut h.q,
+        0,
+        &mem,
+        &mut engine,
+        &h.ctx,
+        &mut NoInflight,
+        &mut Default::default(),
+    )
+    .unwrap_err();
     assert!(matches!(err, QueueError::AvailIndex { .. }), "{err}");
     assert_eq!(engine.submitted, [(0, 0)]);
     assert_eq!(
@@ -1166,7 +1239,16 @@ fn submitted_requests_are_counted_not_published() {
     let mut engine = MockEngine::new(None);
     let mut log = LogRecorder::default();
     chains(&h, &[VIRTIO_BLK_T_IN; 3]);
-    let out = process_queue(&mut h.q, 2, &mem, &mut engine, &h.ctx, &mut log).unwrap();
+    let out = process_queue(
+        &mut h.q,
+        2,
+        &mem,
+        &mut engine,
+        &h.ctx,
+        &mut log,
+        &mut Default::default(),
+    )
+    .unwrap();
     assert_eq!(
         out,
         QueueOutcome {
@@ -1202,7 +1284,16 @@ fn executed_requests_are_published_in_order_among_submitted_ones() {
     // And a chain the parser rejects (no status descriptor): completed, failed.
     h.header(HDR + 0x300, VIRTIO_BLK_T_FLUSH, 0);
     h.chain_at(9, &[(HDR + 0x300, 16, R)]);
-    let out = process_queue(&mut h.q, 0, &mem, &mut engine, &h.ctx, &mut log).unwrap();
+    let out = process_queue(
+        &mut h.q,
+        0,
+        &mem,
+        &mut engine,
+        &h.ctx,
+        &mut log,
+        &mut Default::default(),
+    )
+    .unwrap();
     assert_eq!(
         out,
         QueueOutcome {
@@ -1242,7 +1333,16 @@ fn a_full_engine_leaves_requests_in_the_avail_ring_with_notifications_off() {
     let mut h = Harness::new(&mem, false);
     let mut engine = MockEngine::new(Some(2));
     chains(&h, &[VIRTIO_BLK_T_IN; 4]);
-    let out = process_queue(&mut h.q, 0, &mem, &mut engine, &h.ctx, &mut NoInflight).unwrap();
+    let out = process_queue(
+        &mut h.q,
+        0,
+        &mem,
+        &mut engine,
+        &h.ctx,
+        &mut NoInflight,
+        &mut Default::default(),
+    )
+    .unwrap();
     assert_eq!(
         out,
         QueueOutcome {
@@ -1261,7 +1361,16 @@ fn a_full_engine_leaves_requests_in_the_avail_ring_with_notifications_off() {
 
     // Room again (completions reaped): the rest is taken, notifications back on.
     engine.room = None;
-    let out = process_queue(&mut h.q, 0, &mem, &mut engine, &h.ctx, &mut NoInflight).unwrap();
+    let out = process_queue(
+        &mut h.q,
+        0,
+        &mem,
+        &mut engine,
+        &h.ctx,
+        &mut NoInflight,
+        &mut Default::default(),
+    )
+    .unwrap();
     assert_eq!(
         out,
         QueueOutcome {
@@ -1279,7 +1388,16 @@ fn a_full_engine_still_signals_what_completed_before_it_filled() {
     let mut h = Harness::new(&mem, false);
     let mut engine = MockEngine::new(Some(1));
     chains(&h, &[VIRTIO_BLK_T_FLUSH, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_IN]);
-    let out = process_queue(&mut h.q, 0, &mem, &mut engine, &h.ctx, &mut NoInflight).unwrap();
+    let out = process_queue(
+        &mut h.q,
+        0,
+        &mem,
+        &mut engine,
+        &h.ctx,
+        &mut NoInflight,
+        &mut Default::default(),
+    )
+    .unwrap();
     assert_eq!(
         out,
         QueueOutcome {
@@ -1310,6 +1428,7 @@ fn resubmitted_requests_run_at_once_even_on_an_asynchronous_engine() {
         &h.ctx,
         &[0, 3],
         &mut NoInflight,
+        &mut Default::default(),
     )
     .unwrap();
     assert_eq!((out.completed, out.failed, out.submitted), (2, 0, 0));

@@ -89,6 +89,11 @@ impl<D: VhostDevice> DataPlane<D> {
         self.rings_started
     }
 
+    /// The device's counts and latencies of its requests.
+    pub fn request_counters(&self) -> ipc::status::RequestCounters {
+        self.device.request_counters()
+    }
+
     pub fn totals(&self) -> Totals {
         self.totals
     }

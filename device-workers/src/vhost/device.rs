@@ -41,6 +41,10 @@ pub trait VhostDevice {
     /// Waits for every asynchronous request in flight and collects it (before the memory
     /// table changes or a ring stops).
     fn drain(&mut self, _mem: &GuestMemoryMmap, _out: &mut Vec<Reaped>) {}
+    /// The device's own counts and latencies of its requests, for the status page.
+    fn request_counters(&self) -> ipc::status::RequestCounters {
+        ipc::status::RequestCounters::default()
+    }
     /// Serves again `heads`, which a dead predecessor popped and never completed.
     fn resubmit(
         &mut self,

@@ -11,7 +11,7 @@ use std::collections::BTreeMap;
 use std::fs::File;
 use std::sync::{Arc, Mutex};
 
-use ipc::status::StatusMapping;
+use ipc::status::{RequestCounters, StatusMapping};
 
 /// Why a worker was replaced, as `/metrics` and the events name it.
 pub const CAUSES: [&str; 7] = [
@@ -32,6 +32,7 @@ struct Inner {
     /// Ended workers' totals.
     completed: u64,
     failed: u64,
+    requests: RequestCounters,
     cpu_ticks: u64,
     /// The serving worker: its page, its stat file and the CPU ticks last read there.
     live: Option<Live>,
@@ -60,6 +61,9 @@ pub struct CounterSnapshot {
     /// Requests completed (errors included) and failed, over all workers.
     pub completed: u64,
     pub failed: u64,
+    /// By type, bytes, in flight and latencies, over all workers (the in-flight gauge is
+    /// the serving worker's).
+    pub requests: RequestCounters,
     /// The serving worker's resident memory (None: no worker, or unreadable).
     pub rss_bytes: Option<u64>,
     /// CPU time of all the disk's workers, in clock ticks.
@@ -128,6 +132,11 @@ impl DiskCounters {
             }
             inner.completed = inner.completed.saturating_add(live.status.completed());
             inner.failed = inner.failed.saturating_add(live.status.failed());
+            let ended = live.status.request_counters();
+            inner.requests = inner.requests.plus(&RequestCounters {
+                in_flight: 0,
+                ..ended
+            });
             inner.cpu_ticks = inner.cpu_ticks.saturating_add(live.cpu_ticks);
         }
     }
@@ -150,10 +159,15 @@ impl DiskCounters {
         let mut inner = self.lock();
         let (mut completed, mut failed, mut cpu_ticks) =
             (inner.completed, inner.failed, inner.cpu_ticks);
+        let mut requests = RequestCounters {
+            in_flight: 0,
+            ..inner.requests
+        };
         let mut rss_bytes = None;
         if let Some(live) = inner.live.as_mut() {
             completed = completed.saturating_add(live.status.completed());
             failed = failed.saturating_add(live.status.failed());
+            requests = requests.plus(&live.status.request_counters());
             if let Some((cpu, rss)) = live.stat.as_deref().and_then(read_stat) {
                 live.cpu_ticks = live.cpu_ticks.max(cpu);
                 rss_bytes = Some(rss.saturating_mul(page_size()));
@@ -169,6 +183,7 @@ impl DiskCounters {
             violations: inner.violations,
             completed,
             failed,
+            requests,
             rss_bytes,
             cpu_ticks,
         }
@@ -183,9 +198,24 @@ impl CounterSnapshot {
             .iter()
             .map(|(c, n)| (c.to_string(), (*n).into()))
             .collect();
+        let r = &self.requests;
+        let by_type: serde_json::Map<String, serde_json::Value> = ipc::status::REQUEST_TYPES
+            .iter()
+            .zip(r.by_type)
+            .map(|(t, n)| (t.to_string(), n.into()))
+            .collect();
         serde_json::json!({
             "requests_completed": self.completed,
             "requests_failed": self.failed,
+            "requests_by_type": by_type,
+            "bytes_read": r.bytes_read,
+            "bytes_written": r.bytes_written,
+            "in_flight": r.in_flight,
+            "latency": {
+                "bounds_us": ipc::status::LATENCY_BOUNDS_US,
+                "counts": r.latency,
+                "sum_us": r.latency_sum_us,
+            },
             "restarts": restarts,
             "hangs": self.hangs,
             "violations": self.violations,
@@ -211,7 +241,14 @@ mod tests {
         let stat = Arc::new(File::open("/proc/self/stat").unwrap());
         counters.worker_started(first.clone(), Some(stat));
         first.set_completed(10, 2);
+        first.set_request_counters(&RequestCounters {
+            by_type: [8, 4, 0, 0, 0],
+            bytes_read: 4096,
+            in_flight: 3,
+            ..Default::default()
+        });
         let s = counters.snapshot();
+        assert_eq!(s.requests.in_flight, 3);
         assert_eq!((s.completed, s.failed), (10, 2));
         assert!(s.rss_bytes.is_some_and(|r| r > 0));
         counters.worker_ended();
@@ -219,8 +256,17 @@ mod tests {
         let second = page();
         counters.worker_started(second.clone(), None);
         second.set_completed(5, 1);
+        second.set_request_counters(&RequestCounters {
+            by_type: [1, 0, 0, 0, 0],
+            bytes_read: 512,
+            in_flight: 1,
+            ..Default::default()
+        });
         let s = counters.snapshot();
         assert_eq!((s.completed, s.failed), (15, 3));
+        assert_eq!(s.requests.by_type, [9, 4, 0, 0, 0]);
+        assert_eq!(s.requests.bytes_read, 4608);
+        assert_eq!(s.requests.in_flight, 1, "the live worker's only");
         assert_eq!(s.rss_bytes, None);
         assert!(s.restarts.contains(&("crash", 1)));
         assert!(s.restarts.contains(&("hang", 0)));
