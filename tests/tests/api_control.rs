@@ -423,11 +423,18 @@ fn a_user_lists_restarts_watches_scrapes_pauses_and_shuts_down() {
         || streamed.lock().unwrap().contains("\"cause\":\"killed\""),
     );
 
-    // Pause: no vCPU exit and no new request while paused; both go on after resume.
+    // Pause: the requests in flight complete, then no vCPU exit and no new request while
+    // paused; both go on after resume.
     let (ok, paused) = vm.ctl(&["pause"]);
     assert!(ok, "{paused}\n{}", vm.transcript());
     assert_eq!(paused.trim(), "paused");
     assert_eq!(vm.get("/v1/vm")["state"], "paused");
+    let in_flight = r#"bulkhead_disk_requests_in_flight{disk="blk0"}"#;
+    wait_for(
+        "the requests in flight at the pause complete",
+        Duration::from_secs(10),
+        || sample(&vm.metrics(), in_flight) == Some(0.0),
+    );
     let at_pause = vm.metrics();
     std::thread::sleep(Duration::from_millis(700));
     let later = vm.metrics();
