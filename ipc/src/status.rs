@@ -95,24 +95,6 @@ pub struct RequestCounters {
 }
 
 impl RequestCounters {
-    /// `self + other`, each counter saturating (the in-flight gauge is `other`'s: it is
-    /// the live worker's).
-    pub fn plus(&self, other: &RequestCounters) -> RequestCounters {
-        let add = |a: u64, b: u64| a.saturating_add(b);
-        let mut sum = *self;
-        for (s, o) in sum.by_type.iter_mut().zip(other.by_type) {
-            *s = add(*s, o);
-        }
-        for (s, o) in sum.latency.iter_mut().zip(other.latency) {
-            *s = add(*s, o);
-        }
-        sum.bytes_read = add(sum.bytes_read, other.bytes_read);
-        sum.bytes_written = add(sum.bytes_written, other.bytes_written);
-        sum.latency_sum_us = add(sum.latency_sum_us, other.latency_sum_us);
-        sum.in_flight = other.in_flight;
-        sum
-    }
-
     /// The bucket of a request that took `us` microseconds.
     pub fn bucket(us: u64) -> usize {
         LATENCY_BOUNDS_US

@@ -40,7 +40,8 @@ enum CtlCommand {
     Pause,
     /// Let the vCPUs run again.
     Resume,
-    /// End the VM as an ACPI power-off does (bulkhead exits with status 0).
+    /// End the VM: bulkhead exits with status 0, as after an ACPI power-off (the guest is
+    /// not asked first).
     Shutdown,
     /// Restarts, hangs, violations, fail mode, guest resets, pause and resume, as they
     /// happen (until interrupted), starting with the ones still kept.
@@ -313,13 +314,15 @@ fn events(args: &CtlArgs, since: u64, follow: bool) -> ExitCode {
         }
         return ExitCode::SUCCESS;
     }
-    // The stream: `data:` lines carry each event's JSON.
-    let mut pending = String::new();
+    // The stream: `data:` lines carry each event's JSON; bytes are kept until a whole
+    // event is in (a chunk may end inside a character).
+    let mut pending: Vec<u8> = Vec::new();
     let target = format!("/v1/events?since={since}");
     let code = vmm_core::api::client::stream(socket, &target, |chunk| {
-        pending.push_str(&String::from_utf8_lossy(chunk));
-        while let Some(end) = pending.find("\n\n") {
-            let block: String = pending.drain(..end + 2).collect();
+        pending.extend_from_slice(chunk);
+        while let Some(end) = pending.windows(2).position(|w| w == b"\n\n") {
+            let block: Vec<u8> = pending.drain(..end + 2).collect();
+            let block = String::from_utf8_lossy(&block);
             for line in block.lines() {
                 let Some(data) = line.strip_prefix("data: ") else {
                     continue;
@@ -331,6 +334,11 @@ fn events(args: &CtlArgs, since: u64, follow: bool) -> ExitCode {
                     format!("{e}\n")
                 } else if e.get("missed").is_some() {
                     format!("({} events are no longer kept)\n", e["missed"])
+                } else if e.get("latest").is_some() {
+                    format!(
+                        "(event {} is from an earlier bulkhead: the events from the first kept)\n",
+                        e["after"]
+                    )
                 } else {
                     event_line(&e)
                 };
@@ -343,7 +351,10 @@ fn events(args: &CtlArgs, since: u64, follow: bool) -> ExitCode {
     });
     match code {
         Ok(200) => ExitCode::SUCCESS,
-        Ok(code) => fail(format_args!("the API answered {code}: {pending}")),
+        Ok(code) => fail(format_args!(
+            "the API answered {code}: {}",
+            String::from_utf8_lossy(&pending)
+        )),
         Err(e) => fail(format_args!(
             "cannot reach the API at {}: {e}",
             socket.display()

@@ -56,6 +56,9 @@ pub struct Since {
     pub events: Vec<Event>,
     /// Events after the one asked for that are no longer kept.
     pub missed: u64,
+    /// The number asked for is beyond the last one given out: it came from another run
+    /// (numbers start at 1 with every bulkhead), so the events are from the first kept.
+    pub reset: bool,
 }
 
 impl EventLog {
@@ -94,6 +97,9 @@ impl EventLog {
     /// The kept events with a sequence number above `after`, oldest first, at most `max`.
     pub fn since(&self, after: u64, max: usize) -> Since {
         let kept = self.kept.lock().unwrap_or_else(|p| p.into_inner());
+        let latest = kept.back().map_or(*self.latest.borrow(), |e| e.seq);
+        let reset = after > latest;
+        let after = if reset { 0 } else { after };
         let first = kept.front().map_or(u64::MAX, |e| e.seq);
         let missed = first.saturating_sub(after.saturating_add(1));
         let missed = if kept.is_empty() { 0 } else { missed };
@@ -105,6 +111,7 @@ impl EventLog {
                 .cloned()
                 .collect(),
             missed,
+            reset,
         }
     }
 }
@@ -148,13 +155,18 @@ mod tests {
         assert_eq!(s.events.len(), KEPT);
         assert_eq!(s.events[0].seq, 6);
         assert_eq!(log.since(5, 1).missed, 0);
-        assert_eq!(
-            log.since(u64::MAX, 1),
-            Since {
-                events: vec![],
-                missed: 0
-            }
-        );
+        assert!(!log.since(5, 1).reset);
+    }
+
+    #[test]
+    fn a_number_from_another_run_starts_over() {
+        let log = EventLog::default();
+        log.emit("paused", None, serde_json::json!({}));
+        let s = log.since(500, 10);
+        assert!(s.reset);
+        assert_eq!(s.events.len(), 1, "from the first kept");
+        assert!(!log.since(1, 10).reset);
+        assert!(EventLog::default().since(3, 10).reset);
     }
 
     #[test]

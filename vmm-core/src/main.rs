@@ -95,7 +95,12 @@ fn ensure_standard_fds() {
 fn main() -> ExitCode {
     ensure_standard_fds();
     let cli = Cli::parse();
-    if !matches!(cli.command, Command::Run(_) | Command::Spawner { .. }) {
+    // `ctl` keeps SIGPIPE ignored: a socket the VMM closed early is an error it reports,
+    // and its own closed stdout it notices on the write.
+    if !matches!(
+        cli.command,
+        Command::Run(_) | Command::Spawner { .. } | Command::Ctl(_)
+    ) {
         // A command whose output is piped into `head` ends quietly when the reader goes,
         // as other tools do, instead of panicking on the write (Rust ignores SIGPIPE).
         // SAFETY: restores the default action of one signal; no handler runs.

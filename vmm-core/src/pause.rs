@@ -50,7 +50,8 @@ pub fn install_handler() -> nix::Result<()> {
     unsafe { sigaction(Signal::SIGUSR2, &action) }.map(|_| ())
 }
 
-/// Called by a vCPU thread before its first KVM_RUN: where its kicks land.
+/// Called by a vCPU thread before its first KVM_RUN: where its kicks land; with null
+/// before the vCPU (and its kvm_run mapping) is dropped, so a late kick writes nothing.
 pub fn register_vcpu(immediate_exit: *mut u8) {
     IMMEDIATE_EXIT.with(|c| c.set(immediate_exit));
 }
@@ -69,8 +70,12 @@ pub struct PauseGate {
     changed: Condvar,
     /// A pidfd on each vCPU thread; empty when the kernel has no thread pidfds.
     kicks: Mutex<Vec<OwnedFd>>,
-    /// vCPU threads started.
+    /// vCPU threads registered (each with a pidfd to kick it, or the reason it has none).
     vcpus: Mutex<usize>,
+    /// vCPUs the VM has: a pause waits until every one is registered.
+    expected: std::sync::atomic::AtomicUsize,
+    /// Pause and resume one at a time (the API may ask for both at once).
+    changing: Mutex<()>,
     /// Why pausing cannot work here, if it cannot.
     unsupported: Mutex<Option<String>>,
 }
@@ -96,6 +101,11 @@ impl PauseGate {
         self.changed.notify_all();
     }
 
+    /// The VM has `n` vCPUs.
+    pub fn expect_vcpus(&self, n: usize) {
+        self.expected.store(n, Ordering::Release);
+    }
+
     /// The main thread, once vCPU thread `tid` runs: keeps a pidfd on it to kick it.
     pub fn add_vcpu_thread(&self, tid: libc::pid_t) {
         *self.vcpus.lock().unwrap_or_else(|p| p.into_inner()) += 1;
@@ -117,16 +127,29 @@ impl PauseGate {
             .push(fd);
     }
 
-    /// Stops every vCPU outside KVM_RUN; returns once all are, or after [`PAUSE_WAIT`]
-    /// (then the pause stays asked for, and the error says how many stopped).
-    pub fn pause(&self) -> Result<(), String> {
-        if let Some(why) = self
+    /// Stops every vCPU outside KVM_RUN and returns once all are. If some do not stop
+    /// within [`PAUSE_WAIT`], the pause is undone (the VM runs, as before the request)
+    /// and the error says how many had stopped. `changed` runs, one state change at a
+    /// time, when the VM went from running to paused (for the event).
+    pub fn pause(&self, changed: impl FnOnce()) -> Result<(), String> {
+        let _one_at_a_time = self.changing.lock().unwrap_or_else(|p| p.into_inner());
+        let unsupported = self
             .unsupported
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .clone()
-        {
+            .clone();
+        if let Some(why) = unsupported {
             return Err(why);
+        }
+        let vcpus = *self.vcpus.lock().unwrap_or_else(|p| p.into_inner());
+        let expected = self.expected.load(Ordering::Acquire);
+        if vcpus < expected {
+            return Err(format!(
+                "the vCPUs are starting ({vcpus} of {expected} ready to be paused); try again"
+            ));
+        }
+        if self.paused() {
+            return Ok(());
         }
         self.paused.store(true, Ordering::Release);
         for fd in self.kicks.lock().unwrap_or_else(|p| p.into_inner()).iter() {
@@ -141,16 +164,17 @@ impl PauseGate {
                 )
             };
         }
-        let vcpus = *self.vcpus.lock().unwrap_or_else(|p| p.into_inner());
         let deadline = Instant::now() + PAUSE_WAIT;
         let mut parked = self.parked.lock().unwrap_or_else(|p| p.into_inner());
         while parked.count < vcpus {
             let now = Instant::now();
             if now >= deadline {
+                let stopped = parked.count;
+                self.paused.store(false, Ordering::Release);
+                self.changed.notify_all();
                 return Err(format!(
-                    "{} of {vcpus} vCPUs stopped within {PAUSE_WAIT:?}; the rest stop at \
-                     their next exit",
-                    parked.count
+                    "only {stopped} of {vcpus} vCPUs stopped within {PAUSE_WAIT:?}: not \
+                     paused (the VM runs)"
                 ));
             }
             parked = self
@@ -159,14 +183,23 @@ impl PauseGate {
                 .unwrap_or_else(|p| p.into_inner())
                 .0;
         }
+        drop(parked);
+        changed();
         Ok(())
     }
 
-    /// Lets the vCPUs run again.
-    pub fn resume(&self) {
-        let _parked = self.parked.lock().unwrap_or_else(|p| p.into_inner());
+    /// Lets the vCPUs run again; `changed` runs, one state change at a time, when the
+    /// VM went from paused to running.
+    pub fn resume(&self, changed: impl FnOnce()) {
+        let _one_at_a_time = self.changing.lock().unwrap_or_else(|p| p.into_inner());
+        let parked = self.parked.lock().unwrap_or_else(|p| p.into_inner());
+        if !self.paused() {
+            return;
+        }
         self.paused.store(false, Ordering::Release);
         self.changed.notify_all();
+        drop(parked);
+        changed();
     }
 
     /// vCPU threads waiting at the gate now.
@@ -196,9 +229,11 @@ mod tests {
                 std::thread::sleep(Duration::from_millis(1));
             }
         });
+        gate.expect_vcpus(1);
         gate.add_vcpu_thread(tid_rx.recv().unwrap());
+        let mut events = Vec::new();
         // No KVM here: the kick's handler is not needed to reach the gate.
-        if let Err(e) = gate.pause() {
+        if let Err(e) = gate.pause(|| events.push("paused")) {
             // Without thread pidfds the pause is refused, and says why.
             assert!(e.contains("Linux 6.9"), "{e}");
             t.join().unwrap();
@@ -212,9 +247,26 @@ mod tests {
             at_pause,
             "no step while paused"
         );
-        gate.resume();
+        assert_eq!(gate.pause(|| events.push("paused again")), Ok(()));
+        gate.resume(|| events.push("resumed"));
+        gate.resume(|| events.push("resumed again"));
+        assert_eq!(events, ["paused", "resumed"], "a change is told once");
         t.join().unwrap();
         assert_eq!(running.load(Ordering::Relaxed), 2_000);
         assert_eq!(gate.parked(), 0);
+    }
+}
+
+#[cfg(test)]
+mod starting {
+    use super::*;
+
+    #[test]
+    fn a_pause_before_every_vcpu_is_ready_is_refused_and_changes_nothing() {
+        let gate = PauseGate::default();
+        gate.expect_vcpus(2);
+        let e = gate.pause(|| panic!("no change")).unwrap_err();
+        assert!(e.contains("0 of 2"), "{e}");
+        assert!(!gate.paused());
     }
 }

@@ -104,6 +104,8 @@ impl Vcpu {
                 }
             }
         };
+        // The kvm_run mapping goes with `self`: a kick from now on must not write there.
+        crate::pause::register_vcpu(std::ptr::null_mut());
         stopped(event);
     }
 
@@ -140,7 +142,10 @@ impl Vcpu {
                 Step::Continue
             }
             // With the in-kernel irqchip a halt waits in the kernel; tolerate one anyway.
-            Ok(VcpuExit::Hlt) | Ok(VcpuExit::Intr) | Ok(VcpuExit::IrqWindowOpen) => Step::Continue,
+            Ok(VcpuExit::Hlt) | Ok(VcpuExit::Intr) | Ok(VcpuExit::IrqWindowOpen) => {
+                self.stats.other.fetch_add(1, Ordering::Relaxed);
+                Step::Continue
+            }
             Ok(VcpuExit::Shutdown) => Step::Crash("triple fault (KVM_EXIT_SHUTDOWN)".into()),
             Ok(VcpuExit::SystemEvent(kind, _)) => match kind {
                 kvm_bindings::KVM_SYSTEM_EVENT_SHUTDOWN | kvm_bindings::KVM_SYSTEM_EVENT_RESET => {
@@ -166,6 +171,7 @@ impl Vcpu {
             Ok(other) => Step::Crash(format!("unhandled exit {other:?}")),
             Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
                 // A kick (a pause) set immediate_exit: the next KVM_RUN is to run.
+                self.stats.other.fetch_add(1, Ordering::Relaxed);
                 self.fd.set_kvm_immediate_exit(0);
                 Step::Continue
             }

@@ -119,22 +119,17 @@ impl crate::api::VmControl for Controls {
     }
 
     fn pause(&self) -> Result<(), String> {
-        let was = self.gate.paused();
-        let done = self.gate.pause();
-        if done.is_ok() && !was {
+        self.gate.pause(|| {
             tracing::info!("api: paused the vCPUs");
             self.events.emit("paused", None, serde_json::json!({}));
-        }
-        done
+        })
     }
 
     fn resume(&self) -> Result<(), String> {
-        let was = self.gate.paused();
-        self.gate.resume();
-        if was {
+        self.gate.resume(|| {
             tracing::info!("api: resumed the vCPUs");
             self.events.emit("resumed", None, serde_json::json!({}));
-        }
+        });
         Ok(())
     }
 
@@ -265,6 +260,7 @@ impl Vm {
             source: kvm_ioctls::Error::new(e as i32),
         })?;
         let pause = Arc::new(crate::pause::PauseGate::default());
+        pause.expect_vcpus(usize::from(num_vcpus));
         let mut base_cpuid = cpu::supported_cpuid(&kvm)?;
         let mut vcpus = Vec::with_capacity(cfg.vcpus as usize);
         for id in 0..num_vcpus {

@@ -29,8 +29,23 @@ pub struct KickChanges {
 /// Totals since the worker started, for the status page.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct Totals {
+    /// Requests completed, failures included (both paths count alike).
     pub completed: u64,
     pub failed: u64,
+}
+
+impl Totals {
+    /// One request completed asynchronously (`ok`: with status OK).
+    fn count(&mut self, ok: bool) {
+        self.completed += 1;
+        self.failed += u64::from(!ok);
+    }
+
+    /// A pass over a ring (its synchronous completions).
+    fn add(&mut self, done: &QueueOutcome) {
+        self.completed += u64::from(done.completed);
+        self.failed += u64::from(done.failed);
+    }
 }
 
 /// The rings, the guest memory they live in, and the device serving them.
@@ -216,8 +231,7 @@ impl<D: VhostDevice> DataPlane<D> {
                 }
             }
         }
-        self.totals.completed += u64::from(done.completed);
-        self.totals.failed += u64::from(done.failed);
+        self.totals.add(&done);
         match broke {
             None => vring.state = vring.state.passed(done.throttled),
             Some(e) => {
@@ -313,8 +327,7 @@ impl<D: VhostDevice> DataPlane<D> {
             if let Some(t) = tracker.as_mut() {
                 t.completed(r.head, vring.queue.next_used());
             }
-            self.totals.completed += u64::from(r.ok);
-            self.totals.failed += u64::from(!r.ok);
+            self.totals.count(r.ok);
             touched[index] = true;
         }
         for (index, vring) in self.vrings.iter_mut().enumerate() {
@@ -407,5 +420,26 @@ impl<D: VhostDevice> DataPlane<D> {
             self.retired_kicks.extend(old.kick);
         }
         self.dirty = true;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Both paths count a failed request as completed and as failed (the asynchronous
+    /// one once counted only successes as completed).
+    #[test]
+    fn failures_count_as_completed_on_both_paths() {
+        let mut sync = Totals::default();
+        let mut done = QueueOutcome::default();
+        done.count_completed(true);
+        done.count_completed(false);
+        sync.add(&done);
+        let mut uring = Totals::default();
+        uring.count(true);
+        uring.count(false);
+        assert_eq!((sync.completed, sync.failed), (2, 1));
+        assert_eq!((uring.completed, uring.failed), (2, 1));
     }
 }

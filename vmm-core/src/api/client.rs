@@ -2,6 +2,17 @@
 
 use std::io;
 use std::path::Path;
+use std::time::Duration;
+
+/// How long a request may take to be answered (a planned restart takes up to 10 s).
+pub const ANSWER_TIMEOUT: Duration = Duration::from_secs(30);
+
+fn timed_out(what: &str) -> io::Error {
+    io::Error::new(
+        io::ErrorKind::TimedOut,
+        format!("no {what} within {ANSWER_TIMEOUT:?}"),
+    )
+}
 
 use http_body_util::{BodyExt, Full};
 use hyper::body::{Bytes, Incoming};
@@ -51,15 +62,20 @@ pub fn request_with_body(
     body: Option<&str>,
 ) -> io::Result<(u16, String)> {
     runtime()?.block_on(async {
-        let response = send(socket, method, target, body).await?;
-        let code = response.status().as_u16();
-        let body = response
-            .into_body()
-            .collect()
+        let answer = async {
+            let response = send(socket, method, target, body).await?;
+            let code = response.status().as_u16();
+            let body = response
+                .into_body()
+                .collect()
+                .await
+                .map_err(io::Error::other)?
+                .to_bytes();
+            Ok((code, String::from_utf8_lossy(&body).into_owned()))
+        };
+        tokio::time::timeout(ANSWER_TIMEOUT, answer)
             .await
-            .map_err(io::Error::other)?
-            .to_bytes();
-        Ok((code, String::from_utf8_lossy(&body).into_owned()))
+            .map_err(|_| timed_out("answer"))?
     })
 }
 
@@ -72,7 +88,9 @@ pub fn stream(
     mut chunk: impl FnMut(&[u8]) -> bool,
 ) -> io::Result<u16> {
     runtime()?.block_on(async {
-        let response = send(socket, "GET", target, None).await?;
+        let response = tokio::time::timeout(ANSWER_TIMEOUT, send(socket, "GET", target, None))
+            .await
+            .map_err(|_| timed_out("answer's head"))??;
         let code = response.status().as_u16();
         let mut body = response.into_body();
         while let Some(frame) = body.frame().await {

@@ -25,7 +25,8 @@ pub trait VmControl: Send + Sync + std::fmt::Debug {
     fn pause(&self) -> Result<(), String>;
     /// Lets the vCPUs run again.
     fn resume(&self) -> Result<(), String>;
-    /// Ends the VM as an ACPI power-off does.
+    /// Ends the VM as an ACPI power-off ends it on the host's side (the guest is not
+    /// asked first).
     fn shutdown(&self);
 }
 

@@ -1,14 +1,18 @@
 //! The API's server: hyper's HTTP/1.1 on a single-threaded tokio runtime, on the confined
 //! `api` thread. Every resource a client can make it hold is bounded:
 //!
-//! - at most [`MAX_CONNECTIONS`] connections; when a new one comes at the limit, the
-//!   oldest that has not sent a request yet is closed to make room (idle clients cannot
-//!   crowd out a working one), and only when every connection is busy is the newcomer
-//!   answered 503 and closed;
+//! - at most [`MAX_CONNECTIONS`] connections (each holds a permit until its socket is
+//!   closed, so descriptors stay bounded under a flood of connects); when a new one comes
+//!   at the limit, the oldest that has sent no request for [`MIN_IDLE`] is closed to make
+//!   room (idle clients cannot crowd out a working one), and only when none is is the
+//!   newcomer answered 503 and closed;
 //! - one request per connection; its head must arrive within [`HEAD_TIMEOUT`] and fit in
 //!   [`MAX_HEAD`]; a body is at most [`MAX_BODY`]; a connection ends [`REQUEST_TIMEOUT`]
 //!   after it was accepted, unless it became an event stream;
-//! - at most [`MAX_STREAMS`] event streams, each fed from the event log at its own pace;
+//! - at most [`MAX_STREAMS`] event streams, each fed from the event log at its own pace; a
+//!   stream whose client is gone, or reads nothing for [`STREAM_STALL`], is closed;
+//! - at most [`MAX_BLOCKING`] requests whose work blocks (each on a thread of its own)
+//!   at once, however many clients ask and then hang up;
 //! - at the descriptor limit `accept` fails: the listener waits [`ACCEPT_BACKOFF`] and
 //!   tries again, logging at most a few lines per window, instead of spinning.
 //!
@@ -21,7 +25,7 @@ use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::{Body, Bytes, Frame, Incoming};
@@ -50,7 +54,14 @@ pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(15);
 pub const ACCEPT_BACKOFF: Duration = Duration::from_millis(200);
 /// An event stream with nothing to say sends a comment this often, so a client that is
 /// gone is noticed.
-const KEEPALIVE: Duration = Duration::from_secs(15);
+const KEEPALIVE: Duration = Duration::from_secs(5);
+/// An event stream whose client reads nothing this long is closed.
+pub const STREAM_STALL: Duration = Duration::from_secs(30);
+/// Requests whose work blocks (restart, pause), under way at once.
+pub const MAX_BLOCKING: usize = 4;
+/// A connection younger than this is never closed to make room: its request may be in
+/// its socket, not yet read.
+pub const MIN_IDLE: Duration = Duration::from_millis(100);
 /// Events sent per read of the log.
 const EVENT_BATCH: usize = 64;
 
@@ -103,36 +114,51 @@ pub fn run(prepared: Prepared, ctx: Arc<ApiContext>) {
     runtime.block_on(accept_loop(listener, ctx));
 }
 
-/// The open connections: whether each has sent a request, and how to close it.
+/// The limits every connection shares.
+#[derive(Clone)]
+struct Limits {
+    /// One permit per open connection, held until its socket is closed.
+    connections: Arc<Semaphore>,
+    streams: Arc<Semaphore>,
+    blocking: Arc<Semaphore>,
+    open: Arc<Connections>,
+}
+
+/// An open connection: whether it has sent a request, when it was accepted, and how to
+/// close it.
+struct Open {
+    busy: Arc<AtomicBool>,
+    accepted: Instant,
+    task: tokio::task::AbortHandle,
+}
+
+/// The open connections, oldest first.
 #[derive(Default)]
 struct Connections {
-    open: Mutex<BTreeMap<u64, (Arc<AtomicBool>, tokio::task::AbortHandle)>>,
+    open: Mutex<BTreeMap<u64, Open>>,
 }
 
 impl Connections {
-    /// Whether a new connection may be served: below the limit, or once the oldest idle
-    /// one was closed.
-    fn make_room(&self) -> bool {
+    /// Closes the oldest connection that has sent no request for [`MIN_IDLE`]; false if
+    /// there is none. Its permit comes back once its task is dropped.
+    fn evict_idle(&self) -> bool {
         let mut open = self.open.lock().unwrap_or_else(|p| p.into_inner());
-        if open.len() < MAX_CONNECTIONS {
-            return true;
-        }
         let idle = open
             .iter()
-            .find(|(_, (busy, _))| !busy.load(Ordering::Relaxed))
+            .find(|(_, c)| !c.busy.load(Ordering::Relaxed) && c.accepted.elapsed() >= MIN_IDLE)
             .map(|(id, _)| *id);
         match idle.and_then(|id| open.remove(&id)) {
-            Some((_, task)) => {
-                task.abort();
+            Some(c) => {
+                c.task.abort();
                 true
             }
             None => false,
         }
     }
 
-    fn insert(&self, id: u64, busy: Arc<AtomicBool>, task: tokio::task::AbortHandle) {
-        let mut open = self.open.lock().unwrap_or_else(|p| p.into_inner());
-        open.insert(id, (busy, task));
+    fn insert(&self, id: u64, open: Open) {
+        let mut all = self.open.lock().unwrap_or_else(|p| p.into_inner());
+        all.insert(id, open);
     }
 
     fn remove(&self, id: u64) {
@@ -142,8 +168,12 @@ impl Connections {
 }
 
 async fn accept_loop(listener: tokio::net::UnixListener, ctx: Arc<ApiContext>) {
-    let connections = Arc::new(Connections::default());
-    let streams = Arc::new(Semaphore::new(MAX_STREAMS));
+    let limits = Limits {
+        connections: Arc::new(Semaphore::new(MAX_CONNECTIONS)),
+        streams: Arc::new(Semaphore::new(MAX_STREAMS)),
+        blocking: Arc::new(Semaphore::new(MAX_BLOCKING)),
+        open: Arc::new(Connections::default()),
+    };
     let failures = crate::ratelimit::RateLimitedLog::default();
     let mut next_id = 0u64;
     loop {
@@ -159,24 +189,42 @@ async fn accept_loop(listener: tokio::net::UnixListener, ctx: Arc<ApiContext>) {
                 continue;
             }
         };
-        if !connections.make_room() {
-            refuse(&stream);
-            continue;
-        }
+        let permit = match limits.connections.clone().try_acquire_owned() {
+            Ok(permit) => permit,
+            Err(_) if limits.open.evict_idle() => {
+                // The evicted connection's socket is closed once its task is dropped,
+                // which this wait lets happen.
+                match limits.connections.clone().acquire_owned().await {
+                    Ok(permit) => permit,
+                    Err(_) => return,
+                }
+            }
+            Err(_) => {
+                refuse(&stream);
+                continue;
+            }
+        };
         let id = next_id;
         next_id += 1;
         let busy = Arc::new(AtomicBool::new(false));
         let task = tokio::spawn(connection(
             stream,
+            permit,
             ctx.clone(),
             busy.clone(),
-            streams.clone(),
-            connections.clone(),
+            limits.clone(),
             id,
         ));
         // The task has not run yet (this thread is the runtime's only one), so it is
         // known before it can end and remove itself.
-        connections.insert(id, busy, task.abort_handle());
+        limits.open.insert(
+            id,
+            Open {
+                busy,
+                accepted: Instant::now(),
+                task: task.abort_handle(),
+            },
+        );
     }
 }
 
@@ -192,20 +240,28 @@ fn refuse(stream: &tokio::net::UnixStream) {
     let _ = stream.try_write(answer.as_bytes());
 }
 
+/// Whether a connection became an event stream, and the stream's word that it is over.
+#[derive(Default)]
+struct StreamState {
+    streaming: AtomicBool,
+    ended: tokio::sync::Notify,
+}
+
 async fn connection(
     stream: tokio::net::UnixStream,
+    _permit: OwnedSemaphorePermit,
     ctx: Arc<ApiContext>,
     busy: Arc<AtomicBool>,
-    streams: Arc<Semaphore>,
-    connections: Arc<Connections>,
+    limits: Limits,
     id: u64,
 ) {
-    let streaming = Arc::new(AtomicBool::new(false));
+    let state = Arc::new(StreamState::default());
     let service = {
-        let streaming = streaming.clone();
+        let state = state.clone();
+        let limits = limits.clone();
         hyper::service::service_fn(move |req| {
             busy.store(true, Ordering::Relaxed);
-            handle(req, ctx.clone(), streams.clone(), streaming.clone())
+            handle(req, ctx.clone(), limits.clone(), state.clone())
         })
     };
     let conn = hyper::server::conn::http1::Builder::new()
@@ -219,12 +275,15 @@ async fn connection(
         _ = &mut conn => {}
         _ = tokio::time::sleep(REQUEST_TIMEOUT) => {
             // An event stream lasts as long as its client reads it.
-            if streaming.load(Ordering::Relaxed) {
-                let _ = conn.await;
+            if state.streaming.load(Ordering::Relaxed) {
+                tokio::select! {
+                    _ = conn => {}
+                    _ = state.ended.notified() => {}
+                }
             }
         }
     }
-    connections.remove(id);
+    limits.open.remove(id);
 }
 
 fn json(code: u16, body: serde_json::Value) -> Response<ApiBody> {
@@ -240,8 +299,8 @@ fn json(code: u16, body: serde_json::Value) -> Response<ApiBody> {
 async fn handle(
     req: Request<Incoming>,
     ctx: Arc<ApiContext>,
-    streams: Arc<Semaphore>,
-    streaming: Arc<AtomicBool>,
+    limits: Limits,
+    state: Arc<StreamState>,
 ) -> Result<Response<ApiBody>, Infallible> {
     let (parts, body) = req.into_parts();
     let body = match Limited::new(body, MAX_BODY).collect().await {
@@ -280,16 +339,20 @@ async fn handle(
             let since = ctx.events.since(after, crate::events::KEPT);
             json(
                 200,
-                serde_json::json!({ "events": since.events, "missed": since.missed }),
+                serde_json::json!({
+                    "events": since.events,
+                    "missed": since.missed,
+                    "reset": since.reset,
+                }),
             )
         }
         Reply::Events {
             after,
             follow: true,
-        } => match streams.try_acquire_owned() {
+        } => match limits.streams.clone().try_acquire_owned() {
             Ok(permit) => {
-                streaming.store(true, Ordering::Relaxed);
-                event_stream(ctx.events.clone(), after, permit)
+                state.streaming.store(true, Ordering::Relaxed);
+                event_stream(ctx.events.clone(), after, permit, state)
             }
             Err(_) => json(
                 503,
@@ -297,10 +360,18 @@ async fn handle(
             ),
         },
         Reply::Blocking(work) => {
+            // Held by the thread: a client that hangs up does not free it.
+            let Ok(permit) = limits.blocking.clone().try_acquire_owned() else {
+                return Ok(json(
+                    503,
+                    serde_json::json!({ "error": format!("{MAX_BLOCKING} restarts or pauses are under way; try again") }),
+                ));
+            };
             let (tx, rx) = oneshot::channel();
             let started =
                 crate::thread::spawn("api-work", crate::confine::VmmThread::Api, move || {
                     let _ = tx.send(work());
+                    drop(permit);
                 });
             match started {
                 Ok(_) => match rx.await {
@@ -346,56 +417,84 @@ fn sse(event: &crate::events::Event) -> Bytes {
     ))
 }
 
+/// Sends `chunk` on a stream's channel; false once the client is gone or has read
+/// nothing for [`STREAM_STALL`].
+async fn send_chunk(tx: &mpsc::Sender<Bytes>, chunk: Bytes) -> bool {
+    matches!(
+        tokio::time::timeout(STREAM_STALL, tx.send(chunk)).await,
+        Ok(Ok(()))
+    )
+}
+
 /// The events after `after`, then each new one as it comes, for as long as the client
-/// reads; `permit` is its place among [`MAX_STREAMS`].
+/// reads; `permit` is its place among [`MAX_STREAMS`], given back as soon as the client
+/// is gone or stalls (then the connection is closed too).
 fn event_stream(
     events: Arc<EventLog>,
     after: u64,
     permit: OwnedSemaphorePermit,
+    state: Arc<StreamState>,
 ) -> Response<ApiBody> {
     // A small channel: a client that does not read holds up only its own feeder.
     let (tx, rx) = mpsc::channel::<Bytes>(4);
     tokio::spawn(async move {
-        let _permit = permit;
-        let mut latest = events.subscribe();
-        let mut after = after;
-        loop {
-            latest.borrow_and_update();
-            let since = events.since(after, EVENT_BATCH);
-            if since.missed > 0 {
-                let line = format!(
-                    "event: missed\ndata: {{\"missed\":{},\"after\":{after}}}\n\n",
-                    since.missed
-                );
-                if tx.send(Bytes::from(line)).await.is_err() {
-                    return;
-                }
-            }
-            let full = since.events.len() == EVENT_BATCH;
-            for event in &since.events {
-                if tx.send(sse(event)).await.is_err() {
-                    return;
-                }
-                after = event.seq;
-            }
-            if full {
-                continue;
-            }
-            tokio::select! {
-                changed = latest.changed() => if changed.is_err() { return },
-                _ = tokio::time::sleep(KEEPALIVE) => {
-                    if tx.send(Bytes::from_static(b": keep-alive\n\n")).await.is_err() {
-                        return;
-                    }
-                }
-            }
-        }
+        feed(&events, after, &tx).await;
+        drop(permit);
+        state.ended.notify_one();
     });
     Response::builder()
         .header("content-type", "text/event-stream")
         .header("cache-control", "no-cache")
         .body(ChannelBody(rx).boxed())
         .unwrap_or_else(|_| Response::new(Full::new(Bytes::new()).boxed()))
+}
+
+/// Feeds a stream until its client is gone or stalls.
+async fn feed(events: &EventLog, after: u64, tx: &mpsc::Sender<Bytes>) {
+    let mut latest = events.subscribe();
+    let mut after = after;
+    loop {
+        latest.borrow_and_update();
+        let since = events.since(after, EVENT_BATCH);
+        if since.reset {
+            let line = format!(
+                "event: reset\ndata: {{\"after\":{after},\"latest\":{}}}\n\n",
+                events.latest()
+            );
+            if !send_chunk(tx, Bytes::from(line)).await {
+                return;
+            }
+            after = 0;
+        }
+        if since.missed > 0 {
+            let line = format!(
+                "event: missed\ndata: {{\"missed\":{},\"after\":{after}}}\n\n",
+                since.missed
+            );
+            if !send_chunk(tx, Bytes::from(line)).await {
+                return;
+            }
+        }
+        let full = since.events.len() == EVENT_BATCH;
+        for event in &since.events {
+            if !send_chunk(tx, sse(event)).await {
+                return;
+            }
+            after = event.seq;
+        }
+        if full {
+            continue;
+        }
+        tokio::select! {
+            changed = latest.changed() => if changed.is_err() { return },
+            _ = tx.closed() => return,
+            _ = tokio::time::sleep(KEEPALIVE) => {
+                if !send_chunk(tx, Bytes::from_static(b": keep-alive\n\n")).await {
+                    return;
+                }
+            }
+        }
+    }
 }
 
 /// The whole answer to `request` (a client's bytes, hostile as any) from this server's
@@ -411,10 +510,15 @@ pub fn respond(request: &[u8], ctx: Arc<ApiContext>) -> Vec<u8> {
     };
     runtime.block_on(async move {
         let (mut client, server) = tokio::io::duplex(64 * 1024);
-        let streams = Arc::new(Semaphore::new(MAX_STREAMS));
-        let streaming = Arc::new(AtomicBool::new(false));
+        let limits = Limits {
+            connections: Arc::new(Semaphore::new(MAX_CONNECTIONS)),
+            streams: Arc::new(Semaphore::new(MAX_STREAMS)),
+            blocking: Arc::new(Semaphore::new(MAX_BLOCKING)),
+            open: Arc::new(Connections::default()),
+        };
+        let state = Arc::new(StreamState::default());
         let service = hyper::service::service_fn(move |req| {
-            handle(req, ctx.clone(), streams.clone(), streaming.clone())
+            handle(req, ctx.clone(), limits.clone(), state.clone())
         });
         let conn = hyper::server::conn::http1::Builder::new()
             .timer(TokioTimer::new())

@@ -2,14 +2,18 @@
 //! VMM adds an ended worker's totals to what its predecessors did, so a restart never
 //! sets a counter back.
 //!
-//! Request counts come from each worker's status page: the worker's word (a compromised
-//! worker can misreport its own work, nothing else). Restarts, hangs and violations are
+//! Request counts come from each worker's status page: the worker's word. A compromised
+//! worker can misreport its own work, not poison the disk's totals: they grow by what a
+//! worker's page gained since the last look (every [`super::HANG_CHECK`] and every
+//! scrape), at most what the fastest device could do in that time, so they never go
+//! back and never saturate. Restarts, hangs and violations are
 //! the supervisor's own findings; a worker's memory and CPU time are read from the
 //! /proc/PID/stat the spawner opened on the confined process, never from the worker.
 
 use std::collections::BTreeMap;
 use std::fs::File;
 use std::sync::{Arc, Mutex};
+use std::time::Instant;
 
 use ipc::status::{RequestCounters, StatusMapping};
 
@@ -24,15 +28,45 @@ pub const CAUSES: [&str; 7] = [
     "guest_reset",
 ];
 
+/// The most a page's counters may gain per second of wall time: far above any device
+/// (a compromised worker's claims beyond them are not counted).
+const MAX_REQUESTS_PER_SEC: f64 = 50e6;
+const MAX_BYTES_PER_SEC: f64 = 100.0 * (1u64 << 30) as f64;
+/// Latency microseconds a second: a million requests in flight, each a whole second.
+const MAX_LATENCY_US_PER_SEC: f64 = 1e12;
+/// Slack added to every look's elapsed time (the page is read at the look's start).
+const LOOK_SLACK_SECS: f64 = 0.1;
+/// More requests in flight than any queue set can hold.
+const MAX_IN_FLIGHT: u64 = 1 << 20;
+
+/// A page's counters as last read.
+#[derive(Debug, Clone, Copy, Default)]
+struct Raw {
+    completed: u64,
+    failed: u64,
+    requests: RequestCounters,
+}
+
+impl Raw {
+    fn read(status: &StatusMapping) -> Raw {
+        Raw {
+            completed: status.completed(),
+            failed: status.failed(),
+            requests: status.request_counters(),
+        }
+    }
+}
+
 #[derive(Debug, Default)]
 struct Inner {
     restarts: BTreeMap<&'static str, u64>,
     hangs: u64,
     violations: u64,
-    /// Ended workers' totals.
+    /// Every worker's work as looked at so far, the serving one's included.
     completed: u64,
     failed: u64,
     requests: RequestCounters,
+    /// Ended workers' CPU time.
     cpu_ticks: u64,
     /// The serving worker: its page, its stat file and the CPU ticks last read there.
     live: Option<Live>,
@@ -43,6 +77,66 @@ struct Live {
     status: Arc<StatusMapping>,
     stat: Option<Arc<File>>,
     cpu_ticks: u64,
+    /// The page at the last look, and when that was.
+    last: Raw,
+    last_at: Instant,
+    in_flight: u64,
+}
+
+impl Inner {
+    /// Adds what the serving worker's page gained since the last look, each counter at
+    /// most what the time since allows (a page that went back gains nothing until it
+    /// passes its old value).
+    fn look(&mut self) {
+        let Some(live) = self.live.as_mut() else {
+            return;
+        };
+        let now = Instant::now();
+        let secs = now.duration_since(live.last_at).as_secs_f64() + LOOK_SLACK_SECS;
+        live.last_at = now;
+        let raw = Raw::read(&live.status);
+        let gain = |now: u64, before: u64, per_sec: f64| {
+            now.saturating_sub(before).min((per_sec * secs) as u64)
+        };
+        let count = |now, before| gain(now, before, MAX_REQUESTS_PER_SEC);
+        self.completed = self
+            .completed
+            .saturating_add(count(raw.completed, live.last.completed));
+        self.failed = self
+            .failed
+            .saturating_add(count(raw.failed, live.last.failed));
+        let (r, was, total) = (&raw.requests, &live.last.requests, &mut self.requests);
+        for ((t, n), b) in total.by_type.iter_mut().zip(r.by_type).zip(was.by_type) {
+            *t = t.saturating_add(count(n, b));
+        }
+        for ((t, n), b) in total.latency.iter_mut().zip(r.latency).zip(was.latency) {
+            *t = t.saturating_add(count(n, b));
+        }
+        total.bytes_read =
+            total
+                .bytes_read
+                .saturating_add(gain(r.bytes_read, was.bytes_read, MAX_BYTES_PER_SEC));
+        total.bytes_written = total.bytes_written.saturating_add(gain(
+            r.bytes_written,
+            was.bytes_written,
+            MAX_BYTES_PER_SEC,
+        ));
+        total.latency_sum_us = total.latency_sum_us.saturating_add(gain(
+            r.latency_sum_us,
+            was.latency_sum_us,
+            MAX_LATENCY_US_PER_SEC,
+        ));
+        live.in_flight = r.in_flight.min(MAX_IN_FLIGHT);
+        live.last = raw;
+    }
+
+    /// Reads the serving worker's CPU time; its resident bytes.
+    fn look_at_stat(&mut self) -> Option<u64> {
+        let live = self.live.as_mut()?;
+        let (cpu, rss) = live.stat.as_deref().and_then(read_stat)?;
+        live.cpu_ticks = live.cpu_ticks.max(cpu);
+        Some(rss.saturating_mul(page_size()))
+    }
 }
 
 /// See the module documentation.
@@ -113,32 +207,36 @@ impl DiskCounters {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// A new worker serves the disk.
+    /// A new worker serves the disk (its page was reset: its counters start at zero).
     pub fn worker_started(&self, status: Arc<StatusMapping>, stat: Option<Arc<File>>) {
         let mut inner = self.lock();
         inner.live = Some(Live {
             status,
             stat,
             cpu_ticks: 0,
+            last: Raw::default(),
+            last_at: Instant::now(),
+            in_flight: 0,
         });
     }
 
-    /// The serving worker ended: its totals join its predecessors'.
+    /// The serving worker ended: its last counts join the totals.
     pub fn worker_ended(&self) {
         let mut inner = self.lock();
-        if let Some(mut live) = inner.live.take() {
-            if let Some((cpu, _)) = live.stat.as_deref().and_then(read_stat) {
-                live.cpu_ticks = live.cpu_ticks.max(cpu);
-            }
-            inner.completed = inner.completed.saturating_add(live.status.completed());
-            inner.failed = inner.failed.saturating_add(live.status.failed());
-            let ended = live.status.request_counters();
-            inner.requests = inner.requests.plus(&RequestCounters {
-                in_flight: 0,
-                ..ended
-            });
+        inner.look();
+        inner.look_at_stat();
+        if let Some(live) = inner.live.take() {
             inner.cpu_ticks = inner.cpu_ticks.saturating_add(live.cpu_ticks);
         }
+    }
+
+    /// Looks at the serving worker's page and CPU time: the supervisor does so while it
+    /// watches, so a worker's work counts up to its last look, not only to the last
+    /// scrape (once it is reaped, its stat can no longer be read).
+    pub fn sample(&self) {
+        let mut inner = self.lock();
+        inner.look();
+        inner.look_at_stat();
     }
 
     /// A worker was replaced, for `cause` (one of [`CAUSES`]).
@@ -154,26 +252,18 @@ impl DiskCounters {
         self.lock().violations += 1;
     }
 
-    /// The counters now (reads the serving worker's page and stat).
+    /// The counters now (looks at the serving worker's page and stat).
     pub fn snapshot(&self) -> CounterSnapshot {
         let mut inner = self.lock();
-        let (mut completed, mut failed, mut cpu_ticks) =
-            (inner.completed, inner.failed, inner.cpu_ticks);
-        let mut requests = RequestCounters {
-            in_flight: 0,
+        inner.look();
+        let rss_bytes = inner.look_at_stat();
+        let live_cpu = inner.live.as_ref().map_or(0, |l| l.cpu_ticks);
+        let cpu_ticks = inner.cpu_ticks.saturating_add(live_cpu);
+        let (completed, failed) = (inner.completed, inner.failed);
+        let requests = RequestCounters {
+            in_flight: inner.live.as_ref().map_or(0, |l| l.in_flight),
             ..inner.requests
         };
-        let mut rss_bytes = None;
-        if let Some(live) = inner.live.as_mut() {
-            completed = completed.saturating_add(live.status.completed());
-            failed = failed.saturating_add(live.status.failed());
-            requests = requests.plus(&live.status.request_counters());
-            if let Some((cpu, rss)) = live.stat.as_deref().and_then(read_stat) {
-                live.cpu_ticks = live.cpu_ticks.max(cpu);
-                rss_bytes = Some(rss.saturating_mul(page_size()));
-            }
-            cpu_ticks = cpu_ticks.saturating_add(live.cpu_ticks);
-        }
         CounterSnapshot {
             restarts: CAUSES
                 .iter()
@@ -271,6 +361,30 @@ mod tests {
         assert!(s.restarts.contains(&("crash", 1)));
         assert!(s.restarts.contains(&("hang", 0)));
         assert_eq!(s.restarts.len(), CAUSES.len());
+    }
+
+    #[test]
+    fn a_lying_page_cannot_poison_the_totals_or_set_them_back() {
+        let counters = DiskCounters::default();
+        let hostile = page();
+        counters.worker_started(hostile.clone(), None);
+        hostile.set_completed(u64::MAX, u64::MAX);
+        hostile.set_request_counters(&RequestCounters {
+            bytes_read: u64::MAX,
+            in_flight: u64::MAX,
+            ..Default::default()
+        });
+        let s = counters.snapshot();
+        assert!(s.completed < 1 << 40, "{}", s.completed);
+        assert!(s.requests.bytes_read < 1 << 50);
+        assert_eq!(s.requests.in_flight, MAX_IN_FLIGHT);
+        hostile.set_completed(0, 0);
+        assert_eq!(counters.snapshot().completed, s.completed, "never back");
+        counters.worker_ended();
+        let honest = page();
+        counters.worker_started(honest.clone(), None);
+        honest.set_completed(7, 0);
+        assert_eq!(counters.snapshot().completed, s.completed + 7);
     }
 
     #[test]

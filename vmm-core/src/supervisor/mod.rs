@@ -542,6 +542,7 @@ impl Supervisor {
             if wait_any_exit(&watched, HANG_CHECK) {
                 return End::Died;
             }
+            self.handle.counters().sample();
             if self.handle.recover_requested() {
                 stop(pidfd, confined);
                 return End::Recovering;
