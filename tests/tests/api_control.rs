@@ -321,8 +321,20 @@ fn a_user_lists_restarts_watches_scrapes_pauses_and_shuts_down() {
         );
     }
 
-    // A planned restart appears in the event stream, in the kept events and in /metrics.
+    // A planned restart appears in the event stream (curl's and `ctl events`'), in the
+    // kept events and in /metrics.
     let (mut stream, streamed) = follow_events(&vm.api);
+    let mut ctl_events = Command::new(bulkhead_bin())
+        .arg("ctl")
+        .arg("--api-socket")
+        .arg(&vm.api)
+        .args(["events"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let ctl_streamed = collect(ctl_events.stdout.take().unwrap());
     let before = vm.get("/v1/disks/blk0")["worker_pid"].as_u64().unwrap();
     let (ok, restarted) = vm.ctl(&["--json", "restart", "blk0"]);
     assert!(ok, "{restarted}\n{}", vm.transcript());
@@ -388,6 +400,41 @@ fn a_user_lists_restarts_watches_scrapes_pauses_and_shuts_down() {
         "promtool check metrics: {}{}\n{metrics}",
         String::from_utf8_lossy(&checked.stdout),
         String::from_utf8_lossy(&checked.stderr)
+    );
+    wait_for(
+        "`ctl events` prints the restart",
+        Duration::from_secs(10),
+        || {
+            ctl_streamed
+                .lock()
+                .unwrap()
+                .lines()
+                .any(|l| l.contains(" restart blk0 cause=planned "))
+        },
+    );
+    let _ = ctl_events.kill();
+    let _ = ctl_events.wait();
+    let (ok, text) = vm.ctl(&["metrics"]);
+    assert!(
+        ok && text.contains("# TYPE bulkhead_uptime_seconds gauge"),
+        "{text}"
+    );
+    let (ok, samples) = vm.ctl(&["--json", "metrics"]);
+    assert!(ok, "{samples}");
+    let planned_sample = samples
+        .lines()
+        .map(|l| serde_json::from_str::<Value>(l).unwrap())
+        .find(|v| {
+            v["name"] == "bulkhead_disk_worker_restarts_total" && v["labels"]["cause"] == "planned"
+        })
+        .expect("the planned restarts' sample");
+    assert_eq!(planned_sample["value"], 1.0);
+    let (ok, vm_text) = vm.ctl(&["status"]);
+    assert!(ok && vm_text.starts_with("state: running\n"), "{vm_text}");
+    let (ok, disk_text) = vm.ctl(&["status", "blk0"]);
+    assert!(
+        ok && disk_text.contains("planned 1"),
+        "{disk_text}"
     );
 
     // A worker killed from outside: the restart's cause is `killed`, and the request
