@@ -432,10 +432,7 @@ fn a_user_lists_restarts_watches_scrapes_pauses_and_shuts_down() {
     let (ok, vm_text) = vm.ctl(&["status"]);
     assert!(ok && vm_text.starts_with("state: running\n"), "{vm_text}");
     let (ok, disk_text) = vm.ctl(&["status", "blk0"]);
-    assert!(
-        ok && disk_text.contains("planned 1"),
-        "{disk_text}"
-    );
+    assert!(ok && disk_text.contains("planned 1"), "{disk_text}");
 
     // A worker killed from outside: the restart's cause is `killed`, and the request
     // count carries over to its successor.

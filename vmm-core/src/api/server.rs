@@ -124,6 +124,29 @@ struct Limits {
     open: Arc<Connections>,
 }
 
+impl Limits {
+    fn new() -> Limits {
+        Limits {
+            connections: Arc::new(Semaphore::new(MAX_CONNECTIONS)),
+            streams: Arc::new(Semaphore::new(MAX_STREAMS)),
+            blocking: Arc::new(Semaphore::new(MAX_BLOCKING)),
+            open: Arc::new(Connections::default()),
+        }
+    }
+}
+
+/// HTTP/1.1 as the API serves it: one request per connection, its head bounded in size
+/// and time.
+fn http1() -> hyper::server::conn::http1::Builder {
+    let mut builder = hyper::server::conn::http1::Builder::new();
+    builder
+        .timer(TokioTimer::new())
+        .header_read_timeout(HEAD_TIMEOUT)
+        .keep_alive(false)
+        .max_buf_size(MAX_HEAD);
+    builder
+}
+
 /// An open connection: whether it has sent a request, when it was accepted, and how to
 /// close it.
 struct Open {
@@ -168,12 +191,7 @@ impl Connections {
 }
 
 async fn accept_loop(listener: tokio::net::UnixListener, ctx: Arc<ApiContext>) {
-    let limits = Limits {
-        connections: Arc::new(Semaphore::new(MAX_CONNECTIONS)),
-        streams: Arc::new(Semaphore::new(MAX_STREAMS)),
-        blocking: Arc::new(Semaphore::new(MAX_BLOCKING)),
-        open: Arc::new(Connections::default()),
-    };
+    let limits = Limits::new();
     let failures = crate::ratelimit::RateLimitedLog::default();
     let mut next_id = 0u64;
     loop {
@@ -264,12 +282,7 @@ async fn connection(
             handle(req, ctx.clone(), limits.clone(), state.clone())
         })
     };
-    let conn = hyper::server::conn::http1::Builder::new()
-        .timer(TokioTimer::new())
-        .header_read_timeout(HEAD_TIMEOUT)
-        .keep_alive(false)
-        .max_buf_size(MAX_HEAD)
-        .serve_connection(TokioIo::new(stream), service);
+    let conn = http1().serve_connection(TokioIo::new(stream), service);
     let mut conn = std::pin::pin!(conn);
     tokio::select! {
         _ = &mut conn => {}
@@ -510,21 +523,12 @@ pub fn respond(request: &[u8], ctx: Arc<ApiContext>) -> Vec<u8> {
     };
     runtime.block_on(async move {
         let (mut client, server) = tokio::io::duplex(64 * 1024);
-        let limits = Limits {
-            connections: Arc::new(Semaphore::new(MAX_CONNECTIONS)),
-            streams: Arc::new(Semaphore::new(MAX_STREAMS)),
-            blocking: Arc::new(Semaphore::new(MAX_BLOCKING)),
-            open: Arc::new(Connections::default()),
-        };
+        let limits = Limits::new();
         let state = Arc::new(StreamState::default());
         let service = hyper::service::service_fn(move |req| {
             handle(req, ctx.clone(), limits.clone(), state.clone())
         });
-        let conn = hyper::server::conn::http1::Builder::new()
-            .timer(TokioTimer::new())
-            .header_read_timeout(HEAD_TIMEOUT)
-            .keep_alive(false)
-            .max_buf_size(MAX_HEAD)
+        let conn = http1()
             // The input ends where the fuzzer's bytes end: answer what came before.
             .half_close(true)
             .serve_connection(TokioIo::new(server), service);
