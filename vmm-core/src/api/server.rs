@@ -3,9 +3,10 @@
 //!
 //! - at most [`MAX_CONNECTIONS`] connections (each holds a permit until its socket is
 //!   closed, so descriptors stay bounded under a flood of connects); when a new one comes
-//!   at the limit, the oldest that has sent no request for [`MIN_IDLE`] is closed to make
-//!   room (idle clients cannot crowd out a working one), and only when none is is the
-//!   newcomer answered 503 and closed;
+//!   at the limit, the oldest that has sent no request is closed to make room (once it is
+//!   [`MIN_IDLE`] old: its request may be in its socket, unread), so idle clients cannot
+//!   crowd out a working one; only when every connection is busy is the newcomer
+//!   answered 503 and closed;
 //! - one request per connection; its head must arrive within [`HEAD_TIMEOUT`] and fit in
 //!   [`MAX_HEAD`]; a body is at most [`MAX_BODY`]; a connection ends [`REQUEST_TIMEOUT`]
 //!   after it was accepted, unless it became an event stream;
@@ -179,6 +180,15 @@ impl Connections {
         }
     }
 
+    /// How long the oldest connection that has sent no request has been open.
+    fn oldest_idle_age(&self) -> Option<Duration> {
+        let open = self.open.lock().unwrap_or_else(|p| p.into_inner());
+        open.values()
+            .filter(|c| !c.busy.load(Ordering::Relaxed))
+            .map(|c| c.accepted.elapsed())
+            .max()
+    }
+
     fn insert(&self, id: u64, open: Open) {
         let mut all = self.open.lock().unwrap_or_else(|p| p.into_inner());
         all.insert(id, open);
@@ -187,6 +197,25 @@ impl Connections {
     fn remove(&self, id: u64) {
         let mut open = self.open.lock().unwrap_or_else(|p| p.into_inner());
         open.remove(&id);
+    }
+}
+
+/// A connection's permit for a client just accepted: a free one, or the one an idle
+/// connection gives back when it is closed to make room (a connection younger than
+/// [`MIN_IDLE`] is waited for, at most that long). None when every connection is busy.
+async fn make_room(limits: &Limits) -> Option<OwnedSemaphorePermit> {
+    loop {
+        if let Ok(permit) = limits.connections.clone().try_acquire_owned() {
+            return Some(permit);
+        }
+        if limits.open.evict_idle() {
+            // The evicted connection's socket is closed once its task is dropped, which
+            // this wait lets happen.
+            return limits.connections.clone().acquire_owned().await.ok();
+        }
+        let age = limits.open.oldest_idle_age()?;
+        let wait = MIN_IDLE.saturating_sub(age).max(Duration::from_millis(1));
+        tokio::time::sleep(wait).await;
     }
 }
 
@@ -207,20 +236,9 @@ async fn accept_loop(listener: tokio::net::UnixListener, ctx: Arc<ApiContext>) {
                 continue;
             }
         };
-        let permit = match limits.connections.clone().try_acquire_owned() {
-            Ok(permit) => permit,
-            Err(_) if limits.open.evict_idle() => {
-                // The evicted connection's socket is closed once its task is dropped,
-                // which this wait lets happen.
-                match limits.connections.clone().acquire_owned().await {
-                    Ok(permit) => permit,
-                    Err(_) => return,
-                }
-            }
-            Err(_) => {
-                refuse(&stream);
-                continue;
-            }
+        let Some(permit) = make_room(&limits).await else {
+            refuse(&stream);
+            continue;
         };
         let id = next_id;
         next_id += 1;
