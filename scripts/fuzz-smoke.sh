@@ -29,8 +29,15 @@ for t in $targets; do
     cargo +nightly fuzz run --sanitizer none "$t" "$work" "corpus/$t" -- \
         -max_total_time="$secs" -rss_limit_mb=2048 -print_final_stats=1 2>&1 \
         | grep -E '^(stat::number_of_executed_units|stat::peak_rss_mb|#[0-9]+ +DONE|==|SUMMARY|Crash|ERROR)' || true
-    # A crash leaves an artifact; the run above then failed.
-    if ls "artifacts/$t"/crash-* "artifacts/$t"/leak-* "artifacts/$t"/oom-* >/dev/null 2>&1; then
+    # A crash leaves an artifact; the run above then failed. (One glob at a time: `ls` of
+    # several exits non-zero when any of them matches nothing, which once hid a crash.)
+    found=""
+    for kind in crash leak oom timeout; do
+        if compgen -G "artifacts/$t/$kind-*" >/dev/null; then
+            found=1
+        fi
+    done
+    if [ -n "$found" ]; then
         log "fuzz target $t found a failing input: fuzz/artifacts/$t"
         exit 1
     fi
