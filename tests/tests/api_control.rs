@@ -711,12 +711,27 @@ fn at_the_connection_limit_a_client_is_refused_and_the_vmm_lives() {
     for _ in 0..vmm_core::api::server::MAX_CONNECTIONS {
         use std::io::Write;
         let mut s = UnixStream::connect(&vm.api).unwrap();
-        s.write_all(b"PUT /v1/vm/state HTTP/1.1\r\nContent-Length: 100\r\n\r\n")
-            .unwrap();
+        s.write_all(
+            b"PUT /v1/vm/state HTTP/1.1\r\nContent-Length: 100\r\nExpect: 100-continue\r\n\r\n",
+        )
+        .unwrap();
         busy.push(s);
     }
-    // Each is busy once its head was read.
-    std::thread::sleep(Duration::from_millis(500));
+    // Each is busy once the server reads its body: it says so with a 100 Continue.
+    for s in &mut busy {
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let mut got = Vec::new();
+        let mut byte = [0u8; 1];
+        while !got.ends_with(b"\r\n\r\n") {
+            s.read_exact(&mut byte).expect("a 100 Continue");
+            got.push(byte[0]);
+        }
+        assert!(
+            got.starts_with(b"HTTP/1.1 100"),
+            "{}",
+            String::from_utf8_lossy(&got)
+        );
+    }
     let mut extra = UnixStream::connect(&vm.api).unwrap();
     extra
         .set_read_timeout(Some(Duration::from_secs(10)))
@@ -756,7 +771,9 @@ fn restarts_asked_and_abandoned_start_a_bounded_number_of_threads() {
         most = most.max(threads(vm.pid()));
         std::thread::sleep(Duration::from_millis(5));
     }
-    let bound = before + vmm_core::api::server::MAX_BLOCKING + 2;
+    // Slack for the output readers of a successor and its spare starting while their
+    // predecessors' end (they come and go with every restart).
+    let bound = before + vmm_core::api::server::MAX_BLOCKING + 6;
     assert!(
         most <= bound,
         "{most} threads (from {before}; at most {bound})\n{}",
