@@ -73,6 +73,37 @@ pub fn promtool() -> PathBuf {
     )
 }
 
+/// qemu-storage-daemon exporting `image` read-write as vhost-user-blk on `socket`
+/// (`options` are added to the export's, e.g. `,num-queues=2`), once it accepts a
+/// connection there. The caller kills it.
+pub fn storage_daemon(image: &Path, socket: &Path, options: &str) -> std::process::Child {
+    let child = Command::new(require_tool("qemu-storage-daemon", "qemu-system-x86"))
+        .arg("--blockdev")
+        .arg(format!(
+            "driver=file,node-name=f0,filename={}",
+            image.display()
+        ))
+        .arg("--export")
+        .arg(format!(
+            "type=vhost-user-blk,id=e0,node-name=f0,addr.type=unix,addr.path={},writable=on{options}",
+            socket.display()
+        ))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start qemu-storage-daemon");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while std::os::unix::net::UnixStream::connect(socket).is_err() {
+        assert!(
+            Instant::now() < deadline,
+            "qemu-storage-daemon never listened"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child
+}
+
 /// Absolute path of a host tool, or a panic that names the Debian package to install.
 pub fn require_tool(tool: &str, debian_package: &str) -> PathBuf {
     let out = Command::new("sh")

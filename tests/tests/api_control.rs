@@ -90,6 +90,13 @@ impl Running {
         run
     }
 
+    /// blk-chaos for 120 s on one fresh image, in scratch directory `name`.
+    fn one_disk(name: &str) -> Running {
+        let dir = scratch_dir(name);
+        let disk = image(&dir, "d.img");
+        Running::start(&dir, 120, &[format!("path={}", disk.display())])
+    }
+
     fn pid(&self) -> u32 {
         self.child.id()
     }
@@ -199,36 +206,6 @@ fn image(dir: &Path, name: &str) -> PathBuf {
     p
 }
 
-/// qemu-storage-daemon exporting `image` as vhost-user-blk on `socket`.
-fn storage_daemon(image: &Path, socket: &Path) -> Child {
-    let qsd = require_tool("qemu-storage-daemon", "qemu-system-x86");
-    let child = Command::new(qsd)
-        .arg("--blockdev")
-        .arg(format!(
-            "driver=file,node-name=f0,filename={}",
-            image.display()
-        ))
-        .arg("--export")
-        .arg(format!(
-            "type=vhost-user-blk,id=e0,node-name=f0,addr.type=unix,addr.path={},writable=on",
-            socket.display()
-        ))
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while UnixStream::connect(socket).is_err() {
-        assert!(
-            Instant::now() < deadline,
-            "qemu-storage-daemon never listened"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    child
-}
-
 /// An event stream read by curl in the background: every line it printed so far.
 fn follow_events(api: &Path) -> (Child, Arc<Mutex<String>>) {
     let mut child = Command::new(require_tool("curl", "curl"))
@@ -260,7 +237,7 @@ fn a_user_lists_restarts_watches_scrapes_pauses_and_shuts_down() {
     let ours = image(&dir, "ours.img");
     let theirs = image(&dir, "qsd.img");
     let qsd_socket = dir.join("qsd.sock");
-    let mut qsd = storage_daemon(&theirs, &qsd_socket);
+    let mut qsd = tests::storage_daemon(&theirs, &qsd_socket, "");
     let mut vm = Running::start(
         &dir,
         300,
@@ -567,9 +544,7 @@ fn raise_fd_limit(n: u64) {
 fn two_thousand_idle_clients_pin_no_thread_and_block_nobody() {
     require_kvm();
     raise_fd_limit(2300);
-    let dir = scratch_dir("api-idle");
-    let disk = image(&dir, "d.img");
-    let vm = Running::start(&dir, 120, &[format!("path={}", disk.display())]);
+    let vm = Running::one_disk("api-idle");
     let threads_before = threads(vm.pid());
     let fds_before = open_fds(vm.pid());
     let mut idle = Vec::new();
@@ -642,9 +617,7 @@ fn thread_cpu(pid: u32, name: &str) -> u64 {
 fn at_the_descriptor_limit_the_listener_waits_instead_of_spinning() {
     require_kvm();
     let prlimit = require_tool("prlimit", "util-linux");
-    let dir = scratch_dir("api-emfile");
-    let disk = image(&dir, "d.img");
-    let vm = Running::start(&dir, 120, &[format!("path={}", disk.display())]);
+    let vm = Running::one_disk("api-emfile");
     let pid = vm.pid().to_string();
     // The soft limit only: raising it back needs no privilege.
     let set_limit = |n: usize| {
@@ -704,9 +677,7 @@ fn at_the_descriptor_limit_the_listener_waits_instead_of_spinning() {
 #[test]
 fn at_the_connection_limit_a_client_is_refused_and_the_vmm_lives() {
     require_kvm();
-    let dir = scratch_dir("api-busy");
-    let disk = image(&dir, "d.img");
-    let vm = Running::start(&dir, 120, &[format!("path={}", disk.display())]);
+    let vm = Running::one_disk("api-busy");
     let mut busy = Vec::new();
     for _ in 0..vmm_core::api::server::MAX_CONNECTIONS {
         use std::io::Write;
@@ -756,9 +727,7 @@ fn at_the_connection_limit_a_client_is_refused_and_the_vmm_lives() {
 #[test]
 fn restarts_asked_and_abandoned_start_a_bounded_number_of_threads() {
     require_kvm();
-    let dir = scratch_dir("api-abandon");
-    let disk = image(&dir, "d.img");
-    let vm = Running::start(&dir, 120, &[format!("path={}", disk.display())]);
+    let vm = Running::one_disk("api-abandon");
     let before = threads(vm.pid());
     let mut most = before;
     // Past the supervisor's restart budget, each restart waits up to its 10 s timeout.
@@ -787,9 +756,7 @@ fn restarts_asked_and_abandoned_start_a_bounded_number_of_threads() {
 #[test]
 fn a_closed_event_stream_gives_its_place_back() {
     require_kvm();
-    let dir = scratch_dir("api-streams");
-    let disk = image(&dir, "d.img");
-    let vm = Running::start(&dir, 120, &[format!("path={}", disk.display())]);
+    let vm = Running::one_disk("api-streams");
     let open_stream = || {
         use std::io::Write;
         let mut s = UnixStream::connect(&vm.api).unwrap();

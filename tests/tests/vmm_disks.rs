@@ -445,31 +445,7 @@ fn blk_verify_with_qemu_storage_daemon_as_backend() {
     let ours = disk(&dir, "ours.img");
     let theirs = disk(&dir, "qsd.img");
     let socket = dir.join("qsd.sock");
-    let qsd_bin = tests::require_tool("qemu-storage-daemon", "qemu-system-x86");
-    let mut qsd = std::process::Command::new(qsd_bin)
-        .arg("--blockdev")
-        .arg(format!(
-            "driver=file,node-name=f0,filename={}",
-            theirs.display()
-        ))
-        .arg("--export")
-        .arg(format!(
-            "type=vhost-user-blk,id=e0,node-name=f0,addr.type=unix,addr.path={},writable=on",
-            socket.display()
-        ))
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    while std::os::unix::net::UnixStream::connect(&socket).is_err() {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "qemu-storage-daemon never listened"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let mut qsd = tests::storage_daemon(&theirs, &socket, "");
     let plan =
         format!("testguest.plan=blk-verify qd=32 completion=irq seed={SEED} blocks={BLOCKS}");
     let r = run(

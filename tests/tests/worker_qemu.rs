@@ -242,28 +242,7 @@ fn dd_through_our_worker_and_qemu_storage_daemon() {
     let qsd_disk = dir.join("qsd.img");
     std::fs::copy(&ours, &qsd_disk).unwrap();
     let qsd_socket = dir.join("qsd.sock");
-    let qsd_bin = require_tool("qemu-storage-daemon", "qemu-system-x86");
-    let mut qsd = Command::new(qsd_bin)
-        .arg("--blockdev")
-        .arg(format!("driver=file,node-name=f0,filename={}", qsd_disk.display()))
-        .arg("--export")
-        .arg(format!(
-            "type=vhost-user-blk,id=e0,node-name=f0,addr.type=unix,addr.path={},writable=on,num-queues=2",
-            qsd_socket.display()
-        ))
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    while !qsd_socket.exists() {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "qemu-storage-daemon never listened"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let mut qsd = tests::storage_daemon(&qsd_disk, &qsd_socket, ",num-queues=2");
     std::thread::sleep(Duration::from_millis(200));
     let r = run_with_deadline(
         qemu_with_vhost_user(&qsd_socket, 2, DD_CMD),
