@@ -70,8 +70,6 @@ pub struct PauseGate {
     changed: Condvar,
     /// A pidfd on each vCPU thread; empty when the kernel has no thread pidfds.
     kicks: Mutex<Vec<OwnedFd>>,
-    /// vCPU threads registered (each with a pidfd to kick it, or the reason it has none).
-    vcpus: Mutex<usize>,
     /// vCPUs the VM has: a pause waits until every one is registered.
     expected: std::sync::atomic::AtomicUsize,
     /// Pause and resume one at a time (the API may ask for both at once).
@@ -108,7 +106,6 @@ impl PauseGate {
 
     /// The main thread, once vCPU thread `tid` runs: keeps a pidfd on it to kick it.
     pub fn add_vcpu_thread(&self, tid: libc::pid_t) {
-        *self.vcpus.lock().unwrap_or_else(|p| p.into_inner()) += 1;
         // SAFETY: pidfd_open takes a tid and flags and returns a new descriptor or -1.
         let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, tid, PIDFD_THREAD) };
         if fd < 0 {
@@ -141,7 +138,10 @@ impl PauseGate {
         if let Some(why) = unsupported {
             return Err(why);
         }
-        let vcpus = *self.vcpus.lock().unwrap_or_else(|p| p.into_inner());
+        // Every vCPU thread registered has its pidfd here (one without makes the gate
+        // unsupported, above).
+        let kicks = self.kicks.lock().unwrap_or_else(|p| p.into_inner());
+        let vcpus = kicks.len();
         let expected = self.expected.load(Ordering::Acquire);
         if vcpus < expected {
             return Err(format!(
@@ -152,7 +152,7 @@ impl PauseGate {
             return Ok(());
         }
         self.paused.store(true, Ordering::Release);
-        for fd in self.kicks.lock().unwrap_or_else(|p| p.into_inner()).iter() {
+        for fd in kicks.iter() {
             // SAFETY: pidfd_send_signal on a pidfd we own, no siginfo, no flags.
             unsafe {
                 libc::syscall(
@@ -164,6 +164,7 @@ impl PauseGate {
                 )
             };
         }
+        drop(kicks);
         let deadline = Instant::now() + PAUSE_WAIT;
         let mut parked = self.parked.lock().unwrap_or_else(|p| p.into_inner());
         while parked.count < vcpus {

@@ -20,7 +20,7 @@ const EXIT_TIMEOUT: u8 = 124;
 #[derive(Debug, Args)]
 #[command(
     after_help = "Exit status: the value the guest wrote to port 0xf4 (truncated to 8 bits); \
-0 when it reset (i8042) or powered off (ACPI S5); 120 when it crashed (triple fault, KVM error); \
+0 when it reset (i8042) or powered off (ACPI S5), or on a shutdown through the API; 120 when it crashed (triple fault, KVM error); \
 124 when --timeout expired; 128+N on signal N; 1 on any VMM error."
 )]
 pub struct RunArgs {
@@ -389,17 +389,15 @@ pub fn run(
         .spawn_input(std::io::stdin())
         .context("start the serial input thread")?;
     if let Some(api) = api {
-        let handles = vm.disk_handles();
+        // The VM's disks are the configuration's, in the same order.
         let disks = cfg
             .disks
             .iter()
-            .map(|d| vmm_core::api::ApiDisk {
-                id: d.id.clone(),
-                config: serde_json::to_value(d).unwrap_or_default(),
-                handle: handles
-                    .iter()
-                    .find(|(id, _)| *id == d.id)
-                    .map(|(_, h)| h.clone()),
+            .zip(vm.disks())
+            .map(|(config, disk)| vmm_core::api::ApiDisk {
+                id: disk.id.clone(),
+                config: serde_json::to_value(config).unwrap_or_default(),
+                handle: disk.handle.clone(),
             })
             .collect();
         let ctx = vmm_core::api::ApiContext {
