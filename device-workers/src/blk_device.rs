@@ -9,11 +9,12 @@ use vm_memory::GuestMemoryMmap;
 use crate::blk::config::{device_features, BlkConfig, BlkLimits, ConfigError};
 use crate::blk::engine::RequestEngine;
 use crate::blk::fail_backend::FailBackend;
+use crate::blk::qcow2_backend::{Qcow2Error, Qcow2Files};
 use crate::blk::queue::{process_queue, process_resubmitted};
 use crate::blk::request::BlkContext;
 use crate::blk::sync_backend::SyncBackend;
 use crate::blk::uring_backend::UringEngine;
-use crate::disk::Disk;
+use crate::disk::{Disk, Image};
 use crate::inflight::InflightLog;
 use crate::vhost::device::{QueueError, QueueOutcome, Reaped, VhostDevice};
 use ipc::messages::{IoEngine, ServeMode};
@@ -27,6 +28,8 @@ pub enum BlkDeviceError {
     Backend(#[source] std::io::Error),
     #[error("engine io_uring was asked for")]
     Uring(#[source] crate::blk::uring_backend::UringError),
+    #[error("engine io_uring serves raw images; a qcow2 image is served by the sync engine (engine=auto or engine=sync)")]
+    UringQcow2,
 }
 
 /// A virtio-blk device on one disk.
@@ -41,6 +44,8 @@ pub struct BlkDevice {
     num_queues: usize,
     /// Counts and latencies of the requests served, for the status page.
     stats: crate::blk::stats::RequestStats,
+    /// A qcow2 image still to be parsed, inside the sandbox ([`BlkDevice::open_image`]).
+    pending: Option<Qcow2Files>,
 }
 
 impl BlkDevice {
@@ -65,10 +70,19 @@ impl BlkDevice {
         let config = BlkConfig::new(disk.size, blk_size, num_queues, &limits)?;
         let ctx = BlkContext::new(&config, limits, disk.readonly, serial);
         let features = device_features(disk.readonly, num_queues);
-        let engine: Box<dyn RequestEngine + Send> = match mode {
-            ServeMode::Fail => Box::new(FailBackend::new(disk.size)),
-            ServeMode::Normal => {
-                let sync = SyncBackend::new(disk.file).map_err(BlkDeviceError::Backend)?;
+        let mut pending = None;
+        let engine: Box<dyn RequestEngine + Send> = match (mode, disk.image) {
+            (ServeMode::Fail, _) => Box::new(FailBackend::new(disk.size)),
+            (ServeMode::Normal, Image::Qcow2(files)) => {
+                if io_engine == IoEngine::IoUring {
+                    return Err(BlkDeviceError::UringQcow2);
+                }
+                pending = Some(files);
+                // Replaced by the image once it is parsed; nothing is served before.
+                Box::new(FailBackend::new(disk.size))
+            }
+            (ServeMode::Normal, Image::Raw(file)) => {
+                let sync = SyncBackend::new(file).map_err(BlkDeviceError::Backend)?;
                 match io_engine {
                     IoEngine::Sync => Box::new(sync),
                     IoEngine::IoUring | IoEngine::Auto => match UringEngine::new(sync) {
@@ -95,7 +109,19 @@ impl BlkDevice {
             features,
             num_queues,
             stats: Default::default(),
+            pending,
         })
+    }
+
+    /// Parses a qcow2 image: called once the worker is confined, before it serves. The
+    /// size parsed must be the one the guest was offered.
+    pub fn open_image(&mut self) -> Result<(), Qcow2Error> {
+        if let Some(files) = self.pending.take() {
+            let image = crate::blk::qcow2_backend::open(files)?;
+            image.check_size(self.config.capacity() * crate::disk::SECTOR_SIZE)?;
+            self.engine = Box::new(image);
+        }
+        Ok(())
     }
 
     /// Descriptors of the engine that must survive the sandbox (the io_uring and its

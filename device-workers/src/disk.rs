@@ -1,9 +1,25 @@
 //! Opening a disk image: the only path the worker (in standalone mode) ever opens, before
 //! it is sandboxed. In spawned mode the VMM opens the image and passes the fd.
+//!
+//! The format is what the configuration says, never guessed from the content. Before the
+//! sandbox only two fixed fields are read (the magic number, and for qcow2 the virtual
+//! size the guest is offered); the qcow2 metadata is parsed inside the sandbox (see
+//! [`crate::blk::qcow2_backend`]).
 
 use std::fs::File;
 use std::os::fd::AsRawFd;
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+
+use ipc::messages::{BackingImage, ImageFormat};
+
+use crate::blk::qcow2_backend::Qcow2Files;
+
+/// The first four bytes of every qcow2 image: "QFI\xfb".
+pub const QCOW2_MAGIC: [u8; 4] = *b"QFI\xfb";
+/// Largest qcow2 virtual size served (imago's and QEMU's own limit is far above; this
+/// keeps the file-size limit below off_t's range): 64 TiB.
+pub const MAX_QCOW2_SIZE: u64 = 64 << 40;
 
 /// Sector size of the virtio-blk protocol.
 pub const SECTOR_SIZE: u64 = ipc::image::SECTOR_SIZE;
@@ -23,39 +39,109 @@ pub enum DiskError {
     BadSize { path: PathBuf, size: u64 },
     #[error("disk image {path} is empty")]
     Empty { path: PathBuf },
+    #[error(
+        "disk image {path} starts with a qcow2 header and is {size} bytes, not whole \
+         sectors: it is a qcow2 image, so give format=qcow2"
+    )]
+    Qcow2AsRaw { path: PathBuf, size: u64 },
+    #[error(
+        "disk image {path} is not a qcow2 image (it does not start with the qcow2 magic); \
+         for an image that holds the guest's bytes as they are, give format=raw"
+    )]
+    NotQcow2 { path: PathBuf },
+    #[error("cannot read the header of disk image {path}")]
+    Header {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("disk image {path} says its virtual size is {size} bytes, more than {MAX_QCOW2_SIZE}")]
+    TooLarge { path: PathBuf, size: u64 },
+    #[error("a backing file was passed for a {format} image; only qcow2 images have one")]
+    UnexpectedBacking { format: &'static str },
+}
+
+/// What serves the disk's bytes.
+#[derive(Debug)]
+pub enum Image {
+    /// The guest's bytes, as they are.
+    Raw(File),
+    /// A qcow2 image, opened by imago after the sandbox.
+    Qcow2(Qcow2Files),
 }
 
 /// An open, locked image.
 #[derive(Debug)]
 pub struct Disk {
-    pub file: File,
+    pub image: Image,
+    /// What the guest is offered: the file's size (raw) or the header's virtual size
+    /// (qcow2).
     pub size: u64,
     pub readonly: bool,
     pub direct: bool,
+    /// The size the image file may reach (the worker's RLIMIT_FSIZE).
+    pub max_file_size: u64,
+}
+
+impl Disk {
+    /// The descriptors the device keeps after the sandbox.
+    pub fn fds(&self) -> Vec<std::os::fd::RawFd> {
+        match &self.image {
+            Image::Raw(file) => vec![file.as_raw_fd()],
+            Image::Qcow2(q) => q.fds().to_vec(),
+        }
+    }
+
+    /// The format served.
+    pub fn format(&self) -> ImageFormat {
+        match self.image {
+            Image::Raw(_) => ImageFormat::Raw,
+            Image::Qcow2(_) => ImageFormat::Qcow2,
+        }
+    }
 }
 
 /// Opens `path` (O_DIRECT with `direct`) and locks it as QEMU would (see
 /// [`ipc::image`]): a writer refuses every other user, readers share with readers.
-pub fn open(path: &Path, readonly: bool, direct: bool) -> Result<Disk, DiskError> {
+pub fn open(
+    path: &Path,
+    format: ImageFormat,
+    backing: Option<(File, BackingImage)>,
+    readonly: bool,
+    direct: bool,
+) -> Result<Disk, DiskError> {
     let access = if readonly {
         ipc::image::Access::ReadOnly
     } else {
         ipc::image::Access::ReadWrite
     };
-    let image = ipc::image::open(path, access, direct)?;
-    Ok(Disk {
-        file: image.file,
-        size: image.size,
-        readonly,
-        direct,
-    })
+    let image = ipc::image::open(path, access, direct, format)?;
+    from_named_file(image.file, path, format, backing, readonly, direct)
 }
 
-/// A disk the VMM opened (and locked) and passed as a descriptor: only its size is
-/// checked here.
-pub fn from_file(file: File, readonly: bool, direct: bool) -> Result<Disk, DiskError> {
+/// A disk the VMM opened (and locked) and passed as a descriptor, with the backing file it
+/// allows: checked here as far as two fixed header fields allow.
+pub fn from_file(
+    file: File,
+    format: ImageFormat,
+    backing: Option<(File, BackingImage)>,
+    readonly: bool,
+    direct: bool,
+) -> Result<Disk, DiskError> {
     let path = PathBuf::from(format!("<inherited fd {}>", file.as_raw_fd()));
-    let size = {
+    from_named_file(file, &path, format, backing, readonly, direct)
+}
+
+fn from_named_file(
+    file: File,
+    path: &Path,
+    format: ImageFormat,
+    backing: Option<(File, BackingImage)>,
+    readonly: bool,
+    direct: bool,
+) -> Result<Disk, DiskError> {
+    let path = path.to_path_buf();
+    let file_size = {
         use std::io::Seek;
         (&file)
             .seek(std::io::SeekFrom::End(0))
@@ -64,18 +150,125 @@ pub fn from_file(file: File, readonly: bool, direct: bool) -> Result<Disk, DiskE
                 source,
             })?
     };
-    if size == 0 {
+    if file_size == 0 {
         return Err(DiskError::Empty { path });
     }
-    if size % SECTOR_SIZE != 0 {
-        return Err(DiskError::BadSize { path, size });
+    let header = read_header(&file, &path)?;
+    let qcow2_magic = header[..4] == QCOW2_MAGIC;
+    match format {
+        ImageFormat::Raw => {
+            if backing.is_some() {
+                return Err(DiskError::UnexpectedBacking { format: "raw" });
+            }
+            if file_size % SECTOR_SIZE != 0 {
+                return Err(if qcow2_magic {
+                    DiskError::Qcow2AsRaw {
+                        path,
+                        size: file_size,
+                    }
+                } else {
+                    DiskError::BadSize {
+                        path,
+                        size: file_size,
+                    }
+                });
+            }
+            if qcow2_magic {
+                // Not refused: a guest may write these bytes into its own raw disk, and
+                // the format is what the configuration says. Never probed.
+                tracing::warn!(
+                    "disk image {} is served as raw (format=raw) but starts with a qcow2 \
+                     header; if it is a qcow2 image, give format=qcow2",
+                    path.display()
+                );
+            }
+            Ok(Disk {
+                image: Image::Raw(file),
+                size: file_size,
+                readonly,
+                direct,
+                max_file_size: file_size,
+            })
+        }
+        ImageFormat::Qcow2 => {
+            if !qcow2_magic {
+                return Err(DiskError::NotQcow2 { path });
+            }
+            // The virtual size (big-endian at byte 24) is what the guest is offered; the
+            // parse in the sandbox must find the same number.
+            let mut size_field = [0u8; 8];
+            size_field.copy_from_slice(&header[24..32]);
+            let size = u64::from_be_bytes(size_field);
+            if size > MAX_QCOW2_SIZE {
+                return Err(DiskError::TooLarge { path, size });
+            }
+            if size == 0 || size % SECTOR_SIZE != 0 {
+                return Err(DiskError::BadSize { path, size });
+            }
+            // A qcow2 file grows as clusters are allocated: by at most the virtual size
+            // plus its tables (L2 entries and refcounts take at most 1/32 of it with the
+            // smallest, 512-byte clusters), plus room for a refcount table's move.
+            let max_file_size = if readonly {
+                file_size
+            } else {
+                file_size
+                    .saturating_add(size)
+                    .saturating_add(size / 16)
+                    .saturating_add(256 << 20)
+            };
+            let files = Qcow2Files::new(file, !readonly, direct, backing).map_err(|source| {
+                DiskError::Header {
+                    path: path.clone(),
+                    source,
+                }
+            })?;
+            Ok(Disk {
+                image: Image::Qcow2(files),
+                size,
+                readonly,
+                direct,
+                max_file_size,
+            })
+        }
     }
-    Ok(Disk {
-        file,
-        size,
-        readonly,
-        direct,
-    })
+}
+
+/// The first 4 KiB of the image (a whole block, so O_DIRECT reads it too); zeros past
+/// the end of a shorter file.
+fn read_header(file: &File, path: &Path) -> Result<Vec<u8>, DiskError> {
+    let header_err = |source| DiskError::Header {
+        path: path.to_path_buf(),
+        source,
+    };
+    // O_DIRECT needs an aligned buffer: a 4 KiB-aligned allocation.
+    let layout = std::alloc::Layout::from_size_align(4096, 4096).expect("constant layout");
+    // SAFETY: the layout has a non-zero size.
+    let ptr = unsafe { std::alloc::alloc_zeroed(layout) };
+    if ptr.is_null() {
+        std::alloc::handle_alloc_error(layout);
+    }
+    // SAFETY: `ptr` is a fresh, zeroed allocation of 4096 bytes that only this slice uses
+    // until it is deallocated below.
+    let buf = unsafe { std::slice::from_raw_parts_mut(ptr, 4096) };
+    let mut done = 0;
+    let result = loop {
+        match file.read_at(&mut buf[done..], done as u64) {
+            Ok(0) => break Ok(()),
+            Ok(n) => {
+                done += n;
+                if done == buf.len() {
+                    break Ok(());
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => break Err(e),
+        }
+    };
+    let header = buf.to_vec();
+    // SAFETY: allocated above with this layout; `buf` is not used after this.
+    unsafe { std::alloc::dealloc(ptr, layout) };
+    result.map_err(header_err)?;
+    Ok(header)
 }
 
 #[cfg(test)]
@@ -95,19 +288,89 @@ mod tests {
     fn an_inherited_descriptor_must_hold_whole_sectors() {
         let p = tmp("odd.img", 1000);
         assert!(matches!(
-            from_file(File::open(&p).unwrap(), true, false),
+            from_file(File::open(&p).unwrap(), ImageFormat::Raw, None, true, false),
             Err(DiskError::BadSize { size: 1000, .. })
         ));
         let p = tmp("empty.img", 0);
         assert!(matches!(
-            from_file(File::open(&p).unwrap(), true, false),
+            from_file(File::open(&p).unwrap(), ImageFormat::Raw, None, true, false),
             Err(DiskError::Empty { .. })
+        ));
+    }
+
+    fn with_header(name: &str, len: u64, virtual_size: u64) -> PathBuf {
+        let p = tmp(name, len);
+        let f = std::fs::OpenOptions::new().write(true).open(&p).unwrap();
+        f.write_all_at(&QCOW2_MAGIC, 0).unwrap();
+        f.write_all_at(&virtual_size.to_be_bytes(), 24).unwrap();
+        p
+    }
+
+    #[test]
+    fn the_format_is_the_configurations_and_detectable_mismatches_are_refused() {
+        // A qcow2 image given as raw: its size gives it away.
+        let q = with_header("small.qcow2", 196_616, 1 << 30);
+        let err = from_file(File::open(&q).unwrap(), ImageFormat::Raw, None, true, false);
+        assert!(matches!(err, Err(DiskError::Qcow2AsRaw { .. })), "{err:?}");
+        assert!(err.unwrap_err().to_string().contains("format=qcow2"));
+        // Whole sectors with the magic: served as raw (with a warning), never probed.
+        let r = with_header("guest-wrote-a-header.img", 1 << 20, 1 << 40);
+        let disk = from_file(File::open(&r).unwrap(), ImageFormat::Raw, None, true, false).unwrap();
+        assert_eq!((disk.format(), disk.size), (ImageFormat::Raw, 1 << 20));
+        // Raw bytes given as qcow2.
+        let plain = tmp("plain.img", 1 << 20);
+        let err = from_file(
+            File::open(&plain).unwrap(),
+            ImageFormat::Qcow2,
+            None,
+            true,
+            false,
+        )
+        .unwrap_err();
+        assert!(matches!(err, DiskError::NotQcow2 { .. }), "{err:?}");
+        assert!(err.to_string().contains("format=raw"), "{err}");
+        // qcow2: the guest is offered the header's virtual size, and the file may grow.
+        let disk = from_file(
+            File::open(&q).unwrap(),
+            ImageFormat::Qcow2,
+            None,
+            false,
+            false,
+        )
+        .unwrap();
+        assert_eq!((disk.format(), disk.size), (ImageFormat::Qcow2, 1 << 30));
+        assert!(disk.max_file_size > (1 << 30) + 196_616);
+        let ro = from_file(
+            File::open(&q).unwrap(),
+            ImageFormat::Qcow2,
+            None,
+            true,
+            false,
+        )
+        .unwrap();
+        assert_eq!(ro.max_file_size, 196_616, "a read-only image never grows");
+        let huge = with_header("huge.qcow2", 196_616, u64::MAX);
+        assert!(matches!(
+            from_file(
+                File::open(&huge).unwrap(),
+                ImageFormat::Qcow2,
+                None,
+                true,
+                false
+            ),
+            Err(DiskError::TooLarge { .. })
         ));
     }
 
     #[test]
     fn missing_image_names_the_path() {
-        let err = open(Path::new("/nonexistent/x.img"), false, false).unwrap_err();
+        let err = open(
+            Path::new("/nonexistent/x.img"),
+            ImageFormat::Raw,
+            false,
+            false,
+        )
+        .unwrap_err();
         assert!(err.to_string().contains("/nonexistent/x.img"), "{err}");
     }
 }

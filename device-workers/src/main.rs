@@ -16,7 +16,7 @@ use device_workers::sandbox::{self, SandboxConfig, Side};
 use device_workers::serve::EventLoop;
 use device_workers::vhost::VhostBackend;
 use device_workers::{disk, socket};
-use ipc::messages::ServeMode;
+use ipc::messages::{ServeMode, WorkerMessage};
 use vhost::vhost_user::BackendReqHandler;
 
 #[derive(Debug, Parser)]
@@ -72,9 +72,19 @@ struct BlkArgs {
     /// Unix socket to listen on for the frontend.
     #[arg(long)]
     socket: PathBuf,
-    /// Disk image (raw).
+    /// Disk image.
     #[arg(long)]
     disk: PathBuf,
+    /// The image's format: raw or qcow2 (never guessed from its content).
+    #[arg(long, default_value = "raw", value_parser = parse_format)]
+    format: ipc::messages::ImageFormat,
+    /// The one backing file a qcow2 image may name (opened read-only here, before the
+    /// sandbox; the image must name this file).
+    #[arg(long, requires = "format")]
+    backing: Option<PathBuf>,
+    /// The backing file's format: raw or qcow2.
+    #[arg(long, default_value = "raw", value_parser = parse_format, requires = "backing")]
+    backing_format: ipc::messages::ImageFormat,
     /// Refuse writes (and take only a shared lock on the image).
     #[arg(long)]
     readonly: bool,
@@ -118,6 +128,42 @@ struct BlkArgs {
     fault_hook: Option<String>,
 }
 
+fn parse_format(s: &str) -> Result<ipc::messages::ImageFormat, String> {
+    use ipc::messages::ImageFormat;
+    [ImageFormat::Raw, ImageFormat::Qcow2]
+        .into_iter()
+        .find(|f| f.name() == s)
+        .ok_or_else(|| format!("{s:?} is not raw or qcow2"))
+}
+
+/// Opens the backing file standalone mode was given, and says how the image may name it.
+fn open_backing(
+    image: &std::path::Path,
+    backing: &std::path::Path,
+    format: ipc::messages::ImageFormat,
+    direct: bool,
+) -> anyhow::Result<(std::fs::File, ipc::messages::BackingImage)> {
+    let opened = ipc::image::open(backing, ipc::image::Access::ReadOnly, direct, format)?;
+    let absolute = |p: &std::path::Path, what: &str| -> anyhow::Result<String> {
+        let p = std::fs::canonicalize(p)
+            .with_context(|| format!("cannot resolve the {what} {}", p.display()))?;
+        p.to_str()
+            .map(str::to_string)
+            .with_context(|| format!("the {what} {} is not UTF-8", p.display()))
+    };
+    let image = std::fs::canonicalize(image)
+        .with_context(|| format!("cannot resolve the image {}", image.display()))?;
+    let dir = image.parent().unwrap_or(std::path::Path::new("/"));
+    Ok((
+        opened.file,
+        ipc::messages::BackingImage {
+            format,
+            path: absolute(backing, "backing file")?,
+            image_dir: absolute(dir, "image directory")?,
+        },
+    ))
+}
+
 fn parse_engine(s: &str) -> Result<ipc::messages::IoEngine, String> {
     ipc::messages::IoEngine::parse(s).ok_or_else(|| format!("{s:?} is not auto, sync or io_uring"))
 }
@@ -158,7 +204,22 @@ fn run_blk(args: BlkArgs) -> anyhow::Result<ExitCode> {
             device_workers::blk::request::ID_BYTES
         );
     }
-    let disk = disk::open(&args.disk, args.readonly, args.direct)?;
+    let backing = match &args.backing {
+        Some(backing) => Some(open_backing(
+            &args.disk,
+            backing,
+            args.backing_format,
+            args.direct,
+        )?),
+        None => None,
+    };
+    let disk = disk::open(
+        &args.disk,
+        args.format,
+        backing,
+        args.readonly,
+        args.direct,
+    )?;
     let (status_fd, status) = ipc::status::StatusPage::create("bulkhead-worker-status")
         .context("create the status page")?;
     drop(status_fd); // the mapping stays; nothing needs the fd
@@ -172,6 +233,7 @@ fn run_blk(args: BlkArgs) -> anyhow::Result<ExitCode> {
     let stream = socket::accept_one(&listener, &args.socket)?;
     drop(listener);
     serve(Serve {
+        ready: None,
         label: args.socket.display().to_string(),
         stream,
         control: None,
@@ -208,7 +270,7 @@ fn inherited(fd: i32, what: &str) -> anyhow::Result<std::os::fd::OwnedFd> {
 }
 
 fn run_spawned(args: SpawnedArgs) -> anyhow::Result<ExitCode> {
-    use ipc::messages::{VmmMessage, WorkerMessage};
+    use ipc::messages::VmmMessage;
     let control = ipc::channel::Channel::from_fd(inherited(args.control_fd, "control")?)
         .context("the control channel")?;
     let learn = args.learn_fd.map(|fd| inherited(fd, "learn")).transpose()?;
@@ -223,7 +285,7 @@ fn run_spawned(args: SpawnedArgs) -> anyhow::Result<ExitCode> {
         std::process::exit(3);
     }
     ipc::handshake_worker_side(&control).context("handshake with the VMM")?;
-    let (config, _) = control
+    let (config, mut passed) = control
         .recv::<VmmMessage>()
         .context("receive the configuration")?;
     let VmmMessage::Configure(config) = config else {
@@ -239,7 +301,32 @@ fn run_spawned(args: SpawnedArgs) -> anyhow::Result<ExitCode> {
     drop(status_file);
     let status: &'static ipc::status::StatusMapping = Box::leak(Box::new(status));
     let disk_file = std::fs::File::from(inherited(args.disk_fd, "disk")?);
-    let disk = disk::from_file(disk_file, config.readonly, config.direct_io)?;
+    // The backing file, if the configuration allows one, is the one descriptor that came
+    // with it.
+    let backing = match (&config.backing, passed.len()) {
+        (None, 0) => None,
+        (Some(b), 1) => Some((std::fs::File::from(passed.remove(0)), b.clone())),
+        (b, n) => anyhow::bail!(
+            "the configuration came with {n} descriptors for {} backing file",
+            if b.is_some() { "one" } else { "no" }
+        ),
+    };
+    let disk = disk::from_file(
+        disk_file,
+        config.format,
+        backing,
+        config.readonly,
+        config.direct_io,
+    );
+    let disk = match disk {
+        Ok(disk) => disk,
+        Err(e) => {
+            // Said to the VMM too: its start fails with this line.
+            let message = ipc::messages::error_message(&e.to_string());
+            let _ = control.send(&WorkerMessage::Error { message }, &[]);
+            return Err(e.into());
+        }
+    };
     let stream = std::os::unix::net::UnixStream::from(inherited(args.vhost_fd, "vhost")?);
     let features = device_workers::blk::config::device_features(
         config.readonly,
@@ -254,17 +341,13 @@ fn run_spawned(args: SpawnedArgs) -> anyhow::Result<ExitCode> {
         std::thread::sleep(std::time::Duration::from_secs(30));
         std::process::exit(3);
     }
-    control
-        .send(
-            &WorkerMessage::Ready {
-                disk_size_bytes: disk.size,
-                device_features: features,
-                num_queues: config.num_queues,
-            },
-            &[],
-        )
-        .context("report readiness")?;
+    let ready = WorkerMessage::Ready {
+        disk_size_bytes: disk.size,
+        device_features: features,
+        num_queues: config.num_queues,
+    };
     serve(Serve {
+        ready: Some(ready),
         label: config.device_id.clone(),
         stream,
         control: Some(control),
@@ -298,6 +381,9 @@ fn run_spawned(args: SpawnedArgs) -> anyhow::Result<ExitCode> {
 
 /// Everything one worker serves with, however it was started.
 struct Serve {
+    /// Spawned mode: what to tell the VMM on the control channel once the image is open
+    /// inside the sandbox (or, with the image refused, an error instead).
+    ready: Option<ipc::messages::WorkerMessage>,
     label: String,
     stream: std::os::unix::net::UnixStream,
     /// The control channel in spawned mode (kept open: the VMM sees EOF when we end).
@@ -325,9 +411,12 @@ struct Serve {
 }
 
 fn serve(s: Serve) -> anyhow::Result<ExitCode> {
-    let disk_size = s.disk.size;
+    let max_file_size = s.disk.max_file_size;
     // In fail mode the device closes the image before the sandbox: nothing to keep.
-    let disk_fd = (s.mode == ServeMode::Normal).then(|| s.disk.file.as_raw_fd());
+    let disk_fds = match s.mode {
+        ServeMode::Normal => s.disk.fds(),
+        ServeMode::Fail => Vec::new(),
+    };
     let device = BlkDevice::new(s.disk, s.num_queues, s.serial.as_bytes(), s.mode, s.engine)?;
     let engine_fds = device.engine_fds();
     let engine = match s.mode {
@@ -372,7 +461,7 @@ fn serve(s: Serve) -> anyhow::Result<ExitCode> {
     );
     if sandboxed {
         let mut keep_fds = vec![handler.as_raw_fd(), events.as_raw_fd()];
-        keep_fds.extend(disk_fd);
+        keep_fds.extend(&disk_fds);
         keep_fds.extend(&engine_fds);
         keep_fds.extend(&inflight_fds);
         keep_fds.extend(s.control.as_ref().map(|c| c.as_raw_fd()));
@@ -383,7 +472,7 @@ fn serve(s: Serve) -> anyhow::Result<ExitCode> {
             keep_fds,
             // Memory regions, and per queue a kick, a call and an error fd, with margin.
             max_fds: 32 + 4 * u64::from(s.num_queues),
-            max_file_size: disk_size,
+            max_file_size,
             // The io_uring's io-wq threads count as processes of the worker's user.
             max_procs: if engine_fds.is_empty() {
                 1
@@ -437,6 +526,23 @@ fn serve(s: Serve) -> anyhow::Result<ExitCode> {
             std::process::id()
         ));
     }
+    // A qcow2 image is parsed here, confined; the VMM hears the outcome.
+    let opened = backend
+        .lock()
+        .expect("no other thread")
+        .data_plane()
+        .device_mut()
+        .open_image();
+    if let (Some(control), Some(ready)) = (&s.control, s.ready) {
+        let answer = match &opened {
+            Ok(()) => ready,
+            Err(e) => WorkerMessage::Error {
+                message: ipc::messages::error_message(&format!("disk image: {e}")),
+            },
+        };
+        control.send(&answer, &[]).context("report readiness")?;
+    }
+    opened.context("disk image")?;
     #[cfg(feature = "test-hooks")]
     if let (Some(hook), false) = (&s.fault_hook, s.hook_after_setup) {
         device_workers::hooks::run_after_sandbox(hook).map_err(anyhow::Error::msg)?;

@@ -100,6 +100,11 @@ pub enum ImageError {
     #[error("disk image {path} is {size} bytes, not a multiple of {SECTOR_SIZE}")]
     BadSize { path: PathBuf, size: u64 },
     #[error(
+        "disk image {path} starts with a qcow2 header and is {size} bytes, not whole sectors: \
+         it is a qcow2 image, so give format=qcow2"
+    )]
+    Qcow2AsRaw { path: PathBuf, size: u64 },
+    #[error(
         "disk image {path} is in use by another process (bulkhead, QEMU or qemu-storage-daemon) \
          that {conflict}"
     )]
@@ -162,8 +167,14 @@ fn unusable_kind(kind: std::fs::FileType) -> Option<&'static str> {
 
 /// Opens `path` for `access` (O_DIRECT with `direct`), checks what it is and its size,
 /// and locks it. O_NONBLOCK keeps open() of a FIFO from waiting for a writer forever;
-/// the type check then refuses it.
-pub fn open(path: &Path, access: Access, direct: bool) -> Result<Image, ImageError> {
+/// the type check then refuses it. A raw image must hold whole sectors; a qcow2 file's
+/// length says nothing about the disk's (its worker reads the header, in its sandbox).
+pub fn open(
+    path: &Path,
+    access: Access,
+    direct: bool,
+    format: crate::messages::ImageFormat,
+) -> Result<Image, ImageError> {
     if path.as_os_str().is_empty() {
         return Err(ImageError::EmptyPath);
     }
@@ -209,10 +220,17 @@ pub fn open(path: &Path, access: Access, direct: bool) -> Result<Image, ImageErr
             path: path.to_path_buf(),
         });
     }
-    if size % SECTOR_SIZE != 0 {
-        return Err(ImageError::BadSize {
-            path: path.to_path_buf(),
-            size,
+    if format == crate::messages::ImageFormat::Raw && size % SECTOR_SIZE != 0 {
+        // The magic only words the error: a qcow2 image given as raw is the common case.
+        let mut magic = [0u8; 4];
+        let qcow2 = !direct
+            && std::os::unix::fs::FileExt::read_exact_at(&file, &mut magic, 0).is_ok()
+            && magic == *b"QFI\xfb";
+        let path = path.to_path_buf();
+        return Err(if qcow2 {
+            ImageError::Qcow2AsRaw { path, size }
+        } else {
+            ImageError::BadSize { path, size }
         });
     }
     lock(&file, access).map_err(|e| match e {
@@ -315,6 +333,7 @@ fn is_held_elsewhere(file: &File, offset: i64) -> Result<bool, LockError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::messages::ImageFormat;
 
     fn tmp(name: &str, len: u64) -> PathBuf {
         let dir = std::env::temp_dir().join(format!("bulkhead-image-{}", std::process::id()));
@@ -329,42 +348,61 @@ mod tests {
     fn size_must_be_whole_sectors() {
         let p = tmp("odd.img", 1000);
         assert!(matches!(
-            open(&p, Access::ReadWrite, false),
+            open(&p, Access::ReadWrite, false, ImageFormat::Raw),
             Err(ImageError::BadSize { size: 1000, .. })
         ));
         let p = tmp("empty.img", 0);
         assert!(matches!(
-            open(&p, Access::ReadWrite, false),
+            open(&p, Access::ReadWrite, false, ImageFormat::Raw),
             Err(ImageError::Empty { .. })
         ));
     }
 
     #[test]
+    fn a_qcow2_file_given_as_raw_is_named_and_qcow2_files_need_no_whole_sectors() {
+        let p = tmp("given-as-raw.qcow2", 196_616);
+        std::os::unix::fs::FileExt::write_all_at(
+            &File::options().write(true).open(&p).unwrap(),
+            b"QFI\xfb",
+            0,
+        )
+        .unwrap();
+        let err = open(&p, Access::ReadOnly, false, ImageFormat::Raw).unwrap_err();
+        assert!(
+            matches!(err, ImageError::Qcow2AsRaw { size: 196_616, .. }),
+            "{err:?}"
+        );
+        assert!(err.to_string().contains("format=qcow2"), "{err}");
+        let image = open(&p, Access::ReadOnly, false, ImageFormat::Qcow2).unwrap();
+        assert_eq!(image.size, 196_616);
+    }
+
+    #[test]
     fn one_writer_and_no_reader_beside_it_readers_share() {
         let p = tmp("locked.img", 1 << 20);
-        let w = open(&p, Access::ReadWrite, false).unwrap();
+        let w = open(&p, Access::ReadWrite, false, ImageFormat::Raw).unwrap();
         assert_eq!(w.size, 1 << 20);
         for access in [Access::ReadWrite, Access::ReadOnly] {
-            let err = open(&p, access, false).unwrap_err();
+            let err = open(&p, access, false, ImageFormat::Raw).unwrap_err();
             assert!(matches!(err, ImageError::Locked { .. }), "{err}");
         }
         drop(w);
-        let r1 = open(&p, Access::ReadOnly, false).unwrap();
-        let r2 = open(&p, Access::ReadOnly, false).unwrap();
-        let err = open(&p, Access::ReadWrite, false).unwrap_err();
+        let r1 = open(&p, Access::ReadOnly, false, ImageFormat::Raw).unwrap();
+        let r2 = open(&p, Access::ReadOnly, false, ImageFormat::Raw).unwrap();
+        let err = open(&p, Access::ReadWrite, false, ImageFormat::Raw).unwrap_err();
         assert!(err.to_string().contains("\"write\""), "{err}");
         drop((r1, r2));
-        open(&p, Access::ReadWrite, false).unwrap();
+        open(&p, Access::ReadWrite, false, ImageFormat::Raw).unwrap();
     }
 
     #[test]
     fn a_refused_newcomer_leaves_no_lock_behind() {
         let p = tmp("newcomer.img", 1 << 20);
-        let r = open(&p, Access::ReadOnly, false).unwrap();
-        assert!(open(&p, Access::ReadWrite, false).is_err());
+        let r = open(&p, Access::ReadOnly, false, ImageFormat::Raw).unwrap();
+        assert!(open(&p, Access::ReadWrite, false, ImageFormat::Raw).is_err());
         drop(r);
         // The refused writer's bytes went with its descriptor.
-        open(&p, Access::ReadWrite, false).unwrap();
+        open(&p, Access::ReadWrite, false, ImageFormat::Raw).unwrap();
     }
 
     #[test]
@@ -372,21 +410,27 @@ mod tests {
         let p = std::env::temp_dir().join(format!("bulkhead-image-fifo-{}", std::process::id()));
         let _ = std::fs::remove_file(&p);
         nix::unistd::mkfifo(&p, nix::sys::stat::Mode::S_IRWXU).unwrap();
-        let err = open(&p, Access::ReadOnly, false).unwrap_err();
+        let err = open(&p, Access::ReadOnly, false, ImageFormat::Raw).unwrap_err();
         assert!(err.to_string().contains("is a FIFO"), "{err}");
         let err = check_path(&p).unwrap_err();
         assert!(err.to_string().contains("is a FIFO"), "{err}");
         std::fs::remove_file(&p).unwrap();
-        let err = open(Path::new("/tmp"), Access::ReadOnly, false).unwrap_err();
+        let err = open(Path::new("/tmp"), Access::ReadOnly, false, ImageFormat::Raw).unwrap_err();
         assert!(err.to_string().contains("directory"), "{err}");
     }
 
     #[test]
     fn errors_name_the_path() {
-        let err = open(Path::new("/nonexistent/x.img"), Access::ReadOnly, false).unwrap_err();
+        let err = open(
+            Path::new("/nonexistent/x.img"),
+            Access::ReadOnly,
+            false,
+            ImageFormat::Raw,
+        )
+        .unwrap_err();
         assert!(err.to_string().contains("/nonexistent/x.img"), "{err}");
         assert!(matches!(
-            open(Path::new(""), Access::ReadOnly, false),
+            open(Path::new(""), Access::ReadOnly, false, ImageFormat::Raw),
             Err(ImageError::EmptyPath)
         ));
     }
@@ -403,6 +447,11 @@ mod tests {
         let id = check_path(&p).unwrap();
         assert_eq!(check_path(&link).unwrap(), id);
         assert_eq!(check_path(&hard).unwrap(), id);
-        assert_eq!(open(&link, Access::ReadOnly, false).unwrap().identity, id);
+        assert_eq!(
+            open(&link, Access::ReadOnly, false, ImageFormat::Raw)
+                .unwrap()
+                .identity,
+            id
+        );
     }
 }

@@ -14,7 +14,7 @@
 use serde::{Deserialize, Serialize};
 
 /// Version of the message set. Bump on any change of the messages or their meaning.
-pub const PROTOCOL_VERSION: u32 = 5;
+pub const PROTOCOL_VERSION: u32 = 6;
 
 /// Longest device id, in bytes.
 pub const MAX_DEVICE_ID_LEN: usize = 32;
@@ -22,6 +22,8 @@ pub const MAX_DEVICE_ID_LEN: usize = 32;
 pub const MAX_QUEUES: u16 = 64;
 /// Longest serial id: the virtio-blk `VIRTIO_BLK_T_GET_ID` response is 20 bytes.
 pub const MAX_SERIAL_LEN: usize = 20;
+/// Longest path the configuration may name (Linux's PATH_MAX).
+pub const MAX_PATH_LEN: usize = 4096;
 /// Longest error message, in bytes.
 pub const MAX_ERROR_MESSAGE_LEN: usize = 1024;
 /// Largest pid Linux can hand out (`PID_MAX_LIMIT` on 64-bit).
@@ -170,6 +172,68 @@ pub struct WorkerConfig {
     /// The unprivileged host uid (and gid) the sandboxed worker runs as: one per VM, so
     /// the workers of two VMs cannot signal or ptrace each other. Never 0.
     pub uid: u32,
+    /// How the image's bytes are laid out. Never guessed from the content.
+    pub format: ImageFormat,
+    /// The one backing file a qcow2 image may name, opened by the VMM and passed beside
+    /// this message (its only descriptor). None: the image must name no backing file.
+    pub backing: Option<BackingImage>,
+}
+
+/// The layout of an image.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ImageFormat {
+    /// The guest's bytes, as they are.
+    #[default]
+    Raw,
+    /// QEMU's qcow2, parsed by the worker inside its sandbox.
+    Qcow2,
+}
+
+impl ImageFormat {
+    /// The name used in options and logs.
+    pub fn name(self) -> &'static str {
+        match self {
+            ImageFormat::Raw => "raw",
+            ImageFormat::Qcow2 => "qcow2",
+        }
+    }
+}
+
+/// The backing file the configuration allows a qcow2 image to name.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BackingImage {
+    /// Its format, as configured.
+    pub format: ImageFormat,
+    /// Its path, absolute and without symlinks (as the VMM resolved it when it opened it).
+    pub path: String,
+    /// The directory of the image that names it, absolute and without symlinks: a relative
+    /// name in the image is taken relative to it, as QEMU does.
+    pub image_dir: String,
+}
+
+impl Validate for BackingImage {
+    fn validate(&self) -> Result<(), ValidationError> {
+        let BackingImage {
+            format: _,
+            path,
+            image_dir,
+        } = self;
+        for (field, value) in [("backing.path", path), ("backing.image_dir", image_dir)] {
+            check_len(field, value, 1, MAX_PATH_LEN)?;
+            check_chars(field, value, "no NUL or control characters", |c| {
+                !c.is_control()
+            })?;
+            if !value.starts_with('/') {
+                return Err(ValidationError::BadCharacter {
+                    field,
+                    found: value.chars().next().unwrap_or('?'),
+                    offset: 0,
+                    allowed: "an absolute path",
+                });
+            }
+        }
+        Ok(())
+    }
 }
 
 /// How a worker serves its disk.
@@ -234,7 +298,20 @@ impl Validate for WorkerConfig {
             engine: _,
             poll_us,
             uid,
+            format,
+            backing,
         } = self;
+        if let Some(backing) = backing {
+            backing.validate()?;
+            if *format != ImageFormat::Qcow2 {
+                return Err(ValidationError::OutOfRange {
+                    field: "backing (only a qcow2 image has one)",
+                    value: 1,
+                    min: 0,
+                    max: 0,
+                });
+            }
+        }
         check_range("poll_us", u64::from(*poll_us), 0, u64::from(MAX_POLL_US))?;
         check_range("uid", u64::from(*uid), 1, u64::from(u32::MAX - 1))?;
         check_len("device_id", device_id, 1, MAX_DEVICE_ID_LEN)?;
@@ -309,6 +386,23 @@ pub enum WorkerMessage {
         /// What went wrong.
         message: String,
     },
+}
+
+/// `text` as a valid [`WorkerMessage::Error`] message: control characters become spaces,
+/// and it is cut (at a character boundary) to [`MAX_ERROR_MESSAGE_LEN`] bytes.
+pub fn error_message(text: &str) -> String {
+    let mut out = String::with_capacity(text.len().min(MAX_ERROR_MESSAGE_LEN));
+    for c in text.chars() {
+        let c = if c.is_control() { ' ' } else { c };
+        if out.len() + c.len_utf8() > MAX_ERROR_MESSAGE_LEN {
+            break;
+        }
+        out.push(c);
+    }
+    if out.is_empty() {
+        out.push('?');
+    }
+    out
 }
 
 /// Worker counters. Any value is well formed (they are only printed and compared).
@@ -394,6 +488,8 @@ mod tests {
             engine: IoEngine::Auto,
             poll_us: 0,
             uid: 65534,
+            format: ImageFormat::Raw,
+            backing: None,
         }
     }
 
@@ -430,6 +526,64 @@ mod tests {
         assert_eq!(field, expected, "{err}");
         // Messages name the field.
         assert!(err.to_string().contains(expected));
+    }
+
+    #[test]
+    fn error_messages_are_made_valid() {
+        for text in ["", "line\nforged", &"é".repeat(MAX_ERROR_MESSAGE_LEN)] {
+            let message = error_message(text);
+            assert_eq!(
+                WorkerMessage::Error { message }.validate(),
+                Ok(()),
+                "{text:?}"
+            );
+        }
+        assert_eq!(error_message("a\nb"), "a b");
+    }
+
+    #[test]
+    fn a_backing_file_is_a_qcow2_images_and_named_by_absolute_paths() {
+        let backing = BackingImage {
+            format: ImageFormat::Raw,
+            path: "/images/base.raw".into(),
+            image_dir: "/images".into(),
+        };
+        let qcow2 = WorkerConfig {
+            format: ImageFormat::Qcow2,
+            backing: Some(backing.clone()),
+            ..config()
+        };
+        assert_eq!(qcow2.validate(), Ok(()));
+        let raw = WorkerConfig {
+            format: ImageFormat::Raw,
+            ..qcow2.clone()
+        };
+        assert!(raw.validate().is_err(), "a raw image has no backing file");
+        for (path, image_dir) in [
+            ("base.raw", "/images"),
+            ("/images/base.raw", "images"),
+            ("/images/base\nforged.raw", "/images"),
+            ("", "/images"),
+        ] {
+            let path = path.to_string();
+            let bad = WorkerConfig {
+                backing: Some(BackingImage {
+                    path: path.clone(),
+                    image_dir: image_dir.into(),
+                    ..backing.clone()
+                }),
+                ..qcow2.clone()
+            };
+            assert!(bad.validate().is_err(), "{path:?} in {image_dir:?}");
+        }
+        let long = WorkerConfig {
+            backing: Some(BackingImage {
+                path: format!("/{}", "a".repeat(MAX_PATH_LEN)),
+                ..backing
+            }),
+            ..qcow2
+        };
+        assert!(long.validate().is_err());
     }
 
     #[test]

@@ -98,6 +98,8 @@ fn vmm_and_worker_processes() {
         engine: ipc::messages::IoEngine::Auto,
         poll_us: 0,
         uid: 65534,
+        format: ipc::messages::ImageFormat::Raw,
+        backing: None,
     };
     vmm.send(&VmmMessage::Configure(config), &[file.as_fd()])
         .unwrap();

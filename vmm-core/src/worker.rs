@@ -75,6 +75,8 @@ pub enum WorkerError {
         pid: u32,
         answer: String,
     },
+    #[error("disk {id}: worker (pid {pid}) cannot serve the disk: {message}")]
+    Refused { id: String, pid: u32, message: String },
     #[error("disk {id}: cannot create the status page")]
     Status {
         id: String,
@@ -194,7 +196,7 @@ pub fn spawn(
         disk_size: 0,
         device_features: 0,
     };
-    if let Err(e) = configure(&mut worker, cfg, pid, mode) {
+    if let Err(e) = configure(&mut worker, cfg, disk, pid, mode) {
         let _ = worker.child.kill();
         let _ = worker.child.wait();
         return Err(e);
@@ -205,6 +207,7 @@ pub fn spawn(
 fn configure(
     worker: &mut Worker,
     cfg: &WorkerDisk,
+    disk: &OpenedImage,
     pid: u32,
     mode: ServeMode,
 ) -> Result<(), WorkerError> {
@@ -233,10 +236,13 @@ fn configure(
         engine: cfg.image.engine,
         poll_us: cfg.image.poll_us,
         uid: cfg.uid,
+        format: cfg.image.format,
+        backing: disk.backing.as_ref().map(|b| b.allowed.clone()),
     };
+    let backing_fd: Vec<_> = disk.backing.iter().map(|b| b.file.as_fd()).collect();
     worker
         .control
-        .send(&VmmMessage::Configure(config), &[])
+        .send(&VmmMessage::Configure(config), &backing_fd)
         .map_err(control_err)?;
     let (answer, fds) = worker
         .control
@@ -244,6 +250,7 @@ fn configure(
         .map_err(control_err)?;
     drop(fds); // Ready carries none; any that came are closed unused.
     match answer {
+        WorkerMessage::Error { message } => Err(WorkerError::Refused { id, pid, message }),
         WorkerMessage::Ready {
             disk_size_bytes,
             device_features,

@@ -19,6 +19,7 @@ pub mod config;
 pub mod engine;
 pub mod execute;
 pub mod fail_backend;
+pub mod qcow2_backend;
 pub mod queue;
 pub mod request;
 pub mod stats;

@@ -213,6 +213,11 @@ fn set_rlimits(cfg: &SandboxConfig) -> Result<(), SandboxError> {
             source,
         })?;
     }
+    // A write past RLIMIT_FSIZE (a qcow2 image whose tables point past any sane end)
+    // then fails with EFBIG, an I/O error for that request, rather than killing the
+    // worker with SIGXFSZ and sending it through crash restarts.
+    // SAFETY: setting a signal's disposition to SIG_IGN installs no handler code.
+    unsafe { libc::signal(libc::SIGXFSZ, libc::SIG_IGN) };
     Ok(())
 }
 

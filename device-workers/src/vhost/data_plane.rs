@@ -94,6 +94,11 @@ impl<D: VhostDevice> DataPlane<D> {
         &self.device
     }
 
+    /// The device, for what is done once the worker is confined (parsing its image).
+    pub fn device_mut(&mut self) -> &mut D {
+        &mut self.device
+    }
+
     /// Requests resubmitted on behalf of a dead predecessor.
     pub fn resubmitted(&self) -> u64 {
         self.resubmitted

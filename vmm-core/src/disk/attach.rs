@@ -32,7 +32,7 @@ pub enum AttachError {
     #[error(transparent)]
     Config(#[from] ConfigError),
     #[error(transparent)]
-    Image(#[from] ipc::image::ImageError),
+    Image(#[from] crate::disk::image::OpenError),
     #[error(transparent)]
     Worker(#[from] crate::worker::WorkerError),
     #[error(transparent)]
@@ -97,7 +97,7 @@ pub fn open_images(disks: &[DiskConfig]) -> Result<Vec<Option<Arc<OpenedImage>>>
     let mut images: Vec<Option<Arc<OpenedImage>>> = Vec::with_capacity(disks.len());
     for disk in disks {
         let opened = match &disk.source {
-            DiskSource::Image(i) => Some(Arc::new(open_image(&i.path, i.readonly, i.direct)?)),
+            DiskSource::Image(i) => Some(Arc::new(open_image(i)?)),
             DiskSource::VhostUser(_) => None,
         };
         if let Some(a) = &opened {
@@ -107,6 +107,21 @@ pub fn open_images(disks: &[DiskConfig]) -> Result<Vec<Option<Arc<OpenedImage>>>
             {
                 return Err(ConfigError::Conflict(format!(
                     "disks {} and {} are the same image",
+                    disks[j].id, disk.id
+                ))
+                .into());
+            }
+            // A disk's image as another's backing file: the locks refuse a writable one;
+            // a shared read-only one would be fine, but is named here to be plain.
+            let backs = |x: &OpenedImage, y: &OpenedImage| {
+                x.backing.as_ref().is_some_and(|b| b.identity == y.identity)
+            };
+            if let Some(j) = images
+                .iter()
+                .position(|b| b.as_ref().is_some_and(|b| backs(a, b) || backs(b, a)))
+            {
+                return Err(ConfigError::Conflict(format!(
+                    "disks {} and {}: one's image is the other's backing file",
                     disks[j].id, disk.id
                 ))
                 .into());

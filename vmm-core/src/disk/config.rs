@@ -6,7 +6,7 @@
 
 use std::path::{Path, PathBuf};
 
-use ipc::messages::{IoEngine, MAX_POLL_US};
+use ipc::messages::{ImageFormat, IoEngine, MAX_POLL_US};
 use serde::{Deserialize, Deserializer, Serialize};
 
 /// The most queues a disk may have.
@@ -52,6 +52,43 @@ pub struct ImageDisk {
     pub engine: IoEngine,
     /// Microseconds the worker busy-polls its rings before sleeping.
     pub poll_us: u32,
+    /// The image's layout, as configured (never guessed from the content).
+    pub format: ImageFormat,
+    /// The one backing file a qcow2 image may name.
+    pub backing: Option<BackingFile>,
+}
+
+/// A backing file the configuration allows.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BackingFile {
+    pub path: PathBuf,
+    pub format: ImageFormat,
+}
+
+/// An image format as written in options.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+enum FormatOption {
+    Raw,
+    Qcow2,
+}
+
+impl From<FormatOption> for ImageFormat {
+    fn from(f: FormatOption) -> Self {
+        match f {
+            FormatOption::Raw => ImageFormat::Raw,
+            FormatOption::Qcow2 => ImageFormat::Qcow2,
+        }
+    }
+}
+
+impl From<ImageFormat> for FormatOption {
+    fn from(f: ImageFormat) -> Self {
+        match f {
+            ImageFormat::Raw => FormatOption::Raw,
+            ImageFormat::Qcow2 => FormatOption::Qcow2,
+        }
+    }
 }
 
 /// How KVM matches a QueueNotify write to a queue's kick eventfd.
@@ -160,6 +197,12 @@ struct DiskOptions {
     poll_us: Option<u32>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     ioeventfd: Option<IoEventFdMatch>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    format: Option<FormatOption>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    backing: Option<PathBuf>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    backing_format: Option<FormatOption>,
 }
 
 /// A switch: `on`/`off` as the command line writes it, `true`/`false` as a file does,
@@ -204,6 +247,9 @@ fn image_keys(o: &DiskOptions) -> Option<&'static str> {
         ("spare", o.spare.is_some()),
         ("engine", o.engine.is_some()),
         ("poll_us", o.poll_us.is_some()),
+        ("format", o.format.is_some()),
+        ("backing", o.backing.is_some()),
+        ("backing_format", o.backing_format.is_some()),
     ]
     .into_iter()
     .find_map(|(key, given)| given.then_some(key))
@@ -262,14 +308,39 @@ impl TryFrom<DiskOptions> for DiskConfig {
                 if poll_us > MAX_POLL_US {
                     return Err(format!("poll_us={poll_us} must be 0..={MAX_POLL_US}"));
                 }
+                let format = o.format.map_or(ImageFormat::Raw, ImageFormat::from);
+                let engine = o.engine.map_or(IoEngine::Auto, IoEngine::from);
+                if format == ImageFormat::Qcow2 && engine == IoEngine::IoUring {
+                    return Err("engine=io_uring serves raw images; a qcow2 image is served \
+                                by imago through the sync engine (engine=auto or sync)"
+                        .into());
+                }
+                let backing = match (&o.backing, o.backing_format) {
+                    (None, Some(_)) => {
+                        return Err("backing_format= needs backing=PATH".into());
+                    }
+                    (None, None) => None,
+                    (Some(_), _) if format != ImageFormat::Qcow2 => {
+                        return Err(format!(
+                            "backing= needs format=qcow2 (a {} image has no backing file)",
+                            format.name()
+                        ));
+                    }
+                    (Some(path), f) => Some(BackingFile {
+                        path: path.clone(),
+                        format: f.map_or(ImageFormat::Raw, ImageFormat::from),
+                    }),
+                };
                 DiskSource::Image(ImageDisk {
                     path: path.clone(),
                     readonly: o.readonly.unwrap_or(false),
                     serial,
                     direct: o.direct.unwrap_or(false),
                     spare: o.spare.unwrap_or(true),
-                    engine: o.engine.map_or(IoEngine::Auto, IoEngine::from),
+                    engine,
                     poll_us,
+                    format,
+                    backing,
                 })
             }
         };
@@ -305,6 +376,11 @@ impl From<DiskConfig> for DiskOptions {
                 o.spare = Some(i.spare);
                 o.engine = Some(i.engine.into());
                 o.poll_us = Some(i.poll_us);
+                o.format = Some(i.format.into());
+                if let Some(b) = i.backing {
+                    o.backing = Some(b.path);
+                    o.backing_format = Some(b.format.into());
+                }
             }
         }
         o
@@ -314,7 +390,7 @@ impl From<DiskConfig> for DiskOptions {
 impl DiskConfig {
     /// Parses `--disk`: `path=IMG[,id=NAME][,readonly=on][,serial=ID][,direct=on]
     /// [,num_queues=N][,spare=off][,engine=auto|sync|io_uring][,poll_us=N]
-    /// [,ioeventfd=datamatch|any]` or `vhost_user=SOCKET[,id=NAME][,num_queues=N]
+    /// [,ioeventfd=datamatch|any][,format=raw|qcow2][,backing=PATH][,backing_format=raw|qcow2]` or `vhost_user=SOCKET[,id=NAME][,num_queues=N]
     /// [,ioeventfd=..]`; `index` gives the default id `blkN`. Errors quote the option
     /// and name the key.
     pub fn parse(spec: &str, index: usize) -> Result<Self, ConfigError> {
@@ -458,6 +534,35 @@ mod tests {
         assert_eq!(c.source, DiskSource::VhostUser("/s.sock".into()));
     }
 
+    #[test]
+    fn qcow2_options_are_checked_together() {
+        let c = DiskConfig::parse("path=/top.qcow2,format=qcow2,backing=/base.raw", 0).unwrap();
+        let DiskSource::Image(i) = &c.source else {
+            panic!("{c:?}")
+        };
+        assert_eq!(i.format, ImageFormat::Qcow2);
+        assert_eq!(
+            i.backing,
+            Some(BackingFile {
+                path: "/base.raw".into(),
+                format: ImageFormat::Raw
+            })
+        );
+        // The file form round-trips.
+        let json = serde_json::to_string(&c).unwrap();
+        assert_eq!(serde_json::from_str::<DiskConfig>(&json).unwrap(), c);
+        for (spec, says) in [
+            ("path=/a.img,backing=/b.raw", "backing= needs format=qcow2"),
+            ("path=/a.qcow2,format=qcow2,backing_format=raw", "needs backing=PATH"),
+            ("path=/a.qcow2,format=qcow2,engine=io_uring", "engine=io_uring serves raw"),
+            ("path=/a.img,format=vmdk", "format"),
+            ("vhost_user=/s,format=qcow2", "format= applies to an image"),
+        ] {
+            let err = DiskConfig::parse(spec, 0).unwrap_err().to_string();
+            assert!(err.contains(says), "{spec}: {err}");
+        }
+    }
+
     /// What a user leaves out is what the types default to (the shape of crosvm's test).
     #[test]
     fn defaults_match_a_parse_of_the_bare_path() {
@@ -474,6 +579,8 @@ mod tests {
                     spare: true,
                     engine: IoEngine::Auto,
                     poll_us: 0,
+                    format: ImageFormat::Raw,
+                    backing: None,
                 }),
                 num_queues: None,
                 ioeventfd: IoEventFdMatch::Datamatch,

@@ -5,18 +5,96 @@ use std::fs::{File, OpenOptions};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
-/// An image opened and locked for a worker (see [`ipc::image`]: the same checks and
-/// QEMU-compatible locks a standalone worker uses).
-pub type OpenedImage = ipc::image::Image;
+use ipc::messages::BackingImage;
 
-/// Opens `path` read-write (or read-only), O_DIRECT on request, and locks it as QEMU
-/// would: a writer refuses every other user, readers share with readers.
-pub fn open_image(
-    path: &Path,
-    readonly: bool,
-    direct: bool,
-) -> Result<OpenedImage, ipc::image::ImageError> {
-    ipc::image::open(path, access(readonly), direct)
+use crate::disk::config::ImageDisk;
+
+/// An image opened and locked for a worker (see [`ipc::image`]: the same checks and
+/// QEMU-compatible locks a standalone worker uses), with the backing file its
+/// configuration allows.
+#[derive(Debug)]
+pub struct OpenedImage {
+    pub file: File,
+    /// The file's length.
+    pub size: u64,
+    /// Device and inode.
+    pub identity: (u64, u64),
+    /// The backing file, opened read-only and locked as a reader (so no writer, bulkhead
+    /// or QEMU, can change it under the image), and how the image may name it.
+    pub backing: Option<OpenedBacking>,
+}
+
+/// A backing file opened for a worker.
+#[derive(Debug)]
+pub struct OpenedBacking {
+    pub file: File,
+    pub identity: (u64, u64),
+    /// What the worker is told: the path it must be named by.
+    pub allowed: BackingImage,
+}
+
+/// Errors of opening an image and its backing file.
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    #[error(transparent)]
+    Image(#[from] ipc::image::ImageError),
+    #[error("cannot resolve {path}")]
+    Resolve {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path} is not UTF-8; a backing file and its image need UTF-8 paths")]
+    NotUtf8 { path: PathBuf },
+}
+
+/// Opens the image read-write (or read-only), O_DIRECT on request, and locks it as QEMU
+/// would: a writer refuses every other user, readers share with readers. Its backing
+/// file, if the configuration gives one, is opened read-only beside it.
+pub fn open_image(image: &ImageDisk) -> Result<OpenedImage, OpenError> {
+    let opened = ipc::image::open(
+        &image.path,
+        access(image.readonly),
+        image.direct,
+        image.format,
+    )?;
+    let backing = match &image.backing {
+        None => None,
+        Some(b) => {
+            let file = ipc::image::open(&b.path, ipc::image::Access::ReadOnly, image.direct, b.format)?;
+            let dir = canonical(&image.path)?
+                .parent()
+                .map_or_else(|| PathBuf::from("/"), Path::to_path_buf);
+            Some(OpenedBacking {
+                file: file.file,
+                identity: file.identity,
+                allowed: BackingImage {
+                    format: b.format,
+                    path: utf8(canonical(&b.path)?)?,
+                    image_dir: utf8(dir)?,
+                },
+            })
+        }
+    };
+    Ok(OpenedImage {
+        file: opened.file,
+        size: opened.size,
+        identity: opened.identity,
+        backing,
+    })
+}
+
+fn canonical(path: &Path) -> Result<PathBuf, OpenError> {
+    std::fs::canonicalize(path).map_err(|source| OpenError::Resolve {
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
+fn utf8(path: PathBuf) -> Result<String, OpenError> {
+    path.into_os_string()
+        .into_string()
+        .map_err(|p| OpenError::NotUtf8 { path: p.into() })
 }
 
 fn access(readonly: bool) -> ipc::image::Access {

@@ -1,0 +1,369 @@
+//! qcow2 images through imago, inside the sandbox.
+//!
+//! imago (by a QEMU block-layer maintainer) is built with its `sync` feature: plain
+//! synchronous calls, no tokio and no threads, so the sandboxed worker stays one thread
+//! with the same filter. A qcow2 header is hostile input: [`open`] runs after the worker's
+//! seccomp filter is on, and the VMM never parses it. The image and its one allowed
+//! backing file arrive as descriptors the VMM opened; nothing here opens a path, and a
+//! header that names a file the configuration did not allow is refused.
+//!
+//! Every write ends with imago's `flush` (its metadata caches written to the file, no
+//! fsync): a worker killed after it completed a write leaves the allocation on file, so
+//! its successor reads what the guest wrote, as with a raw image. FLUSH adds the fsync.
+
+use std::fs::File;
+use std::io;
+use std::os::fd::{AsRawFd, RawFd};
+use std::path::{Component, Path, PathBuf};
+
+use imago::io_buffers::{IoVector, IoVectorMut};
+use imago::qcow2::Qcow2;
+use imago::raw::Raw;
+use imago::{FormatAccess, StorageOpenOptions};
+use ipc::messages::{BackingImage, ImageFormat};
+use vm_memory::VolatileSlice;
+
+use super::backend::{check_range, total_len, BackendError, BlockIo};
+
+type Storage = imago::file::File;
+
+/// Why a qcow2 image cannot be served.
+#[derive(Debug, thiserror::Error)]
+pub enum Qcow2Error {
+    #[error("the image is not valid qcow2: {0}")]
+    Invalid(#[source] io::Error),
+    #[error("the backing file is not valid {format}: {source}")]
+    InvalidBacking {
+        format: &'static str,
+        #[source]
+        source: io::Error,
+    },
+    #[error(
+        "the image names the backing file {named:?}, which the configuration did not allow \
+         (give it as backing=PATH)"
+    )]
+    BackingNotAllowed { named: String },
+    #[error(
+        "the image names the backing file {named:?} ({resolved}), but the configuration \
+         allows {allowed}"
+    )]
+    BackingMismatch {
+        named: String,
+        resolved: String,
+        allowed: String,
+    },
+    #[error("backing={allowed} was given, but the image names no backing file")]
+    NoBacking { allowed: String },
+    #[error("the image names backing format {named:?}, but the configuration says {configured}")]
+    BackingFormat {
+        named: String,
+        configured: &'static str,
+    },
+    #[error(
+        "the backing file {path} names a backing file of its own ({named:?}); bulkhead \
+         allows one backing file per image"
+    )]
+    ChainTooLong { path: String, named: String },
+    #[error("the image needs an external data file, which bulkhead does not serve")]
+    ExternalDataFile,
+    #[error(
+        "the header said {peeked} bytes before the sandbox and {parsed} after: the image changed"
+    )]
+    SizeChanged { peeked: u64, parsed: u64 },
+    #[error("the image's virtual size is {size} bytes, not a multiple of 512")]
+    BadSize { size: u64 },
+}
+
+/// A qcow2 image served through imago.
+pub struct Qcow2Backend {
+    image: FormatAccess<Storage>,
+    size: u64,
+}
+
+impl std::fmt::Debug for Qcow2Backend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Qcow2Backend")
+            .field("size", &self.size)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The image and its backing file as imago storage, made before the sandbox (imago asks
+/// the files' sizes and the filesystem's block size: calls the filter need not allow),
+/// parsed by [`open`] after it. Nothing in the files has been read yet.
+pub struct Qcow2Files {
+    image: Storage,
+    writable: bool,
+    backing: Option<(Storage, BackingImage)>,
+    fds: Vec<RawFd>,
+}
+
+impl std::fmt::Debug for Qcow2Files {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Qcow2Files")
+            .field("writable", &self.writable)
+            .field("backing", &self.backing.as_ref().map(|(_, b)| b))
+            .field("fds", &self.fds)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Qcow2Files {
+    /// Wraps the image and its backing file (read-only) for imago.
+    pub fn new(
+        image: File,
+        writable: bool,
+        direct: bool,
+        backing: Option<(File, BackingImage)>,
+    ) -> io::Result<Self> {
+        let mut fds = vec![image.as_raw_fd()];
+        fds.extend(backing.as_ref().map(|(f, _)| f.as_raw_fd()));
+        let storage = |file, writable| {
+            Storage::from_open_file(
+                file,
+                StorageOpenOptions::new().write(writable).direct(direct),
+            )
+        };
+        Ok(Qcow2Files {
+            image: storage(image, writable)?,
+            writable,
+            backing: backing
+                .map(|(file, allowed)| Ok::<_, io::Error>((storage(file, false)?, allowed)))
+                .transpose()?,
+            fds,
+        })
+    }
+
+    /// The descriptors to keep through the sandbox.
+    pub fn fds(&self) -> &[RawFd] {
+        &self.fds
+    }
+}
+
+/// Parses the image (after the seccomp filter: see the module's comment) and checks its
+/// backing file against the configuration.
+pub fn open(files: Qcow2Files) -> Result<Qcow2Backend, Qcow2Error> {
+    let Qcow2Files {
+        image,
+        writable,
+        backing,
+        fds: _,
+    } = files;
+    let mut qcow2 = Qcow2::<Storage>::open_image(image, writable).map_err(Qcow2Error::Invalid)?;
+    if qcow2.requires_external_data_file() {
+        return Err(Qcow2Error::ExternalDataFile);
+    }
+    qcow2.set_data_file(None);
+    let named = qcow2.implicit_backing_file().cloned();
+    let named_format = qcow2.implicit_backing_format().cloned();
+    let backing = match (named, backing) {
+        (None, None) => None,
+        (Some(named), None) => return Err(Qcow2Error::BackingNotAllowed { named }),
+        (None, Some((_, allowed))) => {
+            return Err(Qcow2Error::NoBacking {
+                allowed: allowed.path,
+            })
+        }
+        (Some(named), Some((file, allowed))) => {
+            let resolved = resolve(&named, Path::new(&allowed.image_dir));
+            if resolved != normalize(Path::new(&allowed.path)) {
+                return Err(Qcow2Error::BackingMismatch {
+                    named,
+                    resolved: resolved.display().to_string(),
+                    allowed: allowed.path,
+                });
+            }
+            if let Some(named) = named_format {
+                if named != allowed.format.name() {
+                    return Err(Qcow2Error::BackingFormat {
+                        named,
+                        configured: allowed.format.name(),
+                    });
+                }
+            }
+            Some(open_backing(file, &allowed)?)
+        }
+    };
+    qcow2.set_backing(backing);
+    let image = FormatAccess::new(qcow2);
+    let size = image.size();
+    if size % 512 != 0 {
+        return Err(Qcow2Error::BadSize { size });
+    }
+    Ok(Qcow2Backend { image, size })
+}
+
+fn open_backing(
+    storage: Storage,
+    allowed: &BackingImage,
+) -> Result<FormatAccess<Storage>, Qcow2Error> {
+    let invalid = |source| Qcow2Error::InvalidBacking {
+        format: allowed.format.name(),
+        source,
+    };
+    Ok(match allowed.format {
+        ImageFormat::Raw => FormatAccess::new(Raw::open_image(storage, false).map_err(invalid)?),
+        ImageFormat::Qcow2 => {
+            let mut base = Qcow2::<Storage>::open_image(storage, false).map_err(invalid)?;
+            if base.requires_external_data_file() {
+                return Err(Qcow2Error::ExternalDataFile);
+            }
+            if let Some(named) = base.implicit_backing_file() {
+                return Err(Qcow2Error::ChainTooLong {
+                    path: allowed.path.clone(),
+                    named: named.clone(),
+                });
+            }
+            base.set_data_file(None);
+            base.set_backing(None);
+            FormatAccess::new(base)
+        }
+    })
+}
+
+/// Where a backing name in an image points: relative names are taken from the image's
+/// directory (as QEMU does), and the result is normalized without touching the
+/// filesystem (the worker cannot, and must not, look).
+pub fn resolve(named: &str, image_dir: &Path) -> PathBuf {
+    let named = Path::new(named);
+    if named.is_absolute() {
+        normalize(named)
+    } else {
+        normalize(&image_dir.join(named))
+    }
+}
+
+/// `path` with `.` dropped and `..` applied lexically (`/..` is `/`).
+pub fn normalize(path: &Path) -> PathBuf {
+    let mut out = PathBuf::from("/");
+    for c in path.components() {
+        match c {
+            Component::Normal(part) => out.push(part),
+            Component::ParentDir => {
+                out.pop();
+            }
+            Component::RootDir | Component::CurDir | Component::Prefix(_) => {}
+        }
+    }
+    out
+}
+
+impl Qcow2Backend {
+    /// The disk's virtual size as parsed, checked against what was read before the
+    /// sandbox (the size the guest was offered).
+    pub fn check_size(&self, peeked: u64) -> Result<(), Qcow2Error> {
+        if self.size == peeked {
+            Ok(())
+        } else {
+            Err(Qcow2Error::SizeChanged {
+                peeked,
+                parsed: self.size,
+            })
+        }
+    }
+
+    /// Writes imago's dirty metadata to the image file (no fsync).
+    fn write_back(&self, offset: u64, len: u64) -> Result<(), BackendError> {
+        self.image.flush().map_err(|source| BackendError::Write {
+            offset,
+            len,
+            source,
+        })
+    }
+}
+
+impl BlockIo for Qcow2Backend {
+    fn size(&self) -> u64 {
+        self.size
+    }
+
+    fn read_vectored_at(
+        &mut self,
+        bufs: &[VolatileSlice<'_>],
+        offset: u64,
+    ) -> Result<(), BackendError> {
+        let len = total_len(bufs);
+        check_range(offset, len, self.size)?;
+        let (iov, _guard) = IoVectorMut::from_volatile_slice(bufs);
+        self.image
+            .readv(iov, offset)
+            .map_err(|source| BackendError::Read {
+                offset,
+                len,
+                source,
+            })
+    }
+
+    fn write_vectored_at(
+        &mut self,
+        bufs: &[VolatileSlice<'_>],
+        offset: u64,
+    ) -> Result<(), BackendError> {
+        let len = total_len(bufs);
+        check_range(offset, len, self.size)?;
+        let (iov, _guard) = IoVector::from_volatile_slice(bufs);
+        self.image
+            .writev(iov, offset)
+            .map_err(|source| BackendError::Write {
+                offset,
+                len,
+                source,
+            })?;
+        self.write_back(offset, len)
+    }
+
+    fn flush(&mut self) -> Result<(), BackendError> {
+        self.image.flush().map_err(BackendError::Flush)?;
+        self.image.sync().map_err(BackendError::Flush)
+    }
+
+    fn discard(&mut self, offset: u64, len: u64) -> Result<(), BackendError> {
+        check_range(offset, len, self.size)?;
+        self.image
+            .discard_to_any(offset, len)
+            .map_err(|source| BackendError::Discard {
+                offset,
+                len,
+                source,
+            })?;
+        self.write_back(offset, len)
+    }
+
+    fn write_zeroes(&mut self, offset: u64, len: u64, unmap: bool) -> Result<(), BackendError> {
+        check_range(offset, len, self.size)?;
+        let done = if unmap {
+            self.image.discard_to_zero(offset, len)
+        } else {
+            self.image.write_zeroes(offset, len)
+        };
+        done.map_err(|source| BackendError::WriteZeroes {
+            offset,
+            len,
+            source,
+        })?;
+        self.write_back(offset, len)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn relative_backing_names_are_taken_from_the_images_directory() {
+        let dir = Path::new("/images/vm1");
+        assert_eq!(resolve("base.raw", dir), Path::new("/images/vm1/base.raw"));
+        assert_eq!(
+            resolve("./base.raw", dir),
+            Path::new("/images/vm1/base.raw")
+        );
+        assert_eq!(resolve("../base.raw", dir), Path::new("/images/base.raw"));
+        assert_eq!(resolve("/srv/base.raw", dir), Path::new("/srv/base.raw"));
+        assert_eq!(resolve("/../../etc/shadow", dir), Path::new("/etc/shadow"));
+        assert_eq!(
+            resolve("../../../../etc/shadow", dir),
+            Path::new("/etc/shadow")
+        );
+        assert_eq!(resolve("a//b/./c/..", dir), Path::new("/images/vm1/a/b"));
+    }
+}
