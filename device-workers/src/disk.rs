@@ -8,15 +8,13 @@
 
 use std::fs::File;
 use std::os::fd::AsRawFd;
-use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 use ipc::messages::{BackingImage, ImageFormat};
 
 use crate::blk::qcow2_backend::Qcow2Files;
 
-/// The first four bytes of every qcow2 image: "QFI\xfb".
-pub const QCOW2_MAGIC: [u8; 4] = *b"QFI\xfb";
+pub use ipc::image::QCOW2_MAGIC;
 /// Largest qcow2 virtual size served (imago's and QEMU's own limit is far above; this
 /// keeps the file-size limit below off_t's range): 64 TiB.
 pub const MAX_QCOW2_SIZE: u64 = 64 << 40;
@@ -116,6 +114,9 @@ pub fn open(
         ipc::image::Access::ReadWrite
     };
     let image = ipc::image::open(path, access, direct, format)?;
+    if image.qcow2_magic {
+        warn_qcow2_magic(path);
+    }
     from_named_file(image.file, path, format, backing, readonly, direct)
 }
 
@@ -128,7 +129,8 @@ pub fn from_file(
     readonly: bool,
     direct: bool,
 ) -> Result<Disk, DiskError> {
-    let path = PathBuf::from(format!("<inherited fd {}>", file.as_raw_fd()));
+    // The worker is not told the path; the VMM's error line names it.
+    let path = PathBuf::from("(from the VMM)");
     from_named_file(file, &path, format, backing, readonly, direct)
 }
 
@@ -172,15 +174,6 @@ fn from_named_file(
                         size: file_size,
                     }
                 });
-            }
-            if qcow2_magic {
-                // Not refused: a guest may write these bytes into its own raw disk, and
-                // the format is what the configuration says. Never probed.
-                tracing::warn!(
-                    "disk image {} is served as raw (format=raw) but starts with a qcow2 \
-                     header; if it is a qcow2 image, give format=qcow2",
-                    path.display()
-                );
             }
             Ok(Disk {
                 image: Image::Raw(file),
@@ -233,47 +226,29 @@ fn from_named_file(
     }
 }
 
-/// The first 4 KiB of the image (a whole block, so O_DIRECT reads it too); zeros past
-/// the end of a shorter file.
+/// The first bytes of the image.
 fn read_header(file: &File, path: &Path) -> Result<Vec<u8>, DiskError> {
-    let header_err = |source| DiskError::Header {
+    ipc::image::read_head(file).map_err(|source| DiskError::Header {
         path: path.to_path_buf(),
         source,
-    };
-    // O_DIRECT needs an aligned buffer: a 4 KiB-aligned allocation.
-    let layout = std::alloc::Layout::from_size_align(4096, 4096).expect("constant layout");
-    // SAFETY: the layout has a non-zero size.
-    let ptr = unsafe { std::alloc::alloc_zeroed(layout) };
-    if ptr.is_null() {
-        std::alloc::handle_alloc_error(layout);
-    }
-    // SAFETY: `ptr` is a fresh, zeroed allocation of 4096 bytes that only this slice uses
-    // until it is deallocated below.
-    let buf = unsafe { std::slice::from_raw_parts_mut(ptr, 4096) };
-    let mut done = 0;
-    let result = loop {
-        match file.read_at(&mut buf[done..], done as u64) {
-            Ok(0) => break Ok(()),
-            Ok(n) => {
-                done += n;
-                if done == buf.len() {
-                    break Ok(());
-                }
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-            Err(e) => break Err(e),
-        }
-    };
-    let header = buf.to_vec();
-    // SAFETY: allocated above with this layout; `buf` is not used after this.
-    unsafe { std::alloc::dealloc(ptr, layout) };
-    result.map_err(header_err)?;
-    Ok(header)
+    })
+}
+
+/// Said when a raw image starts with a qcow2 header. Not refused: a guest may write
+/// these bytes into its own raw disk, and the format is what the configuration says,
+/// never probed.
+pub fn warn_qcow2_magic(path: &Path) {
+    tracing::warn!(
+        "disk image {} is served as raw (format=raw) but starts with a qcow2 header; if it \
+         is a qcow2 image, give format=qcow2",
+        path.display()
+    );
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::unix::fs::FileExt;
 
     fn tmp(name: &str, len: u64) -> PathBuf {
         let dir = std::env::temp_dir().join(format!("bulkhead-disk-{}", std::process::id()));
@@ -367,6 +342,7 @@ mod tests {
         let err = open(
             Path::new("/nonexistent/x.img"),
             ImageFormat::Raw,
+            None,
             false,
             false,
         )

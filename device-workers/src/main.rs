@@ -213,13 +213,7 @@ fn run_blk(args: BlkArgs) -> anyhow::Result<ExitCode> {
         )?),
         None => None,
     };
-    let disk = disk::open(
-        &args.disk,
-        args.format,
-        backing,
-        args.readonly,
-        args.direct,
-    )?;
+    let disk = disk::open(&args.disk, args.format, backing, args.readonly, args.direct)?;
     let (status_fd, status) = ipc::status::StatusPage::create("bulkhead-worker-status")
         .context("create the status page")?;
     drop(status_fd); // the mapping stays; nothing needs the fd
@@ -321,9 +315,11 @@ fn run_spawned(args: SpawnedArgs) -> anyhow::Result<ExitCode> {
     let disk = match disk {
         Ok(disk) => disk,
         Err(e) => {
-            // Said to the VMM too: its start fails with this line.
+            // The VMM's start fails with this line; said there, not twice.
             let message = ipc::messages::error_message(&e.to_string());
-            let _ = control.send(&WorkerMessage::Error { message }, &[]);
+            if control.send(&WorkerMessage::Error { message }, &[]).is_ok() {
+                return Ok(ExitCode::FAILURE);
+            }
             return Err(e.into());
         }
     };
@@ -541,6 +537,10 @@ fn serve(s: Serve) -> anyhow::Result<ExitCode> {
             },
         };
         control.send(&answer, &[]).context("report readiness")?;
+        if opened.is_err() {
+            // The VMM says it, in the one line of its failed start (or its restart's).
+            return Ok(ExitCode::FAILURE);
+        }
     }
     opened.context("disk image")?;
     #[cfg(feature = "test-hooks")]

@@ -120,6 +120,8 @@ pub enum ImageError {
 /// An open, locked image.
 #[derive(Debug)]
 pub struct Image {
+    /// Raw only: the file starts with the qcow2 magic (whoever opened it warns).
+    pub qcow2_magic: bool,
     pub file: File,
     /// Bytes, a non-zero multiple of [`SECTOR_SIZE`].
     pub size: u64,
@@ -220,14 +222,12 @@ pub fn open(
             path: path.to_path_buf(),
         });
     }
-    if format == crate::messages::ImageFormat::Raw && size % SECTOR_SIZE != 0 {
-        // The magic only words the error: a qcow2 image given as raw is the common case.
-        let mut magic = [0u8; 4];
-        let qcow2 = !direct
-            && std::os::unix::fs::FileExt::read_exact_at(&file, &mut magic, 0).is_ok()
-            && magic == *b"QFI\xfb";
+    let raw = format == crate::messages::ImageFormat::Raw;
+    // The magic only words an error or a warning; the format is the configuration's.
+    let qcow2_magic = raw && read_head(&file).is_ok_and(|h| h[..4] == QCOW2_MAGIC);
+    if raw && size % SECTOR_SIZE != 0 {
         let path = path.to_path_buf();
-        return Err(if qcow2 {
+        return Err(if qcow2_magic {
             ImageError::Qcow2AsRaw { path, size }
         } else {
             ImageError::BadSize { path, size }
@@ -244,10 +244,36 @@ pub fn open(
         },
     })?;
     Ok(Image {
+        qcow2_magic,
         file,
         size,
         identity: (meta.dev(), meta.ino()),
     })
+}
+
+/// The first four bytes of every qcow2 image: "QFI\xfb".
+pub const QCOW2_MAGIC: [u8; 4] = *b"QFI\xfb";
+
+/// How much [`read_head`] reads: one block, so an O_DIRECT descriptor reads it too.
+pub const HEAD_LEN: usize = 4096;
+
+/// The first [`HEAD_LEN`] bytes of an image, zeros past the end of a shorter file, read
+/// into a block-aligned buffer (an O_DIRECT descriptor needs one).
+pub fn read_head(file: &File) -> std::io::Result<Vec<u8>> {
+    #[repr(C, align(4096))]
+    struct Block([u8; HEAD_LEN]);
+    let mut block = Box::new(Block([0; HEAD_LEN]));
+    let buf = &mut block.0;
+    let mut done = 0;
+    while done < buf.len() {
+        match std::os::unix::fs::FileExt::read_at(file, &mut buf[done..], done as u64) {
+            Ok(0) => break,
+            Ok(n) => done += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(buf.to_vec())
 }
 
 /// Why a lock could not be had.
@@ -375,6 +401,16 @@ mod tests {
         assert!(err.to_string().contains("format=qcow2"), "{err}");
         let image = open(&p, Access::ReadOnly, false, ImageFormat::Qcow2).unwrap();
         assert_eq!(image.size, 196_616);
+        assert!(!image.qcow2_magic, "only said of raw images");
+        let whole = tmp("guest-wrote-a-header.img", 1 << 20);
+        std::os::unix::fs::FileExt::write_all_at(
+            &File::options().write(true).open(&whole).unwrap(),
+            &QCOW2_MAGIC,
+            0,
+        )
+        .unwrap();
+        let image = open(&whole, Access::ReadOnly, true, ImageFormat::Raw).unwrap();
+        assert!(image.qcow2_magic, "read through O_DIRECT too");
     }
 
     #[test]

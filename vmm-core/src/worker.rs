@@ -75,8 +75,13 @@ pub enum WorkerError {
         pid: u32,
         answer: String,
     },
-    #[error("disk {id}: worker (pid {pid}) cannot serve the disk: {message}")]
-    Refused { id: String, pid: u32, message: String },
+    #[error("disk {id}: worker (pid {pid}) cannot serve {}: {message}", path.display())]
+    Refused {
+        id: String,
+        pid: u32,
+        path: PathBuf,
+        message: String,
+    },
     #[error("disk {id}: cannot create the status page")]
     Status {
         id: String,
@@ -250,7 +255,12 @@ fn configure(
         .map_err(control_err)?;
     drop(fds); // Ready carries none; any that came are closed unused.
     match answer {
-        WorkerMessage::Error { message } => Err(WorkerError::Refused { id, pid, message }),
+        WorkerMessage::Error { message } => Err(WorkerError::Refused {
+            id,
+            pid,
+            path: cfg.image.path.clone(),
+            message,
+        }),
         WorkerMessage::Ready {
             disk_size_bytes,
             device_features,

@@ -72,6 +72,16 @@ pub enum Qcow2Error {
     SizeChanged { peeked: u64, parsed: u64 },
     #[error("the image's virtual size is {size} bytes, not a multiple of 512")]
     BadSize { size: u64 },
+    #[error(
+        "its {table} ({offset:#x}, {len} bytes) lies outside the file of {file_len} bytes: \
+         the image is truncated or corrupt"
+    )]
+    TableOutside {
+        table: &'static str,
+        offset: u64,
+        len: u64,
+        file_len: u64,
+    },
 }
 
 /// A qcow2 image served through imago.
@@ -149,6 +159,7 @@ pub fn open(files: Qcow2Files) -> Result<Qcow2Backend, Qcow2Error> {
         backing,
         fds: _,
     } = files;
+    check_tables_inside(&image)?;
     let mut qcow2 = Qcow2::<Storage>::open_image(image, writable).map_err(Qcow2Error::Invalid)?;
     if qcow2.requires_external_data_file() {
         return Err(Qcow2Error::ExternalDataFile);
@@ -219,6 +230,47 @@ fn open_backing(
             FormatAccess::new(base)
         }
     })
+}
+
+/// Refuses an image whose L1 or refcount table lies past the end of the file. imago reads
+/// such a table as zeros, and a refcount table of zeros calls every cluster free, the
+/// header's too: the first allocation would then overwrite the header. (imago checks the
+/// tables' alignment and size; QEMU would stop the write with its overlap check.)
+fn check_tables_inside(image: &Storage) -> Result<(), Qcow2Error> {
+    use imago::{Storage as _, StorageExt as _};
+    let mut header = [0u8; 64];
+    image
+        .read(&mut header[..], 0)
+        .map_err(Qcow2Error::Invalid)?;
+    let file_len = image.size().map_err(Qcow2Error::Invalid)?;
+    let u32_at = |at: usize| {
+        u64::from(u32::from_be_bytes(
+            header[at..at + 4].try_into().unwrap_or_default(),
+        ))
+    };
+    let u64_at = |at: usize| u64::from_be_bytes(header[at..at + 8].try_into().unwrap_or_default());
+    let cluster_bits = u32_at(20);
+    let tables = [
+        ("L1 table", u64_at(40), u32_at(36).saturating_mul(8)),
+        (
+            "refcount table",
+            u64_at(48),
+            u32_at(56)
+                .checked_shl(cluster_bits.min(63) as u32)
+                .unwrap_or(u64::MAX),
+        ),
+    ];
+    for (table, offset, len) in tables {
+        if len > 0 && offset.checked_add(len).is_none_or(|end| end > file_len) {
+            return Err(Qcow2Error::TableOutside {
+                table,
+                offset,
+                len,
+                file_len,
+            });
+        }
+    }
+    Ok(())
 }
 
 /// Where a backing name in an image points: relative names are taken from the image's

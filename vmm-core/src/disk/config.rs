@@ -311,9 +311,11 @@ impl TryFrom<DiskOptions> for DiskConfig {
                 let format = o.format.map_or(ImageFormat::Raw, ImageFormat::from);
                 let engine = o.engine.map_or(IoEngine::Auto, IoEngine::from);
                 if format == ImageFormat::Qcow2 && engine == IoEngine::IoUring {
-                    return Err("engine=io_uring serves raw images; a qcow2 image is served \
+                    return Err(
+                        "engine=io_uring serves raw images; a qcow2 image is served \
                                 by imago through the sync engine (engine=auto or sync)"
-                        .into());
+                            .into(),
+                    );
                 }
                 let backing = match (&o.backing, o.backing_format) {
                     (None, Some(_)) => {
@@ -553,8 +555,14 @@ mod tests {
         assert_eq!(serde_json::from_str::<DiskConfig>(&json).unwrap(), c);
         for (spec, says) in [
             ("path=/a.img,backing=/b.raw", "backing= needs format=qcow2"),
-            ("path=/a.qcow2,format=qcow2,backing_format=raw", "needs backing=PATH"),
-            ("path=/a.qcow2,format=qcow2,engine=io_uring", "engine=io_uring serves raw"),
+            (
+                "path=/a.qcow2,format=qcow2,backing_format=raw",
+                "needs backing=PATH",
+            ),
+            (
+                "path=/a.qcow2,format=qcow2,engine=io_uring",
+                "engine=io_uring serves raw",
+            ),
             ("path=/a.img,format=vmdk", "format"),
             ("vhost_user=/s,format=qcow2", "format= applies to an image"),
         ] {

@@ -58,10 +58,22 @@ pub fn open_image(image: &ImageDisk) -> Result<OpenedImage, OpenError> {
         image.direct,
         image.format,
     )?;
+    if opened.qcow2_magic {
+        tracing::warn!(
+            "disk image {} is served as raw (format=raw) but starts with a qcow2 header; if \
+             it is a qcow2 image, give format=qcow2",
+            image.path.display()
+        );
+    }
     let backing = match &image.backing {
         None => None,
         Some(b) => {
-            let file = ipc::image::open(&b.path, ipc::image::Access::ReadOnly, image.direct, b.format)?;
+            let file = ipc::image::open(
+                &b.path,
+                ipc::image::Access::ReadOnly,
+                image.direct,
+                b.format,
+            )?;
             let dir = canonical(&image.path)?
                 .parent()
                 .map_or_else(|| PathBuf::from("/"), Path::to_path_buf);
