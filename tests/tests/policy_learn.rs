@@ -1,5 +1,5 @@
 //! `bulkhead policy learn` over the integration workloads: the test guest's `blk-verify`
-//! under bulkhead (two disks: page cache and O_DIRECT), and a real Linux driver under
+//! under bulkhead (three disks: page cache, O_DIRECT, qcow2 over a backing file), and a real Linux driver under
 //! QEMU TCG against the standalone worker (dd write and read-back with fsync, discard,
 //! sync). The shipped policy must be what they need: nothing missing, and nothing more
 //! than rules flagged rare-path. Learn must also see what it is not told: a rule deleted
@@ -64,12 +64,20 @@ fn learn_command(learn_args: &[&OsStr], run_args: &[&OsStr], disks: &[String]) -
     cmd
 }
 
-/// `bulkhead policy learn [learn_args] -- <run args>` over blk-verify on two disks, one
-/// per I/O engine.
+/// `bulkhead policy learn [learn_args] -- <run args>` over blk-verify on three disks: one
+/// per I/O engine, and a qcow2 image over a backing file (imago, through the sync engine).
 fn learn_blk_verify(dir: &Path, learn_args: &[&str]) -> RunResult {
     require_kvm();
     let d0 = image(dir, "d0.img", 8 << 20);
     let d1 = image(dir, "d1.img", 8 << 20);
+    let base = image(dir, "base.raw", 8 << 20);
+    let d2 = dir.join("d2.qcow2");
+    let made = Command::new(tests::require_tool("qemu-img", "qemu-utils"))
+        .args(["create", "-q", "-f", "qcow2", "-b", "base.raw", "-F", "raw"])
+        .arg(&d2)
+        .output()
+        .unwrap();
+    assert!(made.status.success(), "{made:?}");
     let learn_args: Vec<&OsStr> = learn_args.iter().map(OsStr::new).collect();
     let cmd = learn_command(
         &learn_args,
@@ -78,6 +86,11 @@ fn learn_blk_verify(dir: &Path, learn_args: &[&str]) -> RunResult {
             // Both engines: the sync one's syscalls and the io_uring one's.
             format!("path={},engine=sync", d0.display()),
             format!("path={},direct=on,engine=io_uring", d1.display()),
+            format!(
+                "path={},format=qcow2,backing={}",
+                d2.display(),
+                base.display()
+            ),
         ],
     );
     let r = run_with_deadline(cmd, Duration::from_secs(120));
@@ -85,12 +98,14 @@ fn learn_blk_verify(dir: &Path, learn_args: &[&str]) -> RunResult {
     assert!(!r.killed, "{t}");
     let lines = tg_lines(&r.stdout);
     assert!(lines.iter().any(|l| l == "TG done"), "{t}");
-    for (dev, img) in [(0, &d0), (1, &d1)] {
+    for dev in 0..3 {
         let summary = format!("TG blk dev={dev} wrote={BLOCKS} read={BLOCKS} verified={BLOCKS}");
         assert!(
             lines.iter().any(|l| l.starts_with(&summary)),
             "{summary}: {t}"
         );
+    }
+    for (dev, img) in [(0, &d0), (1, &d1)] {
         if let Err(e) = check_blk_verify_image(img, &r.stdout, dev, SEED, BLOCKS) {
             panic!("disk {dev} on the host after learn mode: {e}: {t}");
         }
@@ -99,7 +114,7 @@ fn learn_blk_verify(dir: &Path, learn_args: &[&str]) -> RunResult {
     assert!(r.stderr.matches(BANNER).count() >= 3, "{t}");
     assert_eq!(
         r.stderr.matches("confined: pid").count(),
-        2,
+        3,
         "each learning worker reports its confinement: {t}"
     );
     r

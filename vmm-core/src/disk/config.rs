@@ -317,6 +317,18 @@ impl TryFrom<DiskOptions> for DiskConfig {
                             .into(),
                     );
                 }
+                // A spare parses the image's tables when it starts; a qcow2 image's change
+                // while it waits (every allocation), so a spare's would be stale.
+                let spare = match (o.spare, format) {
+                    (Some(true), ImageFormat::Qcow2) => {
+                        return Err("spare=on cannot serve a qcow2 image: a spare reads the \
+                                    image's tables when it starts, and they change while it \
+                                    waits"
+                            .into())
+                    }
+                    (spare, ImageFormat::Qcow2) => spare.unwrap_or(false),
+                    (spare, ImageFormat::Raw) => spare.unwrap_or(true),
+                };
                 let backing = match (&o.backing, o.backing_format) {
                     (None, Some(_)) => {
                         return Err("backing_format= needs backing=PATH".into());
@@ -338,7 +350,7 @@ impl TryFrom<DiskOptions> for DiskConfig {
                     readonly: o.readonly.unwrap_or(false),
                     serial,
                     direct: o.direct.unwrap_or(false),
-                    spare: o.spare.unwrap_or(true),
+                    spare,
                     engine,
                     poll_us,
                     format,
@@ -543,6 +555,7 @@ mod tests {
             panic!("{c:?}")
         };
         assert_eq!(i.format, ImageFormat::Qcow2);
+        assert!(!i.spare, "a qcow2 disk has no spare by default");
         assert_eq!(
             i.backing,
             Some(BackingFile {
@@ -564,6 +577,10 @@ mod tests {
                 "engine=io_uring serves raw",
             ),
             ("path=/a.img,format=vmdk", "format"),
+            (
+                "path=/a.qcow2,format=qcow2,spare=on",
+                "spare=on cannot serve a qcow2",
+            ),
             ("vhost_user=/s,format=qcow2", "format= applies to an image"),
         ] {
             let err = DiskConfig::parse(spec, 0).unwrap_err().to_string();
