@@ -362,12 +362,30 @@ fn hostile_chains_under_bulkhead_sync_engine() {
     hostile_chains("sync");
 }
 
+/// The same chains against a qcow2 image (imago behind the sync engine).
+#[test]
+fn hostile_chains_under_bulkhead_qcow2() {
+    hostile_chains("qcow2");
+}
+
 fn hostile_chains(engine: &str) {
     let dir = scratch_dir(&format!("vmm-hostile-{engine}"));
-    let d0 = disk(&dir, "d0.img");
-    let spec = format!("path={},engine={engine}", d0.display());
+    let spec = if engine == "qcow2" {
+        let d0 = dir.join("d0.qcow2");
+        let made = std::process::Command::new(tests::require_tool("qemu-img", "qemu-utils"))
+            .args(["create", "-q", "-f", "qcow2"])
+            .arg(&d0)
+            .arg(format!("{DISK_MIB}M"))
+            .output()
+            .unwrap();
+        assert!(made.status.success(), "{made:?}");
+        format!("path={},format=qcow2", d0.display())
+    } else {
+        let d0 = disk(&dir, "d0.img");
+        format!("path={},engine={engine}", d0.display())
+    };
     let r = run_specs("testguest.plan=hostile", &[spec], &[]);
-    assert_engine(&r, engine, 1);
+    assert_engine(&r, if engine == "qcow2" { "sync" } else { engine }, 1);
     let t = r.transcript();
     let lines = tg_lines(&r.stdout);
     for case in [
