@@ -371,8 +371,11 @@ impl BlockIo for Qcow2Backend {
 
     fn discard(&mut self, offset: u64, len: u64) -> Result<(), BackendError> {
         check_range(offset, len, self.size)?;
+        // To zeros, not "any": over a backing file, "any" lets the backing file's old
+        // bytes show through again. QEMU's qcow2 marks discarded clusters zero there too,
+        // and a raw disk's punched hole reads as zeros.
         self.image
-            .discard_to_any(offset, len)
+            .discard_to_zero(offset, len)
             .map_err(|source| BackendError::Discard {
                 offset,
                 len,
