@@ -120,6 +120,9 @@ main() {
 	}
 	copy_bin "$bin" bulkhead
 	copy_bin "$worker" bulkhead-worker
+	# The disks scenario makes a qcow2 image in L1 and reads it back with QEMU's own tool.
+	qemu_img=$(command -v qemu-img) || die "qemu-img is missing: apt-get install qemu-utils"
+	copy_bin "$qemu_img" qemu-img
 	if [[ -x $hooks ]]; then
 		copy_bin "$hooks" bulkhead-worker-hooks
 	fi

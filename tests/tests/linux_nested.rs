@@ -103,9 +103,10 @@ fn linux_boots_to_its_userspace_and_console() {
     }
 }
 
-/// Disks through Linux's own virtio_blk under our VMM: three disks, each with its own
-/// worker (io_uring engine, sync engine, readonly), once through PVH and once through the
-/// bzImage with guest RAM in huge pages. With 2 vCPUs Linux makes 2 hardware queues per
+/// Disks through Linux's own virtio_blk under our VMM: four disks, each with its own
+/// worker (io_uring engine, sync engine, readonly, and a qcow2 image over a raw backing
+/// file that L1's qemu-img made, converts back and checks), once through PVH and once
+/// through the bzImage with guest RAM in huge pages. With 2 vCPUs Linux makes 2 hardware queues per
 /// disk and the writes each CPU issued complete; data written with O_DIRECT, fsynced and
 /// read back matches, and the host image holds the same bytes; a discard leaves zeros in
 /// exactly its range on the host image; the readonly disk refuses a write and its image is
@@ -122,7 +123,8 @@ fn linux_drives_its_disks_through_our_workers() {
         assert_eq!(run.fact(&format!("{vm}.rc")), "0", "{vm}: {t}");
         let l2 = |key: &str| run.l2_fact(vm, key);
         assert_eq!(l2("cpus"), "0-1", "{t}");
-        for disk in ["vda", "vdb"] {
+        // vdd is a qcow2 image over a raw backing file, parsed by its worker (imago).
+        for disk in ["vda", "vdb", "vdd"] {
             assert_eq!(l2(&format!("{disk}.hw_queues")), "2", "{vm} {disk}: {t}");
             assert_eq!(l2(&format!("{disk}.write_rc")), "0,0", "{vm} {disk}: {t}");
             assert_eq!(l2(&format!("{disk}.fsync_rc")), "0", "{vm} {disk}: {t}");
@@ -155,13 +157,20 @@ fn linux_drives_its_disks_through_our_workers() {
             "{vm}: {t}"
         );
         assert_eq!(l2("io_errors"), "0", "{vm}: {t}");
+        assert_eq!(
+            run.fact(&format!("{vm}.qcow2_check_rc")),
+            "0",
+            "{vm}: qemu-img check of the qcow2 image Linux wrote: {t}"
+        );
         // What L2 read equals what the host image holds (checksums of the same ranges).
         let l2_sums: Vec<&str> = run
             .console(vm)
             .into_iter()
             .filter_map(|l| l.strip_prefix("NESTL2 sha "))
             .collect();
-        assert_eq!(l2_sums.len(), 3, "{vm}: {t}");
+        // Two ranges per writable disk (written, and never written: zeros, or vdd's backing
+        // file showing through), one of the readonly disk.
+        assert_eq!(l2_sums.len(), 7, "{vm}: {t}");
         for sum in l2_sums {
             let host = format!("NEST sha {vm} {sum}");
             assert!(
@@ -199,16 +208,20 @@ fn linux_drives_its_disks_through_our_workers() {
                 "{vm}: {cg}: {t}"
             );
             let (disk, n) = leaf.split_once('.').unwrap_or(("", ""));
-            assert!(["blk0", "blk1", "blk2"].contains(&disk), "{vm}: {cg}: {t}");
+            assert!(
+                ["blk0", "blk1", "blk2", "blk3"].contains(&disk),
+                "{vm}: {cg}: {t}"
+            );
             assert!(n.parse::<u32>().is_ok(), "{vm}: {cg}: {t}");
             *leaves.entry(leaf).or_default() += 1;
         }
         // A worker is its reaper and its confined process: two tasks per leaf, and one leaf
-        // per running worker (a disk's active one and its spare), never shared.
+        // per running worker (a disk's active one and its spare; a qcow2 disk has no
+        // spare), never shared.
         let names: Vec<&str> = leaves.keys().copied().collect();
         assert_eq!(
             names,
-            ["blk0.0", "blk0.1", "blk1.0", "blk1.1", "blk2.0", "blk2.1"],
+            ["blk0.0", "blk0.1", "blk1.0", "blk1.1", "blk2.0", "blk2.1", "blk3.0"],
             "{vm}: {t}"
         );
         assert!(leaves.values().all(|n| *n == 2), "{vm}: {leaves:?}: {t}");
@@ -218,7 +231,8 @@ fn linux_drives_its_disks_through_our_workers() {
             "{vm}: bulkhead and its spawner: {t}"
         );
         assert_eq!(run.fact(&format!("{vm}.cgroups_left")), "0", "{vm}: {t}");
-        // Three workers (io_uring, sync, io_uring), each confined, and no violation.
+        // Four workers (io_uring, sync, io_uring, sync for qcow2), each confined, and no
+        // violation.
         let log = run.log(vm);
         let confined = log
             .iter()
@@ -229,7 +243,7 @@ fn linux_drives_its_disks_through_our_workers() {
                     && l.contains("root entries=0")
             })
             .count();
-        assert_eq!(confined, 3, "{vm}: {t}");
+        assert_eq!(confined, 4, "{vm}: {t}");
         for engine in ["io_uring", "sync"] {
             assert!(
                 log.iter()

@@ -484,6 +484,13 @@ fn corrupt_qcow2_images_end_in_one_line_or_guest_errors_never_a_hang() {
             vec![(refblock, Value::U16(u16::MAX))],
             None,
         ),
+        // Without a refcount block for the file's clusters, imago's allocation recursed
+        // until the worker's stack overflowed (found by the qcow2_image fuzz target).
+        (
+            "refcount-block-missing",
+            vec![(refcount_table, Value::U64(0))],
+            None,
+        ),
         (
             "l2-is-the-refcount-table",
             vec![(l1, Value::U64((1 << 63) | refcount_table as u64))],

@@ -82,6 +82,11 @@ pub enum Qcow2Error {
         len: u64,
         file_len: u64,
     },
+    #[error(
+        "its refcount table has no refcount block at index {first}, though the file needs \
+         {needed}: the image is truncated or corrupt"
+    )]
+    RefcountsMissing { first: u64, needed: u64 },
 }
 
 /// A qcow2 image served through imago.
@@ -232,33 +237,44 @@ fn open_backing(
     })
 }
 
-/// Refuses an image whose L1 or refcount table lies past the end of the file. imago reads
-/// such a table as zeros, and a refcount table of zeros calls every cluster free, the
-/// header's too: the first allocation would then overwrite the header. (imago checks the
-/// tables' alignment and size; QEMU would stop the write with its overlap check.)
+/// Refuses an image whose L1 or refcount table lies past the end of the file, or whose
+/// refcount table leaves part of the file without a refcount block.
+///
+/// imago reads a table past the end as zeros, and a refcount table of zeros calls every
+/// cluster free, the header's too: the first allocation would then overwrite the header.
+/// And where refcount blocks are missing inside the file, each allocation needs a new
+/// refcount block, whose own allocation needs another: imago recurses once per missing
+/// block, deep enough to overflow the worker's stack (found by fuzz/fuzz_targets/
+/// qcow2_image.rs). An image QEMU made covers its whole file. (imago checks the tables'
+/// alignment and size; QEMU would also stop a write onto metadata with its overlap check.)
 fn check_tables_inside(image: &Storage) -> Result<(), Qcow2Error> {
     use imago::{Storage as _, StorageExt as _};
-    let mut header = [0u8; 64];
+    let mut header = [0u8; 104];
     image
         .read(&mut header[..], 0)
         .map_err(Qcow2Error::Invalid)?;
     let file_len = image.size().map_err(Qcow2Error::Invalid)?;
-    let u32_at = |at: usize| {
-        u64::from(u32::from_be_bytes(
-            header[at..at + 4].try_into().unwrap_or_default(),
-        ))
+    let be32 = |at: usize| {
+        u64::from(u32::from_be_bytes([
+            header[at],
+            header[at + 1],
+            header[at + 2],
+            header[at + 3],
+        ]))
     };
-    let u64_at = |at: usize| u64::from_be_bytes(header[at..at + 8].try_into().unwrap_or_default());
-    let cluster_bits = u32_at(20);
+    let be64 = |at: usize| (be32(at) << 32) | be32(at + 4);
+    let version = be32(4);
+    let cluster_bits = be32(20);
+    if !(9..=21).contains(&cluster_bits) {
+        // imago refuses it, with its own words.
+        return Ok(());
+    }
+    let cluster_size = 1u64 << cluster_bits;
+    let reftable_offset = be64(48);
+    let reftable_len = be32(56) << cluster_bits;
     let tables = [
-        ("L1 table", u64_at(40), u32_at(36).saturating_mul(8)),
-        (
-            "refcount table",
-            u64_at(48),
-            u32_at(56)
-                .checked_shl(cluster_bits.min(63) as u32)
-                .unwrap_or(u64::MAX),
-        ),
+        ("L1 table", be64(40), be32(36).saturating_mul(8)),
+        ("refcount table", reftable_offset, reftable_len),
     ];
     for (table, offset, len) in tables {
         if len > 0 && offset.checked_add(len).is_none_or(|end| end > file_len) {
@@ -267,6 +283,34 @@ fn check_tables_inside(image: &Storage) -> Result<(), Qcow2Error> {
                 offset,
                 len,
                 file_len,
+            });
+        }
+    }
+    // Version 2 images have 16-bit refcounts; version 3 says (refcount_order, at 96).
+    let refcount_order = if version >= 3 { be32(96) } else { 4 };
+    if refcount_order > 6 {
+        return Ok(()); // imago refuses it
+    }
+    let clusters_per_block = (cluster_size * 8) >> refcount_order;
+    let file_clusters = file_len.div_ceil(cluster_size);
+    let blocks_needed = file_clusters.div_ceil(clusters_per_block);
+    if blocks_needed * 8 > reftable_len {
+        return Err(Qcow2Error::RefcountsMissing {
+            first: reftable_len / 8,
+            needed: blocks_needed,
+        });
+    }
+    let mut entries = vec![0u8; (blocks_needed * 8) as usize];
+    image
+        .read(&mut entries[..], reftable_offset)
+        .map_err(Qcow2Error::Invalid)?;
+    for (index, entry) in entries.chunks_exact(8).enumerate() {
+        let mut raw = [0u8; 8];
+        raw.copy_from_slice(entry);
+        if u64::from_be_bytes(raw) & !0x1ff == 0 {
+            return Err(Qcow2Error::RefcountsMissing {
+                first: index as u64,
+                needed: blocks_needed,
             });
         }
     }

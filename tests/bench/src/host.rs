@@ -18,8 +18,13 @@ pub fn on_io_core() -> Command {
 /// Appends QEMU's own virtio-blk-device on `image` (O_DIRECT, io_uring), in an IOThread
 /// or not.
 pub fn qemu_virtio_blk(cmd: &mut Command, image: &Path, iothread: bool) {
+    qemu_virtio_blk_format(cmd, image, "raw", iothread);
+}
+
+/// [`qemu_virtio_blk`] of an image in `format` (QEMU's own driver for it).
+pub fn qemu_virtio_blk_format(cmd: &mut Command, image: &Path, format: &str, iothread: bool) {
     let drive = format!(
-        "id=d0,if=none,file={},format=raw,cache=none,aio=io_uring",
+        "id=d0,if=none,file={},format={format},cache=none,aio=io_uring",
         image.display()
     );
     if iothread {

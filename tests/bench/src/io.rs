@@ -17,7 +17,8 @@ use anyhow::Context;
 use serde::Serialize;
 
 use crate::host::{
-    children, find_thread, on_io_core, pin, qemu_virtio_blk, tg_field, wait_unlocked,
+    children, find_thread, on_io_core, pin, qemu_virtio_blk, qemu_virtio_blk_format, tg_field,
+    wait_unlocked,
 };
 
 /// One load, as fio would name it.
@@ -205,18 +206,27 @@ impl IoBench {
 
     /// One profile under bulkhead: the test guest's `blk-bench` line.
     fn bulkhead(&self, profile: &Profile, image: &Path, engine: &str) -> anyhow::Result<Sample> {
-        wait_unlocked(image)?;
-        let mut cmd = on_io_core();
-        cmd.arg(&self.bulkhead);
-        self.bulkhead_run(
-            &mut cmd,
-            &plan(profile, self.secs),
+        self.bulkhead_disk(
+            profile,
+            image,
             &format!(
                 "path={},direct=on,engine={engine},spare=off",
                 image.display()
             ),
-            self.secs + 60,
-        );
+        )
+    }
+
+    /// One profile under bulkhead with the `--disk` spec `disk` (its image `image`).
+    pub fn bulkhead_disk(
+        &self,
+        profile: &Profile,
+        image: &Path,
+        disk: &str,
+    ) -> anyhow::Result<Sample> {
+        wait_unlocked(image)?;
+        let mut cmd = on_io_core();
+        cmd.arg(&self.bulkhead);
+        self.bulkhead_run(&mut cmd, &plan(profile, self.secs), disk, self.secs + 60);
         if self.huge_pages {
             cmd.arg("--hugepages");
         }
@@ -240,7 +250,7 @@ impl IoBench {
     }
 
     /// One profile under QEMU microvm with KVM, the same guest and image.
-    fn qemu(
+    pub fn qemu(
         &self,
         qemu: &Path,
         profile: &Profile,
@@ -260,6 +270,7 @@ impl IoBench {
         match how {
             Qemu::Plain => qemu_virtio_blk(&mut cmd, image, false),
             Qemu::IoThread => qemu_virtio_blk(&mut cmd, image, true),
+            Qemu::IoThreadQcow2 => qemu_virtio_blk_format(&mut cmd, image, "qcow2", true),
             Qemu::OurWorker => {
                 std::fs::create_dir_all(&dir)
                     .with_context(|| format!("create {}", dir.display()))?;
@@ -345,9 +356,11 @@ impl IoBench {
 
 /// How QEMU serves the disk.
 #[derive(Clone, Copy, Debug)]
-enum Qemu {
+pub enum Qemu {
     Plain,
     IoThread,
+    /// With an IOThread, the image being qcow2 (QEMU's own qcow2 driver).
+    IoThreadQcow2,
     OurWorker,
 }
 

@@ -4,8 +4,9 @@
 //! Results are printed as a markdown report, with ratios to a baseline measured in the
 //! same invocation.
 //!
-//! `bulkhead-bench`: the I/O profiles ([`io`]), the vCPU jitter experiment ([`jitter`])
-//! and the QueueNotify cost ([`notify`]), put together by [`suite`].
+//! `bulkhead-bench`: the I/O profiles ([`io`]), raw against qcow2 ([`formats`]), the vCPU
+//! jitter experiment ([`jitter`]) and the QueueNotify cost ([`notify`]), put together by
+//! [`suite`].
 //!
 //! `bulkhead-bench restart`: the time from a worker's SIGKILL to the guest's next
 //! completed request ([`restart`]).
@@ -16,6 +17,7 @@ use std::process::ExitCode;
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 
+mod formats;
 mod host;
 mod io;
 mod jitter;

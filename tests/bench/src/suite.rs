@@ -5,6 +5,7 @@
 
 use anyhow::Context;
 
+use crate::formats;
 use crate::host::which;
 use crate::io::{self, prepare_image, IoBench};
 use crate::jitter::{self, JitterRun};
@@ -60,7 +61,9 @@ pub fn run(b: &IoBench) -> anyhow::Result<()> {
         }
     }
     let notify = notify::measure(b, image)?;
+    let formats = formats::measure(b, image, qemu)?;
     let mut report = io::report(results, all, b);
+    report.push_str(&formats::report(&formats));
     report.push_str(&notify::report(&notify));
     report.push_str(&jitter::report(&runs));
     report.push_str(&plots(b, results, &runs)?);
@@ -83,7 +86,17 @@ pub fn run(b: &IoBench) -> anyhow::Result<()> {
         .zip(&notify)
         .map(|((name, _), ns)| serde_json::json!({ "ioeventfd": name, "ns_per_write": ns }))
         .collect();
-    let json = serde_json::json!({ "profiles": json, "notify": notify, "jitter": runs });
+    let formats: Vec<serde_json::Value> = formats::SYSTEMS
+        .iter()
+        .zip(&formats)
+        .map(|(system, runs)| serde_json::json!({ "system": system, "runs": runs }))
+        .collect();
+    let json = serde_json::json!({
+        "profiles": json,
+        "formats": formats,
+        "notify": notify,
+        "jitter": runs,
+    });
     let path = b.out.join("results.json");
     std::fs::write(&path, serde_json::to_string_pretty(&json)?)
         .with_context(|| format!("write {}", path.display()))?;

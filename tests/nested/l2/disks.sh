@@ -1,13 +1,14 @@
 #!/bin/sh
 # L2: Linux's own virtio_blk driver on bulkhead's disks. For each writable disk in $RW
-# (default "vda vdb"), with 2 vCPUs: the hardware queues Linux made, two 4 MiB O_DIRECT
+# (default "vda vdb", and vdd when there is one: a qcow2 image over a backing file), with 2 vCPUs: the hardware queues Linux made, two 4 MiB O_DIRECT
 # writes issued at once from CPU 0 and CPU 1, how often each hardware queue ran for them,
 # fsync, both read back and checked, then a 1 MiB discard in the middle
 # and a check that exactly that range reads as zeros. For the readonly disk $RO (default
 # vdc): a write must fail, and its checksum is reported.
+# The 8 MiB after, never written, are reported too.
 # Lines: `NESTL2 fact KEY=VALUE` and `NESTL2 sha DISK OFFSET LENGTH SHA256` (for the
 # host side to compare with the image).
-RW=${RW:-vda vdb}
+RW=${RW:-vda vdb$([ -e /sys/block/vdd ] && echo ' vdd')}
 RO=${RO:-vdc}
 MiB=1048576
 
@@ -68,6 +69,8 @@ for d in $RW; do
 	[ "$got" = "$expect" ] && ok=1
 	fact "$d.after_discard_ok" $ok
 	echo "NESTL2 sha $d 0 $((8 * MiB)) $got"
+	# The next 8 MiB, never written: zeros, or a backing file's bytes.
+	echo "NESTL2 sha $d $((8 * MiB)) $((8 * MiB)) $(sha_dev "$d" 8 8)"
 done
 
 if [ -n "$RO" ]; then

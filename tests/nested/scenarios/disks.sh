@@ -1,6 +1,7 @@
 # Disks through Linux's own drivers: one VM per argument KERNEL[:hugepages] (vmlinux or
-# vmlinuz), 2 vCPUs, three disks, each with its own worker: vda (io_uring engine), vdb
-# (sync engine), vdc (readonly). L2 runs /nest/disks.sh; then the host side of every
+# vmlinuz), 2 vCPUs, four disks, each with its own worker: vda (io_uring engine), vdb
+# (sync engine), vdc (readonly), vdd (qcow2 over a raw backing file; its host side is
+# read through qemu-img convert, and qemu-img check reports on it). L2 runs /nest/disks.sh; then the host side of every
 # checksum L2 reported is computed here from the image files, and the readonly image is
 # compared with its state before the run.
 for spec in "$@"; do
@@ -13,9 +14,12 @@ for spec in "$@"; do
 		fact "$name.free_hugepages" "$(cat /sys/kernel/mm/hugepages/hugepages-2048kB/free_hugepages)"
 		extra=--hugepages
 	fi
-	rm -f /tmp/d0.img /tmp/d1.img /tmp/ro.img
+	rm -f /tmp/d0.img /tmp/d1.img /tmp/ro.img /tmp/base.raw /tmp/d3.qcow2 /tmp/d3.raw
 	truncate -s 64M /tmp/d0.img /tmp/d1.img
 	dd if=/dev/urandom of=/tmp/ro.img bs=1M count=8 2>/dev/null
+	dd if=/dev/urandom of=/tmp/base.raw bs=1M count=16 2>/dev/null
+	truncate -s 64M /tmp/base.raw
+	(cd /tmp && qemu-img create -q -f qcow2 -b base.raw -F raw d3.qcow2) || fail "$name: qemu-img create"
 	ro_before=$(sha256sum /tmp/ro.img | cut -d' ' -f1)
 	# The first VM insists on worker cgroups (L1 has them); the other takes the default.
 	cgroups=auto
@@ -24,6 +28,7 @@ for spec in "$@"; do
 		$extra --timeout 300 --worker-cgroups $cgroups \
 		--disk path=/tmp/d0.img,engine=io_uring --disk path=/tmp/d1.img,engine=sync \
 		--disk path=/tmp/ro.img,readonly=on \
+		--disk path=/tmp/d3.qcow2,format=qcow2,backing=/tmp/base.raw \
 		--cmdline "$L2_CMDLINE guestkit.run=\"sh /nest/disks.sh\""
 	# While L2 runs: every worker process (reapers, confined workers, spares) sees an
 	# empty root, though L1's own root is an initramfs.
@@ -58,14 +63,18 @@ for spec in "$@"; do
 	vm_wait "$name"
 	# Its spawner removed every worker's cgroup and the VM's own once bulkhead ended.
 	fact "$name.cgroups_left" "$(find /sys/fs/cgroup/bulkhead -mindepth 1 -type d 2>/dev/null | wc -l)"
-	# The host's view of each range L2 reported.
+	# The host's view of each range L2 reported (the qcow2 image's as QEMU reads it).
+	qemu-img check -q /tmp/d3.qcow2 >/tmp/d3.check 2>&1
+	fact "$name.qcow2_check_rc" $?
+	qemu-img convert -f qcow2 -O raw /tmp/d3.qcow2 /tmp/d3.raw
 	grep '^NESTL2 sha ' "/tmp/$name.console" | while read -r _ _ disk offset length _; do
-		case $disk in vda) img=/tmp/d0.img ;; vdb) img=/tmp/d1.img ;; vdc) img=/tmp/ro.img ;; *) continue ;; esac
+		case $disk in vda) img=/tmp/d0.img ;; vdb) img=/tmp/d1.img ;; vdc) img=/tmp/ro.img ;; vdd) img=/tmp/d3.raw ;; *) continue ;; esac
 		host=$(dd if="$img" bs=4096 skip=$((offset / 4096)) count=$((length / 4096)) 2>/dev/null |
 			sha256sum | cut -d' ' -f1)
 		echo "NEST sha $name $disk $offset $length $host"
 	done
 	fact "$name.ro_image_unchanged" "$([ "$(sha256sum /tmp/ro.img | cut -d' ' -f1)" = "$ro_before" ] && echo 1 || echo 0)"
+	rm -f /tmp/d3.raw
 	if [ -n "$extra" ]; then
 		echo 0 >/proc/sys/vm/nr_hugepages
 	fi
