@@ -77,7 +77,7 @@ impl BlkDevice {
                 if io_engine == IoEngine::IoUring {
                     return Err(BlkDeviceError::UringQcow2);
                 }
-                pending = Some(files);
+                pending = Some(*files);
                 // Replaced by the image once it is parsed; nothing is served before.
                 Box::new(FailBackend::new(disk.size))
             }

@@ -65,7 +65,7 @@ pub enum Image {
     /// The guest's bytes, as they are.
     Raw(File),
     /// A qcow2 image, opened by imago after the sandbox.
-    Qcow2(Qcow2Files),
+    Qcow2(Box<Qcow2Files>),
 }
 
 /// An open, locked image.
@@ -216,7 +216,7 @@ fn from_named_file(
                 }
             })?;
             Ok(Disk {
-                image: Image::Qcow2(files),
+                image: Image::Qcow2(Box::new(files)),
                 size,
                 readonly,
                 direct,

@@ -201,9 +201,8 @@ fn qcow2_images_with_and_without_a_backing_file_hold_what_the_guest_wrote() {
     let r = blk_verify(&specs, &[]);
     let t = r.transcript();
     assert_guest_verified(&r, 2);
-    assert_eq!(
+    assert!(
         r.stderr.matches("(sandboxed, engine sync)").count() >= 2,
-        true,
         "qcow2 is served by the sync engine: {t}"
     );
     assert_eq!(
@@ -351,7 +350,7 @@ fn what_the_configuration_does_not_allow_is_refused_with_one_line() {
         ),
     ];
     for (spec, expected) in cases {
-        let r = blk_verify(&[spec.clone()], &[]);
+        let r = blk_verify(std::slice::from_ref(&spec), &[]);
         assert_refused(&r, expected);
         eprintln!("--disk {spec}: {}", r.stderr.lines().last().unwrap_or(""));
     }
@@ -410,6 +409,9 @@ fn corrupt(good: &[u8], path: &Path, edits: &[(usize, Value)], truncate: Option<
     std::fs::write(path, b).unwrap();
 }
 
+/// A corrupt image: its name, the values written into a good one, and its length.
+type Corruption = (&'static str, Vec<(usize, Value)>, Option<usize>);
+
 #[derive(Clone, Copy, Debug)]
 enum Value {
     U16(u16),
@@ -450,7 +452,7 @@ fn corrupt_qcow2_images_end_in_one_line_or_guest_errors_never_a_hang() {
     let refblock = be64(&g, refcount_table) as usize;
     let sentinel = dir.join("sentinel.raw");
     std::fs::write(&sentinel, b"untouched").unwrap();
-    let cases: Vec<(&str, Vec<(usize, Value)>, Option<usize>)> = vec![
+    let cases: Vec<Corruption> = vec![
         (
             "unaligned-l1",
             vec![(40, Value::U64(0x7fff_0000_0000_0200))],
