@@ -119,6 +119,33 @@ pub fn require_tool(tool: &str, debian_package: &str) -> PathBuf {
     PathBuf::from(found)
 }
 
+/// The size of a qcow2 image [`make_qcow2`] makes: its own, or its backing file's.
+#[derive(Clone, Copy, Debug)]
+pub enum Qcow2Of<'a> {
+    /// `qemu-img create` size syntax (`8M`), no backing file.
+    Size(&'a str),
+    /// Over a backing file, named in the header as given (relative names are taken from the
+    /// image's directory), in this format.
+    Backing(&'a str, &'a str),
+}
+
+/// `qemu-img create -q -f qcow2` of `image`; panics with qemu-img's words if it fails.
+pub fn make_qcow2(image: &Path, of: Qcow2Of<'_>) {
+    let mut cmd = Command::new(require_tool("qemu-img", "qemu-utils"));
+    cmd.args(["create", "-q", "-f", "qcow2"]);
+    match of {
+        Qcow2Of::Size(size) => cmd.arg(image).arg(size),
+        Qcow2Of::Backing(name, format) => cmd.args(["-b", name, "-F", format]).arg(image),
+    };
+    let out = cmd.output().expect("run qemu-img");
+    assert!(
+        out.status.success(),
+        "qemu-img create {}: {}",
+        image.display(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 /// Fails unless /dev/kvm can be opened read-write.
 pub fn require_kvm() {
     if let Err(e) = std::fs::OpenOptions::new()

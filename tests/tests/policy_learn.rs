@@ -73,13 +73,7 @@ fn learn_blk_verify(dir: &Path, learn_args: &[&str]) -> RunResult {
     let d0 = image(dir, "d0.img", 8 << 20);
     let d1 = image(dir, "d1.img", 8 << 20);
     let d2 = dir.join("d2.qcow2");
-    let made = Command::new(tests::require_tool("qemu-img", "qemu-utils"))
-        .args(["create", "-q", "-f", "qcow2"])
-        .arg(&d2)
-        .arg("8M")
-        .output()
-        .unwrap();
-    assert!(made.status.success(), "{made:?}");
+    tests::make_qcow2(&d2, tests::Qcow2Of::Size("8M"));
     let learn_args: Vec<&OsStr> = learn_args.iter().map(OsStr::new).collect();
     let cmd = learn_command(
         &learn_args,

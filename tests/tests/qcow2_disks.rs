@@ -10,8 +10,8 @@ use std::process::Command;
 use std::time::Duration;
 
 use tests::{
-    blk_pattern, require_kvm, require_tool, run_bulkhead, scratch_dir, testguest, tg_lines,
-    RunResult,
+    blk_pattern, make_qcow2, require_kvm, require_tool, run_bulkhead, scratch_dir, testguest,
+    tg_lines, Qcow2Of, RunResult,
 };
 
 const DISK_MIB: u64 = 8;
@@ -24,16 +24,6 @@ fn qemu_img(args: &[&str]) -> std::process::Output {
         .output()
         .expect("run qemu-img");
     out
-}
-
-fn qemu_img_ok(args: &[&str]) {
-    let out = qemu_img(args);
-    assert!(
-        out.status.success(),
-        "qemu-img {args:?}: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
 }
 
 /// A raw file of `DISK_MIB` whose 4 KiB block `b` is filled with `fill(b)`.
@@ -170,26 +160,9 @@ fn qcow2_images_with_and_without_a_backing_file_hold_what_the_guest_wrote() {
     let base = dir.join("base.raw");
     let base_bytes = raw_base(&base);
     let top = dir.join("top.qcow2");
-    qemu_img_ok(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-b",
-        "base.raw",
-        "-F",
-        "raw",
-        &top.display().to_string(),
-    ]);
+    make_qcow2(&top, Qcow2Of::Backing("base.raw", "raw"));
     let plain = dir.join("plain.qcow2");
-    qemu_img_ok(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        &plain.display().to_string(),
-        "8M",
-    ]);
+    make_qcow2(&plain, Qcow2Of::Size("8M"));
     let specs = [
         format!(
             "path={},format=qcow2,backing={}",
@@ -249,66 +222,22 @@ fn what_the_configuration_does_not_allow_is_refused_with_one_line() {
     let other = dir.join("other.raw");
     raw_base(&other);
     let top = dir.join("top.qcow2");
-    qemu_img_ok(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-b",
-        "base.raw",
-        "-F",
-        "raw",
-        &top.display().to_string(),
-    ]);
+    make_qcow2(&top, Qcow2Of::Backing("base.raw", "raw"));
     let plain = dir.join("plain.qcow2");
-    qemu_img_ok(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        &plain.display().to_string(),
-        "8M",
-    ]);
+    make_qcow2(&plain, Qcow2Of::Size("8M"));
     // A two-level chain: top2 -> mid (qcow2) -> base.
     let mid = dir.join("mid.qcow2");
-    qemu_img_ok(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-b",
-        "base.raw",
-        "-F",
-        "raw",
-        &mid.display().to_string(),
-    ]);
+    make_qcow2(&mid, Qcow2Of::Backing("base.raw", "raw"));
     let top2 = dir.join("top2.qcow2");
-    qemu_img_ok(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-b",
-        "mid.qcow2",
-        "-F",
-        "qcow2",
-        &top2.display().to_string(),
-    ]);
+    make_qcow2(&top2, Qcow2Of::Backing("mid.qcow2", "qcow2"));
     // A header that names a host file by absolute path.
     let secret = dir.join("host-secret.raw");
     raw_base(&secret);
     let grabby = dir.join("grabby.qcow2");
-    qemu_img_ok(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-b",
-        &secret.display().to_string(),
-        "-F",
-        "raw",
-        &grabby.display().to_string(),
-    ]);
+    make_qcow2(
+        &grabby,
+        Qcow2Of::Backing(&secret.display().to_string(), "raw"),
+    );
     let p = |p: &PathBuf| p.display().to_string();
     let cases: Vec<(String, &str)> = vec![
         (
@@ -365,17 +294,10 @@ fn a_raw_disk_that_starts_with_a_qcow2_header_stays_raw() {
     let secret = dir.join("host-secret.raw");
     raw_base(&secret);
     let made = dir.join("made.qcow2");
-    qemu_img_ok(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-b",
-        &secret.display().to_string(),
-        "-F",
-        "raw",
-        &made.display().to_string(),
-    ]);
+    make_qcow2(
+        &made,
+        Qcow2Of::Backing(&secret.display().to_string(), "raw"),
+    );
     let raw = dir.join("guest.img");
     let mut bytes = std::fs::read(&made).unwrap();
     bytes.resize((DISK_MIB << 20) as usize, 0);
@@ -432,14 +354,7 @@ fn be64(b: &[u8], at: usize) -> u64 {
 fn corrupt_qcow2_images_end_in_one_line_or_guest_errors_never_a_hang() {
     let dir = scratch_dir("qcow2-corrupt");
     let good = dir.join("good.qcow2");
-    qemu_img_ok(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        &good.display().to_string(),
-        "8M",
-    ]);
+    make_qcow2(&good, Qcow2Of::Size("8M"));
     let out = Command::new(require_tool("qemu-io", "qemu-utils"))
         .args(["-c", "write -P 0xaa 0 64k"])
         .arg(&good)

@@ -150,17 +150,7 @@ fn chaos_on(
         Format::Qcow2 => {
             let base = image(&dir, "base.raw");
             let d0 = dir.join("d0.qcow2");
-            qemu_img(&[
-                "create",
-                "-q",
-                "-f",
-                "qcow2",
-                "-b",
-                "base.raw",
-                "-F",
-                "raw",
-                &d0.display().to_string(),
-            ]);
+            tests::make_qcow2(&d0, tests::Qcow2Of::Backing("base.raw", "raw"));
             let spec = format!(
                 "path={},format=qcow2,backing={}",
                 d0.display(),

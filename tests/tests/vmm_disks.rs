@@ -372,13 +372,7 @@ fn hostile_chains(engine: &str) {
     let dir = scratch_dir(&format!("vmm-hostile-{engine}"));
     let spec = if engine == "qcow2" {
         let d0 = dir.join("d0.qcow2");
-        let made = std::process::Command::new(tests::require_tool("qemu-img", "qemu-utils"))
-            .args(["create", "-q", "-f", "qcow2"])
-            .arg(&d0)
-            .arg(format!("{DISK_MIB}M"))
-            .output()
-            .unwrap();
-        assert!(made.status.success(), "{made:?}");
+        tests::make_qcow2(&d0, tests::Qcow2Of::Size(&format!("{DISK_MIB}M")));
         format!("path={},format=qcow2", d0.display())
     } else {
         let d0 = disk(&dir, "d0.img");
