@@ -11,13 +11,14 @@ use crate::blk::engine::RequestEngine;
 use crate::blk::fail_backend::FailBackend;
 use crate::blk::qcow2_backend::{Qcow2Error, Qcow2Files};
 use crate::blk::queue::{process_queue, process_resubmitted};
+use crate::blk::rate_limit::{Limited, RateLimiter};
 use crate::blk::request::BlkContext;
 use crate::blk::sync_backend::SyncBackend;
 use crate::blk::uring_backend::UringEngine;
 use crate::disk::{Disk, Image};
 use crate::inflight::InflightLog;
 use crate::vhost::device::{QueueError, QueueOutcome, Reaped, VhostDevice};
-use ipc::messages::{IoEngine, ServeMode};
+use ipc::messages::{IoEngine, RateLimit, ServeMode};
 
 /// Errors while building the device.
 #[derive(Debug, thiserror::Error)]
@@ -35,9 +36,9 @@ pub enum BlkDeviceError {
 /// A virtio-blk device on one disk.
 #[derive(Debug)]
 pub struct BlkDevice {
-    /// Where requests go: the sync backend, the io_uring engine, or (fail mode) the
-    /// backend that fails everything.
-    engine: Box<dyn RequestEngine + Send>,
+    /// Where requests go, through the disk's rate limiter: the sync backend, the io_uring
+    /// engine, or (fail mode) the backend that fails everything.
+    engine: Limited,
     config: BlkConfig,
     ctx: BlkContext,
     features: u64,
@@ -57,6 +58,7 @@ impl BlkDevice {
         serial: &[u8],
         mode: ServeMode,
         io_engine: IoEngine,
+        rate_limit: RateLimit,
     ) -> Result<Self, BlkDeviceError> {
         let num_queues = usize::from(num_queues);
         let limits = BlkLimits::default();
@@ -102,8 +104,18 @@ impl BlkDevice {
                 }
             }
         };
+        // Fail mode answers at once, whatever the limits: they are the disk's, not the
+        // errors'.
+        let rate_limit = match mode {
+            ServeMode::Normal => rate_limit,
+            ServeMode::Fail => RateLimit::default(),
+        };
+        let limiter = RateLimiter::new(rate_limit).map_err(BlkDeviceError::Backend)?;
         Ok(BlkDevice {
-            engine,
+            engine: Limited {
+                inner: engine,
+                limiter,
+            },
             config,
             ctx,
             features,
@@ -119,7 +131,7 @@ impl BlkDevice {
         if let Some(files) = self.pending.take() {
             let image = crate::blk::qcow2_backend::open(files)?;
             image.check_size(self.config.capacity() * crate::disk::SECTOR_SIZE)?;
-            self.engine = Box::new(image);
+            self.engine.inner = Box::new(image);
         }
         Ok(())
     }
@@ -160,7 +172,7 @@ impl VhostDevice for BlkDevice {
             queue,
             index,
             mem,
-            self.engine.as_mut(),
+            &mut self.engine,
             &self.ctx,
             log,
             &mut self.stats,
@@ -169,6 +181,18 @@ impl VhostDevice for BlkDevice {
 
     fn completion_fd(&self) -> Option<RawFd> {
         self.engine.completion_fd()
+    }
+
+    fn wake_fd(&self) -> Option<RawFd> {
+        self.engine.wake_fd()
+    }
+
+    fn accepting(&self) -> bool {
+        self.engine.has_room()
+    }
+
+    fn set_rate_limit(&mut self, limit: RateLimit) {
+        self.engine.limiter.set(limit, std::time::Instant::now());
     }
 
     fn reap(&mut self, mem: &GuestMemoryMmap, out: &mut Vec<Reaped>) {
@@ -207,7 +231,7 @@ impl VhostDevice for BlkDevice {
             queue,
             index,
             mem,
-            self.engine.as_mut(),
+            &mut self.engine,
             &self.ctx,
             heads,
             log,

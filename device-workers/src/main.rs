@@ -242,6 +242,7 @@ fn run_blk(args: BlkArgs) -> anyhow::Result<ExitCode> {
         mode: ServeMode::Normal,
         engine: args.engine,
         poll_us: args.poll_us,
+        rate_limit: ipc::messages::RateLimit::default(),
         #[cfg(feature = "test-hooks")]
         sandboxed: !args.no_sandbox,
         #[cfg(feature = "test-hooks")]
@@ -359,6 +360,7 @@ fn run_spawned(args: SpawnedArgs) -> anyhow::Result<ExitCode> {
         mode,
         engine: config.engine,
         poll_us: config.poll_us,
+        rate_limit: config.rate_limit,
         // Only a test build may honour a VMM's request to run unconfined.
         #[cfg(feature = "test-hooks")]
         sandboxed: config.sandbox,
@@ -396,6 +398,7 @@ struct Serve {
     mode: ServeMode,
     engine: ipc::messages::IoEngine,
     poll_us: u32,
+    rate_limit: ipc::messages::RateLimit,
     #[cfg(feature = "test-hooks")]
     sandboxed: bool,
     #[cfg(feature = "test-hooks")]
@@ -413,7 +416,14 @@ fn serve(s: Serve) -> anyhow::Result<ExitCode> {
         ServeMode::Normal => s.disk.fds(),
         ServeMode::Fail => Vec::new(),
     };
-    let device = BlkDevice::new(s.disk, s.num_queues, s.serial.as_bytes(), s.mode, s.engine)?;
+    let device = BlkDevice::new(
+        s.disk,
+        s.num_queues,
+        s.serial.as_bytes(),
+        s.mode,
+        s.engine,
+        s.rate_limit,
+    )?;
     let engine_fds = device.engine_fds();
     let engine = match s.mode {
         ServeMode::Normal => device.engine(),
@@ -470,7 +480,7 @@ fn serve(s: Serve) -> anyhow::Result<ExitCode> {
             max_fds: 32 + 4 * u64::from(s.num_queues),
             max_file_size,
             // The io_uring's io-wq threads count as processes of the worker's user.
-            max_procs: if engine_fds.is_empty() {
+            max_procs: if engine != "io_uring" {
                 1
             } else {
                 sandbox::NPROC_WITH_IO_URING
@@ -547,8 +557,7 @@ fn serve(s: Serve) -> anyhow::Result<ExitCode> {
     if let (Some(hook), false) = (&s.fault_hook, s.hook_after_setup) {
         device_workers::hooks::run_after_sandbox(hook).map_err(anyhow::Error::msg)?;
     }
-    let _control = s.control;
-    events.run(handler, backend, status)?;
+    events.run(handler, backend, status, s.control.as_ref())?;
     if !sandboxed && s.print_status {
         print_status(status);
     }

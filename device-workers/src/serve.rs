@@ -13,8 +13,11 @@ use ipc::status::StatusMapping;
 
 /// Token of the vhost-user socket; ring `i` uses token `i`.
 const SOCKET_TOKEN: u64 = u64::MAX;
-/// Token of the device's completion eventfd (asynchronous engines).
+/// Token of the device's completion eventfd (asynchronous engines) and of its wake
+/// timerfd (a rate limit refilled): either way, reap and serve the rings that waited.
 const COMPLETION_TOKEN: u64 = u64::MAX - 1;
+/// Token of the control channel from the VMM (spawned workers).
+const CONTROL_TOKEN: u64 = u64::MAX - 2;
 
 /// Why serving ended.
 #[derive(Debug, thiserror::Error)]
@@ -156,17 +159,27 @@ impl EventLoop {
         Ok(())
     }
 
-    /// Serves the frontend until it disconnects (Ok) or sends something refused (Err).
+    /// Serves the frontend until it disconnects (Ok) or sends something refused (Err),
+    /// and takes the VMM's messages on `control` (a spawned worker's).
     pub fn run<D: VhostDevice>(
         mut self,
         mut handler: BackendReqHandler<Mutex<VhostBackend<D>>>,
         backend: Arc<Mutex<VhostBackend<D>>>,
         status: &StatusMapping,
+        control: Option<&ipc::channel::Channel>,
     ) -> Result<(), ServeError> {
         self.add(handler.as_raw_fd(), SOCKET_TOKEN)?;
         let lock = || backend.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(fd) = lock().data_plane().completion_fd() {
+        let fds = {
+            let mut b = lock();
+            let plane = b.data_plane();
+            [plane.completion_fd(), plane.wake_fd()]
+        };
+        for fd in fds.into_iter().flatten() {
             self.add(fd, COMPLETION_TOKEN)?;
+        }
+        if let Some(c) = control {
+            self.add(c.as_raw_fd(), CONTROL_TOKEN)?;
         }
         let mut events = [EpollEvent::empty(); 16];
         loop {
@@ -215,6 +228,18 @@ impl EventLoop {
                         plane.reap();
                         report(plane, status);
                     }
+                    CONTROL_TOKEN => {
+                        let Some(c) = control else { continue };
+                        if !self.control_message(c, &backend) {
+                            // The VMM is gone: nothing more comes this way.
+                            // SAFETY: only removes the channel's fd from the set; the
+                            // channel stays open (and owned by the caller).
+                            let _ = self
+                                .epoll
+                                .delete(unsafe { BorrowedFd::borrow_raw(c.as_raw_fd()) });
+                        }
+                        report(lock().data_plane(), status);
+                    }
                     index => {
                         let mut b = lock();
                         let plane = b.data_plane();
@@ -236,6 +261,52 @@ impl EventLoop {
             }
         }
     }
+}
+
+impl EventLoop {
+    /// Takes one message from the VMM; false once the channel is closed or broken.
+    fn control_message<D: VhostDevice>(
+        &self,
+        control: &ipc::channel::Channel,
+        backend: &Mutex<VhostBackend<D>>,
+    ) -> bool {
+        use ipc::messages::VmmMessage;
+        match control.recv::<VmmMessage>() {
+            Ok((VmmMessage::SetRateLimit(limit), _)) => {
+                tracing::info!("rate limit now {}", describe(&limit));
+                let mut b = backend.lock().unwrap_or_else(|e| e.into_inner());
+                let plane = b.data_plane();
+                plane.device_mut().set_rate_limit(limit);
+                // A lifted or raised limit frees the rings that waited for the old one.
+                plane.reap();
+                true
+            }
+            Ok((other, _)) => {
+                tracing::warn!("ignoring {other:?} from the VMM while serving");
+                true
+            }
+            Err(e) => {
+                tracing::debug!("control channel: {e}");
+                false
+            }
+        }
+    }
+}
+
+/// A rate limit in words, for the log.
+pub fn describe(limit: &ipc::messages::RateLimit) -> String {
+    let bucket = |b: &Option<ipc::messages::TokenBucket>, unit: &str| match b {
+        None => format!("unlimited {unit}"),
+        Some(b) => format!(
+            "{} {unit} per {} ms (burst {})",
+            b.size, b.refill_time_ms, b.one_time_burst
+        ),
+    };
+    format!(
+        "{}, {}",
+        bucket(&limit.ops, "requests"),
+        bucket(&limit.bandwidth, "bytes")
+    )
 }
 
 /// Publishes the backend's totals on the status page and bumps the heartbeat the

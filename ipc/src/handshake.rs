@@ -62,6 +62,7 @@ fn vmm_variant(m: &VmmMessage) -> &'static str {
         VmmMessage::Hello { .. } => "Hello",
         VmmMessage::Configure(_) => "Configure",
         VmmMessage::Shutdown => "Shutdown",
+        VmmMessage::SetRateLimit(_) => "SetRateLimit",
     }
 }
 

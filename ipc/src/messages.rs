@@ -14,7 +14,7 @@
 use serde::{Deserialize, Serialize};
 
 /// Version of the message set. Bump on any change of the messages or their meaning.
-pub const PROTOCOL_VERSION: u32 = 6;
+pub const PROTOCOL_VERSION: u32 = 7;
 
 /// Longest device id, in bytes.
 pub const MAX_DEVICE_ID_LEN: usize = 32;
@@ -177,6 +177,58 @@ pub struct WorkerConfig {
     /// The one backing file a qcow2 image may name, opened by the VMM and passed beside
     /// this message (its only descriptor). None: the image must name no backing file.
     pub backing: Option<BackingImage>,
+    /// The disk's I/O limits (changed later by [`VmmMessage::SetRateLimit`]).
+    pub rate_limit: RateLimit,
+}
+
+/// Most tokens a bucket may hold or refill: 2^50 (a PiB of bytes), far above any disk's
+/// rate, and far below where arithmetic on them could overflow.
+pub const MAX_TOKENS: u64 = 1 << 50;
+/// Longest refill time: a day.
+pub const MAX_REFILL_MS: u64 = 86_400_000;
+
+/// One token bucket, as Firecracker's rate limiter has them: `size` tokens, refilled
+/// evenly over `refill_time_ms`, plus a `one_time_burst` spent first and never refilled.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TokenBucket {
+    /// Tokens the bucket holds when full (bytes or requests), 1..=[`MAX_TOKENS`].
+    pub size: u64,
+    /// Extra tokens at the start, 0..=[`MAX_TOKENS`].
+    pub one_time_burst: u64,
+    /// Milliseconds to refill `size` tokens, 1..=[`MAX_REFILL_MS`].
+    pub refill_time_ms: u64,
+}
+
+impl Validate for TokenBucket {
+    fn validate(&self) -> Result<(), ValidationError> {
+        let TokenBucket {
+            size,
+            one_time_burst,
+            refill_time_ms,
+        } = self;
+        check_range("size", *size, 1, MAX_TOKENS)?;
+        check_range("one_time_burst", *one_time_burst, 0, MAX_TOKENS)?;
+        check_range("refill_time_ms", *refill_time_ms, 1, MAX_REFILL_MS)
+    }
+}
+
+/// A disk's I/O limits across all its queues: bytes moved and requests. None: unlimited.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RateLimit {
+    /// Bytes read or written.
+    pub bandwidth: Option<TokenBucket>,
+    /// Requests of any type.
+    pub ops: Option<TokenBucket>,
+}
+
+impl Validate for RateLimit {
+    fn validate(&self) -> Result<(), ValidationError> {
+        let RateLimit { bandwidth, ops } = self;
+        for bucket in [bandwidth, ops].into_iter().flatten() {
+            bucket.validate()?;
+        }
+        Ok(())
+    }
 }
 
 /// The layout of an image.
@@ -300,7 +352,9 @@ impl Validate for WorkerConfig {
             uid,
             format,
             backing,
+            rate_limit,
         } = self;
+        rate_limit.validate()?;
         if let Some(backing) = backing {
             backing.validate()?;
             if *format != ImageFormat::Qcow2 {
@@ -345,6 +399,8 @@ pub enum VmmMessage {
     Configure(WorkerConfig),
     /// Finish in-flight requests and exit.
     Shutdown,
+    /// New I/O limits for the running worker.
+    SetRateLimit(RateLimit),
 }
 
 impl Validate for VmmMessage {
@@ -354,6 +410,7 @@ impl Validate for VmmMessage {
             VmmMessage::Hello { version: _ } => Ok(()),
             VmmMessage::Configure(config) => config.validate(),
             VmmMessage::Shutdown => Ok(()),
+            VmmMessage::SetRateLimit(limit) => limit.validate(),
         }
     }
 }
@@ -490,6 +547,7 @@ mod tests {
             uid: 65534,
             format: ImageFormat::Raw,
             backing: None,
+            rate_limit: RateLimit::default(),
         }
     }
 
@@ -526,6 +584,38 @@ mod tests {
         assert_eq!(field, expected, "{err}");
         // Messages name the field.
         assert!(err.to_string().contains(expected));
+    }
+
+    #[test]
+    fn token_buckets_are_bounded() {
+        let ok = TokenBucket {
+            size: 1000,
+            one_time_burst: 0,
+            refill_time_ms: 1000,
+        };
+        assert_eq!(ok.validate(), Ok(()));
+        for bad in [
+            TokenBucket { size: 0, ..ok },
+            TokenBucket {
+                size: MAX_TOKENS + 1,
+                ..ok
+            },
+            TokenBucket {
+                refill_time_ms: 0,
+                ..ok
+            },
+            TokenBucket {
+                one_time_burst: u64::MAX,
+                ..ok
+            },
+        ] {
+            assert!(bad.validate().is_err(), "{bad:?}");
+            let msg = VmmMessage::SetRateLimit(RateLimit {
+                bandwidth: None,
+                ops: Some(bad),
+            });
+            assert!(msg.validate().is_err(), "{msg:?}");
+        }
     }
 
     #[test]

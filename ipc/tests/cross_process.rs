@@ -100,6 +100,7 @@ fn vmm_and_worker_processes() {
         uid: 65534,
         format: ipc::messages::ImageFormat::Raw,
         backing: None,
+        rate_limit: Default::default(),
     };
     vmm.send(&VmmMessage::Configure(config), &[file.as_fd()])
         .unwrap();

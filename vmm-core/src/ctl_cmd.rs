@@ -36,6 +36,16 @@ enum CtlCommand {
         /// Disk id, e.g. blk0.
         disk: String,
     },
+    /// Change a disk's I/O limits while the VM runs: `iops=N` (requests a second),
+    /// `bw=B` (bytes a second), with `*_burst=` and `*_refill_ms=` as `--disk` takes them;
+    /// `iops=off` or `bw=off` lifts one, `none` both. A limit not named stays. The new
+    /// limits hold for the disk's later workers too.
+    Limit {
+        /// Disk id, e.g. blk0.
+        disk: String,
+        /// e.g. `iops=2000`, `bw=50000000,iops=off`, `none`.
+        spec: String,
+    },
     /// Stop every vCPU (guest state is kept; disk requests in flight complete).
     Pause,
     /// Let the vCPUs run again.
@@ -78,28 +88,40 @@ pub fn ctl(args: CtlArgs) -> ExitCode {
         CtlCommand::Status { disk: None } => ("GET", "/v1/vm".to_string(), None),
         CtlCommand::Status { disk: Some(d) } => ("GET", format!("/v1/disks/{d}"), None),
         CtlCommand::Restart { disk } => ("POST", format!("/v1/disks/{disk}/restart"), None),
-        CtlCommand::Pause => ("PUT", "/v1/vm/state".into(), Some(r#"{"state":"paused"}"#)),
-        CtlCommand::Resume => ("PUT", "/v1/vm/state".into(), Some(r#"{"state":"running"}"#)),
+        CtlCommand::Limit { disk, spec } => match limit_patch(spec) {
+            Ok(body) => ("PATCH", format!("/v1/disks/{disk}"), Some(body)),
+            Err(e) => return fail(format_args!("limit {spec:?}: {e}")),
+        },
+        CtlCommand::Pause => (
+            "PUT",
+            "/v1/vm/state".into(),
+            Some(r#"{"state":"paused"}"#.to_string()),
+        ),
+        CtlCommand::Resume => (
+            "PUT",
+            "/v1/vm/state".into(),
+            Some(r#"{"state":"running"}"#.to_string()),
+        ),
         CtlCommand::Shutdown => (
             "PUT",
             "/v1/vm/state".into(),
-            Some(r#"{"state":"shutdown"}"#),
+            Some(r#"{"state":"shutdown"}"#.to_string()),
         ),
         CtlCommand::Events { since, no_follow } => {
             return events(&args, *since, !*no_follow);
         }
         CtlCommand::Metrics => ("GET", "/metrics".into(), None),
     };
-    let (code, text) = match vmm_core::api::client::request_with_body(socket, method, &target, body)
-    {
-        Ok(answer) => answer,
-        Err(e) => {
-            return fail(format_args!(
-                "cannot reach the API at {}: {e}",
-                socket.display()
-            ))
-        }
-    };
+    let (code, text) =
+        match vmm_core::api::client::request_with_body(socket, method, &target, body.as_deref()) {
+            Ok(answer) => answer,
+            Err(e) => {
+                return fail(format_args!(
+                    "cannot reach the API at {}: {e}",
+                    socket.display()
+                ))
+            }
+        };
     if matches!(args.command, CtlCommand::Metrics) {
         if !(200..300).contains(&code) {
             return fail(format_args!("the API answered {code}: {}", text.trim_end()));
@@ -134,11 +156,79 @@ pub fn ctl(args: CtlArgs) -> ExitCode {
                 "{disk}: worker restarted in {} ms (pid {})\n",
                 value["restart_ms"], value["worker_pid"]
             ),
+            CtlCommand::Limit { disk, .. } => {
+                let mut text = format!(
+                    "{disk}: rate limit now {}\n",
+                    describe_limit_json(&value["rate_limiter"])
+                );
+                if let Some(note) = value["error"].as_str() {
+                    text.push_str(&format!("{disk}: {note}\n"));
+                }
+                text
+            }
             _ => format!("{}\n", value["state"].as_str().unwrap_or("?")),
         }
     };
     out(&shown);
     ExitCode::SUCCESS
+}
+
+/// The `PATCH /v1/disks/{id}` body for `bulkhead ctl limit`'s SPEC.
+fn limit_patch(spec: &str) -> Result<String, String> {
+    use vmm_core::api::routes::limit_json;
+    let spec = spec.trim();
+    let name_one = "name a limit: iops=N, bw=B, iops=off, bw=off or none";
+    if spec.is_empty() {
+        return Err(name_one.into());
+    }
+    if spec == "none" {
+        return Ok(r#"{"rate_limiter":{"bandwidth":null,"ops":null}}"#.into());
+    }
+    let mut off = Vec::new();
+    let mut keys = Vec::new();
+    for part in spec.split(',') {
+        match part {
+            "bw=off" => off.push("bandwidth"),
+            "iops=off" => off.push("ops"),
+            other => keys.push(other),
+        }
+    }
+    let limit = if keys.is_empty() {
+        Default::default()
+    } else {
+        let options: vmm_core::disk::config::LimitOptions =
+            vmm_core::keyvalue::from_key_values(&keys.join(",")).map_err(|e| e.to_string())?;
+        options.rate_limit()?
+    };
+    let given = limit_json(&limit);
+    let mut patch = serde_json::Map::new();
+    for (bucket, key) in [("bandwidth", "bw"), ("ops", "iops")] {
+        if off.contains(&bucket) {
+            if keys.iter().any(|k| k.starts_with(key)) {
+                return Err(format!("{key}=off and {key}= values together"));
+            }
+            patch.insert(bucket.into(), Value::Null);
+        } else if !given[bucket].is_null() {
+            patch.insert(bucket.into(), given[bucket].clone());
+        }
+    }
+    if patch.is_empty() {
+        return Err(name_one.into());
+    }
+    Ok(serde_json::json!({ "rate_limiter": patch }).to_string())
+}
+
+/// `rate_limiter` JSON in words.
+fn describe_limit_json(v: &Value) -> String {
+    let bucket = |b: &Value| -> Option<ipc::messages::TokenBucket> {
+        serde_json::from_value::<vmm_core::api::routes::BucketJson>(b.clone())
+            .ok()
+            .map(Into::into)
+    };
+    vmm_core::disk::config::describe_limit(&ipc::messages::RateLimit {
+        bandwidth: bucket(&v["bandwidth"]),
+        ops: bucket(&v["ops"]),
+    })
 }
 
 fn number(v: &Value) -> String {
@@ -198,6 +288,12 @@ fn disk_text(d: &Value) -> String {
         d["mode"].as_str().unwrap_or("?"),
         number(&d["worker_pid"]),
     );
+    if !d["rate_limiter"].is_null() {
+        text.push_str(&format!(
+            "rate limit: {}\n",
+            describe_limit_json(&d["rate_limiter"])
+        ));
+    }
     if !c.is_null() {
         let restarts: Vec<String> = c["restarts"]
             .as_object()

@@ -243,6 +243,7 @@ fn configure(
         uid: cfg.uid,
         format: cfg.image.format,
         backing: disk.backing.as_ref().map(|b| b.allowed.clone()),
+        rate_limit: cfg.image.rate_limit,
     };
     let backing_fd: Vec<_> = disk.backing.iter().map(|b| b.file.as_fd()).collect();
     worker

@@ -66,6 +66,12 @@ pub trait RequestEngine: std::fmt::Debug {
         None
     }
 
+    /// Readable when the engine has room again without a completion (a rate limit's
+    /// refill); [`RequestEngine::reap`] then clears it.
+    fn wake_fd(&self) -> Option<RawFd> {
+        None
+    }
+
     /// Whether completions are waiting (looked at without a system call).
     fn completions_ready(&mut self) -> bool {
         false

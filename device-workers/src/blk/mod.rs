@@ -21,6 +21,7 @@ pub mod execute;
 pub mod fail_backend;
 pub mod qcow2_backend;
 pub mod queue;
+pub mod rate_limit;
 pub mod request;
 pub mod stats;
 pub mod sync_backend;

@@ -129,6 +129,11 @@ impl<D: VhostDevice> DataPlane<D> {
         self.device.completion_fd()
     }
 
+    /// The device's wake descriptor (its rate limit refilled), if it has one.
+    pub fn wake_fd(&self) -> Option<RawFd> {
+        self.device.wake_fd()
+    }
+
     /// What the event loop must change in its epoll set, if anything changed since it last
     /// looked. Clears the dirty flag.
     pub fn take_kick_changes(&mut self) -> Option<KickChanges> {
@@ -268,6 +273,11 @@ impl<D: VhostDevice> DataPlane<D> {
     pub fn has_work(&mut self) -> bool {
         if self.device.completions_ready() {
             return true;
+        }
+        // A full or rate-limited device takes nothing new: its rings wait for a
+        // completion or its wake descriptor, not for a spinning loop.
+        if !self.device.accepting() {
+            return false;
         }
         let Some(mem) = self.mem.as_ref() else {
             return false;

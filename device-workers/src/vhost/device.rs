@@ -32,6 +32,19 @@ pub trait VhostDevice {
     fn completion_fd(&self) -> Option<RawFd> {
         None
     }
+    /// A descriptor that becomes readable when the device can take requests again
+    /// without any completion (its rate limit refilled); the event loop then calls
+    /// [`VhostDevice::reap`], which serves the rings that waited.
+    fn wake_fd(&self) -> Option<RawFd> {
+        None
+    }
+    /// Whether the device takes new requests now (false while full or rate-limited: then
+    /// a ring's new requests are no work for a polling loop).
+    fn accepting(&self) -> bool {
+        true
+    }
+    /// New I/O limits, from the VMM.
+    fn set_rate_limit(&mut self, _limit: ipc::messages::RateLimit) {}
     /// Collects asynchronously completed requests (their status bytes written).
     fn reap(&mut self, _mem: &GuestMemoryMmap, _out: &mut Vec<Reaped>) {}
     /// Whether asynchronous completions are waiting (looked at without a syscall).

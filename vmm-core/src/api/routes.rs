@@ -10,6 +10,9 @@ use super::context::{ApiContext, ApiDisk};
 
 /// How long a planned restart may take before the API answers with an error.
 pub const RESTART_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a new rate limit may take to reach the disk's worker before the API answers
+/// that it is kept but not yet in force (the supervisor looks every 100 ms).
+pub const LIMIT_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// One route: a method and a path template (`{id}` matches one segment). The OpenAPI
 /// description (`docs/openapi.json`) lists exactly these.
@@ -35,6 +38,10 @@ pub const ROUTES: &[Route] = &[
     },
     Route {
         method: "GET",
+        path: "/v1/disks/{id}",
+    },
+    Route {
+        method: "PATCH",
         path: "/v1/disks/{id}",
     },
     Route {
@@ -138,7 +145,7 @@ pub fn route(ctx: &ApiContext, req: Request) -> Reply {
         Ok(found) => found,
         Err(reply) => return reply,
     };
-    if !req.body.is_empty() && route.method != "PUT" {
+    if !req.body.is_empty() && !matches!(route.method, "PUT" | "PATCH") {
         return error(400, format!("{} {} takes no body", req.method, req.path));
     }
     let query = match parse_query(req.query) {
@@ -170,9 +177,10 @@ pub fn route(ctx: &ApiContext, req: Request) -> Reply {
             200,
             json!({ "disks": ctx.disks.iter().map(|d| disk_info(ctx, d)).collect::<Vec<_>>() }),
         ),
-        "/v1/disks/{id}" => match disk() {
-            Ok(d) => Reply::Json(200, disk_info(ctx, d)),
-            Err(reply) => reply,
+        "/v1/disks/{id}" => match (disk(), route.method) {
+            (Ok(d), "PATCH") => set_limit(ctx, d, req.body),
+            (Ok(d), _) => Reply::Json(200, disk_info(ctx, d)),
+            (Err(reply), _) => reply,
         },
         "/v1/disks/{id}/restart" => match disk() {
             Ok(d) => restart(d),
@@ -265,7 +273,128 @@ pub fn disk_info(ctx: &ApiContext, disk: &ApiDisk) -> Value {
         "counters": disk.handle.as_ref().map(|h| h.counters().snapshot().to_json()),
         "violations": violations,
         "config": disk.config,
+        "rate_limiter": disk.handle.as_ref().map(|h| limit_json(&h.rate_limit().0)),
     })
+}
+
+/// A token bucket as the API writes it (Firecracker's names: `size`, `one_time_burst`,
+/// `refill_time` in milliseconds).
+#[derive(Debug, Clone, Copy, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BucketJson {
+    pub size: u64,
+    #[serde(default)]
+    pub one_time_burst: u64,
+    pub refill_time: u64,
+}
+
+impl From<BucketJson> for ipc::messages::TokenBucket {
+    fn from(b: BucketJson) -> Self {
+        ipc::messages::TokenBucket {
+            size: b.size,
+            one_time_burst: b.one_time_burst,
+            refill_time_ms: b.refill_time,
+        }
+    }
+}
+
+impl From<ipc::messages::TokenBucket> for BucketJson {
+    fn from(b: ipc::messages::TokenBucket) -> Self {
+        BucketJson {
+            size: b.size,
+            one_time_burst: b.one_time_burst,
+            refill_time: b.refill_time_ms,
+        }
+    }
+}
+
+/// The disk's limits, as `GET` shows them and `PATCH` takes them: `null` is unlimited.
+pub fn limit_json(limit: &ipc::messages::RateLimit) -> Value {
+    json!({
+        "bandwidth": limit.bandwidth.map(BucketJson::from),
+        "ops": limit.ops.map(BucketJson::from),
+    })
+}
+
+/// The body of `PATCH /v1/disks/{id}`: a bucket given replaces the disk's, `null`
+/// removes it, and one left out stays as it is.
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DiskPatch {
+    rate_limiter: LimiterPatch,
+}
+
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LimiterPatch {
+    #[serde(default, deserialize_with = "present")]
+    bandwidth: Option<Option<BucketJson>>,
+    #[serde(default, deserialize_with = "present")]
+    ops: Option<Option<BucketJson>>,
+}
+
+/// A key that is there, `null` or not (serde's `Option` alone cannot tell `null` from
+/// absent).
+fn present<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Option<BucketJson>>, D::Error> {
+    serde::Deserialize::deserialize(d).map(Some)
+}
+
+fn set_limit(ctx: &ApiContext, disk: &ApiDisk, body: &[u8]) -> Reply {
+    let Some(handle) = disk.handle.clone() else {
+        return error(
+            409,
+            format!(
+                "disk {} is served by an external vhost-user backend: its limits are its own",
+                disk.id
+            ),
+        );
+    };
+    let patch: DiskPatch = match serde_json::from_slice(body) {
+        Ok(p) => p,
+        Err(e) => {
+            return error(
+                400,
+                format!(
+                    r#"the body must be {{"rate_limiter": {{"bandwidth": BUCKET|null, "ops": BUCKET|null}}}} with BUCKET {{"size": N, "refill_time": MS, "one_time_burst": N}}: {e}"#
+                ),
+            )
+        }
+    };
+    let (mut limit, _) = handle.rate_limit();
+    if let Some(b) = patch.rate_limiter.bandwidth {
+        limit.bandwidth = b.map(Into::into);
+    }
+    if let Some(b) = patch.rate_limiter.ops {
+        limit.ops = b.map(Into::into);
+    }
+    if let Err(e) = ipc::messages::Validate::validate(&limit) {
+        return error(400, format!("rate_limiter: {e}"));
+    }
+    let id = disk.id.clone();
+    let events = ctx.events.clone();
+    Reply::Blocking(Box::new(move || {
+        let _in_disk = tracing::info_span!("disk", id = %id).entered();
+        tracing::info!(
+            "api: rate limit of disk {id}: {}",
+            crate::disk::config::describe_limit(&limit)
+        );
+        let applied = handle.set_rate_limit(limit, LIMIT_TIMEOUT);
+        events.emit(
+            "rate_limit",
+            Some(&id),
+            json!({ "rate_limiter": limit_json(&limit), "applied": applied.is_ok() }),
+        );
+        match applied {
+            Ok(()) => (
+                200,
+                json!({ "disk": id, "rate_limiter": limit_json(&limit) }),
+            ),
+            Err(e) => (
+                202,
+                json!({ "disk": id, "rate_limiter": limit_json(&limit), "error": e.to_string() }),
+            ),
+        }
+    }))
 }
 
 fn restart(disk: &ApiDisk) -> Reply {
@@ -432,18 +561,73 @@ pub(crate) mod tests {
         let ctx = context();
         for r in ROUTES {
             let path = r.path.replace("{id}", "blk0");
-            let body: &[u8] = if r.method == "PUT" {
-                br#"{"state":"running"}"#
-            } else {
-                b""
+            let body: &[u8] = match r.method {
+                "PUT" => br#"{"state":"running"}"#,
+                "PATCH" => br#"{"rate_limiter":{"ops":null}}"#,
+                _ => b"",
             };
             let (code, body) = call_with(&ctx, r.method, &path, body);
-            // The restart conflicts: blk0's handle has no worker.
-            let want = if path.ends_with("/restart") { 409 } else { 200 };
+            // The restart conflicts: blk0's handle has no worker; a new limit is kept for
+            // the next one, not yet in force (202).
+            let want = match (r.method, path.ends_with("/restart")) {
+                (_, true) => 409,
+                ("PATCH", _) => 202,
+                _ => 200,
+            };
             assert_eq!(code, want, "{} {path}: {body}", r.method);
             let (code, _) = call_with(&ctx, "DELETE", &path, b"");
             assert_eq!(code, 405, "DELETE {path}");
         }
+    }
+
+    #[test]
+    fn a_patch_replaces_the_buckets_it_names_and_keeps_the_others() {
+        let ctx = context();
+        let handle = ctx.disks[0].handle.clone().unwrap();
+        // A supervisor whose worker takes every change at once.
+        let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let applier = {
+            let (handle, done) = (handle.clone(), done.clone());
+            std::thread::spawn(move || {
+                while !done.load(std::sync::atomic::Ordering::Relaxed) {
+                    handle.rate_limit_applied(handle.rate_limit().1);
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+            })
+        };
+        let patch = |body: &str| call_with(&ctx, "PATCH", "/v1/disks/blk0", body.as_bytes());
+        let (code, body) = patch(r#"{"rate_limiter":{"ops":{"size":100,"refill_time":100}}}"#);
+        assert_eq!(code, 200, "{body}");
+        assert_eq!(body["rate_limiter"]["ops"]["size"], 100);
+        assert_eq!(body["rate_limiter"]["ops"]["one_time_burst"], 0);
+        assert!(body["rate_limiter"]["bandwidth"].is_null());
+        let (code, body) = patch(
+            r#"{"rate_limiter":{"bandwidth":{"size":4096,"refill_time":10,"one_time_burst":5}}}"#,
+        );
+        assert_eq!(code, 200, "{body}");
+        assert_eq!(body["rate_limiter"]["ops"]["size"], 100, "kept");
+        assert_eq!(body["rate_limiter"]["bandwidth"]["size"], 4096);
+        let (code, body) = patch(r#"{"rate_limiter":{"ops":null}}"#);
+        assert_eq!(code, 200, "{body}");
+        assert!(body["rate_limiter"]["ops"].is_null());
+        assert_eq!(body["rate_limiter"]["bandwidth"]["one_time_burst"], 5);
+        let (_, disk) = call_with(&ctx, "GET", "/v1/disks/blk0", b"");
+        assert_eq!(disk["rate_limiter"], body["rate_limiter"]);
+        for bad in [
+            r#"{"rate_limiter":{"ops":{"size":0,"refill_time":100}}}"#,
+            r#"{"rate_limiter":{"ops":{"size":10,"refill_time":0}}}"#,
+            r#"{"rate_limiter":{"iops":1}}"#,
+            r#"{"rate_limiter":{"ops":{"size":10,"refill_time":10,"extra":1}}}"#,
+            r#"{}"#,
+            r#"not json"#,
+        ] {
+            let (code, body) = patch(bad);
+            assert_eq!(code, 400, "{bad}: {body}");
+        }
+        let (code, _) = call_with(&ctx, "PATCH", "/v1/disks/ext0", br#"{"rate_limiter":{}}"#);
+        assert_eq!(code, 409, "an external backend's limits are its own");
+        done.store(true, std::sync::atomic::Ordering::Relaxed);
+        applier.join().unwrap();
     }
 
     #[test]

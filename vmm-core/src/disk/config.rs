@@ -6,7 +6,7 @@
 
 use std::path::{Path, PathBuf};
 
-use ipc::messages::{ImageFormat, IoEngine, MAX_POLL_US};
+use ipc::messages::{ImageFormat, IoEngine, RateLimit, TokenBucket, MAX_POLL_US, MAX_TOKENS};
 use serde::{Deserialize, Deserializer, Serialize};
 
 /// The most queues a disk may have.
@@ -56,6 +56,8 @@ pub struct ImageDisk {
     pub format: ImageFormat,
     /// The one backing file a qcow2 image may name.
     pub backing: Option<BackingFile>,
+    /// I/O limits at start (the control API can change them while the VM runs).
+    pub rate_limit: RateLimit,
 }
 
 /// A backing file the configuration allows.
@@ -203,6 +205,121 @@ struct DiskOptions {
     backing: Option<PathBuf>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     backing_format: Option<FormatOption>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    bw: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    bw_burst: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    bw_refill_ms: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    iops: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    iops_burst: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    iops_refill_ms: Option<u64>,
+}
+
+impl DiskOptions {
+    fn limits(&self) -> LimitOptions {
+        LimitOptions {
+            bw: self.bw,
+            bw_burst: self.bw_burst,
+            bw_refill_ms: self.bw_refill_ms,
+            iops: self.iops,
+            iops_burst: self.iops_burst,
+            iops_refill_ms: self.iops_refill_ms,
+        }
+    }
+
+    fn set_limits(&mut self, l: LimitOptions) {
+        self.bw = l.bw;
+        self.bw_burst = l.bw_burst;
+        self.bw_refill_ms = l.bw_refill_ms;
+        self.iops = l.iops;
+        self.iops_burst = l.iops_burst;
+        self.iops_refill_ms = l.iops_refill_ms;
+    }
+}
+
+/// A disk's I/O limits as rates, written as `--disk` keys (`iops=2000,bw=50000000`), in a
+/// file's disk object, or to `bulkhead ctl limit`. `iops=N` is N requests a second and
+/// `bw=B` B bytes a second; each becomes a token bucket (see [`RateLimit`]) holding what
+/// `*_refill_ms` (default 100 ms, QEMU's throttling's default burst window) of the rate
+/// brings, plus a one-time `*_burst`.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LimitOptions {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bw: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bw_burst: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bw_refill_ms: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub iops: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub iops_burst: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub iops_refill_ms: Option<u64>,
+}
+
+/// Default refill window of a rate's bucket.
+pub const DEFAULT_REFILL_MS: u64 = 100;
+
+impl LimitOptions {
+    /// Whether any key is given.
+    pub fn any(&self) -> bool {
+        *self != LimitOptions::default()
+    }
+
+    /// The buckets these rates make.
+    pub fn rate_limit(&self) -> Result<RateLimit, String> {
+        let bucket = |name: &str,
+                      rate: Option<u64>,
+                      burst: Option<u64>,
+                      refill: Option<u64>|
+         -> Result<Option<TokenBucket>, String> {
+            let Some(rate) = rate else {
+                if burst.is_some() || refill.is_some() {
+                    return Err(format!(
+                        "{name}_burst= and {name}_refill_ms= need {name}=RATE"
+                    ));
+                }
+                return Ok(None);
+            };
+            if rate == 0 || rate > MAX_TOKENS {
+                return Err(format!(
+                    "{name}={rate} must be 1..={MAX_TOKENS} a second (leave {name}= out for no \
+                     limit)"
+                ));
+            }
+            let refill_ms = refill.unwrap_or(DEFAULT_REFILL_MS);
+            if !(1..=ipc::messages::MAX_REFILL_MS).contains(&refill_ms) {
+                return Err(format!(
+                    "{name}_refill_ms={refill_ms} must be 1..={}",
+                    ipc::messages::MAX_REFILL_MS
+                ));
+            }
+            let burst = burst.unwrap_or(0);
+            if burst > MAX_TOKENS {
+                return Err(format!("{name}_burst={burst} must be at most {MAX_TOKENS}"));
+            }
+            // What the window brings at that rate, at least one token; the refill time is
+            // then what that many tokens take at the rate (so the rate is exact even where
+            // the window's share rounds).
+            let size = (u128::from(rate) * u128::from(refill_ms) / 1000).max(1) as u64;
+            let refill_time_ms = (u128::from(size) * 1000).div_ceil(u128::from(rate)) as u64;
+            Ok(Some(TokenBucket {
+                size,
+                one_time_burst: burst,
+                refill_time_ms: refill_time_ms.max(1),
+            }))
+        };
+        Ok(RateLimit {
+            bandwidth: bucket("bw", self.bw, self.bw_burst, self.bw_refill_ms)?,
+            ops: bucket("iops", self.iops, self.iops_burst, self.iops_refill_ms)?,
+        })
+    }
 }
 
 /// A switch: `on`/`off` as the command line writes it, `true`/`false` as a file does,
@@ -250,6 +367,7 @@ fn image_keys(o: &DiskOptions) -> Option<&'static str> {
         ("format", o.format.is_some()),
         ("backing", o.backing.is_some()),
         ("backing_format", o.backing_format.is_some()),
+        ("bw/iops", o.limits().any()),
     ]
     .into_iter()
     .find_map(|(key, given)| given.then_some(key))
@@ -345,6 +463,7 @@ impl TryFrom<DiskOptions> for DiskConfig {
                         format: f.map_or(ImageFormat::Raw, ImageFormat::from),
                     }),
                 };
+                let rate_limit = o.limits().rate_limit()?;
                 DiskSource::Image(ImageDisk {
                     path: path.clone(),
                     readonly: o.readonly.unwrap_or(false),
@@ -355,6 +474,7 @@ impl TryFrom<DiskOptions> for DiskConfig {
                     poll_us,
                     format,
                     backing,
+                    rate_limit,
                 })
             }
         };
@@ -395,10 +515,39 @@ impl From<DiskConfig> for DiskOptions {
                     o.backing = Some(b.path);
                     o.backing_format = Some(b.format.into());
                 }
+                o.set_limits(limit_options(&i.rate_limit));
             }
         }
         o
     }
+}
+
+/// A rate limit in words, for logs and `bulkhead ctl`.
+pub fn describe_limit(limit: &RateLimit) -> String {
+    let o = limit_options(limit);
+    let part = |rate: Option<u64>, unit: &str| match rate {
+        None => format!("unlimited {unit}"),
+        Some(r) => format!("{r} {unit}/s"),
+    };
+    format!("{}, {}", part(o.iops, "requests"), part(o.bw, "bytes"))
+}
+
+/// The rate keys that give `limit` back (exact for limits the keys made; a bucket set
+/// through the API is shown as the rate it amounts to).
+pub fn limit_options(limit: &RateLimit) -> LimitOptions {
+    let rate = |b: &TokenBucket| (u128::from(b.size) * 1000 / u128::from(b.refill_time_ms)) as u64;
+    let mut o = LimitOptions::default();
+    if let Some(b) = &limit.bandwidth {
+        o.bw = Some(rate(b));
+        o.bw_burst = (b.one_time_burst > 0).then_some(b.one_time_burst);
+        o.bw_refill_ms = (b.refill_time_ms != DEFAULT_REFILL_MS).then_some(b.refill_time_ms);
+    }
+    if let Some(b) = &limit.ops {
+        o.iops = Some(rate(b));
+        o.iops_burst = (b.one_time_burst > 0).then_some(b.one_time_burst);
+        o.iops_refill_ms = (b.refill_time_ms != DEFAULT_REFILL_MS).then_some(b.refill_time_ms);
+    }
+    o
 }
 
 impl DiskConfig {
@@ -606,6 +755,7 @@ mod tests {
                     poll_us: 0,
                     format: ImageFormat::Raw,
                     backing: None,
+                    rate_limit: RateLimit::default(),
                 }),
                 num_queues: None,
                 ioeventfd: IoEventFdMatch::Datamatch,

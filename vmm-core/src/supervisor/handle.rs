@@ -6,6 +6,8 @@ use std::os::fd::OwnedFd;
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
+use ipc::messages::RateLimit;
+
 use crate::pids;
 use crate::vhost_frontend::BackendOwner;
 
@@ -88,6 +90,27 @@ pub struct DiskHandle {
     state: Mutex<State>,
     changed: Condvar,
     counters: super::counters::DiskCounters,
+    limits: Mutex<Limits>,
+    limits_changed: Condvar,
+}
+
+/// The disk's I/O limits: the configuration's, or what the API set last. Each change gets
+/// a generation; the supervisor says which generation its worker has.
+#[derive(Debug, Default)]
+struct Limits {
+    current: RateLimit,
+    generation: u64,
+    applied: u64,
+}
+
+/// Errors of a rate-limit change.
+#[derive(Debug, thiserror::Error)]
+pub enum LimitError {
+    #[error(
+        "the new limit is kept, but no worker took it within {0:?} (the disk has no \
+         worker now; its next one starts with it)"
+    )]
+    NotApplied(Duration),
 }
 
 /// A disk's worker as the control API shows it.
@@ -197,6 +220,47 @@ impl DiskHandle {
     /// The disk's counters over all its workers.
     pub fn counters(&self) -> &super::counters::DiskCounters {
         &self.counters
+    }
+
+    fn limits(&self) -> std::sync::MutexGuard<'_, Limits> {
+        self.limits.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The limits the disk starts with (its configuration's), already its first worker's.
+    pub(crate) fn init_rate_limit(&self, limit: RateLimit) {
+        let mut l = self.limits();
+        l.current = limit;
+    }
+
+    /// The disk's limits now, and their generation.
+    pub fn rate_limit(&self) -> (RateLimit, u64) {
+        let l = self.limits();
+        (l.current, l.generation)
+    }
+
+    /// New limits: kept for every worker from now on, and handed to the running one by
+    /// its supervisor, which is waited for up to `timeout`.
+    pub fn set_rate_limit(&self, limit: RateLimit, timeout: Duration) -> Result<(), LimitError> {
+        let mut l = self.limits();
+        l.current = limit;
+        l.generation += 1;
+        let generation = l.generation;
+        let (l, _) = self
+            .limits_changed
+            .wait_timeout_while(l, timeout, |l| l.applied < generation)
+            .unwrap_or_else(|p| p.into_inner());
+        if l.applied >= generation {
+            Ok(())
+        } else {
+            Err(LimitError::NotApplied(timeout))
+        }
+    }
+
+    /// The serving worker has the limits of `generation`.
+    pub(crate) fn rate_limit_applied(&self, generation: u64) {
+        let mut l = self.limits();
+        l.applied = l.applied.max(generation);
+        self.limits_changed.notify_all();
     }
 
     /// The disk's phase.

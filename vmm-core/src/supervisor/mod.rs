@@ -178,6 +178,9 @@ struct Current {
     pidfd: Option<Arc<OwnedFd>>,
     /// The confined process under the reaper.
     confined: Option<Confined>,
+    /// The generation of the disk's limits the worker has (None: unknown, as for a spare
+    /// started before the last change; it is sent them at once).
+    limits: Option<u64>,
 }
 
 impl Current {
@@ -199,10 +202,13 @@ impl Supervisor {
     /// publishes it in the handle and returns its generation, for the frontend thread.
     /// Then watches it on a thread of its own, and its successors after it.
     pub fn start(self, worker: Worker, pidfd: Option<Arc<OwnedFd>>) -> std::io::Result<u64> {
+        // The first worker started with the configuration's limits.
+        self.handle.init_rate_limit(self.disk.image.rate_limit);
         let current = Current {
             confined: confined(&worker, Duration::from_secs(5)),
             worker,
             pidfd,
+            limits: Some(0),
         };
         let generation =
             self.handle
@@ -370,7 +376,7 @@ impl Supervisor {
             return None;
         }
         match crate::worker::spawn(
-            &self.disk,
+            &self.disk_now().0,
             &self.image,
             &self.bin,
             None,
@@ -398,7 +404,12 @@ impl Supervisor {
         let id = &self.disk.id;
         let pid = current.pid();
         let end = match &current.pidfd {
-            Some(fd) => self.watch(fd, current.confined.as_ref(), &current.worker),
+            Some(fd) => self.watch(
+                fd,
+                current.confined.as_ref(),
+                &current.worker,
+                &mut current.limits,
+            ),
             // Without a pidfd, child.wait() below blocks just the same.
             None => End::Died,
         };
@@ -529,7 +540,13 @@ impl Supervisor {
     /// Waits for the worker (its reaper, `pidfd`) to end, or kills it when it hangs: its
     /// progress counter stands still for [`HANG_TIMEOUT`] while requests are pending that
     /// it was told about.
-    fn watch(&self, pidfd: &OwnedFd, known: Option<&Confined>, worker: &Worker) -> End {
+    fn watch(
+        &self,
+        pidfd: &OwnedFd,
+        known: Option<&Confined>,
+        worker: &Worker,
+        limits: &mut Option<u64>,
+    ) -> End {
         let confined = known.map(|c| &*c.fd);
         // The pid the VMM knows (the reaper's child), never the one the page claims.
         let pid = known.map_or(worker.child.id(), |c| c.pid);
@@ -539,6 +556,7 @@ impl Supervisor {
         // The confined worker's own end is seen at once, not after its reaper reacts.
         let watched: Vec<&OwnedFd> = std::iter::once(pidfd).chain(confined).collect();
         loop {
+            self.push_rate_limit(worker, limits);
             if wait_any_exit(&watched, HANG_CHECK) {
                 return End::Died;
             }
@@ -594,15 +612,54 @@ impl Supervisor {
         }
     }
 
+    /// The disk as a new worker is to be started now: with the limits in force, and
+    /// their generation.
+    fn disk_now(&self) -> (WorkerDisk, u64) {
+        let (limit, generation) = self.handle.rate_limit();
+        let mut disk = self.disk.clone();
+        disk.image.rate_limit = limit;
+        (disk, generation)
+    }
+
+    /// Sends the worker the disk's limits if they changed since it got them (the API
+    /// waits for this). A worker that cannot take them is left to its supervisor's other
+    /// checks: it will be replaced, and its successor starts with them.
+    fn push_rate_limit(&self, worker: &Worker, sent: &mut Option<u64>) {
+        let (limit, generation) = self.handle.rate_limit();
+        if *sent == Some(generation) {
+            return;
+        }
+        match worker
+            .control
+            .send(&ipc::messages::VmmMessage::SetRateLimit(limit), &[])
+        {
+            Ok(()) => {
+                tracing::info!(
+                    "disk {}: rate limit now {}",
+                    self.disk.id,
+                    crate::disk::config::describe_limit(&limit)
+                );
+                *sent = Some(generation);
+                self.handle.rate_limit_applied(generation);
+            }
+            Err(e) => tracing::warn!(
+                "disk {}: cannot send the worker its new rate limit: {e}",
+                self.disk.id
+            ),
+        }
+    }
+
     /// Starts a successor (or takes `spare`, started earlier in `mode`) and hands it, set
     /// up, to the frontend thread.
     fn replace(&self, mode: ServeMode, spare: Option<Worker>) -> Result<Current, String> {
         let id = &self.disk.id;
         let from_spare = spare.is_some();
+        let (disk, limits) = self.disk_now();
+        let limits = (!from_spare).then_some(limits);
         let w = match spare {
             Some(w) => w,
             None => crate::worker::spawn(
-                &self.disk,
+                &disk,
                 &self.image,
                 &self.bin,
                 self.learn.as_ref(),
@@ -660,6 +717,7 @@ impl Supervisor {
             confined: confined(&w, Duration::from_secs(1)),
             worker: w,
             pidfd,
+            limits,
         };
         let generation = self
             .handle
