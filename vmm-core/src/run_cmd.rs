@@ -57,11 +57,14 @@ pub struct RunArgs {
     /// A virtio-blk disk served by its own sandboxed worker:
     /// `path=IMG[,id=NAME][,readonly=on][,serial=ID][,direct=on][,num_queues=N][,spare=off]
     /// [,engine=auto|sync|io_uring][,poll_us=N][,ioeventfd=datamatch|any]
-    /// [,format=raw|qcow2][,backing=PATH][,backing_format=raw|qcow2]`,
+    /// [,format=raw|qcow2][,backing=PATH][,backing_format=raw|qcow2]
+    /// [,iops=N][,bw=BYTES][,iops_burst=N][,bw_burst=BYTES][,iops_refill_ms=MS][,bw_refill_ms=MS]`,
     /// or by an external vhost-user backend: `vhost_user=SOCKET[,id=NAME][,num_queues=N]`.
     /// `ioeventfd=any` kicks one queue through a zero-length ioeventfd.
     /// format is raw unless given (never guessed from the content); a qcow2 image is parsed
     /// inside the worker's sandbox and may name one backing file, the one given as backing=.
+    /// iops= and bw= limit the disk to that many requests and bytes a second (token buckets
+    /// in its worker; `bulkhead ctl limit` changes them while the VM runs).
     /// A spare worker (on by default for raw images) waits sandboxed, so a restart skips
     /// its start-up.
     /// num_queues defaults to one per vCPU (at most 8) for worker-served disks.

@@ -4,8 +4,8 @@
 //! Results are printed as a markdown report, with ratios to a baseline measured in the
 //! same invocation.
 //!
-//! `bulkhead-bench`: the I/O profiles ([`io`]), raw against qcow2 ([`formats`]), the vCPU
-//! jitter experiment ([`jitter`]) and the QueueNotify cost ([`notify`]), put together by
+//! `bulkhead-bench`: the I/O profiles ([`io`]), raw against qcow2 ([`formats`]), rate
+//! limits ([`limits`]), the vCPU jitter experiment ([`jitter`]) and the QueueNotify cost ([`notify`]), put together by
 //! [`suite`].
 //!
 //! `bulkhead-bench restart`: the time from a worker's SIGKILL to the guest's next
@@ -21,6 +21,7 @@ mod formats;
 mod host;
 mod io;
 mod jitter;
+mod limits;
 mod notify;
 mod restart;
 mod suite;

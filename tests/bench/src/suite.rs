@@ -9,6 +9,7 @@ use crate::formats;
 use crate::host::which;
 use crate::io::{self, prepare_image, IoBench};
 use crate::jitter::{self, JitterRun};
+use crate::limits;
 use crate::notify;
 use crate::svg::{bars, cdf, Panel};
 
@@ -62,8 +63,10 @@ pub fn run(b: &IoBench) -> anyhow::Result<()> {
     }
     let notify = notify::measure(b, image)?;
     let formats = formats::measure(b, image, qemu)?;
+    let (limit_runs, limit) = limits::measure(b, image)?;
     let mut report = io::report(results, all, b);
     report.push_str(&formats::report(&formats));
+    report.push_str(&limits::report(&limit_runs, limit, b.secs));
     report.push_str(&notify::report(&notify));
     report.push_str(&jitter::report(&runs));
     report.push_str(&plots(b, results, &runs)?);
@@ -94,6 +97,7 @@ pub fn run(b: &IoBench) -> anyhow::Result<()> {
     let json = serde_json::json!({
         "profiles": json,
         "formats": formats,
+        "rate_limits": { "limit": limit, "runs": limit_runs },
         "notify": notify,
         "jitter": runs,
     });

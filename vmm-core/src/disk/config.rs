@@ -698,6 +698,53 @@ mod tests {
     }
 
     #[test]
+    fn rates_become_buckets_of_a_tenth_of_a_second_and_back() {
+        let c = DiskConfig::parse("path=/d.img,iops=2000,bw=50000000,bw_burst=1000000", 0).unwrap();
+        let DiskSource::Image(i) = &c.source else {
+            panic!("{c:?}")
+        };
+        let ops = i.rate_limit.ops.unwrap();
+        assert_eq!(
+            (ops.size, ops.refill_time_ms, ops.one_time_burst),
+            (200, 100, 0)
+        );
+        let bw = i.rate_limit.bandwidth.unwrap();
+        assert_eq!(
+            (bw.size, bw.refill_time_ms, bw.one_time_burst),
+            (5_000_000, 100, 1_000_000)
+        );
+        // The file form shows the rates again.
+        let json = serde_json::to_value(&c).unwrap();
+        assert_eq!(
+            (json["iops"].as_u64(), json["bw"].as_u64()),
+            (Some(2000), Some(50_000_000))
+        );
+        assert_eq!(serde_json::from_value::<DiskConfig>(json).unwrap(), c);
+        // A rate below ten a second still gets a whole token, refilled at the rate.
+        let slow = LimitOptions {
+            iops: Some(3),
+            ..Default::default()
+        }
+        .rate_limit()
+        .unwrap()
+        .ops
+        .unwrap();
+        assert_eq!((slow.size, slow.refill_time_ms), (1, 334));
+        for (spec, says) in [
+            ("path=/d.img,iops=0", "iops=0 must be"),
+            ("path=/d.img,bw_burst=5", "need bw=RATE"),
+            (
+                "path=/d.img,iops=5,iops_refill_ms=0",
+                "iops_refill_ms=0 must be",
+            ),
+            ("vhost_user=/s,iops=5", "applies to an image"),
+        ] {
+            let err = DiskConfig::parse(spec, 0).unwrap_err().to_string();
+            assert!(err.contains(says), "{spec}: {err}");
+        }
+    }
+
+    #[test]
     fn qcow2_options_are_checked_together() {
         let c = DiskConfig::parse("path=/top.qcow2,format=qcow2,backing=/base.raw", 0).unwrap();
         let DiskSource::Image(i) = &c.source else {

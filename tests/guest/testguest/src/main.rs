@@ -23,6 +23,7 @@ mod irq;
 mod jitter;
 mod mem;
 mod notify_cost;
+mod pair;
 mod phys;
 mod plans;
 mod reinit;

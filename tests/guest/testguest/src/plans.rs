@@ -68,6 +68,10 @@ pub const PLANS: &[Plan] = &[
         run: crate::bench::run,
     },
     Plan {
+        name: "blk-pair",
+        run: crate::pair::run,
+    },
+    Plan {
         name: "blk-jitter",
         run: crate::jitter::run,
     },

@@ -111,11 +111,30 @@ struct Bufs {
     status: [u8; MAX_SLOTS],
 }
 
-static mut RINGS: Rings = Rings {
-    desc: [0; 4096],
-    avail: [0; 4096],
-    used: [0; 4096],
-};
+/// Two sets of rings: every plan drives one device at a time with the first, but
+/// `blk-pair` drives two at once (see [`use_ring_set`]).
+static mut RINGS: [Rings; 2] = [
+    Rings {
+        desc: [0; 4096],
+        avail: [0; 4096],
+        used: [0; 4096],
+    },
+    Rings {
+        desc: [0; 4096],
+        avail: [0; 4096],
+        used: [0; 4096],
+    },
+];
+
+/// The ring set the next [`Blk::init`] takes.
+static RING_SET: core::sync::atomic::AtomicUsize = core::sync::atomic::AtomicUsize::new(0);
+
+/// Makes the next [`Blk::init`] take ring set `set` (0 or 1), so two devices can run at
+/// once. The two must also use different slots (buffers are shared).
+pub fn use_ring_set(set: usize) {
+    assert!(set < 2);
+    RING_SET.store(set, core::sync::atomic::Ordering::Relaxed);
+}
 static mut BUFS: Bufs = Bufs {
     data: [[0; BLOCK]; MAX_SLOTS],
     hdr: [[0; 16]; MAX_SLOTS],
@@ -170,7 +189,10 @@ impl Dma {
 }
 
 fn rings() -> (Dma, Dma, Dma) {
-    let r = &raw mut RINGS;
+    let set = RING_SET.load(core::sync::atomic::Ordering::Relaxed);
+    let all = &raw mut RINGS;
+    // SAFETY: only an address is taken; `set` is 0 or 1 (checked when stored).
+    let r = unsafe { (&raw mut (*all)[set]) };
     // SAFETY: only addresses are taken; no reference to the static is formed.
     let (d, a, u) = unsafe {
         (
