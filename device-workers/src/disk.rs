@@ -114,10 +114,7 @@ pub fn open(
         ipc::image::Access::ReadWrite
     };
     let image = ipc::image::open(path, access, direct, format)?;
-    if image.qcow2_magic {
-        warn_qcow2_magic(path);
-    }
-    from_named_file(image.file, path, format, backing, readonly, direct)
+    from_named_file(image.file, path, format, backing, readonly, direct, None)
 }
 
 /// A disk the VMM opened (and locked) and passed as a descriptor, with the backing file it
@@ -128,12 +125,22 @@ pub fn from_file(
     backing: Option<(File, BackingImage)>,
     readonly: bool,
     direct: bool,
+    image_len: u64,
 ) -> Result<Disk, DiskError> {
     // The worker is not told the path; the VMM's error line names it.
     let path = PathBuf::from("(from the VMM)");
-    from_named_file(file, &path, format, backing, readonly, direct)
+    from_named_file(
+        file,
+        &path,
+        format,
+        backing,
+        readonly,
+        direct,
+        Some(image_len),
+    )
 }
 
+/// `image_len`: the file's length when the VM started (None: standalone, now).
 fn from_named_file(
     file: File,
     path: &Path,
@@ -141,6 +148,7 @@ fn from_named_file(
     backing: Option<(File, BackingImage)>,
     readonly: bool,
     direct: bool,
+    image_len: Option<u64>,
 ) -> Result<Disk, DiskError> {
     let path = path.to_path_buf();
     let file_size = {
@@ -175,6 +183,9 @@ fn from_named_file(
                     }
                 });
             }
+            if qcow2_magic {
+                warn_qcow2_magic(&path);
+            }
             Ok(Disk {
                 image: Image::Raw(file),
                 size: file_size,
@@ -200,11 +211,14 @@ fn from_named_file(
             }
             // A qcow2 file grows as clusters are allocated: by at most the virtual size
             // plus its tables (L2 entries and refcounts take at most 1/32 of it with the
-            // smallest, 512-byte clusters), plus room for a refcount table's move.
+            // smallest, 512-byte clusters), plus room for a refcount table's move; from
+            // its length when the VM started, so restarts do not raise the bound.
             let max_file_size = if readonly {
                 file_size
             } else {
-                file_size
+                image_len
+                    .unwrap_or(file_size)
+                    .max(1)
                     .saturating_add(size)
                     .saturating_add(size / 16)
                     .saturating_add(256 << 20)
@@ -263,12 +277,26 @@ mod tests {
     fn an_inherited_descriptor_must_hold_whole_sectors() {
         let p = tmp("odd.img", 1000);
         assert!(matches!(
-            from_file(File::open(&p).unwrap(), ImageFormat::Raw, None, true, false),
+            from_file(
+                File::open(&p).unwrap(),
+                ImageFormat::Raw,
+                None,
+                true,
+                false,
+                196_616
+            ),
             Err(DiskError::BadSize { size: 1000, .. })
         ));
         let p = tmp("empty.img", 0);
         assert!(matches!(
-            from_file(File::open(&p).unwrap(), ImageFormat::Raw, None, true, false),
+            from_file(
+                File::open(&p).unwrap(),
+                ImageFormat::Raw,
+                None,
+                true,
+                false,
+                196_616
+            ),
             Err(DiskError::Empty { .. })
         ));
     }
@@ -285,12 +313,27 @@ mod tests {
     fn the_format_is_the_configurations_and_detectable_mismatches_are_refused() {
         // A qcow2 image given as raw: its size gives it away.
         let q = with_header("small.qcow2", 196_616, 1 << 30);
-        let err = from_file(File::open(&q).unwrap(), ImageFormat::Raw, None, true, false);
+        let err = from_file(
+            File::open(&q).unwrap(),
+            ImageFormat::Raw,
+            None,
+            true,
+            false,
+            196_616,
+        );
         assert!(matches!(err, Err(DiskError::Qcow2AsRaw { .. })), "{err:?}");
         assert!(err.unwrap_err().to_string().contains("format=qcow2"));
         // Whole sectors with the magic: served as raw (with a warning), never probed.
         let r = with_header("guest-wrote-a-header.img", 1 << 20, 1 << 40);
-        let disk = from_file(File::open(&r).unwrap(), ImageFormat::Raw, None, true, false).unwrap();
+        let disk = from_file(
+            File::open(&r).unwrap(),
+            ImageFormat::Raw,
+            None,
+            true,
+            false,
+            196_616,
+        )
+        .unwrap();
         assert_eq!((disk.format(), disk.size), (ImageFormat::Raw, 1 << 20));
         // Raw bytes given as qcow2.
         let plain = tmp("plain.img", 1 << 20);
@@ -300,6 +343,7 @@ mod tests {
             None,
             true,
             false,
+            196_616,
         )
         .unwrap_err();
         assert!(matches!(err, DiskError::NotQcow2 { .. }), "{err:?}");
@@ -311,6 +355,7 @@ mod tests {
             None,
             false,
             false,
+            196_616,
         )
         .unwrap();
         assert_eq!((disk.format(), disk.size), (ImageFormat::Qcow2, 1 << 30));
@@ -321,6 +366,7 @@ mod tests {
             None,
             true,
             false,
+            196_616,
         )
         .unwrap();
         assert_eq!(ro.max_file_size, 196_616, "a read-only image never grows");
@@ -331,7 +377,8 @@ mod tests {
                 ImageFormat::Qcow2,
                 None,
                 true,
-                false
+                false,
+                196_616
             ),
             Err(DiskError::TooLarge { .. })
         ));

@@ -312,6 +312,7 @@ fn run_spawned(args: SpawnedArgs) -> anyhow::Result<ExitCode> {
         backing,
         config.readonly,
         config.direct_io,
+        config.image_len,
     );
     let disk = match disk {
         Ok(disk) => disk,

@@ -37,6 +37,9 @@ const CMSG_BUFFER_LEN: usize = unsafe { libc::CMSG_SPACE((MAX_FDS * 4) as u32) }
 /// Errors of the control channel.
 #[derive(Debug, thiserror::Error)]
 pub enum ChannelError {
+    /// [`Channel::try_send`]: the peer's queue is full.
+    #[error("the peer is not reading (its queue is full)")]
+    WouldBlock,
     /// Creating the socket pair failed.
     #[error("failed to create a SOCK_SEQPACKET socket pair")]
     SocketPair(#[source] io::Error),
@@ -234,11 +237,28 @@ impl Channel {
         self.send_bytes(&bytes, fds)
     }
 
+    /// [`Channel::send`] without waiting: a peer that does not read, and whose receive
+    /// queue is full, gets [`ChannelError::WouldBlock`] instead of a blocked sender.
+    pub fn try_send<T: Serialize + Validate>(&self, msg: &T) -> Result<(), ChannelError> {
+        msg.validate().map_err(ChannelError::InvalidOutgoing)?;
+        let bytes = codec::encode(msg).map_err(ChannelError::Encode)?;
+        self.send_flags(&bytes, &[], MsgFlags::MSG_DONTWAIT)
+    }
+
     /// Sends one datagram. Kept separate so tests can send arbitrary bytes.
     pub(crate) fn send_bytes(
         &self,
         bytes: &[u8],
         fds: &[BorrowedFd<'_>],
+    ) -> Result<(), ChannelError> {
+        self.send_flags(bytes, fds, MsgFlags::empty())
+    }
+
+    fn send_flags(
+        &self,
+        bytes: &[u8],
+        fds: &[BorrowedFd<'_>],
+        flags: MsgFlags,
     ) -> Result<(), ChannelError> {
         if bytes.len() > MAX_MESSAGE_SIZE {
             return Err(ChannelError::MessageTooLarge {
@@ -264,11 +284,12 @@ impl Channel {
                 self.fd.as_raw_fd(),
                 &iov,
                 cmsgs,
-                MsgFlags::MSG_NOSIGNAL,
+                MsgFlags::MSG_NOSIGNAL | flags,
                 None,
             ) {
                 Ok(n) => break n,
                 Err(Errno::EINTR) => continue,
+                Err(Errno::EAGAIN) => return Err(ChannelError::WouldBlock),
                 Err(Errno::EPIPE | Errno::ECONNRESET) => return Err(ChannelError::Eof),
                 Err(e) => {
                     return Err(ChannelError::Send {

@@ -97,13 +97,11 @@ pub enum ImageError {
     NotAFile { path: PathBuf, kind: &'static str },
     #[error("disk image {path} is empty")]
     Empty { path: PathBuf },
-    #[error("disk image {path} is {size} bytes, not a multiple of {SECTOR_SIZE}")]
-    BadSize { path: PathBuf, size: u64 },
     #[error(
-        "disk image {path} starts with a qcow2 header and is {size} bytes, not whole sectors: \
-         it is a qcow2 image, so give format=qcow2"
+        "disk image {path} is {size} bytes, not a multiple of {SECTOR_SIZE} (a raw image \
+         holds whole sectors; if it is a qcow2 image, give format=qcow2)"
     )]
-    Qcow2AsRaw { path: PathBuf, size: u64 },
+    BadSize { path: PathBuf, size: u64 },
     #[error(
         "disk image {path} is in use by another process (bulkhead, QEMU or qemu-storage-daemon) \
          that {conflict}"
@@ -120,8 +118,6 @@ pub enum ImageError {
 /// An open, locked image.
 #[derive(Debug)]
 pub struct Image {
-    /// Raw only: the file starts with the qcow2 magic (whoever opened it warns).
-    pub qcow2_magic: bool,
     pub file: File,
     /// Bytes, a non-zero multiple of [`SECTOR_SIZE`].
     pub size: u64,
@@ -222,15 +218,12 @@ pub fn open(
             path: path.to_path_buf(),
         });
     }
-    let raw = format == crate::messages::ImageFormat::Raw;
-    // The magic only words an error or a warning; the format is the configuration's.
-    let qcow2_magic = raw && read_head(&file).is_ok_and(|h| h[..4] == QCOW2_MAGIC);
-    if raw && size % SECTOR_SIZE != 0 {
-        let path = path.to_path_buf();
-        return Err(if qcow2_magic {
-            ImageError::Qcow2AsRaw { path, size }
-        } else {
-            ImageError::BadSize { path, size }
+    // Nothing of the image is read here: the VMM never reads a disk (only its workers
+    // do), so a qcow2 image given as raw is told by its size alone.
+    if format == crate::messages::ImageFormat::Raw && size % SECTOR_SIZE != 0 {
+        return Err(ImageError::BadSize {
+            path: path.to_path_buf(),
+            size,
         });
     }
     lock(&file, access).map_err(|e| match e {
@@ -244,7 +237,6 @@ pub fn open(
         },
     })?;
     Ok(Image {
-        qcow2_magic,
         file,
         size,
         identity: (meta.dev(), meta.ino()),
@@ -385,32 +377,16 @@ mod tests {
     }
 
     #[test]
-    fn a_qcow2_file_given_as_raw_is_named_and_qcow2_files_need_no_whole_sectors() {
+    fn a_raw_image_needs_whole_sectors_and_a_qcow2_file_does_not() {
         let p = tmp("given-as-raw.qcow2", 196_616);
-        std::os::unix::fs::FileExt::write_all_at(
-            &File::options().write(true).open(&p).unwrap(),
-            b"QFI\xfb",
-            0,
-        )
-        .unwrap();
         let err = open(&p, Access::ReadOnly, false, ImageFormat::Raw).unwrap_err();
         assert!(
-            matches!(err, ImageError::Qcow2AsRaw { size: 196_616, .. }),
+            matches!(err, ImageError::BadSize { size: 196_616, .. }),
             "{err:?}"
         );
-        assert!(err.to_string().contains("format=qcow2"), "{err}");
+        assert!(err.to_string().contains("give format=qcow2"), "{err}");
         let image = open(&p, Access::ReadOnly, false, ImageFormat::Qcow2).unwrap();
         assert_eq!(image.size, 196_616);
-        assert!(!image.qcow2_magic, "only said of raw images");
-        let whole = tmp("guest-wrote-a-header.img", 1 << 20);
-        std::os::unix::fs::FileExt::write_all_at(
-            &File::options().write(true).open(&whole).unwrap(),
-            &QCOW2_MAGIC,
-            0,
-        )
-        .unwrap();
-        let image = open(&whole, Access::ReadOnly, true, ImageFormat::Raw).unwrap();
-        assert!(image.qcow2_magic, "read through O_DIRECT too");
     }
 
     #[test]

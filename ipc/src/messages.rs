@@ -179,6 +179,9 @@ pub struct WorkerConfig {
     pub backing: Option<BackingImage>,
     /// The disk's I/O limits (changed later by [`VmmMessage::SetRateLimit`]).
     pub rate_limit: RateLimit,
+    /// The image file's length when the VM started: a qcow2 image may grow from it by its
+    /// virtual size and tables, however often its workers restart.
+    pub image_len: u64,
 }
 
 /// Most tokens a bucket may hold or refill: 2^50 (a PiB of bytes), far above any disk's
@@ -353,6 +356,7 @@ impl Validate for WorkerConfig {
             format,
             backing,
             rate_limit,
+            image_len: _,
         } = self;
         rate_limit.validate()?;
         if let Some(backing) = backing {
@@ -548,6 +552,7 @@ mod tests {
             format: ImageFormat::Raw,
             backing: None,
             rate_limit: RateLimit::default(),
+            image_len: 1 << 30,
         }
     }
 

@@ -101,6 +101,7 @@ fn vmm_and_worker_processes() {
         format: ipc::messages::ImageFormat::Raw,
         backing: None,
         rate_limit: Default::default(),
+        image_len: 0,
     };
     vmm.send(&VmmMessage::Configure(config), &[file.as_fd()])
         .unwrap();

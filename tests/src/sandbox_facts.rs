@@ -129,6 +129,7 @@ impl SandboxFacts {
         let mut disks = 0;
         let mut epolls = 0;
         let mut rings = 0;
+        let mut timers = 0;
         for (fd, target) in &self.fds {
             if target.starts_with("socket:") {
                 sockets += 1;
@@ -138,6 +139,8 @@ impl SandboxFacts {
                 epolls += 1;
             } else if target == "anon_inode:[io_uring]" {
                 rings += 1;
+            } else if target == "anon_inode:[timerfd]" {
+                timers += 1;
             } else if target == "anon_inode:[eventfd]"
                 || (*fd == 2 && (target.starts_with("pipe:") || target.starts_with("/dev/")))
                 || shared_memfds
@@ -154,6 +157,7 @@ impl SandboxFacts {
             "{sockets_kept} socket(s), one disk, one epoll: {ctx}"
         );
         assert!(rings <= 1, "at most the io_uring engine's ring: {ctx}");
+        assert_eq!(timers, 1, "the rate limit's timerfd: {ctx}");
 
         for line in &self.maps {
             let fields: Vec<&str> = line.split_whitespace().collect();

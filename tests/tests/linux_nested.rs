@@ -104,8 +104,8 @@ fn linux_boots_to_its_userspace_and_console() {
 }
 
 /// Disks through Linux's own virtio_blk under our VMM: four disks, each with its own
-/// worker (io_uring engine, sync engine, readonly, and a qcow2 image over a raw backing
-/// file that L1's qemu-img made, converts back and checks), once through PVH and once
+/// worker (io_uring engine, sync engine under a 400 IOPS limit, readonly, and a qcow2
+/// image over a raw backing file that L1's qemu-img made, converts back and checks), once through PVH and once
 /// through the bzImage with guest RAM in huge pages. With 2 vCPUs Linux makes 2 hardware queues per
 /// disk and the writes each CPU issued complete; data written with O_DIRECT, fsynced and
 /// read back matches, and the host image holds the same bytes; a discard leaves zeros in

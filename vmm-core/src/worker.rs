@@ -244,6 +244,7 @@ fn configure(
         format: cfg.image.format,
         backing: disk.backing.as_ref().map(|b| b.allowed.clone()),
         rate_limit: cfg.image.rate_limit,
+        image_len: disk.size,
     };
     let backing_fd: Vec<_> = disk.backing.iter().map(|b| b.file.as_fd()).collect();
     worker

@@ -27,6 +27,9 @@ use super::backend::{check_range, total_len, BackendError, BlockIo};
 
 type Storage = imago::file::File;
 
+/// Most refcount table entries read: imago's own limit on the table (4 MiB).
+const MAX_REFTABLE_ENTRIES: u64 = (4 << 20) / 8;
+
 /// Why a qcow2 image cannot be served.
 #[derive(Debug, thiserror::Error)]
 pub enum Qcow2Error {
@@ -87,6 +90,11 @@ pub enum Qcow2Error {
          {needed}: the image is truncated or corrupt"
     )]
     RefcountsMissing { first: u64, needed: u64 },
+    #[error(
+        "the file is {file_len} bytes, which would need {needed} refcount blocks, more than \
+         a qcow2 refcount table may have"
+    )]
+    FileTooLong { file_len: u64, needed: u64 },
 }
 
 /// A qcow2 image served through imago.
@@ -294,6 +302,14 @@ fn check_tables_inside(image: &Storage) -> Result<(), Qcow2Error> {
     let clusters_per_block = (cluster_size * 8) >> refcount_order;
     let file_clusters = file_len.div_ceil(cluster_size);
     let blocks_needed = file_clusters.div_ceil(clusters_per_block);
+    // imago refuses a refcount table above 4 MiB; a sparse file too long for one is
+    // refused here before its entries are read (they would all be allocated).
+    if blocks_needed > MAX_REFTABLE_ENTRIES {
+        return Err(Qcow2Error::FileTooLong {
+            file_len,
+            needed: blocks_needed,
+        });
+    }
     if blocks_needed * 8 > reftable_len {
         return Err(Qcow2Error::RefcountsMissing {
             first: reftable_len / 8,

@@ -19,13 +19,15 @@ use vmm_sys_util::timerfd::TimerFd;
 
 use super::backend::BlockIo;
 use super::engine::{Processed, RequestEngine};
-use super::request::{BlkContext, Request};
+use super::request::{BlkContext, Request, RequestKind};
 use super::stats::Kind;
 use crate::vhost::device::Reaped;
 
 /// One bucket's state.
 #[derive(Debug, Clone, Copy)]
 struct Bucket {
+    /// As configured.
+    params: TokenBucket,
     size: u64,
     refill_ns: u64,
     /// Tokens now (negative: debt). Never above `size`.
@@ -39,6 +41,7 @@ struct Bucket {
 impl Bucket {
     fn new(tb: TokenBucket, now: Instant) -> Bucket {
         Bucket {
+            params: tb,
             size: tb.size,
             refill_ns: tb.refill_time_ms.saturating_mul(1_000_000).max(1),
             budget: i128::from(tb.size),
@@ -98,6 +101,9 @@ pub struct RateLimiter {
     bandwidth: Option<Bucket>,
     ops: Option<Bucket>,
     timer: TimerFd,
+    /// The timer is set (only then is it read or reset: an unlimited disk, or one whose
+    /// buckets hold tokens, makes no timerfd call per request).
+    armed: bool,
 }
 
 impl RateLimiter {
@@ -113,16 +119,22 @@ impl RateLimiter {
             bandwidth: None,
             ops: None,
             timer,
+            armed: false,
         };
         limiter.set(limit, Instant::now());
         Ok(limiter)
     }
 
-    /// New limits, with full buckets (as a fresh start would have).
+    /// New limits. A bucket whose parameters did not change keeps its state (its debt,
+    /// what is left of its burst); a new one starts full, as at a fresh start.
     pub fn set(&mut self, limit: RateLimit, now: Instant) {
-        self.bandwidth = limit.bandwidth.map(|tb| Bucket::new(tb, now));
-        self.ops = limit.ops.map(|tb| Bucket::new(tb, now));
-        self.arm(now);
+        let keep = |old: Option<Bucket>, new: Option<TokenBucket>| match (old, new) {
+            (Some(b), Some(tb)) if b.params == tb => Some(b),
+            (_, new) => new.map(|tb| Bucket::new(tb, now)),
+        };
+        self.bandwidth = keep(self.bandwidth, limit.bandwidth);
+        self.ops = keep(self.ops, limit.ops);
+        self.rearm(now);
     }
 
     fn buckets(&self) -> impl Iterator<Item = &Bucket> {
@@ -136,13 +148,18 @@ impl RateLimiter {
 
     /// Charges one request moving `bytes`, and arms the timer if the buckets are now dry.
     pub fn charge(&mut self, bytes: u64, now: Instant) {
+        if self.bandwidth.is_none() && self.ops.is_none() {
+            return;
+        }
         if let Some(b) = self.bandwidth.as_mut() {
             b.charge(bytes, now);
         }
         if let Some(b) = self.ops.as_mut() {
             b.charge(1, now);
         }
-        self.arm(now);
+        if !self.armed && !self.admits(now) {
+            self.arm(self.wait(now));
+        }
     }
 
     /// How long until a request may start.
@@ -153,36 +170,64 @@ impl RateLimiter {
             .unwrap_or(Duration::ZERO)
     }
 
-    fn arm(&mut self, now: Instant) {
-        let wait = self.wait(now);
-        // Zero disarms; a dry bucket wakes the worker when it holds a token again.
+    /// Sets the timer to fire after `wait` (zero: disarms it).
+    fn arm(&mut self, wait: Duration) {
         if let Err(e) = self.timer.reset(wait, None) {
             tracing::warn!("cannot arm the rate limit's timer: {e}");
+        }
+        self.armed = !wait.is_zero();
+    }
+
+    /// After a change of the limits: the timer fires when the new buckets admit again,
+    /// or is off if they admit now.
+    fn rearm(&mut self, now: Instant) {
+        let wait = self.wait(now);
+        if self.armed || !wait.is_zero() {
+            self.arm(wait);
         }
     }
 
     /// Called when the timer fired (or might have): clears it, and arms it again if the
-    /// buckets are still dry.
+    /// buckets are still dry. Nothing to do while it is not set; one set that has not
+    /// fired yet stays set (so the timer is readable only while `armed`, and an unread
+    /// expiry can never keep the event loop awake).
     pub fn woke(&mut self) {
+        if !self.armed {
+            return;
+        }
         let mut expirations = 0u64;
         // SAFETY: reads 8 bytes into a live u64 from a descriptor `timer` owns; the
         // timerfd is non-blocking, so a timer that has not fired reads EAGAIN.
-        let _ = unsafe {
+        let read = unsafe {
             libc::read(
                 self.timer.as_raw_fd(),
                 (&mut expirations as *mut u64).cast(),
                 8,
             )
         };
+        if read != 8 {
+            return;
+        }
+        self.armed = false;
         let now = Instant::now();
         if !self.admits(now) {
-            self.arm(now);
+            self.arm(self.wait(now));
         }
     }
 
     /// The timer's descriptor: readable when the buckets have refilled.
     pub fn fd(&self) -> RawFd {
         self.timer.as_raw_fd()
+    }
+}
+
+/// The bytes a request costs the bandwidth bucket: the data it moves, and for
+/// write-zeroes the range it zeroes (as QEMU's throttling counts it: where the file
+/// system cannot zero a range, the worker writes the zeros). A discard moves nothing.
+fn cost(kind: &RequestKind) -> u64 {
+    match kind {
+        RequestKind::WriteZeroes(segments) => segments.iter().map(|s| s.len()).sum(),
+        other => u64::from(Kind::of(other).1),
     }
 }
 
@@ -209,8 +254,7 @@ impl RequestEngine for Limited {
         mem: &GuestMemoryMmap,
         ctx: &BlkContext,
     ) -> Processed {
-        let (_, bytes) = Kind::of(&req.kind);
-        self.limiter.charge(u64::from(bytes), Instant::now());
+        self.limiter.charge(cost(&req.kind), Instant::now());
         self.inner.process(queue_index, req, mem, ctx)
     }
 
@@ -337,6 +381,54 @@ mod tests {
         let later = t0 + Duration::from_secs(100);
         b.charge(0, later);
         assert_eq!((b.burst, b.budget), (0, 10));
+    }
+
+    #[test]
+    fn an_unlimited_or_unexhausted_limiter_never_touches_its_timer() {
+        let mut l = RateLimiter::new(RateLimit::default()).unwrap();
+        let now = Instant::now();
+        for _ in 0..1000 {
+            l.charge(1 << 20, now);
+        }
+        assert!(!l.armed);
+        let ops = TokenBucket {
+            size: 100,
+            one_time_burst: 0,
+            refill_time_ms: 1000,
+        };
+        l.set(
+            RateLimit {
+                bandwidth: None,
+                ops: Some(ops),
+            },
+            now,
+        );
+        for _ in 0..99 {
+            l.charge(0, now);
+            assert!(!l.armed, "tokens left: no timer");
+        }
+        l.charge(0, now);
+        assert!(l.armed, "dry: the timer is set");
+        // The same limit again keeps the debt; another one starts full.
+        l.set(
+            RateLimit {
+                bandwidth: None,
+                ops: Some(ops),
+            },
+            now,
+        );
+        assert!(!l.admits(now) && l.armed);
+        l.set(
+            RateLimit {
+                bandwidth: None,
+                ops: Some(TokenBucket { size: 50, ..ops }),
+            },
+            now,
+        );
+        assert!(
+            l.admits(now) && !l.armed,
+            "a new bucket starts full, its timer off"
+        );
     }
 
     #[test]

@@ -71,6 +71,15 @@ pub struct DataPlane<D> {
     resubmitted: u64,
     /// Rings started (each ran inflight recovery first), since start.
     rings_started: u64,
+    /// Where the next pass over throttled rings starts (see [`throttled_order`]).
+    next_throttled: usize,
+}
+
+/// The order in which `n` rings are served after a completion or a refill, starting at
+/// `start`: a rotation, so that when room comes back one request at a time (a rate limit
+/// refilling), every throttled ring gets its turn instead of the first one taking it all.
+fn throttled_order(n: usize, start: usize) -> impl Iterator<Item = usize> {
+    (0..n).map(move |k| (start + k) % n.max(1))
 }
 
 impl<D: VhostDevice> DataPlane<D> {
@@ -87,6 +96,7 @@ impl<D: VhostDevice> DataPlane<D> {
             inflight: None,
             resubmitted: 0,
             rings_started: 0,
+            next_throttled: 0,
         }
     }
 
@@ -297,7 +307,10 @@ impl<D: VhostDevice> DataPlane<D> {
         let mut reaped = Vec::new();
         self.device.reap(mem, &mut reaped);
         self.publish(&reaped);
-        for index in 0..self.vrings.len() {
+        let n = self.vrings.len();
+        let start = self.next_throttled;
+        self.next_throttled = (start + 1) % n.max(1);
+        for index in throttled_order(n, start) {
             if self.vrings[index].state == RingState::Throttled {
                 self.process(index);
             }
@@ -441,6 +454,16 @@ impl<D: VhostDevice> DataPlane<D> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn throttled_rings_take_turns() {
+        let firsts: Vec<usize> = (0..6)
+            .map(|start| throttled_order(3, start % 3).next().unwrap())
+            .collect();
+        assert_eq!(firsts, [0, 1, 2, 0, 1, 2]);
+        assert_eq!(throttled_order(3, 2).collect::<Vec<_>>(), [2, 0, 1]);
+        assert_eq!(throttled_order(0, 0).count(), 0);
+    }
 
     /// Both paths count a failed request as completed and as failed (the asynchronous
     /// one once counted only successes as completed).

@@ -1,6 +1,7 @@
 # Disks through Linux's own drivers: one VM per argument KERNEL[:hugepages] (vmlinux or
 # vmlinuz), 2 vCPUs, four disks, each with its own worker: vda (io_uring engine), vdb
-# (sync engine), vdc (readonly), vdd (qcow2 over a raw backing file; its host side is
+# (sync engine, limited to 400 requests a second: Linux's driver under a binding rate
+# limit), vdc (readonly), vdd (qcow2 over a raw backing file; its host side is
 # read through qemu-img convert, and qemu-img check reports on it). L2 runs /nest/disks.sh; then the host side of every
 # checksum L2 reported is computed here from the image files, and the readonly image is
 # compared with its state before the run.
@@ -26,7 +27,7 @@ for spec in "$@"; do
 	[ "$kernel" = vmlinux ] && cgroups=required
 	vm_start "$name" run --kernel "/nest/l2/$kernel" --initrd "$L2_INITRD" --vcpus 2 --mem 256 \
 		$extra --timeout 300 --worker-cgroups $cgroups \
-		--disk path=/tmp/d0.img,engine=io_uring --disk path=/tmp/d1.img,engine=sync \
+		--disk path=/tmp/d0.img,engine=io_uring --disk path=/tmp/d1.img,engine=sync,iops=400 \
 		--disk path=/tmp/ro.img,readonly=on \
 		--disk path=/tmp/d3.qcow2,format=qcow2,backing=/tmp/base.raw \
 		--cmdline "$L2_CMDLINE guestkit.run=\"sh /nest/disks.sh\""

@@ -360,25 +360,30 @@ fn set_limit(ctx: &ApiContext, disk: &ApiDisk, body: &[u8]) -> Reply {
             )
         }
     };
-    let (mut limit, _) = handle.rate_limit();
-    if let Some(b) = patch.rate_limiter.bandwidth {
-        limit.bandwidth = b.map(Into::into);
-    }
-    if let Some(b) = patch.rate_limiter.ops {
-        limit.ops = b.map(Into::into);
-    }
-    if let Err(e) = ipc::messages::Validate::validate(&limit) {
-        return error(400, format!("rate_limiter: {e}"));
-    }
     let id = disk.id.clone();
     let events = ctx.events.clone();
     Reply::Blocking(Box::new(move || {
         let _in_disk = tracing::info_span!("disk", id = %id).entered();
-        tracing::info!(
-            "api: rate limit of disk {id}: {}",
-            crate::disk::config::describe_limit(&limit)
-        );
-        let applied = handle.set_rate_limit(limit, LIMIT_TIMEOUT);
+        // Merged with the limits in force under the handle's lock: two PATCHes at once
+        // both count.
+        let merge = |mut limit: ipc::messages::RateLimit| {
+            if let Some(b) = patch.rate_limiter.bandwidth {
+                limit.bandwidth = b.map(Into::into);
+            }
+            if let Some(b) = patch.rate_limiter.ops {
+                limit.ops = b.map(Into::into);
+            }
+            ipc::messages::Validate::validate(&limit).map_err(|e| format!("rate_limiter: {e}"))?;
+            tracing::info!(
+                "api: rate limit of disk {id}: {}",
+                crate::disk::config::describe_limit(&limit)
+            );
+            Ok(limit)
+        };
+        let (limit, applied) = match handle.change_rate_limit(merge, LIMIT_TIMEOUT) {
+            Ok(done) => done,
+            Err(msg) => return (400, json!({ "error": msg })),
+        };
         events.emit(
             "rate_limit",
             Some(&id),

@@ -304,16 +304,27 @@ impl LimitOptions {
             if burst > MAX_TOKENS {
                 return Err(format!("{name}_burst={burst} must be at most {MAX_TOKENS}"));
             }
-            // What the window brings at that rate, at least one token; the refill time is
-            // then what that many tokens take at the rate (so the rate is exact even where
-            // the window's share rounds).
-            let size = (u128::from(rate) * u128::from(refill_ms) / 1000).max(1) as u64;
-            let refill_time_ms = (u128::from(size) * 1000).div_ceil(u128::from(rate)) as u64;
-            Ok(Some(TokenBucket {
-                size,
+            // What the window brings at that rate, the window rounded up to where that is
+            // a whole number of tokens (1000 / gcd(rate, 1000) ms divides it): the rate is
+            // then exact, and the bucket's keys give the same bucket back.
+            let gcd = |mut a: u64, mut b: u64| {
+                while b != 0 {
+                    (a, b) = (b, a % b);
+                }
+                a
+            };
+            let unit = u128::from(1000 / gcd(rate, 1000));
+            let refill_time_ms = u128::from(refill_ms).div_ceil(unit) * unit;
+            let size = u128::from(rate) * refill_time_ms / 1000;
+            let bucket = TokenBucket {
+                size: u64::try_from(size).unwrap_or(u64::MAX),
                 one_time_burst: burst,
-                refill_time_ms: refill_time_ms.max(1),
-            }))
+                refill_time_ms: u64::try_from(refill_time_ms).unwrap_or(u64::MAX),
+            };
+            ipc::messages::Validate::validate(&bucket).map_err(|e| {
+                format!("{name}={rate} with {name}_refill_ms={refill_ms}: its bucket's {e}")
+            })?;
+            Ok(Some(bucket))
         };
         Ok(RateLimit {
             bandwidth: bucket("bw", self.bw, self.bw_burst, self.bw_refill_ms)?,
@@ -535,7 +546,12 @@ pub fn describe_limit(limit: &RateLimit) -> String {
 /// The rate keys that give `limit` back (exact for limits the keys made; a bucket set
 /// through the API is shown as the rate it amounts to).
 pub fn limit_options(limit: &RateLimit) -> LimitOptions {
-    let rate = |b: &TokenBucket| (u128::from(b.size) * 1000 / u128::from(b.refill_time_ms)) as u64;
+    // Exact for a bucket the keys made; one set through the API shows its rate rounded.
+    let rate = |b: &TokenBucket| {
+        let per_s = (u128::from(b.size) * 1000 + u128::from(b.refill_time_ms) / 2)
+            / u128::from(b.refill_time_ms);
+        u64::try_from(per_s).unwrap_or(u64::MAX)
+    };
     let mut o = LimitOptions::default();
     if let Some(b) = &limit.bandwidth {
         o.bw = Some(rate(b));
@@ -720,7 +736,8 @@ mod tests {
             (Some(2000), Some(50_000_000))
         );
         assert_eq!(serde_json::from_value::<DiskConfig>(json).unwrap(), c);
-        // A rate below ten a second still gets a whole token, refilled at the rate.
+        // A rate whose tenth of a second is no whole number of tokens gets the shortest
+        // window that is.
         let slow = LimitOptions {
             iops: Some(3),
             ..Default::default()
@@ -729,7 +746,28 @@ mod tests {
         .unwrap()
         .ops
         .unwrap();
-        assert_eq!((slow.size, slow.refill_time_ms), (1, 334));
+        assert_eq!((slow.size, slow.refill_time_ms), (3, 1000));
+        // Keys give their buckets back, and buckets their keys, at any rate.
+        for rate in (1..=2000).chain([9_999, 123_456_789, 1 << 40]) {
+            for refill in [None, Some(1), Some(7), Some(100), Some(1000)] {
+                let keys = LimitOptions {
+                    iops: Some(rate),
+                    iops_refill_ms: refill,
+                    ..Default::default()
+                };
+                let limit = keys.rate_limit().unwrap();
+                let again = limit_options(&limit).rate_limit().unwrap();
+                assert_eq!(again, limit, "iops={rate} refill {refill:?}");
+            }
+        }
+        let err = LimitOptions {
+            bw: Some(MAX_TOKENS),
+            bw_refill_ms: Some(2000),
+            ..Default::default()
+        }
+        .rate_limit()
+        .unwrap_err();
+        assert!(err.contains("bw="), "{err}");
         for (spec, says) in [
             ("path=/d.img,iops=0", "iops=0 must be"),
             ("path=/d.img,bw_burst=5", "need bw=RATE"),

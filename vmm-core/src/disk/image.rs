@@ -46,6 +46,8 @@ pub enum OpenError {
     },
     #[error("{path} is not UTF-8; a backing file and its image need UTF-8 paths")]
     NotUtf8 { path: PathBuf },
+    #[error("backing={} is the image itself", path.display())]
+    OwnBacking { path: PathBuf },
 }
 
 /// Opens the image read-write (or read-only), O_DIRECT on request, and locks it as QEMU
@@ -58,33 +60,32 @@ pub fn open_image(image: &ImageDisk) -> Result<OpenedImage, OpenError> {
         image.direct,
         image.format,
     )?;
-    if opened.qcow2_magic {
-        tracing::warn!(
-            "disk image {} is served as raw (format=raw) but starts with a qcow2 header; if \
-             it is a qcow2 image, give format=qcow2",
-            image.path.display()
-        );
-    }
     let backing = match &image.backing {
         None => None,
         Some(b) => {
+            if ipc::image::check_path(&b.path)? == opened.identity {
+                return Err(OpenError::OwnBacking {
+                    path: b.path.clone(),
+                });
+            }
             let file = ipc::image::open(
                 &b.path,
                 ipc::image::Access::ReadOnly,
                 image.direct,
                 b.format,
             )?;
-            let dir = canonical(&image.path)?
+            // The names of the files opened (not of whatever the paths name by now).
+            let dir = opened_path(&opened.file, &image.path)?
                 .parent()
                 .map_or_else(|| PathBuf::from("/"), Path::to_path_buf);
             Some(OpenedBacking {
-                file: file.file,
-                identity: file.identity,
                 allowed: BackingImage {
                     format: b.format,
-                    path: utf8(canonical(&b.path)?)?,
+                    path: utf8(opened_path(&file.file, &b.path)?)?,
                     image_dir: utf8(dir)?,
                 },
+                file: file.file,
+                identity: file.identity,
             })
         }
     };
@@ -96,10 +97,14 @@ pub fn open_image(image: &ImageDisk) -> Result<OpenedImage, OpenError> {
     })
 }
 
-fn canonical(path: &Path) -> Result<PathBuf, OpenError> {
-    std::fs::canonicalize(path).map_err(|source| OpenError::Resolve {
-        path: path.to_path_buf(),
-        source,
+/// The absolute, symlink-free path of the file `file` is (as the kernel names it).
+fn opened_path(file: &File, path: &Path) -> Result<PathBuf, OpenError> {
+    use std::os::fd::AsRawFd;
+    std::fs::read_link(format!("/proc/self/fd/{}", file.as_raw_fd())).map_err(|source| {
+        OpenError::Resolve {
+            path: path.to_path_buf(),
+            source,
+        }
     })
 }
 

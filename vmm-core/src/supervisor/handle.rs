@@ -238,10 +238,18 @@ impl DiskHandle {
         (l.current, l.generation)
     }
 
-    /// New limits: kept for every worker from now on, and handed to the running one by
-    /// its supervisor, which is waited for up to `timeout`.
-    pub fn set_rate_limit(&self, limit: RateLimit, timeout: Duration) -> Result<(), LimitError> {
+    /// Changes the limits with `change` (which sees the limits in force and may refuse):
+    /// kept for every worker from now on, and handed to the running one by its
+    /// supervisor, which is waited for up to `timeout`. The read, the change and the write
+    /// are one step, so two changes at once never lose one another. Returns the new
+    /// limits, and whether the worker took them in time.
+    pub fn change_rate_limit(
+        &self,
+        change: impl FnOnce(RateLimit) -> Result<RateLimit, String>,
+        timeout: Duration,
+    ) -> Result<(RateLimit, Result<(), LimitError>), String> {
         let mut l = self.limits();
+        let limit = change(l.current)?;
         l.current = limit;
         l.generation += 1;
         let generation = l.generation;
@@ -249,11 +257,12 @@ impl DiskHandle {
             .limits_changed
             .wait_timeout_while(l, timeout, |l| l.applied < generation)
             .unwrap_or_else(|p| p.into_inner());
-        if l.applied >= generation {
+        let applied = if l.applied >= generation {
             Ok(())
         } else {
             Err(LimitError::NotApplied(timeout))
-        }
+        };
+        Ok((limit, applied))
     }
 
     /// The serving worker has the limits of `generation`.

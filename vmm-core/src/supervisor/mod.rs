@@ -629,9 +629,11 @@ impl Supervisor {
         if *sent == Some(generation) {
             return;
         }
+        // Never blocks: a worker that stops reading its channel must not stall its
+        // supervisor's watch; the change is retried at the next look.
         match worker
             .control
-            .send(&ipc::messages::VmmMessage::SetRateLimit(limit), &[])
+            .try_send(&ipc::messages::VmmMessage::SetRateLimit(limit))
         {
             Ok(()) => {
                 tracing::info!(
@@ -642,6 +644,10 @@ impl Supervisor {
                 *sent = Some(generation);
                 self.handle.rate_limit_applied(generation);
             }
+            Err(ipc::channel::ChannelError::WouldBlock) => tracing::debug!(
+                "disk {}: the worker is not reading its channel; the rate limit waits",
+                self.disk.id
+            ),
             Err(e) => tracing::warn!(
                 "disk {}: cannot send the worker its new rate limit: {e}",
                 self.disk.id
@@ -726,6 +732,10 @@ impl Supervisor {
             discard(Some(next.worker));
             self.handle.publish(None, None, 0);
             return Err("the device's frontend thread is gone".into());
+        }
+        if let Some(limits) = next.limits {
+            // It started with them: a change made during the restart is in force.
+            self.handle.rate_limit_applied(limits);
         }
         self.handle.counters().worker_started(
             next.worker.status.clone(),
