@@ -31,10 +31,24 @@ fuzz_target!(|data: &[u8]| {
     let Ok(file) = disk_file().try_clone() else {
         return;
     };
-    let Ok(disk) = device_workers::disk::from_file(file, false, false) else {
+    let Ok(disk) = device_workers::disk::from_file(
+        file,
+        ipc::messages::ImageFormat::Raw,
+        None,
+        false,
+        false,
+        0,
+    ) else {
         return;
     };
-    let Ok(device) = BlkDevice::new(disk, 2, b"fuzz", ServeMode::Normal, IoEngine::Sync) else {
+    let Ok(device) = BlkDevice::new(
+        disk,
+        2,
+        b"fuzz",
+        ServeMode::Normal,
+        IoEngine::Sync,
+        ipc::messages::RateLimit::default(),
+    ) else {
         return;
     };
     let backend = Arc::new(Mutex::new(VhostBackend::new(device)));
