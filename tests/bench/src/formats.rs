@@ -99,8 +99,8 @@ pub fn report(runs: &[Vec<Sample>]) -> String {
          allocated), both with O_DIRECT; bulkhead serves qcow2 with imago inside its \
          sandboxed worker (sync engine), QEMU with its own qcow2 driver. The median run by \
          IOPS; ratios of medians.\n\n\
-         | system | IOPS | p50 us | p99 us | I/O CPU us per request | qcow2 / raw | / QEMU + IOThread qcow2 |\n\
-         |---|---:|---:|---:|---:|---:|---:|\n",
+         | system | IOPS | p50 us | p99 us | qcow2 / raw | / QEMU + IOThread qcow2 |\n\
+         |---|---:|---:|---:|---:|---:|\n",
         profile.name, profile.rw, profile.bs, profile.qd, profile.mode
     );
     let iops = |s: usize| median(&runs[s]).map_or(f64::NAN, |r| r.iops);
@@ -117,11 +117,8 @@ pub fn report(runs: &[Vec<Sample>]) -> String {
             String::new()
         };
         md.push_str(&format!(
-            "| {system} | {:.0} | {:.0} | {:.0} | {:.1} | {to_raw} | {to_qemu} |\n",
-            r.iops,
-            r.p50_us,
-            r.p99_us,
-            r.io_cpu_us_per_io()
+            "| {system} | {:.0} | {:.0} | {:.0} | {to_raw} | {to_qemu} |\n",
+            r.iops, r.p50_us, r.p99_us
         ));
     }
     md.push('\n');

@@ -63,6 +63,11 @@ struct Cli {
 enum BenchCommand {
     /// Time from a worker's SIGKILL to the guest's next completed request.
     Restart(RestartArgs),
+    /// Only the image formats section (raw against qcow2): `formats.md` in --out.
+    Formats,
+    /// Only the rate limits section (a limited disk beside an unlimited one): `limits.md`
+    /// in --out.
+    Limits,
 }
 
 #[derive(Debug, Args)]
@@ -122,7 +127,7 @@ fn bench(cli: Cli) -> anyhow::Result<()> {
             )
         })?,
     };
-    suite::run(&io::IoBench {
+    let b = io::IoBench {
         bulkhead,
         worker_bin,
         kernel: testguest(cli.kernel)?,
@@ -131,7 +136,37 @@ fn bench(cli: Cli) -> anyhow::Result<()> {
         image_mib: if cli.quick { 256 } else { 1024 },
         repeats: if cli.quick { 1 } else { 3 },
         huge_pages: io::huge_pages_for_bench(),
-    })
+    };
+    match cli.what {
+        Some(BenchCommand::Formats) => section(&b, "formats.md", |b, image| {
+            let qemu = host::which("qemu-system-x86_64").context(
+                "qemu-system-x86_64 is missing: install it (apt-get install qemu-system-x86)",
+            )?;
+            Ok(formats::report(&formats::measure(b, image, &qemu)?))
+        }),
+        Some(BenchCommand::Limits) => section(&b, "limits.md", |b, image| {
+            let (runs, limit) = limits::measure(b, image)?;
+            Ok(limits::report(&runs, limit, b.secs))
+        }),
+        _ => suite::run(&b),
+    }
+}
+
+/// One section of the bench on its own: its report printed and written to `name`.
+fn section(
+    b: &io::IoBench,
+    name: &str,
+    run: impl FnOnce(&io::IoBench, &Path) -> anyhow::Result<String>,
+) -> anyhow::Result<()> {
+    std::fs::create_dir_all(&b.out)
+        .with_context(|| format!("create the output directory {}", b.out.display()))?;
+    let image = b.out.join("bench.img");
+    io::prepare_image(&image, b.image_mib)?;
+    let report = run(b, &image)?;
+    print!("{report}");
+    let path = b.out.join(name);
+    std::fs::write(&path, &report).with_context(|| format!("write {}", path.display()))?;
+    Ok(())
 }
 
 /// The file `name` in the directory of `exe`, if there is one.
