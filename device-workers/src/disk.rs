@@ -384,6 +384,66 @@ mod tests {
         ));
     }
 
+    /// The file-size cap counts from the image's length when the VM started, so a
+    /// successor started after the file grew gets the same cap, not a higher one.
+    #[test]
+    fn a_qcow2_images_file_size_cap_is_from_its_length_at_vm_start() {
+        let q = with_header("grown.qcow2", 4 << 20, 1 << 30);
+        let cap = |image_len| {
+            from_file(
+                File::open(&q).unwrap(),
+                ImageFormat::Qcow2,
+                None,
+                false,
+                false,
+                image_len,
+            )
+            .unwrap()
+            .max_file_size
+        };
+        let want = (196_616u64 + (1 << 30) + (1 << 30) / 16) + (256 << 20);
+        assert_eq!(cap(196_616), want, "not from the file's length now (4 MiB)");
+    }
+
+    /// A qcow2 disk offers at most 64 MiB per discard (imago works cluster by cluster);
+    /// a raw one keeps the larger limit.
+    #[test]
+    fn a_qcow2_disk_offers_smaller_discards() {
+        use crate::blk_device::BlkDevice;
+        let q = with_header("discard.qcow2", 196_616, 1 << 30);
+        let disk = |format, path: &Path| {
+            let file = std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open(path)
+                .unwrap();
+            let d = from_file(file, format, None, false, false, 196_616).unwrap();
+            BlkDevice::new(
+                d,
+                1,
+                b"",
+                ipc::messages::ServeMode::Normal,
+                ipc::messages::IoEngine::Sync,
+                Default::default(),
+            )
+            .unwrap()
+        };
+        let max_discard = |dev: &BlkDevice| {
+            use crate::vhost::VhostDevice;
+            let config = dev.config();
+            // virtio_blk_config: max_discard_sectors is the u32 at byte 36.
+            u32::from_le_bytes(config[36..40].try_into().unwrap())
+        };
+        let qcow2 = disk(ImageFormat::Qcow2, &q);
+        assert_eq!(
+            max_discard(&qcow2),
+            crate::blk::config::MAX_WRITE_ZEROES_SECTORS
+        );
+        let raw = tmp("discard.img", 1 << 30);
+        let raw = disk(ImageFormat::Raw, &raw);
+        assert!(max_discard(&raw) > crate::blk::config::MAX_WRITE_ZEROES_SECTORS);
+    }
+
     #[test]
     fn missing_image_names_the_path() {
         let err = open(
