@@ -80,7 +80,7 @@ pub(crate) struct Opts {
     pub queue: u16,
 }
 
-fn num_opt(c: &Cmdline, key: &'static str) -> Option<u64> {
+pub(crate) fn num_opt(c: &Cmdline, key: &'static str) -> Option<u64> {
     c.number(key).unwrap_or_else(|v| fail!("bad {key}={v}"))
 }
 

@@ -25,18 +25,14 @@ struct Side {
 
 pub fn run(ctx: &Ctx) {
     let c = &ctx.cmdline;
-    let num = |k: &'static str, d: u64| {
-        c.number(k)
-            .unwrap_or_else(|v| fail!("bad {k}={v}"))
-            .unwrap_or(d)
-    };
+    let num = |k: &'static str, d: u64| blk_verify::num_opt(c, k).unwrap_or(d);
     let o = blk_verify::opts(c);
     let qd = num("qd", 16) as usize;
     if qd == 0 || 2 * qd > MAX_SLOTS || qd > 40 {
         fail!("blk-pair: qd={qd} must be 1..=40");
     }
     let secs = num("secs", 5);
-    let span_mib = c.number("span").unwrap_or_else(|v| fail!("bad span={v}"));
+    let span_mib = blk_verify::num_opt(c, "span");
     let mut sides: [Option<Side>; 2] = [None, None];
     for (n, side) in sides.iter_mut().enumerate() {
         let Some((_, slot)) = blk_verify::chosen(ctx, Some(n)).next() else {
