@@ -33,6 +33,15 @@ pub enum BlkDeviceError {
     UringQcow2,
 }
 
+/// Why the image cannot be served, found once the worker is confined.
+#[derive(Debug, thiserror::Error)]
+pub enum OpenImageError {
+    #[error(transparent)]
+    Qcow2(#[from] Qcow2Error),
+    #[error("cannot resize the disk from {from} to {to} bytes: {reason}")]
+    Resize { from: u64, to: u64, reason: String },
+}
+
 /// A virtio-blk device on one disk.
 #[derive(Debug)]
 pub struct BlkDevice {
@@ -47,6 +56,8 @@ pub struct BlkDevice {
     stats: crate::blk::stats::RequestStats,
     /// A qcow2 image still to be parsed, inside the sandbox ([`BlkDevice::open_image`]).
     pending: Option<Qcow2Files>,
+    /// A resize still to be done, inside the sandbox ([`BlkDevice::open_image`]).
+    resize: Option<crate::disk::Resize>,
     /// Fail mode: every request completes with an error at once, limits or not.
     failing: bool,
 }
@@ -80,6 +91,8 @@ impl BlkDevice {
         let config = BlkConfig::new(disk.size, blk_size, num_queues, &limits)?;
         let ctx = BlkContext::new(&config, limits, disk.readonly, serial);
         let features = device_features(disk.readonly, num_queues);
+        // Fail mode never touches the image.
+        let resize = disk.resize.filter(|_| mode == ServeMode::Normal);
         let mut pending = None;
         let engine: Box<dyn RequestEngine + Send> = match (mode, disk.image) {
             (ServeMode::Fail, _) => Box::new(FailBackend::new(disk.size)),
@@ -130,17 +143,29 @@ impl BlkDevice {
             num_queues,
             stats: Default::default(),
             pending,
+            resize,
             failing: mode == ServeMode::Fail,
         })
     }
 
-    /// Parses a qcow2 image: called once the worker is confined, before it serves. The
-    /// size parsed must be the one the guest was offered.
-    pub fn open_image(&mut self) -> Result<(), Qcow2Error> {
+    /// Parses a qcow2 image and does a planned resize: called once the worker is
+    /// confined, before it serves. The size parsed must be the one read before the
+    /// sandbox, and after a resize the disk has the size the guest is offered.
+    pub fn open_image(&mut self) -> Result<(), OpenImageError> {
+        let offered = self.config.capacity() * crate::disk::SECTOR_SIZE;
         if let Some(files) = self.pending.take() {
             let image = crate::blk::qcow2_backend::open(files)?;
-            image.check_size(self.config.capacity() * crate::disk::SECTOR_SIZE)?;
+            image.check_size(self.resize.map_or(offered, |r| r.from))?;
             self.engine.inner = Box::new(image);
+        }
+        if let Some(crate::disk::Resize { from, to }) = self.resize.take() {
+            let disk = self.engine.inner.sync_io();
+            disk.resize(to).map_err(|e| OpenImageError::Resize {
+                from,
+                to,
+                reason: std::error::Error::source(&e).map_or(e.to_string(), |s| s.to_string()),
+            })?;
+            tracing::info!("disk resized from {from} to {to} bytes");
         }
         Ok(())
     }

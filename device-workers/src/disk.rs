@@ -57,6 +57,8 @@ pub enum DiskError {
     TooLarge { path: PathBuf, size: u64 },
     #[error("a backing file was passed for a {format} image; only qcow2 images have one")]
     UnexpectedBacking { format: &'static str },
+    #[error("a resize to {size} bytes was asked for a read-only disk")]
+    ResizeReadOnly { size: u64 },
 }
 
 /// What serves the disk's bytes.
@@ -79,6 +81,17 @@ pub struct Disk {
     pub direct: bool,
     /// The size the image file may reach (the worker's RLIMIT_FSIZE).
     pub max_file_size: u64,
+    /// A resize to do once confined (`size` is then already the new size).
+    pub resize: Option<Resize>,
+}
+
+/// A resize the VMM asked for: done inside the sandbox, before the worker serves.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Resize {
+    /// The image's size before: what a qcow2 parse must find.
+    pub from: u64,
+    /// The size to set, and to offer the guest.
+    pub to: u64,
 }
 
 impl Disk {
@@ -88,6 +101,28 @@ impl Disk {
             Image::Raw(file) => vec![file.as_raw_fd()],
             Image::Qcow2(q) => q.fds().to_vec(),
         }
+    }
+
+    /// Plans a resize to `to` bytes (whole sectors, checked by the message's validation):
+    /// the guest is offered `to`, and the file-size limit makes room for the growth (a
+    /// qcow2 image's tables grow with it, by at most 1/16 of the growth).
+    pub fn plan_resize(&mut self, to: u64) -> Result<(), DiskError> {
+        if self.readonly {
+            return Err(DiskError::ResizeReadOnly { size: to });
+        }
+        let from = self.size;
+        let growth = to.saturating_sub(from);
+        let tables = match self.image {
+            Image::Raw(_) => 0,
+            Image::Qcow2(_) => growth / 16,
+        };
+        self.max_file_size = self
+            .max_file_size
+            .saturating_add(growth)
+            .saturating_add(tables);
+        self.size = to;
+        self.resize = Some(Resize { from, to });
+        Ok(())
     }
 
     /// The format served.
@@ -192,6 +227,7 @@ fn from_named_file(
                 readonly,
                 direct,
                 max_file_size: file_size,
+                resize: None,
             })
         }
         ImageFormat::Qcow2 => {
@@ -235,6 +271,7 @@ fn from_named_file(
                 readonly,
                 direct,
                 max_file_size,
+                resize: None,
             })
         }
     }
@@ -455,5 +492,47 @@ mod tests {
         )
         .unwrap_err();
         assert!(err.to_string().contains("/nonexistent/x.img"), "{err}");
+    }
+
+    /// A planned resize offers the new size and lets the file grow by the growth (a qcow2
+    /// image's tables too), never more; shrinking keeps the cap; a read-only disk refuses.
+    #[test]
+    fn a_planned_resize_raises_the_file_size_cap_by_the_growth() {
+        let r = tmp("resize.img", 1 << 20);
+        let open = |path: &Path, format, readonly| {
+            from_file(
+                File::open(path).unwrap(),
+                format,
+                None,
+                readonly,
+                false,
+                1 << 20,
+            )
+            .unwrap()
+        };
+        let mut raw = open(&r, ImageFormat::Raw, false);
+        raw.plan_resize(3 << 20).unwrap();
+        assert_eq!((raw.size, raw.max_file_size), (3 << 20, 3 << 20));
+        assert_eq!(
+            raw.resize,
+            Some(Resize {
+                from: 1 << 20,
+                to: 3 << 20
+            })
+        );
+        let mut raw = open(&r, ImageFormat::Raw, false);
+        raw.plan_resize(1 << 19).unwrap();
+        assert_eq!((raw.size, raw.max_file_size), (1 << 19, 1 << 20));
+        let q = with_header("resize.qcow2", 196_616, 1 << 30);
+        let before = open(&q, ImageFormat::Qcow2, false).max_file_size;
+        let mut qcow2 = open(&q, ImageFormat::Qcow2, false);
+        qcow2.plan_resize(2 << 30).unwrap();
+        assert_eq!(qcow2.size, 2 << 30);
+        assert_eq!(qcow2.max_file_size, before + (1 << 30) + (1 << 26));
+        let mut ro = open(&r, ImageFormat::Raw, true);
+        assert!(matches!(
+            ro.plan_resize(2 << 20),
+            Err(DiskError::ResizeReadOnly { .. })
+        ));
     }
 }

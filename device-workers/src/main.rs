@@ -313,7 +313,13 @@ fn run_spawned(args: SpawnedArgs) -> anyhow::Result<ExitCode> {
         config.readonly,
         config.direct_io,
         config.image_len,
-    );
+    )
+    .and_then(|mut disk| {
+        if let Some(size) = config.resize_to {
+            disk.plan_resize(size)?;
+        }
+        Ok(disk)
+    });
     let disk = match disk {
         Ok(disk) => disk,
         Err(e) => {

@@ -14,7 +14,7 @@
 use serde::{Deserialize, Serialize};
 
 /// Version of the message set. Bump on any change of the messages or their meaning.
-pub const PROTOCOL_VERSION: u32 = 7;
+pub const PROTOCOL_VERSION: u32 = 8;
 
 /// Longest device id, in bytes.
 pub const MAX_DEVICE_ID_LEN: usize = 32;
@@ -28,6 +28,10 @@ pub const MAX_PATH_LEN: usize = 4096;
 pub const MAX_ERROR_MESSAGE_LEN: usize = 1024;
 /// Largest pid Linux can hand out (`PID_MAX_LIMIT` on 64-bit).
 pub const MAX_PID: u32 = 4 * 1024 * 1024;
+/// Largest disk a worker serves or is resized to: 64 TiB, as QEMU's qcow2 limit.
+pub const MAX_DISK_SIZE: u64 = 64 << 40;
+/// Bytes per virtio-blk sector: a disk's size is a whole number of them.
+pub const SECTOR_SIZE: u64 = 512;
 /// `VIRTIO_F_VERSION_1`: every device we drive is a modern (virtio 1.x) device.
 pub const VIRTIO_F_VERSION_1: u64 = 1 << 32;
 
@@ -182,6 +186,12 @@ pub struct WorkerConfig {
     /// The image file's length when the VM started: a qcow2 image may grow from it by its
     /// virtual size and tables, however often its workers restart.
     pub image_len: u64,
+    /// A resize the operator asked for: the worker sets the disk to this many bytes once
+    /// confined, before it answers Ready, and offers that size. A multiple of
+    /// [`SECTOR_SIZE`] in 512..=[`MAX_DISK_SIZE`]; never for a read-only disk or in fail
+    /// mode. Setting a size the image already has changes nothing, so a worker that died
+    /// after its resize can be replaced by one with the same request.
+    pub resize_to: Option<u64>,
 }
 
 /// Most tokens a bucket may hold or refill: 2^50 (a PiB of bytes), far above any disk's
@@ -344,12 +354,12 @@ impl Validate for WorkerConfig {
         let WorkerConfig {
             kind: WorkerKind::Blk,
             device_id,
-            readonly: _,
+            readonly,
             num_queues,
             serial,
             direct_io: _,
             sandbox: _,
-            mode: _,
+            mode,
             engine: _,
             poll_us,
             uid,
@@ -357,8 +367,28 @@ impl Validate for WorkerConfig {
             backing,
             rate_limit,
             image_len: _,
+            resize_to,
         } = self;
         rate_limit.validate()?;
+        if let Some(size) = resize_to {
+            check_range("resize_to", *size, SECTOR_SIZE, MAX_DISK_SIZE)?;
+            if size % SECTOR_SIZE != 0 {
+                return Err(ValidationError::OutOfRange {
+                    field: "resize_to (whole sectors)",
+                    value: size % SECTOR_SIZE,
+                    min: 0,
+                    max: 0,
+                });
+            }
+            if *readonly || *mode == ServeMode::Fail {
+                return Err(ValidationError::OutOfRange {
+                    field: "resize_to (a writable disk in normal mode only)",
+                    value: *size,
+                    min: 0,
+                    max: 0,
+                });
+            }
+        }
         if let Some(backing) = backing {
             backing.validate()?;
             if *format != ImageFormat::Qcow2 {
@@ -553,7 +583,30 @@ mod tests {
             backing: None,
             rate_limit: RateLimit::default(),
             image_len: 1 << 30,
+            resize_to: None,
         }
+    }
+
+    #[test]
+    fn a_resize_is_whole_sectors_of_a_writable_disk_in_normal_mode() {
+        let with = |resize_to, readonly, mode| {
+            WorkerConfig {
+                resize_to,
+                readonly,
+                mode,
+                ..config()
+            }
+            .validate()
+        };
+        assert!(with(Some(2 << 30), false, ServeMode::Normal).is_ok());
+        assert!(with(Some(MAX_DISK_SIZE), false, ServeMode::Normal).is_ok());
+        assert!(with(None, true, ServeMode::Fail).is_ok());
+        for bad in [0, 100, (1 << 30) + 1, MAX_DISK_SIZE + 512] {
+            let err = with(Some(bad), false, ServeMode::Normal).unwrap_err();
+            assert!(err.to_string().contains("resize_to"), "{bad}: {err}");
+        }
+        assert!(with(Some(1 << 30), true, ServeMode::Normal).is_err());
+        assert!(with(Some(1 << 30), false, ServeMode::Fail).is_err());
     }
 
     #[test]

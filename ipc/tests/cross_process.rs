@@ -102,6 +102,7 @@ fn vmm_and_worker_processes() {
         backing: None,
         rate_limit: Default::default(),
         image_len: 0,
+        resize_to: None,
     };
     vmm.send(&VmmMessage::Configure(config), &[file.as_fd()])
         .unwrap();

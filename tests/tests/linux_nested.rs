@@ -110,7 +110,8 @@ fn linux_boots_to_its_userspace_and_console() {
 /// disk and the writes each CPU issued complete; data written with O_DIRECT, fsynced and
 /// read back matches, and the host image holds the same bytes; a discard leaves zeros in
 /// exactly its range on the host image; the readonly disk refuses a write and its image is
-/// unchanged. Every worker confined itself (L1's root is an initramfs).
+/// unchanged; vda grows under the running kernel, which sees the new size at once. Every
+/// worker confined itself (L1's root is an initramfs).
 #[test]
 fn linux_drives_its_disks_through_our_workers() {
     let run = NestedRun::start(
@@ -157,6 +158,18 @@ fn linux_drives_its_disks_through_our_workers() {
             "{vm}: {t}"
         );
         assert_eq!(l2("io_errors"), "0", "{vm}: {t}");
+        // vda grew from 64 to 96 MiB under the running kernel (`bulkhead ctl resize`):
+        // its driver took the config change, and the new end works.
+        assert_eq!(run.fact(&format!("{vm}.resize_rc")), "0", "{vm}: {t}");
+        assert_eq!(l2("vda.size_before"), "131072", "{vm}: {t}");
+        assert_eq!(l2("vda.size_after"), "196608", "{vm}: {t}");
+        assert_eq!(l2("vda.new_size_said"), "1", "{vm}: {t}");
+        assert_eq!(l2("vda.new_end_ok"), "1", "{vm}: {t}");
+        assert_eq!(
+            run.fact(&format!("{vm}.d0_bytes")),
+            "100663296",
+            "{vm}: {t}"
+        );
         assert_eq!(
             run.fact(&format!("{vm}.qcow2_check_rc")),
             "0",

@@ -71,10 +71,40 @@ pub struct RunConfig {
 
 /// Errors in a size.
 #[derive(Debug, thiserror::Error)]
-#[error("{text:?} {why}: give MiB (512) or a size with a binary unit (512M, 1G, 1536M, 1T)")]
+#[error("{text:?} {why}: give {bare} or a size with a binary unit (512M, 1G, 1536M, 1T)")]
 pub struct SizeError {
     text: String,
     why: &'static str,
+    /// What a bare number counts.
+    bare: &'static str,
+}
+
+/// Bytes in `text`: a number of `bare` units, or a number with a binary unit, K/M/G/T
+/// with an optional `iB` or `B`, any case.
+fn with_unit(text: &str, bare: u64) -> Result<u64, &'static str> {
+    let t = text.trim();
+    let digits = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (number, unit) = t.split_at(digits);
+    let number: u64 = number.parse().map_err(|_| "is not a number")?;
+    let unit: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" => bare,
+        "k" | "kb" | "kib" => 1 << 10,
+        "m" | "mb" | "mib" => 1 << 20,
+        "g" | "gb" | "gib" => 1 << 30,
+        "t" | "tb" | "tib" => 1 << 40,
+        _ => return Err("has an unknown unit"),
+    };
+    number.checked_mul(unit).ok_or("is too large")
+}
+
+/// A disk's size as the user writes it: bytes (`1073741824`), or a number with a binary
+/// unit (`1G`, `1536M`, `2TiB`).
+pub fn parse_disk_bytes(text: &str) -> Result<u64, SizeError> {
+    with_unit(text, 1).map_err(|why| SizeError {
+        text: text.to_string(),
+        why,
+        bare: "bytes (1073741824)",
+    })
 }
 
 /// Guest RAM as the user writes it: a bare number of MiB (`512`), or a number with a
@@ -84,23 +114,13 @@ pub fn parse_mem_mib(text: &str) -> Result<u64, SizeError> {
     let err = |why| SizeError {
         text: text.to_string(),
         why,
+        bare: "MiB (512)",
     };
-    let t = text.trim();
-    let digits = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
-    let (number, unit) = t.split_at(digits);
-    let number: u64 = number.parse().map_err(|_| err("is not a number"))?;
-    let kib: u64 = match unit.trim().to_ascii_lowercase().as_str() {
-        "" | "m" | "mb" | "mib" => 1024,
-        "k" | "kb" | "kib" => 1,
-        "g" | "gb" | "gib" => 1024 * 1024,
-        "t" | "tb" | "tib" => 1024 * 1024 * 1024,
-        _ => return Err(err("has an unknown unit")),
-    };
-    let kib = number.checked_mul(kib).ok_or(err("is too large"))?;
-    if kib % 1024 != 0 {
+    let bytes = with_unit(text, 1 << 20).map_err(err)?;
+    if bytes % (1 << 20) != 0 {
         return Err(err("is not a whole number of MiB"));
     }
-    match kib / 1024 {
+    match bytes >> 20 {
         0 => Err(err("is zero")),
         mib if mib > crate::memory::MAX_MEM_MIB => Err(err("is more than 1T")),
         mib => Ok(mib),

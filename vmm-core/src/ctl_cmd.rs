@@ -46,6 +46,19 @@ enum CtlCommand {
         /// e.g. `iops=2000`, `bw=50000000,iops=off`, `none`.
         spec: String,
     },
+    /// Grow a disk while the VM runs (or, with --shrink, cut it): its worker is replaced
+    /// by one that resizes the image inside its sandbox, then the guest is told (a virtio
+    /// config-change interrupt; Linux picks the new size up at once).
+    Resize {
+        /// Disk id, e.g. blk0.
+        disk: String,
+        /// The new size: bytes, or with a binary unit (`2G`, `1536M`).
+        size: String,
+        /// Allow a size below the current one: the guest's data beyond it is lost.
+        /// [default: off]
+        #[arg(long)]
+        shrink: bool,
+    },
     /// Stop every vCPU (guest state is kept; disk requests in flight complete).
     Pause,
     /// Let the vCPUs run again.
@@ -92,6 +105,16 @@ pub fn ctl(args: CtlArgs) -> ExitCode {
             Ok(body) => ("PATCH", format!("/v1/disks/{disk}"), Some(body)),
             Err(e) => return fail(format_args!("limit {spec:?}: {e}")),
         },
+        CtlCommand::Resize { disk, size, shrink } => {
+            match vmm_core::config::parse_disk_bytes(size) {
+                Ok(bytes) => (
+                    "POST",
+                    format!("/v1/disks/{disk}/resize"),
+                    Some(serde_json::json!({ "size": bytes, "shrink": shrink }).to_string()),
+                ),
+                Err(e) => return fail(format_args!("resize: {e}")),
+            }
+        }
         CtlCommand::Pause => (
             "PUT",
             "/v1/vm/state".into(),
@@ -166,6 +189,10 @@ pub fn ctl(args: CtlArgs) -> ExitCode {
                 }
                 text
             }
+            CtlCommand::Resize { disk, .. } => format!(
+                "{disk}: {} -> {} bytes in {} ms\n",
+                value["previous_size_bytes"], value["size_bytes"], value["resize_ms"]
+            ),
             _ => format!("{}\n", value["state"].as_str().unwrap_or("?")),
         }
     };
@@ -288,6 +315,9 @@ fn disk_text(d: &Value) -> String {
         d["mode"].as_str().unwrap_or("?"),
         number(&d["worker_pid"]),
     );
+    if let Some(bytes) = d["size_bytes"].as_u64() {
+        text.push_str(&format!("size: {bytes} bytes\n"));
+    }
     if !d["rate_limiter"].is_null() {
         text.push_str(&format!(
             "rate limit: {}\n",

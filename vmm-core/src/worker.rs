@@ -245,6 +245,7 @@ fn configure(
         backing: disk.backing.as_ref().map(|b| b.allowed.clone()),
         rate_limit: cfg.image.rate_limit,
         image_len: disk.size,
+        resize_to: cfg.resize_to,
     };
     let backing_fd: Vec<_> = disk.backing.iter().map(|b| b.file.as_fd()).collect();
     worker

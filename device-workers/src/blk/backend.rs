@@ -84,6 +84,15 @@ pub enum BackendError {
         #[source]
         source: std::io::Error,
     },
+    /// Setting the disk's size failed.
+    #[error("resizing the disk to {size} bytes failed")]
+    Resize {
+        /// The size asked for.
+        size: u64,
+        /// The OS error (or the image format's).
+        #[source]
+        source: std::io::Error,
+    },
     /// The worker is in fail mode (see the `fail_backend` module).
     #[error("the device is in fail mode after repeated worker crashes; reset it to recover")]
     FailMode,
@@ -106,8 +115,17 @@ pub fn total_len(bufs: &[VolatileSlice<'_>]) -> u64 {
 /// memory, flush, discard and write-zeroes. Each call returns when its operation is
 /// complete. (Not the VMM's `DiskBackend`, which says what a `--disk` is backed by.)
 pub trait BlockIo: std::fmt::Debug {
-    /// Size of the disk in bytes (fixed for the backend's lifetime).
+    /// Size of the disk in bytes (changed only by [`BlockIo::resize`]).
     fn size(&self) -> u64;
+
+    /// Sets the disk's size to `size` bytes (a resize the operator asked for, done before
+    /// the worker serves). A backend that cannot resize refuses.
+    fn resize(&mut self, size: u64) -> Result<(), BackendError> {
+        Err(BackendError::Resize {
+            size,
+            source: std::io::Error::from(std::io::ErrorKind::Unsupported),
+        })
+    }
 
     /// Fills `bufs`, in order, with the disk's bytes starting at `offset`. Either every byte
     /// is read or an error is returned (a short read is retried, end of file is an error).

@@ -101,6 +101,8 @@ pub enum Qcow2Error {
 pub struct Qcow2Backend {
     image: FormatAccess<Storage>,
     size: u64,
+    /// A backing file lies below: a grown range must be zeroed, not left to show it.
+    has_backing: bool,
 }
 
 impl std::fmt::Debug for Qcow2Backend {
@@ -208,13 +210,18 @@ pub fn open(files: Qcow2Files) -> Result<Qcow2Backend, Qcow2Error> {
             Some(open_backing(file, &allowed)?)
         }
     };
+    let has_backing = backing.is_some();
     qcow2.set_backing(backing);
     let image = FormatAccess::new(qcow2);
     let size = image.size();
     if size % 512 != 0 {
         return Err(Qcow2Error::BadSize { size });
     }
-    Ok(Qcow2Backend { image, size })
+    Ok(Qcow2Backend {
+        image,
+        size,
+        has_backing,
+    })
 }
 
 fn open_backing(
@@ -387,6 +394,25 @@ impl Qcow2Backend {
 impl BlockIo for Qcow2Backend {
     fn size(&self) -> u64 {
         self.size
+    }
+
+    /// imago's resize: the header's size is written last, so a worker killed midway
+    /// leaves the image at its old size. Over a backing file the grown range is written
+    /// as zero clusters (a backing file longer than the old size must not show through,
+    /// as QEMU zeroes it too); without one, unallocated clusters already read as zeros.
+    fn resize(&mut self, size: u64) -> Result<(), BackendError> {
+        use imago::format::PreallocateMode;
+        let mode = if self.has_backing {
+            PreallocateMode::Zero
+        } else {
+            PreallocateMode::None
+        };
+        let resize_err = |source| BackendError::Resize { size, source };
+        self.image.resize(size, mode).map_err(resize_err)?;
+        self.image.flush().map_err(resize_err)?;
+        self.image.sync().map_err(resize_err)?;
+        self.size = size;
+        Ok(())
     }
 
     fn read_vectored_at(

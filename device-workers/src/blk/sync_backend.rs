@@ -244,6 +244,15 @@ impl BlockIo for SyncBackend {
         self.size
     }
 
+    /// ftruncate: a grown range reads as zeros (a hole), a cut one is gone.
+    fn resize(&mut self, size: u64) -> Result<(), BackendError> {
+        self.file
+            .set_len(size)
+            .map_err(|source| BackendError::Resize { size, source })?;
+        self.size = size;
+        Ok(())
+    }
+
     fn read_vectored_at(
         &mut self,
         bufs: &[VolatileSlice<'_>],

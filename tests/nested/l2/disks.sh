@@ -5,7 +5,8 @@
 # fsync, both read back and checked, then a 1 MiB discard in the middle
 # and a check that exactly that range reads as zeros. For the readonly disk $RO (default
 # vdc): a write must fail, and its checksum is reported.
-# The 8 MiB after, never written, are reported too.
+# The 8 MiB after, never written, are reported too. With `resize` as its argument, vda
+# is grown under it at the end (see there).
 # Lines: `NESTL2 fact KEY=VALUE` and `NESTL2 sha DISK OFFSET LENGTH SHA256` (for the
 # host side to compare with the image).
 RW=${RW:-vda vdb$([ -e /sys/block/vdd ] && echo ' vdd')}
@@ -79,5 +80,27 @@ if [ -n "$RO" ]; then
 	fact "$RO.write_rc" $?
 	fact "$RO.write_error" "$(head -n 1 /tmp/ro.err)"
 	echo "NESTL2 sha $RO 0 $((8 * MiB)) $(sha_dev "$RO" 0 8)"
+fi
+# Live resize (`disks.sh resize`): once this says `NESTL2 resize-ready`, the host grows
+# vda (bulkhead ctl resize); Linux's config-change handler must show the new size in
+# /sys/block/vda/size without a reboot, and the new last 4 KiB must take a write.
+if [ "$1" = resize ]; then
+	before=$(cat /sys/block/vda/size)
+	fact vda.size_before "$before"
+	echo "NESTL2 resize-ready"
+	tries=0
+	while [ "$(cat /sys/block/vda/size)" = "$before" ] && [ $tries -lt 1200 ]; do
+		usleep 100000
+		tries=$((tries + 1))
+	done
+	after=$(cat /sys/block/vda/size)
+	fact vda.size_after "$after"
+	fact vda.new_size_said "$(dmesg | grep -c '\[vda\] new size')"
+	last=$((after / 8 - 1))
+	dd if=/tmp/pattern of=/dev/vda bs=4096 count=1 seek=$last oflag=direct conv=notrunc 2>/dev/null
+	ok=0
+	[ "$(dd if=/dev/vda bs=4096 skip=$last count=1 iflag=direct 2>/dev/null | sha_of)" = \
+		"$(dd if=/tmp/pattern bs=4096 count=1 2>/dev/null | sha_of)" ] && ok=1
+	fact vda.new_end_ok $ok
 fi
 fact io_errors "$(dmesg | grep -Ec 'I/O error|Buffer I/O|blk_update_request')"

@@ -2,7 +2,8 @@
 # vmlinuz), 2 vCPUs, four disks, each with its own worker: vda (io_uring engine), vdb
 # (sync engine, limited to 400 requests a second: Linux's driver under a binding rate
 # limit), vdc (readonly), vdd (qcow2 over a raw backing file; its host side is
-# read through qemu-img convert, and qemu-img check reports on it). L2 runs /nest/disks.sh; then the host side of every
+# read through qemu-img convert, and qemu-img check reports on it). At the end vda grows
+# from 64 to 96 MiB under L2 (`bulkhead ctl resize`). L2 runs /nest/disks.sh; then the host side of every
 # checksum L2 reported is computed here from the image files, and the readonly image is
 # compared with its state before the run.
 for spec in "$@"; do
@@ -26,11 +27,11 @@ for spec in "$@"; do
 	cgroups=auto
 	[ "$kernel" = vmlinux ] && cgroups=required
 	vm_start "$name" run --kernel "/nest/l2/$kernel" --initrd "$L2_INITRD" --vcpus 2 --mem 256 \
-		$extra --timeout 300 --worker-cgroups $cgroups \
+		$extra --timeout 300 --worker-cgroups $cgroups --api-socket "/tmp/$name.api" \
 		--disk path=/tmp/d0.img,engine=io_uring --disk path=/tmp/d1.img,engine=sync,iops=400 \
 		--disk path=/tmp/ro.img,readonly=on \
 		--disk path=/tmp/d3.qcow2,format=qcow2,backing=/tmp/base.raw \
-		--cmdline "$L2_CMDLINE guestkit.run=\"sh /nest/disks.sh\""
+		--cmdline "$L2_CMDLINE guestkit.run=\"sh /nest/disks.sh resize\""
 	# While L2 runs: every worker process (reapers, confined workers, spares) sees an
 	# empty root, though L1's own root is an initramfs.
 	if wait_for "/tmp/$name.console" '^NESTL2 fact cpus=' 200; then
@@ -56,6 +57,15 @@ for spec in "$@"; do
 		fact "$name.bulkhead_cgroup" "${own# }"
 	else
 		fail "$name: L2 never started its disk checks"
+	fi
+	# L2 waits for vda to grow from 64 MiB: grown here, through the API.
+	if wait_for "/tmp/$name.console" '^NESTL2 resize-ready' 240; then
+		bulkhead ctl --api-socket "/tmp/$name.api" resize blk0 96M >"/tmp/$name.resize" 2>&1
+		fact "$name.resize_rc" $?
+		note "$name: $(head -n 1 "/tmp/$name.resize")"
+		fact "$name.d0_bytes" "$(stat -c %s /tmp/d0.img)"
+	else
+		fail "$name: L2 never got to the resize"
 	fi
 	if ! wait_for "/tmp/$name.console" '^NESTL2 fact io_errors=' 240; then
 		fail "$name: L2's disk checks did not finish"

@@ -13,6 +13,10 @@ pub const RESTART_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a new rate limit may take to reach the disk's worker before the API answers
 /// that it is kept but not yet in force (the supervisor looks every 100 ms).
 pub const LIMIT_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long a resize may take before the API answers that it is still under way: a
+/// restart, plus the image's own resize (a qcow2 image over a backing file writes the
+/// grown range's zero clusters).
+pub const RESIZE_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// One route: a method and a path template (`{id}` matches one segment). The OpenAPI
 /// description (`docs/openapi.json`) lists exactly these.
@@ -47,6 +51,10 @@ pub const ROUTES: &[Route] = &[
     Route {
         method: "POST",
         path: "/v1/disks/{id}/restart",
+    },
+    Route {
+        method: "POST",
+        path: "/v1/disks/{id}/resize",
     },
     Route {
         method: "GET",
@@ -145,7 +153,8 @@ pub fn route(ctx: &ApiContext, req: Request) -> Reply {
         Ok(found) => found,
         Err(reply) => return reply,
     };
-    if !req.body.is_empty() && !matches!(route.method, "PUT" | "PATCH") {
+    let takes_body = matches!(route.method, "PUT" | "PATCH") || route.path.ends_with("/resize");
+    if !req.body.is_empty() && !takes_body {
         return error(400, format!("{} {} takes no body", req.method, req.path));
     }
     let query = match parse_query(req.query) {
@@ -184,6 +193,10 @@ pub fn route(ctx: &ApiContext, req: Request) -> Reply {
         },
         "/v1/disks/{id}/restart" => match disk() {
             Ok(d) => restart(d),
+            Err(reply) => reply,
+        },
+        "/v1/disks/{id}/resize" => match disk() {
+            Ok(d) => resize(d, req.body),
             Err(reply) => reply,
         },
         "/v1/events" => events(&query, req.last_event_id),
@@ -274,6 +287,7 @@ pub fn disk_info(ctx: &ApiContext, disk: &ApiDisk) -> Value {
         "violations": violations,
         "config": disk.config,
         "rate_limiter": disk.handle.as_ref().map(|h| limit_json(&h.rate_limit().0)),
+        "size_bytes": disk.handle.as_ref().map(|h| h.size()),
     })
 }
 
@@ -431,6 +445,72 @@ fn restart(disk: &ApiDisk) -> Reply {
     }))
 }
 
+/// The body of `POST /v1/disks/{id}/resize`.
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ResizeBody {
+    /// The new size in bytes.
+    size: u64,
+    /// A smaller size cuts the guest's data beyond it: only when asked for.
+    #[serde(default)]
+    shrink: bool,
+}
+
+fn resize(disk: &ApiDisk, body: &[u8]) -> Reply {
+    let Some(handle) = disk.handle.clone() else {
+        return error(
+            409,
+            format!(
+                "disk {} is served by an external vhost-user backend: bulkhead cannot resize it",
+                disk.id
+            ),
+        );
+    };
+    let asked: ResizeBody = match serde_json::from_slice(body) {
+        Ok(b) => b,
+        Err(e) => {
+            return error(
+                400,
+                format!(r#"the body must be {{"size": BYTES, "shrink": false|true}}: {e}"#),
+            )
+        }
+    };
+    let id = disk.id.clone();
+    Reply::Blocking(Box::new(move || {
+        use crate::supervisor::ResizeError;
+        let _in_disk = tracing::info_span!("disk", id = %id).entered();
+        tracing::info!(
+            "api: resize of disk {id} to {} bytes{}",
+            asked.size,
+            if asked.shrink {
+                " (shrink allowed)"
+            } else {
+                ""
+            }
+        );
+        match handle.resize(asked.size, asked.shrink, RESIZE_TIMEOUT) {
+            Ok(done) => (
+                200,
+                json!({
+                    "disk": id,
+                    "size_bytes": done.size,
+                    "previous_size_bytes": done.previous,
+                    "resize_ms": (done.took.as_secs_f64() * 1e4).round() / 10.0,
+                }),
+            ),
+            Err(e) => {
+                let code = match e {
+                    ResizeError::BadSize(_) => 400,
+                    ResizeError::Fixed(_) | ResizeError::Busy | ResizeError::NoWorker => 409,
+                    ResizeError::Failed(_) => 500,
+                    ResizeError::Timeout(_) => 504,
+                };
+                (code, json!({ "error": format!("disk {id}: {e}") }))
+            }
+        }
+    }))
+}
+
 /// The body of `PUT /v1/vm/state`.
 #[derive(Debug, serde::Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -569,12 +649,14 @@ pub(crate) mod tests {
             let body: &[u8] = match r.method {
                 "PUT" => br#"{"state":"running"}"#,
                 "PATCH" => br#"{"rate_limiter":{"ops":null}}"#,
+                _ if path.ends_with("/resize") => br#"{"size":1048576}"#,
                 _ => b"",
             };
             let (code, body) = call_with(&ctx, r.method, &path, body);
-            // The restart conflicts: blk0's handle has no worker; a new limit is kept for
-            // the next one, not yet in force (202).
-            let want = match (r.method, path.ends_with("/restart")) {
+            // The restart and the resize conflict: blk0's handle has no worker; a new
+            // limit is kept for the next one, not yet in force (202).
+            let conflicts = path.ends_with("/restart") || path.ends_with("/resize");
+            let want = match (r.method, conflicts) {
                 (_, true) => 409,
                 ("PATCH", _) => 202,
                 _ => 200,
@@ -583,6 +665,73 @@ pub(crate) mod tests {
             let (code, _) = call_with(&ctx, "DELETE", &path, b"");
             assert_eq!(code, 405, "DELETE {path}");
         }
+    }
+
+    #[test]
+    fn a_resize_is_checked_before_any_worker_is_stopped() {
+        use crate::supervisor::SizeRules;
+        let ctx = context();
+        let handle = ctx.disks[0].handle.clone().unwrap();
+        handle.init_size(
+            1 << 20,
+            SizeRules {
+                fixed: None,
+                direct: true,
+            },
+        );
+        let resize = |body: &str| call_with(&ctx, "POST", "/v1/disks/blk0/resize", body.as_bytes());
+        for (body, code, why) in [
+            (r#"{"size":524288}"#, 400, "must be asked for as a shrink"),
+            (
+                r#"{"size":1000}"#,
+                400,
+                "not a whole number of 512-byte sectors",
+            ),
+            (r#"{"size":0}"#, 400, "not a whole number"),
+            (r#"{"size":1049088}"#, 400, "give a multiple of 4096"),
+            (
+                r#"{"size":1099511627776000}"#,
+                400,
+                "more than the largest disk",
+            ),
+            (r#"{"size":"1G"}"#, 400, "the body must be"),
+            (r#"{"size":2097152,"grow":true}"#, 400, "unknown field"),
+            // Allowed, but no worker is there to do it.
+            (r#"{"size":524288,"shrink":true}"#, 409, "no worker"),
+            (r#"{"size":2097152}"#, 409, "no worker"),
+        ] {
+            let (got, reply) = resize(body);
+            assert_eq!(got, code, "{body}: {reply}");
+            let msg = reply["error"].as_str().unwrap_or_default();
+            assert!(msg.contains(why), "{body}: {msg}");
+        }
+        assert!(
+            handle.pending_resize().is_none(),
+            "a refused resize leaves nothing asked for"
+        );
+        // The size it has already: done at once.
+        let (code, reply) = resize(r#"{"size":1048576}"#);
+        assert_eq!(code, 200, "{reply}");
+        assert_eq!(reply["size_bytes"], 1 << 20);
+        let (_, disk) = call_with(&ctx, "GET", "/v1/disks/blk0", b"");
+        assert_eq!(disk["size_bytes"], 1 << 20);
+        handle.init_size(
+            1 << 20,
+            SizeRules {
+                fixed: Some("is read-only"),
+                direct: false,
+            },
+        );
+        let (code, reply) = resize(r#"{"size":2097152}"#);
+        assert_eq!(code, 409, "{reply}");
+        assert!(reply["error"].as_str().unwrap().contains("read-only"));
+        let (code, _) = call_with(
+            &ctx,
+            "POST",
+            "/v1/disks/ext0/resize",
+            br#"{"size":2097152}"#,
+        );
+        assert_eq!(code, 409);
     }
 
     #[test]

@@ -181,7 +181,12 @@ pub struct VirtioMmioDevice {
     pub id: String,
     pub slot: VirtioMmioSlot,
     device_features: u64,
-    config: Vec<u8>,
+    /// The device's config space: the backend's, changed only by
+    /// [`VirtioMmioDevice::update_config`] (a disk's resize).
+    config: Mutex<Vec<u8>>,
+    /// ConfigGeneration: bumped with every change of `config`, so a driver reading a
+    /// field over several accesses sees whether it changed in between (virtio 1.2, 2.5.1).
+    config_generation: AtomicU32,
     queue_max: u16,
     ram: Vec<(u64, u64)>,
     regs: Mutex<Regs>,
@@ -211,7 +216,8 @@ impl VirtioMmioDevice {
             id: info.id,
             slot: info.slot,
             device_features: info.device_features & TRANSPORT_FEATURES,
-            config: info.config,
+            config: Mutex::new(info.config),
+            config_generation: AtomicU32::new(0),
             queue_max: info.queue_max,
             ram: info.ram,
             regs: Mutex::new(Regs {
@@ -235,6 +241,26 @@ impl VirtioMmioDevice {
 
     fn regs(&self) -> std::sync::MutexGuard<'_, Regs> {
         self.regs.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Replaces the config space (a disk's new capacity): a new generation, and for a
+    /// driver that is running, a config-change interrupt (virtio 1.2, 4.2.2.1).
+    pub fn update_config(&self, config: &[u8]) {
+        {
+            let mut current = self.config.lock().unwrap_or_else(|e| e.into_inner());
+            if current.as_slice() == config {
+                return;
+            }
+            current.clear();
+            current.extend_from_slice(config);
+            self.config_generation.fetch_add(1, Ordering::AcqRel);
+        }
+        if self.driver_ok.load(Ordering::Acquire) {
+            self.interrupt_status.fetch_or(INT_CONFIG, Ordering::AcqRel);
+            if let Err(e) = self.config_irq.write(1) {
+                tracing::warn!("{}: cannot raise the config interrupt: {e}", self.id);
+            }
+        }
     }
 
     /// The backend failed: DEVICE_NEEDS_RESET and a config interrupt (virtio 1.2, 2.1.2).
@@ -295,8 +321,9 @@ impl VirtioMmioDevice {
         if offset >= CONFIG_OFFSET {
             self.exits.config.fetch_add(1, Ordering::Relaxed);
             let start = (offset - CONFIG_OFFSET) as usize;
+            let config = self.config.lock().unwrap_or_else(|e| e.into_inner());
             for (i, b) in data.iter_mut().enumerate() {
-                *b = self.config.get(start + i).copied().unwrap_or(0);
+                *b = config.get(start + i).copied().unwrap_or(0);
             }
             return;
         }
@@ -325,7 +352,7 @@ impl VirtioMmioDevice {
                 0x34 => q.map_or(0, |_| u32::from(self.queue_max)),
                 0x44 => q.map_or(0, |q| u32::from(q.ready)),
                 0x70 => regs.status,
-                0xfc => 0, // config generation: the config space never changes
+                0xfc => self.config_generation.load(Ordering::Acquire),
                 _ => 0,
             }
         };
@@ -797,6 +824,38 @@ mod tests {
         w32(&d, 0x70, 0);
         server.join().unwrap();
         assert_eq!(r32(&d, 0x60), 0);
+    }
+
+    #[test]
+    fn a_config_change_bumps_the_generation_and_interrupts_a_running_driver() {
+        let (d, rx) = device();
+        assert_eq!(r32(&d, 0xfc), 0);
+        // Before DRIVER_OK: the new bytes and generation, no interrupt (the driver reads
+        // the config space when it starts).
+        d.update_config(&[5, 6, 7, 8]);
+        assert_eq!(r32(&d, 0x100), u32::from_le_bytes([5, 6, 7, 8]));
+        assert_eq!(r32(&d, 0xfc), 1);
+        assert_eq!(r32(&d, 0x60), 0);
+        assert!(
+            d.config_irq.read().is_err(),
+            "no interrupt before DRIVER_OK"
+        );
+        w32(&d, 0x24, 1);
+        w32(&d, 0x20, 1);
+        w32(&d, 0x70, STATUS_FEATURES_OK);
+        w32(&d, 0x70, STATUS_FEATURES_OK | STATUS_DRIVER_OK);
+        assert!(matches!(rx.try_recv(), Ok(TransportEvent::Activate { .. })));
+        // The same bytes again change nothing.
+        d.update_config(&[5, 6, 7, 8]);
+        assert_eq!(r32(&d, 0xfc), 1);
+        assert!(d.config_irq.read().is_err());
+        d.update_config(&[9, 9, 9, 9]);
+        assert_eq!(r32(&d, 0x100), 0x0909_0909);
+        assert_eq!(r32(&d, 0xfc), 2);
+        assert_eq!(r32(&d, 0x60), INT_VRING | INT_CONFIG);
+        assert_eq!(d.config_irq.read().unwrap(), 1, "the GSI was raised");
+        w32(&d, 0x64, INT_CONFIG);
+        assert_eq!(r32(&d, 0x60), INT_VRING);
     }
 
     #[test]

@@ -239,6 +239,7 @@ pub fn attach(
                 num_queues,
                 address_space: crate::worker::address_space_limit(ram.size()),
                 uid: workers.uid,
+                resize_to: None,
             };
             let output = crate::worker_output::limiter();
             let w = crate::worker::spawn(

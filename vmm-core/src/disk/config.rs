@@ -118,6 +118,8 @@ pub struct WorkerDisk {
     pub address_space: u64,
     /// The host uid (and gid) the worker runs as: the VM's lease.
     pub uid: u32,
+    /// A resize this worker is to do before it serves (a planned restart's successor).
+    pub resize_to: Option<u64>,
 }
 
 /// Errors in a disk's options.

@@ -92,6 +92,103 @@ pub struct DiskHandle {
     counters: super::counters::DiskCounters,
     limits: Mutex<Limits>,
     limits_changed: Condvar,
+    sizes: Mutex<Sizes>,
+    sizes_changed: Condvar,
+}
+
+/// The disk's size as the guest is offered it, and a resize under way.
+#[derive(Debug, Default)]
+struct Sizes {
+    /// Bytes the guest is offered now.
+    current: u64,
+    /// What a size must keep (see [`SizeRules`]).
+    rules: SizeRules,
+    /// A resize asked for and not done yet: its number and size.
+    pending: Option<(u64, u64)>,
+    /// Resizes asked for so far (they number the requests).
+    asked: u64,
+    /// The last resize's outcome, by number: the new size, or why it failed.
+    done: Option<(u64, Result<u64, String>)>,
+}
+
+/// What a disk's new size must keep.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct SizeRules {
+    /// Why the disk cannot be resized at all (a read-only disk).
+    pub fixed: Option<&'static str>,
+    /// Its workers open the image with O_DIRECT: one whose size is whole 4 KiB blocks told
+    /// the guest 4 KiB blocks, and keeps them (the guest never reads the block size again).
+    pub direct: bool,
+}
+
+/// A resize done.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Resized {
+    pub previous: u64,
+    pub size: u64,
+    /// From the request to the successor serving at the new size.
+    pub took: Duration,
+}
+
+/// Why a resize was refused or failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ResizeError {
+    #[error("{0}")]
+    BadSize(String),
+    #[error("the disk {0}: its size cannot change")]
+    Fixed(&'static str),
+    #[error("another resize of this disk is under way")]
+    Busy,
+    #[error("the disk has no worker to resize it (it failed, or the VM is closing)")]
+    NoWorker,
+    #[error("the image was not resized: {0}; the disk keeps its size")]
+    Failed(String),
+    #[error(
+        "the resize was not done within {0:?}; it stays asked for, and the disk's next \
+         worker does it"
+    )]
+    Timeout(Duration),
+}
+
+/// Checks `size` for a disk of `current` bytes under `rules`.
+fn check_size(size: u64, current: u64, shrink: bool, rules: SizeRules) -> Result<(), ResizeError> {
+    use ipc::messages::{MAX_DISK_SIZE, SECTOR_SIZE};
+    let bad = |why: String| Err(ResizeError::BadSize(why));
+    if let Some(why) = rules.fixed {
+        return Err(ResizeError::Fixed(why));
+    }
+    if size == 0 || size % SECTOR_SIZE != 0 {
+        return bad(format!(
+            "{size} bytes is not a whole number of {SECTOR_SIZE}-byte sectors"
+        ));
+    }
+    if size > MAX_DISK_SIZE {
+        return bad(format!(
+            "{size} bytes is more than the largest disk, {MAX_DISK_SIZE}"
+        ));
+    }
+    if rules.direct && (size % 4096 == 0) != (current % 4096 == 0) {
+        return bad(format!(
+            "the disk is opened with direct=on and its guest was told {} blocks: give {}",
+            if current % 4096 == 0 {
+                "4 KiB"
+            } else {
+                "512-byte"
+            },
+            if current % 4096 == 0 {
+                "a multiple of 4096"
+            } else {
+                "a size that is not a multiple of 4096"
+            }
+        ));
+    }
+    if size < current && !shrink {
+        return bad(format!(
+            "{size} bytes is smaller than the disk's {current}: shrinking cuts off the guest's \
+             data beyond the new end, so it must be asked for as a shrink"
+        ));
+    }
+    Ok(())
 }
 
 /// The disk's I/O limits: the configuration's, or what the API set last. Each change gets
@@ -222,6 +319,98 @@ impl DiskHandle {
         &self.counters
     }
 
+    fn sizes(&self) -> std::sync::MutexGuard<'_, Sizes> {
+        self.sizes.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The size the first worker offered, and what a new size must keep.
+    pub(crate) fn init_size(&self, size: u64, rules: SizeRules) {
+        let mut s = self.sizes();
+        s.current = size;
+        s.rules = rules;
+    }
+
+    /// Bytes the guest is offered now.
+    pub fn size(&self) -> u64 {
+        self.sizes().current
+    }
+
+    /// The resize the next normal worker is to do: its number and size.
+    pub(crate) fn pending_resize(&self) -> Option<(u64, u64)> {
+        self.sizes().pending
+    }
+
+    /// Resize `number` is over: the disk has `outcome`'s size, or kept its own.
+    pub(crate) fn resize_done(&self, number: u64, outcome: Result<u64, String>) {
+        let mut s = self.sizes();
+        if s.pending.is_some_and(|(n, _)| n == number) {
+            s.pending = None;
+        }
+        if let Ok(size) = outcome {
+            s.current = size;
+        }
+        s.done = Some((number, outcome));
+        self.sizes_changed.notify_all();
+    }
+
+    /// Grows the disk to `size` bytes (or, with `shrink`, cuts it): a planned restart
+    /// whose successor resizes the image inside its sandbox before it serves, after which
+    /// the guest is told (a config-change interrupt; see the supervisor). Waits up to
+    /// `timeout` for it.
+    pub fn resize(
+        &self,
+        size: u64,
+        shrink: bool,
+        timeout: Duration,
+    ) -> Result<Resized, ResizeError> {
+        let started = Instant::now();
+        let mut s = self.sizes();
+        let previous = s.current;
+        if s.pending.is_some() {
+            return Err(ResizeError::Busy);
+        }
+        check_size(size, previous, shrink, s.rules)?;
+        if size == previous {
+            return Ok(Resized {
+                previous,
+                size,
+                took: started.elapsed(),
+            });
+        }
+        s.asked += 1;
+        let number = s.asked;
+        s.pending = Some((number, size));
+        drop(s);
+        if self.plan_restart(false).is_err() {
+            self.sizes().pending = None;
+            return Err(ResizeError::NoWorker);
+        }
+        let s = self.sizes();
+        let (s, _) = self
+            .sizes_changed
+            .wait_timeout_while(s, timeout, |s| {
+                s.done.as_ref().is_none_or(|(n, _)| *n != number)
+            })
+            .unwrap_or_else(|p| p.into_inner());
+        match &s.done {
+            Some((n, Ok(size))) if *n == number => Ok(Resized {
+                previous,
+                size: *size,
+                took: started.elapsed(),
+            }),
+            Some((n, Err(why))) if *n == number => Err(ResizeError::Failed(why.clone())),
+            _ => Err(ResizeError::Timeout(timeout)),
+        }
+    }
+
+    /// A resize asked for cannot be done: the disk's workers keep failing.
+    pub(crate) fn fail_pending_resize(&self, why: &str) {
+        let pending = self.sizes().pending;
+        if let Some((number, _)) = pending {
+            self.resize_done(number, Err(why.to_string()));
+        }
+    }
+
     fn limits(&self) -> std::sync::MutexGuard<'_, Limits> {
         self.limits.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -328,23 +517,8 @@ impl DiskHandle {
     /// worker's pid and how long the switch took.
     pub fn restart(&self, timeout: Duration) -> Result<(u32, Duration), RestartError> {
         let started = Instant::now();
+        let generation = self.plan_restart(true)?;
         let mut st = self.lock();
-        let Some(reaper) = st.reaper.clone() else {
-            return Err(RestartError::NoWorker);
-        };
-        match st.phase {
-            DiskPhase::Ended => return Err(RestartError::NoWorker),
-            // A restart (or a recovery) is already under way: this one waits for it.
-            DiskPhase::RecoveryRequested | DiskPhase::PlannedRestart { .. } => {}
-            DiskPhase::Serving => st.phase = DiskPhase::PlannedRestart { failing: false },
-            // A failing disk's worker is restarted in fail mode.
-            DiskPhase::Failing => st.phase = DiskPhase::PlannedRestart { failing: true },
-        }
-        let generation = st.generation;
-        if let Some(c) = &st.confined {
-            pids::kill(c);
-        }
-        pids::kill(&reaper);
         while st.generation == generation && st.phase != DiskPhase::Ended {
             let left = timeout.saturating_sub(started.elapsed());
             if left.is_zero() {
@@ -360,6 +534,33 @@ impl DiskHandle {
             return Err(RestartError::NoWorker);
         }
         Ok((st.worker_pid, started.elapsed()))
+    }
+}
+
+impl DiskHandle {
+    /// Stops the current worker for a planned restart (a failing disk's only with
+    /// `failing_too`, and then in fail mode); returns the generation that ends.
+    fn plan_restart(&self, failing_too: bool) -> Result<u64, RestartError> {
+        let mut st = self.lock();
+        let Some(reaper) = st.reaper.clone() else {
+            return Err(RestartError::NoWorker);
+        };
+        match st.phase {
+            DiskPhase::Ended => return Err(RestartError::NoWorker),
+            // A restart (or a recovery) is already under way: this one waits for it.
+            DiskPhase::RecoveryRequested | DiskPhase::PlannedRestart { .. } => {}
+            DiskPhase::Serving => st.phase = DiskPhase::PlannedRestart { failing: false },
+            // A failing disk's worker is restarted in fail mode.
+            DiskPhase::Failing if failing_too => {
+                st.phase = DiskPhase::PlannedRestart { failing: true }
+            }
+            DiskPhase::Failing => return Err(RestartError::NoWorker),
+        }
+        if let Some(c) = &st.confined {
+            pids::kill(c);
+        }
+        pids::kill(&reaper);
+        Ok(st.generation)
     }
 }
 
@@ -490,5 +691,98 @@ mod planned {
             !handle.take_planned(),
             "the next death is not a planned one"
         );
+    }
+}
+
+#[cfg(test)]
+mod resize {
+    use super::*;
+
+    /// A disk of 1 MiB whose worker is a process that a planned stop kills.
+    fn serving() -> (DiskHandle, std::process::Child) {
+        let handle = DiskHandle::default();
+        handle.init_size(1 << 20, SizeRules::default());
+        let child = std::process::Command::new("sleep")
+            .arg("30")
+            .spawn()
+            .unwrap();
+        let fd = Arc::new(pids::pidfd_open(child.id()).unwrap());
+        handle.publish(Some(fd), None, child.id());
+        (handle, child)
+    }
+
+    /// A supervisor stand-in: answers the next resize asked for with `outcome(size)`.
+    fn answer(handle: &DiskHandle, outcome: impl Fn(u64) -> Result<u64, String>) {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline {
+            if let Some((n, size)) = handle.pending_resize() {
+                handle.resize_done(n, outcome(size));
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        panic!("no resize was asked for");
+    }
+
+    #[test]
+    fn a_resize_stops_the_worker_and_waits_for_its_successors_answer() {
+        let (handle, mut child) = serving();
+        let done = std::thread::scope(|s| {
+            let r = s.spawn(|| handle.resize(2 << 20, false, Duration::from_secs(5)));
+            answer(&handle, Ok);
+            r.join().unwrap()
+        });
+        let done = done.unwrap();
+        assert_eq!((done.previous, done.size), (1 << 20, 2 << 20));
+        assert_eq!(handle.size(), 2 << 20);
+        assert_eq!(handle.phase(), DiskPhase::PlannedRestart { failing: false });
+        assert!(
+            child.wait().unwrap().code().is_none(),
+            "killed for the restart"
+        );
+        assert!(handle.pending_resize().is_none());
+    }
+
+    #[test]
+    fn a_failed_resize_keeps_the_size_and_a_second_one_waits_its_turn() {
+        let (handle, mut child) = serving();
+        let failed = std::thread::scope(|s| {
+            let r = s.spawn(|| handle.resize(2 << 20, false, Duration::from_secs(5)));
+            // While it is under way, another is refused.
+            while handle.pending_resize().is_none() {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            let busy = handle.resize(3 << 20, false, Duration::from_secs(1));
+            assert!(matches!(busy, Err(ResizeError::Busy)), "{busy:?}");
+            answer(&handle, |_| Err("File too large".into()));
+            r.join().unwrap()
+        });
+        match failed {
+            Err(ResizeError::Failed(why)) => assert_eq!(why, "File too large"),
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(handle.size(), 1 << 20, "the disk keeps its size");
+        let _ = child.wait();
+    }
+
+    #[test]
+    fn a_resize_nobody_answers_times_out_and_stays_asked_for() {
+        let (handle, mut child) = serving();
+        let late = handle.resize(2 << 20, false, Duration::from_millis(100));
+        assert!(matches!(late, Err(ResizeError::Timeout(_))), "{late:?}");
+        assert_eq!(handle.pending_resize().map(|(_, s)| s), Some(2 << 20));
+        assert_eq!(handle.size(), 1 << 20);
+        let _ = child.wait();
+    }
+
+    #[test]
+    fn a_failing_disk_is_not_resized_and_nothing_stays_asked_for() {
+        let (handle, mut child) = serving();
+        handle.set_failing();
+        let r = handle.resize(2 << 20, false, Duration::from_secs(1));
+        assert!(matches!(r, Err(ResizeError::NoWorker)), "{r:?}");
+        assert!(handle.pending_resize().is_none());
+        let _ = child.kill();
+        let _ = child.wait();
     }
 }

@@ -29,7 +29,7 @@ use crate::pids::{self, kill, wait_any_exit, wait_exit};
 use crate::vhost_frontend::FrontendHandle;
 use crate::violations::ViolationLog;
 use crate::worker::Worker;
-pub use handle::{DiskHandle, DiskPhase, DiskState, RestartError};
+pub use handle::{DiskHandle, DiskPhase, DiskState, ResizeError, Resized, RestartError, SizeRules};
 use policy::{RestartPolicy, Step, MAX_RESTARTS, RESTART_WINDOW};
 
 /// A worker whose progress counter stands still this long while the guest has requests
@@ -67,6 +67,24 @@ pub struct Supervisor {
     /// Duplicates of the queues' kick eventfds: a kick the worker has not read yet is work
     /// it was told about (polled, never read: reading would take the kick from it).
     pub kicks: Vec<vmm_sys_util::eventfd::EventFd>,
+}
+
+/// The capacity field of a virtio-blk config space (sectors, little-endian at byte 0).
+fn config_capacity(config: &[u8]) -> u64 {
+    let mut field = [0u8; 8];
+    for (to, from) in field.iter_mut().zip(config) {
+        *to = *from;
+    }
+    u64::from_le_bytes(field)
+}
+
+/// `config` with its capacity field set to `sectors`.
+fn with_capacity(config: &[u8], sectors: u64) -> Vec<u8> {
+    let mut out = config.to_vec();
+    for (to, from) in out.iter_mut().zip(sectors.to_le_bytes()) {
+        *to = from;
+    }
+    out
 }
 
 /// Whether the kick of one of `queues` (the rings the driver set up; the worker never
@@ -202,8 +220,16 @@ impl Supervisor {
     /// publishes it in the handle and returns its generation, for the frontend thread.
     /// Then watches it on a thread of its own, and its successors after it.
     pub fn start(self, worker: Worker, pidfd: Option<Arc<OwnedFd>>) -> std::io::Result<u64> {
-        // The first worker started with the configuration's limits.
+        // The first worker started with the configuration's limits, and offered the size
+        // its config space says.
         self.handle.init_rate_limit(self.disk.image.rate_limit);
+        self.handle.init_size(
+            config_capacity(&self.config) * ipc::messages::SECTOR_SIZE,
+            SizeRules {
+                fixed: self.disk.image.readonly.then_some("is read-only"),
+                direct: self.disk.image.direct,
+            },
+        );
         let current = Current {
             confined: confined(&worker, Duration::from_secs(5)),
             worker,
@@ -272,6 +298,8 @@ impl Supervisor {
                             policy::CRASH_LOOP_BUDGET + 1
                         );
                         self.handle.set_failing();
+                        self.handle
+                            .fail_pending_resize("the disk's workers keep failing");
                         self.events.emit(
                             "fail_mode",
                             Some(&id),
@@ -659,20 +687,53 @@ impl Supervisor {
     /// up, to the frontend thread.
     fn replace(&self, mode: ServeMode, spare: Option<Worker>) -> Result<Current, String> {
         let id = &self.disk.id;
+        // A resize asked for is done by a fresh normal worker: a spare has the old size.
+        let resize = match mode {
+            ServeMode::Normal => self.handle.pending_resize(),
+            ServeMode::Fail => None,
+        };
+        let spare = match resize {
+            Some(_) => {
+                discard(spare);
+                None
+            }
+            None => spare,
+        };
         let from_spare = spare.is_some();
-        let (disk, limits) = self.disk_now();
+        let (mut disk, limits) = self.disk_now();
+        disk.resize_to = resize.map(|(_, size)| size);
         let limits = (!from_spare).then_some(limits);
         let w = match spare {
             Some(w) => w,
-            None => crate::worker::spawn(
+            None => match crate::worker::spawn(
                 &disk,
                 &self.image,
                 &self.bin,
                 self.learn.as_ref(),
                 mode,
                 &self.output,
-            )
-            .map_err(|e| crate::error_chain(&e))?,
+            ) {
+                Ok(w) => w,
+                // The worker could not resize the image (it said why, and a resize that
+                // fails leaves the image as it was): the resize fails, the disk is served
+                // at its size.
+                Err(crate::worker::WorkerError::Refused { message, .. }) if resize.is_some() => {
+                    let (number, size) = resize.unwrap_or_default();
+                    tracing::error!("disk {id}: resize to {size} bytes failed: {message}");
+                    self.events.emit(
+                        "resize",
+                        Some(id),
+                        serde_json::json!({
+                            "size": size,
+                            "previous_size": self.handle.size(),
+                            "error": message,
+                        }),
+                    );
+                    self.handle.resize_done(number, Err(message));
+                    return self.replace(mode, None);
+                }
+                Err(e) => return Err(crate::error_chain(&e)),
+            },
         };
         let pidfd = w.child.pidfd().ok().map(Arc::new);
         let stream = w
@@ -710,11 +771,18 @@ impl Supervisor {
                 return Err(crate::error_chain(&e));
             }
         };
-        if backend.features != self.features || backend.config != self.config {
+        // The device the guest knows, at the size this worker is to offer.
+        let size = resize.map_or_else(|| self.handle.size(), |(_, size)| size);
+        let config = with_capacity(&self.config, size / ipc::messages::SECTOR_SIZE);
+        if backend.features != self.features || backend.config != config {
             discard(Some(w));
             return Err(format!(
-                "the successor offers another device (features {:#x}, was {:#x})",
-                backend.features, self.features
+                "the successor offers another device (features {:#x}, was {:#x}; capacity {} \
+                 sectors, {} expected)",
+                backend.features,
+                self.features,
+                config_capacity(&backend.config),
+                size / ipc::messages::SECTOR_SIZE,
             ));
         }
         // Published first: a failure the frontend reports for this backend names this
@@ -736,6 +804,19 @@ impl Supervisor {
         if let Some(limits) = next.limits {
             // It started with them: a change made during the restart is in force.
             self.handle.rate_limit_applied(limits);
+        }
+        if let Some((number, size)) = resize {
+            // Serving at the new size: now the guest is told (virtio 1.2, 4.2.2.1: a new
+            // config generation and a config-change interrupt).
+            let previous = self.handle.size();
+            self.device.update_config(&config);
+            self.handle.resize_done(number, Ok(size));
+            tracing::info!("disk {id}: resized from {previous} to {size} bytes");
+            self.events.emit(
+                "resize",
+                Some(id),
+                serde_json::json!({ "size": size, "previous_size": previous }),
+            );
         }
         self.handle.counters().worker_started(
             next.worker.status.clone(),

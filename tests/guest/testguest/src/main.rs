@@ -28,6 +28,7 @@ mod phys;
 mod plans;
 mod reinit;
 mod recover;
+mod resize;
 mod serial;
 mod smp;
 mod start_info;

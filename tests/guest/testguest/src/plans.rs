@@ -64,6 +64,10 @@ pub const PLANS: &[Plan] = &[
         run: crate::reinit::run,
     },
     Plan {
+        name: "blk-resize",
+        run: crate::resize::run,
+    },
+    Plan {
         name: "blk-bench",
         run: crate::bench::run,
     },

@@ -359,6 +359,8 @@ pub struct Blk {
     routing: Option<Routing>,
     /// Device interrupts seen (and acknowledged) so far.
     irqs_acked: u64,
+    /// Config-change interrupts acknowledged (InterruptStatus bit 1).
+    pub config_interrupts: u64,
     irq_base: u64,
     tsc_hz: u64,
 }
@@ -501,6 +503,7 @@ impl Blk {
             mode,
             routing: None,
             irqs_acked: 0,
+            config_interrupts: 0,
             irq_base: 0,
             tsc_hz,
         };
@@ -525,6 +528,27 @@ impl Blk {
     /// Device interrupts taken since init.
     pub fn irqs(&self) -> u64 {
         boot::irq_count(VECTOR_DEVICE) - self.irq_base
+    }
+
+    /// The device's ConfigGeneration register: it changes whenever the config space does.
+    pub fn config_generation(&self) -> u32 {
+        self.regs.read32(REG_CONFIG_GENERATION)
+    }
+
+    /// Reads the config space again (after a config change).
+    pub fn reread_config(&mut self) {
+        self.config = self.read_config();
+    }
+
+    /// Takes a pending config-change interrupt status (acknowledging it), counting it
+    /// in [`Blk::config_interrupts`]; true if one was taken here or before.
+    pub fn take_config_interrupt(&mut self) -> bool {
+        let isr = self.regs.read32(REG_INTERRUPT_STATUS);
+        if isr & INT_CONFIG != 0 {
+            self.regs.write32(REG_INTERRUPT_ACK, INT_CONFIG);
+            self.config_interrupts += 1;
+        }
+        self.config_interrupts > 0
     }
 
     fn read_config(&self) -> Config {
@@ -721,6 +745,7 @@ impl Blk {
                     self.regs.write32(REG_INTERRUPT_ACK, isr);
                 }
                 if isr & INT_CONFIG != 0 {
+                    self.config_interrupts += 1;
                     self.check_status()?;
                 }
                 continue;
