@@ -196,6 +196,8 @@ fn a_raw_disk_grows_under_a_running_guest() {
         assert!(!ok && text.contains(says), "{args:?}: {text}");
         assert_eq!(text.lines().count(), 1, "one line: {text}");
     }
+    let (ok, text) = vm.ctl(&["status", "blk0"]);
+    assert!(ok && text.contains("size: 4194304 bytes"), "{text}");
     let (ok, text) = vm.ctl(&["resize", "blk0", &too_big.to_string()]);
     assert!(
         !ok && text.contains("the image was not resized")
@@ -205,9 +207,9 @@ fn a_raw_disk_grows_under_a_running_guest() {
     );
     assert_eq!(text.lines().count(), 1, "one line: {text}");
     assert_eq!(std::fs::metadata(&d0).unwrap().len(), 4 << 20);
-    let (ok, text) = vm.ctl(&["status", "blk0"]);
-    assert!(ok && text.contains("size: 4194304 bytes"), "{text}");
-    assert!(text.contains("mode: normal"), "{text}");
+    // At once: the failed resize answered as its worker refused, while the disk's next
+    // worker was still starting (it started without this resize, and must make way for
+    // one that does it).
     let (ok, text) = vm.ctl(&["resize", "blk0", "8M"]);
     assert!(ok, "{text}");
     assert!(
@@ -220,8 +222,6 @@ fn a_raw_disk_grows_under_a_running_guest() {
     assert!(field(&after, "reads=") > 0, "{after}");
     let checked = vm.line("TG resize dev=0 checked ");
     assert_eq!(checked, "TG resize dev=0 checked old_last=ok new_last=ok");
-    let (ok, text) = vm.ctl(&["status", "blk0"]);
-    assert!(ok && text.contains("size: 8388608 bytes"), "{text}");
     let t = vm.finish();
     assert!(t.contains("TG done"), "{t}");
     assert!(

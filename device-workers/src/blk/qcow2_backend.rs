@@ -101,8 +101,9 @@ pub enum Qcow2Error {
 pub struct Qcow2Backend {
     image: FormatAccess<Storage>,
     size: u64,
-    /// A backing file lies below: a grown range must be zeroed, not left to show it.
-    has_backing: bool,
+    /// The length of the backing file below, if any: a grown range over it must be
+    /// zeroed, not left to show the backing file's bytes.
+    backing_len: Option<u64>,
 }
 
 impl std::fmt::Debug for Qcow2Backend {
@@ -210,7 +211,7 @@ pub fn open(files: Qcow2Files) -> Result<Qcow2Backend, Qcow2Error> {
             Some(open_backing(file, &allowed)?)
         }
     };
-    let has_backing = backing.is_some();
+    let backing_len = backing.as_ref().map(|b| b.size());
     qcow2.set_backing(backing);
     let image = FormatAccess::new(qcow2);
     let size = image.size();
@@ -220,7 +221,7 @@ pub fn open(files: Qcow2Files) -> Result<Qcow2Backend, Qcow2Error> {
     Ok(Qcow2Backend {
         image,
         size,
-        has_backing,
+        backing_len,
     })
 }
 
@@ -397,18 +398,30 @@ impl BlockIo for Qcow2Backend {
     }
 
     /// imago's resize: the header's size is written last, so a worker killed midway
-    /// leaves the image at its old size. Over a backing file the grown range is written
-    /// as zero clusters (a backing file longer than the old size must not show through,
-    /// as QEMU zeroes it too); without one, unallocated clusters already read as zeros.
+    /// leaves the image at its old size. Where the grown range lies over a backing file it
+    /// is first grown with zero clusters (the backing file's bytes must not show through,
+    /// as QEMU zeroes them too); beyond the backing file's end unallocated clusters read as
+    /// zeros already, so the rest is grown without writing a table for it. Done again
+    /// after a kill between the two steps, it does only what is left.
     fn resize(&mut self, size: u64) -> Result<(), BackendError> {
         use imago::format::PreallocateMode;
-        let mode = if self.has_backing {
-            PreallocateMode::Zero
-        } else {
-            PreallocateMode::None
-        };
         let resize_err = |source| BackendError::Resize { size, source };
-        self.image.resize(size, mode).map_err(resize_err)?;
+        let old = self.image.size();
+        if size < old {
+            self.image
+                .resize(size, PreallocateMode::None)
+                .map_err(resize_err)?;
+        } else {
+            if let Some(backing_len) = self.backing_len.filter(|&len| len > old) {
+                let zeroed = size.min(backing_len.next_multiple_of(512));
+                self.image
+                    .resize(zeroed, PreallocateMode::Zero)
+                    .map_err(resize_err)?;
+            }
+            self.image
+                .resize(size, PreallocateMode::None)
+                .map_err(resize_err)?;
+        }
         self.image.flush().map_err(resize_err)?;
         self.image.sync().map_err(resize_err)?;
         self.size = size;

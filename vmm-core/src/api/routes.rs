@@ -13,10 +13,10 @@ pub const RESTART_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a new rate limit may take to reach the disk's worker before the API answers
 /// that it is kept but not yet in force (the supervisor looks every 100 ms).
 pub const LIMIT_TIMEOUT: Duration = Duration::from_secs(2);
-/// How long a resize may take before the API answers that it is still under way: a
-/// restart, plus the image's own resize (a qcow2 image over a backing file writes the
-/// grown range's zero clusters).
-pub const RESIZE_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a resize may take before the API answers that it is still under way (and
+/// stays asked for): a restart and the image's own resize, within the server's limit on a
+/// request.
+pub const RESIZE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// One route: a method and a path template (`{id}` matches one segment). The OpenAPI
 /// description (`docs/openapi.json`) lists exactly these.

@@ -377,14 +377,26 @@ impl DiskHandle {
                 took: started.elapsed(),
             });
         }
+        {
+            let st = self.lock();
+            let never_served = st.generation == 0;
+            if never_served
+                || matches!(
+                    st.phase,
+                    DiskPhase::Ended | DiskPhase::Failing | DiskPhase::RecoveryRequested
+                )
+            {
+                return Err(ResizeError::NoWorker);
+            }
+        }
         s.asked += 1;
         let number = s.asked;
         s.pending = Some((number, size));
         drop(s);
-        if self.plan_restart(false).is_err() {
-            self.sizes().pending = None;
-            return Err(ResizeError::NoWorker);
-        }
+        // Stops the serving worker now; between two workers (a restart under way) there
+        // is none to stop, and the supervisor stops the next one (see
+        // `Supervisor::watch`), which started without this resize.
+        let _ = self.plan_restart(false);
         let s = self.sizes();
         let (s, _) = self
             .sizes_changed
@@ -401,6 +413,12 @@ impl DiskHandle {
             Some((n, Err(why))) if *n == number => Err(ResizeError::Failed(why.clone())),
             _ => Err(ResizeError::Timeout(timeout)),
         }
+    }
+
+    /// Stops the serving worker for the resize asked for (the supervisor's watch, when its
+    /// worker was not started with it).
+    pub(crate) fn stop_for_resize(&self) {
+        let _ = self.plan_restart(false);
     }
 
     /// A resize asked for cannot be done: the disk's workers keep failing.

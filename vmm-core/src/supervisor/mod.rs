@@ -199,6 +199,8 @@ struct Current {
     /// The generation of the disk's limits the worker has (None: unknown, as for a spare
     /// started before the last change; it is sent them at once).
     limits: Option<u64>,
+    /// The resize it was started to do (its number), if any.
+    resized: Option<u64>,
 }
 
 impl Current {
@@ -235,6 +237,7 @@ impl Supervisor {
             worker,
             pidfd,
             limits: Some(0),
+            resized: None,
         };
         let generation =
             self.handle
@@ -437,6 +440,7 @@ impl Supervisor {
                 current.confined.as_ref(),
                 &current.worker,
                 &mut current.limits,
+                current.resized,
             ),
             // Without a pidfd, child.wait() below blocks just the same.
             None => End::Died,
@@ -574,6 +578,7 @@ impl Supervisor {
         known: Option<&Confined>,
         worker: &Worker,
         limits: &mut Option<u64>,
+        resized: Option<u64>,
     ) -> End {
         let confined = known.map(|c| &*c.fd);
         // The pid the VMM knows (the reaper's child), never the one the page claims.
@@ -585,6 +590,15 @@ impl Supervisor {
         let watched: Vec<&OwnedFd> = std::iter::once(pidfd).chain(confined).collect();
         loop {
             self.push_rate_limit(worker, limits);
+            // A resize asked for while this worker was being started: it did not do it,
+            // so it makes way for one that does (a planned restart).
+            if self
+                .handle
+                .pending_resize()
+                .is_some_and(|(n, _)| resized != Some(n))
+            {
+                self.handle.stop_for_resize();
+            }
             if wait_any_exit(&watched, HANG_CHECK) {
                 return End::Died;
             }
@@ -792,6 +806,7 @@ impl Supervisor {
             worker: w,
             pidfd,
             limits,
+            resized: resize.map(|(number, _)| number),
         };
         let generation = self
             .handle
