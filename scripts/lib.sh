@@ -3,7 +3,7 @@
 repo_root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 
 # Debian packages the demo and the tests need (RECIPES.md).
-DEB_PACKAGES=(qemu-system-x86 qemu-utils busybox-static cpio lz4 gzip acpica-tools fio strace binutils curl)
+DEB_PACKAGES=(qemu-system-x86 qemu-utils nbdkit busybox-static cpio lz4 gzip acpica-tools fio strace binutils curl)
 
 log() { printf '==> %s\n' "$*" >&2; }
 

@@ -31,6 +31,8 @@ pub enum BlkDeviceError {
     Uring(#[source] crate::blk::uring_backend::UringError),
     #[error("engine io_uring serves raw images; a qcow2 image is served by the sync engine (engine=auto or engine=sync)")]
     UringQcow2,
+    #[error("engine io_uring serves raw images; an NBD export is served by the sync engine (engine=auto or engine=sync)")]
+    UringNbd,
 }
 
 /// Why the image cannot be served, found once the worker is confined.
@@ -103,6 +105,12 @@ impl BlkDevice {
                 pending = Some(*files);
                 // Replaced by the image once it is parsed; nothing is served before.
                 Box::new(FailBackend::new(disk.size))
+            }
+            (ServeMode::Normal, Image::Nbd(socket, export)) => {
+                if io_engine == IoEngine::IoUring {
+                    return Err(BlkDeviceError::UringNbd);
+                }
+                Box::new(crate::blk::nbd_backend::NbdBackend::new(socket, export))
             }
             (ServeMode::Normal, Image::Raw(file)) => {
                 let sync = SyncBackend::new(file).map_err(BlkDeviceError::Backend)?;

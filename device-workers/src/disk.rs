@@ -59,6 +59,8 @@ pub enum DiskError {
     UnexpectedBacking { format: &'static str },
     #[error("a resize to {size} bytes was asked for a read-only disk")]
     ResizeReadOnly { size: u64 },
+    #[error("format nbd came without the NBD export's description")]
+    NbdWithoutExport,
 }
 
 /// What serves the disk's bytes.
@@ -68,6 +70,8 @@ pub enum Image {
     Raw(File),
     /// A qcow2 image, opened by imago after the sandbox.
     Qcow2(Box<Qcow2Files>),
+    /// An NBD export on a socket the VMM connected and negotiated.
+    Nbd(std::os::fd::OwnedFd, ipc::nbd::Export),
 }
 
 /// An open, locked image.
@@ -100,6 +104,7 @@ impl Disk {
         match &self.image {
             Image::Raw(file) => vec![file.as_raw_fd()],
             Image::Qcow2(q) => q.fds().to_vec(),
+            Image::Nbd(socket, _) => vec![socket.as_raw_fd()],
         }
     }
 
@@ -113,7 +118,7 @@ impl Disk {
         let from = self.size;
         let growth = to.saturating_sub(from);
         let tables = match self.image {
-            Image::Raw(_) => 0,
+            Image::Raw(_) | Image::Nbd(..) => 0,
             Image::Qcow2(_) => growth / 16,
         };
         self.max_file_size = self
@@ -130,6 +135,7 @@ impl Disk {
         match self.image {
             Image::Raw(_) => ImageFormat::Raw,
             Image::Qcow2(_) => ImageFormat::Qcow2,
+            Image::Nbd(..) => ImageFormat::Nbd,
         }
     }
 }
@@ -175,6 +181,19 @@ pub fn from_file(
     )
 }
 
+/// A disk an NBD server serves, on the socket the VMM connected and negotiated: nothing
+/// is read from it here. The worker writes no file at all (RLIMIT_FSIZE 0).
+pub fn from_nbd(socket: std::os::fd::OwnedFd, export: ipc::nbd::Export, readonly: bool) -> Disk {
+    Disk {
+        image: Image::Nbd(socket, export),
+        size: export.size,
+        readonly,
+        direct: false,
+        max_file_size: 0,
+        resize: None,
+    }
+}
+
 /// `image_len`: the file's length when the VM started (None: standalone, now).
 fn from_named_file(
     file: File,
@@ -201,6 +220,7 @@ fn from_named_file(
     let header = read_header(&file, &path)?;
     let qcow2_magic = header[..4] == QCOW2_MAGIC;
     match format {
+        ImageFormat::Nbd => Err(DiskError::NbdWithoutExport),
         ImageFormat::Raw => {
             if backing.is_some() {
                 return Err(DiskError::UnexpectedBacking { format: "raw" });

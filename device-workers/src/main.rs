@@ -306,14 +306,21 @@ fn run_spawned(args: SpawnedArgs) -> anyhow::Result<ExitCode> {
             if b.is_some() { "one" } else { "no" }
         ),
     };
-    let disk = disk::from_file(
-        disk_file,
-        config.format,
-        backing,
-        config.readonly,
-        config.direct_io,
-        config.image_len,
-    )
+    let disk = match (config.format, config.nbd) {
+        (ipc::messages::ImageFormat::Nbd, Some(export)) => Ok(disk::from_nbd(
+            std::os::fd::OwnedFd::from(disk_file),
+            export,
+            config.readonly,
+        )),
+        _ => disk::from_file(
+            disk_file,
+            config.format,
+            backing,
+            config.readonly,
+            config.direct_io,
+            config.image_len,
+        ),
+    }
     .and_then(|mut disk| {
         if let Some(size) = config.resize_to {
             disk.plan_resize(size)?;

@@ -21,6 +21,7 @@ pub mod codec;
 pub mod handshake;
 pub mod image;
 pub mod messages;
+pub mod nbd;
 pub mod status;
 
 pub use channel::{Channel, ChannelError, MAX_FDS, MAX_MESSAGE_SIZE};

@@ -14,7 +14,7 @@
 use serde::{Deserialize, Serialize};
 
 /// Version of the message set. Bump on any change of the messages or their meaning.
-pub const PROTOCOL_VERSION: u32 = 8;
+pub const PROTOCOL_VERSION: u32 = 9;
 
 /// Longest device id, in bytes.
 pub const MAX_DEVICE_ID_LEN: usize = 32;
@@ -192,6 +192,9 @@ pub struct WorkerConfig {
     /// mode. Setting a size the image already has changes nothing, so a worker that died
     /// after its resize can be replaced by one with the same request.
     pub resize_to: Option<u64>,
+    /// The NBD export the disk's descriptor is connected to (its size and transmission
+    /// flags, as the VMM negotiated them); exactly when `format` is [`ImageFormat::Nbd`].
+    pub nbd: Option<crate::nbd::Export>,
 }
 
 /// Most tokens a bucket may hold or refill: 2^50 (a PiB of bytes), far above any disk's
@@ -252,6 +255,9 @@ pub enum ImageFormat {
     Raw,
     /// QEMU's qcow2, parsed by the worker inside its sandbox.
     Qcow2,
+    /// Not a file: an NBD server's export, on a socket the VMM connected and negotiated
+    /// (the disk's descriptor), described by [`WorkerConfig::nbd`].
+    Nbd,
 }
 
 impl ImageFormat {
@@ -260,6 +266,7 @@ impl ImageFormat {
         match self {
             ImageFormat::Raw => "raw",
             ImageFormat::Qcow2 => "qcow2",
+            ImageFormat::Nbd => "nbd",
         }
     }
 }
@@ -279,10 +286,18 @@ pub struct BackingImage {
 impl Validate for BackingImage {
     fn validate(&self) -> Result<(), ValidationError> {
         let BackingImage {
-            format: _,
+            format,
             path,
             image_dir,
         } = self;
+        if *format == ImageFormat::Nbd {
+            return Err(ValidationError::OutOfRange {
+                field: "backing.format (raw or qcow2)",
+                value: 2,
+                min: 0,
+                max: 1,
+            });
+        }
         for (field, value) in [("backing.path", path), ("backing.image_dir", image_dir)] {
             check_len(field, value, 1, MAX_PATH_LEN)?;
             check_chars(field, value, "no NUL or control characters", |c| {
@@ -368,8 +383,29 @@ impl Validate for WorkerConfig {
             rate_limit,
             image_len: _,
             resize_to,
+            nbd,
         } = self;
         rate_limit.validate()?;
+        let wrong = |field| ValidationError::OutOfRange {
+            field,
+            value: 1,
+            min: 0,
+            max: 0,
+        };
+        match (format, nbd) {
+            (ImageFormat::Nbd, Some(export)) => {
+                export.validate()?;
+                if export.read_only() && !*readonly {
+                    return Err(wrong("nbd (a read-only export serves a read-only disk)"));
+                }
+                if resize_to.is_some() {
+                    return Err(wrong("resize_to (an NBD export's size is the server's)"));
+                }
+            }
+            (ImageFormat::Nbd, None) => return Err(wrong("nbd (missing for format Nbd)")),
+            (_, Some(_)) => return Err(wrong("nbd (only with format Nbd)")),
+            (_, None) => {}
+        }
         if let Some(size) = resize_to {
             check_range("resize_to", *size, SECTOR_SIZE, MAX_DISK_SIZE)?;
             if size % SECTOR_SIZE != 0 {
@@ -584,6 +620,7 @@ mod tests {
             rate_limit: RateLimit::default(),
             image_len: 1 << 30,
             resize_to: None,
+            nbd: None,
         }
     }
 
@@ -607,6 +644,51 @@ mod tests {
         }
         assert!(with(Some(1 << 30), true, ServeMode::Normal).is_err());
         assert!(with(Some(1 << 30), false, ServeMode::Fail).is_err());
+    }
+
+    #[test]
+    fn an_nbd_disk_comes_with_its_export_and_only_then() {
+        let export = crate::nbd::Export {
+            size: 1 << 30,
+            flags: crate::nbd::TFLAG_HAS_FLAGS,
+            max_payload: 1 << 20,
+        };
+        let with = |format, nbd, readonly, resize_to| {
+            WorkerConfig {
+                format,
+                nbd,
+                readonly,
+                resize_to,
+                ..config()
+            }
+            .validate()
+        };
+        assert!(with(ImageFormat::Nbd, Some(export), false, None).is_ok());
+        assert!(with(ImageFormat::Nbd, None, false, None).is_err());
+        assert!(with(ImageFormat::Raw, Some(export), false, None).is_err());
+        assert!(with(ImageFormat::Nbd, Some(export), false, Some(1 << 31)).is_err());
+        let ro = crate::nbd::Export {
+            flags: export.flags | crate::nbd::TFLAG_READ_ONLY,
+            ..export
+        };
+        assert!(with(ImageFormat::Nbd, Some(ro), false, None).is_err());
+        assert!(with(ImageFormat::Nbd, Some(ro), true, None).is_ok());
+        for bad in [
+            crate::nbd::Export {
+                size: 1000,
+                ..export
+            },
+            crate::nbd::Export { flags: 0, ..export },
+            crate::nbd::Export {
+                max_payload: 100,
+                ..export
+            },
+        ] {
+            assert!(
+                with(ImageFormat::Nbd, Some(bad), false, None).is_err(),
+                "{bad:?}"
+            );
+        }
     }
 
     #[test]

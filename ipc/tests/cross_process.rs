@@ -103,6 +103,7 @@ fn vmm_and_worker_processes() {
         rate_limit: Default::default(),
         image_len: 0,
         resize_to: None,
+        nbd: None,
     };
     vmm.send(&VmmMessage::Configure(config), &[file.as_fd()])
         .unwrap();

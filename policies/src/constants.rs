@@ -357,7 +357,14 @@ pub const CLONE: &[Named] = &[
 ];
 
 /// Socket option levels and options (setsockopt, getsockopt).
-pub const SOCKOPT: &[Named] = &[("SOL_SOCKET", 1), ("SO_RCVTIMEO", 20), ("SO_SNDTIMEO", 21)];
+pub const SOCKOPT: &[Named] = &[
+    ("SOL_SOCKET", 1),
+    ("SO_ERROR", 4),
+    ("SO_RCVTIMEO", 20),
+    ("SO_SNDTIMEO", 21),
+    ("IPPROTO_TCP", 6),
+    ("TCP_NODELAY", 1),
+];
 
 /// `LOCK_*` (flock operations).
 pub const FLOCK: &[Named] = &[

@@ -476,3 +476,84 @@ pub fn run_until_hold(
     assert!(held, "the guest never held: {text}");
     (status, text)
 }
+
+/// An NBD server a test started (qemu-nbd or nbdkit), killed when dropped; `spec` is the
+/// `--disk` option that reaches it.
+#[derive(Debug)]
+pub struct NbdServer {
+    child: std::process::Child,
+    pub spec: String,
+}
+
+impl NbdServer {
+    /// Kills the server now (a server that goes away under a running guest).
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for NbdServer {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// `qemu-nbd` serving the raw file `image` at the Unix socket `socket`, persistent (it
+/// outlives a client: each worker connects anew) and for 8 clients at once, with `extra`
+/// options (e.g. `--read-only`); returns once it listens.
+pub fn qemu_nbd(image: &Path, socket: &Path, extra: &[&str]) -> NbdServer {
+    let child = Command::new(require_tool("qemu-nbd", "qemu-utils"))
+        .args(["--format=raw", "--persistent", "--shared=8", "--socket"])
+        .arg(socket)
+        .args(extra)
+        .arg(image)
+        .stdin(std::process::Stdio::null())
+        .spawn()
+        .expect("start qemu-nbd");
+    let server = NbdServer {
+        child,
+        spec: format!("nbd=unix:{}", socket.display()),
+    };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while std::os::unix::net::UnixStream::connect(socket).is_err() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "qemu-nbd did not listen at {}",
+            socket.display()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    server
+}
+
+/// `nbdkit`'s memory plugin (a RAM disk of `size`, e.g. `64M`) on a TCP port of
+/// 127.0.0.1; returns once it listens.
+pub fn nbdkit_memory(size: &str) -> NbdServer {
+    let nbdkit = require_tool("nbdkit", "nbdkit");
+    // A free port: one the kernel just handed out (nbdkit takes it a moment later).
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("find a free port")
+        .port();
+    let child = Command::new(nbdkit)
+        .args(["--foreground", "--ipaddr", "127.0.0.1", "--port"])
+        .arg(port.to_string())
+        .args(["memory", size])
+        .stdin(std::process::Stdio::null())
+        .spawn()
+        .expect("start nbdkit");
+    let server = NbdServer {
+        child,
+        spec: format!("nbd=127.0.0.1:{port}"),
+    };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "nbdkit did not listen on port {port}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    server
+}

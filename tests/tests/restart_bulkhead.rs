@@ -109,12 +109,14 @@ fn chaos(name: &str, secs: u64, action: Action, interval: impl FnMut() -> Durati
     chaos_with_hook(name, secs, action, interval, None)
 }
 
-/// Disk 0's image: a raw file, or a qcow2 image (made by qemu-img, over a raw backing
-/// file of zeros) that is read back through `qemu-img convert`.
+/// Disk 0's image: a raw file, a qcow2 image (made by qemu-img, over a raw backing
+/// file of zeros) that is read back through `qemu-img convert`, or a raw file qemu-nbd
+/// serves (each worker connects anew).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Format {
     Raw,
     Qcow2,
+    Nbd,
 }
 
 /// [`chaos`] with the hook-enabled worker, its fault hook `hook` on disk 0's workers.
@@ -141,7 +143,15 @@ fn chaos_on(
     let api = dir.join("api.sock");
     let mut ctl_output = String::new();
     let d1 = image(&dir, "d1.img");
+    let mut server = None;
     let (d0, d0_spec) = match format {
+        Format::Nbd => {
+            let d0 = image(&dir, "d0.img");
+            let nbd = tests::qemu_nbd(&d0, &dir.join("nbd.sock"), &[]);
+            let spec = nbd.spec.clone();
+            server = Some(nbd);
+            (d0, spec)
+        }
         Format::Raw => {
             let d0 = image(&dir, "d0.img");
             let spec = format!("path={}", d0.display());
@@ -232,8 +242,10 @@ fn chaos_on(
         .find_map(|w| w.strip_prefix("last_seed="))
         .and_then(|n| n.parse().ok())
         .unwrap_or_else(|| panic!("{summary}"));
+    // qemu-nbd's writes are in the file once it has ended.
+    drop(server);
     let bytes = match format {
-        Format::Raw => std::fs::read(&d0).unwrap(),
+        Format::Raw | Format::Nbd => std::fs::read(&d0).unwrap(),
         Format::Qcow2 => {
             // No corruption after all those kills (leaked clusters, exit 3, harm no data).
             let check = Command::new(tests::require_tool("qemu-img", "qemu-utils"))
@@ -304,6 +316,33 @@ fn a_qcow2_disk_survives_its_worker_killed_every_50_to_200_ms() {
     let restarts = c.text.matches("disk blk0: worker restarted in").count();
     assert!(
         c.actions >= 40 && restarts as u32 + 1 >= c.actions,
+        "{} kills, {restarts} restarts (seed {seed:#x}): {}",
+        c.actions,
+        c.transcript
+    );
+    eprintln!(
+        "{}; {} kills, {restarts} restarts (seed {seed:#x})",
+        c.summary, c.actions
+    );
+}
+
+/// The chaos on a disk qemu-nbd serves: each successor gets a new connection from the
+/// VMM and resubmits, over it, what its predecessor had in flight; the guest sees nothing
+/// and the file holds the last round's pattern.
+#[test]
+fn an_nbd_disk_survives_its_worker_killed_every_50_to_200_ms() {
+    let (mut rng, seed) = tests::XorShift::from_clock();
+    let c = chaos_on(
+        "restart-bulkhead-nbd",
+        20,
+        Action::Signal(libc::SIGKILL),
+        || Duration::from_millis(50 + rng.next_u64() % 151),
+        None,
+        Format::Nbd,
+    );
+    let restarts = c.text.matches("disk blk0: worker restarted in").count();
+    assert!(
+        c.actions >= 30 && restarts as u32 + 1 >= c.actions,
         "{} kills, {restarts} restarts (seed {seed:#x}): {}",
         c.actions,
         c.transcript

@@ -82,6 +82,12 @@ pub enum WorkerError {
         path: PathBuf,
         message: String,
     },
+    #[error("disk {id}")]
+    Disk {
+        id: String,
+        #[source]
+        source: crate::disk::nbd::ConnectError,
+    },
     #[error("disk {id}: cannot create the status page")]
     Status {
         id: String,
@@ -149,10 +155,14 @@ pub fn spawn(
     // The worker's stdout and stderr: a pipe only the VMM reads (see worker_output).
     let (output_r, output_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
         .map_err(|e| setup("create the output pipe")(std::io::Error::from(e)))?;
+    let disk_fd = disk.disk_fd(mode).map_err(|source| WorkerError::Disk {
+        id: id.clone(),
+        source,
+    })?;
     let fds = crate::spawner::WorkerFds {
         vhost: worker_vhost.as_fd(),
         control: worker_control.as_fd(),
-        disk: disk.file.as_fd(),
+        disk: disk_fd.as_fd(),
         status: status_fd.as_fd(),
         output: output_w.as_fd(),
         learn: learn_pair.as_ref().map(|(_, w)| w.as_fd()),
@@ -170,7 +180,7 @@ pub fn spawn(
     {
         tracing::warn!("disk {id}: cannot start the thread that logs its worker's output: {e}");
     }
-    drop((worker_vhost, worker_control, status_fd));
+    drop((worker_vhost, worker_control, status_fd, disk_fd));
     let pid = child.id();
     if let (Some(recorder), Some((vmm_learn, worker_learn))) = (learn, learn_pair) {
         drop(worker_learn);
@@ -246,6 +256,7 @@ fn configure(
         rate_limit: cfg.image.rate_limit,
         image_len: disk.size,
         resize_to: cfg.resize_to,
+        nbd: disk.nbd_export(),
     };
     let backing_fd: Vec<_> = disk.backing.iter().map(|b| b.file.as_fd()).collect();
     worker

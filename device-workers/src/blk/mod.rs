@@ -4,8 +4,9 @@
 //! - [`config`]: the config space and the feature bits;
 //! - [`request`]: [`Request::parse`] turns a hostile descriptor chain into a validated request;
 //! - [`backend`]: the [`BlockIo`] trait (synchronous I/O on one disk); [`sync_backend`]:
-//!   preadv/pwritev/fallocate on a file the worker was handed; [`fail_backend`]: fails
-//!   everything (fail mode);
+//!   preadv/pwritev/fallocate on a file the worker was handed; [`nbd_backend`]: NBD's
+//!   transmission phase on a socket the VMM connected; [`fail_backend`]: fails everything
+//!   (fail mode);
 //! - [`execute`]: runs a request against a [`BlockIo`] and guest memory, writes the status;
 //! - [`engine`]: the [`RequestEngine`] trait: run a request now ([`Processed::Executed`]) or
 //!   submit it ([`Processed::Submitted`]); every [`BlockIo`] is one, and so is
@@ -19,6 +20,7 @@ pub mod config;
 pub mod engine;
 pub mod execute;
 pub mod fail_backend;
+pub mod nbd_backend;
 pub mod qcow2_backend;
 pub mod queue;
 pub mod rate_limit;

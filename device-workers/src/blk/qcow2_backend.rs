@@ -234,6 +234,11 @@ fn open_backing(
         source,
     };
     Ok(match allowed.format {
+        ImageFormat::Nbd => {
+            return Err(invalid(io::Error::other(
+                "an NBD export is not a file a qcow2 image can name",
+            )))
+        }
         ImageFormat::Raw => FormatAccess::new(Raw::open_image(storage, false).map_err(invalid)?),
         ImageFormat::Qcow2 => {
             let mut base = Qcow2::<Storage>::open_image(storage, false).map_err(invalid)?;

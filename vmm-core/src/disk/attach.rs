@@ -101,10 +101,10 @@ pub fn open_images(disks: &[DiskConfig]) -> Result<Vec<Option<Arc<OpenedImage>>>
             DiskSource::VhostUser(_) => None,
         };
         if let Some(a) = &opened {
-            if let Some(j) = images
-                .iter()
-                .position(|b| b.as_ref().is_some_and(|b| b.identity == a.identity))
-            {
+            if let Some(j) = images.iter().position(|b| {
+                b.as_ref()
+                    .is_some_and(|b| a.identity.is_some() && b.identity == a.identity)
+            }) {
                 return Err(ConfigError::Conflict(format!(
                     "disks {} and {} are the same image",
                     disks[j].id, disk.id
@@ -114,7 +114,9 @@ pub fn open_images(disks: &[DiskConfig]) -> Result<Vec<Option<Arc<OpenedImage>>>
             // A disk's image as another's backing file: the locks refuse a writable one;
             // a shared read-only one would be fine, but is named here to be plain.
             let backs = |x: &OpenedImage, y: &OpenedImage| {
-                x.backing.as_ref().is_some_and(|b| b.identity == y.identity)
+                x.backing
+                    .as_ref()
+                    .is_some_and(|b| Some(b.identity) == y.identity)
             };
             if let Some(j) = images
                 .iter()

@@ -58,6 +58,78 @@ pub struct ImageDisk {
     pub backing: Option<BackingFile>,
     /// I/O limits at start (the control API can change them while the VM runs).
     pub rate_limit: RateLimit,
+    /// The NBD server and export that serve the disk (`format` is then
+    /// [`ImageFormat::Nbd`] and `path` only names the server, for logs).
+    pub nbd: Option<NbdSource>,
+}
+
+/// An NBD server's export, as configured.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NbdSource {
+    pub server: NbdServer,
+    /// The export's name (empty: the server's default export).
+    pub export: String,
+}
+
+/// Where an NBD server listens.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum NbdServer {
+    /// `unix:PATH`.
+    Unix(PathBuf),
+    /// `HOST:PORT` (an IPv6 address in brackets).
+    Tcp { host: String, port: u16 },
+}
+
+impl NbdServer {
+    /// `unix:PATH` or `HOST:PORT`, as `nbd=` takes it.
+    pub fn parse(text: &str) -> Result<Self, String> {
+        if let Some(path) = text.strip_prefix("unix:") {
+            if path.is_empty() {
+                return Err("nbd=unix: needs a socket path".into());
+            }
+            return Ok(NbdServer::Unix(PathBuf::from(path)));
+        }
+        let (host, port) = text
+            .rsplit_once(':')
+            .ok_or_else(|| format!("nbd={text:?} must be unix:PATH or HOST:PORT"))?;
+        let port: u16 = port
+            .parse()
+            .ok()
+            .filter(|&p| p != 0)
+            .ok_or_else(|| format!("nbd={text:?}: the port must be 1..=65535"))?;
+        let host = host
+            .strip_prefix('[')
+            .and_then(|h| h.strip_suffix(']'))
+            .unwrap_or(host);
+        if host.is_empty() {
+            return Err(format!("nbd={text:?} names no host"));
+        }
+        Ok(NbdServer::Tcp {
+            host: host.to_string(),
+            port,
+        })
+    }
+}
+
+impl std::fmt::Display for NbdServer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            NbdServer::Unix(path) => write!(f, "unix:{}", path.display()),
+            NbdServer::Tcp { host, port } if host.contains(':') => write!(f, "[{host}]:{port}"),
+            NbdServer::Tcp { host, port } => write!(f, "{host}:{port}"),
+        }
+    }
+}
+
+impl NbdSource {
+    /// How logs and errors name it: `nbd:SERVER` and the export, if named.
+    pub fn describe(&self) -> String {
+        if self.export.is_empty() {
+            format!("nbd:{}", self.server)
+        } else {
+            format!("nbd:{} export {:?}", self.server, self.export)
+        }
+    }
 }
 
 /// A backing file the configuration allows.
@@ -87,7 +159,8 @@ impl From<FormatOption> for ImageFormat {
 impl From<ImageFormat> for FormatOption {
     fn from(f: ImageFormat) -> Self {
         match f {
-            ImageFormat::Raw => FormatOption::Raw,
+            // An NBD disk is written as nbd=, never as a format.
+            ImageFormat::Raw | ImageFormat::Nbd => FormatOption::Raw,
             ImageFormat::Qcow2 => FormatOption::Qcow2,
         }
     }
@@ -171,6 +244,10 @@ struct DiskOptions {
     path: Option<PathBuf>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     vhost_user: Option<PathBuf>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    nbd: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    export: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     id: Option<String>,
     #[serde(
@@ -381,6 +458,7 @@ fn image_keys(o: &DiskOptions) -> Option<&'static str> {
         ("backing", o.backing.is_some()),
         ("backing_format", o.backing_format.is_some()),
         ("bw/iops", o.limits().any()),
+        ("export", o.export.is_some()),
     ]
     .into_iter()
     .find_map(|(key, given)| given.then_some(key))
@@ -416,9 +494,53 @@ impl TryFrom<DiskOptions> for DiskConfig {
                 o.num_queues.unwrap_or(1)
             ));
         }
-        let source = match (&o.path, &o.vhost_user) {
+        let nbd = match &o.nbd {
+            None if o.export.is_some() => return Err("export= needs nbd=SERVER".into()),
+            None => None,
+            Some(_) if o.path.is_some() || o.vhost_user.is_some() => {
+                return Err("nbd= excludes path= and vhost_user=".into())
+            }
+            Some(server) => {
+                let export = o.export.clone().unwrap_or_default();
+                if export.len() > ipc::nbd::MAX_EXPORT_NAME || export.chars().any(char::is_control)
+                {
+                    return Err(format!(
+                        "export={export:?} must be at most {} bytes, no control characters",
+                        ipc::nbd::MAX_EXPORT_NAME
+                    ));
+                }
+                for (key, given) in [
+                    ("format", o.format.is_some()),
+                    ("backing", o.backing.is_some()),
+                    ("direct", o.direct.is_some()),
+                ] {
+                    if given {
+                        return Err(format!(
+                            "{key}= applies to an image file, not to an NBD export (the \
+                             server owns its storage)"
+                        ));
+                    }
+                }
+                if o.engine == Some(EngineOption::IoUring) {
+                    return Err(
+                        "engine=io_uring serves image files; an NBD export is served \
+                                by the sync engine (engine=auto or sync)"
+                            .into(),
+                    );
+                }
+                Some(NbdSource {
+                    server: NbdServer::parse(server)?,
+                    export,
+                })
+            }
+        };
+        let path = match &nbd {
+            Some(n) => Some(PathBuf::from(n.describe())),
+            None => o.path.clone(),
+        };
+        let source = match (&path, &o.vhost_user) {
             (Some(_), Some(_)) => return Err("path= and vhost_user= exclude each other".into()),
-            (None, None) => return Err("needs path=IMAGE or vhost_user=SOCKET".into()),
+            (None, None) => return Err("needs path=IMAGE, nbd=SERVER or vhost_user=SOCKET".into()),
             (None, Some(socket)) => {
                 if let Some(key) = image_keys(&o) {
                     return Err(format!(
@@ -439,7 +561,10 @@ impl TryFrom<DiskOptions> for DiskConfig {
                 if poll_us > MAX_POLL_US {
                     return Err(format!("poll_us={poll_us} must be 0..={MAX_POLL_US}"));
                 }
-                let format = o.format.map_or(ImageFormat::Raw, ImageFormat::from);
+                let format = match &nbd {
+                    Some(_) => ImageFormat::Nbd,
+                    None => o.format.map_or(ImageFormat::Raw, ImageFormat::from),
+                };
                 let engine = o.engine.map_or(IoEngine::Auto, IoEngine::from);
                 if format == ImageFormat::Qcow2 && engine == IoEngine::IoUring {
                     return Err(
@@ -459,6 +584,9 @@ impl TryFrom<DiskOptions> for DiskConfig {
                     }
                     (spare, ImageFormat::Qcow2) => spare.unwrap_or(false),
                     (spare, ImageFormat::Raw) => spare.unwrap_or(true),
+                    // A spare would hold a connection of its own while it waits, and many
+                    // servers (qemu-nbd by default) take one client at a time.
+                    (spare, ImageFormat::Nbd) => spare.unwrap_or(false),
                 };
                 let backing = match (&o.backing, o.backing_format) {
                     (None, Some(_)) => {
@@ -488,6 +616,7 @@ impl TryFrom<DiskOptions> for DiskConfig {
                     format,
                     backing,
                     rate_limit,
+                    nbd,
                 })
             }
         };
@@ -516,14 +645,22 @@ impl From<DiskConfig> for DiskOptions {
         match c.source {
             DiskSource::VhostUser(socket) => o.vhost_user = Some(socket),
             DiskSource::Image(i) => {
-                o.path = Some(i.path);
+                match i.nbd {
+                    Some(n) => {
+                        o.nbd = Some(n.server.to_string());
+                        o.export = (!n.export.is_empty()).then_some(n.export);
+                    }
+                    None => {
+                        o.path = Some(i.path);
+                        o.format = Some(i.format.into());
+                        o.direct = Some(i.direct);
+                    }
+                }
                 o.readonly = Some(i.readonly);
                 o.serial = (!i.serial.is_empty()).then_some(i.serial);
-                o.direct = Some(i.direct);
                 o.spare = Some(i.spare);
                 o.engine = Some(i.engine.into());
                 o.poll_us = Some(i.poll_us);
-                o.format = Some(i.format.into());
                 if let Some(b) = i.backing {
                     o.backing = Some(b.path);
                     o.backing_format = Some(b.format.into());
@@ -631,6 +768,7 @@ pub fn check_disks(disks: &[DiskConfig]) -> Result<(), ConfigError> {
             )));
         }
         match &d.source {
+            DiskSource::Image(image) if image.nbd.is_some() => {}
             DiskSource::Image(image) => {
                 let identity = ipc::image::check_path(&image.path)?;
                 if let Some((other, other_path, _)) =
@@ -843,6 +981,7 @@ mod tests {
                     format: ImageFormat::Raw,
                     backing: None,
                     rate_limit: RateLimit::default(),
+                    nbd: None,
                 }),
                 num_queues: None,
                 ioeventfd: IoEventFdMatch::Datamatch,
@@ -851,6 +990,60 @@ mod tests {
     }
 
     /// The file and API form (JSON) is the same type, with the same checks.
+    #[test]
+    fn an_nbd_disk_names_its_server_and_round_trips() {
+        for (spec, server, export) in [
+            (
+                "nbd=unix:/run/nbd.sock,export=disk1",
+                NbdServer::Unix("/run/nbd.sock".into()),
+                "disk1",
+            ),
+            (
+                "nbd=example.org:10809",
+                NbdServer::Tcp {
+                    host: "example.org".into(),
+                    port: 10809,
+                },
+                "",
+            ),
+            (
+                "nbd=[::1]:10809,readonly=on",
+                NbdServer::Tcp {
+                    host: "::1".into(),
+                    port: 10809,
+                },
+                "",
+            ),
+        ] {
+            let c = DiskConfig::parse(spec, 0).unwrap();
+            let DiskSource::Image(i) = &c.source else {
+                panic!("{spec}: {c:?}")
+            };
+            let nbd = i.nbd.as_ref().unwrap();
+            assert_eq!((&nbd.server, nbd.export.as_str()), (&server, export));
+            assert_eq!(i.format, ImageFormat::Nbd);
+            assert!(
+                !i.spare,
+                "{spec}: no spare by default (a server may take one client)"
+            );
+            let json = serde_json::to_value(&c).unwrap();
+            assert!(
+                json.get("path").is_none() && json.get("format").is_none(),
+                "{json}"
+            );
+            let back: DiskConfig = serde_json::from_value(json).unwrap();
+            assert_eq!(back, c, "{spec}");
+        }
+        assert_eq!(
+            NbdServer::Tcp {
+                host: "::1".into(),
+                port: 1
+            }
+            .to_string(),
+            "[::1]:1"
+        );
+    }
+
     #[test]
     fn json_round_trips_and_is_checked_the_same() {
         let c = DiskConfig::parse("path=/x,id=root,engine=io_uring,serial=S", 0).unwrap();
@@ -931,7 +1124,7 @@ mod tests {
     #[test]
     fn rejects_bad_options_naming_the_key() {
         for (bad, says) in [
-            ("id=x", "needs path=IMAGE or vhost_user=SOCKET"),
+            ("id=x", "needs path=IMAGE, nbd=SERVER or vhost_user=SOCKET"),
             ("path=/x,num_queues=0", "num_queues=0"),
             ("path=/x,num_queues=65", "num_queues=65"),
             ("path=/x,readonly=maybe", ": readonly=maybe: invalid value"),

@@ -14,14 +14,82 @@ use crate::disk::config::ImageDisk;
 /// configuration allows.
 #[derive(Debug)]
 pub struct OpenedImage {
-    pub file: File,
-    /// The file's length.
+    /// The image file, or the NBD server's export.
+    pub served: Served,
+    /// The file's length (an NBD export's size).
     pub size: u64,
-    /// Device and inode.
-    pub identity: (u64, u64),
+    /// Device and inode (none for an NBD export).
+    pub identity: Option<(u64, u64)>,
     /// The backing file, opened read-only and locked as a reader (so no writer, bulkhead
     /// or QEMU, can change it under the image), and how the image may name it.
     pub backing: Option<OpenedBacking>,
+}
+
+/// What a disk's workers serve.
+#[derive(Debug)]
+pub enum Served {
+    File(File),
+    /// An NBD export: each worker gets a connection of its own; the one made when the VM
+    /// started goes to the first.
+    Nbd {
+        disk: crate::disk::nbd::NbdDisk,
+        first: std::sync::Mutex<Option<std::os::fd::OwnedFd>>,
+    },
+}
+
+/// The disk descriptor one worker gets.
+#[derive(Debug)]
+pub enum DiskFd<'a> {
+    Borrowed(std::os::fd::BorrowedFd<'a>),
+    Owned(std::os::fd::OwnedFd),
+}
+
+impl std::os::fd::AsFd for DiskFd<'_> {
+    fn as_fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        match self {
+            DiskFd::Borrowed(fd) => *fd,
+            DiskFd::Owned(fd) => fd.as_fd(),
+        }
+    }
+}
+
+impl OpenedImage {
+    /// The descriptor a new worker serves in `mode`: the image file, or a new connection
+    /// to the NBD export (none for a fail-mode worker, which never touches the disk: it
+    /// gets one end of an unconnected pair instead).
+    pub fn disk_fd(
+        &self,
+        mode: ipc::messages::ServeMode,
+    ) -> Result<DiskFd<'_>, crate::disk::nbd::ConnectError> {
+        use std::os::fd::AsFd;
+        match &self.served {
+            Served::File(file) => Ok(DiskFd::Borrowed(file.as_fd())),
+            Served::Nbd { .. } if mode == ipc::messages::ServeMode::Fail => {
+                let (end, _) = std::os::unix::net::UnixStream::pair().map_err(|source| {
+                    crate::disk::nbd::ConnectError::Connect {
+                        server: "(fail mode)".into(),
+                        source,
+                    }
+                })?;
+                Ok(DiskFd::Owned(end.into()))
+            }
+            Served::Nbd { disk, first } => {
+                let kept = first.lock().unwrap_or_else(|p| p.into_inner()).take();
+                match kept {
+                    Some(fd) => Ok(DiskFd::Owned(fd)),
+                    None => disk.connect().map(DiskFd::Owned),
+                }
+            }
+        }
+    }
+
+    /// The NBD export the disk is, if it is one.
+    pub fn nbd_export(&self) -> Option<ipc::nbd::Export> {
+        match &self.served {
+            Served::File(_) => None,
+            Served::Nbd { disk, .. } => Some(disk.export),
+        }
+    }
 }
 
 /// A backing file opened for a worker.
@@ -48,12 +116,26 @@ pub enum OpenError {
     NotUtf8 { path: PathBuf },
     #[error("backing={} is the image itself", path.display())]
     OwnBacking { path: PathBuf },
+    #[error(transparent)]
+    Nbd(#[from] crate::disk::nbd::ConnectError),
 }
 
 /// Opens the image read-write (or read-only), O_DIRECT on request, and locks it as QEMU
 /// would: a writer refuses every other user, readers share with readers. Its backing
 /// file, if the configuration gives one, is opened read-only beside it.
 pub fn open_image(image: &ImageDisk) -> Result<OpenedImage, OpenError> {
+    if let Some(source) = &image.nbd {
+        let (disk, first) = crate::disk::nbd::open(source, image.readonly)?;
+        return Ok(OpenedImage {
+            size: disk.export.size,
+            identity: None,
+            backing: None,
+            served: Served::Nbd {
+                disk,
+                first: std::sync::Mutex::new(Some(first)),
+            },
+        });
+    }
     let opened = ipc::image::open(
         &image.path,
         access(image.readonly),
@@ -90,9 +172,9 @@ pub fn open_image(image: &ImageDisk) -> Result<OpenedImage, OpenError> {
         }
     };
     Ok(OpenedImage {
-        file: opened.file,
+        served: Served::File(opened.file),
         size: opened.size,
-        identity: opened.identity,
+        identity: Some(opened.identity),
         backing,
     })
 }

@@ -228,7 +228,11 @@ impl Supervisor {
         self.handle.init_size(
             config_capacity(&self.config) * ipc::messages::SECTOR_SIZE,
             SizeRules {
-                fixed: self.disk.image.readonly.then_some("is read-only"),
+                fixed: if self.disk.image.nbd.is_some() {
+                    Some("is an NBD server's export")
+                } else {
+                    self.disk.image.readonly.then_some("is read-only")
+                },
                 direct: self.disk.image.direct,
             },
         );

@@ -1,0 +1,176 @@
+//! The VMM's side of a disk an NBD server serves: it resolves the server's address once,
+//! when the VM starts (no name lookup later, from a confined thread), and for each worker
+//! connects and negotiates the export ([`ipc::nbd::handshake`]), then hands the worker the
+//! connected socket. A successor's connection must find the export the first one found:
+//! the same size and flags, or the successor is not started.
+
+use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
+use std::os::fd::OwnedFd;
+use std::os::unix::net::UnixStream;
+use std::time::Duration;
+
+use ipc::nbd::{Export, NbdError};
+
+use crate::disk::config::{NbdServer, NbdSource};
+
+/// How long a connection and the negotiation may take.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// A server's address, resolved.
+#[derive(Debug, Clone)]
+pub enum Address {
+    Unix(std::path::PathBuf),
+    Tcp(Vec<SocketAddr>),
+}
+
+/// A disk's NBD export, as found when the VM started.
+#[derive(Debug)]
+pub struct NbdDisk {
+    pub source: NbdSource,
+    pub address: Address,
+    pub export: Export,
+}
+
+/// Why a server's export cannot serve the disk.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    #[error("{server}: cannot resolve the host name")]
+    Resolve {
+        server: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{server}: the host name resolves to no address")]
+    NoAddress { server: String },
+    #[error("{server}: cannot connect")]
+    Connect {
+        server: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{server}: {source}")]
+    Negotiate {
+        server: String,
+        #[source]
+        source: NbdError,
+    },
+    #[error("{server}: the export is read-only; give readonly=on to serve it as a read-only disk")]
+    ReadOnly { server: String },
+    #[error(
+        "{server}: the export changed since the VM started (now {now_size} bytes, flags \
+         {now_flags:#x}; it was {size} bytes, flags {flags:#x}): a worker is not started on it"
+    )]
+    Changed {
+        server: String,
+        size: u64,
+        flags: u16,
+        now_size: u64,
+        now_flags: u16,
+    },
+}
+
+/// Resolves the server, connects and negotiates: the disk's export, checked for a disk
+/// `readonly` or not. Called once, when the VM starts.
+pub fn open(source: &NbdSource, readonly: bool) -> Result<(NbdDisk, OwnedFd), ConnectError> {
+    let server = source.describe();
+    let address = match &source.server {
+        NbdServer::Unix(path) => Address::Unix(path.clone()),
+        NbdServer::Tcp { host, port } => {
+            let addrs: Vec<SocketAddr> = (host.as_str(), *port)
+                .to_socket_addrs()
+                .map_err(|source| ConnectError::Resolve {
+                    server: server.clone(),
+                    source,
+                })?
+                .collect();
+            if addrs.is_empty() {
+                return Err(ConnectError::NoAddress { server });
+            }
+            Address::Tcp(addrs)
+        }
+    };
+    let (socket, export) = negotiate(&address, &source.export, &server)?;
+    if export.read_only() && !readonly {
+        return Err(ConnectError::ReadOnly { server });
+    }
+    Ok((
+        NbdDisk {
+            source: source.clone(),
+            address,
+            export,
+        },
+        socket,
+    ))
+}
+
+impl NbdDisk {
+    /// A new connection for a worker, to the export the VM started with.
+    pub fn connect(&self) -> Result<OwnedFd, ConnectError> {
+        let server = self.source.describe();
+        let (socket, now) = negotiate(&self.address, &self.source.export, &server)?;
+        if now != self.export {
+            return Err(ConnectError::Changed {
+                server,
+                size: self.export.size,
+                flags: self.export.flags,
+                now_size: now.size,
+                now_flags: now.flags,
+            });
+        }
+        Ok(socket)
+    }
+}
+
+/// Connects to `address` and negotiates `export`, each step bounded by
+/// [`CONNECT_TIMEOUT`]; the socket is returned blocking, without timeouts (the worker's
+/// supervisor watches for a server that stops answering).
+fn negotiate(
+    address: &Address,
+    export: &str,
+    server: &str,
+) -> Result<(OwnedFd, Export), ConnectError> {
+    let connect_err = |source| ConnectError::Connect {
+        server: server.to_string(),
+        source,
+    };
+    let negotiate_err = |source| ConnectError::Negotiate {
+        server: server.to_string(),
+        source,
+    };
+    match address {
+        Address::Unix(path) => {
+            let mut s = UnixStream::connect(path).map_err(connect_err)?;
+            s.set_read_timeout(Some(CONNECT_TIMEOUT))
+                .map_err(connect_err)?;
+            s.set_write_timeout(Some(CONNECT_TIMEOUT))
+                .map_err(connect_err)?;
+            let export = ipc::nbd::handshake(&mut s, export).map_err(negotiate_err)?;
+            s.set_read_timeout(None).map_err(connect_err)?;
+            s.set_write_timeout(None).map_err(connect_err)?;
+            Ok((OwnedFd::from(s), export))
+        }
+        Address::Tcp(addrs) => {
+            let mut last = None;
+            for addr in addrs {
+                match TcpStream::connect_timeout(addr, CONNECT_TIMEOUT) {
+                    Ok(mut s) => {
+                        // Requests are small and answered one at a time: no Nagle delay.
+                        s.set_nodelay(true).map_err(connect_err)?;
+                        s.set_read_timeout(Some(CONNECT_TIMEOUT))
+                            .map_err(connect_err)?;
+                        s.set_write_timeout(Some(CONNECT_TIMEOUT))
+                            .map_err(connect_err)?;
+                        let export = ipc::nbd::handshake(&mut s, export).map_err(negotiate_err)?;
+                        s.set_read_timeout(None).map_err(connect_err)?;
+                        s.set_write_timeout(None).map_err(connect_err)?;
+                        return Ok((OwnedFd::from(s), export));
+                    }
+                    Err(e) => last = Some(e),
+                }
+            }
+            Err(connect_err(last.unwrap_or_else(|| {
+                std::io::Error::from(std::io::ErrorKind::AddrNotAvailable)
+            })))
+        }
+    }
+}
