@@ -59,6 +59,8 @@ pub struct RunArgs {
     /// [,engine=auto|sync|io_uring][,poll_us=N][,ioeventfd=datamatch|any]
     /// [,format=raw|qcow2][,backing=PATH][,backing_format=raw|qcow2]
     /// [,iops=N][,bw=BYTES][,iops_burst=N][,bw_burst=BYTES][,iops_refill_ms=MS][,bw_refill_ms=MS]`,
+    /// or, for an NBD server's export, `nbd=unix:PATH` or `nbd=HOST:PORT` instead of path=
+    /// (with `[,export=NAME]`; the VMM connects, the worker gets the connected socket),
     /// or by an external vhost-user backend: `vhost_user=SOCKET[,id=NAME][,num_queues=N]`.
     /// `ioeventfd=any` kicks one queue through a zero-length ioeventfd.
     /// format is raw unless given (never guessed from the content); a qcow2 image is parsed

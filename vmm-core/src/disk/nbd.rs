@@ -48,7 +48,7 @@ pub enum ConnectError {
         #[source]
         source: std::io::Error,
     },
-    #[error("{server}: {source}")]
+    #[error("{server}")]
     Negotiate {
         server: String,
         #[source]
