@@ -120,9 +120,12 @@ main() {
 	}
 	copy_bin "$bin" bulkhead
 	copy_bin "$worker" bulkhead-worker
-	# The disks scenario makes a qcow2 image in L1 and reads it back with QEMU's own tool.
+	# The disks scenario makes a qcow2 image in L1 and reads it back with QEMU's own tool,
 	qemu_img=$(command -v qemu-img) || die "qemu-img is missing: apt-get install qemu-utils"
 	copy_bin "$qemu_img" qemu-img
+	# ... and serves a disk from qemu-nbd.
+	qemu_nbd=$(command -v qemu-nbd) || die "qemu-nbd is missing: apt-get install qemu-utils"
+	copy_bin "$qemu_nbd" qemu-nbd
 	if [[ -x $hooks ]]; then
 		copy_bin "$hooks" bulkhead-worker-hooks
 	fi

@@ -103,9 +103,10 @@ fn linux_boots_to_its_userspace_and_console() {
     }
 }
 
-/// Disks through Linux's own virtio_blk under our VMM: four disks, each with its own
-/// worker (io_uring engine, sync engine under a 400 IOPS limit, readonly, and a qcow2
-/// image over a raw backing file that L1's qemu-img made, converts back and checks), once through PVH and once
+/// Disks through Linux's own virtio_blk under our VMM: five disks, each with its own
+/// worker (io_uring engine, sync engine under a 400 IOPS limit, readonly, a qcow2 image
+/// over a raw backing file that L1's qemu-img made, converts back and checks, and an NBD
+/// export qemu-nbd serves in L1), once through PVH and once
 /// through the bzImage with guest RAM in huge pages. With 2 vCPUs Linux makes 2 hardware queues per
 /// disk and the writes each CPU issued complete; data written with O_DIRECT, fsynced and
 /// read back matches, and the host image holds the same bytes; a discard leaves zeros in
@@ -124,8 +125,9 @@ fn linux_drives_its_disks_through_our_workers() {
         assert_eq!(run.fact(&format!("{vm}.rc")), "0", "{vm}: {t}");
         let l2 = |key: &str| run.l2_fact(vm, key);
         assert_eq!(l2("cpus"), "0-1", "{t}");
-        // vdd is a qcow2 image over a raw backing file, parsed by its worker (imago).
-        for disk in ["vda", "vdb", "vdd"] {
+        // vdd is a qcow2 image over a raw backing file, parsed by its worker (imago); vde
+        // an NBD export (qemu-nbd in L1; its worker got the socket the VMM connected).
+        for disk in ["vda", "vdb", "vdd", "vde"] {
             assert_eq!(l2(&format!("{disk}.hw_queues")), "2", "{vm} {disk}: {t}");
             assert_eq!(l2(&format!("{disk}.write_rc")), "0,0", "{vm} {disk}: {t}");
             assert_eq!(l2(&format!("{disk}.fsync_rc")), "0", "{vm} {disk}: {t}");
@@ -183,7 +185,7 @@ fn linux_drives_its_disks_through_our_workers() {
             .collect();
         // Two ranges per writable disk (written, and never written: zeros, or vdd's backing
         // file showing through), one of the readonly disk.
-        assert_eq!(l2_sums.len(), 7, "{vm}: {t}");
+        assert_eq!(l2_sums.len(), 9, "{vm}: {t}");
         for sum in l2_sums {
             let host = format!("NEST sha {vm} {sum}");
             assert!(

@@ -192,3 +192,85 @@ fn a_server_that_goes_away_gives_the_guest_errors_not_a_hang() {
     assert!(err.contains("giving up"), "fail mode: {t}");
     assert!(ended < Duration::from_secs(10), "{t}");
 }
+
+/// Planned restarts of a worker on nbdkit over TCP: its supervisor, confined, connects to
+/// the server again for each successor (a bounded TCP connect, TCP_NODELAY, the
+/// negotiation) and the guest's rounds see no error.
+#[test]
+fn a_restarted_worker_reconnects_over_tcp() {
+    require_kvm();
+    let dir = scratch_dir("nbd-tcp-restart");
+    let kit = nbdkit_memory("64M");
+    let api = dir.join("api.sock");
+    let mut child = Command::new(bulkhead_bin())
+        .arg("run")
+        .arg("--api-socket")
+        .arg(&api)
+        .arg("--kernel")
+        .arg(testguest())
+        .args(["--mem", "64", "--timeout", "60", "--cmdline"])
+        .arg(format!(
+            "testguest.plan=blk-chaos secs=4 qd=8 completion=irq seed={SEED} blocks=64"
+        ))
+        .arg("--disk")
+        .arg(&kit.spec)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start bulkhead");
+    let stdout = child.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    let mut out = String::new();
+    loop {
+        let line = rx
+            .recv_timeout(Duration::from_secs(30))
+            .unwrap_or_else(|_| panic!("the guest did not start its rounds: {out}"));
+        out.push_str(&line);
+        out.push('\n');
+        if line.starts_with("TG chaos dev=0 num=") {
+            break;
+        }
+    }
+    for _ in 0..2 {
+        std::thread::sleep(Duration::from_millis(500));
+        let restart = Command::new(bulkhead_bin())
+            .args(["ctl", "--api-socket"])
+            .arg(&api)
+            .args(["restart", "blk0"])
+            .output()
+            .unwrap();
+        assert!(
+            restart.status.success(),
+            "{}",
+            String::from_utf8_lossy(&restart.stderr)
+        );
+    }
+    let output = child.wait_with_output().unwrap();
+    while let Ok(line) = rx.recv_timeout(Duration::from_millis(100)) {
+        out.push_str(&line);
+        out.push('\n');
+    }
+    let err = String::from_utf8_lossy(&output.stderr);
+    let t = format!("{:?}\n{out}\n--- stderr ---\n{err}", output.status);
+    assert!(output.status.success(), "{t}");
+    assert!(
+        out.lines()
+            .any(|l| l.starts_with("TG chaos dev=0 rounds=") && l.contains(" errors=0 ")),
+        "{t}"
+    );
+    assert_eq!(
+        err.matches("disk blk0: worker restarted in").count(),
+        2,
+        "{t}"
+    );
+    assert!(
+        !err.contains("violated policy") && !err.contains("SIGSYS"),
+        "{t}"
+    );
+}

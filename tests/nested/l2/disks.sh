@@ -1,6 +1,7 @@
 #!/bin/sh
 # L2: Linux's own virtio_blk driver on bulkhead's disks. For each writable disk in $RW
-# (default "vda vdb", and vdd when there is one: a qcow2 image over a backing file), with 2 vCPUs: the hardware queues Linux made, two 4 MiB O_DIRECT
+# (default "vda vdb", and vdd when there is one: a qcow2 image over a backing file, and vde
+# when there is one: an NBD export), with 2 vCPUs: the hardware queues Linux made, two 4 MiB O_DIRECT
 # writes issued at once from CPU 0 and CPU 1, how often each hardware queue ran for them,
 # fsync, both read back and checked, then a 1 MiB discard in the middle
 # and a check that exactly that range reads as zeros. For the readonly disk $RO (default
@@ -9,7 +10,7 @@
 # is grown under it at the end (see there).
 # Lines: `NESTL2 fact KEY=VALUE` and `NESTL2 sha DISK OFFSET LENGTH SHA256` (for the
 # host side to compare with the image).
-RW=${RW:-vda vdb$([ -e /sys/block/vdd ] && echo ' vdd')}
+RW=${RW:-vda vdb$([ -e /sys/block/vdd ] && echo ' vdd')$([ -e /sys/block/vde ] && echo ' vde')}
 RO=${RO:-vdc}
 MiB=1048576
 
