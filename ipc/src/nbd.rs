@@ -68,6 +68,8 @@ pub const CMD_FLAGS_NONE: u16 = 0;
 
 /// Longest option reply read (an export's description, a long error message).
 pub const MAX_OPTION_REPLY: u32 = 64 * 1024;
+/// Most option replies read for one option: a server cannot keep the negotiation going.
+pub const MAX_OPTION_REPLIES: u32 = 32;
 /// Longest export name (the protocol's own limit is 4096 bytes).
 pub const MAX_EXPORT_NAME: usize = 4096;
 /// Largest request payload when the server names none (the protocol's recommendation).
@@ -164,6 +166,10 @@ pub enum NbdError {
     BadSize { export: String, size: u64 },
     #[error("export {export:?} needs requests of whole {min}-byte blocks; bulkhead's guests send 512-byte ones")]
     BlockTooLarge { export: String, min: u32 },
+    #[error("export {export:?} takes requests of at most {max} bytes; bulkhead's guests send 512-byte sectors")]
+    BlockTooSmall { export: String, max: u32 },
+    #[error("the server sent more than {MAX_OPTION_REPLIES} option replies")]
+    TooManyReplies,
     #[error("export {export:?} offers no transmission flags (NBD_FLAG_HAS_FLAGS is clear)")]
     NoFlags { export: String },
     #[error("the export name is {0} bytes, more than {MAX_EXPORT_NAME}")]
@@ -243,7 +249,10 @@ pub fn handshake<S: Read + Write>(stream: &mut S, export: &str) -> Result<Export
     stream.flush()?;
     let mut size_flags: Option<(u64, u16)> = None;
     let mut block: Option<(u32, u32)> = None;
-    loop {
+    for replies in 0.. {
+        if replies == MAX_OPTION_REPLIES {
+            return Err(NbdError::TooManyReplies);
+        }
         let magic = read_u64(stream)?;
         if magic != OPTION_REPLY_MAGIC {
             return Err(NbdError::Protocol {
@@ -354,9 +363,15 @@ fn checked(
             min,
         });
     }
-    // A maximum below 512 would refuse every request; the largest whole number of sectors
-    // the server allows, at most the default.
-    let max_payload = (max.clamp(512, DEFAULT_MAX_PAYLOAD) / 512) * 512;
+    // Below 512 bytes the guest's requests could not be cut to fit; above, the largest
+    // whole number of sectors the server allows, at most the default.
+    if max < 512 {
+        return Err(NbdError::BlockTooSmall {
+            export: export.to_string(),
+            max,
+        });
+    }
+    let max_payload = (max.min(DEFAULT_MAX_PAYLOAD) / 512) * 512;
     Ok(Export {
         size,
         flags,
@@ -553,6 +568,26 @@ mod tests {
                     v
                 },
                 "whole 4096-byte blocks",
+            ),
+            (
+                {
+                    let mut v = greeting(1);
+                    v.extend(ok_export());
+                    v.extend(option_reply(REP_INFO, &info_block(1, 256, 256)));
+                    v.extend(option_reply(REP_ACK, &[]));
+                    v
+                },
+                "at most 256 bytes",
+            ),
+            (
+                {
+                    let mut v = greeting(1);
+                    for _ in 0..40 {
+                        v.extend(option_reply(REP_INFO, &[0, 9]));
+                    }
+                    v
+                },
+                "more than 32 option replies",
             ),
             (
                 {

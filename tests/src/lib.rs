@@ -530,6 +530,12 @@ pub fn qemu_nbd(image: &Path, socket: &Path, extra: &[&str]) -> NbdServer {
 /// `nbdkit`'s memory plugin (a RAM disk of `size`, e.g. `64M`) on a TCP port of
 /// 127.0.0.1; returns once it listens.
 pub fn nbdkit_memory(size: &str) -> NbdServer {
+    nbdkit(&["memory", size])
+}
+
+/// `nbdkit` with `args` (filters, the plugin and its parameters) on a TCP port of
+/// 127.0.0.1; returns once it listens.
+pub fn nbdkit(args: &[&str]) -> NbdServer {
     let nbdkit = require_tool("nbdkit", "nbdkit");
     // A free port: one the kernel just handed out (nbdkit takes it a moment later).
     let port = std::net::TcpListener::bind("127.0.0.1:0")
@@ -539,7 +545,7 @@ pub fn nbdkit_memory(size: &str) -> NbdServer {
     let child = Command::new(nbdkit)
         .args(["--foreground", "--ipaddr", "127.0.0.1", "--port"])
         .arg(port.to_string())
-        .args(["memory", size])
+        .args(args)
         .stdin(std::process::Stdio::null())
         .spawn()
         .expect("start nbdkit");

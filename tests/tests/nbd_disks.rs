@@ -11,7 +11,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use tests::{
-    assert_bulkhead_refused, bulkhead_bin, check_blk_verify_image, nbdkit_memory, qemu_nbd,
+    assert_bulkhead_refused, bulkhead_bin, check_blk_verify_image, nbdkit, nbdkit_memory, qemu_nbd,
     require_kvm, run_bulkhead, scratch_dir, testguest, tg_lines,
 };
 
@@ -104,6 +104,19 @@ fn nbd_disks_that_cannot_work_are_refused_in_one_line() {
     image(&file, 1 << 20);
     let ro = qemu_nbd(&file, &dir.join("ro.sock"), &["--read-only"]);
     refused(&ro.spec, "the export is read-only; give readonly=on");
+    // readonly=on over an export the server lets write: the worker's connection could.
+    let rw_file = dir.join("rw.img");
+    image(&rw_file, 1 << 20);
+    let rw = qemu_nbd(&rw_file, &dir.join("rw.sock"), &[]);
+    refused(
+        &format!("{},readonly=on", rw.spec),
+        "readonly=on needs an export the server itself serves read-only",
+    );
+    // One export as two disks.
+    let args = vec![
+        "run", "--kernel", &kernel, "--mem", "64", "--disk", &rw.spec, "--disk", &rw.spec,
+    ];
+    assert_bulkhead_refused(&args, "are the same NBD export");
     // A name the server does not export: its own words say so.
     let named = qemu_nbd(&file, &dir.join("named.sock"), &["--export-name=disk"]);
     refused(
@@ -273,4 +286,41 @@ fn a_restarted_worker_reconnects_over_tcp() {
         !err.contains("violated policy") && !err.contains("SIGSYS"),
         "{t}"
     );
+}
+
+/// A server that takes 1.5 s for each read (nbdkit's delay filter): the worker waits in a
+/// socket read, neither idle nor in a disk's uninterruptible sleep, for longer than a
+/// local disk's hang timeout; the supervisor waits for it (a disk over a network gets 20
+/// s), so no worker is killed and the guest's requests all complete.
+#[test]
+fn a_slow_server_is_waited_for_not_taken_for_a_hang() {
+    require_kvm();
+    let slow = nbdkit(&["--filter=delay", "memory", "16M", "rdelay=1500ms"]);
+    let kernel = testguest().display().to_string();
+    let r = run_bulkhead(
+        &[
+            "run",
+            "--kernel",
+            &kernel,
+            "--mem",
+            "64",
+            "--timeout",
+            "90",
+            "--cmdline",
+            "testguest.plan=blk-verify qd=1 completion=irq blocks=2",
+            "--disk",
+            &slow.spec,
+        ],
+        Duration::from_secs(120),
+    );
+    let t = r.transcript();
+    assert_eq!(r.code, Some(0), "{t}");
+    assert!(
+        tg_lines(&r.stdout)
+            .iter()
+            .any(|l| l.starts_with("TG blk dev=0 wrote=2 read=2 verified=2")),
+        "{t}"
+    );
+    assert!(!r.stderr.contains("made no progress"), "{t}");
+    assert!(!r.stderr.contains("worker restarted"), "{t}");
 }

@@ -340,8 +340,9 @@ impl BlockIo for NbdBackend {
                 .map_err(failed);
         }
         let mut done = 0;
+        let chunk = (ZERO_CHUNK as u64).min(u64::from(self.export.max_payload));
         while done < len {
-            let n = (len - done).min(ZERO_CHUNK as u64);
+            let n = (len - done).min(chunk);
             // SAFETY: ZEROES is a static the kernel only reads from (sendmsg); the slice's
             // length is within it.
             let zeroes = unsafe { VolatileSlice::new(ZEROES.as_ptr() as *mut u8, n as usize) };

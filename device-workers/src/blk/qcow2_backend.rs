@@ -402,31 +402,22 @@ impl BlockIo for Qcow2Backend {
         self.size
     }
 
-    /// imago's resize: the header's size is written last, so a worker killed midway
-    /// leaves the image at its old size. Where the grown range lies over a backing file it
-    /// is first grown with zero clusters (the backing file's bytes must not show through,
-    /// as QEMU zeroes them too); beyond the backing file's end unallocated clusters read as
-    /// zeros already, so the rest is grown without writing a table for it. Done again
-    /// after a kill between the two steps, it does only what is left.
+    /// imago's resize, in one step: the header's size is written last, so a worker killed
+    /// midway leaves the image at its old size. Where a backing file lies below the grown
+    /// range the range is written as zero clusters (the backing file's bytes must not show
+    /// through, as QEMU zeroes them too); beyond a backing file's end, or without one,
+    /// unallocated clusters read as zeros already and no table is written for them.
     fn resize(&mut self, size: u64) -> Result<(), BackendError> {
         use imago::format::PreallocateMode;
         let resize_err = |source| BackendError::Resize { size, source };
         let old = self.image.size();
-        if size < old {
-            self.image
-                .resize(size, PreallocateMode::None)
-                .map_err(resize_err)?;
+        let over_backing = self.backing_len.is_some_and(|len| len > old);
+        let mode = if size > old && over_backing {
+            PreallocateMode::Zero
         } else {
-            if let Some(backing_len) = self.backing_len.filter(|&len| len > old) {
-                let zeroed = size.min(backing_len.next_multiple_of(512));
-                self.image
-                    .resize(zeroed, PreallocateMode::Zero)
-                    .map_err(resize_err)?;
-            }
-            self.image
-                .resize(size, PreallocateMode::None)
-                .map_err(resize_err)?;
-        }
+            PreallocateMode::None
+        };
+        self.image.resize(size, mode).map_err(resize_err)?;
         self.image.flush().map_err(resize_err)?;
         self.image.sync().map_err(resize_err)?;
         self.size = size;

@@ -187,6 +187,9 @@ pub struct VirtioMmioDevice {
     /// ConfigGeneration: bumped with every change of `config`, so a driver reading a
     /// field over several accesses sees whether it changed in between (virtio 1.2, 2.5.1).
     config_generation: AtomicU32,
+    /// The config space changed before the driver set DRIVER_OK: it may have read the old
+    /// bytes, so the interrupt is raised when it does.
+    config_changed_early: AtomicBool,
     queue_max: u16,
     ram: Vec<(u64, u64)>,
     regs: Mutex<Regs>,
@@ -218,6 +221,7 @@ impl VirtioMmioDevice {
             device_features: info.device_features & TRANSPORT_FEATURES,
             config: Mutex::new(info.config),
             config_generation: AtomicU32::new(0),
+            config_changed_early: AtomicBool::new(false),
             queue_max: info.queue_max,
             ram: info.ram,
             regs: Mutex::new(Regs {
@@ -256,10 +260,16 @@ impl VirtioMmioDevice {
             self.config_generation.fetch_add(1, Ordering::AcqRel);
         }
         if self.driver_ok.load(Ordering::Acquire) {
-            self.interrupt_status.fetch_or(INT_CONFIG, Ordering::AcqRel);
-            if let Err(e) = self.config_irq.write(1) {
-                tracing::warn!("{}: cannot raise the config interrupt: {e}", self.id);
-            }
+            self.config_interrupt();
+        } else {
+            self.config_changed_early.store(true, Ordering::Release);
+        }
+    }
+
+    fn config_interrupt(&self) {
+        self.interrupt_status.fetch_or(INT_CONFIG, Ordering::AcqRel);
+        if let Err(e) = self.config_irq.write(1) {
+            tracing::warn!("{}: cannot raise the config interrupt: {e}", self.id);
         }
     }
 
@@ -540,6 +550,9 @@ impl VirtioMmioDevice {
         // the driver, having seen nothing to do, would wait for it forever.
         self.driver_ok
             .store(new & STATUS_DRIVER_OK != 0, Ordering::Release);
+        if new & STATUS_DRIVER_OK != 0 && self.config_changed_early.swap(false, Ordering::AcqRel) {
+            self.config_interrupt();
+        }
         regs.activated |= activate;
         activate.then(|| TransportEvent::Activate {
             driver_features: regs.driver_features,
@@ -845,6 +858,11 @@ mod tests {
         w32(&d, 0x70, STATUS_FEATURES_OK);
         w32(&d, 0x70, STATUS_FEATURES_OK | STATUS_DRIVER_OK);
         assert!(matches!(rx.try_recv(), Ok(TransportEvent::Activate { .. })));
+        // The driver may have read the old bytes before the change: it is told at
+        // DRIVER_OK.
+        assert_eq!(d.config_irq.read().unwrap(), 1, "raised at DRIVER_OK");
+        assert_eq!(r32(&d, 0x60), INT_VRING | INT_CONFIG);
+        w32(&d, 0x64, INT_CONFIG);
         // The same bytes again change nothing.
         d.update_config(&[5, 6, 7, 8]);
         assert_eq!(r32(&d, 0xfc), 1);

@@ -768,7 +768,19 @@ pub fn check_disks(disks: &[DiskConfig]) -> Result<(), ConfigError> {
             )));
         }
         match &d.source {
-            DiskSource::Image(image) if image.nbd.is_some() => {}
+            DiskSource::Image(ImageDisk { nbd: Some(nbd), .. }) => {
+                let same = disks[..i].iter().find(|o| {
+                    matches!(&o.source, DiskSource::Image(ImageDisk { nbd: Some(n), .. }) if n == nbd)
+                });
+                if let Some(other) = same {
+                    return Err(ConfigError::Conflict(format!(
+                        "disks {} and {} are the same NBD export ({})",
+                        other.id,
+                        d.id,
+                        nbd.describe()
+                    )));
+                }
+            }
             DiskSource::Image(image) => {
                 let identity = ipc::image::check_path(&image.path)?;
                 if let Some((other, other_path, _)) =

@@ -4,6 +4,7 @@
 //! connected socket. A successor's connection must find the export the first one found:
 //! the same size and flags, or the successor is not started.
 
+use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
 use std::os::fd::OwnedFd;
 use std::os::unix::net::UnixStream;
@@ -57,6 +58,11 @@ pub enum ConnectError {
     #[error("{server}: the export is read-only; give readonly=on to serve it as a read-only disk")]
     ReadOnly { server: String },
     #[error(
+        "{server}: readonly=on needs an export the server itself serves read-only (qemu-nbd \
+         --read-only, nbdkit --readonly): the worker's connection could write to this one"
+    )]
+    WritableExport { server: String },
+    #[error(
         "{server}: the export changed since the VM started (now {now_size} bytes, flags \
          {now_flags:#x}; it was {size} bytes, flags {flags:#x}): a worker is not started on it"
     )]
@@ -93,6 +99,11 @@ pub fn open(source: &NbdSource, readonly: bool) -> Result<(NbdDisk, OwnedFd), Co
     if export.read_only() && !readonly {
         return Err(ConnectError::ReadOnly { server });
     }
+    // The worker's requests go straight to the server: only the server can refuse a
+    // write a compromised worker sends.
+    if readonly && !export.read_only() {
+        return Err(ConnectError::WritableExport { server });
+    }
     Ok((
         NbdDisk {
             source: source.clone(),
@@ -121,8 +132,70 @@ impl NbdDisk {
     }
 }
 
-/// Connects to `address` and negotiates `export`, each step bounded by
-/// [`CONNECT_TIMEOUT`]; the socket is returned blocking, without timeouts (the worker's
+/// Most addresses of a host name tried, each with [`CONNECT_TIMEOUT`].
+const MAX_ADDRESSES: usize = 4;
+
+/// A stream whose every read and write must end by one deadline: a server that drips its
+/// negotiation cannot hold a supervisor longer than [`CONNECT_TIMEOUT`].
+struct Bounded<S> {
+    stream: S,
+    deadline: std::time::Instant,
+}
+
+trait Timeouts {
+    fn set_timeouts(&self, left: Duration) -> std::io::Result<()>;
+}
+
+impl Timeouts for UnixStream {
+    fn set_timeouts(&self, left: Duration) -> std::io::Result<()> {
+        self.set_read_timeout(Some(left))?;
+        self.set_write_timeout(Some(left))
+    }
+}
+
+impl Timeouts for TcpStream {
+    fn set_timeouts(&self, left: Duration) -> std::io::Result<()> {
+        self.set_read_timeout(Some(left))?;
+        self.set_write_timeout(Some(left))
+    }
+}
+
+impl<S: Timeouts> Bounded<S> {
+    /// Sets the socket's timeouts to the time left; an error once it is up.
+    fn left(&self) -> std::io::Result<()> {
+        let left = self
+            .deadline
+            .saturating_duration_since(std::time::Instant::now());
+        if left.is_zero() {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                format!("the negotiation took longer than {CONNECT_TIMEOUT:?}"),
+            ));
+        }
+        self.stream.set_timeouts(left)
+    }
+}
+
+impl<S: Timeouts + Read> Read for Bounded<S> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        self.left()?;
+        self.stream.read(buf)
+    }
+}
+
+impl<S: Timeouts + Write> Write for Bounded<S> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.left()?;
+        self.stream.write(buf)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.stream.flush()
+    }
+}
+
+/// Connects to `address` and negotiates `export` within [`CONNECT_TIMEOUT`] (a connect
+/// to a Unix socket whose listener stopped accepting is the exception: it waits for room
+/// in the backlog); the socket is returned blocking, without timeouts (the worker's
 /// supervisor watches for a server that stops answering).
 fn negotiate(
     address: &Address,
@@ -139,34 +212,38 @@ fn negotiate(
     };
     match address {
         Address::Unix(path) => {
-            let mut s = UnixStream::connect(path).map_err(connect_err)?;
-            s.set_read_timeout(Some(CONNECT_TIMEOUT))
-                .map_err(connect_err)?;
-            s.set_write_timeout(Some(CONNECT_TIMEOUT))
-                .map_err(connect_err)?;
-            let export = ipc::nbd::handshake(&mut s, export).map_err(negotiate_err)?;
+            let stream = UnixStream::connect(path).map_err(connect_err)?;
+            let mut bounded = Bounded {
+                stream,
+                deadline: std::time::Instant::now() + CONNECT_TIMEOUT,
+            };
+            let export = ipc::nbd::handshake(&mut bounded, export).map_err(negotiate_err)?;
+            let s = bounded.stream;
             s.set_read_timeout(None).map_err(connect_err)?;
             s.set_write_timeout(None).map_err(connect_err)?;
             Ok((OwnedFd::from(s), export))
         }
         Address::Tcp(addrs) => {
             let mut last = None;
-            for addr in addrs {
-                match TcpStream::connect_timeout(addr, CONNECT_TIMEOUT) {
-                    Ok(mut s) => {
-                        // Requests are small and answered one at a time: no Nagle delay.
-                        s.set_nodelay(true).map_err(connect_err)?;
-                        s.set_read_timeout(Some(CONNECT_TIMEOUT))
-                            .map_err(connect_err)?;
-                        s.set_write_timeout(Some(CONNECT_TIMEOUT))
-                            .map_err(connect_err)?;
-                        let export = ipc::nbd::handshake(&mut s, export).map_err(negotiate_err)?;
-                        s.set_read_timeout(None).map_err(connect_err)?;
-                        s.set_write_timeout(None).map_err(connect_err)?;
-                        return Ok((OwnedFd::from(s), export));
+            for addr in addrs.iter().take(MAX_ADDRESSES) {
+                let stream = match TcpStream::connect_timeout(addr, CONNECT_TIMEOUT) {
+                    Ok(s) => s,
+                    Err(e) => {
+                        last = Some(e);
+                        continue;
                     }
-                    Err(e) => last = Some(e),
-                }
+                };
+                // Requests are small and answered one at a time: no Nagle delay.
+                stream.set_nodelay(true).map_err(connect_err)?;
+                let mut bounded = Bounded {
+                    stream,
+                    deadline: std::time::Instant::now() + CONNECT_TIMEOUT,
+                };
+                let export = ipc::nbd::handshake(&mut bounded, export).map_err(negotiate_err)?;
+                let s = bounded.stream;
+                s.set_read_timeout(None).map_err(connect_err)?;
+                s.set_write_timeout(None).map_err(connect_err)?;
+                return Ok((OwnedFd::from(s), export));
             }
             Err(connect_err(last.unwrap_or_else(|| {
                 std::io::Error::from(std::io::ErrorKind::AddrNotAvailable)

@@ -109,6 +109,9 @@ struct Sizes {
     asked: u64,
     /// The last resize's outcome, by number: the new size, or why it failed.
     done: Option<(u64, Result<u64, String>)>,
+    /// The size of the last resize that did not end as done: its worker may have set the
+    /// image to it before something else failed, and a later worker then finds it.
+    attempted: Option<u64>,
 }
 
 /// What a disk's new size must keep.
@@ -312,6 +315,9 @@ impl DiskHandle {
         st.reaper = None;
         st.confined = None;
         self.changed.notify_all();
+        drop(st);
+        // No worker will come to do a resize still asked for.
+        self.fail_pending_resize("the VM is closing");
     }
 
     /// The disk's counters over all its workers.
@@ -343,8 +349,11 @@ impl DiskHandle {
     /// Resize `number` is over: the disk has `outcome`'s size, or kept its own.
     pub(crate) fn resize_done(&self, number: u64, outcome: Result<u64, String>) {
         let mut s = self.sizes();
-        if s.pending.is_some_and(|(n, _)| n == number) {
-            s.pending = None;
+        if let Some((n, size)) = s.pending {
+            if n == number {
+                s.pending = None;
+                s.attempted = outcome.is_err().then_some(size);
+            }
         }
         if let Ok(size) = outcome {
             s.current = size;
@@ -380,12 +389,7 @@ impl DiskHandle {
         {
             let st = self.lock();
             let never_served = st.generation == 0;
-            if never_served
-                || matches!(
-                    st.phase,
-                    DiskPhase::Ended | DiskPhase::Failing | DiskPhase::RecoveryRequested
-                )
-            {
+            if never_served || st.phase == DiskPhase::Ended || st.phase.failing() {
                 return Err(ResizeError::NoWorker);
             }
         }
@@ -419,6 +423,20 @@ impl DiskHandle {
     /// worker was not started with it).
     pub(crate) fn stop_for_resize(&self) {
         let _ = self.plan_restart(false);
+    }
+
+    /// A worker offers `size` where `size()` was expected: if that is the size a resize
+    /// that was reported failed asked for (its worker set the image to it before
+    /// something else failed), the disk has it now; true then.
+    pub(crate) fn adopt_attempted(&self, size: u64) -> bool {
+        let mut s = self.sizes();
+        if s.attempted != Some(size) || s.pending.is_some() {
+            return false;
+        }
+        s.attempted = None;
+        s.current = size;
+        self.sizes_changed.notify_all();
+        true
     }
 
     /// A resize asked for cannot be done: the disk's workers keep failing.
@@ -790,6 +808,58 @@ mod resize {
         assert!(matches!(late, Err(ResizeError::Timeout(_))), "{late:?}");
         assert_eq!(handle.pending_resize().map(|(_, s)| s), Some(2 << 20));
         assert_eq!(handle.size(), 1 << 20);
+        let _ = child.wait();
+    }
+
+    #[test]
+    fn a_failed_resize_whose_image_changed_after_all_is_adopted_once() {
+        let (handle, mut child) = serving();
+        std::thread::scope(|s| {
+            let r = s.spawn(|| handle.resize(2 << 20, false, Duration::from_secs(5)));
+            answer(&handle, |_| Err("its worker died after the resize".into()));
+            assert!(matches!(r.join().unwrap(), Err(ResizeError::Failed(_))));
+        });
+        assert_eq!(handle.size(), 1 << 20);
+        assert!(
+            !handle.adopt_attempted(3 << 20),
+            "only the size that was asked for"
+        );
+        assert!(handle.adopt_attempted(2 << 20));
+        assert_eq!(handle.size(), 2 << 20);
+        assert!(!handle.adopt_attempted(2 << 20), "once");
+        let _ = child.wait();
+    }
+
+    #[test]
+    fn the_vms_end_answers_a_resize_still_asked_for() {
+        let (handle, mut child) = serving();
+        std::thread::scope(|s| {
+            let r = s.spawn(|| handle.resize(2 << 20, false, Duration::from_secs(30)));
+            while handle.pending_resize().is_none() {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            let started = Instant::now();
+            handle.end();
+            let r = r.join().unwrap();
+            assert!(started.elapsed() < Duration::from_secs(5));
+            match r {
+                Err(ResizeError::Failed(why)) => assert!(why.contains("closing"), "{why}"),
+                other => panic!("{other:?}"),
+            }
+        });
+        let _ = child.wait();
+    }
+
+    #[test]
+    fn a_disk_restarting_in_fail_mode_is_not_resized() {
+        let (handle, mut child) = serving();
+        handle.set_failing();
+        // A planned restart of the failing disk (its successor is a fail-mode worker).
+        handle.plan_restart(true).unwrap();
+        assert_eq!(handle.phase(), DiskPhase::PlannedRestart { failing: true });
+        let r = handle.resize(2 << 20, false, Duration::from_secs(1));
+        assert!(matches!(r, Err(ResizeError::NoWorker)), "{r:?}");
+        assert!(handle.pending_resize().is_none());
         let _ = child.wait();
     }
 

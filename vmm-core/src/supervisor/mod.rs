@@ -37,6 +37,11 @@ use policy::{RestartPolicy, Step, MAX_RESTARTS, RESTART_WINDOW};
 /// or stopped; see `watch`) is hung: killed and replaced. Well below the guest drivers'
 /// request timeouts (Linux: 30 s; the test guest: 10 s).
 pub const HANG_TIMEOUT: Duration = Duration::from_secs(1);
+/// The same for a disk an NBD server serves: its worker waits for the server in a plain
+/// socket read (not the uninterruptible sleep of a slow local disk, which is never taken
+/// for a hang), and a request over a network (a 32 MiB read, a flush of a big cache) may
+/// take seconds. Below Linux's request timeout (30 s).
+pub const NBD_HANG_TIMEOUT: Duration = Duration::from_secs(20);
 /// How often the supervisor looks at a live worker's progress.
 const HANG_CHECK: Duration = Duration::from_millis(100);
 /// How long a restart's log line waits for the successor's rings to be up.
@@ -644,7 +649,12 @@ impl Supervisor {
                 continue;
             }
             let stalled = since.elapsed();
-            if stalled >= HANG_TIMEOUT {
+            let hang_timeout = if self.disk.image.nbd.is_some() {
+                NBD_HANG_TIMEOUT
+            } else {
+                HANG_TIMEOUT
+            };
+            if stalled >= hang_timeout {
                 tracing::warn!(
                     "disk {}: worker (pid {}) made no progress for {:.1} s with requests \
                      pending: killing it",
@@ -790,8 +800,25 @@ impl Supervisor {
             }
         };
         // The device the guest knows, at the size this worker is to offer.
-        let size = resize.map_or_else(|| self.handle.size(), |(_, size)| size);
-        let config = with_capacity(&self.config, size / ipc::messages::SECTOR_SIZE);
+        let mut size = resize.map_or_else(|| self.handle.size(), |(_, size)| size);
+        let mut config = with_capacity(&self.config, size / ipc::messages::SECTOR_SIZE);
+        let offered = config_capacity(&backend.config) * ipc::messages::SECTOR_SIZE;
+        let adopted = resize.is_none()
+            && backend.features == self.features
+            && backend.config == with_capacity(&config, offered / ipc::messages::SECTOR_SIZE)
+            && offered != size
+            && self.handle.adopt_attempted(offered);
+        if adopted {
+            // A resize reported failed had set the image's size after all (its worker
+            // died, or its flush failed, after the header was written): the image is the
+            // truth, and the guest is told.
+            tracing::warn!(
+                "disk {id}: the image has the size a failed resize asked for ({offered} bytes, \
+                 was {size}): the disk has it now"
+            );
+            size = offered;
+            config = with_capacity(&self.config, size / ipc::messages::SECTOR_SIZE);
+        }
         if backend.features != self.features || backend.config != config {
             discard(Some(w));
             return Err(format!(
@@ -823,6 +850,14 @@ impl Supervisor {
         if let Some(limits) = next.limits {
             // It started with them: a change made during the restart is in force.
             self.handle.rate_limit_applied(limits);
+        }
+        if adopted {
+            self.device.update_config(&config);
+            self.events.emit(
+                "resize",
+                Some(id),
+                serde_json::json!({ "size": size, "adopted": true }),
+            );
         }
         if let Some((number, size)) = resize {
             // Serving at the new size: now the guest is told (virtio 1.2, 4.2.2.1: a new
