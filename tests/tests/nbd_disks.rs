@@ -206,9 +206,9 @@ fn a_server_that_goes_away_gives_the_guest_errors_not_a_hang() {
     assert!(ended < Duration::from_secs(10), "{t}");
 }
 
-/// Planned restarts of a worker on nbdkit over TCP: its supervisor, confined, connects to
-/// the server again for each successor (a bounded TCP connect, TCP_NODELAY, the
-/// negotiation) and the guest's rounds see no error.
+/// Planned restarts of a worker on nbdkit over TCP: the spawner connects to the server
+/// again for each successor (a bounded TCP connect, TCP_NODELAY, the negotiation; no
+/// confined VMM thread may connect) and the guest's rounds see no error.
 #[test]
 fn a_restarted_worker_reconnects_over_tcp() {
     require_kvm();

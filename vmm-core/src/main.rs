@@ -69,6 +69,9 @@ enum Command {
         /// The VMM's log file, open at this descriptor.
         #[arg(long)]
         log_fd: Option<i32>,
+        /// The disks NBD servers serve (JSON): the only servers the spawner connects to.
+        #[arg(long)]
+        nbd_disks: Option<String>,
         /// The VMM's API socket, removed once the VMM is gone if still the one bound...
         #[arg(long, requires = "api_socket_id")]
         api_socket: Option<PathBuf>,
@@ -205,6 +208,7 @@ fn main() -> ExitCode {
             cgroup_required,
             api_socket,
             api_socket_id,
+            nbd_disks,
             ..
         } => match vmm_core::spawner::serve(
             socket_fd,
@@ -215,6 +219,13 @@ fn main() -> ExitCode {
                 .map(|(dir, max)| vmm_core::cgroup::VmCgroup::at(dir, max)),
             cgroup_required,
             api_socket.zip(api_socket_id),
+            match nbd_disks.as_deref().map(serde_json::from_str).transpose() {
+                Ok(list) => list.unwrap_or_default(),
+                Err(e) => {
+                    vmm_core::say!("bulkhead spawner: error: --nbd-disks: {e}");
+                    return ExitCode::FAILURE;
+                }
+            },
         ) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {

@@ -318,6 +318,7 @@ pub fn run(
             required,
             &log,
             api.as_ref().map(|a| (a.path(), a.identity())),
+            &nbd_disks(&cfg.disks),
         ) {
             if let Some(cgroup) = &cgroup {
                 cgroup.remove();
@@ -480,4 +481,20 @@ fn report(outcome: VmOutcome) -> u8 {
             1
         }
     }
+}
+
+/// The disks NBD servers serve, for the spawner (the only servers it connects to).
+fn nbd_disks(disks: &[vmm_core::disk::config::DiskConfig]) -> Vec<vmm_core::spawner::SpawnerNbd> {
+    use vmm_core::disk::config::DiskSource;
+    disks
+        .iter()
+        .filter_map(|d| match &d.source {
+            DiskSource::Image(i) => i.nbd.as_ref().map(|n| vmm_core::spawner::SpawnerNbd {
+                id: d.id.clone(),
+                server: n.server.to_string(),
+                export: n.export.clone(),
+            }),
+            DiskSource::VhostUser(_) => None,
+        })
+        .collect()
 }

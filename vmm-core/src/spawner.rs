@@ -94,6 +94,20 @@ struct SpawnRequest {
     id: String,
     learn: bool,
     address_space: u64,
+    /// The spawner connects to the disk's NBD server (the one it was told for `id` when
+    /// it started; no descriptor for the disk comes with the request), and the export it
+    /// finds must be this one.
+    nbd: Option<ipc::nbd::Export>,
+}
+
+/// A disk an NBD server serves, as the spawner is told at its start: the only servers it
+/// will ever connect to.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SpawnerNbd {
+    pub id: String,
+    /// `unix:PATH` or `HOST:PORT`.
+    pub server: String,
+    pub export: String,
 }
 
 impl Validate for SpawnRequest {
@@ -207,7 +221,8 @@ impl Validate for SpawnReply {
 pub struct WorkerFds<'a> {
     pub vhost: BorrowedFd<'a>,
     pub control: BorrowedFd<'a>,
-    pub disk: BorrowedFd<'a>,
+    /// None: the spawner connects to the disk's NBD server for it.
+    pub disk: Option<BorrowedFd<'a>>,
     pub status: BorrowedFd<'a>,
     /// The write end of its output pipe (its stdout and stderr).
     pub output: BorrowedFd<'a>,
@@ -217,13 +232,9 @@ pub struct WorkerFds<'a> {
 
 impl WorkerFds<'_> {
     fn list(&self) -> Vec<BorrowedFd<'_>> {
-        let mut v = vec![
-            self.vhost,
-            self.control,
-            self.disk,
-            self.status,
-            self.output,
-        ];
+        let mut v = vec![self.vhost, self.control];
+        v.extend(self.disk);
+        v.extend([self.status, self.output]);
         v.extend(self.learn);
         v
     }
@@ -337,6 +348,11 @@ impl WorkerProcess {
 /// The VMM's end of the spawner's socket, once started, and the last request number.
 static SPAWNER: OnceLock<Mutex<(Channel, u64)>> = OnceLock::new();
 
+/// Whether a spawner runs (it then starts every worker, and connects NBD disks' workers).
+pub fn running() -> bool {
+    SPAWNER.get().is_some()
+}
+
 /// The spawner's pidfd, for [`finish`].
 static SPAWNER_PIDFD: OnceLock<OwnedFd> = OnceLock::new();
 
@@ -356,6 +372,7 @@ pub fn start(
     required: bool,
     log: &crate::logging::LogConfig,
     api_socket: Option<(&Path, (u64, u64))>,
+    nbd: &[SpawnerNbd],
 ) -> Result<(), SpawnError> {
     if SPAWNER.get().is_some() {
         return Err(SpawnError::AlreadyStarted);
@@ -371,6 +388,12 @@ pub fn start(
         .env_clear();
     if learn {
         cmd.arg("--learn");
+    }
+    if !nbd.is_empty() {
+        // Fixed here, once: no request can name another server.
+        let list = serde_json::to_string(nbd)
+            .map_err(|e| SpawnError::StartSpawner(std::io::Error::other(e)))?;
+        cmd.arg("--nbd-disks").arg(list);
     }
     // Its lines go where the VMM's do, as they look (its level comes with BULKHEAD_LOG):
     // into the very file the VMM opened, handed over (a path could lead elsewhere by now).
@@ -447,6 +470,7 @@ pub fn start_worker(
     learn: bool,
     address_space: u64,
     fds: &WorkerFds<'_>,
+    nbd: Option<ipc::nbd::Export>,
 ) -> Result<WorkerProcess, SpawnError> {
     let Some(spawner) = SPAWNER.get() else {
         if crate::confine::enabled() {
@@ -463,6 +487,7 @@ pub fn start_worker(
         id: id.to_string(),
         learn,
         address_space,
+        nbd,
     });
     let (reply, mut got) = ask(spawner, request, &fds.list())?;
     match reply {
@@ -623,10 +648,13 @@ fn exec_worker(
     cgroup_procs: Option<RawFd>,
     fds: &WorkerFds<'_>,
 ) -> std::io::Result<Child> {
+    let disk = fds
+        .disk
+        .ok_or_else(|| std::io::Error::other("no descriptor for the disk"))?;
     let mut sources = vec![
         dup_high(fds.vhost)?,
         dup_high(fds.control)?,
-        dup_high(fds.disk)?,
+        dup_high(disk)?,
         dup_high(fds.status)?,
     ];
     if let Some(learn) = fds.learn {
@@ -702,6 +730,29 @@ fn exec_worker(
     child
 }
 
+/// A disk's NBD server, as the spawner connects to it.
+struct NbdTarget {
+    id: String,
+    source: Result<crate::disk::config::NbdSource, String>,
+    address: Result<crate::disk::nbd::Address, String>,
+}
+
+impl NbdTarget {
+    /// A new connection for disk `id`'s worker, whose export must be `expected`.
+    fn connect(
+        targets: &[NbdTarget],
+        id: &str,
+        expected: &ipc::nbd::Export,
+    ) -> Result<OwnedFd, String> {
+        let target = targets.iter().find(|t| t.id == id).ok_or_else(|| {
+            format!("disk {id} has no NBD server (none was named when bulkhead started)")
+        })?;
+        let source = target.source.as_ref().map_err(Clone::clone)?;
+        let address = target.address.as_ref().map_err(Clone::clone)?;
+        crate::disk::nbd::connect_to(source, address, expected).map_err(|e| crate::error_chain(&e))
+    }
+}
+
 /// A worker the spawner started and has not reaped yet.
 struct Running {
     child: Child,
@@ -738,13 +789,42 @@ pub fn serve(
     cgroup: Option<VmCgroup>,
     cgroup_required: bool,
     api_socket: Option<(PathBuf, (u64, u64))>,
+    nbd: Vec<SpawnerNbd>,
 ) -> Result<(), SpawnError> {
     let mut cgroups = Cgroups {
         vm: cgroup,
         required: cgroup_required,
     };
+    // Each disk's server, resolved now (one that cannot be is left out: its disk's
+    // workers are refused with the reason).
+    let servers: Vec<NbdTarget> =
+        nbd.into_iter()
+            .map(|d| {
+                let source = crate::disk::config::NbdServer::parse(&d.server).map(|server| {
+                    crate::disk::config::NbdSource {
+                        server,
+                        export: d.export,
+                    }
+                });
+                let address = source.clone().map_err(|e| e.to_string()).and_then(|s| {
+                    crate::disk::nbd::resolve(&s).map_err(|e| crate::error_chain(&e))
+                });
+                NbdTarget {
+                    id: d.id,
+                    source,
+                    address,
+                }
+            })
+            .collect();
     let mut running = Vec::new();
-    let served = serve_requests(socket_fd, &worker_bin, learn, &mut cgroups, &mut running);
+    let served = serve_requests(
+        socket_fd,
+        &worker_bin,
+        learn,
+        &servers,
+        &mut cgroups,
+        &mut running,
+    );
     cgroups.finish(running);
     if let Some((path, identity)) = api_socket {
         remove_socket(&path, identity);
@@ -850,6 +930,7 @@ fn serve_requests(
     socket_fd: RawFd,
     worker_bin: &Path,
     learn: bool,
+    nbd: &[NbdTarget],
     cgroups: &mut Cgroups,
     running: &mut Vec<Running>,
 ) -> Result<(), SpawnError> {
@@ -940,9 +1021,16 @@ fn serve_requests(
         } else if req.learn && !learn {
             Err("learn mode was not asked for when bulkhead started".to_string())
         } else {
-            cgroups
-                .leaf_for(&req.id, running)
-                .and_then(|(leaf, name)| start_one(worker_bin, &req, &fds, leaf, name))
+            // A disk an NBD server serves: its connection is made here, to its server.
+            let connection = match &req.nbd {
+                Some(expected) => NbdTarget::connect(nbd, &req.id, expected).map(Some),
+                None => Ok(None),
+            };
+            connection.and_then(|conn| {
+                cgroups.leaf_for(&req.id, running).and_then(|(leaf, name)| {
+                    start_one(worker_bin, &req, &fds, conn.as_ref(), leaf, name)
+                })
+            })
         };
         match reply {
             Ok((run, exit_r)) => {
@@ -969,25 +1057,31 @@ fn start_one(
     worker_bin: &Path,
     req: &SpawnRequest,
     fds: &[OwnedFd],
+    connection: Option<&OwnedFd>,
     mut leaf: Option<WorkerLeaf>,
     leaf_name: Option<String>,
 ) -> Result<(Running, OwnedFd), String> {
-    let (vhost, control, disk, status, output, learn) = match fds {
-        [a, b, c, d, e] if !req.learn => (a, b, c, d, e, None),
-        [a, b, c, d, e, f] if req.learn => (a, b, c, d, e, Some(f)),
+    // The disk's descriptor came with the request, unless this process connected it.
+    let (vhost, control, disk, status, output, learn) = match (fds, connection) {
+        ([a, b, c, d, e], None) if !req.learn => (a, b, c, d, e, None),
+        ([a, b, c, d, e, f], None) if req.learn => (a, b, c, d, e, Some(f)),
+        ([a, b, d, e], Some(c)) if !req.learn => (a, b, c, d, e, None),
+        ([a, b, d, e, f], Some(c)) if req.learn => (a, b, c, d, e, Some(f)),
         _ => {
             return Err(format!(
-                "{} descriptors for disk {} (learn {}): 5, or 6 in learn mode, expected",
+                "{} descriptors for disk {} (learn {}, connected here {}): 5, or 6 in learn \
+                 mode, one fewer when connected here, expected",
                 fds.len(),
                 req.id,
-                req.learn
+                req.learn,
+                connection.is_some()
             ))
         }
     };
     let worker_fds = WorkerFds {
         vhost: vhost.as_fd(),
         control: control.as_fd(),
-        disk: disk.as_fd(),
+        disk: Some(disk.as_fd()),
         status: status.as_fd(),
         output: output.as_fd(),
         learn: learn.map(|f| f.as_fd()),
@@ -1036,7 +1130,7 @@ mod tests {
         let bin = PathBuf::from(bin);
         (
             ours,
-            std::thread::spawn(move || serve(raw, bin, false, None, false, None)),
+            std::thread::spawn(move || serve(raw, bin, false, None, false, None, Vec::new())),
         )
     }
 
@@ -1046,7 +1140,34 @@ mod tests {
             id: id.to_string(),
             learn,
             address_space: 1 << 30,
+            nbd: None,
         }
+    }
+
+    /// A request to connect a disk to an NBD server the spawner was not told of (a VMM
+    /// thread that is not what it should be naming a disk of its choosing) is refused: it
+    /// connects to the servers named at its start and nowhere else.
+    #[test]
+    fn the_spawner_connects_only_to_the_servers_it_was_told() {
+        let (chan, server) = spawner("/bin/false");
+        let null = File::open("/dev/null").unwrap();
+        let fds = vec![null.as_fd(); 4];
+        let mut req = request("blk0", false);
+        req.nbd = Some(ipc::nbd::Export {
+            size: 1 << 20,
+            flags: ipc::nbd::TFLAG_HAS_FLAGS,
+            max_payload: 1 << 20,
+        });
+        chan.send(&SpawnerRequest::Start(req), &fds).unwrap();
+        let (reply, _) = chan.recv::<SpawnReply>().unwrap();
+        match reply {
+            SpawnReply::Failed { error, .. } => {
+                assert!(error.contains("disk blk0 has no NBD server"), "{error}")
+            }
+            other => panic!("{other:?}"),
+        }
+        drop(chan);
+        server.join().unwrap().unwrap();
     }
 
     #[test]

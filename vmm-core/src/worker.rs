@@ -159,15 +159,18 @@ pub fn spawn(
         id: id.clone(),
         source,
     })?;
+    // No descriptor: the spawner connects to the disk's NBD server for this worker.
+    let connect = disk_fd.is_none().then(|| disk.nbd_export()).flatten();
     let fds = crate::spawner::WorkerFds {
         vhost: worker_vhost.as_fd(),
         control: worker_control.as_fd(),
-        disk: disk_fd.as_fd(),
+        disk: disk_fd.as_ref().map(|d| d.as_fd()),
         status: status_fd.as_fd(),
         output: output_w.as_fd(),
         learn: learn_pair.as_ref().map(|(_, w)| w.as_fd()),
     };
-    let started = crate::spawner::start_worker(bin, &id, learn.is_some(), cfg.address_space, &fds);
+    let started =
+        crate::spawner::start_worker(bin, &id, learn.is_some(), cfg.address_space, &fds, connect);
     let child = started.map_err(|source| WorkerError::Spawn {
         id: id.clone(),
         bin: bin.to_path_buf(),

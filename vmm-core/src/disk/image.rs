@@ -54,16 +54,18 @@ impl std::os::fd::AsFd for DiskFd<'_> {
 }
 
 impl OpenedImage {
-    /// The descriptor a new worker serves in `mode`: the image file, or a new connection
-    /// to the NBD export (none for a fail-mode worker, which never touches the disk: it
-    /// gets one end of an unconnected pair instead).
+    /// The descriptor a new worker serves in `mode`: the image file, or a connection to
+    /// the NBD export: the one made when the VM started, for the first worker; after it,
+    /// None where the spawner runs (it connects: see [`crate::spawner::start_worker`]),
+    /// else a new one made here. A fail-mode worker never touches the disk: it gets one
+    /// end of an unconnected pair instead.
     pub fn disk_fd(
         &self,
         mode: ipc::messages::ServeMode,
-    ) -> Result<DiskFd<'_>, crate::disk::nbd::ConnectError> {
+    ) -> Result<Option<DiskFd<'_>>, crate::disk::nbd::ConnectError> {
         use std::os::fd::AsFd;
         match &self.served {
-            Served::File(file) => Ok(DiskFd::Borrowed(file.as_fd())),
+            Served::File(file) => Ok(Some(DiskFd::Borrowed(file.as_fd()))),
             Served::Nbd { .. } if mode == ipc::messages::ServeMode::Fail => {
                 let (end, _) = std::os::unix::net::UnixStream::pair().map_err(|source| {
                     crate::disk::nbd::ConnectError::Connect {
@@ -71,13 +73,14 @@ impl OpenedImage {
                         source,
                     }
                 })?;
-                Ok(DiskFd::Owned(end.into()))
+                Ok(Some(DiskFd::Owned(end.into())))
             }
             Served::Nbd { disk, first } => {
                 let kept = first.lock().unwrap_or_else(|p| p.into_inner()).take();
                 match kept {
-                    Some(fd) => Ok(DiskFd::Owned(fd)),
-                    None => disk.connect().map(DiskFd::Owned),
+                    Some(fd) => Ok(Some(DiskFd::Owned(fd))),
+                    None if crate::spawner::running() => Ok(None),
+                    None => disk.connect().map(|fd| Some(DiskFd::Owned(fd))),
                 }
             }
         }

@@ -1,8 +1,10 @@
-//! The VMM's side of a disk an NBD server serves: it resolves the server's address once,
-//! when the VM starts (no name lookup later, from a confined thread), and for each worker
-//! connects and negotiates the export ([`ipc::nbd::handshake`]), then hands the worker the
-//! connected socket. A successor's connection must find the export the first one found:
-//! the same size and flags, or the successor is not started.
+//! The VMM's side of a disk an NBD server serves: it resolves the server's address and
+//! negotiates the export ([`ipc::nbd::handshake`]) when the VM starts, and the first
+//! worker gets that connection. Each later worker's connection is made by the spawner
+//! (crate::spawner), which was told the disks' servers when it started: a confined VMM
+//! thread can neither open a socket nor connect, and the spawner connects to those
+//! servers and nowhere else. A successor's connection must find the export the first one
+//! found (the same size and flags), or the successor is not started.
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
@@ -75,11 +77,10 @@ pub enum ConnectError {
     },
 }
 
-/// Resolves the server, connects and negotiates: the disk's export, checked for a disk
-/// `readonly` or not. Called once, when the VM starts.
-pub fn open(source: &NbdSource, readonly: bool) -> Result<(NbdDisk, OwnedFd), ConnectError> {
+/// The server's address, resolved now.
+pub fn resolve(source: &NbdSource) -> Result<Address, ConnectError> {
     let server = source.describe();
-    let address = match &source.server {
+    Ok(match &source.server {
         NbdServer::Unix(path) => Address::Unix(path.clone()),
         NbdServer::Tcp { host, port } => {
             let addrs: Vec<SocketAddr> = (host.as_str(), *port)
@@ -94,7 +95,35 @@ pub fn open(source: &NbdSource, readonly: bool) -> Result<(NbdDisk, OwnedFd), Co
             }
             Address::Tcp(addrs)
         }
-    };
+    })
+}
+
+/// A new connection to `address`, negotiated, whose export must be `expected` (the one
+/// the VM started with). The spawner makes successors' connections with this.
+pub fn connect_to(
+    source: &NbdSource,
+    address: &Address,
+    expected: &Export,
+) -> Result<OwnedFd, ConnectError> {
+    let server = source.describe();
+    let (socket, now) = negotiate(address, &source.export, &server)?;
+    if now != *expected {
+        return Err(ConnectError::Changed {
+            server,
+            size: expected.size,
+            flags: expected.flags,
+            now_size: now.size,
+            now_flags: now.flags,
+        });
+    }
+    Ok(socket)
+}
+
+/// Resolves the server, connects and negotiates: the disk's export, checked for a disk
+/// `readonly` or not. Called once, when the VM starts.
+pub fn open(source: &NbdSource, readonly: bool) -> Result<(NbdDisk, OwnedFd), ConnectError> {
+    let server = source.describe();
+    let address = resolve(source)?;
     let (socket, export) = negotiate(&address, &source.export, &server)?;
     if export.read_only() && !readonly {
         return Err(ConnectError::ReadOnly { server });
@@ -115,20 +144,10 @@ pub fn open(source: &NbdSource, readonly: bool) -> Result<(NbdDisk, OwnedFd), Co
 }
 
 impl NbdDisk {
-    /// A new connection for a worker, to the export the VM started with.
+    /// A new connection for a worker, to the export the VM started with (made here when
+    /// no spawner runs; see [`crate::spawner`]).
     pub fn connect(&self) -> Result<OwnedFd, ConnectError> {
-        let server = self.source.describe();
-        let (socket, now) = negotiate(&self.address, &self.source.export, &server)?;
-        if now != self.export {
-            return Err(ConnectError::Changed {
-                server,
-                size: self.export.size,
-                flags: self.export.flags,
-                now_size: now.size,
-                now_flags: now.flags,
-            });
-        }
-        Ok(socket)
+        connect_to(&self.source, &self.address, &self.export)
     }
 }
 
