@@ -17,7 +17,7 @@ use crate::blk::qcow2_backend::Qcow2Files;
 pub use ipc::image::QCOW2_MAGIC;
 /// Largest qcow2 virtual size served (imago's and QEMU's own limit is far above; this
 /// keeps the file-size limit below off_t's range): 64 TiB.
-pub const MAX_QCOW2_SIZE: u64 = 64 << 40;
+pub const MAX_QCOW2_SIZE: u64 = ipc::limits::MAX_DISK_SIZE;
 
 /// Sector size of the virtio-blk protocol.
 pub const SECTOR_SIZE: u64 = ipc::image::SECTOR_SIZE;

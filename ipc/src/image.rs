@@ -19,7 +19,7 @@ use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
 /// Sector size of the virtio-blk protocol.
-pub const SECTOR_SIZE: u64 = 512;
+pub use crate::limits::SECTOR_SIZE;
 
 /// QEMU's byte for "holds permission bit N" is `PERM_BASE + N`.
 pub const PERM_BASE: i64 = 100;

@@ -20,6 +20,7 @@ pub mod channel;
 pub mod codec;
 pub mod handshake;
 pub mod image;
+pub mod limits;
 pub mod messages;
 pub mod nbd;
 pub mod status;

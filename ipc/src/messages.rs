@@ -28,10 +28,7 @@ pub const MAX_PATH_LEN: usize = 4096;
 pub const MAX_ERROR_MESSAGE_LEN: usize = 1024;
 /// Largest pid Linux can hand out (`PID_MAX_LIMIT` on 64-bit).
 pub const MAX_PID: u32 = 4 * 1024 * 1024;
-/// Largest disk a worker serves or is resized to: 64 TiB, as QEMU's qcow2 limit.
-pub const MAX_DISK_SIZE: u64 = 64 << 40;
-/// Bytes per virtio-blk sector: a disk's size is a whole number of them.
-pub const SECTOR_SIZE: u64 = 512;
+pub use crate::limits::{MAX_DISK_SIZE, SECTOR_SIZE};
 /// `VIRTIO_F_VERSION_1`: every device we drive is a modern (virtio 1.x) device.
 pub const VIRTIO_F_VERSION_1: u64 = 1 << 32;
 
@@ -452,6 +449,40 @@ impl Validate for WorkerConfig {
         check_chars("serial", serial, "printable ASCII", |c| {
             c.is_ascii_graphic() || c == ' '
         })?;
+        Ok(())
+    }
+}
+
+impl Validate for crate::nbd::Export {
+    fn validate(&self) -> Result<(), ValidationError> {
+        let crate::nbd::Export {
+            size,
+            flags,
+            max_payload,
+        } = self;
+        if !(SECTOR_SIZE..=MAX_DISK_SIZE).contains(size) || size % SECTOR_SIZE != 0 {
+            return Err(ValidationError::OutOfRange {
+                field: "nbd.size (whole 512-byte sectors)",
+                value: *size,
+                min: SECTOR_SIZE,
+                max: MAX_DISK_SIZE,
+            });
+        }
+        if flags & crate::nbd::TFLAG_HAS_FLAGS == 0 {
+            return Err(ValidationError::MissingBits {
+                field: "nbd.flags",
+                value: u64::from(*flags),
+                required: u64::from(crate::nbd::TFLAG_HAS_FLAGS),
+            });
+        }
+        if !(512..=crate::nbd::DEFAULT_MAX_PAYLOAD).contains(max_payload) {
+            return Err(ValidationError::OutOfRange {
+                field: "nbd.max_payload",
+                value: u64::from(*max_payload),
+                min: 512,
+                max: u64::from(crate::nbd::DEFAULT_MAX_PAYLOAD),
+            });
+        }
         Ok(())
     }
 }

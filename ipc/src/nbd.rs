@@ -17,7 +17,7 @@ use std::io::{Read, Write};
 
 use serde::{Deserialize, Serialize};
 
-use crate::messages::{Validate, ValidationError, MAX_DISK_SIZE, SECTOR_SIZE};
+use crate::limits::{MAX_DISK_SIZE, SECTOR_SIZE};
 
 /// "NBDMAGIC": the server's greeting.
 pub const NBDMAGIC: u64 = 0x4e42_444d_4147_4943;
@@ -102,40 +102,6 @@ impl Export {
     }
     pub fn can_write_zeroes(&self) -> bool {
         self.flags & TFLAG_SEND_WRITE_ZEROES != 0
-    }
-}
-
-impl Validate for Export {
-    fn validate(&self) -> Result<(), ValidationError> {
-        let Export {
-            size,
-            flags,
-            max_payload,
-        } = self;
-        if !(SECTOR_SIZE..=MAX_DISK_SIZE).contains(size) || size % SECTOR_SIZE != 0 {
-            return Err(ValidationError::OutOfRange {
-                field: "nbd.size (whole 512-byte sectors)",
-                value: *size,
-                min: SECTOR_SIZE,
-                max: MAX_DISK_SIZE,
-            });
-        }
-        if flags & TFLAG_HAS_FLAGS == 0 {
-            return Err(ValidationError::MissingBits {
-                field: "nbd.flags",
-                value: u64::from(*flags),
-                required: u64::from(TFLAG_HAS_FLAGS),
-            });
-        }
-        if !(512..=DEFAULT_MAX_PAYLOAD).contains(max_payload) {
-            return Err(ValidationError::OutOfRange {
-                field: "nbd.max_payload",
-                value: u64::from(*max_payload),
-                min: 512,
-                max: u64::from(DEFAULT_MAX_PAYLOAD),
-            });
-        }
-        Ok(())
     }
 }
 
