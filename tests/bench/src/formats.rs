@@ -1,7 +1,8 @@
 //! Image formats at 4k randread QD32: the bench image served raw and as a qcow2 copy of it
 //! (`qemu-img convert`, every cluster allocated, so every read goes through the tables),
 //! by bulkhead (the sync engine, which serves qcow2) and by QEMU with an IOThread and its
-//! own qcow2 driver, in one run. Ratios: qcow2 to raw on each system, and bulkhead's qcow2
+//! own qcow2 driver, and the raw image through qemu-nbd (`--cache=none`) to bulkhead's NBD
+//! worker, in one run. Ratios: qcow2 and NBD to raw on each system, and bulkhead's qcow2
 //! to QEMU's.
 
 use std::path::{Path, PathBuf};
@@ -16,11 +17,12 @@ use crate::io::{IoBench, Qemu, Sample, PROFILES};
 const PROFILE: usize = 1;
 
 /// The systems, in report order.
-pub const SYSTEMS: [&str; 4] = [
+pub const SYSTEMS: [&str; 5] = [
     "bulkhead raw (sync)",
     "bulkhead qcow2",
     "QEMU + IOThread raw",
     "QEMU + IOThread qcow2",
+    "bulkhead NBD (qemu-nbd, Unix socket)",
 ];
 
 /// Every run of each system (index into [`SYSTEMS`]), runs alternating.
@@ -48,13 +50,43 @@ pub fn measure(b: &IoBench, raw: &Path, qemu: &Path) -> anyhow::Result<Vec<Vec<S
                     &format!("path={},format=qcow2,direct=on", qcow2.display()),
                 ),
                 2 => b.qemu(qemu, profile, raw, Qemu::IoThread),
-                _ => b.qemu(qemu, profile, &qcow2, Qemu::IoThreadQcow2),
+                3 => b.qemu(qemu, profile, &qcow2, Qemu::IoThreadQcow2),
+                _ => nbd_sample(b, profile, raw),
             }
             .with_context(|| format!("{} on {system}", profile.name))?;
             runs[s].push(sample);
         }
     }
     Ok(runs)
+}
+
+/// The raw image through qemu-nbd (started for this sample only: it holds the image's
+/// lock) to bulkhead's NBD worker.
+fn nbd_sample(b: &IoBench, profile: &crate::io::Profile, raw: &Path) -> anyhow::Result<Sample> {
+    let qemu_nbd = which("qemu-nbd")
+        .context("qemu-nbd is missing: install it (apt-get install qemu-utils)")?;
+    let socket = b.out.join("bench-nbd.sock");
+    let _ = std::fs::remove_file(&socket);
+    let mut server = Command::new(qemu_nbd)
+        .args([
+            "--format=raw",
+            "--cache=none",
+            "--persistent",
+            "--shared=4",
+            "--socket",
+        ])
+        .arg(&socket)
+        .arg(raw)
+        .spawn()
+        .context("start qemu-nbd")?;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !socket.exists() && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let sample = b.bulkhead_disk_served(profile, &format!("nbd=unix:{}", socket.display()));
+    let _ = server.kill();
+    let _ = server.wait();
+    sample
 }
 
 /// A qcow2 copy of `raw` beside it (made once; kept while `raw` is unchanged).
@@ -97,9 +129,10 @@ pub fn report(runs: &[Vec<Sample>]) -> String {
         "## Image formats: {} ({}, bs {}, QD {}, {})\n\n\
          The bench image raw and as a qcow2 copy (`qemu-img convert`, every cluster \
          allocated), both with O_DIRECT; bulkhead serves qcow2 with imago inside its \
-         sandboxed worker (sync engine), QEMU with its own qcow2 driver. The median run by \
-         IOPS; ratios of medians.\n\n\
-         | system | IOPS | p50 us | p99 us | qcow2 / raw | / QEMU + IOThread qcow2 |\n\
+         sandboxed worker (sync engine), QEMU with its own qcow2 driver; the raw image also \
+         through qemu-nbd (`--cache=none`, a Unix socket) to bulkhead's NBD worker (one \
+         request at a time). The median run by IOPS; ratios of medians.\n\n\
+         | system | IOPS | p50 us | p99 us | / raw | / QEMU + IOThread qcow2 |\n\
          |---|---:|---:|---:|---:|---:|\n",
         profile.name, profile.rw, profile.bs, profile.qd, profile.mode
     );
@@ -107,7 +140,7 @@ pub fn report(runs: &[Vec<Sample>]) -> String {
     for (s, system) in SYSTEMS.iter().enumerate() {
         let Some(r) = median(&runs[s]) else { continue };
         let to_raw = match s {
-            1 => format!("{:.2}", r.iops / iops(0)),
+            1 | 4 => format!("{:.2}", r.iops / iops(0)),
             3 => format!("{:.2}", r.iops / iops(2)),
             _ => String::new(),
         };

@@ -224,6 +224,12 @@ impl IoBench {
         disk: &str,
     ) -> anyhow::Result<Sample> {
         wait_unlocked(image)?;
+        self.bulkhead_disk_served(profile, disk)
+    }
+
+    /// [`IoBench::bulkhead_disk`] for a disk whose image another process holds (an NBD
+    /// server's).
+    pub fn bulkhead_disk_served(&self, profile: &Profile, disk: &str) -> anyhow::Result<Sample> {
         let mut cmd = on_io_core();
         cmd.arg(&self.bulkhead);
         self.bulkhead_run(&mut cmd, &plan(profile, self.secs), disk, self.secs + 60);
