@@ -224,19 +224,19 @@ fn linux_drives_its_disks_through_our_workers() {
             );
             let (disk, n) = leaf.split_once('.').unwrap_or(("", ""));
             assert!(
-                ["blk0", "blk1", "blk2", "blk3"].contains(&disk),
+                ["blk0", "blk1", "blk2", "blk3", "blk4"].contains(&disk),
                 "{vm}: {cg}: {t}"
             );
             assert!(n.parse::<u32>().is_ok(), "{vm}: {cg}: {t}");
             *leaves.entry(leaf).or_default() += 1;
         }
         // A worker is its reaper and its confined process: two tasks per leaf, and one leaf
-        // per running worker (a disk's active one and its spare; a qcow2 disk has no
-        // spare), never shared.
+        // per running worker (a disk's active one and its spare; a qcow2 disk and an NBD
+        // disk have no spare), never shared.
         let names: Vec<&str> = leaves.keys().copied().collect();
         assert_eq!(
             names,
-            ["blk0.0", "blk0.1", "blk1.0", "blk1.1", "blk2.0", "blk2.1", "blk3.0"],
+            ["blk0.0", "blk0.1", "blk1.0", "blk1.1", "blk2.0", "blk2.1", "blk3.0", "blk4.0"],
             "{vm}: {t}"
         );
         assert!(leaves.values().all(|n| *n == 2), "{vm}: {leaves:?}: {t}");
@@ -246,8 +246,8 @@ fn linux_drives_its_disks_through_our_workers() {
             "{vm}: bulkhead and its spawner: {t}"
         );
         assert_eq!(run.fact(&format!("{vm}.cgroups_left")), "0", "{vm}: {t}");
-        // Four workers (io_uring, sync, io_uring, sync for qcow2), each confined, and no
-        // violation.
+        // Five workers (io_uring, sync, io_uring, sync for qcow2, sync for NBD), each
+        // confined, and no violation.
         let log = run.log(vm);
         let confined = log
             .iter()
@@ -258,7 +258,7 @@ fn linux_drives_its_disks_through_our_workers() {
                     && l.contains("root entries=0")
             })
             .count();
-        assert_eq!(confined, 4, "{vm}: {t}");
+        assert_eq!(confined, 5, "{vm}: {t}");
         for engine in ["io_uring", "sync"] {
             assert!(
                 log.iter()

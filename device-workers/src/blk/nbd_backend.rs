@@ -312,13 +312,25 @@ impl BlockIo for NbdBackend {
         }
     }
 
+    /// As a raw image's hole punch and a qcow2 image's discard do, a discarded range reads
+    /// as zeros afterwards: it is sent as WRITE_ZEROES where the server offers it (without
+    /// NO_HOLE, so the server may deallocate it as TRIM would; qemu-nbd, for one, ignores
+    /// TRIM unless started with --discard=unmap). Else TRIM, a hint whose range may keep
+    /// its bytes; else nothing.
     fn discard(&mut self, offset: u64, len: u64) -> Result<(), BackendError> {
         check_range(offset, len, self.export.size)?;
-        if !self.export.can_trim() || len == 0 {
-            // A hint the server cannot take: nothing to do.
+        if len == 0 {
             return Ok(());
         }
-        self.pieces(nbd::CMD_TRIM, &[], offset, len, 1 << 30)
+        let kind = if self.export.can_write_zeroes() {
+            nbd::CMD_WRITE_ZEROES
+        } else if self.export.can_trim() {
+            nbd::CMD_TRIM
+        } else {
+            // A hint the server cannot take: nothing to do.
+            return Ok(());
+        };
+        self.pieces(kind, &[], offset, len, 1 << 30)
             .map_err(|(offset, len, error)| BackendError::Discard {
                 offset,
                 len,
