@@ -563,3 +563,36 @@ pub fn nbdkit(args: &[&str]) -> NbdServer {
     }
     server
 }
+
+/// `qemu-img ARGS`, which must succeed; its stdout and stderr.
+pub fn qemu_img(args: &[&str]) -> String {
+    let out = Command::new(require_tool("qemu-img", "qemu-utils"))
+        .args(args)
+        .output()
+        .expect("run qemu-img");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "qemu-img {args:?}: {text}");
+    text
+}
+
+/// `bulkhead ctl --api-socket API ARGS`: whether it succeeded, and its stdout and stderr.
+pub fn ctl(api: &Path, args: &[&str]) -> (bool, String) {
+    let out = Command::new(bulkhead_bin())
+        .args(["ctl", "--api-socket"])
+        .arg(api)
+        .args(args)
+        .output()
+        .expect("run bulkhead ctl");
+    (
+        out.status.success(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
+}

@@ -125,28 +125,32 @@ fn nbd_disks_that_cannot_work_are_refused_in_one_line() {
     );
 }
 
-/// The server goes away while the guest writes and reads: the worker says its connection
-/// is lost and exits without completing the request; its successors cannot connect, so
-/// the disk goes to fail mode (DEVICE_NEEDS_RESET, requests answered with IOERR), and the
-/// guest's driver sees it well within a second, long before any timeout (the test guest
-/// then fails its run).
-#[test]
-fn a_server_that_goes_away_gives_the_guest_errors_not_a_hang() {
-    require_kvm();
-    let dir = scratch_dir("nbd-gone");
-    let file = dir.join("d0.img");
-    image(&file, 64 << 20);
-    let mut server = qemu_nbd(&file, &dir.join("nbd.sock"), &[]);
-    let mut child = Command::new(bulkhead_bin())
-        .arg("run")
+/// bulkhead running blk-chaos for `secs` on the disk `spec` (with the API at `api`),
+/// once the guest has started its rounds: the process, its stdout's further lines, and
+/// the lines so far.
+fn chaos_started(
+    spec: &str,
+    api: Option<&std::path::Path>,
+    secs: u64,
+) -> (
+    std::process::Child,
+    std::sync::mpsc::Receiver<String>,
+    String,
+) {
+    let mut cmd = Command::new(bulkhead_bin());
+    cmd.arg("run");
+    if let Some(api) = api {
+        cmd.arg("--api-socket").arg(api);
+    }
+    let mut child = cmd
         .arg("--kernel")
         .arg(testguest())
         .args(["--mem", "64", "--timeout", "60", "--cmdline"])
         .arg(format!(
-            "testguest.plan=blk-chaos secs=40 qd=8 completion=irq seed={SEED} blocks=64"
+            "testguest.plan=blk-chaos secs={secs} qd=8 completion=irq seed={SEED} blocks=64"
         ))
         .arg("--disk")
-        .arg(&server.spec)
+        .arg(spec)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -162,15 +166,32 @@ fn a_server_that_goes_away_gives_the_guest_errors_not_a_hang() {
     let mut out = String::new();
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        let line = rx
-            .recv_timeout(deadline.saturating_duration_since(Instant::now()))
-            .unwrap_or_else(|_| panic!("the guest did not start its rounds: {out}"));
+        let Ok(line) = rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) else {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("the guest did not start its rounds: {out}");
+        };
         out.push_str(&line);
         out.push('\n');
         if line.starts_with("TG chaos dev=0 num=") {
-            break;
+            return (child, rx, out);
         }
     }
+}
+
+/// The server goes away while the guest writes and reads: the worker says its connection
+/// is lost and exits without completing the request; its successors cannot connect, so
+/// the disk goes to fail mode (DEVICE_NEEDS_RESET, requests answered with IOERR), and the
+/// guest's driver sees it well within a second, long before any timeout (the test guest
+/// then fails its run).
+#[test]
+fn a_server_that_goes_away_gives_the_guest_errors_not_a_hang() {
+    require_kvm();
+    let dir = scratch_dir("nbd-gone");
+    let file = dir.join("d0.img");
+    image(&file, 64 << 20);
+    let mut server = qemu_nbd(&file, &dir.join("nbd.sock"), &[]);
+    let (mut child, rx, mut out) = chaos_started(&server.spec, None, 40);
     std::thread::sleep(Duration::from_millis(500));
     let killed = Instant::now();
     server.kill();
@@ -215,41 +236,7 @@ fn a_restarted_worker_reconnects_over_tcp() {
     let dir = scratch_dir("nbd-tcp-restart");
     let kit = nbdkit_memory("64M");
     let api = dir.join("api.sock");
-    let mut child = Command::new(bulkhead_bin())
-        .arg("run")
-        .arg("--api-socket")
-        .arg(&api)
-        .arg("--kernel")
-        .arg(testguest())
-        .args(["--mem", "64", "--timeout", "60", "--cmdline"])
-        .arg(format!(
-            "testguest.plan=blk-chaos secs=4 qd=8 completion=irq seed={SEED} blocks=64"
-        ))
-        .arg("--disk")
-        .arg(&kit.spec)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("start bulkhead");
-    let stdout = child.stdout.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            let _ = tx.send(line);
-        }
-    });
-    let mut out = String::new();
-    loop {
-        let line = rx
-            .recv_timeout(Duration::from_secs(30))
-            .unwrap_or_else(|_| panic!("the guest did not start its rounds: {out}"));
-        out.push_str(&line);
-        out.push('\n');
-        if line.starts_with("TG chaos dev=0 num=") {
-            break;
-        }
-    }
+    let (child, rx, mut out) = chaos_started(&kit.spec, Some(&api), 4);
     for _ in 0..2 {
         std::thread::sleep(Duration::from_millis(500));
         let restart = Command::new(bulkhead_bin())

@@ -12,7 +12,7 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use tests::{bulkhead_bin, require_kvm, run_bulkhead, scratch_dir, testguest, tg_lines};
+use tests::{bulkhead_bin, ctl, require_kvm, run_bulkhead, scratch_dir, testguest, tg_lines};
 
 const SECS: u64 = 3;
 
@@ -106,23 +106,6 @@ fn an_iops_limit_and_a_bandwidth_limit_hold_the_guest_to_their_rate() {
     // Both: the lower one holds.
     let (ios, _, t) = bench(&d0, ",bw=3276800,iops=400");
     assert!(ios <= most(400, secs), "{ios} requests at iops=400: {t}");
-}
-
-fn ctl(api: &Path, args: &[&str]) -> (bool, String) {
-    let out = Command::new(bulkhead_bin())
-        .args(["ctl", "--api-socket"])
-        .arg(api)
-        .args(args)
-        .output()
-        .expect("run bulkhead ctl");
-    (
-        out.status.success(),
-        format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        ),
-    )
 }
 
 /// The confined pid of disk blk0's worker, from the API.

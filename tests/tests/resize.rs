@@ -14,7 +14,7 @@ use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use tests::{blk_pattern, bulkhead_bin, require_kvm, require_tool, scratch_dir, testguest};
+use tests::{blk_pattern, bulkhead_bin, qemu_img, require_kvm, scratch_dir, testguest};
 
 const SEED: u64 = 7;
 
@@ -85,20 +85,7 @@ impl Vm {
     }
 
     fn ctl(&self, args: &[&str]) -> (bool, String) {
-        let out = Command::new(bulkhead_bin())
-            .args(["ctl", "--api-socket"])
-            .arg(&self.api)
-            .args(args)
-            .output()
-            .expect("run bulkhead ctl");
-        (
-            out.status.success(),
-            format!(
-                "{}{}",
-                String::from_utf8_lossy(&out.stdout),
-                String::from_utf8_lossy(&out.stderr)
-            ),
-        )
+        tests::ctl(&self.api, args)
     }
 
     /// Waits for the VM's end; its whole output.
@@ -268,20 +255,6 @@ fn a_raw_disk_shrinks_only_when_asked_to() {
     vm.finish();
     assert_eq!(std::fs::metadata(&d0).unwrap().len(), 4 << 20);
     assert_eq!(block_of(&d0, 1023), blk_pattern(SEED + 1, 1023));
-}
-
-fn qemu_img(args: &[&str]) -> String {
-    let out = Command::new(require_tool("qemu-img", "qemu-utils"))
-        .args(args)
-        .output()
-        .expect("run qemu-img");
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(out.status.success(), "qemu-img {args:?}: {text}");
-    text
 }
 
 /// A qcow2 image over a backing file twice its virtual size grows under the guest: imago

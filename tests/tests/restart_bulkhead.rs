@@ -258,7 +258,7 @@ fn chaos_on(
                 "qemu-img check: {check:?}\n{t}"
             );
             let raw = dir.join("d0.converted.raw");
-            qemu_img(&[
+            tests::qemu_img(&[
                 "convert",
                 "-f",
                 "qcow2",
@@ -290,12 +290,29 @@ fn chaos_on(
     }
 }
 
-fn qemu_img(args: &[&str]) {
-    let out = Command::new(tests::require_tool("qemu-img", "qemu-utils"))
-        .args(args)
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "qemu-img {args:?}: {out:?}");
+/// [`chaos_on`] with the worker SIGKILLed every 50 to 200 ms for `secs` on a `format`
+/// disk: at least `min_kills` kills, each followed by a restart.
+fn kills_every_50_to_200_ms(name: &str, secs: u64, format: Format, min_kills: u32) {
+    let (mut rng, seed) = tests::XorShift::from_clock();
+    let c = chaos_on(
+        name,
+        secs,
+        Action::Signal(libc::SIGKILL),
+        || Duration::from_millis(50 + rng.next_u64() % 151),
+        None,
+        format,
+    );
+    let restarts = c.text.matches("disk blk0: worker restarted in").count();
+    assert!(
+        c.actions >= min_kills && restarts as u32 + 1 >= c.actions,
+        "{} kills, {restarts} restarts (seed {seed:#x}): {}",
+        c.actions,
+        c.transcript
+    );
+    eprintln!(
+        "{}; {} kills, {restarts} restarts (seed {seed:#x})",
+        c.summary, c.actions
+    );
 }
 
 /// The chaos on a qcow2 image over a backing file: each successor reopens the image its
@@ -304,53 +321,15 @@ fn qemu_img(args: &[&str]) {
 /// last round's pattern.
 #[test]
 fn a_qcow2_disk_survives_its_worker_killed_every_50_to_200_ms() {
-    let (mut rng, seed) = tests::XorShift::from_clock();
-    let c = chaos_on(
-        "restart-bulkhead-qcow2",
-        30,
-        Action::Signal(libc::SIGKILL),
-        || Duration::from_millis(50 + rng.next_u64() % 151),
-        None,
-        Format::Qcow2,
-    );
-    let restarts = c.text.matches("disk blk0: worker restarted in").count();
-    assert!(
-        c.actions >= 40 && restarts as u32 + 1 >= c.actions,
-        "{} kills, {restarts} restarts (seed {seed:#x}): {}",
-        c.actions,
-        c.transcript
-    );
-    eprintln!(
-        "{}; {} kills, {restarts} restarts (seed {seed:#x})",
-        c.summary, c.actions
-    );
+    kills_every_50_to_200_ms("restart-bulkhead-qcow2", 30, Format::Qcow2, 40);
 }
 
-/// The chaos on a disk qemu-nbd serves: each successor gets a new connection from the
-/// VMM and resubmits, over it, what its predecessor had in flight; the guest sees nothing
-/// and the file holds the last round's pattern.
+/// The chaos on a disk qemu-nbd serves: each successor gets a new connection (made by the
+/// spawner) and resubmits, over it, what its predecessor had in flight; the guest sees
+/// nothing and the file holds the last round's pattern.
 #[test]
 fn an_nbd_disk_survives_its_worker_killed_every_50_to_200_ms() {
-    let (mut rng, seed) = tests::XorShift::from_clock();
-    let c = chaos_on(
-        "restart-bulkhead-nbd",
-        20,
-        Action::Signal(libc::SIGKILL),
-        || Duration::from_millis(50 + rng.next_u64() % 151),
-        None,
-        Format::Nbd,
-    );
-    let restarts = c.text.matches("disk blk0: worker restarted in").count();
-    assert!(
-        c.actions >= 30 && restarts as u32 + 1 >= c.actions,
-        "{} kills, {restarts} restarts (seed {seed:#x}): {}",
-        c.actions,
-        c.transcript
-    );
-    eprintln!(
-        "{}; {} kills, {restarts} restarts (seed {seed:#x})",
-        c.summary, c.actions
-    );
+    kills_every_50_to_200_ms("restart-bulkhead-nbd", 20, Format::Nbd, 30);
 }
 
 /// A compromised worker answers GET_INFLIGHT_FD with the guest-RAM memfd, from 1 MiB on
