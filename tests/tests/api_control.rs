@@ -627,6 +627,19 @@ fn at_the_descriptor_limit_the_listener_waits_instead_of_spinning() {
             .unwrap();
         assert!(out.status.success(), "prlimit: {out:?}");
     };
+    // The guest's driver has brought its disk up (its frontend made the ring's
+    // descriptors): the limit is for the API's clients, not for the device's start, which
+    // it would fail (seen: the disk went to fail mode and the guest, and the VM, ended).
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !vm.stdout.lock().unwrap().contains("TG chaos dev=0 num=") {
+        assert!(
+            Instant::now() < deadline,
+            "the guest never started: {}",
+            vm.transcript()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    std::thread::sleep(Duration::from_millis(200));
     // No descriptor left for a client.
     set_limit(open_fds(vm.pid()));
     let clients: Vec<UnixStream> = (0..20)
