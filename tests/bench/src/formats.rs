@@ -65,7 +65,9 @@ pub fn measure(b: &IoBench, raw: &Path, qemu: &Path) -> anyhow::Result<Vec<Vec<S
 fn nbd_sample(b: &IoBench, profile: &crate::io::Profile, raw: &Path) -> anyhow::Result<Sample> {
     let qemu_nbd = which("qemu-nbd")
         .context("qemu-nbd is missing: install it (apt-get install qemu-utils)")?;
-    let socket = b.out.join("bench-nbd.sock");
+    // qemu-nbd takes only an absolute socket path.
+    let socket = std::path::absolute(b.out.join("bench-nbd.sock"))
+        .context("the NBD socket's absolute path")?;
     let _ = std::fs::remove_file(&socket);
     let mut server = Command::new(qemu_nbd)
         .args([
@@ -81,6 +83,9 @@ fn nbd_sample(b: &IoBench, profile: &crate::io::Profile, raw: &Path) -> anyhow::
         .context("start qemu-nbd")?;
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
     while !socket.exists() && std::time::Instant::now() < deadline {
+        if let Some(status) = server.try_wait().context("wait for qemu-nbd")? {
+            anyhow::bail!("qemu-nbd ended at its start ({status})");
+        }
         std::thread::sleep(std::time::Duration::from_millis(20));
     }
     let sample = b.bulkhead_disk_served(profile, &format!("nbd=unix:{}", socket.display()));
