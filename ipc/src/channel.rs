@@ -525,6 +525,27 @@ mod tests {
         assert_eq!(n, bytes.len());
     }
 
+    /// A peer that reads nothing fills its receive queue: try_send then says so at once
+    /// (the supervisor's push of a rate limit must never stall on a worker), where send
+    /// would block; what was queued is still delivered.
+    #[test]
+    fn try_send_never_blocks_on_a_peer_that_reads_nothing() {
+        let (a, b) = Channel::pair().unwrap();
+        let started = std::time::Instant::now();
+        let mut sent = 0u32;
+        let full = loop {
+            match a.try_send(&TestMsg::Small(7)) {
+                Ok(()) => sent += 1,
+                Err(e) => break e,
+            }
+            assert!(sent < 1_000_000, "the queue never filled");
+        };
+        assert!(matches!(full, ChannelError::WouldBlock), "{full:?}");
+        assert!(started.elapsed() < std::time::Duration::from_secs(5));
+        assert!(sent > 0);
+        assert_eq!(b.recv::<TestMsg>().unwrap().0, TestMsg::Small(7));
+    }
+
     #[test]
     fn round_trip_with_fds() {
         let (a, b) = Channel::pair().unwrap();

@@ -368,18 +368,44 @@ fn hostile_chains_under_bulkhead_qcow2() {
     hostile_chains("qcow2");
 }
 
+/// The same chains against an NBD export (qemu-nbd serving a raw file).
+#[test]
+fn hostile_chains_under_bulkhead_nbd() {
+    hostile_chains("nbd");
+}
+
 fn hostile_chains(engine: &str) {
     let dir = scratch_dir(&format!("vmm-hostile-{engine}"));
-    let spec = if engine == "qcow2" {
-        let d0 = dir.join("d0.qcow2");
-        tests::make_qcow2(&d0, tests::Qcow2Of::Size(&format!("{DISK_MIB}M")));
-        format!("path={},format=qcow2", d0.display())
-    } else {
-        let d0 = disk(&dir, "d0.img");
-        format!("path={},engine={engine}", d0.display())
+    let mut server = None;
+    let spec = match engine {
+        "qcow2" => {
+            let d0 = dir.join("d0.qcow2");
+            tests::make_qcow2(&d0, tests::Qcow2Of::Size(&format!("{DISK_MIB}M")));
+            format!("path={},format=qcow2", d0.display())
+        }
+        "nbd" => {
+            let d0 = disk(&dir, "d0.img");
+            let nbd = tests::qemu_nbd(&d0, &dir.join("nbd.sock"), &[]);
+            let spec = nbd.spec.clone();
+            server = Some(nbd);
+            spec
+        }
+        _ => {
+            let d0 = disk(&dir, "d0.img");
+            format!("path={},engine={engine}", d0.display())
+        }
     };
     let r = run_specs("testguest.plan=hostile", &[spec], &[]);
-    assert_engine(&r, if engine == "qcow2" { "sync" } else { engine }, 1);
+    drop(server);
+    assert_engine(
+        &r,
+        if matches!(engine, "qcow2" | "nbd") {
+            "sync"
+        } else {
+            engine
+        },
+        1,
+    );
     let t = r.transcript();
     let lines = tg_lines(&r.stdout);
     for case in [

@@ -667,6 +667,59 @@ pub(crate) mod tests {
         }
     }
 
+    /// PATCHes at once, each naming another bucket: every one counts (the merge with the
+    /// limits in force happens under the handle's lock, not before it).
+    #[test]
+    fn patches_at_once_all_count() {
+        let ctx = context();
+        let handle = ctx.disks[0].handle.clone().unwrap();
+        let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let applier = {
+            let (handle, done) = (handle.clone(), done.clone());
+            std::thread::spawn(move || {
+                while !done.load(std::sync::atomic::Ordering::Relaxed) {
+                    handle.rate_limit_applied(handle.rate_limit().1);
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+            })
+        };
+        for round in 0..20u64 {
+            let bodies = [
+                format!(
+                    r#"{{"rate_limiter":{{"ops":{{"size":{},"refill_time":100}}}}}}"#,
+                    100 + round
+                ),
+                format!(
+                    r#"{{"rate_limiter":{{"bandwidth":{{"size":{},"refill_time":100}}}}}}"#,
+                    4096 + round
+                ),
+            ];
+            std::thread::scope(|s| {
+                for body in &bodies {
+                    let ctx = &ctx;
+                    s.spawn(move || {
+                        let (code, reply) =
+                            call_with(ctx, "PATCH", "/v1/disks/blk0", body.as_bytes());
+                        assert_eq!(code, 200, "{reply}");
+                    });
+                }
+            });
+            let (limit, _) = handle.rate_limit();
+            assert_eq!(
+                limit.ops.map(|b| b.size),
+                Some(100 + round),
+                "round {round}"
+            );
+            assert_eq!(
+                limit.bandwidth.map(|b| b.size),
+                Some(4096 + round),
+                "round {round}"
+            );
+        }
+        done.store(true, std::sync::atomic::Ordering::Relaxed);
+        applier.join().unwrap();
+    }
+
     #[test]
     fn a_resize_is_checked_before_any_worker_is_stopped() {
         use crate::supervisor::SizeRules;
