@@ -353,15 +353,27 @@ fn present<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Option<Bucke
     serde::Deserialize::deserialize(d).map(Some)
 }
 
-fn set_limit(ctx: &ApiContext, disk: &ApiDisk, body: &[u8]) -> Reply {
-    let Some(handle) = disk.handle.clone() else {
-        return error(
+/// The handle of a disk bulkhead's workers serve; a 409 that says `why_not` for one an
+/// external vhost-user backend serves.
+fn worker_handle(
+    disk: &ApiDisk,
+    why_not: &str,
+) -> Result<Arc<crate::supervisor::DiskHandle>, Reply> {
+    disk.handle.clone().ok_or_else(|| {
+        error(
             409,
             format!(
-                "disk {} is served by an external vhost-user backend: its limits are its own",
+                "disk {} is served by an external vhost-user backend: {why_not}",
                 disk.id
             ),
-        );
+        )
+    })
+}
+
+fn set_limit(ctx: &ApiContext, disk: &ApiDisk, body: &[u8]) -> Reply {
+    let handle = match worker_handle(disk, "its limits are its own") {
+        Ok(h) => h,
+        Err(reply) => return reply,
     };
     let patch: DiskPatch = match serde_json::from_slice(body) {
         Ok(p) => p,
@@ -417,14 +429,9 @@ fn set_limit(ctx: &ApiContext, disk: &ApiDisk, body: &[u8]) -> Reply {
 }
 
 fn restart(disk: &ApiDisk) -> Reply {
-    let Some(handle) = disk.handle.clone() else {
-        return error(
-            409,
-            format!(
-                "disk {} is served by an external vhost-user backend: bulkhead cannot restart it",
-                disk.id
-            ),
-        );
+    let handle = match worker_handle(disk, "bulkhead cannot restart it") {
+        Ok(h) => h,
+        Err(reply) => return reply,
     };
     let id = disk.id.clone();
     Reply::Blocking(Box::new(move || {
@@ -457,14 +464,9 @@ struct ResizeBody {
 }
 
 fn resize(disk: &ApiDisk, body: &[u8]) -> Reply {
-    let Some(handle) = disk.handle.clone() else {
-        return error(
-            409,
-            format!(
-                "disk {} is served by an external vhost-user backend: bulkhead cannot resize it",
-                disk.id
-            ),
-        );
+    let handle = match worker_handle(disk, "bulkhead cannot resize it") {
+        Ok(h) => h,
+        Err(reply) => return reply,
     };
     let asked: ResizeBody = match serde_json::from_slice(body) {
         Ok(b) => b,

@@ -162,20 +162,21 @@ struct Bounded<S> {
 }
 
 trait Timeouts {
-    fn set_timeouts(&self, left: Duration) -> std::io::Result<()>;
+    /// Read and write timeouts of `left` (None: none).
+    fn set_timeouts(&self, left: Option<Duration>) -> std::io::Result<()>;
 }
 
 impl Timeouts for UnixStream {
-    fn set_timeouts(&self, left: Duration) -> std::io::Result<()> {
-        self.set_read_timeout(Some(left))?;
-        self.set_write_timeout(Some(left))
+    fn set_timeouts(&self, left: Option<Duration>) -> std::io::Result<()> {
+        self.set_read_timeout(left)?;
+        self.set_write_timeout(left)
     }
 }
 
 impl Timeouts for TcpStream {
-    fn set_timeouts(&self, left: Duration) -> std::io::Result<()> {
-        self.set_read_timeout(Some(left))?;
-        self.set_write_timeout(Some(left))
+    fn set_timeouts(&self, left: Option<Duration>) -> std::io::Result<()> {
+        self.set_read_timeout(left)?;
+        self.set_write_timeout(left)
     }
 }
 
@@ -191,7 +192,7 @@ impl<S: Timeouts> Bounded<S> {
                 format!("the negotiation took longer than {CONNECT_TIMEOUT:?}"),
             ));
         }
-        self.stream.set_timeouts(left)
+        self.stream.set_timeouts(Some(left))
     }
 }
 
@@ -225,22 +226,10 @@ fn negotiate(
         server: server.to_string(),
         source,
     };
-    let negotiate_err = |source| ConnectError::Negotiate {
-        server: server.to_string(),
-        source,
-    };
     match address {
         Address::Unix(path) => {
             let stream = UnixStream::connect(path).map_err(connect_err)?;
-            let mut bounded = Bounded {
-                stream,
-                deadline: std::time::Instant::now() + CONNECT_TIMEOUT,
-            };
-            let export = ipc::nbd::handshake(&mut bounded, export).map_err(negotiate_err)?;
-            let s = bounded.stream;
-            s.set_read_timeout(None).map_err(connect_err)?;
-            s.set_write_timeout(None).map_err(connect_err)?;
-            Ok((OwnedFd::from(s), export))
+            negotiate_on(stream, export, server)
         }
         Address::Tcp(addrs) => {
             let mut last = None;
@@ -254,19 +243,36 @@ fn negotiate(
                 };
                 // Requests are small and answered one at a time: no Nagle delay.
                 stream.set_nodelay(true).map_err(connect_err)?;
-                let mut bounded = Bounded {
-                    stream,
-                    deadline: std::time::Instant::now() + CONNECT_TIMEOUT,
-                };
-                let export = ipc::nbd::handshake(&mut bounded, export).map_err(negotiate_err)?;
-                let s = bounded.stream;
-                s.set_read_timeout(None).map_err(connect_err)?;
-                s.set_write_timeout(None).map_err(connect_err)?;
-                return Ok((OwnedFd::from(s), export));
+                return negotiate_on(stream, export, server);
             }
             Err(connect_err(last.unwrap_or_else(|| {
                 std::io::Error::from(std::io::ErrorKind::AddrNotAvailable)
             })))
         }
     }
+}
+
+/// Negotiates `export` on a connected `stream` within [`CONNECT_TIMEOUT`], then lifts the
+/// timeouts (the worker reads and writes it blocking).
+fn negotiate_on<S>(stream: S, export: &str, server: &str) -> Result<(OwnedFd, Export), ConnectError>
+where
+    S: Timeouts + Read + Write + Into<OwnedFd>,
+{
+    let mut bounded = Bounded {
+        stream,
+        deadline: std::time::Instant::now() + CONNECT_TIMEOUT,
+    };
+    let export =
+        ipc::nbd::handshake(&mut bounded, export).map_err(|source| ConnectError::Negotiate {
+            server: server.to_string(),
+            source,
+        })?;
+    let stream = bounded.stream;
+    stream
+        .set_timeouts(None)
+        .map_err(|source| ConnectError::Connect {
+            server: server.to_string(),
+            source,
+        })?;
+    Ok((stream.into(), export))
 }
